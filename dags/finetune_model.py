@@ -1,0 +1,289 @@
+"""
+# finetune_model
+
+Fine-tune the foundation model on a versioned corpus, evaluate it against the champion in the same
+harness, and promote it in the MLflow registry only if it passes the gate.
+
+Runs when `ingest_corpus` publishes a new corpus version, or from **Trigger** with the Params below.
+
+| task | does |
+|---|---|
+| `resolve_dataset` | the `dataset_version` Param, else the triggering asset event's version, else the latest |
+| `check_registry` | skips training when a model from the same data, base model and recipe is registered |
+| `prepare_data` | fetches the exact bytes from DVC, tokenizes with the base model's tokenizer, packs blocks |
+| `plan_training` | writes the trainer config, opens the MLflow run, builds the `deepspeed` command |
+| `train_local` / `train_kubernetes` | the same command as local CPU ranks, or in a GPU pod (`backend`) |
+| `evaluate` | held-out and golden-set perplexity of candidate and champion (base model before the first) |
+| `decide_promotion` | applies `include/configs/gate.yaml` |
+| `register_candidate` → `promote_candidate` | registers the version, moves the `champion` alias |
+| `reject_candidate` | keeps the champion and alerts with the gate's reasons |
+| `report` | the cycle summary, also logged to the MLflow run |
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk import Param, dag, get_current_context, task
+
+from nightshift.airflow.common import CORPUS_ASSET, DEFAULT_ARGS, run_dir
+from nightshift.airflow.kubernetes import trainer_pod_operator
+from nightshift.settings import DEFAULT_FOUNDATION_MODEL, load_settings
+
+SETTINGS = load_settings()
+
+
+def _request():
+    from nightshift.pipelines.finetune import FinetuneRequest
+
+    p = get_current_context()["params"]
+    return FinetuneRequest(
+        base_model=p["base_model"], train_steps=p["train_steps"], learning_rate=p["learning_rate"],
+        backend=p["backend"], recipe=p["recipe"], dataset_version=p["dataset_version"],
+    )
+
+
+@dag(
+    schedule=[CORPUS_ASSET],
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["nightshift", "training"],
+    doc_md=__doc__,
+    params={
+        "base_model": Param(
+            DEFAULT_FOUNDATION_MODEL, type="string", minLength=1, title="Base model",
+            description="A model imported under $NIGHTSHIFT_HOME/models, or a folder with a Hugging Face checkpoint.",
+        ),
+        "dataset_version": Param(
+            None, type=["null", "string"], title="Dataset version",
+            description="DVC tag such as corpus-v0003. Empty: the version in the triggering asset event, "
+            "else the latest.",
+        ),
+        "train_steps": Param(
+            None, type=["null", "integer"], minimum=1, maximum=1_000_000, title="Training steps",
+            description="Optimizer steps. Empty: the recipe's value.",
+        ),
+        "learning_rate": Param(
+            None, type=["null", "number"], exclusiveMinimum=0, maximum=1, title="Learning rate",
+            description="Peak learning rate. Empty: the recipe's value.",
+        ),
+        "backend": Param(
+            "local", type="string", enum=["local", "kubernetes"], title="Training backend",
+            values_display={"local": "Local process (CPU ranks)", "kubernetes": "Kubernetes GPU pod"},
+            description="Where the DeepSpeed launcher runs; both run the same command.",
+        ),
+        "recipe": Param(
+            "default", type="string", minLength=1, title="Recipe",
+            description="Training recipe in include/configs/training/<name>.yaml.",
+        ),
+    },
+)
+def finetune_model():
+    @task
+    def resolve_dataset() -> dict:
+        from nightshift.pipelines.finetune import resolve_dataset as resolve
+
+        context = get_current_context()
+        extras = [e.extra for events in context["triggering_asset_events"].values() for e in events]
+        try:
+            return resolve(SETTINGS, context["params"]["dataset_version"], extras).to_dict()
+        except LookupError as exc:
+            raise AirflowFailException(str(exc)) from exc
+
+    @task
+    def check_registry(dataset: dict) -> dict:
+        from nightshift.pipelines.finetune import fingerprint, registry_for
+        from nightshift.records import DatasetVersion
+
+        request = _request()
+        try:
+            recipe = request.load_recipe()
+            SETTINGS.resolve_base_model(request.base_model)
+        except (FileNotFoundError, ValueError) as exc:
+            raise AirflowFailException(str(exc)) from exc
+        fp = fingerprint(DatasetVersion.from_dict(dataset), request.base_model, recipe)
+        existing = registry_for(SETTINGS).find_by_fingerprint(fp)
+        return {"fingerprint": fp, "existing": existing.to_dict() if existing else None}
+
+    @task.branch
+    def choose_path(check: dict) -> str:
+        return "reuse_existing" if check["existing"] else "prepare_data"
+
+    @task
+    def reuse_existing(check: dict) -> dict:
+        version = check["existing"]
+        print(f"{version['name']} v{version['version']} was already trained on this data with this recipe")
+        return version
+
+    @task
+    def prepare_data(dataset: dict) -> dict:
+        from nightshift.pipelines.finetune import pack_dataset
+        from nightshift.records import DatasetVersion
+
+        request = _request()
+        return pack_dataset(
+            SETTINGS, DatasetVersion.from_dict(dataset), SETTINGS.resolve_base_model(request.base_model),
+            request.load_recipe(), run_dir(SETTINGS, get_current_context()),
+        ).to_dict()
+
+    @task(multiple_outputs=True)
+    def plan_training(dataset: dict, packed: dict, check: dict) -> dict:
+        from nightshift.pipelines.finetune import EXPERIMENT, plan_training as plan, registry_for, run_params
+        from nightshift.records import DatasetVersion, PackedDataset
+
+        context = get_current_context()
+        request = _request()
+        recipe = request.load_recipe()
+        version = DatasetVersion.from_dict(dataset)
+        planned = plan(
+            SETTINGS, SETTINGS.resolve_base_model(request.base_model), PackedDataset.from_dict(packed), recipe,
+            run_dir(SETTINGS, context),
+        )
+        registry = registry_for(SETTINGS)
+        run_key = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
+        mlflow_run = registry.open_run(
+            EXPERIMENT, run_key, run_name=f"{version.tag} {context['dag_run'].run_id}",
+            tags={"nightshift.dataset_tag": version.tag, "airflow.run_id": context["dag_run"].run_id},
+        )
+        registry.log_params(mlflow_run, run_params(request, recipe, version, check["fingerprint"]))
+        registry.log_params(mlflow_run, {f"data.{k}": v for k, v in packed.items() if k.endswith(("blocks", "tokens"))})
+        return {**planned, "mlflow_run_id": mlflow_run, "dataset_tag": version.tag}
+
+    @task.branch
+    def choose_backend() -> str:
+        return f"train_{_request().backend}"
+
+    @task(pool="training")
+    def train_local(command: list[str], output_dir: str) -> None:
+        from pathlib import Path
+
+        from nightshift.training.launch import local_env, run_local
+
+        run_local(command, local_env(), Path(output_dir).parent / "trainer.log")
+
+    @task(trigger_rule="none_failed_min_one_success")
+    def evaluate(packed: dict, plan: dict) -> dict:
+        from pathlib import Path
+
+        from nightshift.pipelines.finetune import evaluate_pair, loss_curve_png, read_training_metrics, registry_for
+        from nightshift.records import PackedDataset
+
+        request = _request()
+        registry = registry_for(SETTINGS)
+        run_id, output = plan["mlflow_run_id"], Path(plan["output_dir"])
+        metrics = read_training_metrics(output)
+        registry.log_series(run_id, "train_loss", metrics["losses"])
+        registry.log_metrics(run_id, {"train_seconds": metrics["seconds"], "train_tokens": metrics["tokens"]})
+        registry.log_file(run_id, loss_curve_png(metrics["losses"], output / "loss.png", plan["dataset_tag"]), "plots")
+        candidate, baseline, champion = evaluate_pair(
+            SETTINGS, registry, output / "checkpoint", request.base_model,
+            SETTINGS.resolve_base_model(request.base_model), PackedDataset.from_dict(packed),
+        )
+        registry.log_metrics(run_id, {**candidate.metrics("candidate"), **baseline.metrics("baseline")})
+        registry.log_dict(run_id, {"candidate": candidate.to_dict(), "baseline": baseline.to_dict()},
+                          "evaluation.json")
+        return {"candidate": candidate.to_dict(), "baseline": baseline.to_dict(), "diverged": metrics["diverged"],
+                "champion_before": champion.to_dict() if champion else None}
+
+    @task
+    def decide_promotion(evaluation: dict, plan: dict) -> dict:
+        from nightshift.evaluation.gate import GatePolicy
+        from nightshift.pipelines.finetune import gate, registry_for
+        from nightshift.records import EvaluationReport
+
+        decision = gate(
+            EvaluationReport.from_dict(evaluation["candidate"]), EvaluationReport.from_dict(evaluation["baseline"]),
+            GatePolicy.load(),
+        )
+        registry_for(SETTINGS).set_tags(plan["mlflow_run_id"], {
+            "nightshift.gate": "passed" if decision.passed else "rejected", "nightshift.gate_reasons": decision.summary,
+        })
+        return decision.to_dict()
+
+    @task.branch
+    def route(decision: dict) -> str:
+        return "register_candidate" if decision["passed"] else "reject_candidate"
+
+    @task
+    def register_candidate(dataset: dict, check: dict, plan: dict) -> dict:
+        from pathlib import Path
+
+        from nightshift.pipelines.finetune import register_candidate as register, registry_for
+        from nightshift.records import DatasetVersion
+
+        version = register(
+            registry_for(SETTINGS), plan["mlflow_run_id"], Path(plan["output_dir"]) / "checkpoint",
+            DatasetVersion.from_dict(dataset), check["fingerprint"],
+        )
+        return version.to_dict()
+
+    @task
+    def promote_candidate(version: dict) -> dict:
+        from nightshift.pipelines.finetune import registry_for
+        from nightshift.records import ModelVersionRecord
+
+        return registry_for(SETTINGS).promote(ModelVersionRecord.from_dict(version)).to_dict()
+
+    @task
+    def reject_candidate(decision: dict, dataset: dict) -> None:
+        from nightshift.airflow.notifiers import send_alert
+        from nightshift.alerts.channels import Alert
+
+        context = get_current_context()
+        send_alert(Alert(
+            title=f"candidate trained on {dataset['tag']} was not promoted",
+            message="The champion stays. " + "; ".join(decision["reasons"]),
+            severity="warning", dag_id=context["dag_run"].dag_id, run_id=context["dag_run"].run_id,
+            task_id=context["ti"].task_id, details=decision,
+        ))
+
+    @task(trigger_rule="none_failed_min_one_success")
+    def report(dataset: dict, check: dict) -> dict:
+        from nightshift.pipelines.finetune import cleanup, registry_for
+
+        context = get_current_context()
+        ti = context["ti"]
+        plan = ti.xcom_pull(task_ids="plan_training") if not check["existing"] else None
+        summary = {
+            "dataset": dataset,
+            "fingerprint": check["fingerprint"],
+            "reused": check["existing"],
+            "evaluation": ti.xcom_pull(task_ids="evaluate"),
+            "decision": ti.xcom_pull(task_ids="decide_promotion"),
+            "promoted": ti.xcom_pull(task_ids="promote_candidate"),
+            "champion": (c.to_dict() if (c := registry_for(SETTINGS).champion()) else None),
+            "mlflow_run_id": plan["mlflow_run_id"] if plan else None,
+        }
+        if plan:
+            registry = registry_for(SETTINGS)
+            registry.log_dict(plan["mlflow_run_id"], summary, "cycle_report.json")
+            registry.end_run(plan["mlflow_run_id"])
+            cleanup(run_dir(SETTINGS, context))
+        return summary
+
+    dataset = resolve_dataset()
+    check = check_registry(dataset)
+    path = choose_path(check)
+    reused = reuse_existing(check)
+    packed = prepare_data(dataset)
+    path >> [reused, packed]
+    plan = plan_training(dataset, packed, check)
+    backend = choose_backend()
+    local = train_local(plan["command"], plan["output_dir"])
+    pod = trainer_pod_operator("train_kubernetes", plan["command"], SETTINGS)
+    plan >> backend >> [local, pod]
+    evaluation = evaluate(packed, plan)
+    [local, pod] >> evaluation
+    decision = decide_promotion(evaluation, plan)
+    routed = route(decision)
+    registered = register_candidate(dataset, check, plan)
+    promoted = promote_candidate(registered)
+    rejected = reject_candidate(decision, dataset)
+    routed >> [registered, rejected]
+    [reused, promoted, rejected] >> report(dataset, check)
+
+
+finetune_model()

@@ -1,0 +1,30 @@
+"""Pieces every nightshift DAG shares: default arguments, the corpus Asset, the run folder of a task."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import Asset
+
+from nightshift.airflow.notifiers import AlertNotifier
+from nightshift.provenance import safe_name
+from nightshift.settings import Settings
+
+CORPUS_ASSET = Asset("nightshift://datasets/corpus", extra={"description": "versioned training corpus (DVC)"})
+
+DEFAULT_ARGS: dict[str, Any] = {
+    "owner": "nightshift",
+    "retries": 2,
+    "retry_delay": timedelta(minutes=2),
+    "on_failure_callback": AlertNotifier(),
+}
+
+
+def run_dir(settings: Settings, context: Any) -> Path:
+    """Return (and create) the work folder of the current DAG run."""
+    dag_run = context["dag_run"]
+    path = settings.work_dir / dag_run.dag_id / safe_name(dag_run.run_id)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,63 @@
+"""Airflow notifier that alerts a person through the channel an Airflow connection describes.
+
+The connection (``nightshift_alerts`` by default, defined in airflow_settings.yaml) decides the channel:
+``fs`` appends to an alerts file, ``smtp`` sends mail, ``http`` posts to a Slack or Teams webhook.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from airflow.sdk import BaseNotifier
+
+from nightshift.alerts.channels import Alert, channel_for
+from nightshift.settings import load_settings
+
+log = logging.getLogger(__name__)
+
+
+def send_alert(alert: Alert, conn_id: str | None = None) -> None:
+    """Deliver an alert through the channel of an Airflow connection, looked up now (never at parse time)."""
+    from airflow.sdk import BaseHook
+
+    settings = load_settings()
+    conn = BaseHook.get_connection(conn_id or settings.alert_conn_id)
+    extra = conn.extra_dejson if hasattr(conn, "extra_dejson") else json.loads(conn.extra or "{}")
+    channel = channel_for(
+        conn.conn_type, conn.host, conn.port, conn.login, conn.password, conn.schema, extra, settings.home
+    )
+    channel.deliver(alert)
+    log.info("alert sent via %s: %s", type(channel).__name__, alert.title)
+
+
+class AlertNotifier(BaseNotifier):
+    """Send an alert about a failed task or run; use as ``on_failure_callback``."""
+
+    template_fields = ("title", "message")
+
+    def __init__(self, conn_id: str | None = None, title: str | None = None, message: str | None = None) -> None:
+        super().__init__()
+        self.conn_id = conn_id
+        self.title = title
+        self.message = message
+
+    def notify(self, context: Any) -> None:
+        ti = context.get("ti") or context.get("task_instance")
+        dag_run = context.get("dag_run")
+        dag_id = getattr(dag_run, "dag_id", "") or getattr(ti, "dag_id", "")
+        task_id = getattr(ti, "task_id", "")
+        exception = context.get("exception")
+        title = self.title or (f"{dag_id}.{task_id} failed" if task_id else f"{dag_id} failed")
+        message = self.message or (f"{type(exception).__name__}: {exception}" if exception else "see the task log")
+        alert = Alert(
+            title=title,
+            message=message,
+            dag_id=dag_id,
+            run_id=getattr(dag_run, "run_id", "") or "",
+            task_id=task_id,
+            link=getattr(ti, "log_url", "") or "",
+            details={"try_number": getattr(ti, "try_number", None)},
+        )
+        send_alert(alert, self.conn_id)

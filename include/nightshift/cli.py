@@ -1,0 +1,274 @@
+"""``nightshift``: set up the local installation, run one cycle, serve the champion, start everything.
+
+    nightshift setup [--model]     metadata DB, airflow_settings.yaml, DVC data repo (and the foundation model)
+    nightshift cycle               ingest_corpus, then finetune_model on its dataset version, then a summary
+    nightshift serve               the OpenAI-compatible endpoint on http://127.0.0.1:8000/v1
+    nightshift up                  Airflow (standalone) and the endpoint together
+    nightshift env                 the environment variables, as `export` lines for a shell
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from nightshift.settings import DEFAULT_FOUNDATION_MODEL, Settings, load_settings, repo_root, runtime_env
+
+log = logging.getLogger("nightshift")
+
+SERVE_HOST, SERVE_PORT = "127.0.0.1", 8000
+ADMIN_USER, ADMIN_PASSWORD = "admin", "admin"
+
+
+def configure_environment(settings: Settings) -> dict[str, str]:
+    """Export the runtime environment (explicit variables win) before anything imports Airflow."""
+    for key, value in runtime_env(settings).items():
+        os.environ.setdefault(key, value)
+    settings.airflow_home.mkdir(parents=True, exist_ok=True)
+    return {key: os.environ[key] for key in runtime_env(settings)}
+
+
+def cmd_env(settings: Settings, _args) -> int:
+    for key, value in configure_environment(settings).items():
+        print(f"export {key}={shlex.quote(value)}")
+    return 0
+
+
+def cmd_setup(settings: Settings, args) -> int:
+    from nightshift.pipelines.ingest import dataset_repository
+
+    started = time.monotonic()
+    env = configure_environment(settings)
+    _write_admin_password(settings)
+    log.info("migrating the Airflow metadata DB at %s", env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+    subprocess.run([_bin("airflow"), "db", "migrate"], check=True, env=os.environ.copy(), stdout=subprocess.DEVNULL)
+    from nightshift.airflow.settings_file import apply_settings_file
+
+    root = repo_root()
+    if root:
+        applied = apply_settings_file(root / "airflow_settings.yaml")
+        log.info("airflow_settings.yaml: %d changes", applied.changed)
+    dataset_repository(settings).ensure()
+    if args.model:
+        from nightshift.training.foundation import import_foundation_model
+
+        import_foundation_model(settings.models_dir / DEFAULT_FOUNDATION_MODEL)
+    log.info("set-up done in %.0fs; state lives in %s", time.monotonic() - started, settings.home)
+    return 0
+
+
+def cmd_import_model(settings: Settings, _args) -> int:
+    from nightshift.training.foundation import import_foundation_model
+
+    configure_environment(settings)
+    import_foundation_model(settings.models_dir / DEFAULT_FOUNDATION_MODEL)
+    return 0
+
+
+def run_dag(dag_id: str, conf: dict[str, Any] | None = None):
+    """Run one DAG in this process with ``dag.test()`` and return its DagRun."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    root = repo_root()
+    bag = DagBag(dag_folder=str(root / "dags" if root else os.environ["AIRFLOW__CORE__DAGS_FOLDER"]))
+    if dag_id not in bag.dags:
+        raise SystemExit(f"DAG {dag_id} not found; import errors: {bag.import_errors}")
+    return bag.dags[dag_id].test(run_conf=conf or {})
+
+
+def task_results(dag_run) -> dict[str, Any]:
+    """Return ``{task_id: (state, seconds, return value)}`` for every task of a finished run."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    out: dict[str, Any] = {}
+    with create_session() as session:
+        for ti in dag_run.get_task_instances(session=session):
+            value = session.scalars(XComModel.get_many(
+                run_id=dag_run.run_id, key="return_value", dag_ids=dag_run.dag_id, task_ids=ti.task_id,
+            )).first()
+            seconds = (ti.end_date - ti.start_date).total_seconds() if ti.end_date and ti.start_date else 0.0
+            out[ti.task_id] = (str(ti.state), seconds, XComModel.deserialize_value(value) if value is not None else None)
+    return out
+
+
+def cmd_cycle(settings: Settings, args) -> int:
+    configure_environment(settings)
+    started = time.monotonic()
+    ingest_conf = {"source": args.source} if args.source else {}
+    ingest = run_dag("ingest_corpus", ingest_conf)
+    ingest_tasks = task_results(ingest)
+    if str(ingest.state) != "success":
+        print(_timings("ingest_corpus", ingest_tasks))
+        print(f"\ningest_corpus {ingest.state}: see the log above; alerts in {settings.home / 'alerts'}")
+        return 1
+    dataset = ingest_tasks["version_dataset"][2]
+    conf: dict[str, Any] = {"dataset_version": dataset["tag"]}
+    if args.train_steps:
+        conf["train_steps"] = args.train_steps
+    if args.base_model:
+        conf["base_model"] = args.base_model
+    finetune = run_dag("finetune_model", conf)
+    finetune_tasks = task_results(finetune)
+    print(_timings("ingest_corpus", ingest_tasks))
+    print(_timings("finetune_model", finetune_tasks))
+    report = finetune_tasks.get("report", (None, 0, None))[2]
+    print(summary(ingest_tasks, report, str(finetune.state), time.monotonic() - started))
+    return 0 if str(finetune.state) == "success" else 1
+
+
+def _timings(dag_id: str, tasks: dict[str, Any]) -> str:
+    total = sum(seconds for _, seconds, _ in tasks.values()) or 1.0
+    lines = [f"\n{dag_id}: task timings"]
+    for task_id, (state, seconds, _) in sorted(tasks.items(), key=lambda kv: -kv[1][1]):
+        if seconds:
+            lines.append(f"  {task_id:<20} {state:<10} {seconds:7.1f}s {100 * seconds / total:5.1f}%")
+    return "\n".join(lines)
+
+
+def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, seconds: float) -> str:
+    """Return the human summary of one cycle."""
+    collected = ingest["collect_documents"][2] or {}
+    prepared = ingest["prepare_corpus"][2] or {}
+    dataset = ingest["version_dataset"][2] or {}
+    lines = ["", "=" * 72, "nightshift cycle summary", "=" * 72]
+    lines.append(
+        f"dataset   {dataset.get('tag')} ({'new' if dataset.get('created') else 'unchanged, no new version'}) "
+        f"rev {str(dataset.get('rev'))[:10]} md5 {dataset.get('md5')}"
+    )
+    lines.append(
+        f"          {collected.get('documents')} documents read {collected.get('formats')}, "
+        f"{collected.get('skipped')} skipped {collected.get('skip_reasons') or ''}"
+    )
+    lines.append(
+        f"          {prepared.get('documents')} kept after cleaning, {prepared.get('duplicates')} exact duplicates "
+        f"dropped, {prepared.get('characters')} characters"
+    )
+    if report is None:
+        lines.append(f"finetune_model ended {state} before its report; see the log above")
+        return "\n".join(lines)
+    if report.get("reused"):
+        reused = report["reused"]
+        lines.append(f"model     {reused['name']} v{reused['version']} already trained on these bytes with this "
+                     "recipe: nothing trained, nothing registered")
+    else:
+        evaluation = report.get("evaluation") or {}
+        cand, base = evaluation.get("candidate") or {}, evaluation.get("baseline") or {}
+        lines.append(f"metrics   {'':<28}{'perplexity':>12}{'golden ppl':>12}")
+        for label, rep in (("candidate", cand), (base.get("model", "baseline"), base)):
+            lines.append(f"          {label:<28}{rep.get('perplexity', float('nan')):>12.3f}"
+                         f"{rep.get('golden_perplexity', float('nan')):>12.3f}")
+        decision = report.get("decision") or {}
+        lines.append(f"gate      {'PASSED' if decision.get('passed') else 'REJECTED'}")
+        for reason in decision.get("reasons", []):
+            lines.append(f"          - {reason}")
+        promoted = report.get("promoted")
+        lines.append(f"model     {promoted['name']} v{promoted['version']} is now champion" if promoted
+                     else "model     not promoted; the champion stays")
+        for sample in cand.get("samples", [])[:1]:
+            lines.append(f"sample    Q: {sample['question']}\n          A: {sample['answer'][:200]}")
+        lines.append(f"mlflow    run {report.get('mlflow_run_id')}")
+    champion = report.get("champion")
+    lines.append(f"champion  {champion['name']} v{champion['version']} (dataset {champion['dataset_tag']})"
+                 if champion else "champion  none yet")
+    lines.append(f"took      {seconds / 60:.1f} min")
+    lines += [
+        "",
+        "serve it:  make serve      (OpenAI-compatible, http://127.0.0.1:8000/v1)",
+        "call it:   curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
+        "             -d '{\"model\": \"nightshift-llm\", \"messages\": [{\"role\": \"user\", \"content\": \"What is "
+        "nightshift?\"}]}'",
+        "=" * 72,
+    ]
+    return "\n".join(lines)
+
+
+def cmd_serve(settings: Settings, args) -> int:
+    import uvicorn
+
+    from nightshift.pipelines.finetune import registry_for
+    from nightshift.serving.app import create_app
+
+    configure_environment(settings)
+    app = create_app(registry_for(settings), settings.cache_dir / "serving", poll_seconds=args.poll_seconds)
+    print(f"serving {settings.registered_model}@{settings.champion_alias} on http://{args.host}:{args.port}/v1")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _write_admin_password(settings: Settings) -> None:
+    path = settings.airflow_home / "simple_auth_manager_passwords.json.generated"
+    if not path.exists():
+        path.write_text(json.dumps({ADMIN_USER: ADMIN_PASSWORD}))
+
+
+def cmd_up(settings: Settings, args) -> int:
+    configure_environment(settings)
+    _write_admin_password(settings)
+    env = os.environ.copy()
+    procs = [
+        subprocess.Popen([_bin("airflow"), "standalone"], env=env),
+        subprocess.Popen([sys.executable, "-m", "nightshift.cli", "serve", "--port", str(args.serve_port)], env=env),
+    ]
+    print(
+        f"\nAirflow UI:  http://localhost:8080  (user {ADMIN_USER}, password {ADMIN_PASSWORD})\n"
+        f"Endpoint:    http://127.0.0.1:{args.serve_port}/v1  (serves {settings.registered_model}@champion)\n"
+        "DAGs start paused: unpause ingest_corpus and finetune_model in the UI for the nightly schedule.\n"
+        "Ctrl-C stops both.\n",
+        flush=True,
+    )
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+    return 0
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nightshift", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("env", help="print the environment as export lines").set_defaults(func=cmd_env)
+    setup = sub.add_parser("setup", help="prepare the local installation (idempotent)")
+    setup.add_argument("--model", action="store_true", help=f"also import {DEFAULT_FOUNDATION_MODEL}")
+    setup.set_defaults(func=cmd_setup)
+    sub.add_parser("import-model", help=f"import {DEFAULT_FOUNDATION_MODEL}").set_defaults(func=cmd_import_model)
+    cycle = sub.add_parser("cycle", help="run ingest_corpus then finetune_model and print a summary")
+    cycle.add_argument("--source", help="document store (default: the bundled sample store)")
+    cycle.add_argument("--train-steps", type=int, help="override the recipe's training steps")
+    cycle.add_argument("--base-model", help=f"base model (default {DEFAULT_FOUNDATION_MODEL})")
+    cycle.set_defaults(func=cmd_cycle)
+    serve = sub.add_parser("serve", help="serve the champion behind an OpenAI-compatible API")
+    serve.add_argument("--host", default=SERVE_HOST)
+    serve.add_argument("--port", type=int, default=SERVE_PORT)
+    serve.add_argument("--poll-seconds", type=float, default=5.0, help="how often to look for a new champion")
+    serve.set_defaults(func=cmd_serve)
+    up = sub.add_parser("up", help="start Airflow standalone and the endpoint")
+    up.add_argument("--serve-port", type=int, default=SERVE_PORT)
+    up.set_defaults(func=cmd_up)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(load_settings(), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Steps of the fine-tune cycle (dataset → tokens → DeepSpeed → evaluation → gate → registry), Airflow-free."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nightshift.evaluation.gate import GatePolicy, decide
+from nightshift.evaluation.harness import evaluate_model, load_golden
+from nightshift.pipelines.ingest import dataset_repository
+from nightshift.provenance import code_revision
+from nightshift.records import DatasetVersion, EvaluationReport, GateDecision, ModelVersionRecord, PackedDataset
+from nightshift.registry.mlflow_registry import CHECKPOINT_ARTIFACT, DATASET_TAG, FINGERPRINT_TAG, ModelRegistry
+from nightshift.settings import GOLDEN_QA, Settings
+from nightshift.training.data import tokenize_and_pack
+from nightshift.training.launch import launch_command
+from nightshift.training.recipe import TrainingRecipe
+from nightshift.training.trainer import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "finetune_model"
+
+
+@dataclass(frozen=True)
+class FinetuneRequest:
+    """What a person (or the schedule) asked for: the typed Params of the DAG."""
+
+    base_model: str
+    train_steps: int
+    learning_rate: float
+    backend: str
+    recipe: str = "default"
+    dataset_version: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("local", "kubernetes"):
+            raise ValueError(f"backend must be 'local' or 'kubernetes', got {self.backend!r}")
+
+    def load_recipe(self) -> TrainingRecipe:
+        return TrainingRecipe.load(self.recipe, train_steps=self.train_steps, learning_rate=self.learning_rate)
+
+
+def registry_for(settings: Settings) -> ModelRegistry:
+    return ModelRegistry(settings.tracking_uri, settings.registered_model, settings.artifact_root,
+                         settings.champion_alias)
+
+
+def resolve_dataset(settings: Settings, requested: str | None, event_extras: list[dict[str, Any]]) -> DatasetVersion:
+    """Return the dataset version to train on: the requested tag, else the triggering event's, else the latest."""
+    repo = dataset_repository(settings)
+    if requested:
+        return repo.get(requested)
+    for extra in reversed(event_extras):
+        if extra.get("dataset_version"):
+            log.info("training on %s from the triggering asset event", extra["dataset_version"])
+            return repo.get(extra["dataset_version"])
+    latest = repo.latest() if (settings.data_repo / ".dvc").is_dir() else None
+    if latest is None:
+        raise LookupError("no dataset version exists yet: run the ingest_corpus DAG first")
+    return latest
+
+
+def fingerprint(dataset: DatasetVersion, base_model: str, recipe: TrainingRecipe) -> str:
+    """Return a key that is equal exactly when data, base model and recipe are equal."""
+    raw = json.dumps({"data": dataset.md5, "base": base_model, "recipe": recipe.to_dict()}, sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
+def pack_dataset(
+    settings: Settings, dataset: DatasetVersion, base_model_dir: Path, recipe: TrainingRecipe, run_dir: Path
+) -> PackedDataset:
+    """Fetch the exact bytes of a dataset version from DVC and pack them with the base model's tokenizer."""
+    corpus = dataset_repository(settings).fetch(dataset, run_dir / "data" / "corpus.jsonl")
+    return tokenize_and_pack(corpus, base_model_dir, run_dir / "data", recipe.seq_len, recipe.heldout_fraction)
+
+
+def plan_training(
+    settings: Settings, base_model_dir: Path, packed: PackedDataset, recipe: TrainingRecipe, run_dir: Path
+) -> dict[str, Any]:
+    """Write the trainer config and return the launcher command both backends run."""
+    output_dir = run_dir / "candidate"
+    config = TrainerConfig(
+        base_model=str(base_model_dir), train_path=packed.train_path, output_dir=str(output_dir),
+        recipe=recipe.to_dict(),
+    )
+    config_path = config.write(run_dir / "trainer.json")
+    command = launch_command(config_path, settings.train_ranks, settings.master_port)
+    return {"command": command, "config_path": str(config_path), "output_dir": str(output_dir)}
+
+
+def read_training_metrics(output_dir: Path) -> dict[str, Any]:
+    """Return metrics.json of a finished training run; raise if the trainer left no checkpoint."""
+    metrics_path = output_dir / "metrics.json"
+    if not metrics_path.is_file() or not (output_dir / "checkpoint" / "config.json").is_file():
+        raise FileNotFoundError(f"trainer left no checkpoint in {output_dir}; see the training log")
+    return json.loads(metrics_path.read_text())
+
+
+def loss_curve_png(losses: list[float], path: Path, title: str) -> Path:
+    """Draw the training loss per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(range(1, len(losses) + 1), losses, marker="o", markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def evaluate_pair(
+    settings: Settings, registry: ModelRegistry, candidate_dir: Path, base_model: str, base_model_dir: Path,
+    packed: PackedDataset, golden_path: Path = GOLDEN_QA,
+) -> tuple[EvaluationReport, EvaluationReport, ModelVersionRecord | None]:
+    """Evaluate the candidate and the champion (the base model before the first promotion) in one harness."""
+    golden = load_golden(golden_path)
+    heldout = Path(packed.heldout_path)
+    champion = registry.champion()
+    if champion is not None:
+        baseline_dir = registry.download(champion, settings.cache_dir / "registry")
+        baseline_label = f"champion {champion.label}"
+    else:
+        baseline_dir, baseline_label = base_model_dir, f"base {base_model}"
+    candidate = evaluate_model(candidate_dir, "candidate", heldout, golden)
+    baseline = evaluate_model(baseline_dir, baseline_label, heldout, golden)
+    return candidate, baseline, champion
+
+
+def gate(candidate: EvaluationReport, baseline: EvaluationReport, policy: GatePolicy) -> GateDecision:
+    decision = decide(candidate, baseline, policy)
+    log.info("gate: %s", decision.summary)
+    return decision
+
+
+def register_candidate(
+    registry: ModelRegistry, run_id: str, candidate_dir: Path, dataset: DatasetVersion, fp: str
+) -> ModelVersionRecord:
+    """Log the candidate checkpoint to its run and register it; reruns return the same version."""
+    artifacts = registry.client.list_artifacts(run_id, CHECKPOINT_ARTIFACT)
+    if not artifacts:
+        registry.client.log_artifacts(run_id, str(candidate_dir), CHECKPOINT_ARTIFACT)
+    return registry.register(run_id, tags={
+        DATASET_TAG: dataset.tag, "nightshift.dataset_rev": dataset.rev, "nightshift.dataset_md5": dataset.md5,
+        FINGERPRINT_TAG: fp, "nightshift.code_revision": code_revision(),
+    })
+
+
+def run_params(request: FinetuneRequest, recipe: TrainingRecipe, dataset: DatasetVersion, fp: str) -> dict[str, Any]:
+    """Return what every MLflow run records: data version, recipe, code revision and request."""
+    params = {f"recipe.{k}": v for k, v in recipe.to_dict().items()}
+    params.update({
+        "dataset.tag": dataset.tag, "dataset.rev": dataset.rev, "dataset.md5": dataset.md5,
+        "dataset.documents": dataset.documents, "dataset.repo": dataset.repo,
+        "base_model": request.base_model, "backend": request.backend, "recipe.name": request.recipe,
+        "code_revision": code_revision(), "fingerprint": fp,
+    })
+    return params
+
+
+def cleanup(run_dir: Path) -> None:
+    """Remove the bulky outputs of a finished run; the registry keeps what was promoted."""
+    for name in ("candidate", "data"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""Steps of the ingest cycle (collect, prepare, validate, version), Airflow-free.
+
+Steps exchange files in one run folder and return small JSON-friendly dicts for XCom.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from nightshift.prep.clean import prepare, read_corpus, write_corpus
+from nightshift.quality.suite import QualityPolicy, QualityReport, validate_corpus
+from nightshift.records import DatasetVersion
+from nightshift.settings import Settings
+from nightshift.sources.document_store import read_raw, read_store, resolve_store, write_raw
+from nightshift.versioning.dvc_store import DatasetRepository
+
+log = logging.getLogger(__name__)
+
+RAW = "raw.jsonl"
+CORPUS = "corpus.jsonl"
+SKIPPED = "skipped.json"
+
+
+class QualityGateFailed(Exception):
+    """The prepared corpus failed its Great Expectations suite."""
+
+    def __init__(self, report: QualityReport) -> None:
+        super().__init__(f"corpus failed the quality suite: {report.summary()}")
+        self.report = report
+
+
+def dataset_repository(settings: Settings) -> DatasetRepository:
+    return DatasetRepository(settings.data_repo, settings.dvc_remote)
+
+
+def collect(source: str, run_dir: Path) -> dict[str, Any]:
+    """Read the document store into raw.jsonl; return counts by format and skip reason."""
+    result = read_store(resolve_store(source))
+    write_raw(result.documents, run_dir / RAW)
+    (run_dir / SKIPPED).write_text(json.dumps([s.__dict__ for s in result.skipped], indent=2))
+    return {
+        "source": source,
+        "documents": len(result.documents),
+        "formats": result.formats,
+        "skipped": len(result.skipped),
+        "skip_reasons": result.skip_reasons(),
+    }
+
+
+def prepare_corpus(run_dir: Path) -> dict[str, Any]:
+    """Clean and exactly deduplicate raw.jsonl into corpus.jsonl; return the counts."""
+    result = prepare(read_raw(run_dir / RAW))
+    write_corpus(result.documents, run_dir / CORPUS)
+    skipped = json.loads((run_dir / SKIPPED).read_text()) + [s.__dict__ for s in result.skipped]
+    (run_dir / SKIPPED).write_text(json.dumps(skipped, indent=2))
+    return result.stats()
+
+
+def validate(run_dir: Path, policy: QualityPolicy) -> dict[str, Any]:
+    """Run the quality suite on corpus.jsonl; raise QualityGateFailed when it fails."""
+    report = validate_corpus(run_dir / CORPUS, policy)
+    (run_dir / "quality.json").write_text(json.dumps(report.__dict__, indent=2))
+    if not report.success:
+        raise QualityGateFailed(report)
+    return {"evaluated": report.evaluated, "summary": report.summary()}
+
+
+def version(run_dir: Path, settings: Settings, stats: dict[str, Any]) -> DatasetVersion:
+    """Version corpus.jsonl in the data repository; identical bytes return the existing version."""
+    corpus = run_dir / CORPUS
+    documents = sum(1 for _ in read_corpus(corpus))
+    meta = {"documents": documents, "characters": stats.get("characters"), "duplicates": stats.get("duplicates")}
+    return dataset_repository(settings).commit(corpus, meta)

@@ -1,0 +1,102 @@
+"""Turn raw documents into a clean, exactly deduplicated corpus."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from nightshift.sources.document_store import RawDocument, Skip
+
+log = logging.getLogger(__name__)
+
+_TRAILING_SPACE = re.compile(r"[ \t]+\n")
+_BLANK_RUNS = re.compile(r"\n{3,}")
+
+
+@dataclass(frozen=True)
+class Document:
+    """A cleaned document, one line of the corpus file."""
+
+    id: str
+    source: str
+    format: str
+    text: str
+    sha256: str
+
+
+@dataclass
+class PrepResult:
+    documents: list[Document] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    duplicates: int = 0
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "documents": len(self.documents),
+            "skipped": len(self.skipped),
+            "duplicates": self.duplicates,
+            "characters": sum(len(d.text) for d in self.documents),
+        }
+
+
+def extract_text(doc: RawDocument) -> str:
+    """Return the readable text of a document: main content for HTML, the text itself otherwise."""
+    if doc.format != "html":
+        return doc.content
+    import trafilatura
+
+    text = trafilatura.extract(doc.content, include_comments=False, include_tables=True, favor_recall=True)
+    # Short pages fall under trafilatura's main-content thresholds; its plain-text pass still strips markup.
+    return text if text else trafilatura.html2txt(doc.content)
+
+
+def normalize_text(text: str) -> str:
+    """Return text with mojibake and Unicode fixed (NFC), trailing spaces cut and blank-line runs collapsed."""
+    import ftfy
+
+    text = ftfy.fix_text(text, normalization="NFC").replace("\r\n", "\n").replace("\r", "\n")
+    text = _TRAILING_SPACE.sub("\n", text + "\n")
+    return _BLANK_RUNS.sub("\n\n", text).strip()
+
+
+def prepare(raw: Iterable[RawDocument]) -> PrepResult:
+    """Return cleaned documents sorted by id, keeping the first of every exact duplicate text."""
+    result = PrepResult()
+    seen: dict[str, str] = {}
+    for doc in sorted(raw, key=lambda d: d.id):
+        text = normalize_text(extract_text(doc))
+        if not text:
+            result.skipped.append(Skip(doc.id, "empty after extraction"))
+            continue
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        if digest in seen:
+            result.duplicates += 1
+            log.debug("%s duplicates %s", doc.id, seen[digest])
+            continue
+        seen[digest] = doc.id
+        result.documents.append(Document(doc.id, doc.source, doc.format, text, digest))
+    log.info("prepared %s", result.stats())
+    return result
+
+
+def write_corpus(documents: Iterable[Document], path: Path) -> Path:
+    """Write documents as JSONL with a byte-stable encoding, so equal corpora have equal hashes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8", newline="\n") as fh:
+        for doc in documents:
+            fh.write(json.dumps(asdict(doc), ensure_ascii=False, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_corpus(path: Path) -> Iterator[Document]:
+    """Yield the documents of a corpus file written by ``write_corpus``."""
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            yield Document(**json.loads(line))

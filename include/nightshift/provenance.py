@@ -1,0 +1,37 @@
+"""Which code produced a result: the git revision of the checkout, or the one baked into an image."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from functools import lru_cache
+
+from nightshift.settings import repo_root
+
+
+@lru_cache(maxsize=1)
+def code_revision() -> str:
+    """Return ``<sha>`` or ``<sha>-dirty`` for this checkout, NIGHTSHIFT_CODE_REVISION in images, else ``unknown``."""
+    baked = os.environ.get("NIGHTSHIFT_CODE_REVISION")
+    if baked:
+        return baked
+    root = repo_root()
+    if root is None:
+        return "unknown"
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def safe_name(value: str) -> str:
+    """Return a string usable as a folder name (Airflow run ids hold ':' and '+')."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("_") or "run"

@@ -1,0 +1,195 @@
+"""Environment settings: where state lives and how the platform reaches its engines.
+
+Every value has a safe local default, so one machine runs with no configuration at all; each can be
+overridden with a ``NIGHTSHIFT_*`` environment variable where a deployment differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+INCLUDE_DIR = PACKAGE_DIR.parent
+CONFIG_DIR = INCLUDE_DIR / "configs"
+SAMPLES_DIR = INCLUDE_DIR / "samples"
+SAMPLE_STORE = SAMPLES_DIR / "store"
+GOLDEN_QA = SAMPLES_DIR / "golden_qa.jsonl"
+DEFAULT_FOUNDATION_MODEL = "SmolLM2-135M-Instruct"
+
+
+def repo_root() -> Path | None:
+    """Return the checkout that holds this package, or None when installed elsewhere."""
+    root = INCLUDE_DIR.parent
+    return root if (root / "dags").is_dir() else None
+
+
+def _default_home() -> Path:
+    root = repo_root()
+    return root / "var" if root else Path.home() / ".nightshift"
+
+
+def _env_json(name: str, default):
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name} must be JSON, got {raw!r}: {exc}") from exc
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    """Where and how the trainer pod runs when the backend is ``kubernetes``."""
+
+    namespace: str = "nightshift"
+    """Namespace of the trainer pods."""
+    image: str = "nightshift-trainer:latest"
+    """Image built from docker/trainer/."""
+    conn_id: str = "kubernetes_default"
+    """Airflow connection holding the cluster credentials."""
+    cpu: str = "8"
+    memory: str = "64Gi"
+    shm_size: str = "16Gi"
+    """Size of the memory-backed /dev/shm (NCCL and data loaders need more than the 64 MiB default)."""
+    state_pvc: str = "nightshift-state"
+    """PersistentVolumeClaim holding NIGHTSHIFT_HOME, shared with the Airflow workers and mounted at the same path."""
+    node_selector: dict = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    tolerations: list = field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Paths and endpoints of one nightshift installation."""
+
+    home: Path
+    """Root of all local state (Airflow home, DVC data repo and remote, MLflow store, models, work)."""
+    registered_model: str = "nightshift-llm"
+    """Name of the model in the MLflow registry."""
+    champion_alias: str = "champion"
+    train_ranks: int = 2
+    """Training ranks per run: CPU processes locally, GPUs of the trainer pod on Kubernetes."""
+    master_port: int = 29500
+    alert_conn_id: str = "nightshift_alerts"
+    tracking_uri_override: str | None = None
+    kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
+
+    def __post_init__(self) -> None:
+        if self.train_ranks < 1:
+            raise ValueError(f"NIGHTSHIFT_TRAIN_RANKS must be at least 1, got {self.train_ranks}")
+
+    @cached_property
+    def airflow_home(self) -> Path:
+        return self.home / "airflow"
+
+    @cached_property
+    def data_repo(self) -> Path:
+        return self.home / "data-repo"
+
+    @cached_property
+    def dvc_remote(self) -> Path:
+        return self.home / "dvc-remote"
+
+    @cached_property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking_uri_override or f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> str:
+        return (self.mlflow_dir / "artifacts").as_uri()
+
+    @cached_property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @cached_property
+    def work_dir(self) -> Path:
+        return self.home / "work"
+
+    @cached_property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    def resolve_base_model(self, name_or_path: str) -> Path:
+        """Return the checkpoint folder for a model name under models/ or an explicit path."""
+        candidate = Path(name_or_path).expanduser()
+        if candidate.is_absolute() or name_or_path.startswith("."):
+            path = candidate
+        else:
+            path = self.models_dir / name_or_path
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"base model {name_or_path!r} not found at {path}: run `make model` to import "
+                f"{DEFAULT_FOUNDATION_MODEL}, or pass a folder with a Hugging Face checkpoint"
+            )
+        return path
+
+
+def load_settings() -> Settings:
+    """Return the settings of this environment, read from NIGHTSHIFT_* variables."""
+    home = Path(os.environ.get("NIGHTSHIFT_HOME") or _default_home()).expanduser().resolve()
+    k8s_defaults = KubernetesSettings()
+    kubernetes = KubernetesSettings(
+        namespace=os.environ.get("NIGHTSHIFT_K8S_NAMESPACE", k8s_defaults.namespace),
+        image=os.environ.get("NIGHTSHIFT_K8S_IMAGE", k8s_defaults.image),
+        conn_id=os.environ.get("NIGHTSHIFT_K8S_CONN_ID", k8s_defaults.conn_id),
+        cpu=os.environ.get("NIGHTSHIFT_K8S_CPU", k8s_defaults.cpu),
+        memory=os.environ.get("NIGHTSHIFT_K8S_MEMORY", k8s_defaults.memory),
+        shm_size=os.environ.get("NIGHTSHIFT_K8S_SHM_SIZE", k8s_defaults.shm_size),
+        state_pvc=os.environ.get("NIGHTSHIFT_K8S_STATE_PVC", k8s_defaults.state_pvc),
+        node_selector=_env_json("NIGHTSHIFT_K8S_NODE_SELECTOR", k8s_defaults.node_selector),
+        tolerations=_env_json("NIGHTSHIFT_K8S_TOLERATIONS", k8s_defaults.tolerations),
+    )
+    return Settings(
+        home=home,
+        registered_model=os.environ.get("NIGHTSHIFT_REGISTERED_MODEL", "nightshift-llm"),
+        train_ranks=_env_int("NIGHTSHIFT_TRAIN_RANKS", 2),
+        master_port=_env_int("NIGHTSHIFT_MASTER_PORT", 29500),
+        alert_conn_id=os.environ.get("NIGHTSHIFT_ALERT_CONN_ID", "nightshift_alerts"),
+        tracking_uri_override=os.environ.get("NIGHTSHIFT_MLFLOW_TRACKING_URI") or None,
+        kubernetes=kubernetes,
+    )
+
+
+def runtime_env(settings: Settings) -> dict[str, str]:
+    """Return the environment variables that point Airflow and the libraries at local state."""
+    root = repo_root()
+    env = {
+        "NIGHTSHIFT_HOME": str(settings.home),
+        "AIRFLOW_HOME": str(settings.airflow_home),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{settings.airflow_home / 'airflow.db'}",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "GX_ANALYTICS_ENABLED": "False",
+        "MLFLOW_TRACKING_URI": settings.tracking_uri,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    if root:
+        env["AIRFLOW__CORE__DAGS_FOLDER"] = str(root / "dags")
+        env["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(root / "plugins")
+    return env

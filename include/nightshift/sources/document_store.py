@@ -1,0 +1,149 @@
+"""Read documents from a local document store (a folder, given as a path or a file:// URI)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+from urllib.request import url2pathname
+
+log = logging.getLogger(__name__)
+
+FORMATS = {
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".txt": "text",
+    ".html": "html",
+    ".htm": "html",
+    ".jsonl": "jsonl",
+}
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RawDocument:
+    """A document as read from the store, before any cleaning."""
+
+    id: str
+    """Stable id: the path relative to the store, plus ``#<record id>`` for JSONL records."""
+    source: str
+    """URI of the file it came from."""
+    format: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Something in the store that was not read, and why."""
+
+    location: str
+    reason: str
+
+
+@dataclass
+class ReadResult:
+    documents: list[RawDocument] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+
+    @property
+    def formats(self) -> dict[str, int]:
+        return dict(sorted(Counter(d.format for d in self.documents).items()))
+
+    def skip_reasons(self) -> dict[str, int]:
+        return dict(Counter(s.reason.split(":")[0] for s in self.skipped).most_common())
+
+
+def resolve_store(source: str) -> Path:
+    """Return the folder a ``source`` parameter names; raise a clear error when it is not usable."""
+    if not source or not source.strip():
+        raise ValueError("`source` is empty: give a local folder or a file:// URI of a document store")
+    parsed = urlparse(source)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"file URI {source!r} names host {parsed.netloc!r}; only local files are supported")
+        path = Path(url2pathname(unquote(parsed.path)))
+    elif parsed.scheme and len(parsed.scheme) > 1:
+        raise ValueError(
+            f"source scheme {parsed.scheme!r} is not supported yet: give a local folder or a file:// URI"
+        )
+    else:
+        path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"document store {source!r} does not exist ({path})")
+    if not path.is_dir():
+        raise NotADirectoryError(f"document store {source!r} is a file; give the folder that holds the documents")
+    return path.resolve()
+
+
+def read_store(root: Path) -> ReadResult:
+    """Return every supported document under ``root`` in a stable order, with counted skips."""
+    result = ReadResult()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root)))
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        fmt = FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            result.skipped.append(Skip(rel, f"unsupported extension: {path.suffix or '(none)'}"))
+            continue
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            result.skipped.append(Skip(rel, f"file too large: {size} bytes > {MAX_FILE_BYTES}"))
+            continue
+        try:
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            result.skipped.append(Skip(rel, f"not UTF-8 text: byte {exc.start}"))
+            continue
+        if fmt == "jsonl":
+            _read_jsonl(rel, path.as_uri(), text, result)
+        else:
+            result.documents.append(RawDocument(id=rel, source=path.as_uri(), format=fmt, content=text))
+    log.info(
+        "read %d documents from %d files under %s (%s); skipped %d (%s)",
+        len(result.documents), len(files), root, result.formats, len(result.skipped), result.skip_reasons(),
+    )
+    return result
+
+
+def _read_jsonl(rel: str, uri: str, text: str, result: ReadResult) -> None:
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{rel}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            result.skipped.append(Skip(where, f"invalid JSON: {exc.msg}"))
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            result.skipped.append(Skip(where, "no string field 'text'"))
+            continue
+        record_id = record.get("id", lineno)
+        fmt = record.get("format") if record.get("format") in ("markdown", "text", "html") else "text"
+        result.documents.append(
+            RawDocument(id=f"{rel}#{record_id}", source=f"{uri}#L{lineno}", format=fmt, content=record["text"])
+        )
+
+
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def write_raw(documents: list[RawDocument], path: Path) -> Path:
+    """Write raw documents as JSONL for the next task."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for doc in documents:
+            fh.write(json.dumps(doc.__dict__, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_raw(path: Path) -> list[RawDocument]:
+    """Return the raw documents written by ``write_raw``."""
+    with path.open(encoding="utf-8") as fh:
+        return [RawDocument(**json.loads(line)) for line in fh]

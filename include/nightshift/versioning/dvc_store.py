@@ -1,0 +1,154 @@
+"""Dataset versions in a git + DVC data repository with a DVC remote.
+
+A version is a git commit that changes ``<name>/<file>.dvc`` (the content hash) and ``<name>/meta.json``
+(counts), tagged ``<name>-vNNNN``; its bytes live in the DVC cache and are pushed to the remote.
+Versioning identical bytes again returns the existing version instead of creating one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from nightshift.records import DatasetVersion
+
+log = logging.getLogger(__name__)
+
+REMOTE_NAME = "storage"
+
+
+class DatasetRepository:
+    """A data repository holding versions of one dataset."""
+
+    def __init__(self, root: Path, remote: Path, name: str = "corpus", filename: str = "corpus.jsonl") -> None:
+        self.root = Path(root)
+        self.remote = Path(remote)
+        self.name = name
+        self.filename = filename
+
+    @property
+    def data_path(self) -> str:
+        return f"{self.name}/{self.filename}"
+
+    def _git(self, *args: str) -> str:
+        proc = subprocess.run(["git", *args], cwd=self.root, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"git {' '.join(args)} failed in {self.root}: {proc.stderr.strip()}")
+        return proc.stdout.strip()
+
+    def _repo(self):
+        from dvc.repo import Repo
+
+        return Repo(str(self.root))
+
+    def ensure(self) -> None:
+        """Create the git + DVC repository and its local remote if they do not exist yet."""
+        from dvc.repo import Repo
+
+        self.remote.mkdir(parents=True, exist_ok=True)
+        if (self.root / ".dvc").is_dir():
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / ".git").exists():
+            self._git("init", "--quiet", "--initial-branch=main")
+        self._git("config", "user.name", "nightshift")
+        self._git("config", "user.email", "nightshift@localhost")
+        self._git("config", "commit.gpgsign", "false")
+        with Repo.init(str(self.root)) as repo:
+            with repo.config.edit() as conf:
+                conf["remote"][REMOTE_NAME] = {"url": str(self.remote.resolve())}
+                conf["core"]["remote"] = REMOTE_NAME
+                conf["core"]["analytics"] = "false"
+                conf["core"]["autostage"] = "true"
+        self._git("add", "-A")
+        self._git("commit", "--quiet", "-m", "Initialise data repository")
+        log.info("created data repository %s with DVC remote %s", self.root, self.remote)
+
+    def versions(self) -> list[str]:
+        """Return the version tags of this dataset, oldest first."""
+        tags = self._git("tag", "--list", f"{self.name}-v*").split()
+        return sorted(t for t in tags if re.fullmatch(rf"{re.escape(self.name)}-v\d+", t))
+
+    def latest(self) -> DatasetVersion | None:
+        """Return the newest version, or None before the first one."""
+        tags = self.versions()
+        return self.get(tags[-1]) if tags else None
+
+    def get(self, tag: str) -> DatasetVersion:
+        """Return the version a tag names; raise a clear error for an unknown tag."""
+        known = self.versions()
+        if tag not in known:
+            raise LookupError(
+                f"dataset version {tag!r} does not exist in {self.root}; known: {', '.join(known[-5:]) or 'none'}"
+            )
+        rev = self._git("rev-list", "-n", "1", tag)
+        dvc_file = yaml.safe_load(self._git("show", f"{rev}:{self.data_path}.dvc"))
+        meta = json.loads(self._git("show", f"{rev}:{self.name}/meta.json"))
+        out = dvc_file["outs"][0]
+        return DatasetVersion(
+            name=self.name, tag=tag, rev=rev, md5=out["md5"], path=self.data_path,
+            documents=int(meta["documents"]), bytes=int(out["size"]), repo=str(self.root),
+        )
+
+    def commit(self, corpus_file: Path, meta: dict) -> DatasetVersion:
+        """Version a corpus file; return the existing version instead when its bytes are already versioned."""
+        self.ensure()
+        md5 = content_md5(corpus_file)
+        for tag in reversed(self.versions()):
+            version = self.get(tag)
+            if version.md5 == md5:
+                log.info("corpus bytes unchanged (md5 %s): reusing %s", md5, version.ref)
+                self.push()
+                return version
+        target = self.root / self.data_path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(corpus_file, target)
+        (target.parent / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        with self._repo() as repo:
+            repo.add([str(target)])
+        tag = f"{self.name}-v{len(self.versions()) + 1:04d}"
+        self._git("add", "-A", self.name)
+        self._git("commit", "--quiet", "-m", f"{tag}: {meta.get('documents', '?')} documents (md5 {md5})")
+        self._git("tag", "-a", tag, "-m", f"{self.name} version {tag}")
+        self.push()
+        version = self.get(tag)
+        log.info("created dataset version %s (%d documents, %d bytes)", version.ref, version.documents, version.bytes)
+        return DatasetVersion(**{**version.to_dict(), "created": True})
+
+    def push(self) -> None:
+        """Push every cached dataset version to the DVC remote."""
+        with self._repo() as repo:
+            repo.push(remote=REMOTE_NAME, all_tags=True)
+
+    def fetch(self, version: DatasetVersion, dest: Path) -> Path:
+        """Copy the exact bytes of a version to ``dest``, from the DVC cache or the remote, and verify them."""
+        import dvc.api
+
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(dest.suffix + ".tmp")
+        with dvc.api.open(version.path, repo=str(self.root), rev=version.tag, mode="rb", remote=REMOTE_NAME) as src:
+            with tmp.open("wb") as out:
+                shutil.copyfileobj(src, out)
+        got = content_md5(tmp)
+        if got != version.md5:
+            tmp.unlink()
+            raise RuntimeError(f"{version.ref}: fetched bytes hash to {got}, expected {version.md5}")
+        tmp.replace(dest)
+        return dest
+
+    def remote_has(self, version: DatasetVersion) -> bool:
+        """Return True when the remote holds the bytes of a version."""
+        return (self.remote / "files" / "md5" / version.md5[:2] / version.md5[2:]).is_file()
+
+
+def content_md5(path: Path) -> str:
+    """Return the hash DVC records for a file."""
+    from dvc_data.hashfile.hash import file_md5
+
+    return file_md5(str(path))
