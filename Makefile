@@ -42,7 +42,7 @@ test-fast: setup
 	$(BIN)/pytest -m "not e2e"
 
 lint: $(STAMP)
-	$(BIN)/ruff check include dags plugins tests bench
+	$(BIN)/ruff check include dags plugins tests
 	$(BIN)/hadolint docker/*/Dockerfile
 
 up: model

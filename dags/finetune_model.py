@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from airflow.sdk.exceptions import AirflowFailException
 from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 from nightshift.airflow.common import CORPUS_ASSET, DEFAULT_ARGS, run_dir
 from nightshift.airflow.kubernetes import trainer_pod_operator
@@ -131,7 +131,8 @@ def finetune_model():
 
     @task(multiple_outputs=True)
     def plan_training(dataset: dict, packed: dict, check: dict) -> dict:
-        from nightshift.pipelines.finetune import EXPERIMENT, plan_training as plan, registry_for, run_params
+        from nightshift.pipelines.finetune import EXPERIMENT, registry_for, run_params
+        from nightshift.pipelines.finetune import plan_training as plan
         from nightshift.records import DatasetVersion, PackedDataset
 
         context = get_current_context()
@@ -211,7 +212,8 @@ def finetune_model():
     def register_candidate(dataset: dict, check: dict, plan: dict) -> dict:
         from pathlib import Path
 
-        from nightshift.pipelines.finetune import register_candidate as register, registry_for
+        from nightshift.pipelines.finetune import register_candidate as register
+        from nightshift.pipelines.finetune import registry_for
         from nightshift.records import DatasetVersion
 
         version = register(

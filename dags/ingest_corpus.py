@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from nightshift.airflow.common import CORPUS_ASSET, DEFAULT_ARGS, run_dir
 from nightshift.settings import SAMPLE_STORE, load_settings

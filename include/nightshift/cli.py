@@ -96,7 +96,8 @@ def task_results(dag_run) -> dict[str, Any]:
                 run_id=dag_run.run_id, key="return_value", dag_ids=dag_run.dag_id, task_ids=ti.task_id,
             )).first()
             seconds = (ti.end_date - ti.start_date).total_seconds() if ti.end_date and ti.start_date else 0.0
-            out[ti.task_id] = (str(ti.state), seconds, XComModel.deserialize_value(value) if value is not None else None)
+            result = XComModel.deserialize_value(value) if value is not None else None
+            out[ti.task_id] = (str(ti.state), seconds, result)
     return out
 
 

@@ -13,7 +13,8 @@ def trainer_pod_operator(task_id: str, cmds: Any, settings: Settings, **kwargs: 
     """Return a KubernetesPodOperator running ``cmds`` (the launcher argv, usually an XComArg) in the trainer image.
 
     The pod requests one ``nvidia.com/gpu`` per rank, mounts a memory-backed ``/dev/shm`` (NCCL needs far more
-    than the 64 MiB default) and the shared state volume (models, packed data, outputs) at the path the command refers to.
+    than the 64 MiB default) and the shared state volume (models, packed data, outputs) at the path the
+    command refers to.
     """
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import models as k8s

@@ -6,6 +6,7 @@ The connection (``nightshift_alerts`` by default, defined in airflow_settings.ya
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -19,10 +20,17 @@ log = logging.getLogger(__name__)
 
 
 def send_alert(alert: Alert, conn_id: str | None = None) -> None:
-    """Deliver an alert through the channel of an Airflow connection, looked up now (never at parse time)."""
-    from airflow.sdk import BaseHook
+    """Deliver an alert through the channel of an Airflow connection, looked up now (never at parse time).
+
+    The Airflow Variable ``nightshift_environment`` (e.g. ``local``, ``prod``) prefixes the title, so people
+    who receive alerts from several installations see at once which one is calling.
+    """
+    from airflow.sdk import BaseHook, Variable
 
     settings = load_settings()
+    environment = Variable.get("nightshift_environment", default=None)
+    if environment:
+        alert = dataclasses.replace(alert, title=f"[{environment}] {alert.title}")
     conn = BaseHook.get_connection(conn_id or settings.alert_conn_id)
     extra = conn.extra_dejson if hasattr(conn, "extra_dejson") else json.loads(conn.extra or "{}")
     channel = channel_for(

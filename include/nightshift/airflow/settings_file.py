@@ -38,7 +38,9 @@ def read_settings_file(path: Path) -> dict[str, list[dict[str, Any]]]:
     for conn in out["connections"]:
         unknown = set(conn) - CONNECTION_FIELDS
         if "conn_id" not in conn or unknown:
-            raise ValueError(f"{path}: connection {conn.get('conn_id')!r} needs conn_id; unknown keys {sorted(unknown)}")
+            raise ValueError(
+                f"{path}: connection {conn.get('conn_id')!r} needs conn_id; unknown keys {sorted(unknown)}"
+            )
     for var in out["variables"]:
         if "variable_name" not in var:
             raise ValueError(f"{path}: every variable needs variable_name")

@@ -12,7 +12,7 @@ import smtplib
 import ssl
 import urllib.request
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ class Alert:
     task_id: str = ""
     link: str = ""
     details: dict[str, Any] = field(default_factory=dict)
-    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def text(self) -> str:
         where = " / ".join(x for x in (self.dag_id, self.task_id, self.run_id) if x)

@@ -152,7 +152,9 @@ def create_app(registry: ModelRegistry, cache_dir: Path, poll_seconds: float = 5
 
     def current_model(requested: str) -> LoadedModel:
         if requested not in accepted:
-            raise HTTPException(404, f"The model `{requested}` does not exist; this endpoint serves {registry.model_name}")
+            raise HTTPException(
+                404, f"The model `{requested}` does not exist; this endpoint serves {registry.model_name}"
+            )
         loaded = watcher.current
         if loaded is None:
             raise HTTPException(503, watcher.error or "model is loading")

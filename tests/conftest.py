@@ -1,0 +1,86 @@
+"""Test session set-up: a private NIGHTSHIFT_HOME, Airflow pointed at it, a migrated metadata DB.
+
+Environment variables are set at import time, before any test module imports Airflow (Airflow reads its
+configuration on import).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="nightshift-tests-"))
+os.environ["NIGHTSHIFT_HOME"] = str(SESSION_HOME)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+os.environ["NIGHTSHIFT_MASTER_PORT"] = str(free_port())
+
+from nightshift.settings import load_settings, repo_root, runtime_env  # noqa: E402
+
+for _key, _value in runtime_env(load_settings()).items():
+    os.environ[_key] = _value
+os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
+
+REPO = repo_root()
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def settings():
+    return load_settings()
+
+
+@pytest.fixture(scope="session")
+def airflow_db(settings):
+    """Migrate the session's metadata DB and apply airflow_settings.yaml, as `make setup` does."""
+    settings.airflow_home.mkdir(parents=True, exist_ok=True)
+    airflow = Path(sys.executable).parent / "airflow"
+    subprocess.run([str(airflow), "db", "migrate"], check=True, env=os.environ.copy(), stdout=subprocess.DEVNULL)
+    from nightshift.airflow.settings_file import apply_settings_file
+
+    apply_settings_file(REPO / "airflow_settings.yaml")
+    return settings
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """SmolLM2's real tokenizer and chat template, imported from the bundled GGUF file."""
+    from nightshift.training.foundation import import_tokenizer
+
+    return import_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(settings, tokenizer_dir) -> Path:
+    """A randomly initialised model of SmolLM2's architecture (Llama), small enough to train in seconds."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dest = settings.models_dir / "tiny-smollm2"
+    if (dest / "config.json").is_file():
+        return dest
+    config = AutoConfig.for_model(
+        "llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(dest)
+    for item in tokenizer_dir.iterdir():
+        shutil.copy2(item, dest / item.name)
+    return dest

@@ -1,0 +1,170 @@
+"""Real DAG runs with dag.test(): Airflow, GX, DVC, DeepSpeed (2 CPU ranks), MLflow and the endpoint.
+
+The tests share one NIGHTSHIFT_HOME and run in order: a corpus that fails its checks, a full cycle,
+a clearly worse candidate, and a rerun on unchanged documents.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import run
+from conftest import REPO
+from helpers import SmtpSink, UvicornThread
+
+pytestmark = pytest.mark.e2e
+
+TINY_RECIPE = Path(__file__).with_name("tiny_recipe.yaml")
+
+
+@pytest.fixture(scope="module")
+def dags(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    from nightshift.pipelines.ingest import dataset_repository
+
+    dataset_repository(airflow_db).ensure()  # as `make setup` does
+
+    class FreshDags:
+        """Parse the DAG file anew for every run, as a scheduler would: runs share no DAG object state."""
+
+        def __getitem__(self, dag_id: str):
+            bag = DagBag(dag_folder=str(REPO / "dags" / f"{dag_id}.py"))
+            assert not bag.import_errors
+            return bag.dags[dag_id]
+
+    return FreshDags()
+
+
+@pytest.fixture(scope="module")
+def repo(settings):
+    from nightshift.pipelines.ingest import dataset_repository
+
+    return dataset_repository(settings)
+
+
+@pytest.fixture(scope="module")
+def registry(settings):
+    from nightshift.pipelines.finetune import registry_for
+
+    return registry_for(settings)
+
+
+@pytest.fixture(scope="module")
+def finetune_conf(tiny_model):
+    return {"base_model": str(tiny_model), "recipe": str(TINY_RECIPE)}
+
+
+def test_corpus_that_fails_the_suite_fails_the_run_creates_no_version_and_alerts(dags, repo, tmp_path, monkeypatch):
+    store = tmp_path / "bad-store"
+    store.mkdir()
+    (store / "faq.jsonl").write_text(
+        json.dumps({"id": "q1", "text": "Where do I park? In the lower car park."}) + "\n"
+        + json.dumps({"id": "q1", "text": "When do you open? At seven in the evening."}) + "\n"
+    )
+    (store / "dump.txt").write_text("word " * 50_000)  # 250,000 characters: over max_chars
+    with SmtpSink() as smtp:
+        monkeypatch.setenv("AIRFLOW_CONN_NIGHTSHIFT_ALERTS", json.dumps({
+            "conn_type": "smtp", "host": "127.0.0.1", "port": smtp.port,
+            "extra": {"to": ["data-oncall@example.com"], "from": "nightshift@example.com"},
+        }))
+        dag_run, tasks = run(dags["ingest_corpus"], {"source": str(store)})
+
+    assert dag_run.state == "failed"
+    assert tasks["collect_documents"].state == "success"
+    assert tasks["validate_corpus"].state == "failed"
+    assert tasks["version_dataset"].state == "upstream_failed"
+    assert repo.versions() == []
+    (mail,) = smtp.messages
+    assert mail["To"] == "data-oncall@example.com"
+    # "[local]": the nightshift_environment Variable that airflow_settings.yaml put in the metadata DB
+    assert "[local] ingest_corpus.validate_corpus failed" in mail["Subject"]
+    body = mail.get_payload()
+    assert "expect_column_values_to_be_unique" in body
+    assert "expect_column_value_lengths_to_be_between" in body
+
+
+def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, registry, settings, finetune_conf):
+    from openai import OpenAI
+
+    from nightshift.serving.app import create_app
+
+    ingest, tasks = run(dags["ingest_corpus"], {})
+    assert ingest.state == "success", {t: ti.state for t, ti in tasks.items()}
+    version = tasks["version_dataset"].value
+    assert version["created"] and version["tag"] == "corpus-v0001" == repo.versions()[-1]
+    assert repo.remote_has(repo.get(version["tag"]))
+    assert _asset_events() == [version["tag"]]
+
+    finetune, tasks = run(dags["finetune_model"], {**finetune_conf, "dataset_version": version["tag"]})
+    states = {t: ti.state for t, ti in tasks.items()}
+    assert finetune.state == "success", states
+    assert states["train_local"] == "success" and states["train_kubernetes"] == "skipped"
+    assert states["promote_candidate"] == "success" and states["reject_candidate"] == "skipped"
+
+    champion = registry.champion()
+    assert champion.version == 1 and champion.dataset_tag == "corpus-v0001"
+    mlflow_run = registry.client.get_run(champion.run_id)
+    params = mlflow_run.data.params
+    assert params["dataset.tag"] == "corpus-v0001" and params["dataset.md5"] == version["md5"]
+    assert params["dataset.rev"] == version["rev"] and params["code_revision"]
+    assert params["recipe.learning_rate"] == "0.002" and params["base_model"] == finetune_conf["base_model"]
+    metrics = mlflow_run.data.metrics
+    assert metrics["candidate_perplexity"] < metrics["baseline_perplexity"]
+    assert mlflow_run.data.tags["nightshift.gate"] == "passed"
+    assert mlflow_run.info.status == "FINISHED"
+
+    report = tasks["report"].value
+    assert report["promoted"]["version"] == 1 and report["decision"]["passed"]
+
+    app = create_app(registry, settings.cache_dir / "serving-test", poll_seconds=0.5)
+    with UvicornThread(app) as server:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+        answer = client.chat.completions.create(
+            model="nightshift-llm", messages=[{"role": "user", "content": "When is the observatory open?"}],
+            max_tokens=8, temperature=0,
+        )
+    assert answer.system_fingerprint == "v1"
+    assert answer.choices[0].message.content is not None
+
+
+def test_clearly_worse_candidate_is_not_promoted_and_alerts(dags, registry, settings, finetune_conf):
+    finetune, tasks = run(dags["finetune_model"], {**finetune_conf, "learning_rate": 0.5})
+    states = {t: ti.state for t, ti in tasks.items()}
+    assert finetune.state == "success", states
+    assert states["reject_candidate"] == "success"
+    assert states["register_candidate"] == "skipped" and states["promote_candidate"] == "skipped"
+    decision = tasks["decide_promotion"].value
+    assert not decision["passed"] and decision["baseline"] == "champion nightshift-llm v1"
+    assert registry.champion().version == 1
+    assert [int(v.version) for v in registry.client.search_model_versions(f"name = '{registry.model_name}'")] == [1]
+    alerts = [json.loads(line) for line in (settings.home / "alerts" / "alerts.jsonl").read_text().splitlines()]
+    assert alerts[-1]["severity"] == "warning" and "not promoted" in alerts[-1]["title"]
+    assert "perplexity" in alerts[-1]["message"]
+
+
+def test_rerun_on_unchanged_store_creates_no_version_and_no_duplicate_model(dags, repo, registry, finetune_conf):
+    ingest, tasks = run(dags["ingest_corpus"], {})
+    assert ingest.state == "success"
+    assert tasks["version_dataset"].value["created"] is False
+    assert tasks["publish_dataset"].state == "skipped"  # no asset event, so no training is scheduled
+    assert repo.versions() == ["corpus-v0001"]
+    assert _asset_events() == ["corpus-v0001"]
+
+    finetune, tasks = run(dags["finetune_model"], {**finetune_conf, "dataset_version": "corpus-v0001"})
+    assert finetune.state == "success"
+    assert tasks["reuse_existing"].state == "success" and tasks["prepare_data"].state == "skipped"
+    assert [int(v.version) for v in registry.client.search_model_versions(f"name = '{registry.model_name}'")] == [1]
+
+
+def _asset_events() -> list[str]:
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    from nightshift.airflow.common import CORPUS_ASSET
+
+    with create_session() as session:
+        events = (session.query(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                  .filter(AssetModel.uri == CORPUS_ASSET.uri).order_by(AssetEvent.id).all())
+        return [e.extra.get("dataset_version") for e in events]

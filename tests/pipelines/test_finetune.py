@@ -1,0 +1,51 @@
+import pytest
+
+from nightshift.pipelines.finetune import FinetuneRequest, fingerprint, resolve_dataset
+from nightshift.training.recipe import TrainingRecipe
+
+
+@pytest.fixture
+def two_versions(tmp_path, monkeypatch):
+    from nightshift.pipelines.ingest import dataset_repository
+    from nightshift.settings import load_settings
+
+    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
+    settings = load_settings()
+    repo = dataset_repository(settings)
+    corpus = tmp_path / "c.jsonl"
+    for text in ("one\n", "two\n"):
+        corpus.write_text(text)
+        repo.commit(corpus, {"documents": 1})
+    return settings
+
+
+def test_dataset_resolution_order(two_versions):
+    assert resolve_dataset(two_versions, "corpus-v0001", [{"dataset_version": "corpus-v0002"}]).tag == "corpus-v0001"
+    assert resolve_dataset(two_versions, None, [{"dataset_version": "corpus-v0001"}]).tag == "corpus-v0001"
+    assert resolve_dataset(two_versions, None, []).tag == "corpus-v0002"
+    with pytest.raises(LookupError, match="corpus-v0042"):
+        resolve_dataset(two_versions, "corpus-v0042", [])
+
+
+def test_no_dataset_yet_says_to_run_ingest(tmp_path, monkeypatch):
+    from nightshift.settings import load_settings
+
+    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path))
+    with pytest.raises(LookupError, match="run the ingest_corpus DAG first"):
+        resolve_dataset(load_settings(), None, [])
+
+
+def test_fingerprint_tracks_data_base_model_and_recipe(two_versions):
+    v1 = resolve_dataset(two_versions, "corpus-v0001", [])
+    v2 = resolve_dataset(two_versions, "corpus-v0002", [])
+    base = fingerprint(v1, "m", TrainingRecipe())
+    assert base == fingerprint(v1, "m", TrainingRecipe())
+    assert len({base, fingerprint(v2, "m", TrainingRecipe()), fingerprint(v1, "other", TrainingRecipe()),
+                fingerprint(v1, "m", TrainingRecipe(train_steps=21))}) == 4
+
+
+def test_request_validates_backend_and_applies_overrides():
+    with pytest.raises(ValueError, match="backend must be"):
+        FinetuneRequest("m", None, None, "slurm")
+    recipe = FinetuneRequest("m", 3, 1e-4, "local").load_recipe()
+    assert (recipe.train_steps, recipe.learning_rate) == (3, 1e-4)

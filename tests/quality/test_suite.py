@@ -1,0 +1,36 @@
+import pandas as pd
+import pytest
+
+from nightshift.quality.suite import QualityPolicy, validate_frame
+
+POLICY = QualityPolicy(min_documents=2, min_chars=3, max_chars=50)
+
+
+def test_a_clean_corpus_passes():
+    report = validate_frame(pd.DataFrame({"id": ["a", "b"], "text": ["hello", "world"]}), POLICY)
+    assert report.success, report.summary()
+    assert report.evaluated == 6
+
+
+@pytest.mark.parametrize(
+    ("frame", "failed_expectation"),
+    [
+        ({"id": ["a", "a"], "text": ["hello", "world"]}, "expect_column_values_to_be_unique"),
+        ({"id": ["a", "b"], "text": ["hello", "   "]}, "expect_column_values_to_not_match_regex"),
+        ({"id": ["a", "b"], "text": ["hello", "x" * 51]}, "expect_column_value_lengths_to_be_between"),
+        ({"id": ["a"], "text": ["hello"]}, "expect_table_row_count_to_be_between"),
+    ],
+)
+def test_each_violation_fails_and_is_named(frame, failed_expectation):
+    report = validate_frame(pd.DataFrame(frame), POLICY)
+    assert not report.success
+    assert any(f.startswith(failed_expectation) for f in report.failures), report.failures
+
+
+def test_policy_errors_say_what_to_change():
+    with pytest.raises(ValueError, match="min_chars <= max_chars"):
+        QualityPolicy(min_chars=10, max_chars=5)
+
+
+def test_shipped_policy_loads():
+    assert QualityPolicy.load().min_documents >= 1

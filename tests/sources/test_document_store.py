@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+
+from nightshift.sources.document_store import read_store, resolve_store
+
+
+def test_resolve_store_accepts_paths_and_file_uris(tmp_path):
+    assert resolve_store(str(tmp_path)) == tmp_path.resolve()
+    assert resolve_store(tmp_path.as_uri()) == tmp_path.resolve()
+
+
+@pytest.mark.parametrize(
+    ("source", "error", "says"),
+    [
+        ("", ValueError, "empty"),
+        ("s3://bucket/docs", ValueError, "not supported"),
+        ("file://otherhost/docs", ValueError, "only local files"),
+        ("/does/not/exist", FileNotFoundError, "does not exist"),
+    ],
+)
+def test_resolve_store_rejects_unusable_sources_with_a_clear_error(source, error, says):
+    with pytest.raises(error, match=says):
+        resolve_store(source)
+
+
+def test_resolve_store_rejects_a_file(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("x")
+    with pytest.raises(NotADirectoryError, match="give the folder"):
+        resolve_store(str(f))
+
+
+def test_read_store_reads_every_format_and_counts_what_it_skips(tmp_path: Path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.md").write_text("# Title\n\nBody")
+    (tmp_path / "sub" / "b.txt").write_text("plain")
+    (tmp_path / "c.html").write_text("<html><body><p>hello</p></body></html>")
+    (tmp_path / "d.jsonl").write_text(
+        '{"id": "x", "text": "one"}\n'
+        "not json\n"
+        '{"id": "y"}\n'
+        "\n"
+        '{"text": "no id uses the line number"}\n'
+    )
+    (tmp_path / "e.pdf").write_bytes(b"%PDF-1.4")
+    (tmp_path / "f.txt").write_bytes(b"\xff\xfe\x00bad")
+    (tmp_path / ".hidden.md").write_text("secret")
+
+    result = read_store(tmp_path)
+
+    ids = [d.id for d in result.documents]
+    assert ids == ["a.md", "c.html", "d.jsonl#x", "d.jsonl#5", "sub/b.txt"]
+    assert result.formats == {"html": 1, "markdown": 1, "text": 3}
+    reasons = {s.location: s.reason for s in result.skipped}
+    assert reasons["d.jsonl:2"].startswith("invalid JSON")
+    assert reasons["d.jsonl:3"] == "no string field 'text'"
+    assert reasons["e.pdf"] == "unsupported extension: .pdf"
+    assert reasons["f.txt"].startswith("not UTF-8 text")
+    assert len(result.skipped) == 4
+    assert result.skip_reasons() == {"invalid JSON": 1, "no string field 'text'": 1, "unsupported extension": 1,
+                                     "not UTF-8 text": 1}
+    # content is kept verbatim at this stage
+    assert result.documents[0].content == "# Title\n\nBody"
