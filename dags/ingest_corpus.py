@@ -76,11 +76,11 @@ def ingest_corpus():
             raise AirflowFailException(str(exc)) from exc
 
     @task
-    def version_dataset(stats: dict, quality: dict) -> dict:
+    def version_dataset(collected: dict, stats: dict, quality: dict) -> dict:
         from nightshift.pipelines.ingest import version
 
         settings = load_settings()
-        return version(run_dir(settings, get_current_context()), settings, stats).to_dict()
+        return version(run_dir(settings, get_current_context()), settings, stats, collected["source"]).to_dict()
 
     @task(outlets=[CORPUS_ASSET])
     def publish_dataset(dataset: dict) -> dict:
@@ -96,7 +96,7 @@ def ingest_corpus():
     collected = collect_documents()
     stats = prepare_corpus(collected)
     quality = validate_corpus(stats)
-    publish_dataset(version_dataset(stats, quality))
+    publish_dataset(version_dataset(collected, stats, quality))
 
 
 ingest_corpus()

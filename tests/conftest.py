@@ -27,8 +27,9 @@ def free_port() -> int:
 
 os.environ["NIGHTSHIFT_MASTER_PORT"] = str(free_port())
 
-from nightshift.settings import load_settings, repo_root, runtime_env  # noqa: E402
+from nightshift.settings import ensure_fernet_key, load_settings, repo_root, runtime_env  # noqa: E402
 
+ensure_fernet_key(load_settings())
 for _key, _value in runtime_env(load_settings()).items():
     os.environ[_key] = _value
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"

@@ -20,7 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nightshift.settings import DEFAULT_FOUNDATION_MODEL, Settings, load_settings, repo_root, runtime_env
+from nightshift.settings import (
+    DEFAULT_FOUNDATION_MODEL,
+    Settings,
+    ensure_fernet_key,
+    load_settings,
+    repo_root,
+    runtime_env,
+)
 
 log = logging.getLogger("nightshift")
 
@@ -30,9 +37,9 @@ ADMIN_USER, ADMIN_PASSWORD = "admin", "admin"
 
 def configure_environment(settings: Settings) -> dict[str, str]:
     """Export the runtime environment (explicit variables win) before anything imports Airflow."""
+    ensure_fernet_key(settings)
     for key, value in runtime_env(settings).items():
         os.environ.setdefault(key, value)
-    settings.airflow_home.mkdir(parents=True, exist_ok=True)
     return {key: os.environ[key] for key in runtime_env(settings)}
 
 

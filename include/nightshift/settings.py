@@ -171,9 +171,22 @@ def load_settings() -> Settings:
     )
 
 
+def ensure_fernet_key(settings: Settings) -> Path:
+    """Create the key Airflow encrypts connection passwords with, once per installation."""
+    path = settings.airflow_home / "fernet.key"
+    if not path.is_file():
+        from cryptography.fernet import Fernet
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(Fernet.generate_key())
+        path.chmod(0o600)
+    return path
+
+
 def runtime_env(settings: Settings) -> dict[str, str]:
     """Return the environment variables that point Airflow and the libraries at local state."""
     root = repo_root()
+    fernet = settings.airflow_home / "fernet.key"
     env = {
         "NIGHTSHIFT_HOME": str(settings.home),
         "AIRFLOW_HOME": str(settings.airflow_home),
@@ -189,6 +202,8 @@ def runtime_env(settings: Settings) -> dict[str, str]:
         "DO_NOT_TRACK": "1",
         "DVC_NO_ANALYTICS": "1",
     }
+    if fernet.is_file():
+        env["AIRFLOW__CORE__FERNET_KEY"] = fernet.read_text().strip()
     if root:
         env["AIRFLOW__CORE__DAGS_FOLDER"] = str(root / "dags")
         env["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(root / "plugins")

@@ -39,6 +39,7 @@ def test_changed_values_are_updated_in_place(airflow_db, tmp_path):
     with create_session() as session:
         conn = session.query(Connection).filter(Connection.conn_id == "t_conn").one()
         assert (conn.host, conn.password, conn.extra_dejson) == ("b.example", "s2", {"k": 2})
+        assert conn.is_encrypted and conn.is_extra_encrypted  # the installation's Fernet key is in use
         assert session.query(Pool).filter(Pool.pool == "t_pool").one().slots == 3
 
 

@@ -5,6 +5,7 @@ a clearly worse candidate, and a rerun on unchanged documents.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from cli_helpers import run
 from conftest import REPO
 from helpers import SmtpSink, UvicornThread
+from nightshift.settings import SAMPLE_STORE
 
 pytestmark = pytest.mark.e2e
 
@@ -144,11 +146,17 @@ def test_clearly_worse_candidate_is_not_promoted_and_alerts(dags, registry, sett
     assert "perplexity" in alerts[-1]["message"]
 
 
-def test_rerun_on_unchanged_store_creates_no_version_and_no_duplicate_model(dags, repo, registry, finetune_conf):
+def test_rerun_on_unchanged_store_creates_no_version_and_no_duplicate_model(
+    dags, repo, registry, finetune_conf, tmp_path
+):
     ingest, tasks = run(dags["ingest_corpus"], {})
     assert ingest.state == "success"
     assert tasks["version_dataset"].value["created"] is False
     assert tasks["publish_dataset"].state == "skipped"  # no asset event, so no training is scheduled
+
+    moved = shutil.copytree(SAMPLE_STORE, tmp_path / "mounted-elsewhere")  # same documents, other location
+    ingest, tasks = run(dags["ingest_corpus"], {"source": moved.as_uri()})
+    assert ingest.state == "success" and tasks["version_dataset"].value["tag"] == "corpus-v0001"
     assert repo.versions() == ["corpus-v0001"]
     assert _asset_events() == ["corpus-v0001"]
 

@@ -60,5 +60,6 @@ def test_read_store_reads_every_format_and_counts_what_it_skips(tmp_path: Path):
     assert len(result.skipped) == 4
     assert result.skip_reasons() == {"invalid JSON": 1, "no string field 'text'": 1, "unsupported extension": 1,
                                      "not UTF-8 text": 1}
-    # content is kept verbatim at this stage
+    # content is kept verbatim at this stage; sources are relative, so the corpus does not depend on the mount
     assert result.documents[0].content == "# Title\n\nBody"
+    assert [d.source for d in result.documents] == ["a.md", "c.html", "d.jsonl:1", "d.jsonl:5", "sub/b.txt"]

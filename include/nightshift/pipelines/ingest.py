@@ -68,9 +68,10 @@ def validate(run_dir: Path, policy: QualityPolicy) -> dict[str, Any]:
     return {"evaluated": report.evaluated, "summary": report.summary()}
 
 
-def version(run_dir: Path, settings: Settings, stats: dict[str, Any]) -> DatasetVersion:
+def version(run_dir: Path, settings: Settings, stats: dict[str, Any], store: str) -> DatasetVersion:
     """Version corpus.jsonl in the data repository; identical bytes return the existing version."""
     corpus = run_dir / CORPUS
     documents = sum(1 for _ in read_corpus(corpus))
-    meta = {"documents": documents, "characters": stats.get("characters"), "duplicates": stats.get("duplicates")}
+    meta = {"documents": documents, "characters": stats.get("characters"), "duplicates": stats.get("duplicates"),
+            "store": store}
     return dataset_repository(settings).commit(corpus, meta)

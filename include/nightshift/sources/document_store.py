@@ -30,7 +30,8 @@ class RawDocument:
     id: str
     """Stable id: the path relative to the store, plus ``#<record id>`` for JSONL records."""
     source: str
-    """URI of the file it came from."""
+    """Where in the store it came from (relative path, plus ``:<line>`` for JSONL), so that the corpus bytes
+    depend on the documents alone and not on where the store is mounted."""
     format: str
     content: str
 
@@ -98,9 +99,9 @@ def read_store(root: Path) -> ReadResult:
             result.skipped.append(Skip(rel, f"not UTF-8 text: byte {exc.start}"))
             continue
         if fmt == "jsonl":
-            _read_jsonl(rel, path.as_uri(), text, result)
+            _read_jsonl(rel, text, result)
         else:
-            result.documents.append(RawDocument(id=rel, source=path.as_uri(), format=fmt, content=text))
+            result.documents.append(RawDocument(id=rel, source=rel, format=fmt, content=text))
     log.info(
         "read %d documents from %d files under %s (%s); skipped %d (%s)",
         len(result.documents), len(files), root, result.formats, len(result.skipped), result.skip_reasons(),
@@ -108,7 +109,7 @@ def read_store(root: Path) -> ReadResult:
     return result
 
 
-def _read_jsonl(rel: str, uri: str, text: str, result: ReadResult) -> None:
+def _read_jsonl(rel: str, text: str, result: ReadResult) -> None:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -124,7 +125,7 @@ def _read_jsonl(rel: str, uri: str, text: str, result: ReadResult) -> None:
         record_id = record.get("id", lineno)
         fmt = record.get("format") if record.get("format") in ("markdown", "text", "html") else "text"
         result.documents.append(
-            RawDocument(id=f"{rel}#{record_id}", source=f"{uri}#L{lineno}", format=fmt, content=record["text"])
+            RawDocument(id=f"{rel}#{record_id}", source=f"{rel}:{lineno}", format=fmt, content=record["text"])
         )
 
 
