@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -222,6 +223,9 @@ def cmd_up(settings: Settings, args) -> int:
     configure_environment(settings)
     _write_admin_password(settings)
     env = os.environ.copy()
+    # standalone starts its components as `airflow ...` subprocesses: they must find this environment's CLI.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     procs = [
         subprocess.Popen([_bin("airflow"), "standalone"], env=env),
         subprocess.Popen([sys.executable, "-m", "nightshift.cli", "serve", "--port", str(args.serve_port)], env=env),

@@ -26,7 +26,7 @@ def test_unknown_recipe_and_fields_are_clear_errors(tmp_path):
         TrainingRecipe.load("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text("seq_len: 64\nepochs: 3\n")
-    with pytest.raises(ValueError, match="unknown recipe fields \\['epochs'\\]"):
+    with pytest.raises(ValueError, match="unknown TrainingRecipe fields \\['epochs'\\]"):
         TrainingRecipe.load(str(bad))
 
 

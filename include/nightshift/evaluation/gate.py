@@ -7,8 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from nightshift.configs import load_yaml_dataclass
 from nightshift.records import EvaluationReport, GateCheck, GateDecision
 from nightshift.settings import CONFIG_DIR
 
@@ -32,11 +31,7 @@ class GatePolicy:
 
     @classmethod
     def load(cls, path: Path = DEFAULT_POLICY) -> GatePolicy:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"{path}: unknown gate settings {sorted(unknown)}")
-        return cls(**data)
+        return load_yaml_dataclass(cls, path)
 
 
 def _check(metric: str, candidate: float, baseline: float, allowed: float) -> GateCheck:

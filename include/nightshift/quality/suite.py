@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from nightshift.configs import load_yaml_dataclass
 from nightshift.settings import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -42,11 +41,7 @@ class QualityPolicy:
 
     @classmethod
     def load(cls, path: Path = DEFAULT_POLICY) -> QualityPolicy:
-        data = yaml.safe_load(path.read_text()) or {}
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{path}: unknown quality settings {sorted(unknown)}")
-        return cls(**data)
+        return load_yaml_dataclass(cls, path)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def local_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_local(command: list[str], env: dict[str, str], log_path: Path, timeout: float | None = None) -> None:
+def run_local(command: list[str], env: dict[str, str], log_path: Path) -> None:
     """Run the launcher, streaming its output to the task log and to ``log_path``; raise on failure."""
     log.info("launching: %s", " ".join(command))
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +51,7 @@ def run_local(command: list[str], env: dict[str, str], log_path: Path, timeout: 
             tail.append(line.rstrip())
             if _worth_logging(line):
                 log.info("%s", line.rstrip())
-        code = proc.wait(timeout=timeout)
+        code = proc.wait()
     if code != 0:
         raise RuntimeError(
             f"trainer exited with code {code}; last lines (full log: {log_path}):\n" + "\n".join(tail)

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from nightshift.configs import load_yaml_dataclass
 from nightshift.settings import CONFIG_DIR
 
 RECIPE_DIR = CONFIG_DIR / "training"
@@ -64,12 +63,7 @@ class TrainingRecipe:
         if not path.is_file():
             known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
             raise FileNotFoundError(f"training recipe {name_or_path!r} not found ({path}); known recipes: {known}")
-        data = yaml.safe_load(path.read_text()) or {}
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"{path}: unknown recipe fields {sorted(unknown)}")
-        return cls(**data)
+        return load_yaml_dataclass(cls, path, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
