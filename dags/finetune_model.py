@@ -131,26 +131,18 @@ def finetune_model():
 
     @task(multiple_outputs=True)
     def plan_training(dataset: dict, packed: dict, check: dict) -> dict:
-        from nightshift.pipelines.finetune import EXPERIMENT, registry_for, run_params
+        from nightshift.pipelines.finetune import open_tracking_run, registry_for
         from nightshift.pipelines.finetune import plan_training as plan
         from nightshift.records import DatasetVersion, PackedDataset
 
         context = get_current_context()
-        request = _request()
+        request, version, packed_data = _request(), DatasetVersion.from_dict(dataset), PackedDataset.from_dict(packed)
         recipe = request.load_recipe()
-        version = DatasetVersion.from_dict(dataset)
-        planned = plan(
-            SETTINGS, SETTINGS.resolve_base_model(request.base_model), PackedDataset.from_dict(packed), recipe,
-            run_dir(SETTINGS, context),
-        )
-        registry = registry_for(SETTINGS)
+        planned = plan(SETTINGS, SETTINGS.resolve_base_model(request.base_model), packed_data, recipe,
+                       run_dir(SETTINGS, context))
         run_key = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
-        mlflow_run = registry.open_run(
-            EXPERIMENT, run_key, run_name=f"{version.tag} {context['dag_run'].run_id}",
-            tags={"nightshift.dataset_tag": version.tag, "airflow.run_id": context["dag_run"].run_id},
-        )
-        registry.log_params(mlflow_run, run_params(request, recipe, version, check["fingerprint"]))
-        registry.log_params(mlflow_run, {f"data.{k}": v for k, v in packed.items() if k.endswith(("blocks", "tokens"))})
+        mlflow_run = open_tracking_run(registry_for(SETTINGS), run_key, request, recipe, version, packed_data,
+                                       check["fingerprint"])
         return {**planned, "mlflow_run_id": mlflow_run, "dataset_tag": version.tag}
 
     @task.branch
@@ -167,27 +159,10 @@ def finetune_model():
 
     @task(trigger_rule="none_failed_min_one_success")
     def evaluate(packed: dict, plan: dict) -> dict:
-        from pathlib import Path
-
-        from nightshift.pipelines.finetune import evaluate_pair, loss_curve_png, read_training_metrics, registry_for
+        from nightshift.pipelines.finetune import evaluate_candidate, registry_for
         from nightshift.records import PackedDataset
 
-        request = _request()
-        registry = registry_for(SETTINGS)
-        run_id, output = plan["mlflow_run_id"], Path(plan["output_dir"])
-        metrics = read_training_metrics(output)
-        registry.log_series(run_id, "train_loss", metrics["losses"])
-        registry.log_metrics(run_id, {"train_seconds": metrics["seconds"], "train_tokens": metrics["tokens"]})
-        registry.log_file(run_id, loss_curve_png(metrics["losses"], output / "loss.png", plan["dataset_tag"]), "plots")
-        candidate, baseline, champion = evaluate_pair(
-            SETTINGS, registry, output / "checkpoint", request.base_model,
-            SETTINGS.resolve_base_model(request.base_model), PackedDataset.from_dict(packed),
-        )
-        registry.log_metrics(run_id, {**candidate.metrics("candidate"), **baseline.metrics("baseline")})
-        registry.log_dict(run_id, {"candidate": candidate.to_dict(), "baseline": baseline.to_dict()},
-                          "evaluation.json")
-        return {"candidate": candidate.to_dict(), "baseline": baseline.to_dict(), "diverged": metrics["diverged"],
-                "champion_before": champion.to_dict() if champion else None}
+        return evaluate_candidate(SETTINGS, registry_for(SETTINGS), _request(), plan, PackedDataset.from_dict(packed))
 
     @task
     def decide_promotion(evaluation: dict, plan: dict) -> dict:

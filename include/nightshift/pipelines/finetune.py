@@ -170,6 +170,40 @@ def run_params(request: FinetuneRequest, recipe: TrainingRecipe, dataset: Datase
     return params
 
 
+def open_tracking_run(
+    registry: ModelRegistry, run_key: str, request: FinetuneRequest, recipe: TrainingRecipe,
+    dataset: DatasetVersion, packed: PackedDataset, fp: str,
+) -> str:
+    """Open (or, on a retry, reopen) the MLflow run of one DAG run and record its inputs."""
+    run_id = registry.open_run(
+        EXPERIMENT, run_key, run_name=f"{dataset.tag} {run_key.split('/', 1)[-1]}",
+        tags={"nightshift.dataset_tag": dataset.tag, "airflow.run_key": run_key},
+    )
+    registry.log_params(run_id, run_params(request, recipe, dataset, fp))
+    sizes = {f"data.{k}": v for k, v in packed.to_dict().items() if k.endswith(("blocks", "tokens"))}
+    registry.log_params(run_id, sizes)
+    return run_id
+
+
+def evaluate_candidate(
+    settings: Settings, registry: ModelRegistry, request: FinetuneRequest, plan: dict[str, Any], packed: PackedDataset
+) -> dict[str, Any]:
+    """Record the training run in MLflow, then evaluate candidate and champion; return both reports."""
+    run_id, output = plan["mlflow_run_id"], Path(plan["output_dir"])
+    metrics = read_training_metrics(output)
+    registry.log_series(run_id, "train_loss", metrics["losses"])
+    registry.log_metrics(run_id, {"train_seconds": metrics["seconds"], "train_tokens": metrics["tokens"]})
+    registry.log_file(run_id, loss_curve_png(metrics["losses"], output / "loss.png", plan["dataset_tag"]), "plots")
+    candidate, baseline, champion = evaluate_pair(
+        settings, registry, output / "checkpoint", request.base_model,
+        settings.resolve_base_model(request.base_model), packed,
+    )
+    registry.log_metrics(run_id, {**candidate.metrics("candidate"), **baseline.metrics("baseline")})
+    registry.log_dict(run_id, {"candidate": candidate.to_dict(), "baseline": baseline.to_dict()}, "evaluation.json")
+    return {"candidate": candidate.to_dict(), "baseline": baseline.to_dict(), "diverged": metrics["diverged"],
+            "champion_before": champion.to_dict() if champion else None}
+
+
 def cleanup(run_dir: Path) -> None:
     """Remove the bulky outputs of a finished run; the registry keeps what was promoted."""
     for name in ("candidate", "data"):
