@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from nightshift.prep.clean import prepare, read_corpus, write_corpus
+from nightshift.prep.clean import prepare, write_corpus
 from nightshift.quality.suite import QualityPolicy, QualityReport, validate_corpus
 from nightshift.records import DatasetVersion
 from nightshift.settings import Settings
@@ -70,8 +70,6 @@ def validate(run_dir: Path, policy: QualityPolicy) -> dict[str, Any]:
 
 def version(run_dir: Path, settings: Settings, stats: dict[str, Any], store: str) -> DatasetVersion:
     """Version corpus.jsonl in the data repository; identical bytes return the existing version."""
-    corpus = run_dir / CORPUS
-    documents = sum(1 for _ in read_corpus(corpus))
-    meta = {"documents": documents, "characters": stats.get("characters"), "duplicates": stats.get("duplicates"),
+    meta = {"documents": stats["documents"], "characters": stats["characters"], "duplicates": stats["duplicates"],
             "store": store}
-    return dataset_repository(settings).commit(corpus, meta)
+    return dataset_repository(settings).commit(run_dir / CORPUS, meta)
