@@ -85,3 +85,12 @@ def tiny_model(settings, tokenizer_dir) -> Path:
     for item in tokenizer_dir.iterdir():
         shutil.copy2(item, dest / item.name)
     return dest
+
+
+@pytest.fixture(scope="session")
+def smollm2(settings) -> Path:
+    """The real SmolLM2-135M-Instruct, imported once per session from the bundled GGUF file."""
+    from nightshift.settings import DEFAULT_FOUNDATION_MODEL
+    from nightshift.training.foundation import import_foundation_model
+
+    return import_foundation_model(settings.models_dir / DEFAULT_FOUNDATION_MODEL)

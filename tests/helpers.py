@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from conftest import free_port
 
@@ -92,3 +97,102 @@ class WebhookSink:
 
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str = "condition", every: float = 0.1):
+    """Poll ``predicate`` until it returns something truthy; return that, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except Exception:  # a server that is not up yet refuses connections
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+def publish(registry, checkpoint: Path, key: str, promote: bool = True):
+    """Log a checkpoint folder as a run artifact, register it and (by default) make it the champion."""
+    run_id = registry.open_run("serving", key, key, {})
+    registry.client.log_artifacts(run_id, str(checkpoint), "checkpoint")
+    version = registry.register(run_id, tags={"nightshift.dataset_tag": f"ds-{key}"})
+    return registry.promote(version) if promote else version
+
+
+def ready(url: str) -> dict | None:
+    """Return the endpoint's /healthz body when it is ready to serve, else None."""
+    import httpx
+
+    response = httpx.get(f"{url}/healthz", timeout=5)
+    return response.json() if response.status_code == 200 else None
+
+
+class ServeProcess:
+    """``nightshift serve`` as a real process on a free loopback port, with its log in a file."""
+
+    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.home = home
+        self.log_path = home / "serve.log"
+        self.env = {**os.environ, "NIGHTSHIFT_HOME": str(home), **(env or {})}
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServeProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "nightshift.cli", "serve", "--port", str(self.port), "--poll-seconds", "0.5"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        wait_for(lambda: self.process.poll() is not None or ready(self.url), 180, "the endpoint to be ready")
+        assert self.process.poll() is None, self.log_path.read_text()[-3000:]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def peak_rss_mb(self) -> float:
+        """Return the server's peak resident memory so far (VmHWM), in MiB."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def marked(marker: str) -> list[int]:
+    """Return the pids of live processes whose environment has ``NS_TEST_MARKER=<marker>``."""
+    needle = f"NS_TEST_MARKER={marker}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes() and "State:\tZ" not in (entry / "status").read_text():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def port_is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

@@ -3,7 +3,8 @@
     nightshift setup [--model]     metadata DB, airflow_settings.yaml, DVC data repo (and the foundation model)
     nightshift cycle               ingest_corpus, then finetune_model on its dataset version, then a summary
     nightshift serve               the OpenAI-compatible endpoint on http://127.0.0.1:8000/v1
-    nightshift up                  Airflow (standalone) and the endpoint together
+    nightshift up                  Airflow (standalone) and the endpoint together, supervised
+    nightshift keys create|list|revoke   API keys of the endpoint
     nightshift env                 the environment variables, as `export` lines for a shell
 """
 
@@ -14,7 +15,6 @@ import json
 import logging
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -65,6 +65,7 @@ def cmd_setup(settings: Settings, args) -> int:
         applied = apply_settings_file(root / "airflow_settings.yaml")
         log.info("airflow_settings.yaml: %d changes", applied.changed)
     dataset_repository(settings).ensure()
+    _ensure_local_key(settings)
     if args.model:
         from nightshift.training.foundation import import_foundation_model
 
@@ -130,7 +131,7 @@ def cmd_cycle(settings: Settings, args) -> int:
     print(_timings("ingest_corpus", ingest_tasks))
     print(_timings("finetune_model", finetune_tasks))
     report = finetune_tasks.get("report", (None, 0, None))[2]
-    print(summary(ingest_tasks, report, str(finetune.state), time.monotonic() - started))
+    print(summary(ingest_tasks, report, str(finetune.state), time.monotonic() - started, settings.local_key_file))
     return 0 if str(finetune.state) == "success" else 1
 
 
@@ -143,7 +144,8 @@ def _timings(dag_id: str, tasks: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, seconds: float) -> str:
+def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, seconds: float,
+            key_file: Path | None = None) -> str:
     """Return the human summary of one cycle."""
     collected = ingest["collect_documents"][2] or {}
     prepared = ingest["prepare_corpus"][2] or {}
@@ -193,11 +195,22 @@ def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, s
         "",
         "serve it:  make serve      (OpenAI-compatible, http://127.0.0.1:8000/v1)",
         "call it:   curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
+        f"             -H \"Authorization: Bearer $(cat {_shown(key_file)})\" \\",
         "             -d '{\"model\": \"nightshift-llm\", \"messages\": [{\"role\": \"user\", \"content\": \"What is "
         "nightshift?\"}]}'",
         "=" * 72,
     ]
     return "\n".join(lines)
+
+
+def _shown(path: Path | None) -> str:
+    """Return a path relative to the working directory when it lies below it (shorter to copy)."""
+    if path is None:
+        return "var/serving/local.key"
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def cmd_serve(settings: Settings, args) -> int:
@@ -207,9 +220,72 @@ def cmd_serve(settings: Settings, args) -> int:
     from nightshift.serving.app import create_app
 
     configure_environment(settings)
-    app = create_app(registry_for(settings), settings.cache_dir / "serving", poll_seconds=args.poll_seconds)
-    print(f"serving {settings.registered_model}@{settings.champion_alias} on http://{args.host}:{args.port}/v1")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    keyring = build_keyring(settings)
+    if settings.require_api_key and not len(keyring):
+        log.warning("no API keys are configured: every /v1 request will get 401; create one with "
+                    "`nightshift keys create` or run `nightshift setup`")
+    from nightshift.airflow.notifiers import alert_sender
+
+    limits = settings.serving
+    app = create_app(
+        registry_for(settings), settings.cache_dir / "serving", limits=limits, keyring=keyring,
+        require_key=settings.require_api_key, poll_seconds=args.poll_seconds, on_alert=alert_sender("serving"),
+    )
+    key_note = (f"API key for local use: {settings.local_key_file}" if settings.local_key_file.is_file()
+                else "API keys: `nightshift keys create`")
+    print(f"serving {settings.registered_model}@{settings.champion_alias} on http://{args.host}:{args.port}/v1 "
+          f"({key_note})", flush=True)
+    # Open connections are bounded too: beyond this uvicorn answers 503 without reading the request.
+    connections = max(64, 4 * (limits.max_concurrent + limits.max_queue))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", limit_concurrency=connections,
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+def build_keyring(settings: Settings):
+    """Return the keys the endpoint accepts: the key file, NIGHTSHIFT_API_KEYS and the serving connection."""
+    from nightshift.airflow.connections import api_key_hashes
+    from nightshift.serving.keys import KeyRing, KeyStore, hashes_of
+
+    fixed = {h: "env" for h in hashes_of(os.environ.get("NIGHTSHIFT_API_KEYS", "").split(","),
+                                         "NIGHTSHIFT_API_KEYS")}
+    fixed.update(api_key_hashes(settings.serving_conn_id))
+    return KeyRing(KeyStore(settings.key_file), fixed)
+
+
+def _ensure_local_key(settings: Settings) -> None:
+    from nightshift.serving.keys import KeyStore, ensure_local_key
+
+    path, created = ensure_local_key(KeyStore(settings.key_file), settings.local_key_file)
+    log.info("%s API key for local use: %s (send it as `Authorization: Bearer $(cat %s)`)",
+             "created an" if created else "the", path, path)
+
+
+def cmd_keys(settings: Settings, args) -> int:
+    from nightshift.serving.keys import KeyStore
+
+    store = KeyStore(settings.key_file)
+    if args.action == "create":
+        record, key = store.create(args.name)
+        print(f"created key {record.id} ({record.name}); it is shown only this once:\n{key}")
+        return 0
+    if args.action == "revoke":
+        if not args.id:
+            raise SystemExit("nightshift keys revoke needs a key id or name (see `nightshift keys list`)")
+        revoked = store.revoke(args.id)
+        if not revoked:
+            print(f"no active key has the id or name {args.id!r}", file=sys.stderr)
+            return 1
+        for record in revoked:
+            print(f"revoked key {record.id} ({record.name}, {record.hint}); the endpoint refuses it within a second")
+        return 0
+    records = store.records()
+    if not records:
+        print(f"no keys in {settings.key_file}; create one with `nightshift keys create --name NAME`")
+        return 0
+    print(f"{'id':<10}{'name':<24}{'key':<16}{'created':<27}revoked")
+    for r in records:
+        print(f"{r.id:<10}{r.name:<24}{r.hint:<16}{r.created_at:<27}{r.revoked_at or '-'}")
     return 0
 
 
@@ -220,34 +296,29 @@ def _write_admin_password(settings: Settings) -> None:
 
 
 def cmd_up(settings: Settings, args) -> int:
+    from nightshift.supervisor import Service, Supervisor
+
     configure_environment(settings)
     _write_admin_password(settings)
+    _ensure_local_key(settings)
     env = os.environ.copy()
     # standalone starts its components as `airflow ...` subprocesses: they must find this environment's CLI.
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    procs = [
-        subprocess.Popen([_bin("airflow"), "standalone"], env=env),
-        subprocess.Popen([sys.executable, "-m", "nightshift.cli", "serve", "--port", str(args.serve_port)], env=env),
+    services = [
+        Service("airflow", [_bin("airflow"), "standalone"], env),
+        Service("endpoint", [sys.executable, "-m", "nightshift.cli", "serve", "--port", str(args.serve_port)], env),
     ]
+    api_port = os.environ.get("AIRFLOW__API__PORT", "8080")
     print(
-        f"\nAirflow UI:  http://localhost:8080  (user {ADMIN_USER}, password {ADMIN_PASSWORD})\n"
-        f"Endpoint:    http://127.0.0.1:{args.serve_port}/v1  (serves {settings.registered_model}@champion)\n"
+        f"\nAirflow UI:  http://localhost:{api_port}  (user {ADMIN_USER}, password {ADMIN_PASSWORD})\n"
+        f"Endpoint:    http://127.0.0.1:{args.serve_port}/v1  (serves {settings.registered_model}@champion; "
+        "restarted if it dies)\n"
+        f"API key:     {settings.local_key_file}  (send it as `Authorization: Bearer <key>`)\n"
         "DAGs start paused: unpause ingest_corpus and finetune_model in the UI for the nightly schedule.\n"
-        "Ctrl-C stops both.\n",
+        "Ctrl-C (or SIGTERM) stops everything.\n",
         flush=True,
     )
-    try:
-        while all(p.poll() is None for p in procs):
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
-    return 0
+    return Supervisor(services).run()
 
 
 def _bin(name: str) -> str:
@@ -277,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start Airflow standalone and the endpoint")
     up.add_argument("--serve-port", type=int, default=SERVE_PORT)
     up.set_defaults(func=cmd_up)
+    keys = sub.add_parser("keys", help="create, list or revoke API keys of the endpoint")
+    keys.add_argument("action", choices=["create", "list", "revoke"])
+    keys.add_argument("id", nargs="?", help="revoke: the key's id or name")
+    keys.add_argument("--name", default="default", help="create: a name to recognise the key by")
+    keys.set_defaults(func=cmd_keys)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(load_settings(), args)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from nightshift.serving.limits import ServingLimits
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 INCLUDE_DIR = PACKAGE_DIR.parent
 CONFIG_DIR = INCLUDE_DIR / "configs"
@@ -52,6 +54,32 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {raw!r}")
+
+
+def default_parallelism() -> int:
+    """Return how many tasks Airflow runs at once here: one per core, at least two."""
+    return max(2, os.cpu_count() or 2)
+
+
 @dataclass(frozen=True)
 class KubernetesSettings:
     """Where and how the trainer pod runs when the backend is ``kubernetes``."""
@@ -89,10 +117,20 @@ class Settings:
     alert_conn_id: str = "nightshift_alerts"
     tracking_uri_override: str | None = None
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
+    serving: ServingLimits = field(default_factory=ServingLimits)
+    """Limits of the OpenAI-compatible endpoint."""
+    require_api_key: bool = True
+    """Whether /v1 and /metrics need an API key (NIGHTSHIFT_SERVE_REQUIRE_KEY)."""
+    serving_conn_id: str = "nightshift_serving"
+    """Airflow connection whose password (or extra ``api_keys``) holds keys the endpoint accepts."""
+    airflow_parallelism: int = field(default_factory=default_parallelism)
+    """Task slots of the local Airflow (and LocalExecutor worker processes)."""
 
     def __post_init__(self) -> None:
         if self.train_ranks < 1:
             raise ValueError(f"NIGHTSHIFT_TRAIN_RANKS must be at least 1, got {self.train_ranks}")
+        if self.airflow_parallelism < 1:
+            raise ValueError(f"NIGHTSHIFT_AIRFLOW_PARALLELISM must be at least 1, got {self.airflow_parallelism}")
 
     @cached_property
     def airflow_home(self) -> Path:
@@ -129,6 +167,20 @@ class Settings:
     @cached_property
     def cache_dir(self) -> Path:
         return self.home / "cache"
+
+    @cached_property
+    def serving_dir(self) -> Path:
+        return self.home / "serving"
+
+    @property
+    def key_file(self) -> Path:
+        """Hashes of the API keys created with ``nightshift keys``."""
+        return self.serving_dir / "api_keys.json"
+
+    @property
+    def local_key_file(self) -> Path:
+        """The key ``make setup`` creates for local use (mode 0600)."""
+        return self.serving_dir / "local.key"
 
     def resolve_base_model(self, name_or_path: str) -> Path:
         """Return the checkpoint folder for a model name under models/ or an explicit path."""
@@ -168,6 +220,26 @@ def load_settings() -> Settings:
         alert_conn_id=os.environ.get("NIGHTSHIFT_ALERT_CONN_ID", "nightshift_alerts"),
         tracking_uri_override=os.environ.get("NIGHTSHIFT_MLFLOW_TRACKING_URI") or None,
         kubernetes=kubernetes,
+        serving=load_serving_limits(),
+        require_api_key=_env_bool("NIGHTSHIFT_SERVE_REQUIRE_KEY", True),
+        serving_conn_id=os.environ.get("NIGHTSHIFT_SERVE_CONN_ID", "nightshift_serving"),
+        airflow_parallelism=_env_int("NIGHTSHIFT_AIRFLOW_PARALLELISM", default_parallelism()),
+    )
+
+
+def load_serving_limits() -> ServingLimits:
+    """Return the endpoint's limits, read from NIGHTSHIFT_SERVE_* variables."""
+    d = ServingLimits()
+    max_model_len = _env_int("NIGHTSHIFT_SERVE_MAX_MODEL_LEN", 0)
+    return ServingLimits(
+        max_body_bytes=_env_int("NIGHTSHIFT_SERVE_MAX_BODY_BYTES", d.max_body_bytes),
+        max_concurrent=_env_int("NIGHTSHIFT_SERVE_MAX_CONCURRENT", d.max_concurrent),
+        max_queue=_env_int("NIGHTSHIFT_SERVE_MAX_QUEUE", d.max_queue),
+        request_timeout_s=_env_float("NIGHTSHIFT_SERVE_TIMEOUT_S", d.request_timeout_s),
+        memory_budget_mb=_env_int("NIGHTSHIFT_SERVE_MEMORY_MB", d.memory_budget_mb),
+        max_model_len=max_model_len or None,
+        default_max_tokens=_env_int("NIGHTSHIFT_SERVE_DEFAULT_MAX_TOKENS", d.default_max_tokens),
+        prefill_chunk=_env_int("NIGHTSHIFT_SERVE_PREFILL_CHUNK", d.prefill_chunk),
     )
 
 
@@ -193,6 +265,8 @@ def runtime_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{settings.airflow_home / 'airflow.db'}",
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        # LocalExecutor starts one worker process per slot: size both to the machine, not Airflow's default 32.
+        "AIRFLOW__CORE__PARALLELISM": str(settings.airflow_parallelism),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",

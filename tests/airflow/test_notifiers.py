@@ -20,3 +20,17 @@ def test_failure_notifier_posts_what_failed_and_why(airflow_db, monkeypatch):
     assert "[staging] finetune_model.train_local failed" in text
     assert "RuntimeError: trainer exited with code 1" in text
     assert "scheduled__2026-11-30" in text and "http://localhost:8080/log" in text
+
+
+def test_processes_outside_tasks_alert_through_the_stored_connection(airflow_db):
+    """The endpoint is no Airflow task: its alerts use the connection in the metadata DB (airflow_settings.yaml)."""
+    from nightshift.airflow.notifiers import alert_sender
+
+    alerts = airflow_db.home / "alerts" / "alerts.jsonl"
+    before = alerts.read_text().count("\n") if alerts.is_file() else 0
+    alert_sender("serving")("endpoint could not load nightshift-llm v7", "still serving v6", "error")
+    lines = alerts.read_text().splitlines()
+    assert len(lines) == before + 1
+    alert = json.loads(lines[-1])
+    assert alert["title"] == "[local] endpoint could not load nightshift-llm v7"
+    assert alert["task_id"] == "serving" and alert["severity"] == "error"

@@ -12,7 +12,7 @@ import pytest
 
 from cli_helpers import run
 from conftest import REPO
-from helpers import SmtpSink, UvicornThread
+from helpers import SmtpSink, UvicornThread, ready, wait_for
 from nightshift.settings import SAMPLE_STORE
 
 pytestmark = pytest.mark.e2e
@@ -91,6 +91,7 @@ def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, re
     from openai import OpenAI
 
     from nightshift.serving.app import create_app
+    from nightshift.serving.keys import KeyRing, KeyStore
 
     ingest, tasks = run(dags["ingest_corpus"], {})
     assert ingest.state == "success", {t: ti.state for t, ti in tasks.items()}
@@ -120,9 +121,12 @@ def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, re
     report = tasks["report"].value
     assert report["promoted"]["version"] == 1 and report["decision"]["passed"]
 
-    app = create_app(registry, settings.cache_dir / "serving-test", poll_seconds=0.5)
+    store = KeyStore(settings.key_file)
+    _record, key = store.create("e2e")
+    app = create_app(registry, settings.cache_dir / "serving-test", keyring=KeyRing(store), poll_seconds=0.5)
     with UvicornThread(app) as server:
-        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+        wait_for(lambda: ready(server.url), what="the champion to load")
+        client = OpenAI(base_url=f"{server.url}/v1", api_key=key)
         answer = client.chat.completions.create(
             model="nightshift-llm", messages=[{"role": "user", "content": "When is the observatory open?"}],
             max_tokens=8, temperature=0,

@@ -6,11 +6,11 @@ from nightshift.training.foundation import import_foundation_model
 
 
 @pytest.mark.e2e
-def test_bundled_smollm2_imports_to_a_plain_checkpoint_that_answers(tmp_path):
+def test_bundled_smollm2_imports_to_a_plain_checkpoint_that_answers(smollm2):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dest = import_foundation_model(tmp_path / "SmolLM2-135M-Instruct")
+    dest = smollm2
     config = json.loads((dest / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
     stamp = (dest / "model.safetensors").stat().st_mtime_ns

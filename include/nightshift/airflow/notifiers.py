@@ -13,6 +13,7 @@ from typing import Any
 
 from airflow.sdk import BaseNotifier
 
+from nightshift.airflow.connections import get_connection
 from nightshift.alerts.channels import Alert, channel_for
 from nightshift.settings import load_settings
 
@@ -25,19 +26,38 @@ def send_alert(alert: Alert, conn_id: str | None = None) -> None:
     The Airflow Variable ``nightshift_environment`` (e.g. ``local``, ``prod``) prefixes the title, so people
     who receive alerts from several installations see at once which one is calling.
     """
-    from airflow.sdk import BaseHook, Variable
-
     settings = load_settings()
-    environment = Variable.get("nightshift_environment", default=None)
+    environment = _environment()
     if environment:
         alert = dataclasses.replace(alert, title=f"[{environment}] {alert.title}")
-    conn = BaseHook.get_connection(conn_id or settings.alert_conn_id)
+    conn = get_connection(conn_id or settings.alert_conn_id)
     extra = conn.extra_dejson if hasattr(conn, "extra_dejson") else json.loads(conn.extra or "{}")
     channel = channel_for(
         conn.conn_type, conn.host, conn.port, conn.login, conn.password, conn.schema, extra, settings.home
     )
     channel.deliver(alert)
     log.info("alert sent via %s: %s", type(channel).__name__, alert.title)
+
+
+def _environment() -> str | None:
+    from airflow.sdk.execution_time import task_runner
+
+    if hasattr(task_runner, "SUPERVISOR_COMMS"):
+        from airflow.sdk import Variable
+
+        return Variable.get("nightshift_environment", default=None)
+    from airflow.models.variable import Variable as StoredVariable
+
+    return StoredVariable.get("nightshift_environment", default_var=None)
+
+
+def alert_sender(source: str, conn_id: str | None = None):
+    """Return ``send(title, message, severity)`` for processes outside Airflow tasks (the endpoint)."""
+
+    def send(title: str, message: str, severity: str = "error") -> None:
+        send_alert(Alert(title=title, message=message, severity=severity, task_id=source), conn_id)
+
+    return send
 
 
 class AlertNotifier(BaseNotifier):

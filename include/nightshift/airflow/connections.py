@@ -1,0 +1,44 @@
+"""Airflow connections, read inside a task (through the Task SDK) or outside one (the CLI, the endpoint)."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def get_connection(conn_id: str):
+    """Return an Airflow connection; raise AirflowNotFoundException when it is not defined anywhere."""
+    from airflow.sdk.execution_time import task_runner
+
+    if hasattr(task_runner, "SUPERVISOR_COMMS"):  # inside a task: the supervisor answers
+        from airflow.sdk import BaseHook
+
+        return BaseHook.get_connection(conn_id)
+    # Outside a task: environment variables, secrets backends, then the metadata DB.
+    from airflow.models.connection import Connection
+
+    return Connection.get_connection_from_secrets(conn_id)
+
+
+def api_key_hashes(conn_id: str) -> dict[str, str]:
+    """Return ``{hash: label}`` of the API keys a connection holds (its password, or extra ``api_keys``).
+
+    A connection that does not exist holds no keys; one that holds something other than ``ns-`` keys or
+    ``sha256:`` hashes is an error that names the connection, never its content.
+    """
+    from airflow.exceptions import AirflowNotFoundException
+
+    from nightshift.serving.keys import hashes_of
+
+    try:
+        conn = get_connection(conn_id)
+    except AirflowNotFoundException:
+        return {}
+    except Exception as exc:  # the metadata DB may be unreachable from a serving pod
+        log.warning("could not read the connection %s (%s); it adds no API keys", conn_id, type(exc).__name__)
+        return {}
+    values = list(conn.extra_dejson.get("api_keys") or [])
+    if conn.password:
+        values.append(conn.password)
+    return {h: f"conn:{conn_id}" for h in hashes_of(values, f"connection {conn_id}")}

@@ -1,0 +1,453 @@
+"""The engine: the champion loaded within a memory budget, hot-swapped, and a decode loop that can be stopped.
+
+The decode loop is written here rather than calling ``model.generate()``: generation must stop within one
+token when the client disconnects, a stop sequence appears or the deadline passes; seeded sampling must not
+share torch's global random generator with concurrent requests; and log-probabilities must come from the
+raw model output without keeping every step's logits. It is transformers' own forward pass, cache
+(``DynamicCache``) and logits warpers, driven one token at a time; greedy output is tested to equal
+``generate()``'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nightshift.records import ModelVersionRecord
+from nightshift.serving.limits import MIB, ModelShape, ServingLimits, fit_window
+
+log = logging.getLogger(__name__)
+
+MIN_WINDOW = 256
+
+
+def process_rss() -> int:
+    """Return the resident memory of this process in bytes."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    """Return the size of the weight files of a Hugging Face checkpoint folder."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+
+
+class ModelTooLarge(RuntimeError):
+    """The memory budget cannot hold this model and one request."""
+
+
+@dataclass
+class LoadedModel:
+    """A model version in memory, with the window and memory capacity it was fitted to."""
+
+    record: ModelVersionRecord
+    model: Any
+    tokenizer: Any
+    window: int
+    """Context window: prompt plus completion tokens."""
+    shape: ModelShape
+    model_bytes: int
+    capacity_bytes: int
+    """Memory left for in-flight requests."""
+    eos_ids: frozenset[int]
+    loaded_at: float = field(default_factory=time.time)
+
+    def cost(self, total_tokens: int, chunk: int, all_logits: bool = False) -> int:
+        return self.shape.request_bytes(total_tokens, chunk, all_logits)
+
+
+def load_model(
+    record: ModelVersionRecord, folder: Path, limits: ServingLimits, runtime_bytes: int
+) -> LoadedModel:
+    """Load a checkpoint and fit its context window to the memory budget; raise ModelTooLarge if it cannot fit."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(folder))
+    shape = ModelShape.of(config)
+    model_bytes = checkpoint_bytes(folder)
+    budget = limits.memory_budget_mb * MIB
+    # Room for two models: during a swap the old one serves while the new one loads.
+    capacity = budget - runtime_bytes - 2 * model_bytes
+    native = int(getattr(config, "max_position_embeddings", 0) or 2048)
+    configured = min(native, limits.max_model_len or native)
+    window = fit_window(shape, configured, limits.prefill_chunk, capacity)
+    if window < min(MIN_WINDOW, configured):
+        need = (runtime_bytes + 2 * model_bytes + shape.request_bytes(MIN_WINDOW, limits.prefill_chunk, True)) // MIB
+        raise ModelTooLarge(
+            f"{record.label} needs about {need} MiB for the runtime, two copies of its {model_bytes // MIB} MiB of "
+            f"weights and one {MIN_WINDOW}-token request; the budget is {limits.memory_budget_mb} MiB "
+            "(raise NIGHTSHIFT_SERVE_MEMORY_MB)"
+        )
+    if window < configured:
+        log.warning("%s: context window limited to %d tokens (configured: %d) by the memory budget "
+                    "(NIGHTSHIFT_SERVE_MEMORY_MB)", record.label, window, configured)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    eos: set[int] = set()
+    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            eos.add(source)
+        elif source:
+            eos.update(int(t) for t in source)
+    return LoadedModel(
+        record=record, model=model, tokenizer=tokenizer, window=window, shape=shape, model_bytes=model_bytes,
+        capacity_bytes=max(0, capacity), eos_ids=frozenset(eos),
+    )
+
+
+class ChampionWatcher:
+    """Keeps the champion loaded and swaps in a new one when the registry alias moves.
+
+    Loading never blocks the server: it runs in the watcher's thread while the previous model (if any) keeps
+    answering. A version that fails to load is reported once through ``on_alert``, retried with back-off,
+    and leaves the previous model serving.
+    """
+
+    RETRY_FIRST_S = 60.0
+    RETRY_MAX_S = 900.0
+
+    def __init__(
+        self, registry, cache_dir: Path, limits: ServingLimits, poll_seconds: float = 5.0,
+        on_alert: Callable[[str, str, str], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.cache_dir = cache_dir
+        self.limits = limits
+        self.poll_seconds = poll_seconds
+        self.on_alert = on_alert
+        self.current: LoadedModel | None = None
+        self.detail: str | None = "starting"
+        self.loading: int | None = None
+        self.failures: dict[int, tuple[str, float, float]] = {}
+        """version -> (error, next attempt at, back-off)"""
+        self._runtime_bytes: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def state(self) -> str:
+        """``ready``, ``loading`` (first model), ``swapping`` (a new one loads), ``no_model`` or ``failed``."""
+        if self.loading is not None:
+            return "swapping" if self.current else "loading"
+        if self.current is not None:
+            return "ready"
+        return "failed" if self.failures else ("loading" if self.detail == "starting" else "no_model")
+
+    def refresh(self) -> bool:
+        """Load the champion if the alias points somewhere new; return True when the served model changed."""
+        try:
+            record = self.registry.champion()
+        except Exception as exc:  # the registry may be briefly unavailable; keep serving what we have
+            self.detail = f"registry unavailable: {type(exc).__name__}"
+            log.warning("registry unavailable, still serving %s: %s",
+                        self.current.record.label if self.current else "nothing", exc)
+            return False
+        if record is None:
+            self.detail = f"no model carries the alias {self.registry.alias!r} yet"
+            return False
+        if self.current and self.current.record.version == record.version:
+            self.detail = None
+            return False
+        failed = self.failures.get(record.version)
+        if failed and time.monotonic() < failed[1]:
+            return False
+        return self._load(record, failed)
+
+    def _load(self, record: ModelVersionRecord, failed: tuple[str, float, float] | None) -> bool:
+        import gc
+
+        if self._runtime_bytes is None:
+            self._runtime_bytes = process_rss()
+        self.loading = record.version
+        started = time.monotonic()
+        try:
+            folder = self.registry.download(record, self.cache_dir)
+            loaded = load_model(record, folder, self.limits, self._runtime_bytes)
+        except Exception as exc:
+            backoff = min(self.RETRY_MAX_S, failed[2] * 2) if failed else self.RETRY_FIRST_S
+            error = f"{type(exc).__name__}: {exc}"
+            self.failures[record.version] = (error, time.monotonic() + backoff, backoff)
+            serving = self.current.record.label if self.current else "nothing"
+            self.detail = f"{record.label} failed to load ({error}); serving {serving}"
+            log.error("could not load %s; still serving %s; next try in %.0fs", record.label, serving, backoff,
+                      exc_info=True)
+            if failed is None and self.on_alert:
+                self._alert(record, error, serving)
+            return False
+        finally:
+            self.loading = None
+        previous = self.current.record.label if self.current else "nothing"
+        self.current = loaded
+        self.failures.pop(record.version, None)
+        self.detail = None
+        gc.collect()
+        log.info("serving %s (was %s), loaded in %.1fs: window %d tokens, %d MiB of weights, %d MiB for requests",
+                 record.label, previous, time.monotonic() - started, loaded.window, loaded.model_bytes // MIB,
+                 loaded.capacity_bytes // MIB)
+        return True
+
+    def _alert(self, record: ModelVersionRecord, error: str, serving: str) -> None:
+        try:
+            self.on_alert(  # type: ignore[misc]
+                f"endpoint could not load {record.label}",
+                f"The champion alias points at {record.label}, which failed to load: {error}. "
+                f"The endpoint keeps serving {serving}.", "error",
+            )
+        except Exception:
+            log.exception("could not send the alert about %s", record.label)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="champion-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception:
+                log.exception("champion watcher error; still serving the previous model")
+            self._stop.wait(self.poll_seconds)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to continue one prompt."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None
+    """Alternatives to report per token (0: only the chosen token's); None: no log-probabilities."""
+    echo: bool = False
+    """Completions: return the prompt too, with its log-probabilities when ``logprobs`` is set."""
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float | None
+    top: list[tuple[str, float]]
+    offset: int
+    """Character offset of the token in the returned text."""
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    """``stop``, ``length``, ``cancelled`` (client gone) or ``timeout``."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_text: str = ""
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class Detokenizer:
+    """Turns token ids into text incrementally, holding back bytes that do not yet form a character."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text it completes (may be empty)."""
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            delta = full[len(prefix) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            self.text += delta
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """Return what is left undecoded at the end (possibly an incomplete character)."""
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        delta = full[len(prefix) :] if len(full) > len(prefix) else ""
+        self.prefix_offset = self.read_offset = len(self.ids)
+        self.text += delta
+        return delta
+
+
+def _stop_position(text: str, stops: tuple[str, ...], searched_from: int) -> int:
+    """Return where the earliest stop sequence starts in ``text`` (looking from ``searched_from``), or -1."""
+    found = [p for s in stops if (p := text.find(s, max(0, searched_from - len(s) + 1))) >= 0]
+    return min(found) if found else -1
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Return how many trailing characters could still become a stop sequence."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if s.startswith(text[-n:]):
+                longest = n
+                break
+    return longest
+
+
+class Stopped(Exception):
+    """Generation ended early: the client left or the deadline passed."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def generate(
+    loaded: LoadedModel, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event, deadline: float,
+    prefill_chunk: int = 512, on_delta: Callable[[str, list[TokenLogprob]], None] | None = None,
+) -> GenerationResult:
+    """Continue ``prompt_ids``; call ``on_delta(text, logprobs)`` as text becomes final; return the whole result."""
+    import torch
+    from transformers import DynamicCache, TemperatureLogitsWarper, TopPLogitsWarper
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    want_lp = params.logprobs is not None
+    top_k = params.logprobs or 0
+    score_prompt = params.echo and want_lp
+
+    def check() -> None:
+        if cancel.is_set():
+            raise Stopped("cancelled")
+        if time.monotonic() > deadline:
+            raise Stopped("timeout")
+
+    def entry(lp_row, token_id: int, offset: int) -> TokenLogprob:
+        top: list[tuple[str, float]] = []
+        if top_k:
+            values, indices = torch.topk(lp_row, top_k)
+            top = [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, indices, strict=True)]
+        return TokenLogprob(token_id, tokenizer.decode([token_id]), float(lp_row[token_id]), top, offset)
+
+    result = GenerationResult(token_ids=[], text="", finish_reason="length")
+    prompt_detok = Detokenizer(tokenizer)
+    prompt_offsets = []
+    if params.echo:
+        for token_id in prompt_ids:
+            prompt_offsets.append(len(prompt_detok.text))
+            prompt_detok.push(token_id)
+        prompt_detok.flush()
+        result.prompt_text = prompt_detok.text
+        if score_prompt:
+            result.prompt_logprobs.append(
+                TokenLogprob(prompt_ids[0], tokenizer.decode([prompt_ids[0]]), None, [], 0))
+
+    generator = torch.Generator().manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+    warpers = []
+    if params.temperature > 0:
+        if params.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(params.top_p))
+    bias = None
+    if params.logit_bias:
+        bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        bias = (bias_ids, torch.tensor(list(params.logit_bias.values()), dtype=torch.float32))
+    penalties = params.presence_penalty != 0 or params.frequency_penalty != 0
+    counts = torch.zeros(loaded.shape.vocab or 1, dtype=torch.float32) if penalties else None
+
+    detok = Detokenizer(tokenizer)
+    spans: list[tuple[TokenLogprob | None, int, int]] = []  # (logprob entry, text start, text end) per token
+    emitted = 0
+    cut_at_stop = False
+    try:
+        with torch.inference_mode():
+            cache = DynamicCache(config=model.config)
+            ids = torch.tensor([prompt_ids], dtype=torch.long)
+            logits = None
+            # With nothing to generate and no prompt log-probabilities asked for, the prompt needs no forward pass.
+            prefill_len = len(prompt_ids) if (params.max_tokens > 0 or score_prompt) else 0
+            for start in range(0, prefill_len, prefill_chunk):
+                check()
+                piece = ids[:, start : start + prefill_chunk]
+                out = model(input_ids=piece, past_key_values=cache, use_cache=True,
+                            logits_to_keep=0 if score_prompt else 1)
+                chunk_logits = out.logits[0].float()
+                if score_prompt:
+                    rows = torch.log_softmax(chunk_logits, dim=-1)
+                    for i in range(piece.shape[1]):
+                        target = start + i + 1
+                        if target < len(prompt_ids):
+                            result.prompt_logprobs.append(entry(rows[i], prompt_ids[target], prompt_offsets[target]))
+                logits = chunk_logits[-1]
+                del out, chunk_logits
+            for step in range(params.max_tokens):
+                check()
+                raw = logits
+                scores = raw.clone()
+                if bias is not None:
+                    scores[bias[0]] += bias[1]
+                if counts is not None:
+                    scores -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+                if params.temperature == 0:
+                    token = int(torch.argmax(scores))
+                else:
+                    warped = scores[None]
+                    for warper in warpers:
+                        warped = warper(None, warped)
+                    token = int(torch.multinomial(torch.softmax(warped[0], dim=-1), 1, generator=generator))
+                if token in loaded.eos_ids:
+                    result.finish_reason = "stop"
+                    break
+                result.token_ids.append(token)
+                if counts is not None:
+                    counts[token] += 1
+                before = len(detok.text)
+                detok.push(token)
+                lp = entry(torch.log_softmax(raw, dim=-1), token, before) if want_lp else None
+                spans.append((lp, before, len(detok.text)))
+                position = _stop_position(detok.text, params.stop, before) if params.stop else -1
+                if position >= 0:
+                    detok.text = detok.text[:position]
+                    result.finish_reason, cut_at_stop = "stop", True
+                    break
+                if on_delta is not None:
+                    safe = len(detok.text) - _held_back(detok.text, params.stop)
+                    if safe > emitted:
+                        on_delta(detok.text[emitted:safe], _spans_within(spans, emitted, safe))
+                        emitted = safe
+                if step == params.max_tokens - 1:
+                    break
+                out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+                logits = out.logits[0, -1].float()
+                del out
+            else:
+                result.finish_reason = "length"
+    except Stopped as stopped:
+        result.finish_reason = stopped.reason
+    if not cut_at_stop:
+        detok.flush()
+    result.text = detok.text
+    result.logprobs = [lp for lp, start, _ in spans if lp is not None and start < len(result.text)]
+    if on_delta is not None and len(result.text) > emitted:
+        on_delta(result.text[emitted:], _spans_within(spans, emitted, len(result.text)))
+    return result
+
+
+def _spans_within(spans, start: int, end: int) -> list[TokenLogprob]:
+    return [lp for lp, s, e in spans if lp is not None and s >= start and s < end]

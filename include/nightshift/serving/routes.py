@@ -1,0 +1,419 @@
+"""Route handlers: turn an OpenAI request into prompts and sampling parameters, admit it, run it, answer it.
+
+Every limit is checked before the model runs: options (protocol.check_supported), the model name, token
+ids, the context window, then a generation slot (limits.Admission). Generation runs in a worker thread; a
+client that disconnects or a request whose deadline passes stops it within one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from nightshift.serving.engine import ChampionWatcher, GenerationResult, LoadedModel, SamplingParams, TokenLogprob
+from nightshift.serving.engine import generate as run_generation
+from nightshift.serving.limits import Admission, ServingLimits, Ticket
+from nightshift.serving.protocol import MAX_PROMPTS, ChatRequest, CompletionRequest, OpenAIError, check_supported
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+
+@dataclass
+class Server:
+    """What the handlers share: the champion, the limits, the admission controller and the worker threads."""
+
+    watcher: ChampionWatcher
+    limits: ServingLimits
+    model_name: str
+    alias: str
+    admission: Admission | None = None
+    executor: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        self.admission = Admission(self.limits.max_concurrent, self.limits.max_queue)
+        self.executor = ThreadPoolExecutor(self.limits.max_concurrent, thread_name_prefix="generate")
+
+    def stop(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def accepted_names(self) -> set[str]:
+        return {self.model_name, f"{self.model_name}@{self.alias}", self.alias}
+
+    def model_for(self, requested: str) -> LoadedModel:
+        if requested not in self.accepted_names:
+            raise OpenAIError(404, f"The model `{requested[:100]}` does not exist; this endpoint serves "
+                              f"`{self.model_name}`.", param="model", code="model_not_found")
+        loaded = self.watcher.current
+        if loaded is None:
+            raise OpenAIError(503, f"No model is loaded yet ({self.watcher.state}): "
+                              f"{self.watcher.detail or 'the champion is loading'}.", code="model_not_ready",
+                              headers={"Retry-After": "5"})
+        return loaded
+
+
+def server_of(request: Request) -> Server:
+    return request.app.state.server
+
+
+def _note(request: Request, **values: Any) -> None:
+    """Record facts about the request for the access log (never its content)."""
+    request.scope.setdefault("state", {}).update(values)
+
+
+@router.get("/healthz")
+def healthz(request: Request) -> JSONResponse:
+    """Readiness: 200 only while a model is loaded and no swap is under way."""
+    server = server_of(request)
+    watcher = server.watcher
+    loaded = watcher.current
+    state = watcher.state
+    admission = server.admission
+    body = {
+        "status": state, "ready": state == "ready", "model": server.model_name,
+        "version": loaded.record.version if loaded else None,
+        "dataset": loaded.record.dataset_tag if loaded else None,
+        "window": loaded.window if loaded else None,
+        "loading": watcher.loading, "detail": watcher.detail,
+        "active": admission.active if admission else 0, "waiting": admission.waiting if admission else 0,
+    }
+    return JSONResponse(body, 200 if state == "ready" else 503)
+
+
+@router.get("/livez")
+def livez() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "alive"}
+
+
+@router.get("/v1/models")
+def models(request: Request) -> dict[str, Any]:
+    server = server_of(request)
+    loaded = server.watcher.current
+    data = []
+    if loaded:
+        data.append({
+            "id": server.model_name, "object": "model", "created": int(loaded.loaded_at), "owned_by": "nightshift",
+            "version": loaded.record.version, "alias": server.alias, "dataset": loaded.record.dataset_tag,
+            "max_model_len": loaded.window,
+        })
+    return {"object": "list", "data": data}
+
+
+def _chat_prompt(loaded: LoadedModel, req: ChatRequest) -> list[int]:
+    messages = []
+    for m in req.messages:
+        content = m.content if isinstance(m.content, str) or m.content is None else "".join(
+            part.text or "" for part in m.content)
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    return list(loaded.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def _completion_prompts(loaded: LoadedModel, req: CompletionRequest) -> list[list[int]]:
+    prompts = req.prompts()
+    if not prompts:
+        raise OpenAIError(400, "prompt is empty.", param="prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise OpenAIError(400, f"At most {MAX_PROMPTS} prompts per request, got {len(prompts)}.", param="prompt")
+    vocab = loaded.shape.vocab
+    out = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            if any(not 0 <= t < vocab for t in prompt):
+                raise OpenAIError(400, f"prompt contains token ids outside the vocabulary (0..{vocab - 1}).",
+                                  param="prompt", code="invalid_token_id")
+            ids = list(prompt)
+        if not ids:
+            raise OpenAIError(400, "prompt is empty.", param="prompt")
+        out.append(ids)
+    return out
+
+
+def _plan(server: Server, loaded: LoadedModel, prompts: list[list[int]], req, chat: bool) -> tuple[SamplingParams, int]:
+    """Check the context window and build the sampling parameters; return them with the request's memory cost."""
+    window = loaded.window
+    longest = max(len(p) for p in prompts)
+    what = "messages" if chat else "prompt"
+    requested = req.requested_max_tokens()
+    if chat and requested == 0:
+        raise OpenAIError(400, "max_tokens must be at least 1 for chat completions.", param="max_tokens")
+    if requested is not None and requested > window:
+        raise OpenAIError(
+            400, f"max_tokens is too large: {requested}. This model's maximum context length is {window} tokens "
+            f"and your request has {longest} input tokens ({requested} > {window} - {longest}).",
+            param="max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens",
+            code="context_length_exceeded")
+    if requested is None:
+        if longest >= window:
+            raise OpenAIError(
+                400, f"This model's maximum context length is {window} tokens. However, your {what} resulted in "
+                f"{longest} tokens. Please reduce the length of the {what}.", param=what,
+                code="context_length_exceeded")
+        max_tokens = min(server.limits.default_max_tokens, window - longest)
+    else:
+        max_tokens = requested
+        if longest + max_tokens > window:
+            raise OpenAIError(
+                400, f"This model's maximum context length is {window} tokens. However, you requested "
+                f"{longest + max_tokens} tokens ({longest} in the {what}, {max_tokens} in the completion). "
+                f"Please reduce the length of the {what} or completion.", param=what, code="context_length_exceeded")
+    bias = None
+    if req.logit_bias:
+        bias = {int(k): float(v) for k, v in req.logit_bias.items()}
+        if any(k >= loaded.shape.vocab for k in bias):
+            raise OpenAIError(400, f"logit_bias names token ids outside the vocabulary (0..{loaded.shape.vocab - 1}).",
+                              param="logit_bias")
+    if chat:
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        echo = False
+    else:
+        logprobs, echo = req.logprobs, req.echo
+    if not chat and max_tokens == 0 and not echo:
+        raise OpenAIError(400, "max_tokens 0 only makes sense with echo (to score the prompt).", param="max_tokens")
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=tuple(req.stops),
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, logit_bias=bias,
+        logprobs=logprobs, echo=echo,
+    )
+    scoring = echo and logprobs is not None
+    cost = loaded.cost(longest + max_tokens, server.limits.prefill_chunk, all_logits=scoring)
+    return params, cost
+
+
+async def _admit(request: Request, server: Server, loaded: LoadedModel, cost: int, deadline: float) -> Ticket:
+    assert server.admission is not None
+    ticket = await server.admission.acquire(cost, loaded.capacity_bytes, deadline)
+    _note(request, waited_s=round(time.monotonic() - request.scope["state"]["started"], 3))
+    return ticket
+
+
+def _start(server: Server, loaded: LoadedModel, prompts, params, cancel, deadline, ticket, on_delta=None):
+    """Run the prompts one after another in a worker thread; release the slot when the thread is done."""
+    loop = asyncio.get_running_loop()
+
+    def work() -> list[GenerationResult]:
+        results = []
+        for index, prompt in enumerate(prompts):
+            delta = (lambda text, lps, i=index: on_delta(i, text, lps)) if on_delta else None
+            results.append(run_generation(loaded, prompt, params, cancel, deadline, server.limits.prefill_chunk, delta))
+            if cancel.is_set():
+                break
+        return results
+
+    future = loop.run_in_executor(server.executor, work)
+    future.add_done_callback(lambda _f: ticket.release())
+    return future
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, req: ChatRequest):
+    server = server_of(request)
+    check_supported(req)
+    loaded = server.model_for(req.model)
+    prompt = await run_in_threadpool(_chat_prompt, loaded, req)
+    return await _serve(request, server, loaded, [prompt], req, chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, req: CompletionRequest):
+    server = server_of(request)
+    check_supported(req)
+    loaded = server.model_for(req.model)
+    prompts = await run_in_threadpool(_completion_prompts, loaded, req)
+    return await _serve(request, server, loaded, prompts, req, chat=False)
+
+
+async def _serve(request: Request, server: Server, loaded: LoadedModel, prompts, req, chat: bool):
+    params, cost = _plan(server, loaded, prompts, req, chat)
+    deadline = request.scope["state"]["started"] + server.limits.request_timeout_s
+    version = loaded.record.version
+    rid = ("chatcmpl-" if chat else "cmpl-") + request.scope["state"]["request_id"]
+    _note(request, response_id=rid, model_version=version, prompt_tokens=sum(len(p) for p in prompts))
+    ticket = await _admit(request, server, loaded, cost, deadline)
+    cancel = threading.Event()
+    headers = {"X-Nightshift-Model-Version": str(version)}
+    answer = Answer(server.model_name, rid, int(time.time()), f"v{version}", chat)
+    if req.stream:
+        return StreamingResponse(_stream(request, server, loaded, prompts, params, cancel, deadline, ticket, answer,
+                                         req.include_usage), media_type="text/event-stream", headers=headers)
+    try:
+        future = _start(server, loaded, prompts, params, cancel, deadline, ticket)
+    except BaseException:
+        ticket.release()
+        raise
+    try:
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=0.25)
+            if done:
+                break
+            if await request.is_disconnected():
+                cancel.set()
+        results = future.result()
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
+    finish = [r.finish_reason for r in results]
+    _note(request, completion_tokens=sum(len(r.token_ids) for r in results), finish=",".join(finish))
+    if "timeout" in finish:
+        raise OpenAIError(504, f"Generation timed out after {server.limits.request_timeout_s:.0f} s "
+                          "(NIGHTSHIFT_SERVE_TIMEOUT_S); ask for fewer tokens or retry later.", code="timeout")
+    if "cancelled" in finish:
+        raise OpenAIError(499, "The client closed the request.", code="client_closed_request")
+    return JSONResponse(answer.body(results, prompts, params.logprobs is not None), headers=headers)
+
+
+@dataclass
+class Answer:
+    """Builds the OpenAI response objects of one request."""
+
+    model: str
+    id: str
+    created: int
+    fingerprint: str
+    chat: bool
+
+    def _envelope(self, kind: str) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "system_fingerprint": self.fingerprint}
+
+    def body(self, results: list[GenerationResult], prompts: list[list[int]], logprobs: bool) -> dict[str, Any]:
+        prompt_tokens = sum(len(p) for p in prompts)
+        completion_tokens = sum(len(r.token_ids) for r in results)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        if self.chat:
+            r = results[0]
+            choice = {"index": 0, "message": {"role": "assistant", "content": r.text, "refusal": None},
+                      "logprobs": _chat_logprobs(r.logprobs) if logprobs else None,
+                      "finish_reason": r.finish_reason}
+            return {**self._envelope("chat.completion"), "choices": [choice], "usage": usage}
+        choices = []
+        for i, r in enumerate(results):
+            text = (r.prompt_text if r.prompt_text else "") + r.text
+            choices.append({"index": i, "text": text, "logprobs": _completion_logprobs(r), "finish_reason":
+                            r.finish_reason})
+        return {**self._envelope("text_completion"), "choices": choices, "usage": usage}
+
+    def chunk(self, index: int, text: str | None, finish: str | None, logprobs: list[TokenLogprob] | None,
+              first: bool = False) -> str:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta, "logprobs": _chat_logprobs(logprobs) if logprobs else None,
+                      "finish_reason": finish}
+            body = {**self._envelope("chat.completion.chunk"), "choices": [choice]}
+        else:
+            lp = None
+            if logprobs:
+                lp = {"tokens": [t.token for t in logprobs], "token_logprobs": [t.logprob for t in logprobs],
+                      "top_logprobs": [{**dict(t.top), t.token: t.logprob} for t in logprobs],
+                      "text_offset": [t.offset for t in logprobs]}
+            choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish}
+            body = {**self._envelope("text_completion"), "choices": [choice]}
+        return f"data: {json.dumps(body)}\n\n"
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> str:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        body = {**self._envelope(kind), "choices": [], "usage": {
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}}
+        return f"data: {json.dumps(body)}\n\n"
+
+
+def _chat_logprobs(logprobs: list[TokenLogprob]) -> dict[str, Any]:
+    def item(token: str, logprob: float | None) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [{**item(t.token, t.logprob), "top_logprobs": [item(tok, lp) for tok, lp in t.top]}
+                        for t in logprobs], "refusal": None}
+
+
+def _completion_logprobs(r: GenerationResult) -> dict[str, Any] | None:
+    entries = list(r.prompt_logprobs) if r.prompt_text else []
+    if not entries and not r.logprobs:
+        return None
+    shift = len(r.prompt_text)
+    generated = [TokenLogprob(t.token_id, t.token, t.logprob, t.top, t.offset + shift) for t in r.logprobs]
+    entries += generated
+    return {
+        "tokens": [t.token for t in entries],
+        "token_logprobs": [t.logprob for t in entries],
+        # The chosen token is listed among the alternatives too, as vLLM does.
+        "top_logprobs": [None if t.logprob is None else {**dict(t.top), t.token: t.logprob} for t in entries],
+        "text_offset": [t.offset for t in entries],
+    }
+
+
+async def _stream(request: Request, server: Server, loaded: LoadedModel, prompts, params: SamplingParams,
+                  cancel: threading.Event, deadline: float, ticket: Ticket, answer: Answer,
+                  include_usage: bool) -> AsyncIterator[str]:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def on_delta(index: int, text: str, logprobs: list[TokenLogprob]) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, ("delta", index, text, logprobs))
+
+    try:
+        future = _start(server, loaded, prompts, params, cancel, deadline, ticket, on_delta)
+    except BaseException:
+        ticket.release()
+        raise
+    future.add_done_callback(lambda _f: queue.put_nowait(("end", 0, "", [])))
+    completion_tokens = 0
+    try:
+        if answer.chat:
+            yield answer.chunk(0, None, None, None, first=True)
+        elif params.echo:
+            for i, prompt in enumerate(prompts):
+                yield answer.chunk(i, loaded.tokenizer.decode(prompt, skip_special_tokens=True), None, None)
+        while True:
+            kind, index, text, logprobs = await queue.get()
+            if kind == "end":
+                break
+            yield answer.chunk(index, text, None, logprobs if params.logprobs is not None else None)
+        try:
+            results = future.result()
+        except Exception as exc:
+            log.exception("generation failed for %s", answer.id)
+            error = {"error": {"message": f"generation failed: {type(exc).__name__}", "type": "server_error",
+                               "param": None, "code": None}}
+            yield f"data: {json.dumps(error)}\n\n"
+            yield "data: [DONE]\n\n"
+            _note(request, finish="error")
+            return
+        completion_tokens = sum(len(r.token_ids) for r in results)
+        finish = [r.finish_reason for r in results]
+        _note(request, completion_tokens=completion_tokens, finish=",".join(finish))
+        for i, r in enumerate(results):
+            if r.finish_reason == "timeout":
+                error = {"error": {"message": f"Generation timed out after {server.limits.request_timeout_s:.0f} s.",
+                                   "type": "server_error", "param": None, "code": "timeout"}}
+                yield f"data: {json.dumps(error)}\n\n"
+            else:
+                yield answer.chunk(i, None, r.finish_reason, None)
+        if include_usage:
+            yield answer.usage_chunk(sum(len(p) for p in prompts), completion_tokens)
+        yield "data: [DONE]\n\n"
+    finally:
+        # The client is gone (the response was cancelled) or the answer is complete: stop the worker either way.
+        cancel.set()
+        if not future.done():
+            _note(request, finish="cancelled")

@@ -1,0 +1,247 @@
+"""Hostile requests against a real `nightshift serve` process serving SmolLM2-135M (8,192-token window).
+
+After each one an ordinary request must succeed, and the server's peak resident memory must stay within
+its configured budget. Keys come from all three places a deployment uses: the key file (created with the
+CLI), NIGHTSHIFT_API_KEYS (as a hash) and the Airflow connection `nightshift_serving`.
+"""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from helpers import ServeProcess, publish, wait_for
+from nightshift.registry.mlflow_registry import ModelRegistry
+from nightshift.serving.keys import key_hash, new_key
+
+pytestmark = pytest.mark.e2e
+
+BUDGET_MB = 3072
+TIMEOUT_S = 15
+EOS = 2  # SmolLM2's <|im_end|>; a bias of -100 keeps the model talking
+
+
+@pytest.fixture(scope="module")
+def server(smollm2, tmp_path_factory):
+    home = tmp_path_factory.mktemp("hostile")
+    registry = ModelRegistry(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}", "nightshift-llm",
+                             (home / "mlflow" / "artifacts").as_uri())
+    (home / "mlflow").mkdir()
+    publish(registry, smollm2, "smollm2")
+    env = {"NIGHTSHIFT_HOME": str(home)}
+    created = subprocess.run([sys.executable, "-m", "nightshift.cli", "keys", "create", "--name", "hostile"],
+                             env={**os.environ, **env}, capture_output=True, text=True, check=True)
+    cli_key = created.stdout.strip().splitlines()[-1]
+    env_key, conn_key = new_key(), new_key()
+    env.update({
+        "NIGHTSHIFT_SERVE_MEMORY_MB": str(BUDGET_MB), "NIGHTSHIFT_SERVE_MAX_CONCURRENT": "2",
+        "NIGHTSHIFT_SERVE_MAX_QUEUE": "2", "NIGHTSHIFT_SERVE_TIMEOUT_S": str(TIMEOUT_S),
+        "NIGHTSHIFT_API_KEYS": key_hash(env_key),
+        "AIRFLOW_CONN_NIGHTSHIFT_SERVING": json.dumps({"conn_type": "generic", "password": conn_key}),
+    })
+    with ServeProcess(home, env) as process:
+        process.keys = {"cli": cli_key, "env": env_key, "conn": conn_key}
+        process.tokenizer_dir = smollm2
+        yield process
+        print(f"\nserver peak memory {process.peak_rss_mb():.0f} MiB (budget {BUDGET_MB} MiB)")
+
+
+def headers(server, which="cli"):
+    return {"Authorization": f"Bearer {server.keys[which]}"}
+
+
+def chat(server, content="When is the observatory open?", **extra):
+    body = {"model": "nightshift-llm", "messages": [{"role": "user", "content": content}], **extra}
+    return httpx.post(f"{server.url}/v1/chat/completions", headers=headers(server), json=body, timeout=120)
+
+
+def ordinary(server):
+    """The next ordinary request is answered."""
+    r = chat(server, max_tokens=4, temperature=0)
+    assert r.status_code == 200, r.text
+    assert r.json()["system_fingerprint"] == "v1" and r.headers["x-request-id"]
+    assert server.process.poll() is None
+
+
+def error(r, status):
+    assert r.status_code == status, r.text
+    body = r.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    return body
+
+
+def test_every_configured_key_works_and_others_are_refused(server):
+    for which in ("cli", "env", "conn"):
+        r = httpx.get(f"{server.url}/v1/models", headers=headers(server, which))
+        assert r.status_code == 200 and r.json()["data"][0]["max_model_len"] == 8192
+    error(httpx.get(f"{server.url}/v1/models"), 401)
+    error(httpx.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {new_key()}"},
+                     json={"model": "nightshift-llm", "messages": []}), 401)
+    error(httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Basic YWRtaW46YWRtaW4="}), 401)
+    ordinary(server)
+
+
+def test_oversized_bodies_are_refused_before_parsing(server):
+    big = json.dumps({"model": "nightshift-llm", "messages": [{"role": "user", "content": "a" * 8_000_000}]})
+    body = error(httpx.post(f"{server.url}/v1/chat/completions", headers={**headers(server),
+                 "Content-Type": "application/json"}, content=big, timeout=60), 413)
+    assert body["code"] == "request_too_large" and "1048576" in body["message"]
+
+    def chunked():
+        for _ in range(40):
+            yield b"x" * 65536
+
+    error(httpx.post(f"{server.url}/v1/completions", headers=headers(server), content=chunked(), timeout=60), 413)
+    ordinary(server)
+
+
+def test_a_prompt_over_the_window_is_refused_with_both_numbers(server):
+    body = error(chat(server, "word " * 40_000), 400)
+    assert body["code"] == "context_length_exceeded" and body["param"] == "messages"
+    assert "8192" in body["message"] and "40" in body["message"]
+    body = error(chat(server, "word " * 8_000, max_tokens=500), 400)
+    assert "8192" in body["message"] and "500 in the completion" in body["message"]
+    ordinary(server)
+
+
+def test_huge_max_tokens_is_refused(server):
+    body = error(chat(server, max_tokens=10**9), 400)
+    assert body["param"] == "max_tokens" and "1000000000" in body["message"]
+    error(chat(server, max_completion_tokens=10**12), 400)
+    ordinary(server)
+
+
+def test_malformed_and_mistyped_requests_get_400s_that_name_the_parameter(server):
+    url = f"{server.url}/v1/chat/completions"
+    error(httpx.post(url, headers={**headers(server), "Content-Type": "application/json"},
+                     content=b'{"model": "nightshift-llm", "messages": [}'), 400)
+    error(httpx.post(url, headers=headers(server), content=b"\xff\xfe not json at all"), 400)
+    assert error(chat(server, max_tokens="lots"), 400)["param"] == "max_tokens"
+    assert error(chat(server, temperature="hot"), 400)["param"] == "temperature"
+    assert error(chat(server, temperature=7), 400)["param"] == "temperature"
+    nested = "[" * 5000 + "]" * 5000
+    error(httpx.post(url, headers={**headers(server), "Content-Type": "application/json"},
+                     content=f'{{"model": "nightshift-llm", "messages": {nested}}}'.encode()), 400)
+    r = httpx.post(url, headers=headers(server), json={"model": "nightshift-llm", "messages": "hi"})
+    assert error(r, 400)["param"].startswith("messages")
+    ordinary(server)
+
+
+def test_unknown_model_and_unsupported_options(server):
+    assert error(chat(server, model="gpt-4o"), 404)["code"] == "model_not_found"
+    body = error(chat(server, n=3, tools=[{"type": "function", "function": {"name": "f"}}]), 400)
+    assert "n, tools" in body["message"]
+    assert "stream_optionz" in error(chat(server, stream_optionz={}), 400)["message"]
+    ordinary(server)
+
+
+def test_a_burst_above_the_bound_gets_429s_with_retry_after_and_no_errors(server):
+    async def one(client):
+        return await client.post(f"{server.url}/v1/completions", headers=headers(server), json={
+            "model": "nightshift-llm", "prompt": "Once upon a time", "max_tokens": 40, "logit_bias": {str(EOS): -100},
+        })
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(one(client) for _ in range(10)))
+
+    answers = asyncio.run(burst())
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [200] * 4 + [429] * 6, codes  # 2 running + 2 queued
+    for r in answers:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "server_busy"
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 40
+    ordinary(server)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot_at_once(server):
+    started = time.monotonic()
+    with httpx.stream("POST", f"{server.url}/v1/completions", headers=headers(server), timeout=60, json={
+        "model": "nightshift-llm", "prompt": "Once upon a time", "max_tokens": 4000, "stream": True,
+        "logit_bias": {str(EOS): -100},
+    }) as r:
+        assert r.status_code == 200
+        events = 0
+        for line in r.iter_lines():
+            events += line.startswith("data:")
+            if events == 3:
+                break
+    wait_for(lambda: httpx.get(f"{server.url}/healthz").json()["active"] == 0, 5, "the slot to be freed")
+    assert time.monotonic() - started < 10  # 4,000 tokens would take minutes
+    ordinary(server)
+
+
+def test_a_client_that_gives_up_on_a_plain_request_frees_its_slot_too(server):
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", headers=headers(server), timeout=httpx.Timeout(30, read=1.0),
+                   json={"model": "nightshift-llm", "prompt": "Once upon a time", "max_tokens": 4000,
+                         "logit_bias": {str(EOS): -100}})
+    wait_for(lambda: httpx.get(f"{server.url}/healthz").json()["active"] == 0, 5, "the slot to be freed")
+    assert time.monotonic() - started < 10
+    ordinary(server)
+
+
+def test_a_stop_sequence_ends_a_stream_and_frees_the_slot(server):
+    from transformers import AutoTokenizer
+
+    x = AutoTokenizer.from_pretrained(server.tokenizer_dir)(" X", add_special_tokens=False)["input_ids"][0]
+    started = time.monotonic()
+    r = httpx.post(f"{server.url}/v1/completions", headers=headers(server), timeout=60, json={
+        "model": "nightshift-llm", "prompt": "Hi", "max_tokens": 4000, "stream": True, "stop": [" X X X"],
+        "logit_bias": {str(x): 100},
+    })
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    assert "".join(e["choices"][0]["text"] for e in events) == ""  # " X X" was held back, then cut
+    assert time.monotonic() - started < 10
+    assert httpx.get(f"{server.url}/healthz").json()["active"] == 0
+    ordinary(server)
+
+
+def test_a_request_past_its_timeout_is_stopped(server):
+    started = time.monotonic()
+    r = httpx.post(f"{server.url}/v1/completions", headers=headers(server), timeout=120, json={
+        "model": "nightshift-llm", "prompt": "Once upon a time", "max_tokens": 8000, "logit_bias": {str(EOS): -100},
+    })
+    assert error(r, 504)["code"] == "timeout"
+    assert TIMEOUT_S - 1 < time.monotonic() - started < TIMEOUT_S + 10
+    ordinary(server)
+
+
+def test_long_requests_wait_for_memory_and_the_process_stays_within_its_budget(server):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(server.tokenizer_dir)
+    x = tokenizer(" X", add_special_tokens=False)["input_ids"][0]
+    prompt = ("The observatory opens at dusk and closes at midnight. " * 400)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][:2000]
+    body = {"model": "nightshift-llm", "prompt": ids, "max_tokens": 6000, "stop": ["X"],
+            "logit_bias": {str(x): 100}}
+
+    async def both():
+        async with httpx.AsyncClient(timeout=180) as client:
+            first = asyncio.create_task(client.post(f"{server.url}/v1/completions", headers=headers(server),
+                                                    json=body))
+            second = asyncio.create_task(client.post(f"{server.url}/v1/completions", headers=headers(server),
+                                                     json=body))
+            seen = []
+            while not (first.done() and second.done()):
+                health = (await client.get(f"{server.url}/healthz")).json()
+                seen.append((health["active"], health["waiting"]))
+                await asyncio.sleep(0.2)
+            return await first, await second, seen
+
+    first, second, seen = asyncio.run(both())
+    assert first.status_code == second.status_code == 200, (first.text, second.text)
+    # Two slots, but memory for one request of 8,000 tokens (prompt and completion) at a time: the second waited.
+    assert (1, 1) in seen and max(active for active, _ in seen) == 1
+    ordinary(server)
+    assert server.peak_rss_mb() < BUDGET_MB
