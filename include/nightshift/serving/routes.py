@@ -250,14 +250,23 @@ async def _serve(request: Request, server: Server, loaded: LoadedModel, prompts,
     cancel = threading.Event()
     headers = {"X-Nightshift-Model-Version": str(version)}
     answer = Answer(server.model_name, rid, int(time.time()), f"v{version}", chat)
-    if req.stream:
-        return StreamingResponse(_stream(request, server, loaded, prompts, params, cancel, deadline, ticket, answer,
-                                         req.include_usage), media_type="text/event-stream", headers=headers)
+    queue: asyncio.Queue | None = asyncio.Queue() if req.stream else None
+    on_delta = None
+    if queue is not None:
+        loop = asyncio.get_running_loop()
+
+        def on_delta(index: int, text: str, logprobs: list[TokenLogprob]) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ("delta", index, text, logprobs))
+
     try:
-        future = _start(server, loaded, prompts, params, cancel, deadline, ticket)
+        future = _start(server, loaded, prompts, params, cancel, deadline, ticket, on_delta)
     except BaseException:
         ticket.release()
         raise
+    if queue is not None:
+        future.add_done_callback(lambda _f: queue.put_nowait(("end", 0, "", [])))
+        events = _stream(request, server, loaded, prompts, params, future, queue, answer, req.include_usage)
+        return CancellingStream(events, cancel, media_type="text/event-stream", headers=headers)
     try:
         while True:
             done, _ = await asyncio.wait({future}, timeout=0.25)
@@ -362,58 +371,53 @@ def _completion_logprobs(r: GenerationResult) -> dict[str, Any] | None:
     }
 
 
-async def _stream(request: Request, server: Server, loaded: LoadedModel, prompts, params: SamplingParams,
-                  cancel: threading.Event, deadline: float, ticket: Ticket, answer: Answer,
-                  include_usage: bool) -> AsyncIterator[str]:
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+class CancellingStream(StreamingResponse):
+    """A streamed answer that stops its generation however the response ends: complete, failed or disconnected."""
 
-    def on_delta(index: int, text: str, logprobs: list[TokenLogprob]) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, ("delta", index, text, logprobs))
+    def __init__(self, content, cancel: threading.Event, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.cancel = cancel
 
-    try:
-        future = _start(server, loaded, prompts, params, cancel, deadline, ticket, on_delta)
-    except BaseException:
-        ticket.release()
-        raise
-    future.add_done_callback(lambda _f: queue.put_nowait(("end", 0, "", [])))
-    completion_tokens = 0
-    try:
-        if answer.chat:
-            yield answer.chunk(0, None, None, None, first=True)
-        elif params.echo:
-            for i, prompt in enumerate(prompts):
-                yield answer.chunk(i, loaded.tokenizer.decode(prompt, skip_special_tokens=True), None, None)
-        while True:
-            kind, index, text, logprobs = await queue.get()
-            if kind == "end":
-                break
-            yield answer.chunk(index, text, None, logprobs if params.logprobs is not None else None)
+    async def __call__(self, scope, receive, send) -> None:
         try:
-            results = future.result()
-        except Exception as exc:
-            log.exception("generation failed for %s", answer.id)
-            error = {"error": {"message": f"generation failed: {type(exc).__name__}", "type": "server_error",
-                               "param": None, "code": None}}
-            yield f"data: {json.dumps(error)}\n\n"
-            yield "data: [DONE]\n\n"
-            _note(request, finish="error")
-            return
-        completion_tokens = sum(len(r.token_ids) for r in results)
-        finish = [r.finish_reason for r in results]
-        _note(request, completion_tokens=completion_tokens, finish=",".join(finish))
-        for i, r in enumerate(results):
-            if r.finish_reason == "timeout":
-                error = {"error": {"message": f"Generation timed out after {server.limits.request_timeout_s:.0f} s.",
-                                   "type": "server_error", "param": None, "code": "timeout"}}
-                yield f"data: {json.dumps(error)}\n\n"
-            else:
-                yield answer.chunk(i, None, r.finish_reason, None)
-        if include_usage:
-            yield answer.usage_chunk(sum(len(p) for p in prompts), completion_tokens)
+            await super().__call__(scope, receive, send)
+        finally:
+            self.cancel.set()
+
+
+async def _stream(request: Request, server: Server, loaded: LoadedModel, prompts, params: SamplingParams,
+                  future: asyncio.Future, queue: asyncio.Queue, answer: Answer,
+                  include_usage: bool) -> AsyncIterator[str]:
+    if answer.chat:
+        yield answer.chunk(0, None, None, None, first=True)
+    elif params.echo:
+        for i, prompt in enumerate(prompts):
+            yield answer.chunk(i, loaded.tokenizer.decode(prompt, skip_special_tokens=True), None, None)
+    while True:
+        kind, index, text, logprobs = await queue.get()
+        if kind == "end":
+            break
+        yield answer.chunk(index, text, None, logprobs if params.logprobs is not None else None)
+    try:
+        results = future.result()
+    except Exception as exc:
+        log.exception("generation failed for %s", answer.id)
+        yield _event_error(f"generation failed: {type(exc).__name__}", None)
         yield "data: [DONE]\n\n"
-    finally:
-        # The client is gone (the response was cancelled) or the answer is complete: stop the worker either way.
-        cancel.set()
-        if not future.done():
-            _note(request, finish="cancelled")
+        _note(request, finish="error")
+        return
+    completion_tokens = sum(len(r.token_ids) for r in results)
+    _note(request, completion_tokens=completion_tokens, finish=",".join(r.finish_reason for r in results))
+    for i, r in enumerate(results):
+        if r.finish_reason == "timeout":
+            yield _event_error(f"Generation timed out after {server.limits.request_timeout_s:.0f} s.", "timeout")
+        else:
+            yield answer.chunk(i, None, r.finish_reason, None)
+    if include_usage:
+        yield answer.usage_chunk(sum(len(p) for p in prompts), completion_tokens)
+    yield "data: [DONE]\n\n"
+
+
+def _event_error(message: str, code: str | None) -> str:
+    body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+    return f"data: {json.dumps(body)}\n\n"
