@@ -44,24 +44,23 @@ def _env_json(name: str, default):
         raise ValueError(f"{name} must be JSON, got {raw!r}: {exc}") from exc
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default, parse=int):
     raw = os.environ.get(name)
     if not raw:
         return default
     try:
-        return int(raw)
+        return parse(raw)
     except ValueError as exc:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+        kind = "an integer" if parse is int else "a number"
+        raise ValueError(f"{name} must be {kind}, got {raw!r}") from exc
+
+
+def _env_int(name: str, default: int) -> int:
+    return _env_number(name, default, int)
 
 
 def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+    return _env_number(name, default, float)
 
 
 def _env_bool(name: str, default: bool) -> bool:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from nightshift.serving.protocol import error_body
+from nightshift.serving.protocol import send_error
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class ApiKeyMiddleware:
             return
         presented = _bearer(scope)
         if presented is None:
-            await self._refuse(scope, send, "Missing API key: send it as `Authorization: Bearer ns-...`. "
+            await self._refuse(send, "Missing API key: send it as `Authorization: Bearer ns-...`. "
                                "Create one with `nightshift keys create`.")
             return
         key_id = self.keyring.identify(presented)
@@ -221,22 +221,13 @@ class ApiKeyMiddleware:
             message = ("Incorrect API key provided." if len(self.keyring) else
                        "Incorrect API key provided: this endpoint has no keys configured; create one with "
                        "`nightshift keys create`.")
-            await self._refuse(scope, send, message)
+            await self._refuse(send, message)
             return
         scope.setdefault("state", {})["key_id"] = key_id
         await self.app(scope, receive, send)
 
-    async def _refuse(self, scope, send, message: str) -> None:
-        from starlette.responses import JSONResponse
-
-        response = JSONResponse(error_body(message, "authentication_error", None, "invalid_api_key"), 401,
-                                headers={"WWW-Authenticate": "Bearer"})
-        scope.setdefault("state", {})["key_id"] = None
-        await response(scope, _disconnected, send)
-
-
-async def _disconnected():
-    return {"type": "http.disconnect"}
+    async def _refuse(self, send, message: str) -> None:
+        await send_error(send, 401, message, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
 
 def _bearer(scope) -> str | None:

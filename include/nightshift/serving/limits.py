@@ -13,7 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from nightshift.serving.protocol import OpenAIError, error_body
+from nightshift.serving.protocol import OpenAIError, send_error
 
 MIB = 1024 * 1024
 
@@ -134,7 +134,7 @@ class BodyLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.drain_bytes:
-            await self._refuse(scope, send, declared)
+            await self._refuse(send, declared)
             return
         body = bytearray()
         seen = 0
@@ -151,7 +151,7 @@ class BodyLimitMiddleware:
                 break
             more = message.get("more_body", False)
         if seen > self.max_bytes:
-            await self._refuse(scope, send, seen)
+            await self._refuse(send, seen)
             return
 
         replayed = False
@@ -165,18 +165,10 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope, send, size: int) -> None:
-        from starlette.responses import JSONResponse
-
+    async def _refuse(self, send, size: int) -> None:
         message = (f"Request body too large: {size} bytes; this endpoint accepts at most {self.max_bytes} bytes "
                    "(NIGHTSHIFT_SERVE_MAX_BODY_BYTES).")
-        response = JSONResponse(error_body(message, "invalid_request_error", None, "request_too_large"), 413,
-                                headers={"Connection": "close"})
-        await response(scope, _no_receive, send)
-
-
-async def _no_receive():
-    return {"type": "http.disconnect"}
+        await send_error(send, 413, message, "request_too_large", {"Connection": "close"})
 
 
 def _content_length(scope) -> int | None:

@@ -49,6 +49,18 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+async def send_error(send, status: int, message: str, code: str | None, headers: dict[str, str]) -> None:
+    """Answer from an ASGI middleware, before the application has seen the request."""
+    from starlette.responses import JSONResponse
+
+    response = JSONResponse(error_body(message, error_type(status), None, code), status, headers=headers)
+    await response({"type": "http"}, _disconnected, send)
+
+
+async def _disconnected() -> dict[str, str]:
+    return {"type": "http.disconnect"}
+
+
 class _Request(BaseModel):
     # Unknown fields are kept so that check_supported can name them in its refusal.
     model_config = ConfigDict(extra="allow")
