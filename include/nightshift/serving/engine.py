@@ -310,6 +310,53 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return longest
 
 
+class Sampler:
+    """Chooses the next token: logit bias, OpenAI's presence and frequency penalties, temperature, top-p.
+
+    Each request has its own seeded ``torch.Generator``, so concurrent requests never share random state.
+    """
+
+    def __init__(self, params: SamplingParams, vocab: int) -> None:
+        import torch
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.params = params
+        self.generator = torch.Generator().manual_seed(
+            params.seed if params.seed is not None else secrets.randbits(63))
+        self.warpers = []
+        if params.temperature > 0 and params.temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(params.temperature))
+        if params.temperature > 0 and params.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(params.top_p))
+        self.bias = None
+        if params.logit_bias:
+            self.bias = (torch.tensor(list(params.logit_bias), dtype=torch.long),
+                         torch.tensor(list(params.logit_bias.values()), dtype=torch.float32))
+        penalties = params.presence_penalty != 0 or params.frequency_penalty != 0
+        self.counts = torch.zeros(vocab or 1, dtype=torch.float32) if penalties else None
+
+    def choose(self, logits) -> int:
+        """Return the next token for these raw logits, and remember it for the penalties."""
+        import torch
+
+        p = self.params
+        scores = logits.clone()
+        if self.bias is not None:
+            scores[self.bias[0]] += self.bias[1]
+        if self.counts is not None:
+            scores -= p.frequency_penalty * self.counts + p.presence_penalty * (self.counts > 0).float()
+        if p.temperature == 0:
+            token = int(torch.argmax(scores))
+        else:
+            warped = scores[None]
+            for warper in self.warpers:
+                warped = warper(None, warped)
+            token = int(torch.multinomial(torch.softmax(warped[0], dim=-1), 1, generator=self.generator))
+        if self.counts is not None:
+            self.counts[token] += 1
+        return token
+
+
 class Stopped(Exception):
     """Generation ended early: the client left or the deadline passed."""
 
@@ -324,7 +371,7 @@ def generate(
 ) -> GenerationResult:
     """Continue ``prompt_ids``; call ``on_delta(text, logprobs)`` as text becomes final; return the whole result."""
     import torch
-    from transformers import DynamicCache, TemperatureLogitsWarper, TopPLogitsWarper
+    from transformers import DynamicCache
 
     model, tokenizer = loaded.model, loaded.tokenizer
     want_lp = params.logprobs is not None
@@ -357,20 +404,7 @@ def generate(
             result.prompt_logprobs.append(
                 TokenLogprob(prompt_ids[0], tokenizer.decode([prompt_ids[0]]), None, [], 0))
 
-    generator = torch.Generator().manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-    warpers = []
-    if params.temperature > 0:
-        if params.temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(params.temperature))
-        if params.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(params.top_p))
-    bias = None
-    if params.logit_bias:
-        bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
-        bias = (bias_ids, torch.tensor(list(params.logit_bias.values()), dtype=torch.float32))
-    penalties = params.presence_penalty != 0 or params.frequency_penalty != 0
-    counts = torch.zeros(loaded.shape.vocab or 1, dtype=torch.float32) if penalties else None
-
+    sampler = Sampler(params, loaded.shape.vocab)
     detok = Detokenizer(tokenizer)
     spans: list[tuple[TokenLogprob | None, int, int]] = []  # (logprob entry, text start, text end) per token
     emitted = 0
@@ -399,24 +433,11 @@ def generate(
             for step in range(params.max_tokens):
                 check()
                 raw = logits
-                scores = raw.clone()
-                if bias is not None:
-                    scores[bias[0]] += bias[1]
-                if counts is not None:
-                    scores -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
-                if params.temperature == 0:
-                    token = int(torch.argmax(scores))
-                else:
-                    warped = scores[None]
-                    for warper in warpers:
-                        warped = warper(None, warped)
-                    token = int(torch.multinomial(torch.softmax(warped[0], dim=-1), 1, generator=generator))
+                token = sampler.choose(raw)
                 if token in loaded.eos_ids:
                     result.finish_reason = "stop"
                     break
                 result.token_ids.append(token)
-                if counts is not None:
-                    counts[token] += 1
                 before = len(detok.text)
                 detok.push(token)
                 lp = entry(torch.log_softmax(raw, dim=-1), token, before) if want_lp else None
