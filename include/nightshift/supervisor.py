@@ -47,13 +47,17 @@ class Service:
 
 
 class Supervisor:
-    """Start services, restart those that die (giving up on a crash loop), and stop all of them on request."""
+    """Start services, restart those that die, and stop all of them on request.
 
-    def __init__(self, services: list[Service], grace_seconds: float = 20.0, max_restarts: int = 5,
-                 restart_window_s: float = 120.0) -> None:
+    A service that keeps dying is restarted with a doubling back-off (up to ``max_backoff_s``) and never
+    takes the others down with it: a crash-looping endpoint leaves Airflow running.
+    """
+
+    def __init__(self, services: list[Service], grace_seconds: float = 20.0, max_backoff_s: float = 300.0,
+                 restart_window_s: float = 600.0) -> None:
         self.services = services
         self.grace_seconds = grace_seconds
-        self.max_restarts = max_restarts
+        self.max_backoff_s = max_backoff_s
         self.restart_window_s = restart_window_s
         self.stopping = threading.Event()
         self.subreaper = become_subreaper()
@@ -67,10 +71,9 @@ class Supervisor:
         self.stopping.set()
 
     def run(self, poll_seconds: float = 1.0) -> int:
-        """Run until asked to stop (SIGTERM, SIGINT) or a service crash-loops; return the exit status."""
+        """Run until asked to stop (SIGTERM, SIGINT, SIGHUP) or a non-restarting service exits; return the status."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self.request_stop)
-        status = 0
         try:
             for service in self.services:
                 self._start(service)
@@ -89,16 +92,13 @@ class Supervisor:
                         return code or 1
                     now = time.monotonic()
                     service.restarts = [t for t in service.restarts if now - t < self.restart_window_s] + [now]
-                    if len(service.restarts) > self.max_restarts:
-                        log.error("%s died %d times in %.0fs; giving up and stopping everything", service.name,
-                                  len(service.restarts), self.restart_window_s)
-                        return 1
-                    delay = min(30.0, 2.0 ** (len(service.restarts) - 1))
-                    log.warning("%s exited with status %s; restarting in %.0fs", service.name, code, delay)
+                    delay = min(self.max_backoff_s, 2.0 ** (len(service.restarts) - 1))
+                    log.warning("%s exited with status %s (%d times in %.0f min); restarting in %.0fs", service.name,
+                                code, len(service.restarts), self.restart_window_s / 60, delay)
                     self._stop_group(service)
                     service.process = None
                     service.next_start = now + delay
-            return status
+            return 0
         finally:
             self.stop_all()
 
