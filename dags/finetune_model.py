@@ -8,30 +8,35 @@ Runs when `ingest_corpus` publishes a new corpus version, or from **Trigger** wi
 
 | task | does |
 |---|---|
-| `resolve_dataset` | the `dataset_version` Param, else the triggering asset event's version, else the latest |
-| `check_registry` | skips training when a model from the same data, base model and recipe is registered |
+| `resolve_dataset` | claims the DAG's lease; `dataset_version`, else the triggering event's, else the latest |
+| `check_registry` | skips training if a promoted model has its fingerprint: corpus, base bytes, recipe, ranks, code |
 | `prepare_data` | fetches the exact bytes from DVC, tokenizes with the base model's tokenizer, packs blocks |
 | `plan_training` | writes the trainer config, opens the MLflow run, builds the `deepspeed` command |
 | `train_local` / `train_kubernetes` | the same command as local CPU ranks, or in a GPU pod (`backend`) |
 | `evaluate` | held-out and golden-set perplexity of candidate and champion (base model before the first) |
 | `decide_promotion` | applies `include/configs/gate.yaml` |
-| `register_candidate` → `promote_candidate` | registers the version, moves the `champion` alias |
+| `register_candidate` → `promote_candidate` | uploads the checkpoint (manifest last), registers, moves `champion` |
 | `reject_candidate` | keeps the champion and alerts with the gate's reasons |
 | `report` | the cycle summary, also logged to the MLflow run |
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from nightshift.airflow.common import CORPUS_ASSET, DEFAULT_ARGS, run_dir
 from nightshift.airflow.kubernetes import trainer_pod_operator
+from nightshift.airflow.notifiers import AlertNotifier
+from nightshift.airflow.tracking import FailTrackingRun
 from nightshift.settings import DEFAULT_FOUNDATION_MODEL, load_settings
 
 SETTINGS = load_settings()
+TRAIN_TIMEOUT = timedelta(seconds=SETTINGS.train_timeout_s)
+# Deterministic problems with what a person asked for: fail at once with the message, no retries.
+REQUEST_ERRORS = (FileNotFoundError, LookupError, ValueError, TypeError)
 
 
 def _request():
@@ -44,21 +49,36 @@ def _request():
     )
 
 
+def _recipe(request):
+    try:
+        return request.load_recipe(SETTINGS.recipe_dirs)
+    except REQUEST_ERRORS as exc:
+        raise AirflowFailException(str(exc)) from exc
+
+
+def _base_model(request):
+    try:
+        return SETTINGS.resolve_base_model(request.base_model)
+    except REQUEST_ERRORS as exc:
+        raise AirflowFailException(str(exc)) from exc
+
+
 @dag(
     schedule=[CORPUS_ASSET],
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
-    default_args=DEFAULT_ARGS,
+    default_args={**DEFAULT_ARGS, "on_failure_callback": [AlertNotifier(), FailTrackingRun("finetune_model")]},
     tags=["nightshift", "training"],
     doc_md=__doc__,
     params={
         "base_model": Param(
-            DEFAULT_FOUNDATION_MODEL, type="string", minLength=1, title="Base model",
-            description="A model imported under $NIGHTSHIFT_HOME/models, or a folder with a Hugging Face checkpoint.",
+            DEFAULT_FOUNDATION_MODEL, type="string", minLength=1, maxLength=255, title="Base model",
+            description="Name of a model imported under $NIGHTSHIFT_HOME/models (a Hugging Face checkpoint "
+            "folder); other folders are refused.",
         ),
         "dataset_version": Param(
-            None, type=["null", "string"], title="Dataset version",
+            None, type=["null", "string"], pattern=r"^[a-z0-9_-]+-v[0-9]+$", title="Dataset version",
             description="DVC tag such as corpus-v0003. Empty: the version in the triggering asset event, "
             "else the latest.",
         ),
@@ -76,35 +96,34 @@ def _request():
             description="Where the DeepSpeed launcher runs; both run the same command.",
         ),
         "recipe": Param(
-            "default", type="string", minLength=1, title="Recipe",
-            description="Training recipe in include/configs/training/<name>.yaml.",
+            "default", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", title="Recipe",
+            description="Name of a training recipe, include/configs/training/<name>.yaml (a name, not a path).",
         ),
     },
 )
 def finetune_model():
     @task
     def resolve_dataset() -> dict:
+        from nightshift.airflow.run_lock import claim_run
         from nightshift.pipelines.finetune import resolve_dataset as resolve
 
         context = get_current_context()
+        claim_run(SETTINGS, context)
         extras = [e.extra for events in context["triggering_asset_events"].values() for e in events]
         try:
             return resolve(SETTINGS, context["params"]["dataset_version"], extras).to_dict()
-        except LookupError as exc:
+        except REQUEST_ERRORS as exc:
             raise AirflowFailException(str(exc)) from exc
 
     @task
     def check_registry(dataset: dict) -> dict:
-        from nightshift.pipelines.finetune import fingerprint, registry_for
+        from nightshift.pipelines.finetune import checkpoint_digest, fingerprint, registry_for
         from nightshift.records import DatasetVersion
 
         request = _request()
-        try:
-            recipe = request.load_recipe()
-            SETTINGS.resolve_base_model(request.base_model)
-        except (FileNotFoundError, ValueError) as exc:
-            raise AirflowFailException(str(exc)) from exc
-        fp = fingerprint(DatasetVersion.from_dict(dataset), request.base_model, recipe)
+        recipe, base = _recipe(request), _base_model(request)
+        fp = fingerprint(DatasetVersion.from_dict(dataset), checkpoint_digest(base, SETTINGS.cache_dir), recipe,
+                         SETTINGS.train_ranks)
         existing = registry_for(SETTINGS).find_by_fingerprint(fp)
         return {"fingerprint": fp, "existing": existing.to_dict() if existing else None}
 
@@ -125,8 +144,8 @@ def finetune_model():
 
         request = _request()
         return pack_dataset(
-            SETTINGS, DatasetVersion.from_dict(dataset), SETTINGS.resolve_base_model(request.base_model),
-            request.load_recipe(), run_dir(SETTINGS, get_current_context()),
+            SETTINGS, DatasetVersion.from_dict(dataset), _base_model(request), _recipe(request),
+            run_dir(SETTINGS, get_current_context()),
         ).to_dict()
 
     @task(multiple_outputs=True)
@@ -137,9 +156,8 @@ def finetune_model():
 
         context = get_current_context()
         request, version, packed_data = _request(), DatasetVersion.from_dict(dataset), PackedDataset.from_dict(packed)
-        recipe = request.load_recipe()
-        planned = plan(SETTINGS, SETTINGS.resolve_base_model(request.base_model), packed_data, recipe,
-                       run_dir(SETTINGS, context))
+        recipe = _recipe(request)
+        planned = plan(SETTINGS, _base_model(request), packed_data, recipe, run_dir(SETTINGS, context))
         run_key = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
         mlflow_run = open_tracking_run(registry_for(SETTINGS), run_key, request, recipe, version, packed_data,
                                        check["fingerprint"])
@@ -149,13 +167,14 @@ def finetune_model():
     def choose_backend() -> str:
         return f"train_{_request().backend}"
 
-    @task(pool="training")
+    @task(pool="training", execution_timeout=TRAIN_TIMEOUT)
     def train_local(command: list[str], output_dir: str) -> None:
         from pathlib import Path
 
-        from nightshift.training.launch import local_env, run_local
+        from nightshift.training.launch import free_port, local_env, run_local, with_master_port
 
-        run_local(command, local_env(), Path(output_dir).parent / "trainer.log")
+        # A port of its own for each attempt: a killed attempt's ranks may still hold the previous one.
+        run_local(with_master_port(command, free_port()), local_env(), Path(output_dir).parent / "trainer.log")
 
     @task(trigger_rule="none_failed_min_one_success")
     def evaluate(packed: dict, plan: dict) -> dict:
@@ -239,6 +258,10 @@ def finetune_model():
             registry.log_dict(plan["mlflow_run_id"], summary, "cycle_report.json")
             registry.end_run(plan["mlflow_run_id"])
             cleanup(run_dir(SETTINGS, context))
+        from nightshift.pipelines.housekeeping import prune_work_dirs
+
+        here = run_dir(SETTINGS, context)
+        prune_work_dirs(here.parent, SETTINGS.retention_days, keep=here)
         return summary
 
     dataset = resolve_dataset()
@@ -250,7 +273,7 @@ def finetune_model():
     plan = plan_training(dataset, packed, check)
     backend = choose_backend()
     local = train_local(plan["command"], plan["output_dir"])
-    pod = trainer_pod_operator("train_kubernetes", plan["command"], SETTINGS)
+    pod = trainer_pod_operator("train_kubernetes", plan["command"], SETTINGS, execution_timeout=TRAIN_TIMEOUT)
     plan >> backend >> [local, pod]
     evaluation = evaluate(packed, plan)
     [local, pod] >> evaluation

@@ -6,13 +6,15 @@ it with DVC. A new version updates the **corpus** asset, which schedules `finetu
 
 | task | does |
 |---|---|
-| `collect_documents` | reads `.md`, `.txt`, `.html`, `.jsonl` under `source`; unreadable files are counted skips |
+| `collect_documents` | claims the DAG's lease; reads `.md`, `.txt`, `.html`, `.jsonl` under `source`, counting skips |
 | `prepare_corpus` | extracts main text from HTML, fixes Unicode, normalises whitespace, drops exact duplicates |
 | `validate_corpus` | Great Expectations suite (`include/configs/quality.yaml`); a failure fails the run and alerts |
-| `version_dataset` | commits and tags the corpus in the DVC data repository and pushes it to the remote |
-| `publish_dataset` | updates the corpus asset, only when the bytes are new (unchanged stores are skipped) |
+| `version_dataset` | stages, pushes, commits and tags the corpus in the DVC data repository (recovers killed tries) |
+| `publish_dataset` | updates the corpus asset once per version: skipped when an event already announced it |
 
-Work files of a run live in `$NIGHTSHIFT_HOME/work/ingest_corpus/<run_id>/`.
+`source` must lie inside a folder listed in `NIGHTSHIFT_SOURCE_ROOTS` (by default the bundled sample store);
+links that lead out of the store and unreadable files are skipped and counted, never followed. Work files of
+a run live in `$NIGHTSHIFT_HOME/work/ingest_corpus/<run_id>/`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from nightshift.airflow.common import CORPUS_ASSET, DEFAULT_ARGS, run_dir
 from nightshift.settings import SAMPLE_STORE, load_settings
 
 SCHEDULE = "0 1 * * *"
+SETTINGS = load_settings()
 
 
 @dag(
@@ -42,19 +45,24 @@ SCHEDULE = "0 1 * * *"
             type="string",
             minLength=1,
             title="Document store",
-            description="Local folder or file:// URI to read documents from (.md, .txt, .html, .jsonl). "
-            "Defaults to the sample store bundled with nightshift.",
+            description="Local folder or file:// URI to read documents from (.md, .txt, .html, .jsonl). It must "
+            "lie inside a folder listed in NIGHTSHIFT_SOURCE_ROOTS (by default only the bundled sample store).",
         ),
     },
 )
 def ingest_corpus():
     @task
     def collect_documents() -> dict:
+        from nightshift.airflow.run_lock import claim_run
+        from nightshift.pipelines.housekeeping import prune_work_dirs
         from nightshift.pipelines.ingest import collect
 
         context = get_current_context()
+        claim_run(SETTINGS, context)
+        here = run_dir(SETTINGS, context)
+        prune_work_dirs(here.parent, SETTINGS.retention_days, keep=here)
         try:
-            return collect(context["params"]["source"], run_dir(load_settings(), context))
+            return collect(context["params"]["source"], here, SETTINGS.source_roots)
         except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
             raise AirflowFailException(f"{exc} (set the `source` param)") from exc
 
@@ -62,7 +70,7 @@ def ingest_corpus():
     def prepare_corpus(collected: dict) -> dict:
         from nightshift.pipelines.ingest import prepare_corpus as prepare
 
-        return prepare(run_dir(load_settings(), get_current_context()))
+        return prepare(run_dir(SETTINGS, get_current_context()))
 
     @task
     def validate_corpus(stats: dict) -> dict:
@@ -70,7 +78,7 @@ def ingest_corpus():
         from nightshift.quality.suite import QualityPolicy
 
         try:
-            return validate(run_dir(load_settings(), get_current_context()), QualityPolicy.load())
+            return validate(run_dir(SETTINGS, get_current_context()), QualityPolicy.load())
         except QualityGateFailed as exc:
             # Data does not improve on retry: fail now, alert, and create no dataset version.
             raise AirflowFailException(str(exc)) from exc
@@ -79,14 +87,16 @@ def ingest_corpus():
     def version_dataset(collected: dict, stats: dict, quality: dict) -> dict:
         from nightshift.pipelines.ingest import version
 
-        settings = load_settings()
-        return version(run_dir(settings, get_current_context()), settings, stats, collected["source"]).to_dict()
+        return version(run_dir(SETTINGS, get_current_context()), SETTINGS, stats, collected["source"]).to_dict()
 
-    @task(outlets=[CORPUS_ASSET])
+    @task(inlets=[CORPUS_ASSET], outlets=[CORPUS_ASSET])
     def publish_dataset(dataset: dict) -> dict:
-        if not dataset["created"]:
-            raise AirflowSkipException(f"corpus unchanged: {dataset['tag']} already holds these bytes")
+        from nightshift.pipelines.ingest import needs_publishing
+
         context = get_current_context()
+        published = [event.extra for event in context["inlet_events"][CORPUS_ASSET]]
+        if not needs_publishing(dataset["tag"], published):
+            raise AirflowSkipException(f"corpus unchanged: {dataset['tag']} was published already")
         context["outlet_events"][CORPUS_ASSET].extra = {
             "dataset_version": dataset["tag"], "rev": dataset["rev"], "md5": dataset["md5"],
             "documents": dataset["documents"],

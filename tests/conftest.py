@@ -17,6 +17,10 @@ import pytest
 
 SESSION_HOME = Path(tempfile.mkdtemp(prefix="nightshift-tests-"))
 os.environ["NIGHTSHIFT_HOME"] = str(SESSION_HOME)
+# Tests build document stores in temporary folders and train with a recipe of their own.
+os.environ["NIGHTSHIFT_SOURCE_ROOTS"] = os.pathsep.join([
+    str(Path(__file__).resolve().parent.parent / "include" / "samples" / "store"), tempfile.gettempdir()])
+os.environ["NIGHTSHIFT_RECIPE_DIRS"] = str(Path(__file__).resolve().parent / "e2e" / "recipes")
 
 
 def free_port() -> int:
@@ -27,9 +31,9 @@ def free_port() -> int:
 
 os.environ["NIGHTSHIFT_MASTER_PORT"] = str(free_port())
 
-from nightshift.settings import ensure_fernet_key, load_settings, repo_root, runtime_env  # noqa: E402
+from nightshift.settings import ensure_airflow_config, load_settings, repo_root, runtime_env  # noqa: E402
 
-ensure_fernet_key(load_settings())
+ensure_airflow_config(load_settings())
 for _key, _value in runtime_env(load_settings()).items():
     os.environ[_key] = _value
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"

@@ -117,7 +117,7 @@ def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str =
 def publish(registry, checkpoint: Path, key: str, promote: bool = True):
     """Log a checkpoint folder as a run artifact, register it and (by default) make it the champion."""
     run_id = registry.open_run("serving", key, key, {})
-    registry.client.log_artifacts(run_id, str(checkpoint), "checkpoint")
+    registry.upload_checkpoint(run_id, checkpoint)
     version = registry.register(run_id, tags={"nightshift.dataset_tag": f"ds-{key}"})
     return registry.promote(version) if promote else version
 

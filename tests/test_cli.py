@@ -28,3 +28,57 @@ def test_keys_create_list_revoke(tmp_path):
     revoked = nightshift(tmp_path, "keys", "revoke", "dashboard")
     assert revoked.returncode == 0 and "revoked" in revoked.stdout
     assert ring.identify(key) is None
+
+
+def fresh_env(home):
+    """The environment of a new installation: none of the test session's Airflow settings."""
+    from nightshift.settings import load_settings, runtime_env
+
+    env = {k: v for k, v in os.environ.items() if k not in runtime_env(load_settings())}
+    return {**env, "NIGHTSHIFT_HOME": str(home)}
+
+
+def test_setup_keeps_state_private_and_the_fernet_key_where_airflow_reads_it(tmp_path):
+    import sqlite3
+    import stat
+
+    home = tmp_path / "home"
+    env = fresh_env(home)
+    first = subprocess.run([sys.executable, "-m", "nightshift.cli", "setup"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "password" in first.stdout and "shown once" in first.stdout
+    private = [home / "airflow" / "airflow.db", home / "airflow" / "airflow.cfg", home / "mlflow" / "mlflow.db",
+               home / "airflow" / "simple_auth_manager_passwords.json.generated", home / "serving" / "api_keys.json",
+               home / "serving" / "local.key"]
+    for path in private:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+    again = subprocess.run([sys.executable, "-m", "nightshift.cli", "setup"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0 and "shown once" not in again.stdout
+
+    exported = subprocess.run([sys.executable, "-m", "nightshift.cli", "env"], env=env, capture_output=True,
+                              text=True, timeout=120).stdout
+    assert "FERNET" not in exported and "AIRFLOW__API__HOST=127.0.0.1" in exported
+    # A plain airflow CLI call, with only what `nightshift env` exports, encrypts with the same key.
+    plain = {**{k: v for k, v in env.items() if not k.startswith("AIRFLOW")}, **dict(
+        line.removeprefix("export ").split("=", 1) for line in exported.splitlines())}
+    airflow = os.path.join(os.path.dirname(sys.executable), "airflow")
+    added = subprocess.run([airflow, "connections", "add", "probe", "--conn-type", "http", "--conn-password", "s3cr3t"],
+                           env=plain, capture_output=True, text=True, timeout=120)
+    assert added.returncode == 0, added.stderr[-2000:]
+    with sqlite3.connect(home / "airflow" / "airflow.db") as db:
+        encrypted, stored = db.execute("select is_encrypted, password from connection where conn_id='probe'").fetchone()
+    assert encrypted and "s3cr3t" not in stored
+    read = ("from nightshift.cli import configure_environment; from nightshift.settings import load_settings; "
+            "configure_environment(load_settings()); from airflow.models.connection import Connection; "
+            "print(Connection.get_connection_from_secrets('probe').password)")
+    seen = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True, timeout=120)
+    assert seen.stdout.strip().splitlines()[-1] == "s3cr3t", seen.stderr[-2000:]  # nightshift decrypts it
+
+
+def test_apply_settings_is_idempotent(airflow_db):
+    proc = subprocess.run([sys.executable, "-m", "nightshift.cli", "apply-settings", "--wait", "30"],
+                          env=os.environ.copy(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ": 0 changes" in proc.stderr + proc.stdout

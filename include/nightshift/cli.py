@@ -1,6 +1,7 @@
 """``nightshift``: set up the local installation, run one cycle, serve the champion, start everything.
 
     nightshift setup [--model]     metadata DB, airflow_settings.yaml, DVC data repo (and the foundation model)
+    nightshift apply-settings      airflow_settings.yaml into the metadata DB (what the Airflow image runs at start)
     nightshift cycle               ingest_corpus, then finetune_model on its dataset version, then a summary
     nightshift serve               the OpenAI-compatible endpoint on http://127.0.0.1:8000/v1
     nightshift up                  Airflow (standalone) and the endpoint together, supervised
@@ -24,7 +25,7 @@ from typing import Any
 from nightshift.settings import (
     DEFAULT_FOUNDATION_MODEL,
     Settings,
-    ensure_fernet_key,
+    ensure_airflow_config,
     load_settings,
     repo_root,
     runtime_env,
@@ -33,12 +34,14 @@ from nightshift.settings import (
 log = logging.getLogger("nightshift")
 
 SERVE_HOST, SERVE_PORT = "127.0.0.1", 8000
-ADMIN_USER, ADMIN_PASSWORD = "admin", "admin"
+ADMIN_USER = "admin"
+# State files (metadata DB, MLflow store, keys, passwords) are for this user only.
+PRIVATE_UMASK = 0o077
 
 
 def configure_environment(settings: Settings) -> dict[str, str]:
     """Export the runtime environment (explicit variables win) before anything imports Airflow."""
-    ensure_fernet_key(settings)
+    ensure_airflow_config(settings)
     for key, value in runtime_env(settings).items():
         os.environ.setdefault(key, value)
     return {key: os.environ[key] for key in runtime_env(settings)}
@@ -55,7 +58,7 @@ def cmd_setup(settings: Settings, args) -> int:
 
     started = time.monotonic()
     env = configure_environment(settings)
-    _write_admin_password(settings)
+    _admin_password(settings)
     log.info("migrating the Airflow metadata DB at %s", env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
     subprocess.run([_bin("airflow"), "db", "migrate"], check=True, env=os.environ.copy(), stdout=subprocess.DEVNULL)
     from nightshift.airflow.settings_file import apply_settings_file
@@ -66,11 +69,32 @@ def cmd_setup(settings: Settings, args) -> int:
         log.info("airflow_settings.yaml: %d changes", applied.changed)
     dataset_repository(settings).ensure()
     _ensure_local_key(settings)
+    from nightshift.pipelines.finetune import registry_for
+
+    registry_for(settings).client.search_experiments(max_results=1)  # creates the MLflow store
+    _make_private(settings)
     if args.model:
         from nightshift.training.foundation import import_foundation_model
 
         import_foundation_model(settings.models_dir / DEFAULT_FOUNDATION_MODEL)
     log.info("set-up done in %.0fs; state lives in %s", time.monotonic() - started, settings.home)
+    return 0
+
+
+def cmd_apply_settings(settings: Settings, args) -> int:
+    """Apply airflow_settings.yaml to the metadata DB, waiting (up to --wait s) for its migrations first."""
+    from nightshift.airflow.settings_file import apply_settings_file
+
+    configure_environment(settings)
+    path = Path(args.file or os.environ.get("NIGHTSHIFT_SETTINGS_FILE") or
+                ((repo_root() or Path("/opt/nightshift")) / "airflow_settings.yaml"))
+    if not path.is_file():
+        raise SystemExit(f"no settings file at {path}: pass --file or set NIGHTSHIFT_SETTINGS_FILE")
+    if args.wait:
+        subprocess.run([_bin("airflow"), "db", "check-migrations", "--migration-wait-timeout", str(args.wait)],
+                       check=True, env=os.environ.copy(), stdout=subprocess.DEVNULL)
+    applied = apply_settings_file(path)
+    log.info("%s: %d changes", path, applied.changed)
     return 0
 
 
@@ -289,18 +313,40 @@ def cmd_keys(settings: Settings, args) -> int:
     return 0
 
 
-def _write_admin_password(settings: Settings) -> None:
+def _admin_password(settings: Settings) -> tuple[Path, str | None]:
+    """Return the Airflow UI's password file and, the first time only, the random password it now holds."""
+    import secrets
+
     path = settings.airflow_home / "simple_auth_manager_passwords.json.generated"
-    if not path.exists():
-        path.write_text(json.dumps({ADMIN_USER: ADMIN_PASSWORD}))
+    if path.is_file():
+        path.chmod(0o600)
+        return path, None
+    password = secrets.token_urlsafe(12)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({ADMIN_USER: password}, fh)
+    print(f"Airflow UI user {ADMIN_USER!r}, password {password!r} (shown once; it stays in {path})", flush=True)
+    return path, password
+
+
+def _make_private(settings: Settings) -> None:
+    """Restrict the state files that hold secrets or data to this user (0600)."""
+    candidates = [settings.airflow_home / "airflow.db", settings.airflow_home / "airflow.cfg",
+                  settings.mlflow_dir / "mlflow.db", settings.key_file, settings.local_key_file,
+                  settings.airflow_home / "simple_auth_manager_passwords.json.generated"]
+    for path in candidates:
+        if path.is_file():
+            path.chmod(0o600)
 
 
 def cmd_up(settings: Settings, args) -> int:
     from nightshift.supervisor import Service, Supervisor
 
     configure_environment(settings)
-    _write_admin_password(settings)
+    password_file, _ = _admin_password(settings)
     _ensure_local_key(settings)
+    _make_private(settings)
     env = os.environ.copy()
     # standalone starts its components as `airflow ...` subprocesses: they must find this environment's CLI.
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -309,8 +355,9 @@ def cmd_up(settings: Settings, args) -> int:
         Service("endpoint", [sys.executable, "-m", "nightshift.cli", "serve", "--port", str(args.serve_port)], env),
     ]
     api_port = os.environ.get("AIRFLOW__API__PORT", "8080")
+    host = os.environ.get("AIRFLOW__API__HOST", settings.airflow_host)
     print(
-        f"\nAirflow UI:  http://localhost:{api_port}  (user {ADMIN_USER}, password {ADMIN_PASSWORD})\n"
+        f"\nAirflow UI:  http://{host}:{api_port}  (user {ADMIN_USER}, password in {password_file})\n"
         f"Endpoint:    http://127.0.0.1:{args.serve_port}/v1  (serves {settings.registered_model}@champion; "
         "restarted if it dies)\n"
         f"API key:     {settings.local_key_file}  (send it as `Authorization: Bearer <key>`)\n"
@@ -335,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     setup.add_argument("--model", action="store_true", help=f"also import {DEFAULT_FOUNDATION_MODEL}")
     setup.set_defaults(func=cmd_setup)
     sub.add_parser("import-model", help=f"import {DEFAULT_FOUNDATION_MODEL}").set_defaults(func=cmd_import_model)
+    apply = sub.add_parser("apply-settings", help="apply airflow_settings.yaml (connections, pools, variables)")
+    apply.add_argument("--file", help="settings file (default: the checkout's, or NIGHTSHIFT_SETTINGS_FILE)")
+    apply.add_argument("--wait", type=int, default=0, help="seconds to wait for the metadata DB's migrations")
+    apply.set_defaults(func=cmd_apply_settings)
     cycle = sub.add_parser("cycle", help="run ingest_corpus then finetune_model and print a summary")
     cycle.add_argument("--source", help="document store (default: the bundled sample store)")
     cycle.add_argument("--train-steps", type=int, help="override the recipe's training steps")
@@ -354,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     keys.add_argument("--name", default="default", help="create: a name to recognise the key by")
     keys.set_defaults(func=cmd_keys)
     args = parser.parse_args(argv)
+    os.umask(PRIVATE_UMASK)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(load_settings(), args)
 

@@ -1,8 +1,14 @@
-"""Read a versioned YAML recipe into its dataclass, refusing fields the dataclass does not know."""
+"""Read a versioned YAML recipe into its dataclass, refusing fields it does not know and values of the wrong type.
+
+Errors name the file and the field, never quote the file: a recipe is configuration, but the same loader
+must not turn into a way of reading other files.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,11 +19,46 @@ T = TypeVar("T")
 
 def load_yaml_dataclass(cls: type[T], path: Path, **overrides: Any) -> T:
     """Return ``cls`` built from the mapping in ``path``, with non-None overrides applied on top."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(f"{path.name}: not valid YAML{where}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+        raise ValueError(f"{path.name}: expected a mapping of settings, got {type(data).__name__}")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(str(k) for k in set(data) - fields)
     if unknown:
-        raise ValueError(f"{path}: unknown {cls.__name__} fields {sorted(unknown)}")
+        raise ValueError(f"{path.name}: unknown {cls.__name__} fields {unknown}")
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        problem = _type_problem(hints.get(name), value)
+        if problem:
+            raise ValueError(f"{path.name}: {name} must be {problem}, got {type(value).__name__}")
     return cls(**data)
+
+
+def _type_problem(hint: Any, value: Any) -> str | None:
+    """Return what ``value`` should have been when it does not fit ``hint`` (simple types only), else None."""
+    if hint is None or hint is Any:
+        return None
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        if option is bool and isinstance(value, bool):
+            return None
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return None
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return None
+        if option is str and isinstance(value, str):
+            return None
+        if option not in (type(None), bool, int, float, str):
+            return None  # containers and records: left to the dataclass's own checks
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "text", type(None): "empty"}
+    return " or ".join(names.get(o, str(o)) for o in options)

@@ -16,8 +16,10 @@ from nightshift.serving.limits import ServingLimits
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 INCLUDE_DIR = PACKAGE_DIR.parent
-CONFIG_DIR = INCLUDE_DIR / "configs"
-SAMPLES_DIR = INCLUDE_DIR / "samples"
+# A checkout reads include/configs and include/samples; an installed wheel carries them as package data.
+_IN_CHECKOUT = (INCLUDE_DIR / "configs").is_dir()
+CONFIG_DIR = INCLUDE_DIR / "configs" if _IN_CHECKOUT else PACKAGE_DIR / "resources" / "configs"
+SAMPLES_DIR = INCLUDE_DIR / "samples" if _IN_CHECKOUT else PACKAGE_DIR / "resources" / "samples"
 SAMPLE_STORE = SAMPLES_DIR / "store"
 GOLDEN_QA = SAMPLES_DIR / "golden_qa.jsonl"
 DEFAULT_FOUNDATION_MODEL = "SmolLM2-135M-Instruct"
@@ -124,12 +126,28 @@ class Settings:
     """Airflow connection whose password (or extra ``api_keys``) holds keys the endpoint accepts."""
     airflow_parallelism: int = field(default_factory=default_parallelism)
     """Task slots of the local Airflow (and LocalExecutor worker processes)."""
+    airflow_host: str = "127.0.0.1"
+    """Address the local Airflow UI and API listen on; 0.0.0.0 exposes them to the network."""
+    source_roots: tuple[Path, ...] = (SAMPLE_STORE,)
+    """Folders the ``source`` Param may read from (and everything below them); nothing else is readable."""
+    recipe_dirs: tuple[Path, ...] = ()
+    """Further folders with training recipes, besides include/configs/training (the Param takes names only)."""
+    task_timeout_s: int = 3600
+    """execution_timeout of every task but training."""
+    train_timeout_s: int = 6 * 3600
+    """execution_timeout of the training tasks; the trainer's ranks are stopped with the task."""
+    retention_days: float = 7.0
+    """Work folders of runs older than this are removed; the serving and evaluation caches keep what is in use."""
 
     def __post_init__(self) -> None:
         if self.train_ranks < 1:
             raise ValueError(f"NIGHTSHIFT_TRAIN_RANKS must be at least 1, got {self.train_ranks}")
         if self.airflow_parallelism < 1:
             raise ValueError(f"NIGHTSHIFT_AIRFLOW_PARALLELISM must be at least 1, got {self.airflow_parallelism}")
+        if self.task_timeout_s < 60 or self.train_timeout_s < 60:
+            raise ValueError("NIGHTSHIFT_TASK_TIMEOUT_S and NIGHTSHIFT_TRAIN_TIMEOUT_S must be at least 60 seconds")
+        if self.retention_days <= 0:
+            raise ValueError(f"NIGHTSHIFT_RETENTION_DAYS must be positive, got {self.retention_days}")
 
     @cached_property
     def airflow_home(self) -> Path:
@@ -182,16 +200,23 @@ class Settings:
         return self.serving_dir / "local.key"
 
     def resolve_base_model(self, name_or_path: str) -> Path:
-        """Return the checkpoint folder for a model name under models/ or an explicit path."""
-        candidate = Path(name_or_path).expanduser()
-        if candidate.is_absolute() or name_or_path.startswith("."):
-            path = candidate
-        else:
-            path = self.models_dir / name_or_path
+        """Return the checkpoint folder of a model imported under models/ (by name, or by its path there).
+
+        Other folders are refused: the name comes from a Param, and the worker must not load (or hash, or
+        hand to the trainer) whatever folder a person names.
+        """
+        models = self.models_dir.resolve()
+        given = Path(name_or_path).expanduser()
+        path = (given if given.is_absolute() else models / given).resolve()
+        if not name_or_path or not path.is_relative_to(models) or path == models:
+            raise ValueError(
+                f"base model {name_or_path!r} is not a model under {models}: import it there (make model does for "
+                f"{DEFAULT_FOUNDATION_MODEL}) and pass its folder name"
+            )
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
-                f"base model {name_or_path!r} not found at {path}: run `make model` to import "
-                f"{DEFAULT_FOUNDATION_MODEL}, or pass a folder with a Hugging Face checkpoint"
+                f"base model {name_or_path!r} not found under {models}: run `make model` to import "
+                f"{DEFAULT_FOUNDATION_MODEL}, or copy a Hugging Face checkpoint folder there"
             )
         return path
 
@@ -223,7 +248,19 @@ def load_settings() -> Settings:
         require_api_key=_env_bool("NIGHTSHIFT_SERVE_REQUIRE_KEY", True),
         serving_conn_id=os.environ.get("NIGHTSHIFT_SERVE_CONN_ID", "nightshift_serving"),
         airflow_parallelism=_env_int("NIGHTSHIFT_AIRFLOW_PARALLELISM", default_parallelism()),
+        airflow_host=os.environ.get("NIGHTSHIFT_AIRFLOW_HOST", "127.0.0.1"),
+        source_roots=_env_paths("NIGHTSHIFT_SOURCE_ROOTS") or (SAMPLE_STORE,),
+        recipe_dirs=_env_paths("NIGHTSHIFT_RECIPE_DIRS"),
+        task_timeout_s=_env_int("NIGHTSHIFT_TASK_TIMEOUT_S", 3600),
+        train_timeout_s=_env_int("NIGHTSHIFT_TRAIN_TIMEOUT_S", 6 * 3600),
+        retention_days=_env_float("NIGHTSHIFT_RETENTION_DAYS", 7.0),
     )
+
+
+def _env_paths(name: str) -> tuple[Path, ...]:
+    """Return the absolute folders of an os.pathsep-separated variable (empty entries ignored)."""
+    raw = os.environ.get(name, "")
+    return tuple(Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p.strip())
 
 
 def load_serving_limits() -> ServingLimits:
@@ -242,22 +279,48 @@ def load_serving_limits() -> ServingLimits:
     )
 
 
-def ensure_fernet_key(settings: Settings) -> Path:
-    """Create the key Airflow encrypts connection passwords with, once per installation."""
-    path = settings.airflow_home / "fernet.key"
-    if not path.is_file():
-        from cryptography.fernet import Fernet
+def ensure_airflow_config(settings: Settings) -> Path:
+    """Make sure ``$AIRFLOW_HOME/airflow.cfg`` holds this installation's Fernet key; return the file (mode 0600).
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(Fernet.generate_key())
-        path.chmod(0o600)
-    return path
+    Airflow encrypts connection passwords with the key. Kept in the file Airflow itself reads, a plain
+    ``airflow`` CLI call encrypts with the same key, and the key never travels in the environment (where
+    ``nightshift env`` would print it). A key from an older ``fernet.key`` file is carried over.
+    """
+    import re
+
+    cfg = settings.airflow_home / "airflow.cfg"
+    legacy = settings.airflow_home / "fernet.key"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    text = cfg.read_text() if cfg.is_file() else ""
+    current = re.search(r"(?m)^fernet_key\s*=\s*(\S+)\s*$", text)
+    if current is None or legacy.is_file():
+        if legacy.is_file():
+            key = legacy.read_text().strip()
+        else:
+            from cryptography.fernet import Fernet
+
+            key = Fernet.generate_key().decode()
+        line = f"fernet_key = {key}"
+        if re.search(r"(?m)^fernet_key\s*=.*$", text):
+            text = re.sub(r"(?m)^fernet_key\s*=.*$", line, text, count=1)
+        elif re.search(r"(?m)^\[core\]\s*$", text):
+            text = re.sub(r"(?m)^\[core\]\s*$", f"[core]\n{line}", text, count=1)
+        else:
+            text = f"[core]\n{line}\n" + text
+        tmp = cfg.with_name(cfg.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, cfg)
+        legacy.unlink(missing_ok=True)
+    cfg.chmod(0o600)
+    return cfg
 
 
 def runtime_env(settings: Settings) -> dict[str, str]:
     """Return the environment variables that point Airflow and the libraries at local state."""
     root = repo_root()
-    fernet = settings.airflow_home / "fernet.key"
+    api_port = os.environ.get("AIRFLOW__API__PORT", "8080")
     env = {
         "NIGHTSHIFT_HOME": str(settings.home),
         "AIRFLOW_HOME": str(settings.airflow_home),
@@ -266,6 +329,9 @@ def runtime_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         # LocalExecutor starts one worker process per slot: size both to the machine, not Airflow's default 32.
         "AIRFLOW__CORE__PARALLELISM": str(settings.airflow_parallelism),
+        # The UI and API listen on loopback unless NIGHTSHIFT_AIRFLOW_HOST says otherwise.
+        "AIRFLOW__API__HOST": settings.airflow_host,
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -275,8 +341,6 @@ def runtime_env(settings: Settings) -> dict[str, str]:
         "DO_NOT_TRACK": "1",
         "DVC_NO_ANALYTICS": "1",
     }
-    if fernet.is_file():
-        env["AIRFLOW__CORE__FERNET_KEY"] = fernet.read_text().strip()
     if root:
         env["AIRFLOW__CORE__DAGS_FOLDER"] = str(root / "dags")
         env["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(root / "plugins")

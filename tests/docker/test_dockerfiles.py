@@ -37,3 +37,20 @@ def test_trainer_image_pins_match_the_project():
     assert trainer and all(project[name] == version for name, version in trainer.items())
     text = (REPO / "docker" / "trainer" / "Dockerfile").read_text()
     assert f"torch=={project['torch']}" in text and "nvidia/cuda" in text
+
+
+def test_airflow_image_applies_the_settings_file_at_start():
+    text = (REPO / "docker" / "airflow" / "Dockerfile").read_text()
+    entrypoint = REPO / "docker" / "airflow" / "entrypoint.sh"
+    assert 'ENTRYPOINT ["/usr/bin/dumb-init", "--", "/opt/nightshift/entrypoint.sh"]' in text
+    assert "NIGHTSHIFT_SETTINGS_FILE=/opt/nightshift/airflow_settings.yaml" in text
+    assert entrypoint.stat().st_mode & 0o111
+    script = entrypoint.read_text()
+    assert "nightshift apply-settings --wait" in script and 'exec /entrypoint "$@"' in script
+    proc = subprocess.run(["bash", "-n", str(entrypoint)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_serving_image_needs_keys_and_checks_liveness():
+    text = (REPO / "docker" / "serving" / "Dockerfile").read_text()
+    assert "/livez" in text and "NIGHTSHIFT_API_KEYS" in text

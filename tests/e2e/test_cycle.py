@@ -6,7 +6,6 @@ a clearly worse candidate, and a rerun on unchanged documents.
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,6 @@ from nightshift.settings import SAMPLE_STORE
 
 pytestmark = pytest.mark.e2e
 
-TINY_RECIPE = Path(__file__).with_name("tiny_recipe.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +53,7 @@ def registry(settings):
 
 @pytest.fixture(scope="module")
 def finetune_conf(tiny_model):
-    return {"base_model": str(tiny_model), "recipe": str(TINY_RECIPE)}
+    return {"base_model": str(tiny_model), "recipe": "tiny"}
 
 
 def test_corpus_that_fails_the_suite_fails_the_run_creates_no_version_and_alerts(dags, repo, tmp_path, monkeypatch):

@@ -35,13 +35,33 @@ def test_no_dataset_yet_says_to_run_ingest(tmp_path, monkeypatch):
         resolve_dataset(load_settings(), None, [])
 
 
-def test_fingerprint_tracks_data_base_model_and_recipe(two_versions):
+def test_fingerprint_tracks_data_base_bytes_recipe_world_size_and_trainer_code(two_versions, monkeypatch):
+    import nightshift.pipelines.finetune as finetune
+
     v1 = resolve_dataset(two_versions, "corpus-v0001", [])
     v2 = resolve_dataset(two_versions, "corpus-v0002", [])
-    base = fingerprint(v1, "m", TrainingRecipe())
-    assert base == fingerprint(v1, "m", TrainingRecipe())
-    assert len({base, fingerprint(v2, "m", TrainingRecipe()), fingerprint(v1, "other", TrainingRecipe()),
-                fingerprint(v1, "m", TrainingRecipe(train_steps=21))}) == 4
+    base = fingerprint(v1, "d1", TrainingRecipe(), 2)
+    assert base == fingerprint(v1, "d1", TrainingRecipe(), 2)
+    variants = {base, fingerprint(v2, "d1", TrainingRecipe(), 2), fingerprint(v1, "d2", TrainingRecipe(), 2),
+                fingerprint(v1, "d1", TrainingRecipe(train_steps=21), 2), fingerprint(v1, "d1", TrainingRecipe(), 4)}
+    monkeypatch.setattr(finetune, "trainer_code_digest", lambda: "changed trainer")
+    variants.add(fingerprint(v1, "d1", TrainingRecipe(), 2))
+    assert len(variants) == 6
+
+
+def test_the_base_model_is_known_by_its_bytes_not_its_name(tmp_path):
+    from nightshift.pipelines.finetune import checkpoint_digest
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    first = checkpoint_digest(model, tmp_path / "cache")
+    assert checkpoint_digest(model, tmp_path / "cache") == first
+    renamed = model.rename(tmp_path / "same-bytes-other-name")
+    assert checkpoint_digest(renamed, tmp_path / "cache") == first
+    (renamed / "model.safetensors").write_bytes(b"other weights")
+    assert checkpoint_digest(renamed, tmp_path / "cache") != first
 
 
 def test_request_validates_backend_and_applies_overrides():

@@ -34,3 +34,11 @@ def test_policy_errors_say_what_to_change():
 
 def test_shipped_policy_loads():
     assert QualityPolicy.load().min_documents >= 1
+
+
+def test_failures_name_documents_by_id_and_never_quote_their_text():
+    secret = "db_password=hunter2 " * 5
+    report = validate_frame(pd.DataFrame({"id": ["notes/secret.txt", "b"], "text": [secret, "ok!"]}), POLICY)
+    assert not report.success
+    assert "hunter2" not in report.summary()
+    assert "notes/secret.txt" in report.summary() and "1 unexpected" in report.summary()

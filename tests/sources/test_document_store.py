@@ -63,3 +63,41 @@ def test_read_store_reads_every_format_and_counts_what_it_skips(tmp_path: Path):
     # content is kept verbatim at this stage; sources are relative, so the corpus does not depend on the mount
     assert result.documents[0].content == "# Title\n\nBody"
     assert [d.source for d in result.documents] == ["a.md", "c.html", "d.jsonl:1", "d.jsonl:5", "sub/b.txt"]
+
+
+def test_a_source_outside_the_allowed_roots_is_refused_even_through_a_link(tmp_path):
+    from nightshift.sources.document_store import SourceNotAllowed
+
+    allowed = tmp_path / "stores"
+    (allowed / "docs").mkdir(parents=True)
+    secret = tmp_path / "other-user"
+    secret.mkdir()
+    (secret / "notes.txt").write_text("db_password=hunter2")
+    (allowed / "sneaky").symlink_to(secret, target_is_directory=True)
+    assert resolve_store(str(allowed / "docs"), (allowed,)) == (allowed / "docs").resolve()
+    for source in (str(secret), secret.as_uri(), str(allowed / "sneaky"), str(allowed / "docs" / ".." / ".."), "/etc"):
+        with pytest.raises(SourceNotAllowed, match="NIGHTSHIFT_SOURCE_ROOTS") as refused:
+            resolve_store(source, (allowed,))
+        assert "hunter2" not in str(refused.value)
+
+
+def test_links_out_of_the_store_and_unreadable_files_are_counted_skips(tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "ok.md").write_text("# fine")
+    (store / "locked.txt").write_text("cannot be read")
+    outside = tmp_path / "secret.txt"
+    outside.write_text("db_password=hunter2")
+    (store / "leak.txt").symlink_to(outside)
+    real_read = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "locked.txt":
+            raise PermissionError(13, "Permission denied")
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    result = read_store(store)
+    assert [d.id for d in result.documents] == ["ok.md"]
+    assert result.skip_reasons() == {"link outside the store": 1, "unreadable": 1}
+    assert all("hunter2" not in d.content for d in result.documents)

@@ -24,10 +24,23 @@ def test_invalid_values_are_all_reported():
 def test_unknown_recipe_and_fields_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="known recipes: .*default"):
         TrainingRecipe.load("nope")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("seq_len: 64\nepochs: 3\n")
+    (tmp_path / "bad.yaml").write_text("seq_len: 64\nepochs: 3\n")
     with pytest.raises(ValueError, match="unknown TrainingRecipe fields \\['epochs'\\]"):
-        TrainingRecipe.load(str(bad))
+        TrainingRecipe.load("bad", extra_dirs=(tmp_path,))
+    (tmp_path / "typed.yaml").write_text("train_steps: lots\n")
+    with pytest.raises(ValueError, match="typed.yaml: train_steps must be an integer, got str"):
+        TrainingRecipe.load("typed", extra_dirs=(tmp_path,))
+    (tmp_path / "broken.yaml").write_text("seq_len: [64\npassword: hunter2\n")
+    with pytest.raises(ValueError, match="broken.yaml: not valid YAML \\(line") as refused:
+        TrainingRecipe.load("broken", extra_dirs=(tmp_path,))
+    assert "hunter2" not in str(refused.value)
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../../secrets", "default.yaml", "a/b", "", "~root"])
+def test_a_recipe_is_a_name_never_a_path(name):
+    with pytest.raises(ValueError, match="given by name") as refused:
+        TrainingRecipe.load(name)
+    assert "root:" not in str(refused.value)
 
 
 def test_fingerprint_changes_with_any_field():

@@ -1,5 +1,7 @@
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -28,7 +30,7 @@ def test_commit_tags_pushes_and_is_idempotent(repo, tmp_path):
     assert repo.versions() == ["corpus-v0001", "corpus-v0002"]
     assert repo.latest() == repo.get("corpus-v0002")
     log = subprocess.run(["git", "log", "--format=%s"], cwd=repo.root, capture_output=True, text=True).stdout
-    assert log.count("corpus-v") == 2
+    assert log.count("documents (md5") == 2
 
 
 def test_going_back_to_old_bytes_reuses_the_old_version(repo, tmp_path):
@@ -51,3 +53,43 @@ def test_unknown_version_is_a_clear_error(repo, tmp_path):
     repo.commit(write(tmp_path / "c.jsonl", "x\n"), {"documents": 1})
     with pytest.raises(LookupError, match="corpus-v0009.*known: corpus-v0001"):
         repo.get("corpus-v0009")
+
+
+KILL_POINTS = ["versioning.after_stage", "versioning.after_push", "versioning.after_commit", "versioning.after_tag"]
+
+
+def commit_in_a_worker_that_dies(repo, corpus, point):
+    """Run commit() in another process that is killed (SIGKILL) at a fault point."""
+    code = ("import sys; from pathlib import Path; from nightshift.versioning.dvc_store import DatasetRepository; "
+            "DatasetRepository(Path(sys.argv[1]), Path(sys.argv[2])).commit(Path(sys.argv[3]), {'documents': 1})")
+    proc = subprocess.run([sys.executable, "-c", code, str(repo.root), str(repo.remote), str(corpus)],
+                          env={**os.environ, "NIGHTSHIFT_FAULT": point}, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_a_worker_killed_anywhere_in_commit_is_recovered_by_the_retry(tmp_path, point):
+    reference = DatasetRepository(tmp_path / "ref", tmp_path / "ref-remote")
+    corpus = write(tmp_path / "c.jsonl", '{"id": "a", "text": "x"}\n')
+    expected = reference.commit(corpus, {"documents": 1})
+
+    repo = DatasetRepository(tmp_path / "repo", tmp_path / "remote")
+    repo.ensure()
+    commit_in_a_worker_that_dies(repo, corpus, point)
+    retried = repo.commit(corpus, {"documents": 1})
+    assert retried.tag == expected.tag == "corpus-v0001" and retried.md5 == expected.md5
+    assert retried.created == (point != "versioning.after_tag")  # publishing is decided by asset events
+    assert repo.versions() == ["corpus-v0001"] and repo.remote_has(retried)
+    assert repo.commit(corpus, {"documents": 1}).tag == "corpus-v0001"  # and the night after
+    shutil.rmtree(repo.root / ".dvc" / "cache")
+    assert repo.fetch(retried, tmp_path / "out.jsonl").read_bytes() == corpus.read_bytes()
+    commits = subprocess.run(["git", "log", "--format=%s"], cwd=repo.root, capture_output=True, text=True).stdout
+    assert commits.count("documents (md5") == 1
+
+
+def test_tag_numbers_continue_from_the_highest_tag(repo, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    for text in ("one\n", "two\n"):
+        repo.commit(write(corpus, text), {"documents": 1})
+    subprocess.run(["git", "tag", "-d", "corpus-v0001"], cwd=repo.root, check=True, capture_output=True)
+    assert repo.commit(write(corpus, "three\n"), {"documents": 1}).tag == "corpus-v0003"

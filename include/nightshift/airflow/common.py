@@ -10,7 +10,7 @@ from airflow.sdk import Asset
 
 from nightshift.airflow.notifiers import AlertNotifier
 from nightshift.provenance import safe_name
-from nightshift.settings import Settings
+from nightshift.settings import Settings, load_settings
 
 CORPUS_ASSET = Asset("nightshift://datasets/corpus", extra={"description": "versioned training corpus (DVC)"})
 
@@ -18,6 +18,8 @@ DEFAULT_ARGS: dict[str, Any] = {
     "owner": "nightshift",
     "retries": 2,
     "retry_delay": timedelta(minutes=2),
+    # A hung task must end (and alert) instead of holding its pool slot and the DAG's only active run.
+    "execution_timeout": timedelta(seconds=load_settings().task_timeout_s),
     "on_failure_callback": AlertNotifier(),
 }
 

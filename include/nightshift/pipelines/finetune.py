@@ -12,10 +12,11 @@ from typing import Any
 
 from nightshift.evaluation.gate import GatePolicy, decide
 from nightshift.evaluation.harness import evaluate_model, load_golden
+from nightshift.faults import fault_point
 from nightshift.pipelines.ingest import dataset_repository
 from nightshift.provenance import code_revision
 from nightshift.records import DatasetVersion, EvaluationReport, GateDecision, ModelVersionRecord, PackedDataset
-from nightshift.registry.mlflow_registry import CHECKPOINT_ARTIFACT, DATASET_TAG, FINGERPRINT_TAG, ModelRegistry
+from nightshift.registry.mlflow_registry import DATASET_TAG, FINGERPRINT_TAG, ModelRegistry, file_sha256
 from nightshift.settings import GOLDEN_QA, Settings
 from nightshift.training.data import tokenize_and_pack
 from nightshift.training.launch import launch_command
@@ -42,8 +43,9 @@ class FinetuneRequest:
         if self.backend not in ("local", "kubernetes"):
             raise ValueError(f"backend must be 'local' or 'kubernetes', got {self.backend!r}")
 
-    def load_recipe(self) -> TrainingRecipe:
-        return TrainingRecipe.load(self.recipe, train_steps=self.train_steps, learning_rate=self.learning_rate)
+    def load_recipe(self, extra_dirs: tuple[Path, ...] = ()) -> TrainingRecipe:
+        return TrainingRecipe.load(self.recipe, extra_dirs, train_steps=self.train_steps,
+                                   learning_rate=self.learning_rate)
 
 
 def registry_for(settings: Settings) -> ModelRegistry:
@@ -66,10 +68,44 @@ def resolve_dataset(settings: Settings, requested: str | None, event_extras: lis
     return latest
 
 
-def fingerprint(dataset: DatasetVersion, base_model: str, recipe: TrainingRecipe) -> str:
-    """Return a key that is equal exactly when data, base model and recipe are equal."""
-    raw = json.dumps({"data": dataset.md5, "base": base_model, "recipe": recipe.to_dict()}, sort_keys=True)
+def fingerprint(dataset: DatasetVersion, base_model_digest: str, recipe: TrainingRecipe, world_size: int) -> str:
+    """Return a key that is equal exactly when everything that decides the trained weights is equal.
+
+    That is the corpus bytes, the base checkpoint's bytes, the recipe, the number of ranks (it sets the
+    global batch) and the trainer's own code.
+    """
+    raw = json.dumps({"data": dataset.md5, "base": base_model_digest, "recipe": recipe.to_dict(),
+                      "world_size": world_size, "trainer": trainer_code_digest()}, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
+def trainer_code_digest() -> str:
+    """Return a hash of the training package's source (the code that turns data into weights)."""
+    import nightshift.training as training
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(training.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_digest(folder: Path, cache_dir: Path) -> str:
+    """Return a hash of a checkpoint folder's files, cached by their sizes and modification times."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    stamp = [(p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    key = hashlib.sha256(json.dumps([str(folder.resolve()), stamp]).encode()).hexdigest()[:24]
+    cached = cache_dir / "digests" / f"{key}.txt"
+    if cached.is_file():
+        return cached.read_text().strip()
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + file_sha256(path).encode())
+    value = digest.hexdigest()[:24]
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(value)
+    tmp.replace(cached)
+    return value
 
 
 def pack_dataset(
@@ -130,6 +166,7 @@ def evaluate_pair(
     heldout = Path(packed.heldout_path)
     champion = registry.champion()
     if champion is not None:
+        registry.prune_cache(settings.cache_dir / "registry", keep=[champion])
         baseline_dir = registry.download(champion, settings.cache_dir / "registry")
         baseline_label = f"champion {champion.label}"
     else:
@@ -148,10 +185,9 @@ def gate(candidate: EvaluationReport, baseline: EvaluationReport, policy: GatePo
 def register_candidate(
     registry: ModelRegistry, run_id: str, candidate_dir: Path, dataset: DatasetVersion, fp: str
 ) -> ModelVersionRecord:
-    """Log the candidate checkpoint to its run and register it; reruns return the same version."""
-    artifacts = registry.client.list_artifacts(run_id, CHECKPOINT_ARTIFACT)
-    if not artifacts:
-        registry.client.log_artifacts(run_id, str(candidate_dir), CHECKPOINT_ARTIFACT)
+    """Upload the candidate checkpoint (manifest last) and register it; reruns return the same version."""
+    registry.upload_checkpoint(run_id, candidate_dir)
+    fault_point("registry.before_register")
     return registry.register(run_id, tags={
         DATASET_TAG: dataset.tag, "nightshift.dataset_rev": dataset.rev, "nightshift.dataset_md5": dataset.md5,
         FINGERPRINT_TAG: fp, "nightshift.code_revision": code_revision(),

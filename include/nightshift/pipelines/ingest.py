@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 RAW = "raw.jsonl"
 CORPUS = "corpus.jsonl"
+COLLECT_SKIPPED = "skipped_collect.json"
 SKIPPED = "skipped.json"
 
 
@@ -36,11 +37,11 @@ def dataset_repository(settings: Settings) -> DatasetRepository:
     return DatasetRepository(settings.data_repo, settings.dvc_remote)
 
 
-def collect(source: str, run_dir: Path) -> dict[str, Any]:
+def collect(source: str, run_dir: Path, allowed_roots: tuple[Path, ...] | None = None) -> dict[str, Any]:
     """Read the document store into raw.jsonl; return counts by format and skip reason."""
-    result = read_store(resolve_store(source))
+    result = read_store(resolve_store(source, allowed_roots))
     write_raw(result.documents, run_dir / RAW)
-    (run_dir / SKIPPED).write_text(json.dumps([s.__dict__ for s in result.skipped], indent=2))
+    _write_json(run_dir / COLLECT_SKIPPED, [s.__dict__ for s in result.skipped])
     return {
         "source": source,
         "documents": len(result.documents),
@@ -54,9 +55,25 @@ def prepare_corpus(run_dir: Path) -> dict[str, Any]:
     """Clean and exactly deduplicate raw.jsonl into corpus.jsonl; return the counts."""
     result = prepare(read_raw(run_dir / RAW))
     write_corpus(result.documents, run_dir / CORPUS)
-    skipped = json.loads((run_dir / SKIPPED).read_text()) + [s.__dict__ for s in result.skipped]
-    (run_dir / SKIPPED).write_text(json.dumps(skipped, indent=2))
+    # Built from collect's own record each time, so a retried step writes the same list, not a longer one.
+    skipped = json.loads((run_dir / COLLECT_SKIPPED).read_text()) + [s.__dict__ for s in result.skipped]
+    _write_json(run_dir / SKIPPED, skipped)
     return result.stats()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def needs_publishing(tag: str, published: list[dict[str, Any]]) -> bool:
+    """Return whether a dataset version still needs its asset event, given the extras of the events so far.
+
+    Decided by the events, not by whether this attempt created the version: an attempt that created the tag
+    and died before publishing leaves the retry with an existing tag that was never announced.
+    """
+    return not any((extra or {}).get("dataset_version") == tag for extra in published)
 
 
 def validate(run_dir: Path, policy: QualityPolicy) -> dict[str, Any]:

@@ -3,24 +3,69 @@
 Checkpoints are logged as run artifacts and registered from ``runs:/<run_id>/checkpoint``: MLflow 3's
 transformers flavor cannot save transformers 5 checkpoints (its pipeline-task lookup fails), and the
 serving side loads plain Hugging Face folders anyway.
+
+A checkpoint is uploaded file by file and then its manifest (every file's size and SHA-256) last, so the
+manifest marks a complete upload: only such a checkpoint is registered, and a download is checked against
+it before anyone loads it. Promotion records itself on the version (``nightshift.promoted_at``), so that
+a version that was registered but never promoted is not mistaken for one that was.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nightshift.faults import fault_point
 from nightshift.records import ModelVersionRecord
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_ARTIFACT = "checkpoint"
+MANIFEST = "MANIFEST.json"
 RUN_KEY_TAG = "nightshift.run_key"
 FINGERPRINT_TAG = "nightshift.fingerprint"
 DATASET_TAG = "nightshift.dataset_tag"
+PROMOTED_TAG = "nightshift.promoted_at"
+
+
+class IncompleteCheckpoint(RuntimeError):
+    """A checkpoint's files do not match its manifest (or it has none)."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_manifest(folder: Path) -> dict[str, Any]:
+    """Return ``{"files": {relative path: {"size", "sha256"}}}`` of a checkpoint folder."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {"files": {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+                      for p in files}}
+
+
+def verify_checkpoint(folder: Path, manifest: dict[str, Any]) -> None:
+    """Raise IncompleteCheckpoint unless every file of the manifest is in ``folder`` with its size and hash."""
+    problems = []
+    for rel, expected in manifest.get("files", {}).items():
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{rel} missing")
+        elif path.stat().st_size != expected["size"] or file_sha256(path) != expected["sha256"]:
+            problems.append(f"{rel} differs")
+    if not manifest.get("files"):
+        problems.append("the manifest lists no files")
+    if problems:
+        raise IncompleteCheckpoint(f"checkpoint in {folder} does not match its manifest: {', '.join(problems[:5])}")
 
 
 class ModelRegistry:
@@ -99,6 +144,45 @@ class ModelRegistry:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def find_run(self, experiment: str, run_key: str):
+        """Return the run recorded under ``run_key`` (see open_run), or None."""
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return None
+        runs = self.client.search_runs([found.experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                                       max_results=1)
+        return runs[0] if runs else None
+
+    def upload_checkpoint(self, run_id: str, folder: Path) -> dict[str, Any]:
+        """Upload a checkpoint folder to a run, its manifest last; skip it when the run already holds it whole."""
+        manifest = checkpoint_manifest(folder)
+        if self._uploaded_manifest(run_id) == manifest:
+            log.info("run %s already holds this checkpoint (%d files)", run_id, len(manifest["files"]))
+            return manifest
+        for i, rel in enumerate(manifest["files"]):
+            parent = Path(rel).parent.as_posix()
+            artifact_dir = CHECKPOINT_ARTIFACT if parent == "." else f"{CHECKPOINT_ARTIFACT}/{parent}"
+            self.client.log_artifact(run_id, str(folder / rel), artifact_dir)
+            if i == 0:
+                fault_point("registry.mid_upload")
+        fault_point("registry.before_manifest")
+        self.client.log_dict(run_id, manifest, f"{CHECKPOINT_ARTIFACT}/{MANIFEST}")
+        return manifest
+
+    def _uploaded_manifest(self, run_id: str) -> dict[str, Any] | None:
+        from mlflow.artifacts import download_artifacts
+        from mlflow.exceptions import MlflowException
+
+        names = {Path(a.path).name for a in self.client.list_artifacts(run_id, CHECKPOINT_ARTIFACT)}
+        if MANIFEST not in names:
+            return None
+        try:
+            local = download_artifacts(run_id=run_id, artifact_path=f"{CHECKPOINT_ARTIFACT}/{MANIFEST}",
+                                       tracking_uri=self.tracking_uri)
+        except (MlflowException, OSError):
+            return None
+        return json.loads(Path(local).read_text())
+
     def _record(self, mv) -> ModelVersionRecord:
         aliases = list(getattr(mv, "aliases", []) or [])
         return ModelVersionRecord(
@@ -115,9 +199,18 @@ class ModelRegistry:
         except MlflowException:
             return []
 
-    def find_by_fingerprint(self, fingerprint: str) -> ModelVersionRecord | None:
-        """Return the newest version trained from exactly this data, recipe and base model, if any."""
+    def find_by_fingerprint(self, fingerprint: str, promoted_only: bool = True) -> ModelVersionRecord | None:
+        """Return the newest version trained from exactly this data, recipe and base model, if any.
+
+        By default only versions that were promoted count: one whose promotion never happened must be
+        trained, gated and promoted again rather than silently reused.
+        """
         found = self._versions(f"name = '{self.model_name}' and tags.`{FINGERPRINT_TAG}` = '{fingerprint}'")
+        if promoted_only and found:
+            # The alias moves first and the record follows: the champion counts even if the record is missing.
+            champion = self.champion()
+            found = [mv for mv in found if (mv.tags or {}).get(PROMOTED_TAG)
+                     or (champion is not None and int(mv.version) == champion.version)]
         return self._record(max(found, key=lambda mv: int(mv.version))) if found else None
 
     def champion(self) -> ModelVersionRecord | None:
@@ -134,20 +227,43 @@ class ModelRegistry:
         return self._record(self.client.get_model_version(self.model_name, str(version)))
 
     def download(self, version: ModelVersionRecord, cache_dir: Path) -> Path:
-        """Return a local folder with the checkpoint of a version, downloading it once."""
+        """Return a local folder with the verified checkpoint of a version, downloading it once."""
         from mlflow.artifacts import download_artifacts
 
         dest = cache_dir / f"{version.name}-v{version.version}"
         if (dest / "config.json").is_file():
-            return dest
+            return dest  # only a verified download is ever renamed into place
         tmp = dest.with_name(dest.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         local = Path(download_artifacts(artifact_uri=version.source, dst_path=str(tmp), tracking_uri=self.tracking_uri))
+        manifest_path = local / MANIFEST
+        try:
+            if manifest_path.is_file():
+                verify_checkpoint(local, json.loads(manifest_path.read_text()))
+            elif not (local / "config.json").is_file():
+                raise IncompleteCheckpoint(f"{version.label} has no manifest and no config.json")
+            else:
+                log.warning("%s was registered without a manifest: its files cannot be verified", version.label)
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(dest, ignore_errors=True)
         local.rename(dest)
         shutil.rmtree(tmp, ignore_errors=True)
         return dest
+
+    def prune_cache(self, cache_dir: Path, keep: list[ModelVersionRecord]) -> list[Path]:
+        """Remove downloaded checkpoints of this model other than ``keep``; return what was removed."""
+        wanted = {f"{v.name}-v{v.version}" for v in keep}
+        removed = []
+        if cache_dir.is_dir():
+            for folder in cache_dir.iterdir():
+                name = folder.name.removesuffix(".partial")
+                if folder.is_dir() and name.startswith(f"{self.model_name}-v") and folder.name not in wanted:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder)
+        return removed
 
     def register(self, run_id: str, tags: dict[str, str]) -> ModelVersionRecord:
         """Register the checkpoint of a run as a model version; a second call returns the same version."""
@@ -156,6 +272,8 @@ class ModelRegistry:
         existing = self._versions(f"name = '{self.model_name}' and run_id = '{run_id}'")
         if existing:
             return self._record(existing[0])
+        if self._uploaded_manifest(run_id) is None:
+            raise IncompleteCheckpoint(f"run {run_id} holds no complete checkpoint (no manifest): upload it first")
         try:
             self.client.create_registered_model(self.model_name, description="Fine-tuned by nightshift")
         except MlflowException as exc:
@@ -167,7 +285,10 @@ class ModelRegistry:
         return self._record(mv)
 
     def promote(self, version: ModelVersionRecord) -> ModelVersionRecord:
-        """Point the champion alias at a version."""
+        """Point the champion alias at a version, then record on the version that it was promoted."""
         self.client.set_registered_model_alias(self.model_name, self.alias, str(version.version))
+        fault_point("registry.after_alias")
+        self.client.set_model_version_tag(self.model_name, str(version.version), PROMOTED_TAG,
+                                          datetime.now(UTC).isoformat(timespec="seconds"))
         log.info("%s is now %s@%s", version.label, self.model_name, self.alias)
         return self.get(version.version)

@@ -189,6 +189,10 @@ class ChampionWatcher:
         self.failures.pop(record.version, None)
         self.detail = None
         gc.collect()
+        try:  # only the model being served needs its files on disk
+            self.registry.prune_cache(self.cache_dir, keep=[record])
+        except OSError:
+            log.warning("could not prune %s", self.cache_dir, exc_info=True)
         log.info("serving %s (was %s), loaded in %.1fs: window %d tokens, %d MiB of weights, %d MiB for requests",
                  record.label, previous, time.monotonic() - started, loaded.window, loaded.model_bytes // MIB,
                  loaded.capacity_bytes // MIB)

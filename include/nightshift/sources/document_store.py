@@ -57,8 +57,16 @@ class ReadResult:
         return dict(Counter(s.reason.split(":")[0] for s in self.skipped).most_common())
 
 
-def resolve_store(source: str) -> Path:
-    """Return the folder a ``source`` parameter names; raise a clear error when it is not usable."""
+class SourceNotAllowed(ValueError):
+    """The source lies outside the folders this installation allows reading from."""
+
+
+def resolve_store(source: str, allowed_roots: tuple[Path, ...] | None = None) -> Path:
+    """Return the folder a ``source`` parameter names; raise a clear error when it is not usable.
+
+    With ``allowed_roots``, the folder (after following links) must lie inside one of them: a person who may
+    trigger a DAG must not gain the worker's access to every other file.
+    """
     if not source or not source.strip():
         raise ValueError("`source` is empty: give a local folder or a file:// URI of a document store")
     parsed = urlparse(source)
@@ -72,31 +80,44 @@ def resolve_store(source: str) -> Path:
         )
     else:
         path = Path(source).expanduser()
+    resolved = path.resolve()
+    if allowed_roots is not None and not any(resolved.is_relative_to(root) for root in allowed_roots):
+        raise SourceNotAllowed(
+            f"document store {source!r} is outside the folders this installation reads from "
+            f"({', '.join(str(r) for r in allowed_roots)}); an administrator can add one to NIGHTSHIFT_SOURCE_ROOTS"
+        )
     if not path.exists():
-        raise FileNotFoundError(f"document store {source!r} does not exist ({path})")
+        raise FileNotFoundError(f"document store {source!r} does not exist")
     if not path.is_dir():
         raise NotADirectoryError(f"document store {source!r} is a file; give the folder that holds the documents")
-    return path.resolve()
+    return resolved
 
 
 def read_store(root: Path) -> ReadResult:
     """Return every supported document under ``root`` in a stable order, with counted skips."""
     result = ReadResult()
+    root = root.resolve()
     files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root)))
     for path in files:
         rel = path.relative_to(root).as_posix()
+        if not path.resolve().is_relative_to(root):
+            result.skipped.append(Skip(rel, "link outside the store: not followed"))
+            continue
         fmt = FORMATS.get(path.suffix.lower())
         if fmt is None:
             result.skipped.append(Skip(rel, f"unsupported extension: {path.suffix or '(none)'}"))
             continue
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            result.skipped.append(Skip(rel, f"file too large: {size} bytes > {MAX_FILE_BYTES}"))
-            continue
         try:
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                result.skipped.append(Skip(rel, f"file too large: {size} bytes > {MAX_FILE_BYTES}"))
+                continue
             text = path.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             result.skipped.append(Skip(rel, f"not UTF-8 text: byte {exc.start}"))
+            continue
+        except OSError as exc:
+            result.skipped.append(Skip(rel, f"unreadable: {type(exc).__name__}"))
             continue
         if fmt == "jsonl":
             _read_jsonl(rel, text, result)

@@ -8,8 +8,11 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -37,21 +40,87 @@ def local_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """Return a TCP port free on this machine now (for the ranks' rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_master_port(command: list[str], port: int) -> list[str]:
+    """Return the launcher command with its ``--master_port`` set to ``port``."""
+    out = list(command)
+    out[out.index("--master_port") + 1] = str(port)
+    return out
+
+
+def stop_process_group(pgid_file: Path, grace_s: float = 10.0) -> bool:
+    """Stop the process group recorded in ``pgid_file`` (SIGTERM, then SIGKILL); return whether one was alive."""
+    try:
+        pgid = int(pgid_file.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    if not _is_trainer_group(pgid):  # gone, or the id now belongs to something else: leave it alone
+        pgid_file.unlink(missing_ok=True)
+        return False
+    alive = _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while alive and time.monotonic() < deadline and _signal_group(pgid, 0):
+        time.sleep(0.2)
+    if _signal_group(pgid, 0):
+        _signal_group(pgid, signal.SIGKILL)
+    pgid_file.unlink(missing_ok=True)
+    return alive
+
+
+def _is_trainer_group(pgid: int) -> bool:
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and any("deepspeed" in part or "nightshift.training" in part
+                                                    for part in proc.info["cmdline"] or []):
+                return True
+        except (ProcessLookupError, psutil.Error, OSError):
+            continue
+    return False
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
 def run_local(command: list[str], env: dict[str, str], log_path: Path) -> None:
-    """Run the launcher, streaming its output to the task log and to ``log_path``; raise on failure."""
+    """Run the launcher in a process group of its own; stream its output to the task log and ``log_path``.
+
+    The group id is recorded beside the log: a retry first stops a group that a killed attempt left behind,
+    and however this call ends (failure, timeout, the task being killed) the ranks are stopped with it.
+    """
+    pgid_file = log_path.with_name("trainer.pgid")
+    if stop_process_group(pgid_file):
+        log.warning("stopped trainer ranks left running by an earlier attempt")
     log.info("launching: %s", " ".join(command))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=40)
     with log_path.open("w") as out, subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        start_new_session=True,
     ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            out.write(line)
-            tail.append(line.rstrip())
-            if _worth_logging(line):
-                log.info("%s", line.rstrip())
-        code = proc.wait()
+        pgid_file.write_text(str(proc.pid))
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                out.write(line)
+                tail.append(line.rstrip())
+                if _worth_logging(line):
+                    log.info("%s", line.rstrip())
+            code = proc.wait()
+        finally:
+            stop_process_group(pgid_file, grace_s=5.0)
     if code != 0:
         raise RuntimeError(
             f"trainer exited with code {code}; last lines (full log: {log_path}):\n" + "\n".join(tail)

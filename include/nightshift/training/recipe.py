@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from nightshift.configs import load_yaml_dataclass
 from nightshift.settings import CONFIG_DIR
 
 RECIPE_DIR = CONFIG_DIR / "training"
+RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -55,15 +57,20 @@ class TrainingRecipe:
             raise ValueError("invalid training recipe: " + "; ".join(errors))
 
     @classmethod
-    def load(cls, name_or_path: str = "default", **overrides: Any) -> TrainingRecipe:
-        """Load a recipe by name (include/configs/training/<name>.yaml) or path, then apply overrides."""
-        path = Path(name_or_path)
-        if not path.suffix:
-            path = RECIPE_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
-            raise FileNotFoundError(f"training recipe {name_or_path!r} not found ({path}); known recipes: {known}")
-        return load_yaml_dataclass(cls, path, **overrides)
+    def load(cls, name: str = "default", extra_dirs: tuple[Path, ...] = (), **overrides: Any) -> TrainingRecipe:
+        """Load a recipe by name from include/configs/training (or a configured extra folder), then apply overrides.
+
+        Names only, never paths: the name comes from a Param that anyone who may trigger the DAG can set.
+        """
+        dirs = (RECIPE_DIR, *extra_dirs)
+        known = sorted({p.stem for d in dirs for p in Path(d).glob("*.yaml")})
+        if not isinstance(name, str) or not RECIPE_NAME.fullmatch(name):
+            raise ValueError(f"a training recipe is given by name (letters, digits, '_' or '-'); known: {known}")
+        for folder in dirs:
+            path = Path(folder) / f"{name}.yaml"
+            if path.is_file():
+                return load_yaml_dataclass(cls, path, **overrides)
+        raise FileNotFoundError(f"training recipe {name!r} not found; known recipes: {known}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

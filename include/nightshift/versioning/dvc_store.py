@@ -3,19 +3,27 @@
 A version is a git commit that changes ``<name>/<file>.dvc`` (the content hash) and ``<name>/meta.json``
 (counts), tagged ``<name>-vNNNN``; its bytes live in the DVC cache and are pushed to the remote.
 Versioning identical bytes again returns the existing version instead of creating one.
+
+Creating a version is one recoverable step, in the order stage -> push -> commit -> tag, so that a tag
+always names bytes the remote holds. Each part is skipped when a killed earlier attempt already did it (an
+untagged commit of the same bytes is tagged, not committed again), and one lock serialises the processes
+that share the repository.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import re
 import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
+from nightshift.faults import fault_point
 from nightshift.records import DatasetVersion
 
 log = logging.getLogger(__name__)
@@ -96,33 +104,67 @@ class DatasetRepository:
             documents=int(meta["documents"]), bytes=int(out["size"]), repo=str(self.root),
         )
 
+    @contextmanager
+    def locked(self):
+        """Hold the repository's lock (one process at a time changes or reads it)."""
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.root.parent / f".{self.root.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _tag_for(self, md5: str) -> str | None:
+        for tag in reversed(self.versions()):
+            if self.get(tag).md5 == md5:
+                return tag
+        return None
+
+    def _head_md5(self) -> str | None:
+        """Return the content hash the last commit records, or None when it records none."""
+        proc = subprocess.run(["git", "show", f"HEAD:{self.data_path}.dvc"], cwd=self.root, capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            return None
+        return (yaml.safe_load(proc.stdout) or {}).get("outs", [{}])[0].get("md5")
+
+    def _next_tag(self) -> str:
+        numbers = [int(t.rsplit("-v", 1)[1]) for t in self.versions()]
+        return f"{self.name}-v{max(numbers, default=0) + 1:04d}"
+
     def commit(self, corpus_file: Path, meta: dict) -> DatasetVersion:
         """Version a corpus file; return the existing version instead when its bytes are already versioned."""
         self.ensure()
-        md5 = content_md5(corpus_file)
-        for tag in reversed(self.versions()):
-            version = self.get(tag)
-            if version.md5 == md5:
-                log.info("corpus bytes unchanged (md5 %s): reusing %s", md5, version.ref)
+        with self.locked():
+            md5 = content_md5(corpus_file)
+            existing = self._tag_for(md5)
+            if existing:
+                log.info("corpus bytes unchanged (md5 %s): reusing %s", md5, existing)
                 self.push()
-                return version
-        target = self.root / self.data_path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(corpus_file, target)
-        (target.parent / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        with self._repo() as repo:
-            repo.add([str(target)])
-        tag = f"{self.name}-v{len(self.versions()) + 1:04d}"
-        self._git("add", "-A", self.name)
-        self._git("commit", "--quiet", "-m", f"{tag}: {meta.get('documents', '?')} documents (md5 {md5})")
-        self._git("tag", "-a", tag, "-m", f"{self.name} version {tag}")
-        self.push()
-        version = self.get(tag)
+                return self.get(existing)
+            if self._head_md5() == md5:
+                log.info("recovering an interrupted version: the last commit holds these bytes but has no tag")
+                self.push()
+            else:
+                target = self.root / self.data_path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(corpus_file, target)
+                (target.parent / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+                with self._repo() as repo:
+                    repo.add([str(target)])
+                fault_point("versioning.after_stage")
+                self.push()
+                fault_point("versioning.after_push")
+                self._git("add", "-A", self.name)
+                self._git("commit", "--quiet", "-m", f"{meta.get('documents', '?')} documents (md5 {md5})")
+                fault_point("versioning.after_commit")
+            tag = self._next_tag()
+            self._git("tag", "-a", tag, "-m", f"{self.name} version {tag}", "HEAD")
+            fault_point("versioning.after_tag")
+            version = self.get(tag)
         log.info("created dataset version %s (%d documents, %d bytes)", version.ref, version.documents, version.bytes)
         return DatasetVersion(**{**version.to_dict(), "created": True})
 
     def push(self) -> None:
-        """Push every cached dataset version to the DVC remote."""
+        """Push the workspace's and every tagged version's bytes to the DVC remote (a no-op when it has them)."""
         with self._repo() as repo:
             repo.push(remote=REMOTE_NAME, all_tags=True)
 
@@ -132,7 +174,8 @@ class DatasetRepository:
 
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_suffix(dest.suffix + ".tmp")
-        with dvc.api.open(version.path, repo=str(self.root), rev=version.tag, mode="rb", remote=REMOTE_NAME) as src:
+        with self.locked(), dvc.api.open(version.path, repo=str(self.root), rev=version.tag, mode="rb",
+                                         remote=REMOTE_NAME) as src:
             with tmp.open("wb") as out:
                 shutil.copyfileobj(src, out)
         got = content_md5(tmp)
