@@ -92,10 +92,11 @@ def ingest_corpus():
     @task(inlets=[CORPUS_ASSET], outlets=[CORPUS_ASSET])
     def publish_dataset(dataset: dict) -> dict:
         from nightshift.pipelines.ingest import needs_publishing
+        from nightshift.records import DatasetVersion
 
         context = get_current_context()
         published = [event.extra for event in context["inlet_events"][CORPUS_ASSET]]
-        if not needs_publishing(dataset["tag"], published):
+        if not needs_publishing(DatasetVersion.from_dict(dataset), published):
             raise AirflowSkipException(f"corpus unchanged: {dataset['tag']} was published already")
         context["outlet_events"][CORPUS_ASSET].extra = {
             "dataset_version": dataset["tag"], "rev": dataset["rev"], "md5": dataset["md5"],

@@ -21,6 +21,7 @@ os.environ["NIGHTSHIFT_HOME"] = str(SESSION_HOME)
 os.environ["NIGHTSHIFT_SOURCE_ROOTS"] = os.pathsep.join([
     str(Path(__file__).resolve().parent.parent / "include" / "samples" / "store"), tempfile.gettempdir()])
 os.environ["NIGHTSHIFT_RECIPE_DIRS"] = str(Path(__file__).resolve().parent / "e2e" / "recipes")
+os.environ["NIGHTSHIFT_RETRY_DELAY_S"] = "1"  # dag.test() waits out retry delays; fault tests retry for real
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@
 import site
 import subprocess
 import sys
-from pathlib import Path
 
 from conftest import REPO
 

@@ -2,17 +2,20 @@
 
 Code marks the moments that matter (``fault_point("versioning.after_commit")``). Normally a fault point does
 nothing; when ``NIGHTSHIFT_FAULT`` names it, the process dies there with SIGKILL (as a worker does when its
-node goes away: no ``finally``, no clean-up) or, with a ``:raise`` suffix, raises ``InjectedFault`` (as a
-failed external call does). The fault-injection tests run each step so, retry it, and compare the end state
-with an uninterrupted run.
+node goes away: no ``finally``, no clean-up), or with a ``:raise`` suffix raises ``InjectedFault`` (as a
+failed external call does), or with ``:once`` raises only the first time (a marker file in
+``NIGHTSHIFT_FAULT_DIR`` remembers it), so that Airflow's retry of the task meets no fault. The
+fault-injection tests run each step so, retry it, and compare the end state with an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 ENV = "NIGHTSHIFT_FAULT"
+ONCE_DIR_ENV = "NIGHTSHIFT_FAULT_DIR"
 
 
 class InjectedFault(RuntimeError):
@@ -26,7 +29,14 @@ def fault_point(name: str) -> None:
         return
     for entry in wanted.split(","):
         point, _, mode = entry.strip().partition(":")
-        if point == name:
-            if mode == "raise":
-                raise InjectedFault(f"fault injected at {name}")
-            os.kill(os.getpid(), signal.SIGKILL)
+        if point != name:
+            continue
+        if mode == "once":
+            marker = Path(os.environ.get(ONCE_DIR_ENV, ".")) / f"fault-{name}"
+            if marker.exists():
+                continue
+            marker.touch()
+            raise InjectedFault(f"fault injected at {name} (once)")
+        if mode == "raise":
+            raise InjectedFault(f"fault injected at {name}")
+        os.kill(os.getpid(), signal.SIGKILL)

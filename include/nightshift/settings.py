@@ -136,6 +136,8 @@ class Settings:
     """execution_timeout of every task but training."""
     train_timeout_s: int = 6 * 3600
     """execution_timeout of the training tasks; the trainer's ranks are stopped with the task."""
+    retry_delay_s: int = 120
+    """Wait before Airflow retries a failed task."""
     retention_days: float = 7.0
     """Work folders of runs older than this are removed; the serving and evaluation caches keep what is in use."""
 
@@ -254,6 +256,7 @@ def load_settings() -> Settings:
         task_timeout_s=_env_int("NIGHTSHIFT_TASK_TIMEOUT_S", 3600),
         train_timeout_s=_env_int("NIGHTSHIFT_TRAIN_TIMEOUT_S", 6 * 3600),
         retention_days=_env_float("NIGHTSHIFT_RETENTION_DAYS", 7.0),
+        retry_delay_s=_env_int("NIGHTSHIFT_RETRY_DELAY_S", 120),
     )
 
 

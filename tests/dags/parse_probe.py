@@ -35,6 +35,7 @@ def main(path: str) -> None:
             "owners": sorted({t.owner for t in dag.tasks}),
             "undescribed_params": [k for k, p in dag.params.items() if not (p.description and p.schema.get("title"))],
             "failure_callbacks": all(t.on_failure_callback for t in dag.tasks),
+            "untimed_tasks": [t.task_id for t in dag.tasks if not t.execution_timeout],
             "fileloc": dag.fileloc,
         }
         for dag_id, dag in bag.dags.items()

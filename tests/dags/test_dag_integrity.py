@@ -48,3 +48,4 @@ def test_house_style(parsed):
     assert dag["owners"] == ["nightshift"]
     assert dag["undescribed_params"] == []
     assert dag["failure_callbacks"], "every task must alert on failure"
+    assert dag["untimed_tasks"] == [], "every task needs an execution_timeout"

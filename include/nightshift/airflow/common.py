@@ -17,7 +17,7 @@ CORPUS_ASSET = Asset("nightshift://datasets/corpus", extra={"description": "vers
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "nightshift",
     "retries": 2,
-    "retry_delay": timedelta(minutes=2),
+    "retry_delay": timedelta(seconds=load_settings().retry_delay_s),
     # A hung task must end (and alert) instead of holding its pool slot and the DAG's only active run.
     "execution_timeout": timedelta(seconds=load_settings().task_timeout_s),
     "on_failure_callback": AlertNotifier(),

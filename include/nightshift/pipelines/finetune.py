@@ -226,6 +226,7 @@ def evaluate_candidate(
 ) -> dict[str, Any]:
     """Record the training run in MLflow, then evaluate candidate and champion; return both reports."""
     run_id, output = plan["mlflow_run_id"], Path(plan["output_dir"])
+    fault_point("finetune.evaluate")
     metrics = read_training_metrics(output)
     registry.log_series(run_id, "train_loss", metrics["losses"])
     registry.log_metrics(run_id, {"train_seconds": metrics["seconds"], "train_tokens": metrics["tokens"]})

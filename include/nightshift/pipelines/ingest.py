@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from nightshift.faults import fault_point
 from nightshift.prep.clean import prepare, write_corpus
 from nightshift.quality.suite import QualityPolicy, QualityReport, validate_corpus
 from nightshift.records import DatasetVersion
@@ -58,6 +59,7 @@ def prepare_corpus(run_dir: Path) -> dict[str, Any]:
     # Built from collect's own record each time, so a retried step writes the same list, not a longer one.
     skipped = json.loads((run_dir / COLLECT_SKIPPED).read_text()) + [s.__dict__ for s in result.skipped]
     _write_json(run_dir / SKIPPED, skipped)
+    fault_point("ingest.after_prepare")
     return result.stats()
 
 
@@ -67,13 +69,15 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def needs_publishing(tag: str, published: list[dict[str, Any]]) -> bool:
+def needs_publishing(version: DatasetVersion, published: list[dict[str, Any]]) -> bool:
     """Return whether a dataset version still needs its asset event, given the extras of the events so far.
 
     Decided by the events, not by whether this attempt created the version: an attempt that created the tag
-    and died before publishing leaves the retry with an existing tag that was never announced.
+    and died before publishing leaves the retry with an existing tag that was never announced. A version is
+    its tag and commit together (a data repository that was created anew reuses tag names).
     """
-    return not any((extra or {}).get("dataset_version") == tag for extra in published)
+    return not any((extra or {}).get("dataset_version") == version.tag and (extra or {}).get("rev") == version.rev
+                   for extra in published)
 
 
 def validate(run_dir: Path, policy: QualityPolicy) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -111,16 +112,23 @@ def run_local(command: list[str], env: dict[str, str], log_path: Path) -> None:
         start_new_session=True,
     ) as proc:
         pgid_file.write_text(str(proc.pid))
-        try:
+
+        def pump() -> None:
             assert proc.stdout is not None
             for line in proc.stdout:
                 out.write(line)
                 tail.append(line.rstrip())
                 if _worth_logging(line):
                     log.info("%s", line.rstrip())
+
+        # Read in a thread and wait for the launcher itself: a rank that outlives it keeps the pipe open.
+        reader = threading.Thread(target=pump, name="trainer-log", daemon=True)
+        reader.start()
+        try:
             code = proc.wait()
         finally:
             stop_process_group(pgid_file, grace_s=5.0)
+            reader.join(timeout=30)
     if code != 0:
         raise RuntimeError(
             f"trainer exited with code {code}; last lines (full log: {log_path}):\n" + "\n".join(tail)

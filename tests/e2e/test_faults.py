@@ -1,0 +1,198 @@
+"""Fault injection through real DAG runs: a step fails at the moment that matters, Airflow retries it, and the
+end state equals an uninterrupted run's. Also what a person who may only trigger DAGs can try with Params.
+
+Faults are named fault points (nightshift.faults) set to fail once; the task's retry meets no fault. The
+kill-with-SIGKILL variants of the same points run against the steps directly in tests/versioning and
+tests/registry.
+"""
+
+import json
+import shutil
+
+import pytest
+
+from cli_helpers import run
+from conftest import REPO
+from helpers import SmtpSink
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, airflow_db):
+    """A NIGHTSHIFT_HOME of its own for the data repo, registry and work folders (Airflow's DB is shared)."""
+    from nightshift.pipelines.ingest import dataset_repository
+    from nightshift.settings import load_settings
+
+    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NIGHTSHIFT_FAULT_DIR", str(tmp_path))
+    settings = load_settings()
+    dataset_repository(settings).ensure()
+    return settings
+
+
+def fresh(dag_id):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags" / f"{dag_id}.py"))
+    assert not bag.import_errors
+    return bag.dags[dag_id]
+
+
+def events_for(version):
+    """Return the corpus asset events that announced this version (its tag and commit)."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    from nightshift.airflow.common import CORPUS_ASSET
+
+    with create_session() as session:
+        events = (session.query(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                  .filter(AssetModel.uri == CORPUS_ASSET.uri).all())
+        return [e.extra for e in events if (e.extra or {}).get("dataset_version") == version.tag
+                and (e.extra or {}).get("rev") == version.rev]
+
+
+def tries(dag_run, task_id):
+    return dag_run.get_task_instance(task_id).try_number
+
+
+@pytest.mark.parametrize("point", ["versioning.after_stage", "versioning.after_commit", "versioning.after_tag",
+                                   "ingest.after_prepare"])
+def test_ingest_survives_a_failed_step_and_publishes_exactly_once(home, monkeypatch, point):
+    from nightshift.pipelines.ingest import dataset_repository
+
+    monkeypatch.setenv("NIGHTSHIFT_FAULT", f"{point}:once")
+    dag_run, tasks = run(fresh("ingest_corpus"), {})
+    assert dag_run.state == "success", {t: r.state for t, r in tasks.items()}
+    failed_task = "prepare_corpus" if point.startswith("ingest") else "version_dataset"
+    assert tries(dag_run, failed_task) == 2  # the fault, then Airflow's retry
+    repo = dataset_repository(home)
+    version = repo.get("corpus-v0001")
+    assert repo.versions() == ["corpus-v0001"] and repo.remote_has(version)
+    assert len(events_for(version)) == 1 and tasks["publish_dataset"].state == "success"
+    skipped = json.loads(next(home.work_dir.glob("ingest_corpus/*/skipped.json")).read_text())
+    assert len(skipped) == len({json.dumps(s, sort_keys=True) for s in skipped}) == 1  # no duplicated records
+
+    monkeypatch.delenv("NIGHTSHIFT_FAULT")
+    again, tasks = run(fresh("ingest_corpus"), {})
+    assert again.state == "success" and tasks["publish_dataset"].state == "skipped"
+    assert repo.versions() == ["corpus-v0001"] and len(events_for(version)) == 1
+
+
+@pytest.fixture
+def trained_home(home, tiny_model):
+    """The home above with a corpus version and the tiny model imported under its models folder."""
+    shutil.copytree(tiny_model, home.models_dir / "tiny")
+    dag_run, _ = run(fresh("ingest_corpus"), {})
+    assert dag_run.state == "success"
+    return home
+
+
+def registry_state(settings):
+    from nightshift.pipelines.finetune import registry_for
+
+    registry = registry_for(settings)
+    versions = registry.client.search_model_versions(f"name = '{registry.model_name}'")
+    return registry, sorted(int(v.version) for v in versions)
+
+
+def test_registration_and_promotion_survive_failures_at_every_step(trained_home, monkeypatch, tmp_path):
+    from nightshift.registry.mlflow_registry import MANIFEST, PROMOTED_TAG
+
+    monkeypatch.setenv("NIGHTSHIFT_FAULT", "registry.before_manifest:once,registry.before_register:once,"
+                                           "registry.after_alias:once")
+    dag_run, tasks = run(fresh("finetune_model"), {"base_model": "tiny", "recipe": "tiny"})
+    assert dag_run.state == "success", {t: r.state for t, r in tasks.items()}
+    assert tries(dag_run, "register_candidate") == 3 and tries(dag_run, "promote_candidate") == 2
+    registry, versions = registry_state(trained_home)
+    assert versions == [1]
+    champion = registry.champion()
+    assert champion.version == 1
+    assert registry.client.get_model_version(registry.model_name, "1").tags[PROMOTED_TAG]
+    folder = registry.download(champion, tmp_path / "verify")  # checked file by file against the manifest
+    assert (folder / MANIFEST).is_file() and (folder / "model.safetensors").is_file()
+    assert registry.client.get_run(champion.run_id).info.status == "FINISHED"
+
+    monkeypatch.delenv("NIGHTSHIFT_FAULT")
+    again, tasks = run(fresh("finetune_model"), {"base_model": "tiny", "recipe": "tiny"})
+    assert again.state == "success" and tasks["reuse_existing"].state == "success"
+    assert registry_state(trained_home)[1] == [1]
+
+
+def test_a_run_that_fails_for_good_closes_its_mlflow_run_and_alerts(trained_home, monkeypatch):
+    monkeypatch.setenv("NIGHTSHIFT_FAULT", "finetune.evaluate:raise")
+    dag_run, tasks = run(fresh("finetune_model"), {"base_model": "tiny", "recipe": "tiny"})
+    assert dag_run.state == "failed" and tasks["evaluate"].state == "failed"
+    assert tries(dag_run, "evaluate") == 3
+    registry, versions = registry_state(trained_home)
+    assert versions == [] and registry.champion() is None
+    mlflow_run = registry.find_run("finetune_model", f"finetune_model/{dag_run.run_id}")
+    assert mlflow_run.info.status == "FAILED"
+    alerts = [json.loads(line) for line in (trained_home.home / "alerts" / "alerts.jsonl").read_text().splitlines()]
+    assert alerts[-1]["title"].endswith("finetune_model.evaluate failed")
+
+
+def test_a_second_run_of_a_dag_waits_for_the_first_to_finish(home):
+    from datetime import UTC, datetime
+
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState
+    from airflow.utils.types import DagRunType
+
+    fresh("ingest_corpus")
+    with create_session() as session:  # a run of the scheduler's, still running, holds the lease
+        session.add(DagRun(dag_id="ingest_corpus", run_id="scheduled__holder", run_type=DagRunType.SCHEDULED,
+                           state=DagRunState.RUNNING, run_after=datetime.now(UTC), conf={}))
+    (home.home / "locks").mkdir(parents=True)
+    (home.home / "locks" / "ingest_corpus.json").write_text(json.dumps({"run_id": "scheduled__holder"}))
+
+    blocked, tasks = run(fresh("ingest_corpus"), {})
+    assert blocked.state == "failed" and tasks["collect_documents"].state == "failed"
+    assert tries(blocked, "collect_documents") == 1  # refused at once, not retried
+    alert = json.loads((home.home / "alerts" / "alerts.jsonl").read_text().splitlines()[-1])
+    assert "scheduled__holder" in alert["message"] and "still running" in alert["message"]
+
+    with create_session() as session:
+        holder = session.query(DagRun).filter(DagRun.run_id == "scheduled__holder").one()
+        holder.state = DagRunState.FAILED
+    after, _ = run(fresh("ingest_corpus"), {})
+    assert after.state == "success"
+
+
+def test_params_cannot_reach_the_workers_files(home):
+    dag_run, tasks = run(fresh("ingest_corpus"), {"source": "/etc"})
+    assert dag_run.state == "failed" and tasks["collect_documents"].state == "failed"
+    assert tries(dag_run, "collect_documents") == 1
+    alert = json.loads((home.home / "alerts" / "alerts.jsonl").read_text().splitlines()[-1])
+    assert "NIGHTSHIFT_SOURCE_ROOTS" in alert["message"] and "root:" not in json.dumps(alert)
+
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    for recipe in ("/etc/passwd", "../../etc/passwd", "default.yaml"):
+        with pytest.raises(ParamValidationError):
+            fresh("finetune_model").test(run_conf={"recipe": recipe})
+    run(fresh("ingest_corpus"), {})  # a dataset version, so that the base model is what fails
+    dag_run, tasks = run(fresh("finetune_model"), {"base_model": "/etc"})
+    assert dag_run.state == "failed" and tasks["check_registry"].state == "failed"
+    assert tries(dag_run, "check_registry") == 1
+    alert = json.loads((home.home / "alerts" / "alerts.jsonl").read_text().splitlines()[-1])
+    assert "is not a model under" in alert["message"]
+
+
+def test_a_planted_secret_in_a_failing_document_is_never_quoted(home, tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "ok.md").write_text("# Opening hours\\n\\nThe observatory opens at dusk, every night but Monday.")
+    (store / "leak.txt").write_text("db_password=hunter2 " * 20_000)  # over max_chars: fails the suite
+    with SmtpSink() as smtp:
+        monkeypatch.setenv("AIRFLOW_CONN_NIGHTSHIFT_ALERTS", json.dumps({
+            "conn_type": "smtp", "host": "127.0.0.1", "port": smtp.port,
+            "extra": {"to": ["data-oncall@example.com"], "from": "nightshift@example.com"}}))
+        dag_run, tasks = run(fresh("ingest_corpus"), {"source": str(store)})
+    assert dag_run.state == "failed" and tasks["validate_corpus"].state == "failed"
+    body = smtp.messages[-1].get_payload()
+    assert "leak.txt" in body and "hunter2" not in body
+    quality = next(home.work_dir.glob("ingest_corpus/*/quality.json")).read_text()
+    assert "leak.txt" in quality and "hunter2" not in quality
