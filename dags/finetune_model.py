@@ -189,9 +189,13 @@ def finetune_model():
         from nightshift.pipelines.finetune import gate, registry_for
         from nightshift.records import EvaluationReport
 
+        try:
+            policy = GatePolicy.load()
+        except ValueError as exc:  # a broken gate.yaml does not mend itself on retry
+            raise AirflowFailException(str(exc)) from exc
         decision = gate(
             EvaluationReport.from_dict(evaluation["candidate"]), EvaluationReport.from_dict(evaluation["baseline"]),
-            GatePolicy.load(),
+            policy,
         )
         registry_for(SETTINGS).set_tags(plan["mlflow_run_id"], {
             "nightshift.gate": "passed" if decision.passed else "rejected", "nightshift.gate_reasons": decision.summary,

@@ -78,7 +78,11 @@ def ingest_corpus():
         from nightshift.quality.suite import QualityPolicy
 
         try:
-            return validate(run_dir(SETTINGS, get_current_context()), QualityPolicy.load())
+            policy = QualityPolicy.load()
+        except ValueError as exc:  # a broken quality.yaml does not mend itself on retry
+            raise AirflowFailException(str(exc)) from exc
+        try:
+            return validate(run_dir(SETTINGS, get_current_context()), policy)
         except QualityGateFailed as exc:
             # Data does not improve on retry: fail now, alert, and create no dataset version.
             raise AirflowFailException(str(exc)) from exc

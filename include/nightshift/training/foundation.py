@@ -40,7 +40,8 @@ def import_tokenizer(dest: Path) -> Path:
 
 def import_foundation_model(dest: Path, force: bool = False) -> Path:
     """Write the foundation model as a Hugging Face checkpoint to ``dest`` (once) and return the folder."""
-    if (dest / "config.json").is_file() and (dest / "model.safetensors").is_file() and not force:
+    complete = all((dest / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
+    if complete and not force:
         log.info("foundation model already imported at %s", dest)
         return dest
     import torch
