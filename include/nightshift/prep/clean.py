@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from nightshift.sources.document_store import RawDocument, Skip
 
@@ -27,6 +28,8 @@ class Document:
     format: str
     text: str
     sha256: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Provenance from the source (URL, fetch time, HTTP status, content hash for web pages)."""
 
 
 @dataclass
@@ -79,7 +82,7 @@ def prepare(raw: Iterable[RawDocument]) -> PrepResult:
             log.debug("%s duplicates %s", doc.id, seen[digest])
             continue
         seen[digest] = doc.id
-        result.documents.append(Document(doc.id, doc.source, doc.format, text, digest))
+        result.documents.append(Document(doc.id, doc.source, doc.format, text, digest, dict(doc.meta)))
     log.info("prepared %s", result.stats())
     return result
 

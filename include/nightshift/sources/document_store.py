@@ -7,6 +7,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
@@ -34,6 +35,8 @@ class RawDocument:
     depend on the documents alone and not on where the store is mounted."""
     format: str
     content: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Provenance kept in the corpus row: for web pages the URL, fetch time, HTTP status and content hash."""
 
 
 @dataclass(frozen=True)
