@@ -1,20 +1,25 @@
 """
 # ingest_corpus
 
-Nightly: read a document store, clean and deduplicate it, check it with Great Expectations, and version
+Nightly: collect every source of `include/configs/sources.yaml` (folders and object stores, websites,
+database tables), clean and deduplicate them into one corpus, check it with Great Expectations, and version
 it with DVC. A new version updates the **corpus** asset, which schedules `finetune_model`.
 
 | task | does |
 |---|---|
-| `collect_documents` | claims the DAG's lease; reads `.md`, `.txt`, `.html`, `.jsonl` under `source`, counting skips |
+| `plan_sources` | claims the DAG's lease; the sources of sources.yaml, or the one the `source` Param names |
+| `collect_source` | one mapped task per source, labelled by its name: reads, crawls or queries it, counting skips |
+| `merge_sources` | combines what came in; fails the night when fewer than `min_source_share` of the sources did |
 | `prepare_corpus` | extracts main text from HTML, fixes Unicode, normalises whitespace, drops exact duplicates |
 | `validate_corpus` | Great Expectations suite (`include/configs/quality.yaml`); a failure fails the run and alerts |
 | `version_dataset` | stages, pushes, commits and tags the corpus in the DVC data repository (recovers killed tries) |
 | `publish_dataset` | updates the corpus asset once per version: skipped when an event already announced it |
 
-`source` must lie inside a folder listed in `NIGHTSHIFT_SOURCE_ROOTS` (by default the bundled sample store);
-links that lead out of the store and unreadable files are skipped and counted, never followed. Work files of
-a run live in `$NIGHTSHIFT_HOME/work/ingest_corpus/<run_id>/`.
+A source that fails (a site that is down, a database that refuses) fails its own mapped task, which alerts;
+the others are versioned. The `source` Param must name something under `NIGHTSHIFT_SOURCE_ROOTS` (by
+default only the bundled sample store). Per-source reports (fetched, unchanged, skipped by reason, robots
+blocks, budget hits) are in `$NIGHTSHIFT_HOME/work/ingest_corpus/<run_id>/collection.json`; crawl state and
+SQL snapshots persist in `$NIGHTSHIFT_HOME/sources/<name>/`.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from datetime import datetime
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from nightshift.airflow.common import CORPUS_ASSET, DEFAULT_ARGS, run_dir
-from nightshift.settings import SAMPLE_STORE, load_settings
+from nightshift.airflow.common import CORPUS_ASSET, DEFAULT_ARGS, UpstreamFailed, run_dir
+from nightshift.settings import load_settings
 
 SCHEDULE = "0 1 * * *"
 SETTINGS = load_settings()
@@ -41,30 +46,62 @@ SETTINGS = load_settings()
     doc_md=__doc__,
     params={
         "source": Param(
-            str(SAMPLE_STORE),
-            type="string",
-            minLength=1,
-            title="Document store",
-            description="Local folder or file:// URI to read documents from (.md, .txt, .html, .jsonl). It must "
-            "lie inside a folder listed in NIGHTSHIFT_SOURCE_ROOTS (by default only the bundled sample store).",
+            None,
+            type=["null", "string"],
+            maxLength=2048,
+            title="One-off source",
+            description="Empty: every source of sources.yaml. Or one source by URI: a folder or file://, an "
+            "object store (s3://bucket/docs), a website (https://docs.example.com/), or a table "
+            "(sql://<conn_id>/<table>?text=<column>). It must lie under NIGHTSHIFT_SOURCE_ROOTS.",
         ),
     },
 )
 def ingest_corpus():
     @task
-    def collect_documents() -> dict:
+    def plan_sources() -> list[dict]:
         from nightshift.airflow.run_lock import claim_run
         from nightshift.pipelines.housekeeping import prune_work_dirs
-        from nightshift.pipelines.ingest import collect
+        from nightshift.pipelines.ingest import plan_sources as plan
 
         context = get_current_context()
         claim_run(SETTINGS, context)
         here = run_dir(SETTINGS, context)
         prune_work_dirs(here.parent, SETTINGS.retention_days, keep=here)
         try:
-            return collect(context["params"]["source"], here, SETTINGS.source_roots)
+            return plan(context["params"]["source"], SETTINGS.sources_file, SETTINGS.source_roots, here)
         except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
-            raise AirflowFailException(f"{exc} (set the `source` param)") from exc
+            raise AirflowFailException(f"{exc} (set the `source` param or fix sources.yaml)") from exc
+
+    @task(map_index_template="{{ source_name }}")
+    def collect_source(spec: dict) -> dict:
+        from nightshift.airflow.connections import sql_engine
+        from nightshift.pipelines.ingest import collect_source as collect
+
+        context = get_current_context()
+        context["source_name"] = spec["name"]  # the mapped task's label in the grid
+        try:
+            return collect(spec, run_dir(SETTINGS, context), SETTINGS.home / "sources", sql_engine)
+        except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
+            raise AirflowFailException(f"source {spec['name']}: {exc}") from exc
+
+    @task(trigger_rule="all_done")  # runs when some sources failed; decides whether the night is usable
+    def merge_sources() -> dict:
+        from nightshift.pipelines.ingest import SourcesUnusable, planned_sources
+        from nightshift.pipelines.ingest import merge_sources as merge
+        from nightshift.quality.suite import QualityPolicy
+
+        here = run_dir(SETTINGS, get_current_context())
+        specs = planned_sources(here)
+        if specs is None:
+            raise UpstreamFailed("plan_sources did not finish: nothing to merge")
+        try:
+            policy = QualityPolicy.load()
+        except ValueError as exc:
+            raise AirflowFailException(str(exc)) from exc
+        try:
+            return merge(here, specs, policy.min_source_share)
+        except SourcesUnusable as exc:
+            raise AirflowFailException(str(exc)) from exc
 
     @task
     def prepare_corpus(collected: dict) -> dict:
@@ -108,10 +145,13 @@ def ingest_corpus():
         }
         return dataset
 
-    collected = collect_documents()
-    stats = prepare_corpus(collected)
+    specs = plan_sources()
+    collected = collect_source.expand(spec=specs)
+    merged = merge_sources()
+    collected >> merged
+    stats = prepare_corpus(merged)
     quality = validate_corpus(stats)
-    publish_dataset(version_dataset(collected, stats, quality))
+    publish_dataset(version_dataset(merged, stats, quality))
 
 
 ingest_corpus()

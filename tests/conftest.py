@@ -18,7 +18,7 @@ import pytest
 SESSION_HOME = Path(tempfile.mkdtemp(prefix="nightshift-tests-"))
 os.environ["NIGHTSHIFT_HOME"] = str(SESSION_HOME)
 # Tests build document stores in temporary folders and train with a recipe of their own.
-os.environ["NIGHTSHIFT_SOURCE_ROOTS"] = os.pathsep.join([
+os.environ["NIGHTSHIFT_SOURCE_ROOTS"] = ",".join([
     str(Path(__file__).resolve().parent.parent / "include" / "samples" / "store"), tempfile.gettempdir()])
 os.environ["NIGHTSHIFT_RECIPE_DIRS"] = str(Path(__file__).resolve().parent / "e2e" / "recipes")
 os.environ["NIGHTSHIFT_RETRY_DELAY_S"] = "1"  # dag.test() waits out retry delays; fault tests retry for real

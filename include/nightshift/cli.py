@@ -171,7 +171,7 @@ def _timings(dag_id: str, tasks: dict[str, Any]) -> str:
 def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, seconds: float,
             key_file: Path | None = None) -> str:
     """Return the human summary of one cycle."""
-    collected = ingest["collect_documents"][2] or {}
+    collected = ingest["merge_sources"][2] or {}
     prepared = ingest["prepare_corpus"][2] or {}
     dataset = ingest["version_dataset"][2] or {}
     lines = ["", "=" * 72, "nightshift cycle summary", "=" * 72]
@@ -179,10 +179,14 @@ def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, s
         f"dataset   {dataset.get('tag')} ({'new' if dataset.get('created') else 'unchanged, no new version'}) "
         f"rev {str(dataset.get('rev'))[:10]} md5 {dataset.get('md5')}"
     )
+    sources = collected.get("sources") or {}
+    per_source = ", ".join(f"{name}: {report.get('documents')}" for name, report in sources.items())
     lines.append(
-        f"          {collected.get('documents')} documents read {collected.get('formats')}, "
-        f"{collected.get('skipped')} skipped {collected.get('skip_reasons') or ''}"
+        f"          {collected.get('documents')} documents from {len(sources)} source(s) ({per_source}) "
+        f"{collected.get('formats')}, {collected.get('skipped')} skipped {collected.get('skip_reasons') or ''}"
     )
+    if collected.get("failed"):
+        lines.append(f"          FAILED sources (alerted): {', '.join(collected['failed'])}")
     lines.append(
         f"          {prepared.get('documents')} kept after cleaning, {prepared.get('duplicates')} exact duplicates "
         f"dropped, {prepared.get('characters')} characters"

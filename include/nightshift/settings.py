@@ -128,8 +128,11 @@ class Settings:
     """Task slots of the local Airflow (and LocalExecutor worker processes)."""
     airflow_host: str = "127.0.0.1"
     """Address the local Airflow UI and API listen on; 0.0.0.0 exposes them to the network."""
-    source_roots: tuple[Path, ...] = (SAMPLE_STORE,)
-    """Folders the ``source`` Param may read from (and everything below them); nothing else is readable."""
+    source_roots: tuple[str, ...] = (str(SAMPLE_STORE),)
+    """What the ``source`` Param may name: folders (and everything below them) and URL prefixes
+    (``https://docs.example.com/``, ``sql://docs_db``, ``s3://bucket/docs``); nothing else is readable."""
+    sources_file: Path = CONFIG_DIR / "sources.yaml"
+    """The sources of the nightly run."""
     recipe_dirs: tuple[Path, ...] = ()
     """Further folders with training recipes, besides include/configs/training (the Param takes names only)."""
     task_timeout_s: int = 3600
@@ -251,13 +254,26 @@ def load_settings() -> Settings:
         serving_conn_id=os.environ.get("NIGHTSHIFT_SERVE_CONN_ID", "nightshift_serving"),
         airflow_parallelism=_env_int("NIGHTSHIFT_AIRFLOW_PARALLELISM", default_parallelism()),
         airflow_host=os.environ.get("NIGHTSHIFT_AIRFLOW_HOST", "127.0.0.1"),
-        source_roots=_env_paths("NIGHTSHIFT_SOURCE_ROOTS") or (SAMPLE_STORE,),
+        source_roots=_env_roots("NIGHTSHIFT_SOURCE_ROOTS") or (str(SAMPLE_STORE),),
+        sources_file=Path(os.environ.get("NIGHTSHIFT_SOURCES_FILE") or CONFIG_DIR / "sources.yaml"),
         recipe_dirs=_env_paths("NIGHTSHIFT_RECIPE_DIRS"),
         task_timeout_s=_env_int("NIGHTSHIFT_TASK_TIMEOUT_S", 3600),
         train_timeout_s=_env_int("NIGHTSHIFT_TRAIN_TIMEOUT_S", 6 * 3600),
         retention_days=_env_float("NIGHTSHIFT_RETENTION_DAYS", 7.0),
         retry_delay_s=_env_int("NIGHTSHIFT_RETRY_DELAY_S", 120),
     )
+
+
+def _env_roots(name: str) -> tuple[str, ...]:
+    """Return the entries of a comma-separated variable: URL prefixes as given, folders made absolute."""
+    entries = []
+    for raw in os.environ.get(name, "").split(","):
+        raw = raw.strip()
+        if raw and "://" in raw and not raw.startswith("file://"):
+            entries.append(raw)
+        elif raw:
+            entries.append(str(Path(raw.removeprefix("file://")).expanduser().resolve()))
+    return tuple(entries)
 
 
 def _env_paths(name: str) -> tuple[Path, ...]:

@@ -72,7 +72,7 @@ def test_corpus_that_fails_the_suite_fails_the_run_creates_no_version_and_alerts
         dag_run, tasks = run(dags["ingest_corpus"], {"source": str(store)})
 
     assert dag_run.state == "failed"
-    assert tasks["collect_documents"].state == "success"
+    assert tasks["merge_sources"].state == "success"
     assert tasks["validate_corpus"].state == "failed"
     assert tasks["version_dataset"].state == "upstream_failed"
     assert repo.versions() == []

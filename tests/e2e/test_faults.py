@@ -149,8 +149,8 @@ def test_a_second_run_of_a_dag_waits_for_the_first_to_finish(home):
     (home.home / "locks" / "ingest_corpus.json").write_text(json.dumps({"run_id": "scheduled__holder"}))
 
     blocked, tasks = run(fresh("ingest_corpus"), {})
-    assert blocked.state == "failed" and tasks["collect_documents"].state == "failed"
-    assert tries(blocked, "collect_documents") == 1  # refused at once, not retried
+    assert blocked.state == "failed" and tasks["plan_sources"].state == "failed"
+    assert tries(blocked, "plan_sources") == 1  # refused at once, not retried
     alert = json.loads((home.home / "alerts" / "alerts.jsonl").read_text().splitlines()[-1])
     assert "scheduled__holder" in alert["message"] and "still running" in alert["message"]
 
@@ -163,8 +163,8 @@ def test_a_second_run_of_a_dag_waits_for_the_first_to_finish(home):
 
 def test_params_cannot_reach_the_workers_files(home):
     dag_run, tasks = run(fresh("ingest_corpus"), {"source": "/etc"})
-    assert dag_run.state == "failed" and tasks["collect_documents"].state == "failed"
-    assert tries(dag_run, "collect_documents") == 1
+    assert dag_run.state == "failed" and tasks["plan_sources"].state == "failed"
+    assert tries(dag_run, "plan_sources") == 1
     alert = json.loads((home.home / "alerts" / "alerts.jsonl").read_text().splitlines()[-1])
     assert "NIGHTSHIFT_SOURCE_ROOTS" in alert["message"] and "root:" not in json.dumps(alert)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow.sdk import Asset
+from airflow.sdk.exceptions import AirflowFailException
 
 from nightshift.airflow.notifiers import AlertNotifier
 from nightshift.provenance import safe_name
@@ -22,6 +23,10 @@ DEFAULT_ARGS: dict[str, Any] = {
     "execution_timeout": timedelta(seconds=load_settings().task_timeout_s),
     "on_failure_callback": AlertNotifier(),
 }
+
+
+class UpstreamFailed(AirflowFailException):
+    """A task that cannot run because an upstream task failed (and already alerted): fail without a second alert."""
 
 
 def run_dir(settings: Settings, context: Any) -> Path:

@@ -42,3 +42,11 @@ def api_key_hashes(conn_id: str) -> dict[str, str]:
     if conn.password:
         values.append(conn.password)
     return {h: f"conn:{conn_id}" for h in hashes_of(values, f"connection {conn_id}")}
+
+
+def sql_engine(conn_id: str):
+    """Return a SQLAlchemy engine for an Airflow connection, through its common-sql provider hook."""
+    hook = get_connection(conn_id).get_hook()
+    if not hasattr(hook, "get_sqlalchemy_engine"):
+        raise ValueError(f"connection {conn_id!r} is not a SQL database (its hook is {type(hook).__name__})")
+    return hook.get_sqlalchemy_engine()

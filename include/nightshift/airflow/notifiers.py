@@ -77,6 +77,9 @@ class AlertNotifier(BaseNotifier):
         dag_id = getattr(dag_run, "dag_id", "") or getattr(ti, "dag_id", "")
         task_id = getattr(ti, "task_id", "")
         exception = context.get("exception")
+        if type(exception).__name__ == "UpstreamFailed":  # its cause has alerted already
+            log.info("not alerting: %s", exception)
+            return
         title = self.title or (f"{dag_id}.{task_id} failed" if task_id else f"{dag_id} failed")
         message = self.message or (f"{type(exception).__name__}: {exception}" if exception else "see the task log")
         alert = Alert(

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +18,22 @@ from nightshift.prep.clean import prepare, write_corpus
 from nightshift.quality.suite import QualityPolicy, QualityReport, validate_corpus
 from nightshift.records import DatasetVersion
 from nightshift.settings import Settings
-from nightshift.sources.document_store import read_raw, read_store, resolve_store, write_raw
+from nightshift.sources.config import SourceSpec, load_sources, open_source, source_from_uri
+from nightshift.sources.document_store import RawDocument, read_raw
 from nightshift.versioning.dvc_store import DatasetRepository
 
 log = logging.getLogger(__name__)
 
 RAW = "raw.jsonl"
+REPORT = "report.json"
+PLAN = "sources.json"
 CORPUS = "corpus.jsonl"
 COLLECT_SKIPPED = "skipped_collect.json"
 SKIPPED = "skipped.json"
+
+
+class SourcesUnusable(Exception):
+    """Too few sources (or documents) came in for the night to be worth a version."""
 
 
 class QualityGateFailed(Exception):
@@ -38,18 +48,106 @@ def dataset_repository(settings: Settings) -> DatasetRepository:
     return DatasetRepository(settings.data_repo, settings.dvc_remote)
 
 
-def collect(source: str, run_dir: Path, allowed_roots: tuple[Path, ...] | None = None) -> dict[str, Any]:
-    """Read the document store into raw.jsonl; return counts by format and skip reason."""
-    result = read_store(resolve_store(source, allowed_roots))
-    write_raw(result.documents, run_dir / RAW)
-    _write_json(run_dir / COLLECT_SKIPPED, [s.__dict__ for s in result.skipped])
-    return {
-        "source": source,
-        "documents": len(result.documents),
-        "formats": result.formats,
-        "skipped": len(result.skipped),
-        "skip_reasons": result.skip_reasons(),
+def plan_sources(source: str | None, sources_file: Path, allowed_roots: tuple[str, ...],
+                 run_dir: Path) -> list[dict[str, Any]]:
+    """Return (and record in the run folder) the sources of this run: the one the ``source`` Param names,
+    else those of sources.yaml."""
+    if source and source.strip():
+        specs = [source_from_uri(source, allowed_roots).to_dict()]
+    else:
+        specs = [spec.to_dict() for spec in load_sources(sources_file)]
+    _write_json(run_dir / PLAN, specs)
+    return specs
+
+
+def planned_sources(run_dir: Path) -> list[dict[str, Any]] | None:
+    """Return the sources plan_sources recorded for this run, or None when planning did not finish."""
+    path = run_dir / PLAN
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def collect_source(spec: dict[str, Any], run_dir: Path, state_root: Path,
+                   sql_engine: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """Read one source into sources/<name>/ of the run folder; return its counts.
+
+    Documents stream to raw.jsonl (ids prefixed with the source's name); the report is written last, so
+    its presence says the source was collected completely.
+    """
+    source = SourceSpec.from_dict(spec)
+    out = run_dir / "sources" / source.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT).unlink(missing_ok=True)
+    reader = open_source(source, state_root / source.name, sql_engine)
+    formats: Counter[str] = Counter()
+
+    def prefixed():
+        for doc in reader.read():
+            formats[doc.format] += 1
+            yield RawDocument(id=f"{source.name}/{doc.id}", source=doc.source, format=doc.format,
+                              content=doc.content, meta=doc.meta)
+
+    documents = write_raw_stream(prefixed(), out / RAW)
+    skipped = [{"location": f"{source.name}/{s.location}", "reason": s.reason} for s in reader.skips]
+    _write_json(out / COLLECT_SKIPPED, skipped)
+    report = {
+        "name": source.name, "kind": source.kind, "documents": documents, "formats": dict(sorted(formats.items())),
+        "skipped": len(skipped), "skip_reasons": dict(Counter(s["reason"].split(":")[0] for s in skipped)),
+        "details": reader.summary(),
     }
+    _write_json(out / REPORT, report)
+    log.info("source %s (%s): %d documents, %d skipped %s", source.name, source.kind, documents, len(skipped),
+             report["skip_reasons"])
+    return report
+
+
+def merge_sources(run_dir: Path, specs: list[dict[str, Any]], min_source_share: float) -> dict[str, Any]:
+    """Combine the collected sources into raw.jsonl; raise SourcesUnusable when too few came in."""
+    reports, failed = [], []
+    for spec in specs:
+        report_path = run_dir / "sources" / spec["name"] / REPORT
+        if report_path.is_file():
+            reports.append(json.loads(report_path.read_text()))
+        else:
+            failed.append(spec["name"])
+    share = len(reports) / len(specs) if specs else 0.0
+    summary = {
+        "sources": {r["name"]: {k: r[k] for k in ("kind", "documents", "skipped", "skip_reasons")} for r in reports},
+        "failed": failed, "documents": sum(r["documents"] for r in reports),
+        "skipped": sum(r["skipped"] for r in reports),
+        "skip_reasons": dict(sum((Counter(r["skip_reasons"]) for r in reports), Counter())),
+        "formats": dict(sum((Counter(r["formats"]) for r in reports), Counter())),
+        "source": ", ".join(s["name"] for s in specs),
+    }
+    _write_json(run_dir / "collection.json", {**summary, "reports": reports})
+    if share < min_source_share or not reports:
+        raise SourcesUnusable(
+            f"{len(reports)} of {len(specs)} sources collected ({share:.0%}); quality.yaml's min_source_share is "
+            f"{min_source_share:.0%}. Failed: {', '.join(failed)}"
+        )
+    tmp = run_dir / (RAW + ".tmp")
+    with tmp.open("w", encoding="utf-8") as out:
+        for r in reports:
+            with (run_dir / "sources" / r["name"] / RAW).open(encoding="utf-8") as part:
+                shutil.copyfileobj(part, out)
+    tmp.replace(run_dir / RAW)
+    skipped = [s for r in reports for s in json.loads((run_dir / "sources" / r["name"] / COLLECT_SKIPPED).read_text())]
+    _write_json(run_dir / COLLECT_SKIPPED, skipped)
+    if failed:
+        log.warning("sources that failed tonight: %s; the corpus holds the other %d", ", ".join(failed), len(reports))
+    return summary
+
+
+def write_raw_stream(documents, path: Path) -> int:
+    """Write raw documents as JSONL as they come (write, then publish); return how many."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with tmp.open("w", encoding="utf-8") as fh:
+        for doc in documents:
+            fh.write(json.dumps(doc.__dict__, ensure_ascii=False) + "\n")
+            count += 1
+    tmp.replace(path)
+    return count
 
 
 def prepare_corpus(run_dir: Path) -> dict[str, Any]:
@@ -92,5 +190,5 @@ def validate(run_dir: Path, policy: QualityPolicy) -> dict[str, Any]:
 def version(run_dir: Path, settings: Settings, stats: dict[str, Any], store: str) -> DatasetVersion:
     """Version corpus.jsonl in the data repository; identical bytes return the existing version."""
     meta = {"documents": stats["documents"], "characters": stats["characters"], "duplicates": stats["duplicates"],
-            "store": store}
+            "sources": store}
     return dataset_repository(settings).commit(run_dir / CORPUS, meta)

