@@ -77,7 +77,11 @@ def test_up_supervises_and_stops_cleanly(tmp_path):
         assert [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
         assert all(port_is_free(p) for p in ports.values())
     finally:
-        if up.poll() is None:
-            up.kill()
+        if up.poll() is None:  # a failed assertion above: stop it the way an operator would, then insist
+            up.terminate()
+            try:
+                up.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                up.kill()
         for pid in marked(marker):
             os.kill(pid, signal.SIGKILL)
