@@ -29,6 +29,7 @@ from nightshift.settings import (
     load_settings,
     repo_root,
     runtime_env,
+    write_private,
 )
 
 log = logging.getLogger("nightshift")
@@ -317,21 +318,18 @@ def cmd_keys(settings: Settings, args) -> int:
     return 0
 
 
-def _admin_password(settings: Settings) -> tuple[Path, str | None]:
-    """Return the Airflow UI's password file and, the first time only, the random password it now holds."""
+def _admin_password(settings: Settings) -> Path:
+    """Return the Airflow UI's password file, creating it with a random password (printed once) on first use."""
     import secrets
 
     path = settings.airflow_home / "simple_auth_manager_passwords.json.generated"
     if path.is_file():
         path.chmod(0o600)
-        return path, None
+        return path
     password = secrets.token_urlsafe(12)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({ADMIN_USER: password}, fh)
+    write_private(path, json.dumps({ADMIN_USER: password}))
     print(f"Airflow UI user {ADMIN_USER!r}, password {password!r} (shown once; it stays in {path})", flush=True)
-    return path, password
+    return path
 
 
 def _make_private(settings: Settings) -> None:
@@ -348,7 +346,7 @@ def cmd_up(settings: Settings, args) -> int:
     from nightshift.supervisor import Service, Supervisor
 
     configure_environment(settings)
-    password_file, _ = _admin_password(settings)
+    password_file = _admin_password(settings)
     _ensure_local_key(settings)
     _make_private(settings)
     env = os.environ.copy()

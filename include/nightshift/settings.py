@@ -298,6 +298,19 @@ def load_serving_limits() -> ServingLimits:
     )
 
 
+def write_private(path: Path, text: str) -> Path:
+    """Write a file readable by its owner only (0600), atomically: a reader sees the old or the new content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 def ensure_airflow_config(settings: Settings) -> Path:
     """Make sure ``$AIRFLOW_HOME/airflow.cfg`` holds this installation's Fernet key; return the file (mode 0600).
 
@@ -326,11 +339,7 @@ def ensure_airflow_config(settings: Settings) -> Path:
             text = re.sub(r"(?m)^\[core\]\s*$", f"[core]\n{line}", text, count=1)
         else:
             text = f"[core]\n{line}\n" + text
-        tmp = cfg.with_name(cfg.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, cfg)
+        write_private(cfg, text)
         legacy.unlink(missing_ok=True)
     cfg.chmod(0o600)
     return cfg

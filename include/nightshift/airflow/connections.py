@@ -7,11 +7,16 @@ import logging
 log = logging.getLogger(__name__)
 
 
-def get_connection(conn_id: str):
-    """Return an Airflow connection; raise AirflowNotFoundException when it is not defined anywhere."""
+def in_task() -> bool:
+    """Return whether this code runs inside an Airflow task (where the Task SDK's supervisor answers lookups)."""
     from airflow.sdk.execution_time import task_runner
 
-    if hasattr(task_runner, "SUPERVISOR_COMMS"):  # inside a task: the supervisor answers
+    return hasattr(task_runner, "SUPERVISOR_COMMS")
+
+
+def get_connection(conn_id: str):
+    """Return an Airflow connection; raise AirflowNotFoundException when it is not defined anywhere."""
+    if in_task():
         from airflow.sdk import BaseHook
 
         return BaseHook.get_connection(conn_id)

@@ -13,7 +13,7 @@ from typing import Any
 
 from airflow.sdk import BaseNotifier
 
-from nightshift.airflow.connections import get_connection
+from nightshift.airflow.connections import get_connection, in_task
 from nightshift.alerts.channels import Alert, channel_for
 from nightshift.settings import load_settings
 
@@ -40,9 +40,7 @@ def send_alert(alert: Alert, conn_id: str | None = None) -> None:
 
 
 def _environment() -> str | None:
-    from airflow.sdk.execution_time import task_runner
-
-    if hasattr(task_runner, "SUPERVISOR_COMMS"):
+    if in_task():
         from airflow.sdk import Variable
 
         return Variable.get("nightshift_environment", default=None)

@@ -19,7 +19,7 @@ from nightshift.quality.suite import QualityPolicy, QualityReport, validate_corp
 from nightshift.records import DatasetVersion
 from nightshift.settings import Settings
 from nightshift.sources.config import SourceSpec, load_sources, open_source, source_from_uri
-from nightshift.sources.document_store import RawDocument, read_raw
+from nightshift.sources.document_store import RawDocument, read_raw, write_raw
 from nightshift.versioning.dvc_store import DatasetRepository
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def collect_source(spec: dict[str, Any], run_dir: Path, state_root: Path,
             yield RawDocument(id=f"{source.name}/{doc.id}", source=doc.source, format=doc.format,
                               content=doc.content, meta=doc.meta)
 
-    documents = write_raw_stream(prefixed(), out / RAW)
+    documents = write_raw(prefixed(), out / RAW)
     skipped = [{"location": f"{source.name}/{s.location}", "reason": s.reason} for s in reader.skips]
     _write_json(out / COLLECT_SKIPPED, skipped)
     report = {
@@ -135,19 +135,6 @@ def merge_sources(run_dir: Path, specs: list[dict[str, Any]], min_source_share: 
     if failed:
         log.warning("sources that failed tonight: %s; the corpus holds the other %d", ", ".join(failed), len(reports))
     return summary
-
-
-def write_raw_stream(documents, path: Path) -> int:
-    """Write raw documents as JSONL as they come (write, then publish); return how many."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    count = 0
-    with tmp.open("w", encoding="utf-8") as fh:
-        for doc in documents:
-            fh.write(json.dumps(doc.__dict__, ensure_ascii=False) + "\n")
-            count += 1
-    tmp.replace(path)
-    return count
 
 
 def prepare_corpus(run_dir: Path) -> dict[str, Any]:

@@ -96,10 +96,10 @@ class ModelRegistry:
 
     def open_run(self, experiment: str, run_key: str, run_name: str, tags: dict[str, str]) -> str:
         """Return the run recorded under ``run_key``, creating it once; retries reuse the same run."""
+        found = self.find_run(experiment, run_key)
+        if found is not None:
+            return found.info.run_id
         exp_id = self.experiment_id(experiment)
-        found = self.client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
-        if found:
-            return found[0].info.run_id
         run = self.client.create_run(exp_id, run_name=run_name, tags={**tags, RUN_KEY_TAG: run_key})
         return run.info.run_id
 

@@ -273,12 +273,16 @@ class Detokenizer:
         self.read_offset = 0
         self.text = ""
 
+    def _tail(self) -> tuple[str, str]:
+        """Return the text of the last emitted context alone, and with the tokens not yet emitted."""
+        decode = self.tokenizer.decode
+        return (decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True),
+                decode(self.ids[self.prefix_offset :], skip_special_tokens=True))
+
     def push(self, token_id: int) -> str:
         """Add a token; return the text it completes (may be empty)."""
         self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        prefix, full = self._tail()
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             delta = full[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
@@ -288,9 +292,7 @@ class Detokenizer:
 
     def flush(self) -> str:
         """Return what is left undecoded at the end (possibly an incomplete character)."""
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        prefix, full = self._tail()
         delta = full[len(prefix) :] if len(full) > len(prefix) else ""
         self.prefix_offset = self.read_offset = len(self.ids)
         self.text += delta

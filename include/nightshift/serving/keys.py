@@ -14,7 +14,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import secrets
 import string
@@ -26,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from nightshift.serving.protocol import send_error
+from nightshift.settings import write_private
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +122,7 @@ class KeyStore:
             fcntl.flock(lock, fcntl.LOCK_EX)
             records = self.records()
             yield records
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"keys": [asdict(r) for r in records]}, fh, indent=2)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+            write_private(self.path, json.dumps({"keys": [asdict(r) for r in records]}, indent=2))
 
 
 def ensure_local_key(store: KeyStore, key_file: Path) -> tuple[Path, bool]:
@@ -138,12 +132,7 @@ def ensure_local_key(store: KeyStore, key_file: Path) -> tuple[Path, bool]:
         if key_hash(key) in store.active_hashes():
             return key_file, False
     _record, key = store.create("local")
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = key_file.with_name(key_file.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key + "\n")
-    os.replace(tmp, key_file)
+    write_private(key_file, key + "\n")
     return key_file, True
 
 

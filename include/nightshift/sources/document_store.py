@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -163,15 +163,17 @@ def _hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def write_raw(documents: list[RawDocument], path: Path) -> Path:
-    """Write raw documents as JSONL for the next task."""
+def write_raw(documents: Iterable[RawDocument], path: Path) -> int:
+    """Write raw documents as JSONL as they come (write, then publish); return how many."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
+    count = 0
     with tmp.open("w", encoding="utf-8") as fh:
         for doc in documents:
             fh.write(json.dumps(doc.__dict__, ensure_ascii=False) + "\n")
+            count += 1
     tmp.replace(path)
-    return path
+    return count
 
 
 def read_raw(path: Path) -> list[RawDocument]:
