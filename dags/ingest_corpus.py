@@ -10,7 +10,7 @@ it with DVC. A new version updates the **corpus** asset, which schedules `finetu
 | `plan_sources` | claims the DAG's lease; the sources of sources.yaml, or the one the `source` Param names |
 | `collect_source` | one mapped task per source, labelled by its name: reads, crawls or queries it, counting skips |
 | `merge_sources` | combines what came in; fails the night when fewer than `min_source_share` of the sources did |
-| `prepare_corpus` | extracts main text from HTML, fixes Unicode, normalises whitespace, drops exact duplicates |
+| `prepare_corpus` | `include/configs/prep.yaml` on datatrove: language, quality, decontamination, PII, near-dups |
 | `validate_corpus` | Great Expectations suite (`include/configs/quality.yaml`); a failure fails the run and alerts |
 | `version_dataset` | stages, pushes, commits and tags the corpus in the DVC data repository (recovers killed tries) |
 | `publish_dataset` | updates the corpus asset once per version: skipped when an event already announced it |
@@ -19,7 +19,9 @@ A source that fails (a site that is down, a database that refuses) fails its own
 the others are versioned. The `source` Param must name something under `NIGHTSHIFT_SOURCE_ROOTS` (by
 default only the bundled sample store). Per-source reports (fetched, unchanged, skipped by reason, robots
 blocks, budget hits) are in `$NIGHTSHIFT_HOME/work/ingest_corpus/<run_id>/collection.json`; crawl state and
-SQL snapshots persist in `$NIGHTSHIFT_HOME/sources/<name>/`.
+SQL snapshots persist in `$NIGHTSHIFT_HOME/sources/<name>/`. What preparation removed, per step and reason with
+example ids, is in `prep.json` of the same folder (every dropped id in `dropped.jsonl`), and the counts travel
+with the dataset version in its `meta.json`.
 """
 
 from __future__ import annotations
@@ -103,11 +105,17 @@ def ingest_corpus():
         except SourcesUnusable as exc:
             raise AirflowFailException(str(exc)) from exc
 
-    @task
+    @task(multiple_outputs=False)
     def prepare_corpus(collected: dict) -> dict:
         from nightshift.pipelines.ingest import prepare_corpus as prepare
+        from nightshift.prep.recipe import PrepRecipe
 
-        return prepare(run_dir(SETTINGS, get_current_context()))
+        try:
+            recipe = PrepRecipe.load(SETTINGS.prep_recipe)
+        except ValueError as exc:  # a broken prep.yaml does not mend itself on retry
+            raise AirflowFailException(str(exc)) from exc
+        cache = SETTINGS.cache_dir / "prep" / "outcomes.sqlite"
+        return prepare(run_dir(SETTINGS, get_current_context()), recipe, cache)
 
     @task
     def validate_corpus(stats: dict) -> dict:

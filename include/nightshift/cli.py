@@ -189,8 +189,12 @@ def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, s
     if collected.get("failed"):
         lines.append(f"          FAILED sources (alerted): {', '.join(collected['failed'])}")
     lines.append(
-        f"          {prepared.get('documents')} kept after cleaning, {prepared.get('duplicates')} exact duplicates "
-        f"dropped, {prepared.get('characters')} characters"
+        f"          {prepared.get('documents')} of {prepared.get('documents_in')} kept by prep.yaml, "
+        f"{prepared.get('characters')} characters; dropped per step {prepared.get('dropped') or '{}'}"
+    )
+    lines.append(
+        f"          PII scrubbed {prepared.get('pii') or '{}'}; "
+        f"evaluation-set overlap {prepared.get('contamination') or '{}'}"
     )
     if report is None:
         lines.append(f"finetune_model ended {state} before its report; see the log above")

@@ -132,7 +132,9 @@ class Settings:
     """What the ``source`` Param may name: folders (and everything below them) and URL prefixes
     (``https://docs.example.com/``, ``sql://docs_db``, ``s3://bucket/docs``); nothing else is readable."""
     sources_file: Path = CONFIG_DIR / "sources.yaml"
-    """The sources of the nightly run."""
+    """The sources ingest_corpus collects every night (NIGHTSHIFT_SOURCES_FILE)."""
+    prep_recipe: Path = CONFIG_DIR / "prep.yaml"
+    """The preparation recipe prepare_corpus runs (NIGHTSHIFT_PREP_RECIPE)."""
     recipe_dirs: tuple[Path, ...] = ()
     """Further folders with training recipes, besides include/configs/training (the Param takes names only)."""
     task_timeout_s: int = 3600
@@ -256,6 +258,7 @@ def load_settings() -> Settings:
         airflow_host=os.environ.get("NIGHTSHIFT_AIRFLOW_HOST", "127.0.0.1"),
         source_roots=_env_roots("NIGHTSHIFT_SOURCE_ROOTS") or (str(SAMPLE_STORE),),
         sources_file=Path(os.environ.get("NIGHTSHIFT_SOURCES_FILE") or CONFIG_DIR / "sources.yaml"),
+        prep_recipe=Path(os.environ.get("NIGHTSHIFT_PREP_RECIPE") or CONFIG_DIR / "prep.yaml"),
         recipe_dirs=_env_paths("NIGHTSHIFT_RECIPE_DIRS"),
         task_timeout_s=_env_int("NIGHTSHIFT_TASK_TIMEOUT_S", 3600),
         train_timeout_s=_env_int("NIGHTSHIFT_TRAIN_TIMEOUT_S", 6 * 3600),

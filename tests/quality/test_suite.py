@@ -9,7 +9,7 @@ POLICY = QualityPolicy(min_documents=2, min_chars=3, max_chars=50)
 def test_a_clean_corpus_passes():
     report = validate_frame(pd.DataFrame({"id": ["a", "b"], "text": ["hello", "world"]}), POLICY)
     assert report.success, report.summary()
-    assert report.evaluated == 6
+    assert report.evaluated == 7
 
 
 @pytest.mark.parametrize(
@@ -19,6 +19,8 @@ def test_a_clean_corpus_passes():
         ({"id": ["a", "b"], "text": ["hello", "   "]}, "expect_column_values_to_not_match_regex"),
         ({"id": ["a", "b"], "text": ["hello", "x" * 51]}, "expect_column_value_lengths_to_be_between"),
         ({"id": ["a"], "text": ["hello"]}, "expect_table_row_count_to_be_between"),
+        ({"id": ["a", "b"], "text": ["hello", "mail ops@example.org"]}, "expect_column_values_to_be_between"),
+        ({"id": ["a", "b"], "text": ["hello", "key AKIAIOSFODNN7EXAMPLE"]}, "expect_column_values_to_be_between"),
     ],
 )
 def test_each_violation_fails_and_is_named(frame, failed_expectation):
@@ -42,3 +44,11 @@ def test_failures_name_documents_by_id_and_never_quote_their_text():
     assert not report.success
     assert "hunter2" not in report.summary()
     assert "notes/secret.txt" in report.summary() and "1 unexpected" in report.summary()
+
+
+def test_second_pii_pass_names_the_document_and_never_the_finding():
+    frame = pd.DataFrame({"id": ["ok", "leaky"], "text": ["hello", "reach me at jane.doe@example.com"]})
+    report = validate_frame(frame, POLICY)
+    assert not report.success
+    assert "pii_hits" in report.summary() and "leaky" in report.summary()
+    assert "jane.doe" not in report.summary()

@@ -44,7 +44,7 @@ def test_read_store_reads_every_format_and_counts_what_it_skips(tmp_path: Path):
         '{"text": "no id uses the line number"}\n'
     )
     (tmp_path / "e.pdf").write_bytes(b"%PDF-1.4")
-    (tmp_path / "f.txt").write_bytes(b"\xff\xfe\x00bad")
+    (tmp_path / "f.txt").write_bytes(b"\x80\x81bad")
     (tmp_path / ".hidden.md").write_text("secret")
 
     result = read_store(tmp_path)
@@ -101,3 +101,20 @@ def test_links_out_of_the_store_and_unreadable_files_are_counted_skips(tmp_path,
     assert [d.id for d in result.documents] == ["ok.md"]
     assert result.skip_reasons() == {"link outside the store": 1, "unreadable": 1}
     assert all("hunter2" not in d.content for d in result.documents)
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-be", "utf-16-le", "utf-32", "utf-8-sig"])
+def test_text_with_a_byte_order_mark_is_read_in_its_encoding(tmp_path: Path, codec):
+    text = "Größe: 12 m — naïve café ☕"
+    data = text.encode(codec)
+    if codec in ("utf-16-be", "utf-16-le"):  # these codecs write no mark; add the one a Windows editor writes
+        data = ("\ufeff" + text).encode(codec)
+    (tmp_path / "w.txt").write_bytes(data)
+    result = read_store(tmp_path)
+    assert [d.content for d in result.documents] == [text] and not result.skipped
+
+
+def test_utf16_with_a_broken_tail_is_a_counted_skip(tmp_path: Path):
+    (tmp_path / "w.txt").write_bytes("ok".encode("utf-16") + b"\x00")
+    result = read_store(tmp_path)
+    assert not result.documents and result.skipped[0].reason.startswith("not UTF-8 text")

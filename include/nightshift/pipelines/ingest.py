@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from nightshift.faults import fault_point
-from nightshift.prep.clean import prepare, write_corpus
+from nightshift.prep.recipe import PrepRecipe
 from nightshift.quality.suite import QualityPolicy, QualityReport, validate_corpus
 from nightshift.records import DatasetVersion
 from nightshift.settings import Settings
 from nightshift.sources.config import SourceSpec, load_sources, open_source, source_from_uri
-from nightshift.sources.document_store import RawDocument, read_raw, write_raw
+from nightshift.sources.document_store import RawDocument, write_raw
 from nightshift.versioning.dvc_store import DatasetRepository
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ PLAN = "sources.json"
 CORPUS = "corpus.jsonl"
 COLLECT_SKIPPED = "skipped_collect.json"
 SKIPPED = "skipped.json"
+PREP_REPORT = "prep.json"
 
 
 class SourcesUnusable(Exception):
@@ -137,15 +138,30 @@ def merge_sources(run_dir: Path, specs: list[dict[str, Any]], min_source_share: 
     return summary
 
 
-def prepare_corpus(run_dir: Path) -> dict[str, Any]:
-    """Clean and exactly deduplicate raw.jsonl into corpus.jsonl; return the counts."""
-    result = prepare(read_raw(run_dir / RAW))
-    write_corpus(result.documents, run_dir / CORPUS)
+def prepare_corpus(run_dir: Path, recipe: PrepRecipe, cache_path: Path | None) -> dict[str, Any]:
+    """Run the preparation recipe over raw.jsonl into corpus.jsonl; write prep.json; return the counts."""
+    from nightshift.prep.curate import curate
+
+    report = curate(run_dir / RAW, run_dir / CORPUS, run_dir / "prep", recipe, cache_path, log)
+    _write_json(run_dir / PREP_REPORT, report.to_dict())
     # Built from collect's own record each time, so a retried step writes the same list, not a longer one.
-    skipped = json.loads((run_dir / COLLECT_SKIPPED).read_text()) + [s.__dict__ for s in result.skipped]
+    skipped = json.loads((run_dir / COLLECT_SKIPPED).read_text()) + [
+        {"location": doc_id, "reason": f"{step['step']}: {reason}"}
+        for step in report.steps for reason, ids in step["examples"].items() for doc_id in ids
+    ]
     _write_json(run_dir / SKIPPED, skipped)
     fault_point("ingest.after_prepare")
-    return result.stats()
+    dropped = {s["step"]: sum(s["dropped"].values()) for s in report.steps}
+    log.info("preparation: %d in, %d out; dropped per step %s; PII scrubbed %s; contamination %s",
+             report.documents_in, report.documents_out, {k: v for k, v in dropped.items() if v}, report.pii,
+             {k: v["contaminated"] for k, v in report.contamination.items()})
+    return {
+        "documents": report.documents_out, "characters": report.characters, "documents_in": report.documents_in,
+        "duplicates": dropped.get("exact_dedup", 0), "near_duplicates": dropped.get("near_dedup", 0),
+        "dropped": {k: v for k, v in dropped.items() if v}, "pii": report.pii,
+        "contamination": {k: v["rate"] for k, v in report.contamination.items()}, "cached": report.cached,
+        "prep": report.summary(),
+    }
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -177,5 +193,5 @@ def validate(run_dir: Path, policy: QualityPolicy) -> dict[str, Any]:
 def version(run_dir: Path, settings: Settings, stats: dict[str, Any], store: str) -> DatasetVersion:
     """Version corpus.jsonl in the data repository; identical bytes return the existing version."""
     meta = {"documents": stats["documents"], "characters": stats["characters"], "duplicates": stats["duplicates"],
-            "sources": store}
+            "sources": store, "prep": stats.get("prep", {})}
     return dataset_repository(settings).commit(run_dir / CORPUS, meta)

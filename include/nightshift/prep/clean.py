@@ -1,8 +1,7 @@
-"""Turn raw documents into a clean, exactly deduplicated corpus."""
+"""Extract and normalise the text of raw documents; read and write corpus files."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -11,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nightshift.sources.document_store import RawDocument, Skip
+from nightshift.sources.document_store import RawDocument
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +31,6 @@ class Document:
     """Provenance from the source (URL, fetch time, HTTP status, content hash for web pages)."""
 
 
-@dataclass
-class PrepResult:
-    documents: list[Document] = field(default_factory=list)
-    skipped: list[Skip] = field(default_factory=list)
-    duplicates: int = 0
-
-    def stats(self) -> dict[str, int]:
-        return {
-            "documents": len(self.documents),
-            "skipped": len(self.skipped),
-            "duplicates": self.duplicates,
-            "characters": sum(len(d.text) for d in self.documents),
-        }
-
-
 def extract_text(doc: RawDocument) -> str:
     """Return the readable text of a document: main content for HTML, the text itself otherwise."""
     if doc.format != "html":
@@ -65,26 +49,6 @@ def normalize_text(text: str) -> str:
     text = ftfy.fix_text(text, normalization="NFC").replace("\r\n", "\n").replace("\r", "\n")
     text = _TRAILING_SPACE.sub("\n", text + "\n")
     return _BLANK_RUNS.sub("\n\n", text).strip()
-
-
-def prepare(raw: Iterable[RawDocument]) -> PrepResult:
-    """Return cleaned documents sorted by id, keeping the first of every exact duplicate text."""
-    result = PrepResult()
-    seen: dict[str, str] = {}
-    for doc in sorted(raw, key=lambda d: d.id):
-        text = normalize_text(extract_text(doc))
-        if not text:
-            result.skipped.append(Skip(doc.id, "empty after extraction"))
-            continue
-        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        if digest in seen:
-            result.duplicates += 1
-            log.debug("%s duplicates %s", doc.id, seen[digest])
-            continue
-        seen[digest] = doc.id
-        result.documents.append(Document(doc.id, doc.source, doc.format, text, digest, dict(doc.meta)))
-    log.info("prepared %s", result.stats())
-    return result
 
 
 def write_corpus(documents: Iterable[Document], path: Path) -> Path:

@@ -30,6 +30,8 @@ class QualityPolicy:
     """Fraction of documents that must lie within the length bounds (1.0 = every one)."""
     min_source_share: float = 0.5
     """Share of the night's sources that must be collected; below it the night makes no version (alerted)."""
+    max_pii_hits: int = 0
+    """Findings a second PII and secret detector pass may make in any one document after scrubbing."""
 
     def __post_init__(self) -> None:
         if self.min_documents < 1:
@@ -40,6 +42,8 @@ class QualityPolicy:
             )
         if not 0.0 < self.length_mostly <= 1.0:
             raise ValueError(f"quality policy: length_mostly must be in (0, 1], got {self.length_mostly}")
+        if self.max_pii_hits < 0:
+            raise ValueError(f"quality policy: max_pii_hits must be >= 0, got {self.max_pii_hits}")
         if not 0.0 < self.min_source_share <= 1.0:
             raise ValueError(f"quality policy: min_source_share must be in (0, 1], got {self.min_source_share}")
 
@@ -76,11 +80,17 @@ def build_expectations(policy: QualityPolicy) -> list[Any]:
         gxe.ExpectColumnValueLengthsToBeBetween(
             column="text", min_value=policy.min_chars, max_value=policy.max_chars, mostly=policy.length_mostly
         ),
+        # The second pass: the preparation recipe's scrubber must have left no personal data or credentials.
+        gxe.ExpectColumnValuesToBeBetween(column="pii_hits", min_value=0, max_value=policy.max_pii_hits),
     ]
 
 
 def validate_frame(frame: Any, policy: QualityPolicy) -> QualityReport:
     """Validate a DataFrame with columns ``id`` and ``text`` against the corpus suite."""
+    from nightshift.prep.pii import Scrubber
+
+    scrubber = Scrubber()
+    frame = frame.assign(pii_hits=[len(scrubber.find(text)) if isinstance(text, str) else 0 for text in frame["text"]])
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 from collections import Counter
@@ -115,6 +116,18 @@ def read_store(root: Path) -> ReadResult:
     return result
 
 
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+         (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def decode_text(data: bytes) -> str:
+    """Decode a file's bytes: UTF-16 or UTF-32 when a byte-order mark says so, else UTF-8 (with or without BOM)."""
+    for bom, codec in _BOMS:  # UTF-32 LE first: its mark begins with UTF-16 LE's
+        if data.startswith(bom):
+            return data.decode(codec)
+    return data.decode("utf-8-sig")
+
+
 def take_file(rel: str, size: Callable[[], int], load: Callable[[], bytes], result: ReadResult) -> None:
     """Read one file of a store into ``result``: a document (or several, for JSONL) or a counted skip."""
     fmt = FORMATS.get(PurePosixPath(rel).suffix.lower())
@@ -126,9 +139,9 @@ def take_file(rel: str, size: Callable[[], int], load: Callable[[], bytes], resu
         if n > MAX_FILE_BYTES:
             result.skipped.append(Skip(rel, f"file too large: {n} bytes > {MAX_FILE_BYTES}"))
             return
-        text = load().decode("utf-8-sig")
+        text = decode_text(load())
     except UnicodeDecodeError as exc:
-        result.skipped.append(Skip(rel, f"not UTF-8 text: byte {exc.start}"))
+        result.skipped.append(Skip(rel, f"not UTF-8 text: byte {exc.start}, and no UTF-16/32 byte-order mark"))
         return
     except OSError as exc:
         result.skipped.append(Skip(rel, f"unreadable: {type(exc).__name__}"))

@@ -1,0 +1,557 @@
+"""Run a preparation recipe over a night's raw documents: per-document steps, then deduplication over all.
+
+Documents stream through the steps (read, decide, write); only a signature per kept document stays in memory
+for near-duplicate detection. The per-document steps run as datatrove pipeline steps on a datatrove executor
+(local processes by default, Slurm or Ray per the recipe), each task on one shard of the night, sorted by id.
+
+Every document ends with one outcome: kept (with its final text) or dropped at one step with a reason.
+Outcomes are cached by content hash and recipe, so an unchanged document costs a lookup on the next night.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nightshift.faults import fault_point
+from nightshift.prep.clean import Document, extract_text, normalize_text
+from nightshift.prep.recipe import PrepRecipe
+
+EXAMPLES = 5
+"""Ids of dropped documents kept per reason in the report, never their text."""
+SIGNATURE_BATCH_BYTES = 192 * 1024
+"""Kept documents are hashed for near-duplicate detection in batches of about this many bytes."""
+
+
+@dataclass
+class Outcome:
+    """What the per-document steps decided for one document."""
+
+    step: str | None = None
+    """The step that dropped the document; None when it was kept."""
+    reason: str | None = None
+    text: str | None = None
+    """Final text of a kept document."""
+    language: str | None = None
+    language_score: float | None = None
+    pii: dict[str, int] = field(default_factory=dict)
+    contaminated: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, data: str) -> Outcome:
+        return cls(**json.loads(data))
+
+
+def content_key(fmt: str, content: str, recipe_digest: str) -> str:
+    """Return the cache key of a raw document under a recipe: equal keys get equal outcomes."""
+    h = hashlib.sha256(recipe_digest.encode())
+    h.update(fmt.encode())
+    h.update(b"\0")
+    h.update(content.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+class DocumentCurator:
+    """Applies the recipe's limits and per-document steps, in order, to one document at a time."""
+
+    def __init__(self, recipe: PrepRecipe) -> None:
+        from nightshift.prep.heuristics import QUALITY_STEPS, build_filter
+
+        self.recipe = recipe
+        self._filters = {s.name: build_filter(s.name, s.config) for s in recipe.steps if s.name in QUALITY_STEPS}
+        self._scrubber = None
+        self._eval_index = None
+        pii = recipe.step("pii")
+        if pii is not None:
+            from nightshift.prep.pii import Scrubber
+
+            self._scrubber = Scrubber(pii.types)
+        decon = recipe.step("decontaminate")
+        if decon is not None:
+            from nightshift.prep.decontaminate import EvalIndex
+
+            self._eval_index = EvalIndex.build(decon)
+
+    def process(self, doc_id: str, fmt: str, content: str) -> Outcome:
+        """Return the outcome of one raw document; a step that raises drops the document with its reason."""
+        limits = self.recipe.limits
+        if len(content) > limits.max_raw_chars:
+            return Outcome("limits", "raw_too_long")
+        try:
+            text = normalize_text(extract_text_of(fmt, content))
+        except Exception as exc:  # noqa: BLE001 - a document that breaks extraction is dropped, not the night
+            return Outcome("limits", f"extraction_failed:{type(exc).__name__}")
+        if not text:
+            return Outcome("limits", "empty_after_extraction")
+        if len(text) < limits.min_chars:
+            return Outcome("limits", "too_short")
+        if len(text) > limits.max_chars:
+            return Outcome("limits", "too_long")
+        outcome = Outcome()
+        for step in self.recipe.steps:
+            try:
+                reason, text = self._run_step(step.name, step.config, doc_id, text, outcome)
+            except Exception as exc:  # noqa: BLE001
+                reason = f"step_failed:{type(exc).__name__}"
+            if reason is not None:
+                outcome.step, outcome.reason = step.name, reason
+                return outcome
+            if not text.strip():
+                outcome.step, outcome.reason = step.name, "empty_after_step"
+                return outcome
+        outcome.text = text
+        return outcome
+
+    def _run_step(self, name: str, config: Any, doc_id: str, text: str, outcome: Outcome) -> tuple[str | None, str]:
+        if name == "language":
+            from nightshift.prep.language import language_verdict
+
+            reason, outcome.language, score = language_verdict(text, config)
+            outcome.language_score = round(score, 4)
+            return reason, text
+        if name in self._filters:
+            from nightshift.prep.heuristics import run_filter
+
+            return run_filter(self._filters[name], text, doc_id)
+        if name == "pii":
+            scrubbed, counts = self._scrubber.scrub(text)
+            outcome.pii = dict(sorted(counts.items()))
+            return None, scrubbed
+        if name == "decontaminate":
+            outcome.contaminated = self._eval_index.contaminated([text])[0]
+            if outcome.contaminated and config.action == "drop":
+                return "contaminated:" + ",".join(outcome.contaminated), text
+            return None, text
+        raise ValueError(f"unknown step {name}")
+
+
+def extract_text_of(fmt: str, content: str) -> str:
+    from nightshift.sources.document_store import RawDocument
+
+    return extract_text(RawDocument(id="", source="", format=fmt, content=content))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One shard: the datatrove pipeline step every task runs.
+
+
+def shard_files(work: Path, rank: int) -> dict[str, Path]:
+    """Return the files one task publishes (all renamed into place when the task ends)."""
+    return {
+        "kept": work / f"kept-{rank:05d}.jsonl",
+        "index": work / f"index-{rank:05d}.jsonl",
+        "signatures": work / f"signatures-{rank:05d}.npy",
+        "outcomes": work / f"outcomes-{rank:05d}.jsonl",
+        "new_cache": work / f"cache-{rank:05d}.jsonl",
+    }
+
+
+def _pipeline_step_base():
+    from datatrove.pipeline.base import PipelineStep
+
+    return PipelineStep
+
+
+class CurateShard(_pipeline_step_base()):
+    """datatrove step: run the per-document steps on one shard and publish its files."""
+
+    name = "nightshift curate"
+    type = "🧹 - PREP"
+
+    def __init__(self, recipe: dict, work_dir: str, cache_path: str | None) -> None:
+        super().__init__()
+        self.recipe_data = recipe
+        self.work_dir = work_dir
+        self.cache_path = cache_path
+
+    def run(self, data, rank: int = 0, world_size: int = 1) -> Iterator:
+        from datatrove.utils.logging import logger
+
+        from nightshift.prep.cache import OutcomeCache
+        from nightshift.prep.near_dup import MinHasher
+
+        recipe = PrepRecipe.from_dict(self.recipe_data)
+        digest = recipe.digest()
+        curator = DocumentCurator(recipe)
+        hasher = MinHasher(recipe.dedup.num_perm, recipe.dedup.ngram, recipe.dedup.seed)
+        cache = OutcomeCache(Path(self.cache_path), digest) if self.cache_path else None
+        files = shard_files(Path(self.work_dir), rank)
+        tmp = {k: p.with_name(p.name + ".tmp") for k, p in files.items()}
+        handles = {k: tmp[k].open("w", encoding="utf-8") for k in ("kept", "index", "outcomes", "new_cache")}
+        signatures: list[np.ndarray] = []
+        pending: list[tuple[str, str | None]] = []  # (text, cached signature hex) of kept docs awaiting signatures
+        pending_bytes = 0
+        done = hits = 0
+        started = last_log = time.monotonic()
+
+        def flush() -> None:
+            nonlocal pending, pending_bytes
+            if not pending:
+                return
+            fresh = [i for i, (_, sig) in enumerate(pending) if sig is None]
+            computed = hasher.signatures([pending[i][0] for i in fresh]) if fresh else None
+            rows = np.empty((len(pending), recipe.dedup.num_perm), np.uint32)
+            for j, (_, sig) in enumerate(pending):
+                if sig is not None:
+                    rows[j] = np.frombuffer(bytes.fromhex(sig), np.uint32)
+            if fresh:
+                rows[fresh] = computed
+            signatures.append(rows)
+            pending, pending_bytes = [], 0
+            return
+
+        try:
+            for doc in data:
+                meta = dict(doc.metadata)
+                fmt = str(meta.pop("format", "text"))
+                source = str(meta.pop("source", ""))
+                raw_meta = meta.pop("meta", {}) or {}
+                key = content_key(fmt, doc.text, digest)
+                cached = cache.get(key) if cache else None
+                if cached is not None:
+                    outcome, sig_hex = cached
+                    hits += 1
+                else:
+                    outcome, sig_hex = curator.process(doc.id, fmt, doc.text), None
+                record = {"id": doc.id, "key": key, "cached": cached is not None, **asdict(outcome)}
+                record.pop("text")
+                handles["outcomes"].write(json.dumps(record, ensure_ascii=False) + "\n")
+                if outcome.text is not None:
+                    text = outcome.text
+                    prep_meta = {k: v for k, v in (("language", outcome.language), ("pii", outcome.pii),
+                                                   ("contaminated", outcome.contaminated)) if v}
+                    kept = Document(doc.id, source, fmt, text, hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                                    {**raw_meta, **({"prep": prep_meta} if prep_meta else {})})
+                    handles["kept"].write(json.dumps(asdict(kept), ensure_ascii=False, sort_keys=True) + "\n")
+                    handles["index"].write(json.dumps({"id": doc.id, "sha256": kept.sha256, "key": key,
+                                                       "chars": len(text)}) + "\n")
+                    pending.append((text, sig_hex))
+                    pending_bytes += len(text)
+                    if pending_bytes >= SIGNATURE_BATCH_BYTES:
+                        flush()
+                if cached is None:
+                    handles["new_cache"].write(json.dumps({"key": key, "outcome": outcome.to_json()}) + "\n")
+                self.stat_update("documents")
+                self.stat_update("kept" if outcome.text is not None else "dropped")
+                done += 1
+                now = time.monotonic()
+                if now - last_log >= 30:
+                    logger.info(f"task {rank}: {done} documents in {now - started:.0f}s "
+                                f"({done / (now - started):.0f}/s), {hits} from the cache")
+                    last_log = now
+            flush()
+        finally:
+            for fh in handles.values():
+                fh.close()
+        matrix = np.concatenate(signatures) if signatures else np.empty((0, recipe.dedup.num_perm), np.uint32)
+        with tmp["signatures"].open("wb") as fh:
+            np.save(fh, matrix)
+        fault_point("prep.before_publish")
+        for k in ("kept", "index", "signatures", "outcomes", "new_cache"):
+            tmp[k].replace(files[k])  # the outcomes file last but one: present only when the task finished
+        logger.info(f"task {rank}: {done} documents, {hits} from the cache, {len(matrix)} kept before deduplication")
+        yield from ()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole night.
+
+
+@dataclass
+class PrepReport:
+    """Counts of one preparation run: per step, per reason, per PII type, per evaluation set."""
+
+    documents_in: int = 0
+    documents_out: int = 0
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    """In order: {"step", "in", "out", "dropped": {reason: n}, "examples": {reason: [ids]}}."""
+    pii: dict[str, int] = field(default_factory=dict)
+    """Placeholders inserted per type, over the documents that were kept."""
+    pii_documents: int = 0
+    contamination: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per evaluation set: items, documents checked, documents contaminated, rate, action."""
+    near_duplicates: dict[str, Any] = field(default_factory=dict)
+    cached: int = 0
+    characters: int = 0
+    seconds: float = 0.0
+    executor: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> dict[str, Any]:
+        """Return the counts kept in a dataset version's metadata (no example ids)."""
+        return {
+            "documents_in": self.documents_in, "documents_out": self.documents_out,
+            "dropped": {s["step"]: s["dropped"] for s in self.steps if s["dropped"]},
+            "pii": self.pii, "contamination": {k: {"documents": v["contaminated"], "rate": v["rate"]}
+                                               for k, v in self.contamination.items()},
+            "near_duplicate_clusters": self.near_duplicates.get("clusters", 0),
+        }
+
+
+class _StepCounter:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen = 0
+        self.dropped: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def drop(self, reason: str, doc_id: str) -> None:
+        self.dropped[reason] += 1
+        ids = self.examples.setdefault(reason, [])
+        if len(ids) < EXAMPLES:
+            ids.append(doc_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        total = sum(self.dropped.values())
+        return {"step": self.name, "in": self.seen, "out": self.seen - total,
+                "dropped": dict(self.dropped.most_common()), "examples": self.examples}
+
+
+def shard_raw(raw: Path, out_dir: Path, shards: int) -> list[Path]:
+    """Split raw.jsonl into ``shards`` files of about equal bytes, with documents sorted by id.
+
+    Only (id, offset, length) per document is held in memory; documents are copied by seeking.
+    """
+    import orjson
+
+    entries: list[tuple[str, int, int]] = []
+    empty: list[str] = []
+    with raw.open("rb") as fh:
+        offset = 0
+        for line in fh:
+            if line.strip():
+                record = orjson.loads(line)
+                if isinstance(record.get("content"), str) and record["content"]:
+                    entries.append((str(record["id"]), offset, len(line)))
+                else:  # datatrove's readers skip documents without text; they are counted here instead
+                    empty.append(str(record.get("id")))
+            offset += len(line)
+    entries.sort()
+    total = sum(e[2] for e in entries) or 1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"raw-{i:05d}.jsonl" for i in range(shards)]
+    with raw.open("rb") as src:
+        written, shard = 0, 0
+        outs = [p.with_name(p.name + ".tmp").open("wb") for p in paths]
+        try:
+            for _, off, length in entries:
+                while shard < shards - 1 and written >= total * (shard + 1) / shards:
+                    shard += 1
+                src.seek(off)
+                line = src.read(length)
+                outs[shard].write(line if line.endswith(b"\n") else line + b"\n")
+                written += length
+        finally:
+            for fh in outs:
+                fh.close()
+    (out_dir / "empty.json").write_text(json.dumps(sorted(empty)))
+    for p in paths:
+        p.with_name(p.name + ".tmp").replace(p)
+    return paths
+
+
+def plan_tasks(recipe: PrepRecipe, raw_bytes: int) -> tuple[int, int]:
+    """Return (tasks, workers): one task per 4 MB up to one per worker; small nights run in this process."""
+    import os
+
+    workers = recipe.executor.workers or (os.cpu_count() or 1)
+    tasks = recipe.executor.tasks or max(1, min(workers, raw_bytes // (4 * 1024 * 1024) + 1))
+    return tasks, min(workers, tasks)
+
+
+def build_executor(recipe: PrepRecipe, pipeline: list, tasks: int, workers: int, logging_dir: Path):
+    """Return the datatrove executor the recipe names, running ``pipeline`` over ``tasks`` shards."""
+    kind, options = recipe.executor.kind, dict(recipe.executor.options)
+    if kind == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+
+        options.setdefault("time", "04:00:00")
+        options.setdefault("job_name", "nightshift-prep")
+        return SlurmPipelineExecutor(pipeline=pipeline, tasks=tasks, logging_dir=str(logging_dir), **options)
+    if kind == "ray":
+        from datatrove.executor import RayPipelineExecutor
+
+        return RayPipelineExecutor(pipeline=pipeline, tasks=tasks, logging_dir=str(logging_dir), **options)
+    from datatrove.executor import LocalPipelineExecutor
+
+    return LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
+                                 skip_completed=True, **options)
+
+
+def curate(raw: Path, corpus: Path, work: Path, recipe: PrepRecipe, cache_path: Path | None = None,
+           log=None) -> PrepReport:
+    """Prepare raw.jsonl into corpus.jsonl under a recipe; return the report. Re-running resumes finished tasks."""
+    import logging
+
+    log = log or logging.getLogger(__name__)
+    started = time.monotonic()
+    from datatrove.pipeline.readers import JsonlReader
+
+    raw_bytes = raw.stat().st_size
+    tasks, workers = plan_tasks(recipe, raw_bytes)
+    # Outputs are named by what decides them, so a retry resumes finished tasks and a changed input starts anew.
+    digest = hashlib.sha256(f"{recipe.digest()}|{_file_digest(raw)}|{tasks}".encode()).hexdigest()[:16]
+    run = work / digest
+    shards = run / "raw"
+    if not all((shards / f"raw-{i:05d}.jsonl").is_file() for i in range(tasks)):
+        shard_raw(raw, shards, tasks)
+    out = run / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline = [
+        JsonlReader(str(shards), text_key="content", id_key="id", add_file_path=False, glob_pattern="raw-*.jsonl"),
+        CurateShard(recipe.to_dict(), str(out), str(cache_path) if cache_path else None),
+    ]
+    log.info("preparing %d bytes of raw documents in %d task(s) on %d worker(s) (%s executor)",
+             raw_bytes, tasks, workers, recipe.executor.kind)
+    build_executor(recipe, pipeline, tasks, workers, run / "logs").run()
+    missing = [r for r in range(tasks) if not shard_files(out, r)["outcomes"].is_file()]
+    if missing:
+        raise RuntimeError(f"preparation tasks {missing} did not finish; see their logs under {run / 'logs'}")
+    report = _finish(out, tasks, corpus, recipe, json.loads((shards / "empty.json").read_text()))
+    report.seconds = round(time.monotonic() - started, 2)
+    report.executor = {"kind": recipe.executor.kind, "tasks": tasks, "workers": workers}
+    if cache_path is not None:
+        from nightshift.prep.cache import OutcomeCache
+
+        OutcomeCache(cache_path, recipe.digest()).absorb(out, tasks)
+    log.info("prepared %d of %d documents in %.1fs (%d from the cache)", report.documents_out, report.documents_in,
+             report.seconds, report.cached)
+    return report
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _finish(out: Path, tasks: int, corpus: Path, recipe: PrepRecipe, empty: list[str]) -> PrepReport:
+    """Count outcomes, remove exact and near duplicates over all shards, and write the corpus in id order.
+
+    Every dropped document gets a line in dropped.jsonl beside the corpus: id, step and reason.
+    """
+    from nightshift.prep.near_dup import find_near_duplicates
+
+    report = PrepReport()
+    counters = {"limits": _StepCounter("limits")}
+    for step in recipe.steps:
+        counters[step.name] = _StepCounter(step.name)
+    order = list(counters)
+    contaminated: Counter[str] = Counter()
+    checked = 0
+    dropped_path = corpus.with_name("dropped.jsonl")
+    dropped_tmp = dropped_path.with_name(dropped_path.name + ".tmp")
+    dropped_log = dropped_tmp.open("w", encoding="utf-8")
+
+    def record(doc_id: str, step: str, reason: str) -> None:
+        dropped_log.write(json.dumps({"id": doc_id, "step": step, "reason": reason}, ensure_ascii=False) + "\n")
+
+    for doc_id in empty:
+        report.documents_in += 1
+        counters["limits"].seen += 1
+        counters["limits"].drop("empty", doc_id)
+        record(doc_id, "limits", "empty")
+    for rank in range(tasks):
+        with shard_files(out, rank)["outcomes"].open(encoding="utf-8") as fh:
+            for line in fh:
+                o = json.loads(line)
+                report.documents_in += 1
+                report.cached += bool(o["cached"])
+                stop = o["step"]
+                for name in order:
+                    counters[name].seen += 1
+                    if name == stop:
+                        counters[name].drop(o["reason"], o["id"])
+                        record(o["id"], name, o["reason"])
+                        break
+                if "decontaminate" in counters and (stop is None or order.index(stop) >= order.index("decontaminate")):
+                    checked += 1
+                for name in o["contaminated"]:
+                    contaminated[name] += 1
+
+    ids: list[str] = []
+    hashes: list[str] = []
+    for rank in range(tasks):
+        with shard_files(out, rank)["index"].open(encoding="utf-8") as fh:
+            for line in fh:
+                entry = json.loads(line)
+                ids.append(entry["id"])
+                hashes.append(entry["sha256"])
+    signatures = [np.load(shard_files(out, r)["signatures"]) for r in range(tasks)]
+    matrix = np.concatenate(signatures) if signatures else np.empty((0, recipe.dedup.num_perm), np.uint32)
+
+    drop: dict[int, str] = {}
+    exact = _StepCounter("exact_dedup")
+    exact.seen = len(ids)
+    if recipe.dedup.exact:
+        first: dict[str, int] = {}
+        for i, digest in enumerate(hashes):
+            if digest in first:
+                drop[i] = "exact_duplicate"
+                exact.drop("exact_duplicate", ids[i])
+                record(ids[i], "exact_dedup", f"exact_duplicate:{ids[first[digest]]}")
+            else:
+                first[digest] = i
+    near = _StepCounter("near_dedup")
+    near.seen = len(ids) - len(drop)
+    if recipe.dedup.near:
+        remaining = np.array([i for i in range(len(ids)) if i not in drop], dtype=np.int64)
+        clusters = find_near_duplicates(matrix[remaining], recipe.dedup.threshold)
+        for local, keep in clusters.duplicate_of.items():
+            i = int(remaining[local])
+            drop[i] = "near_duplicate"
+            near.drop("near_duplicate", ids[i])
+            record(ids[i], "near_dedup", f"near_duplicate:{ids[int(remaining[keep])]}")
+        report.near_duplicates = {"clusters": clusters.clusters, "removed": len(clusters.duplicate_of),
+                                  "candidate_pairs": clusters.candidate_pairs,
+                                  "verified_pairs": clusters.verified_pairs, "threshold": recipe.dedup.threshold}
+    report.steps = [counters[n].to_dict() for n in order] + [exact.to_dict(), near.to_dict()]
+    dropped_log.close()
+
+    pii: Counter[str] = Counter()
+    tmp = corpus.with_name(corpus.name + ".tmp")
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    index = 0
+    with tmp.open("w", encoding="utf-8", newline="\n") as dst:
+        for rank in range(tasks):
+            with shard_files(out, rank)["kept"].open(encoding="utf-8") as fh:
+                for line in fh:
+                    if index not in drop:
+                        dst.write(line)
+                        doc = json.loads(line)
+                        report.documents_out += 1
+                        report.characters += len(doc["text"])
+                        found = doc["meta"].get("prep", {}).get("pii", {})
+                        if found:
+                            pii.update(found)
+                            report.pii_documents += 1
+                    index += 1
+    dropped_tmp.replace(dropped_path)
+    tmp.replace(corpus)
+    report.pii = dict(sorted(pii.items()))
+    decon = recipe.step("decontaminate")
+    if decon is not None:
+        from nightshift.prep.decontaminate import read_items
+
+        for name in sorted(decon.sets):
+            n = contaminated[name]
+            report.contamination[name] = {
+                "items": len(read_items(decon.set_path(name))), "checked": checked, "contaminated": n,
+                "rate": round(n / checked, 6) if checked else 0.0, "action": decon.action,
+            }
+    return report

@@ -1,0 +1,82 @@
+"""Find training documents that contain text of an evaluation set (GPT-3's long n-gram overlap rule).
+
+Every n-gram of n words (lowercased, punctuation ignored) of every evaluation item is hashed; a document
+sharing any of them with a set is contaminated by that set. Items shorter than n words are matched whole
+when they have at least ``min_item_words`` words, so short golden answers still count.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from nightshift.prep.near_dup import shingle_hashes, whole_hash, word_hashes
+from nightshift.prep.recipe import Decontaminate
+
+
+def read_items(path: Path) -> list[str]:
+    """Return the text of every item of an evaluation set: JSONL (all string fields joined) or plain lines."""
+    items = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                items.append(line)
+                continue
+            if isinstance(record, dict):
+                items.extend(v for v in record.values() if isinstance(v, str) and v.strip())
+            elif isinstance(record, str):
+                items.append(record)
+    return items
+
+
+@dataclass
+class EvalIndex:
+    """Hashed n-grams of the configured evaluation sets."""
+
+    ngram: int
+    grams: dict[str, dict[int, np.ndarray]]
+    """set name -> n-gram length -> sorted unique hashes."""
+    items: dict[str, int]
+
+    @classmethod
+    def build(cls, config: Decontaminate) -> EvalIndex:
+        grams: dict[str, dict[int, np.ndarray]] = {}
+        counts: dict[str, int] = {}
+        for name in sorted(config.sets):
+            texts = read_items(config.set_path(name))
+            counts[name] = len(texts)
+            by_length: dict[int, list] = {}
+            full, _ = shingle_hashes(texts, config.ngram)
+            by_length[config.ngram] = [full]
+            words, per_doc = word_hashes(texts)
+            first = np.concatenate(([0], np.cumsum(per_doc)))
+            for d in np.flatnonzero((per_doc >= config.min_item_words) & (per_doc < config.ngram)).tolist():
+                length = int(per_doc[d])
+                by_length.setdefault(length, []).append(np.array([whole_hash(words[first[d]:first[d + 1]])]))
+            grams[name] = {length: np.unique(np.concatenate(parts)) for length, parts in by_length.items()}
+        return cls(config.ngram, grams, counts)
+
+    def contaminated(self, texts: list[str]) -> list[list[str]]:
+        """Return, for each text, the names of the evaluation sets it shares an n-gram with."""
+        hits: list[set[str]] = [set() for _ in texts]
+        lengths = sorted({length for by_length in self.grams.values() for length in by_length})
+        for length in lengths:
+            shingles, doc = shingle_hashes(texts, length)
+            if not len(shingles):
+                continue
+            for name, by_length in self.grams.items():
+                table = by_length.get(length)
+                if table is None or not len(table):
+                    continue
+                found = doc[np.isin(shingles, table)]
+                for d in np.unique(found).tolist():
+                    hits[d].add(name)
+        return [sorted(h) for h in hits]

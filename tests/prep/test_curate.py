@@ -1,0 +1,202 @@
+"""The whole recipe over a planted night: every planted problem is removed and counted, nothing else changes."""
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import yaml
+
+from nightshift.prep.curate import curate
+from nightshift.prep.pii import Scrubber
+from nightshift.prep.recipe import DEFAULT_RECIPE, PrepRecipe
+from planted import pii_items, prose, secret_value, variant
+
+GERMAN = [
+    "Das Observatorium liegt auf dem Kamm, vierzehn Kilometer nördlich der Stadt. Die Galerie ist von Mittwoch "
+    "bis Sonntag geöffnet, und die Karten kosten zwölf Euro für Erwachsene und sechs Euro für Kinder.",
+    "Bringen Sie warme Kleidung mit, auch im Sommer: die Terrasse ist offen und die Temperatur fällt nach "
+    "Mitternacht oft unter zehn Grad. Rote Taschenlampen werden am Eingang kostenlos verliehen.",
+]
+EVAL_ITEMS = [
+    {"question": "How many kilometres north of the town does the ridge road climb before the lower car park "
+                 "opens for visitors", "answer": "Fourteen"},
+    {"question": "Which instrument did the founding astronomer grind by hand in the winter of the great storm "
+                 "that closed the valley", "answer": "The mirror"},
+]
+
+
+def planted_night(seed: int = 1):
+    """Return raw records and what was planted: {step: {reason: n}}, PII per kind, secrets."""
+    rng = random.Random(seed)
+    docs, expected, pii, secrets = [], Counter(), Counter(), []
+
+    def add(doc_id, content, fmt="text"):
+        docs.append({"id": doc_id, "source": doc_id, "format": fmt, "content": content, "meta": {}})
+
+    good = [prose(rng, 3, 4) for _ in range(30)]
+    for i, text in enumerate(good):
+        add(f"good/{i:03d}.txt", text)
+    for i, text in enumerate(GERMAN):
+        add(f"de/{i}.txt", text)
+        expected["language", "language_de"] += 1
+    add("junk/lorem.txt", prose(rng) + "\n\nLorem ipsum dolor sit amet, consectetur adipiscing elit.")
+    expected["c4_quality", "lorem_ipsum"] += 1
+    add("junk/repeat.txt", "\n\n".join(["The shop sells the cheap tickets and the maps of the sky."] * 12))
+    expected["gopher_repetition", "dup_para_frac"] += 1
+    add("junk/short.txt", "Too short.")
+    expected["limits", "too_short"] += 1
+    add("junk/empty.txt", "")
+    expected["limits", "empty"] += 1
+    add("junk/huge.txt", prose(rng) * 4000)  # ~1.3 MB, over the test recipe's max_raw_chars
+    expected["limits", "raw_too_long"] += 1
+    add("junk/markup.html", "<html><body><nav>menu</nav></body></html>", "html")
+    expected["limits", "too_short"] += 1
+    for i in range(4):
+        add(f"near/{i}.txt", variant(rng, good[i], 0.9, above=True)[0])
+        expected["near_dedup", "near_duplicate"] += 1
+    for i in range(2):
+        add(f"copy/{i}.txt", good[10] + "\n")
+        expected["exact_dedup", "exact_duplicate"] += 1
+    for i, item in enumerate(EVAL_ITEMS):
+        add(f"leak/{i}.txt", f"{prose(rng, 1, 3)} {item['question']}? {prose(rng, 1, 3)}")
+        expected["decontaminate", "contaminated:heldout"] += 1
+    for i, (kind, item) in enumerate(pii_items(rng)):
+        add(f"pii/{i:03d}.txt", f"{prose(rng, 1, 3)}\n{item}\n{prose(rng, 1, 3)}")
+        pii[kind] += 1
+        secrets.append(secret_value(kind, item))
+    rng.shuffle(docs)  # collection order is arbitrary; the corpus is sorted by id
+    return docs, expected, pii, secrets
+
+
+def write_raw(docs, path):
+    path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+    return path
+
+
+def recipe_for(tmp_path, **executor):
+    data = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    eval_path = tmp_path / "heldout.jsonl"
+    eval_path.write_text("".join(json.dumps(i) + "\n" for i in EVAL_ITEMS))
+    data["limits"]["max_raw_chars"] = 1_000_000
+    for step in data["steps"]:
+        if "decontaminate" in step:
+            step["decontaminate"] = {"sets": {"heldout": str(eval_path)}, "action": "drop"}
+    data["executor"].update(executor)
+    return PrepRecipe.from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("night")
+    docs, expected, pii, secrets = planted_night()
+    raw = write_raw(docs, tmp / "raw.jsonl")
+    recipe = recipe_for(tmp, tasks=1, workers=1)
+    report = curate(raw, tmp / "corpus.jsonl", tmp / "work", recipe, tmp / "cache.sqlite")
+    return {"tmp": tmp, "raw": raw, "docs": docs, "expected": expected, "pii": pii, "secrets": secrets,
+            "report": report, "recipe": recipe, "corpus": (tmp / "corpus.jsonl").read_bytes()}
+
+
+def test_every_planted_problem_is_removed_and_counted_by_step_and_reason(night):
+    report = night["report"]
+    counted = Counter({(s["step"], reason): n for s in report.steps for reason, n in s["dropped"].items()})
+    assert counted == night["expected"]
+    assert report.documents_in == len(night["docs"])
+    assert report.documents_out == len(night["docs"]) - sum(night["expected"].values())
+    assert report.near_duplicates["clusters"] == 4
+    assert report.contamination["heldout"]["contaminated"] == 2 and report.contamination["heldout"]["rate"] > 0
+    for step in report.steps:  # every step's counts add up and name a few dropped ids
+        assert step["in"] - step["out"] == sum(step["dropped"].values())
+        assert all(0 < len(ids) <= 5 for ids in step["examples"].values())
+
+
+def test_pii_is_counted_per_type_and_no_planted_secret_reaches_the_corpus(night):
+    corpus = night["corpus"].decode()
+    assert night["report"].pii == dict(night["pii"])
+    assert night["report"].pii_documents == sum(night["pii"].values())
+    assert not [s for s in night["secrets"] if s in corpus]
+    docs = [json.loads(line) for line in corpus.splitlines()]
+    assert all(Scrubber().find(d["text"]) == [] for d in docs)  # the second pass finds nothing
+
+
+def test_corpus_is_sorted_by_id_and_untouched_documents_keep_their_text(night):
+    docs = [json.loads(line) for line in night["corpus"].decode().splitlines()]
+    assert [d["id"] for d in docs] == sorted(d["id"] for d in docs)
+    raw = {d["id"]: d["content"] for d in night["docs"]}
+    for d in docs:
+        if d["id"].startswith("good/"):
+            assert d["text"] == raw[d["id"]].strip()  # nothing outside the recipe alters text
+            assert d["meta"]["prep"]["language"] == "en"
+    dropped = [json.loads(line) for line in (night["tmp"] / "dropped.jsonl").read_text().splitlines()]
+    assert len(dropped) == sum(night["expected"].values())
+    assert {"id": "copy/1.txt", "step": "exact_dedup", "reason": "exact_duplicate:copy/0.txt"} in dropped
+
+
+def test_two_workers_and_a_cached_rerun_write_the_same_bytes(night):
+    tmp = night["tmp"]
+    parallel = recipe_for(tmp, tasks=3, workers=2)
+    report = curate(night["raw"], tmp / "parallel.jsonl", tmp / "work2", parallel, None)
+    assert (tmp / "parallel.jsonl").read_bytes() == night["corpus"]
+    assert report.executor == {"kind": "local", "tasks": 3, "workers": 2}
+
+    again = curate(night["raw"], tmp / "again.jsonl", tmp / "work3", night["recipe"], tmp / "cache.sqlite")
+    assert (tmp / "again.jsonl").read_bytes() == night["corpus"]
+    assert again.cached == again.documents_in - 1  # all but the empty document, which never reaches a step
+    assert again.summary() == night["report"].summary()
+
+
+def test_a_changed_recipe_misses_the_cache(night):
+    tmp = night["tmp"]
+    data = night["recipe"].to_dict()
+    data["dedup"]["threshold"] = 0.9
+    report = curate(night["raw"], tmp / "other.jsonl", tmp / "work4", PrepRecipe.from_dict(data), tmp / "cache.sqlite")
+    assert report.cached == 0
+
+
+def test_a_task_killed_before_publishing_resumes_to_the_same_bytes(night, tmp_path):
+    recipe = night["recipe"]
+    script = (
+        "import sys; from pathlib import Path; from nightshift.prep.curate import curate; "
+        "from nightshift.prep.recipe import PrepRecipe; import json; "
+        "r = PrepRecipe.from_dict(json.loads(sys.argv[1])); "
+        "curate(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), r, None)"
+    )
+    args = [sys.executable, "-c", script, json.dumps(recipe.to_dict()), str(night["raw"]),
+            str(tmp_path / "corpus.jsonl"), str(tmp_path / "work")]
+    # Its own session: datatrove's manager process outlives a killed parent, and is reaped with the group.
+    killed = subprocess.Popen(args, env={**_env(), "NIGHTSHIFT_FAULT": "prep.before_publish"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert killed.wait(timeout=120) == -9 and not (tmp_path / "corpus.jsonl").exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(killed.pid, signal.SIGKILL)
+    subprocess.run(args, env=_env(), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    assert (tmp_path / "corpus.jsonl").read_bytes() == night["corpus"]
+
+
+def _env():
+    return {k: v for k, v in os.environ.items() if k != "NIGHTSHIFT_FAULT"}
+
+
+def test_a_document_that_breaks_a_step_is_dropped_with_the_reason_and_the_night_goes_on(tmp_path, monkeypatch):
+    from nightshift.prep import curate as curate_module
+
+    def broken(fmt, content):
+        if "BREAK" in content:
+            raise UnicodeError("bad")
+        return content
+
+    monkeypatch.setattr(curate_module, "extract_text_of", broken)
+    rng = random.Random(2)
+    docs = [{"id": f"d{i}", "source": "s", "format": "text", "content": prose(rng), "meta": {}} for i in range(5)]
+    docs[2]["content"] += " BREAK"
+    report = curate(write_raw(docs, tmp_path / "raw.jsonl"), tmp_path / "c.jsonl", tmp_path / "w",
+                    recipe_for(tmp_path, tasks=1, workers=1), None)
+    assert report.documents_out == 4
+    assert report.steps[0]["dropped"] == {"extraction_failed:UnicodeError": 1}

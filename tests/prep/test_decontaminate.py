@@ -1,0 +1,42 @@
+import json
+
+from nightshift.prep.decontaminate import EvalIndex, read_items
+from nightshift.prep.recipe import Decontaminate
+
+
+def eval_set(tmp_path, name, items):
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    return str(path)
+
+
+def test_documents_sharing_a_13_word_run_with_an_evaluation_set_are_found(tmp_path):
+    question = ("Which planet in our solar system has the longest day of all the planets when measured in hours "
+                "on earth")
+    config = Decontaminate(sets={"qa": eval_set(tmp_path, "qa", [{"question": question, "answer": "Venus"}]),
+                                 "other": eval_set(tmp_path, "other", [{"text": "nothing in common with docs"}])})
+    index = EvalIndex.build(config)
+    words = question.split()
+    docs = [
+        "Notes. " + " ".join(words[3:16]).upper() + ", said the guide.",  # 13 words, other case and punctuation
+        "Notes. " + " ".join(words[3:15]) + " and more.",  # only 12 shared words
+        "Nothing to see here at all today, the dome is closed for repairs until the spring.",
+    ]
+    assert index.contaminated(docs) == [["qa"], [], []]
+    assert index.items == {"other": 1, "qa": 2}
+
+
+def test_short_items_are_matched_whole_when_long_enough(tmp_path):
+    config = Decontaminate(sets={"qa": eval_set(tmp_path, "qa", [
+        {"answer": "Members enter free on every evening of the year"},  # 10 words: matched whole
+        {"answer": "Venus"},  # too short to mean anything
+    ])}, min_item_words=8)
+    index = EvalIndex.build(config)
+    hits = index.contaminated(["Good news: members enter free on every evening of the year!", "Venus is bright."])
+    assert hits == [["qa"], []]
+
+
+def test_plain_text_lines_are_items_too(tmp_path):
+    path = tmp_path / "set.txt"
+    path.write_text("first item line\n\n{\"q\": \"a json item\", \"n\": 3}\n")
+    assert read_items(path) == ["first item line", "a json item"]

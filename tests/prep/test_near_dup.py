@@ -1,0 +1,91 @@
+import random
+
+import numpy as np
+
+from nightshift.prep.near_dup import MinHasher, find_near_duplicates, lsh_bands, shingle_hashes, verify_threshold
+from planted import jaccard, prose, variant
+
+
+def planted_pairs(seed: int, targets, per_target: int, above: bool):
+    """Return documents and the planted pairs (i, j, exact Jaccard) among them."""
+    rng = random.Random(seed)
+    docs, pairs = [], []
+    for target in targets:
+        for _ in range(per_target):
+            base = prose(rng, 3, 5)
+            other, j = variant(rng, base, target, above=above)
+            docs.extend([base, other])
+            pairs.append((len(docs) - 2, len(docs) - 1, j))
+    return docs, pairs
+
+
+def test_planted_near_duplicates_are_removed_with_precision_and_recall_above_95_percent():
+    docs, pairs = planted_pairs(1, [0.8, 0.85, 0.9, 0.95], 60, above=True)
+    low_docs, low_pairs = planted_pairs(2, [0.2, 0.35, 0.5], 60, above=False)
+    offset = len(docs)
+    docs += low_docs
+    pairs += [(i + offset, j + offset, sim) for i, j, sim in low_pairs]
+    rng = random.Random(3)
+    docs += [prose(rng, 3, 5) for _ in range(300)]  # unrelated documents
+
+    clusters = find_near_duplicates(MinHasher().signatures(docs), 0.8)
+    removed = set(clusters.duplicate_of)
+    high = [(i, j) for i, j, sim in pairs if sim >= 0.8]
+    low = [(i, j) for i, j, sim in pairs if sim <= 0.5]
+    assert len(high) == 240 and len(low) == 180
+    true_removals = sum(j in removed for _, j in high)
+    recall = true_removals / len(high)
+    precision = true_removals / len(removed)
+    assert recall >= 0.95 and precision >= 0.95, (recall, precision)
+    assert not any(j in removed or i in removed for i, j in low)  # nothing at or below J = 0.5
+    assert all(clusters.duplicate_of[j] == i for i, j in high if j in removed)  # the first of a pair is kept
+
+
+def test_the_kept_document_of_a_cluster_is_the_first_in_corpus_order():
+    rng = random.Random(5)
+    base = prose(rng, 3, 5)
+    copies = [variant(rng, base, 0.92)[0] for _ in range(4)]
+    docs = [prose(rng, 3, 5), copies[0], base, copies[1], copies[2], prose(rng, 3, 5), copies[3]]
+    clusters = find_near_duplicates(MinHasher().signatures(docs), 0.8)
+    assert clusters.clusters == 1
+    assert sorted(clusters.duplicate_of) == [2, 3, 4, 6] and set(clusters.duplicate_of.values()) == {1}
+
+
+def test_signature_agreement_estimates_jaccard_without_bias():
+    rng = random.Random(9)
+    errors = []
+    hasher = MinHasher()
+    for target in (0.3, 0.6, 0.9):
+        for _ in range(40):
+            a = prose(rng, 3, 5)
+            b, j = variant(rng, a, target)
+            sig = hasher.signatures([a, b])
+            errors.append(float((sig[0] == sig[1]).mean()) - j)
+    assert abs(np.mean(errors)) < 0.02 and np.std(errors) < 0.06
+
+
+def test_signatures_are_stable_across_batches_and_case_and_punctuation():
+    hasher = MinHasher()
+    a = "The dome opens at dusk, and the gallery closes at midnight on Fridays."
+    together = hasher.signatures([a, "other words entirely here now please", a.upper().replace(",", " ;")])
+    alone = hasher.signatures([a])
+    assert (together[0] == alone[0]).all() and (together[2] == alone[0]).all()
+    assert (hasher.signatures([""]) == 0xFFFFFFFF).all()
+
+
+def test_short_texts_are_one_shingle_of_all_their_words():
+    shingles, doc = shingle_hashes(["two words", "one", "five words make one shingle"], 5, whole_below=1)
+    assert doc.tolist() == [2, 0, 1] and len(set(shingles.tolist())) == 3
+
+
+def test_bands_find_a_pair_at_the_threshold_with_high_probability():
+    bands, rows = lsh_bands(128, 0.8)
+    low = verify_threshold(128, 0.8)
+    assert bands * rows <= 128
+    assert 1 - (1 - low**rows) ** bands >= 0.995
+    assert 0.7 < low < 0.8
+
+
+def test_exact_jaccard_helper():
+    assert jaccard("a b c d e f", "a b c d e f") == 1.0
+    assert jaccard("a b c d e f", "a b c d e g") == 1 / 3
