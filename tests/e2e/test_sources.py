@@ -73,6 +73,7 @@ def test_three_sources_a_failing_one_and_an_unchanged_night(tmp_path, monkeypatc
              "updated_column": "updated_at"},
         ]}))
         monkeypatch.setenv("NIGHTSHIFT_SOURCES_FILE", str(sources))
+        monkeypatch.setenv("NIGHTSHIFT_PREP_RECIPE", str(REPO / "tests" / "e2e" / "prep_recipes" / "short.yaml"))
         monkeypatch.setenv("AIRFLOW_CONN_DOCS_DB", json.dumps(postgres))
 
         first, tasks = run(fresh("ingest_corpus"), {})

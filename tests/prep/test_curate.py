@@ -15,63 +15,7 @@ import yaml
 from nightshift.prep.curate import curate
 from nightshift.prep.pii import Scrubber
 from nightshift.prep.recipe import DEFAULT_RECIPE, PrepRecipe
-from planted import pii_items, prose, secret_value, variant
-
-GERMAN = [
-    "Das Observatorium liegt auf dem Kamm, vierzehn Kilometer nördlich der Stadt. Die Galerie ist von Mittwoch "
-    "bis Sonntag geöffnet, und die Karten kosten zwölf Euro für Erwachsene und sechs Euro für Kinder.",
-    "Bringen Sie warme Kleidung mit, auch im Sommer: die Terrasse ist offen und die Temperatur fällt nach "
-    "Mitternacht oft unter zehn Grad. Rote Taschenlampen werden am Eingang kostenlos verliehen.",
-]
-EVAL_ITEMS = [
-    {"question": "How many kilometres north of the town does the ridge road climb before the lower car park "
-                 "opens for visitors", "answer": "Fourteen"},
-    {"question": "Which instrument did the founding astronomer grind by hand in the winter of the great storm "
-                 "that closed the valley", "answer": "The mirror"},
-]
-
-
-def planted_night(seed: int = 1):
-    """Return raw records and what was planted: {step: {reason: n}}, PII per kind, secrets."""
-    rng = random.Random(seed)
-    docs, expected, pii, secrets = [], Counter(), Counter(), []
-
-    def add(doc_id, content, fmt="text"):
-        docs.append({"id": doc_id, "source": doc_id, "format": fmt, "content": content, "meta": {}})
-
-    good = [prose(rng, 3, 4) for _ in range(30)]
-    for i, text in enumerate(good):
-        add(f"good/{i:03d}.txt", text)
-    for i, text in enumerate(GERMAN):
-        add(f"de/{i}.txt", text)
-        expected["language", "language_de"] += 1
-    add("junk/lorem.txt", prose(rng) + "\n\nLorem ipsum dolor sit amet, consectetur adipiscing elit.")
-    expected["c4_quality", "lorem_ipsum"] += 1
-    add("junk/repeat.txt", "\n\n".join(["The shop sells the cheap tickets and the maps of the sky."] * 12))
-    expected["gopher_repetition", "dup_para_frac"] += 1
-    add("junk/short.txt", "Too short.")
-    expected["limits", "too_short"] += 1
-    add("junk/empty.txt", "")
-    expected["limits", "empty"] += 1
-    add("junk/huge.txt", prose(rng) * 4000)  # ~1.3 MB, over the test recipe's max_raw_chars
-    expected["limits", "raw_too_long"] += 1
-    add("junk/markup.html", "<html><body><nav>menu</nav></body></html>", "html")
-    expected["limits", "too_short"] += 1
-    for i in range(4):
-        add(f"near/{i}.txt", variant(rng, good[i], 0.9, above=True)[0])
-        expected["near_dedup", "near_duplicate"] += 1
-    for i in range(2):
-        add(f"copy/{i}.txt", good[10] + "\n")
-        expected["exact_dedup", "exact_duplicate"] += 1
-    for i, item in enumerate(EVAL_ITEMS):
-        add(f"leak/{i}.txt", f"{prose(rng, 1, 3)} {item['question']}? {prose(rng, 1, 3)}")
-        expected["decontaminate", "contaminated:heldout"] += 1
-    for i, (kind, item) in enumerate(pii_items(rng)):
-        add(f"pii/{i:03d}.txt", f"{prose(rng, 1, 3)}\n{item}\n{prose(rng, 1, 3)}")
-        pii[kind] += 1
-        secrets.append(secret_value(kind, item))
-    rng.shuffle(docs)  # collection order is arbitrary; the corpus is sorted by id
-    return docs, expected, pii, secrets
+from planted import EVAL_ITEMS, planted_night, prose
 
 
 def write_raw(docs, path):

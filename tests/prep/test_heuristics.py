@@ -35,6 +35,55 @@ def test_fast_repetition_filter_gives_datatrove_s_verdicts():
     assert len({str(a) for a, _ in verdicts}) >= 6  # the corpus exercises many of the rules
 
 
+def test_fast_quality_filter_gives_datatrove_s_verdicts():
+    from datatrove.pipeline.filters import GopherQualityFilter
+
+    from nightshift.prep.heuristics import FastGopherQualityFilter
+
+    rng = random.Random(6)
+    texts = list(repetitive_documents(200)) + [prose(rng) for _ in range(50)] + [
+        "# " * 40 + "title words here " * 20, "... " * 30 + "word " * 60, "\n".join(["- bullet item here"] * 60),
+        "12 34 56 78 " * 30 + "the and of", "…\n" * 40 + "words " * 60]
+    for kwargs in ({}, {"min_doc_words": 5, "min_stop_words": 0}, {"min_doc_words": 5, "max_avg_word_length": 4}):
+        reference = GopherQualityFilter(language=tokenizer(), **kwargs)
+        fast = FastGopherQualityFilter(language=tokenizer(), **kwargs)
+        verdicts = [(reference.filter(Document(text=t, id="x")), fast.filter(Document(text=t, id="x")))
+                    for t in texts]
+        assert all(a == b for a, b in verdicts), [v for v in verdicts if v[0] != v[1]][:3]
+
+
+def test_fast_c4_filter_gives_datatrove_s_verdicts_and_text():
+    from datatrove.pipeline.filters import C4QualityFilter
+
+    from nightshift.prep.heuristics import FastC4QualityFilter
+
+    rng = random.Random(12)
+    texts = [prose(rng) for _ in range(30)] + [
+        "One line without end\n  indented line.\n\nAnother paragraph here.",
+        "Please enable JavaScript.\nThe dome opens at dusk.", "We use cookies. Read our privacy policy.\nHi.",
+        "x = {1}", "lorem ipsum dolor", "", "   \n  ", "a" * 1200 + " long word.", "No sentence end",
+        "First.\nSecond one!\nThird?"]
+    for kwargs in ({}, {"min_num_sentences": 1, "filter_no_terminal_punct": False, "min_words_per_line": -1,
+                        "remove_citations": False}, {"min_num_sentences": 3, "filter_no_terminal_punct": False,
+                                                     "min_words_per_line": -1, "remove_citations": False}):
+        reference = C4QualityFilter(language=tokenizer(), **kwargs)
+        fast = FastC4QualityFilter(language=tokenizer(), **kwargs)
+        for text in texts:
+            a, b = Document(text=text, id="x"), Document(text=text, id="x")
+            assert (reference.filter(a), a.text) == (fast.filter(b), b.text), (kwargs, text)
+
+
+def test_tokens_equal_the_pattern_s_on_every_kind_of_text():
+    from nightshift.prep.heuristics import _WORDS, _word_tokens
+
+    rng = random.Random(8)
+    texts = [prose(rng) for _ in range(20)] + [
+        "A shuttle leaves at 18:30, costs $12.50 (or 6 euros); it's Red-light, e-mail a@b.com! http://x.org/a?b=c...",
+        "naïve café ½ ² x² under_score __init__ Ωmega — dash… «quotes» 1,240.5m \u3000wide\u00a0space"]
+    for text in texts:
+        assert _word_tokens.__wrapped__(text) == _WORDS.findall(text)
+
+
 def test_regex_tokenizer_counts_the_words_spacy_counts_on_the_sample_store():
     for path in sorted(glob.glob(str(SAMPLES_DIR / "store" / "*" / "*.md"))) + sorted(
             glob.glob(str(SAMPLES_DIR / "store" / "*" / "*.txt"))):

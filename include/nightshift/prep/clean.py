@@ -16,6 +16,9 @@ log = logging.getLogger(__name__)
 
 _TRAILING_SPACE = re.compile(r"[ \t]+\n")
 _BLANK_RUNS = re.compile(r"\n{3,}")
+# ftfy leaves printable ASCII without HTML entities or control characters unchanged (tested in
+# tests/prep/test_clean.py); skipping it there saves most of its cost on English text.
+_FTFY_WORK = re.compile(r"[&\x00-\x08\x0b-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,9 @@ def normalize_text(text: str) -> str:
     """Return text with mojibake and Unicode fixed (NFC), trailing spaces cut and blank-line runs collapsed."""
     import ftfy
 
-    text = ftfy.fix_text(text, normalization="NFC").replace("\r\n", "\n").replace("\r", "\n")
+    if not text.isascii() or _FTFY_WORK.search(text):
+        text = ftfy.fix_text(text, normalization="NFC")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _TRAILING_SPACE.sub("\n", text + "\n")
     return _BLANK_RUNS.sub("\n\n", text).strip()
 

@@ -28,6 +28,8 @@ from nightshift.prep.recipe import PrepRecipe
 EXAMPLES = 5
 """Ids of dropped documents kept per reason in the report, never their text."""
 SIGNATURE_BATCH_BYTES = 192 * 1024
+DECIDE_BATCH_CHARS = 256 * 1024
+"""Documents go through the steps in small batches (at most 64 documents or about this many characters)."""
 """Kept documents are hashed for near-duplicate detection in batches of about this many bytes."""
 
 
@@ -69,6 +71,8 @@ class DocumentCurator:
         from nightshift.prep.heuristics import QUALITY_STEPS, build_filter
 
         self.recipe = recipe
+        self.seconds: Counter[str] = Counter()
+        """Time spent per step in this process, for the task log."""
         self._filters = {s.name: build_filter(s.name, s.config) for s in recipe.steps if s.name in QUALITY_STEPS}
         self._scrubber = None
         self._eval_index = None
@@ -85,33 +89,72 @@ class DocumentCurator:
 
     def process(self, doc_id: str, fmt: str, content: str) -> Outcome:
         """Return the outcome of one raw document; a step that raises drops the document with its reason."""
+        return self.process_batch([(doc_id, fmt, content)])[0]
+
+    def process_batch(self, docs: list[tuple[str, str, str]]) -> list[Outcome]:
+        """Return the outcomes of a few raw documents (id, format, content), each decided on its own.
+
+        Steps run over the batch in recipe order; steps that work on many texts at once (decontamination)
+        see all the batch's surviving documents in one call.
+        """
+        outcomes = [Outcome() for _ in docs]
+        texts: dict[int, str] = {}
         limits = self.recipe.limits
-        if len(content) > limits.max_raw_chars:
-            return Outcome("limits", "raw_too_long")
-        try:
-            text = normalize_text(extract_text_of(fmt, content))
-        except Exception as exc:  # noqa: BLE001 - a document that breaks extraction is dropped, not the night
-            return Outcome("limits", f"extraction_failed:{type(exc).__name__}")
-        if not text:
-            return Outcome("limits", "empty_after_extraction")
-        if len(text) < limits.min_chars:
-            return Outcome("limits", "too_short")
-        if len(text) > limits.max_chars:
-            return Outcome("limits", "too_long")
-        outcome = Outcome()
+        started = time.perf_counter()
+        for i, (_, fmt, content) in enumerate(docs):
+            reason = None
+            if len(content) > limits.max_raw_chars:
+                reason = "raw_too_long"
+            else:
+                try:
+                    text = normalize_text(extract_text_of(fmt, content))
+                except Exception as exc:  # noqa: BLE001 - a document that breaks extraction is dropped, not the night
+                    reason, text = f"extraction_failed:{type(exc).__name__}", ""
+                if reason is None:
+                    reason = ("empty_after_extraction" if not text else "too_short" if len(text) < limits.min_chars
+                              else "too_long" if len(text) > limits.max_chars else None)
+            if reason is None:
+                texts[i] = text
+            else:
+                outcomes[i].step, outcomes[i].reason = "limits", reason
+        self.seconds["extract"] += time.perf_counter() - started
         for step in self.recipe.steps:
+            started = time.perf_counter()
+            results = self._run_batch(step.name, step.config, docs, texts, outcomes)
+            for i, (reason, text) in results.items():
+                if reason is None and not text.strip():
+                    reason = "empty_after_step"
+                if reason is not None:
+                    outcomes[i].step, outcomes[i].reason = step.name, reason
+                    del texts[i]
+                else:
+                    texts[i] = text
+            self.seconds[step.name] += time.perf_counter() - started
+        for i, text in texts.items():
+            outcomes[i].text = text
+        return outcomes
+
+    def _run_batch(self, name: str, config: Any, docs: list[tuple[str, str, str]], texts: dict[int, str],
+                   outcomes: list[Outcome]) -> dict[int, tuple[str | None, str]]:
+        if name == "decontaminate" and texts:
+            alive = list(texts)
             try:
-                reason, text = self._run_step(step.name, step.config, doc_id, text, outcome)
+                found = self._eval_index.contaminated([texts[i] for i in alive])
             except Exception as exc:  # noqa: BLE001
-                reason = f"step_failed:{type(exc).__name__}"
-            if reason is not None:
-                outcome.step, outcome.reason = step.name, reason
-                return outcome
-            if not text.strip():
-                outcome.step, outcome.reason = step.name, "empty_after_step"
-                return outcome
-        outcome.text = text
-        return outcome
+                return {i: (f"step_failed:{type(exc).__name__}", texts[i]) for i in alive}
+            results = {}
+            for i, sets in zip(alive, found, strict=True):
+                outcomes[i].contaminated = sets
+                drop = sets and config.action == "drop"
+                results[i] = ("contaminated:" + ",".join(sets) if drop else None, texts[i])
+            return results
+        results = {}
+        for i in list(texts):
+            try:
+                results[i] = self._run_step(name, config, docs[i][0], texts[i], outcomes[i])
+            except Exception as exc:  # noqa: BLE001 - one document's failure is its own drop reason
+                results[i] = (f"step_failed:{type(exc).__name__}", texts[i])
+        return results
 
     def _run_step(self, name: str, config: Any, doc_id: str, text: str, outcome: Outcome) -> tuple[str | None, str]:
         if name == "language":
@@ -128,11 +171,6 @@ class DocumentCurator:
             scrubbed, counts = self._scrubber.scrub(text)
             outcome.pii = dict(sorted(counts.items()))
             return None, scrubbed
-        if name == "decontaminate":
-            outcome.contaminated = self._eval_index.contaminated([text])[0]
-            if outcome.contaminated and config.action == "drop":
-                return "contaminated:" + ",".join(outcome.contaminated), text
-            return None, text
         raise ValueError(f"unknown step {name}")
 
 
@@ -199,6 +237,7 @@ class CurateShard(_pipeline_step_base()):
             nonlocal pending, pending_bytes
             if not pending:
                 return
+            started_batch = time.perf_counter()
             fresh = [i for i, (_, sig) in enumerate(pending) if sig is None]
             computed = hasher.signatures([pending[i][0] for i in fresh]) if fresh else None
             rows = np.empty((len(pending), recipe.dedup.num_perm), np.uint32)
@@ -207,24 +246,37 @@ class CurateShard(_pipeline_step_base()):
                     rows[j] = np.frombuffer(bytes.fromhex(sig), np.uint32)
             if fresh:
                 rows[fresh] = computed
+            curator.seconds["signatures"] += time.perf_counter() - started_batch
             signatures.append(rows)
             pending, pending_bytes = [], 0
             return
 
         try:
-            for doc in data:
-                meta = dict(doc.metadata)
-                fmt = str(meta.pop("format", "text"))
-                source = str(meta.pop("source", ""))
-                raw_meta = meta.pop("meta", {}) or {}
-                key = content_key(fmt, doc.text, digest)
-                cached = cache.get(key) if cache else None
-                if cached is not None:
-                    outcome, sig_hex = cached
-                    hits += 1
-                else:
-                    outcome, sig_hex = curator.process(doc.id, fmt, doc.text), None
-                record = {"id": doc.id, "key": key, "cached": cached is not None, **asdict(outcome)}
+            batch: list[tuple[Any, str, str, dict, str, tuple | None]] = []
+            batch_chars = 0
+
+            def decide() -> None:
+                nonlocal done, hits, last_log, batch, batch_chars
+                todo = [(doc.id, fmt, doc.text) for doc, fmt, _, _, _, cached in batch if cached is None]
+                fresh = iter(curator.process_batch(todo)) if todo else iter(())
+                for doc, fmt, source, raw_meta, key, cached in batch:
+                    if cached is not None:
+                        outcome, sig_hex = cached
+                        hits += 1
+                    else:
+                        outcome, sig_hex = next(fresh), None
+                    write(doc, fmt, source, raw_meta, key, cached is not None, outcome, sig_hex)
+                done += len(batch)
+                batch, batch_chars = [], 0
+                now = time.monotonic()
+                if now - last_log >= 30:
+                    logger.info(f"task {rank}: {done} documents in {now - started:.0f}s "
+                                f"({done / (now - started):.0f}/s), {hits} from the cache")
+                    last_log = now
+
+            def write(doc, fmt, source, raw_meta, key, was_cached, outcome, sig_hex) -> None:
+                nonlocal pending_bytes
+                record = {"id": doc.id, "key": key, "cached": was_cached, **asdict(outcome)}
                 record.pop("text")
                 handles["outcomes"].write(json.dumps(record, ensure_ascii=False) + "\n")
                 if outcome.text is not None:
@@ -240,16 +292,23 @@ class CurateShard(_pipeline_step_base()):
                     pending_bytes += len(text)
                     if pending_bytes >= SIGNATURE_BATCH_BYTES:
                         flush()
-                if cached is None:
+                if not was_cached:
                     handles["new_cache"].write(json.dumps({"key": key, "outcome": outcome.to_json()}) + "\n")
                 self.stat_update("documents")
                 self.stat_update("kept" if outcome.text is not None else "dropped")
-                done += 1
-                now = time.monotonic()
-                if now - last_log >= 30:
-                    logger.info(f"task {rank}: {done} documents in {now - started:.0f}s "
-                                f"({done / (now - started):.0f}/s), {hits} from the cache")
-                    last_log = now
+
+            for doc in data:
+                meta = dict(doc.metadata)
+                fmt = str(meta.pop("format", "text"))
+                source = str(meta.pop("source", ""))
+                raw_meta = meta.pop("meta", {}) or {}
+                key = content_key(fmt, doc.text, digest)
+                batch.append((doc, fmt, source, raw_meta, key, cache.get(key) if cache else None))
+                batch_chars += len(doc.text)
+                if len(batch) >= 64 or batch_chars >= DECIDE_BATCH_CHARS:
+                    decide()
+            if batch:
+                decide()
             flush()
         finally:
             for fh in handles.values():
@@ -260,7 +319,8 @@ class CurateShard(_pipeline_step_base()):
         fault_point("prep.before_publish")
         for k in ("kept", "index", "signatures", "outcomes", "new_cache"):
             tmp[k].replace(files[k])  # the outcomes file last but one: present only when the task finished
-        logger.info(f"task {rank}: {done} documents, {hits} from the cache, {len(matrix)} kept before deduplication")
+        logger.info(f"task {rank}: {done} documents, {hits} from the cache, {len(matrix)} kept before deduplication; "
+                    f"seconds per step {dict((k, round(v, 1)) for k, v in curator.seconds.most_common())}")
         yield from ()
 
 

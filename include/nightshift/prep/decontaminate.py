@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nightshift.prep.near_dup import shingle_hashes, whole_hash, word_hashes
+from nightshift.prep.near_dup import ngram_hashes, shingle_hashes, whole_hash, word_hashes
 from nightshift.prep.recipe import Decontaminate
 
 
@@ -68,15 +68,20 @@ class EvalIndex:
         """Return, for each text, the names of the evaluation sets it shares an n-gram with."""
         hits: list[set[str]] = [set() for _ in texts]
         lengths = sorted({length for by_length in self.grams.values() for length in by_length})
+        words, per_doc = word_hashes(texts)  # hashed once; every n-gram length is built from them
+        word_doc = np.repeat(np.arange(len(texts)), per_doc)
         for length in lengths:
-            shingles, doc = shingle_hashes(texts, length)
-            if not len(shingles):
+            m = len(words) - length + 1
+            if m <= 0:
                 continue
+            grams = ngram_hashes(words, length)
+            inside = word_doc[:m] == word_doc[length - 1:length - 1 + m]
+            grams, doc = grams[inside], word_doc[:m][inside]
             for name, by_length in self.grams.items():
                 table = by_length.get(length)
                 if table is None or not len(table):
                     continue
-                found = doc[np.isin(shingles, table)]
-                for d in np.unique(found).tolist():
+                at = np.minimum(np.searchsorted(table, grams), len(table) - 1)
+                for d in np.unique(doc[table[at] == grams]).tolist():
                     hits[d].add(name)
         return [sorted(h) for h in hits]

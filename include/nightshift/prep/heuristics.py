@@ -6,8 +6,11 @@ Two measured bottlenecks are replaced, nothing else:
   filters' time. ``RegexWordTokenizer`` (datatrove's ``WordTokenizer`` interface, passed as the filters'
   ``language``) splits on word characters and runs of punctuation, which is what the rules count.
 - ``GopherRepetitionFilter`` builds every n-gram as a joined string (n = 2..10): 1 MB/s per core even with the
-  regex tokenizer. ``FastGopherRepetitionFilter`` computes the same fractions from hashed n-grams, and is
-  checked against datatrove's filter in tests/prep/test_heuristics.py.
+  regex tokenizer. ``FastGopherRepetitionFilter`` computes the same fractions from hashed n-grams.
+- ``GopherQualityFilter`` tests every character of every word in Python generators (13% of the recipe's
+  time). ``FastGopherQualityFilter`` classifies each distinct token once and counts with the memo.
+
+Both are checked against datatrove's filters, verdict for verdict, in tests/prep/test_heuristics.py.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from datatrove.pipeline.filters import (
     GopherRepetitionFilter,
 )
 from datatrove.pipeline.filters.gopher_repetition_filter import find_duplicates
-from datatrove.utils.text import split_into_words
+from datatrove.pipeline.filters.c4_filters import POLICY_SUBSTRINGS
+from datatrove.utils.text import PUNCTUATION_SET, split_into_sentences, split_into_words
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from nightshift.prep.recipe import C4Quality, FineWebQuality, GopherQuality, GopherRepetition
@@ -45,7 +49,7 @@ class RegexWordTokenizer(WordTokenizer):
         super().__init__("en")
 
     def word_tokenize(self, text: str) -> list[str]:
-        return _WORDS.findall(text)
+        return _word_tokens(text)
 
     def sent_tokenize(self, text: str) -> list[str]:
         return [text[a:b] for a, b in self.span_tokenize(text) if text[a:b].strip()]
@@ -63,6 +67,21 @@ class RegexWordTokenizer(WordTokenizer):
         return (tokenizer, ())
 
 
+@lru_cache(maxsize=256)
+def _word_tokens(text: str) -> list[str]:
+    """Return ``_WORDS.findall(text)``, 1.6x faster: whitespace-separated runs of word characters (most of
+    them) are tokens already, so the pattern only runs on the rest."""
+    # Each quality step tokenizes a batch of up to 64 documents; datatrove's own cache keeps only 5 texts.
+    tokens: list[str] = []
+    find = _WORDS.findall
+    for part in text.split():
+        if part.isalnum():
+            tokens.append(part)
+        else:
+            tokens.extend(find(part))
+    return tokens
+
+
 @lru_cache(maxsize=1)
 def tokenizer() -> RegexWordTokenizer:
     return RegexWordTokenizer()
@@ -71,6 +90,94 @@ def tokenizer() -> RegexWordTokenizer:
 def _hash_words(words: list[str]) -> np.ndarray:
     # Python's string hash: compared only within one document, so its per-process salt does not matter.
     return np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
+
+
+class _TokenKinds(dict):
+    """token -> (has a character outside datatrove's punctuation set, has a letter), computed once per token."""
+
+    def __missing__(self, token: str) -> tuple[bool, bool]:
+        if len(self) > 1_000_000:  # bounded: a night of random tokens must not grow it without end
+            self.clear()
+        kind = (any(ch not in PUNCTUATION_SET for ch in token), any(ch.isalpha() for ch in token))
+        self[token] = kind
+        return kind
+
+
+_KINDS = _TokenKinds()
+
+
+class FastGopherQualityFilter(GopherQualityFilter):
+    """datatrove's GopherQualityFilter with per-token character tests memoised."""
+
+    def filter(self, doc: DtDocument) -> bool | tuple[bool, str]:
+        text = doc.text
+        words = split_into_words(text, self.language)
+        n_words = len(words)
+        kinds = [_KINDS[w] for w in words]
+        non_symbol_lengths = [len(w) for w, (word, _) in zip(words, kinds, strict=True) if word]
+        n_non_symbol = len(non_symbol_lengths)
+        if self.min_doc_words and n_non_symbol < self.min_doc_words:
+            return False, "gopher_short_doc"
+        if self.max_doc_words and n_non_symbol > self.max_doc_words:
+            return False, "gopher_long_doc"
+        avg = sum(non_symbol_lengths) / n_non_symbol if n_non_symbol else float("nan")
+        if self.min_avg_word_length and avg < self.min_avg_word_length:
+            return False, "gopher_below_avg_threshold"
+        if self.max_avg_word_length and avg > self.max_avg_word_length:
+            return False, "gopher_above_avg_threshold"
+        if self.max_symbol_word_ratio and text.count("#") / n_words > self.max_symbol_word_ratio:
+            return False, "gopher_too_many_hashes"
+        if self.max_symbol_word_ratio and (text.count("...") + text.count("…")) / n_words > self.max_symbol_word_ratio:
+            return False, "gopher_too_many_ellipsis"
+        lines = text.splitlines()
+        if self.max_bullet_lines_ratio and sum(
+                s.lstrip().startswith(("•", "-")) for s in lines) / len(lines) > self.max_bullet_lines_ratio:
+            return False, "gopher_too_many_bullets"
+        if self.max_ellipsis_lines_ratio and sum(
+                s.rstrip().endswith(("...", "…")) for s in lines) / len(lines) > self.max_ellipsis_lines_ratio:
+            return False, "gopher_too_many_end_ellipsis"
+        if self.max_non_alpha_words_ratio and sum(alpha for _, alpha in kinds) / n_words < \
+                self.max_non_alpha_words_ratio:
+            return False, "gopher_below_alpha_threshold"
+        if self.min_stop_words and len(self.stop_words.intersection(words)) < self.min_stop_words:
+            return False, "gopher_enough_stop_words"
+        return True
+
+
+class FastC4QualityFilter(C4QualityFilter):
+    """datatrove's C4QualityFilter, with a document-level shortcut when no line rule can fire.
+
+    When the document holds none of the words the line rules look for, no word over the length limit, and the
+    recipe removes no lines by punctuation or length, every line is kept and only the sentence count decides;
+    the line-by-line pass (a sentence split and two statistics updates per line) is then skipped.
+    """
+
+    def filter(self, doc: DtDocument) -> bool | tuple[bool, str]:
+        text = doc.text
+        lowered = text.lower()
+        if (not self.split_paragraph or self.remove_citations or self.filter_no_terminal_punct
+                or self.min_words_per_line > 0
+                or (self.filter_lorem_ipsum and "lorem ipsum" in lowered)
+                or (self.filter_javascript and "javascript" in lowered)
+                or (self.filter_curly_bracket and "{" in text)
+                or (self.filter_policy and any(p in lowered for p in POLICY_SUBSTRINGS))
+                or (self.max_word_length != -1 and _LONG_WORD(self.max_word_length).search(text))):
+            return super().filter(doc)
+        sentences = 0
+        if self.min_num_sentences > 0:
+            for line in text.splitlines():
+                sentences += len(split_into_sentences(line.strip(), self.language))
+                if sentences >= self.min_num_sentences:
+                    break
+        if sentences < self.min_num_sentences:
+            return False, "too_few_sentences"
+        doc.text = "\n".join(line.strip() for line in text.splitlines()).strip()
+        return True
+
+
+@lru_cache(maxsize=8)
+def _LONG_WORD(limit: int) -> re.Pattern:  # noqa: N802
+    return re.compile(rf"\S{{{limit + 1}}}")
 
 
 class FastGopherRepetitionFilter(GopherRepetitionFilter):
@@ -96,7 +203,7 @@ class FastGopherRepetitionFilter(GopherRepetitionFilter):
         if not words:
             return True
         hashes = _hash_words(words)
-        lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
+        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
         cum = np.concatenate(([0], np.cumsum(lengths)))
         grams = {1: hashes}
         for n in range(2, max([n for n, _ in (*self.top_n_grams, *self.dup_n_grams)], default=1) + 1):
@@ -105,21 +212,32 @@ class FastGopherRepetitionFilter(GopherRepetitionFilter):
                 break
             with np.errstate(over="ignore"):
                 grams[n] = prev[:-1] * _PRIME + hashes[n - 1:]
-        for n, n_frac in self.top_n_grams:
+        all_distinct = False  # once the n-grams of some n are all distinct, so are those of every larger n
+        for n, n_frac in sorted(self.top_n_grams):
             gram = grams.get(n)
             if gram is None or not len(gram):
                 continue
-            _, first, counts = np.unique(gram, return_index=True, return_counts=True)
-            top = counts.max()
-            start = int(first[counts == top].min())  # Counter.most_common keeps the first-seen of equal counts
+            if all_distinct:
+                top, start = 1, 0
+            else:
+                _, first, counts = np.unique(gram, return_index=True, return_counts=True)
+                top = counts.max()
+                start = int(first[counts == top].min())  # Counter.most_common keeps the first-seen of equal counts
+                all_distinct = top == 1
             top_chars = int(cum[start + n] - cum[start]) + n - 1  # " ".join of the n words
             if top_chars * int(top) / len(text) > n_frac:
                 return False, f"top_{n}_gram"
-        for n, n_frac in self.dup_n_grams:
+        for n, n_frac in sorted(self.dup_n_grams):
             gram = grams.get(n)
             if gram is None or not len(gram):
                 continue
-            if n_frac < 1 and _repeated_chars(gram, cum, n) / len(text) > n_frac:
+            if all_distinct:
+                break  # no repeated shorter n-gram, so no repeated n-gram of this size or larger
+            repeated = _repeated_chars(gram, cum, n)
+            if repeated == 0:
+                all_distinct = True
+                continue
+            if n_frac < 1 and repeated / len(text) > n_frac:
                 return False, f"duplicated_{n}_n_grams"
         return True
 
@@ -147,7 +265,7 @@ def build_filter(step: str, config: Any):
     tok = tokenizer()
     if step == "gopher_quality":
         assert isinstance(config, GopherQuality)
-        return GopherQualityFilter(**_kwargs(config), language=tok)
+        return FastGopherQualityFilter(**_kwargs(config), language=tok)
     if step == "gopher_repetition":
         assert isinstance(config, GopherRepetition)
         return FastGopherRepetitionFilter(
@@ -157,7 +275,7 @@ def build_filter(step: str, config: Any):
             dup_n_grams=tuple(sorted(config.dup_n_grams.items())), language=tok)
     if step == "c4_quality":
         assert isinstance(config, C4Quality)
-        return C4QualityFilter(**_kwargs(config), language=tok)
+        return FastC4QualityFilter(**_kwargs(config), language=tok)
     if step == "fineweb_quality":
         assert isinstance(config, FineWebQuality)
         return FineWebQualityFilter(**_kwargs(config), language=tok)
@@ -178,6 +296,8 @@ def run_filter(filt, text: str, doc_id: str) -> tuple[str | None, str]:
     doc = DtDocument(text=text, id=doc_id)
     verdict = filt.filter(doc)
     if verdict is True or (isinstance(verdict, tuple) and verdict[0]):
+        if isinstance(filt, C4QualityFilter) and doc.text == "\n".join(x.strip() for x in text.splitlines()).strip():
+            return None, text  # C4 strips every line as it rejoins them; no line removed means no change
         return None, doc.text
     reason = verdict[1] if isinstance(verdict, tuple) and len(verdict) > 1 else "rejected"
     return str(reason), doc.text

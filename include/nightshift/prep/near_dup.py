@@ -1,11 +1,11 @@
 """Near-duplicate detection with MinHash LSH over word shingles, vectorised with numpy.
 
-Words are hashed together from one prefix sum over the bytes of a batch of documents, shingles combine word
-hashes (no n-gram strings are built), one hash per shingle fills all bins (one-permutation MinHash), and the
-LSH index is built once over all signatures with sorts instead of a dict per band. Written by hand because
-the libraries are the bottleneck: they take shingles as Python strings, and building those caps datasketch
-(sha1 per shingle, k permutations) and rensa alike. ``bench/dedup.py`` measures all three on the same word
-5-gram shingles, signature length and threshold.
+Words are hashed together from one prefix sum over the bytes of a batch of documents and shingles combine
+word hashes, so no n-gram string is ever built; rensa (Rust) turns the shingle hashes into k-permutation
+MinHash signatures; the LSH index is built once over all signatures with sorts instead of a dict per band.
+The shingling is written by hand because it is the measured bottleneck: datasketch and rensa take shingles
+as Python strings, and building those runs at about 13 MB/s, while rensa's own hashing runs at 240 MB/s.
+``bench/dedup.py`` measures all three on the same word 5-gram shingles, signature length and threshold.
 
 Decision rule, for a recipe threshold t and k permutations:
 - candidates: documents that agree on every row of at least one band; bands and rows are chosen so that a
@@ -24,9 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 _Z = 2.33
-_FULL = np.uint32(0xFFFFFFFF)
 _SHINGLE_MUL = np.uint64(0x100000001B3)
-_ROTATE = np.uint32(0x9E3779B1)
 _BASE = np.uint32(0x9E3779B1)
 
 # Bytes of word characters map to themselves (ASCII letters lowercased), all others to 0. Bytes of non-ASCII
@@ -66,42 +64,28 @@ class _Powers:
 _POWERS = _Powers()
 
 
-def _fmix(h: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 64-bit finaliser, in place."""
-    with np.errstate(over="ignore"):
-        h ^= h >> np.uint64(33)
-        h *= np.uint64(0xFF51AFD7ED558CCD)
-        h ^= h >> np.uint64(33)
-        h *= np.uint64(0xC4CEB9FE1A85EC53)
-        h ^= h >> np.uint64(33)
-    return h
-
-
 @dataclass(frozen=True)
 class MinHasher:
-    """One-permutation MinHash (Li, Owen and Zhang 2012) with densification by rotation (Shrivastava and Li 2014).
-
-    Every shingle is hashed once; its hash picks one of ``num_perm`` bins and the bin keeps the smallest value.
-    That costs O(shingles + bins) per document instead of O(shingles x permutations), and estimates Jaccard
-    similarity as the share of equal bins, like k-permutation MinHash.
-    """
+    """k-permutation MinHash signatures of word-shingle sets, computed by rensa from numpy shingle hashes."""
 
     num_perm: int = 128
     ngram: int = 5
     seed: int = 1
 
     def signatures(self, texts: list[str]) -> np.ndarray:
-        """Return one uint32 signature row per text (all bins 0xFFFFFFFF for a text without words)."""
-        k = self.num_perm
-        sig = np.full(len(texts) * k, _FULL, np.uint32)
+        """Return one uint32 signature row per text (all 0xFFFFFFFF for a text without words)."""
+        import rensa
+
         if not texts:
-            return sig.reshape(0, k)
+            return np.empty((0, self.num_perm), np.uint32)
         shingles, shingle_doc = shingle_hashes(texts, self.ngram, whole_below=1)
-        with np.errstate(over="ignore"):
-            mixed = _fmix(shingles ^ np.uint64(self.seed * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF))
-            bins = (((mixed >> np.uint64(32)) * np.uint64(k)) >> np.uint64(32)).astype(np.int64)
-        np.minimum.at(sig, shingle_doc * k + bins, mixed.astype(np.uint32))
-        return _densify(sig.reshape(len(texts), k))
+        if len(shingle_doc) and (np.diff(shingle_doc) < 0).any():  # short texts' shingles were appended last
+            order = np.argsort(shingle_doc, kind="stable")
+            shingles, shingle_doc = shingles[order], shingle_doc[order]
+        offsets = np.zeros(len(texts) + 1, np.uint64)
+        np.cumsum(np.bincount(shingle_doc, minlength=len(texts)), out=offsets[1:])
+        matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(shingles, offsets, self.num_perm, self.seed)
+        return np.array(matrix.to_rows(), dtype=np.uint32).reshape(len(texts), self.num_perm)
 
 
 def word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -131,11 +115,7 @@ def shingle_hashes(texts: list[str], n: int, whole_below: int | None = None) -> 
     words, per_doc = word_hashes(texts)
     word_doc = np.repeat(np.arange(len(texts)), per_doc)
     m = max(len(words) - n + 1, 0)
-    with np.errstate(over="ignore"):
-        shingles = words[:m].copy()
-        for j in range(1, n):
-            shingles *= _SHINGLE_MUL
-            shingles += words[j: j + m]
+    shingles = ngram_hashes(words, n)
     same_doc = word_doc[:m] == word_doc[n - 1: n - 1 + m]
     shingles, shingle_doc = shingles[same_doc], word_doc[:m][same_doc]
     if whole_below is not None:
@@ -148,6 +128,17 @@ def shingle_hashes(texts: list[str], n: int, whole_below: int | None = None) -> 
     return shingles, shingle_doc
 
 
+def ngram_hashes(words: np.ndarray, n: int) -> np.ndarray:
+    """Return the hash of every run of n consecutive word hashes (across text boundaries: callers mask those)."""
+    m = max(len(words) - n + 1, 0)
+    with np.errstate(over="ignore"):
+        grams = words[:m].copy()
+        for j in range(1, n):
+            grams *= _SHINGLE_MUL
+            grams += words[j: j + m]
+    return grams
+
+
 def whole_hash(words: np.ndarray) -> np.uint64:
     """Return the shingle hash of a whole run of word hashes (equal to ``shingle_hashes`` with n = len)."""
     h = np.uint64(0)
@@ -155,24 +146,6 @@ def whole_hash(words: np.ndarray) -> np.uint64:
         for w in words:
             h = h * _SHINGLE_MUL + w
     return h
-
-
-def _densify(sig: np.ndarray) -> np.ndarray:
-    """Fill empty bins from the next non-empty bin to the right (circularly), offset by the distance."""
-    empty = sig == _FULL
-    rows = np.flatnonzero(empty.any(axis=1) & ~empty.all(axis=1))
-    if not len(rows):
-        return sig
-    k = sig.shape[1]
-    part = sig[rows]
-    doubled = np.concatenate((part, part), axis=1)
-    index = np.where(np.concatenate((~empty[rows], ~empty[rows]), axis=1), np.arange(2 * k), 2 * k)
-    nearest = np.minimum.accumulate(index[:, ::-1], axis=1)[:, ::-1][:, :k]
-    distance = (nearest - np.arange(k)).astype(np.uint32)
-    with np.errstate(over="ignore"):
-        filled = np.take_along_axis(doubled, nearest, axis=1) + distance * _ROTATE
-    sig[rows] = np.where(empty[rows], filled, part)
-    return sig
 
 
 def lsh_bands(num_perm: int, threshold: float) -> tuple[int, int]:
@@ -208,7 +181,29 @@ class Clusters:
 def find_near_duplicates(signatures: np.ndarray, threshold: float) -> Clusters:
     """Cluster documents (rows of ``signatures``, in corpus order) whose similarity reaches the threshold."""
     n, num_perm = signatures.shape
-    parent = np.arange(n)
+    bands, rows = lsh_bands(num_perm, threshold)
+    need = math.ceil(verify_threshold(num_perm, threshold) * num_perm)
+    pairs = []
+    for band in range(bands):
+        keys = np.zeros(n, np.uint64)
+        with np.errstate(over="ignore"):  # a 64-bit key per band; a rare false match only adds a candidate
+            for r in range(band * rows, (band + 1) * rows):
+                keys = keys * _SHINGLE_MUL + signatures[:, r].astype(np.uint64)
+        order = np.argsort(keys, kind="stable")  # equal keys keep corpus order
+        sorted_keys = keys[order]
+        # Each document is paired with up to 32 earlier documents of its bucket.
+        for d in range(1, min(33, n)):
+            same = np.flatnonzero(sorted_keys[d:] == sorted_keys[:-d])
+            if not len(same):
+                break
+            pairs.append(np.stack((order[same], order[same + d]), axis=1))
+    candidates = np.unique(np.concatenate(pairs), axis=0) if pairs else np.empty((0, 2), np.int64)
+    verified = np.empty((0, 2), np.int64)
+    for start in range(0, len(candidates), 1 << 16):
+        chunk = candidates[start:start + (1 << 16)]
+        equal = (signatures[chunk[:, 0]] == signatures[chunk[:, 1]]).sum(axis=1)
+        verified = np.concatenate((verified, chunk[equal >= need]))
+    parent = list(range(n))
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -216,41 +211,14 @@ def find_near_duplicates(signatures: np.ndarray, threshold: float) -> Clusters:
             i = parent[i]
         return i
 
-    bands, rows = lsh_bands(num_perm, threshold)
-    need = math.ceil(verify_threshold(num_perm, threshold) * num_perm)
-    candidates = verified = 0
-    checked: set[tuple[int, int]] = set()
-    for band in range(bands):
-        block = np.ascontiguousarray(signatures[:, band * rows:(band + 1) * rows])
-        keys = block.view(np.dtype((np.void, block.dtype.itemsize * rows))).ravel() if n else block
-        order = np.argsort(keys, kind="stable")
-        sorted_keys = keys[order]
-        starts = np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))) if n else np.array([])
-        ends = np.append(starts[1:], n) if n else np.array([])
-        shared = np.flatnonzero(ends - starts >= 2)
-        for s, e in zip(starts[shared].tolist(), ends[shared].tolist(), strict=True):
-            members = np.sort(order[s:e])
-            # Each member is compared with the earlier members of its bucket (at most 32 of them).
-            for j_pos in range(1, len(members)):
-                j = int(members[j_pos])
-                earlier = members[max(0, j_pos - 32):j_pos]
-                fresh = [int(i) for i in earlier if (int(i), j) not in checked]
-                if not fresh:
-                    continue
-                checked.update((i, j) for i in fresh)
-                candidates += len(fresh)
-                equal = (signatures[fresh] == signatures[j]).sum(axis=1)
-                for i, eq in zip(fresh, equal, strict=True):
-                    if eq >= need:
-                        verified += 1
-                        ri, rj = root(i), root(j)
-                        if ri != rj:
-                            parent[max(ri, rj)] = min(ri, rj)
+    for i, j in verified.tolist():
+        ri, rj = root(i), root(j)
+        if ri != rj:  # the smaller index becomes the root: a cluster keeps its first document
+            parent[max(ri, rj)] = min(ri, rj)
     duplicate_of: dict[int, int] = {}
-    sizes: dict[int, int] = {}
-    for i in range(n):
+    members = np.unique(verified) if len(verified) else np.empty(0, np.int64)
+    for i in members.tolist():
         r = root(i)
         if r != i:
             duplicate_of[i] = r
-            sizes[r] = sizes.get(r, 1) + 1
-    return Clusters(duplicate_of, len(sizes), candidates, verified)
+    return Clusters(duplicate_of, len(set(duplicate_of.values())), len(candidates), len(verified))
