@@ -26,9 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from planted import prose, variant  # noqa: E402
-
 from nightshift.prep.near_dup import MinHasher, find_near_duplicates  # noqa: E402
+from planted import prose, variant  # noqa: E402
 
 WORD = re.compile(r"\w+")
 THRESHOLD, NUM_PERM, NGRAM = 0.8, 128, 5

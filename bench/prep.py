@@ -28,10 +28,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from planted import pii_items, sentence, variant  # noqa: E402
-
 from nightshift.prep.curate import curate  # noqa: E402
 from nightshift.prep.recipe import DEFAULT_RECIPE, PrepRecipe  # noqa: E402
+from planted import pii_items, sentence, variant  # noqa: E402
 
 GERMAN = ("Das Observatorium liegt auf dem Kamm, und die Galerie ist von Mittwoch bis Sonntag geöffnet. Die Karten "
           "kosten zwölf Euro für Erwachsene, und Kinder zahlen die Hälfte. ")

@@ -9,10 +9,10 @@ import random
 
 import pytest
 import yaml
-from planted import EVAL_ITEMS, planted_night, prose
 
 from cli_helpers import run
 from nightshift.prep.recipe import DEFAULT_RECIPE
+from planted import EVAL_ITEMS, planted_night, prose
 
 pytestmark = pytest.mark.e2e
 

@@ -27,8 +27,8 @@ from datatrove.pipeline.filters import (
     GopherQualityFilter,
     GopherRepetitionFilter,
 )
-from datatrove.pipeline.filters.gopher_repetition_filter import find_duplicates
 from datatrove.pipeline.filters.c4_filters import POLICY_SUBSTRINGS
+from datatrove.pipeline.filters.gopher_repetition_filter import find_duplicates
 from datatrove.utils.text import PUNCTUATION_SET, split_into_sentences, split_into_words
 from datatrove.utils.word_tokenizers import WordTokenizer
 
