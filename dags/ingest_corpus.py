@@ -115,7 +115,7 @@ def ingest_corpus():
         except ValueError as exc:  # a broken prep.yaml does not mend itself on retry
             raise AirflowFailException(str(exc)) from exc
         cache = SETTINGS.cache_dir / "prep" / "outcomes.sqlite"
-        return prepare(run_dir(SETTINGS, get_current_context()), recipe, cache)
+        return prepare(run_dir(SETTINGS, get_current_context()), recipe, cache, SETTINGS.retention_days)
 
     @task
     def validate_corpus(stats: dict) -> dict:

@@ -173,13 +173,15 @@ def pii_items(rng: random.Random) -> list[tuple[str, str]]:
         ("secret", f"password = \"{_token(rng, 12)}\""),
         ("secret", f"aws_secret_access_key: {_token(rng, 40, string.ascii_letters + string.digits + '/+')}"),
         ("secret", f"API_KEY={_token(rng, 32)}"),
+        ("secret", f"DB_PASSWORD={_token(rng, 16)}"),
+        ("secret", f'"apiKey": "{_token(rng, 24)}"'),
     ]
 
 
 def secret_value(kind: str, item: str) -> str:
     """Return the part of a planted item that must not survive scrubbing."""
     for pattern in (r"://[^:]+:([^@]+)@", r"password = \"([^\"]+)\"", r"aws_secret_access_key: (\S+)",
-                    r"API_KEY=(\S+)"):
+                    r"API_KEY=(\S+)", r"DB_PASSWORD=(\S+)", r"\"apiKey\": \"([^\"]+)\""):
         m = re.search(pattern, item)
         if m:
             return m.group(1)

@@ -186,7 +186,10 @@ def test_a_planted_secret_in_a_failing_document_is_never_quoted(home, tmp_path, 
     store = tmp_path / "store"
     store.mkdir()
     (store / "ok.md").write_text("# Opening hours\\n\\nThe observatory opens at dusk, every night but Monday.")
-    (store / "leak.txt").write_text("db_password=hunter2 " * 20_000)  # over max_chars: fails the suite
+    (store / "leak.txt").write_text("db_password=hunter2 " * 200)
+    # A recipe that scrubs nothing: the quality suite's second PII pass must catch the password and fail.
+    (tmp_path / "prep.yaml").write_text("limits: {min_chars: 10}\nsteps: []\n")
+    monkeypatch.setenv("NIGHTSHIFT_PREP_RECIPE", str(tmp_path / "prep.yaml"))
     with SmtpSink() as smtp:
         monkeypatch.setenv("AIRFLOW_CONN_NIGHTSHIFT_ALERTS", json.dumps({
             "conn_type": "smtp", "host": "127.0.0.1", "port": smtp.port,
@@ -196,4 +199,4 @@ def test_a_planted_secret_in_a_failing_document_is_never_quoted(home, tmp_path, 
     body = smtp.messages[-1].get_payload()
     assert "leak.txt" in body and "hunter2" not in body
     quality = next(home.work_dir.glob("ingest_corpus/*/quality.json")).read_text()
-    assert "leak.txt" in quality and "hunter2" not in quality
+    assert "leak.txt" in quality and "hunter2" not in quality and "pii_hits" in quality

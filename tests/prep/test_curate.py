@@ -144,3 +144,27 @@ def test_a_document_that_breaks_a_step_is_dropped_with_the_reason_and_the_night_
                     recipe_for(tmp_path, tasks=1, workers=1), None)
     assert report.documents_out == 4
     assert report.steps[0]["dropped"] == {"extraction_failed:UnicodeError": 1}
+
+
+def test_a_slurm_executor_is_configured_from_the_recipe_and_renders_its_batch_script(tmp_path):
+    from nightshift.prep.curate import CurateShard, build_executor
+
+    recipe = recipe_for(tmp_path, kind="slurm", options={"partition": "cpu", "cpus_per_task": 4, "time": "02:00:00"})
+    executor = build_executor(recipe, [CurateShard(recipe.to_dict(), str(tmp_path), None)], 8, 0, tmp_path / "logs")
+    script = executor.get_launch_file_contents(executor.get_sbatch_args(max_array=8), "srun python -c 'run()'")
+    assert "#SBATCH --partition=cpu" in script and "#SBATCH --cpus-per-task=4" in script
+    assert "#SBATCH --array=0-7" in script and "#SBATCH --time=02:00:00" in script
+
+
+@pytest.mark.parametrize(
+    ("executor", "says"),
+    [({"kind": "slurm"}, "options.partition is required"),
+     ({"kind": "slurm", "options": {"partition": "cpu", "gpus": 1}},
+      r"SlurmPipelineExecutor has no options \['gpus'\]"),
+     ({"kind": "ray", "options": {"cpus": 2}}, r"RayPipelineExecutor has no options \['cpus'\]")],
+)
+def test_executor_options_are_checked_against_datatrove(tmp_path, executor, says):
+    from nightshift.prep.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=says):
+        recipe_for(tmp_path, **executor)

@@ -138,11 +138,12 @@ def merge_sources(run_dir: Path, specs: list[dict[str, Any]], min_source_share: 
     return summary
 
 
-def prepare_corpus(run_dir: Path, recipe: PrepRecipe, cache_path: Path | None) -> dict[str, Any]:
+def prepare_corpus(run_dir: Path, recipe: PrepRecipe, cache_path: Path | None,
+                   cache_days: float = 7.0) -> dict[str, Any]:
     """Run the preparation recipe over raw.jsonl into corpus.jsonl; write prep.json; return the counts."""
     from nightshift.prep.curate import curate
 
-    report = curate(run_dir / RAW, run_dir / CORPUS, run_dir / "prep", recipe, cache_path, log)
+    report = curate(run_dir / RAW, run_dir / CORPUS, run_dir / "prep", recipe, cache_path, log, cache_days)
     _write_json(run_dir / PREP_REPORT, report.to_dict())
     # Built from collect's own record each time, so a retried step writes the same list, not a longer one.
     skipped = json.loads((run_dir / COLLECT_SKIPPED).read_text()) + [

@@ -452,7 +452,7 @@ def build_executor(recipe: PrepRecipe, pipeline: list, tasks: int, workers: int,
 
 
 def curate(raw: Path, corpus: Path, work: Path, recipe: PrepRecipe, cache_path: Path | None = None,
-           log=None) -> PrepReport:
+           log=None, cache_days: float = 7.0) -> PrepReport:
     """Prepare raw.jsonl into corpus.jsonl under a recipe; return the report. Re-running resumes finished tasks."""
     import logging
 
@@ -476,7 +476,12 @@ def curate(raw: Path, corpus: Path, work: Path, recipe: PrepRecipe, cache_path: 
     ]
     log.info("preparing %d bytes of raw documents in %d task(s) on %d worker(s) (%s executor)",
              raw_bytes, tasks, workers, recipe.executor.kind)
-    build_executor(recipe, pipeline, tasks, workers, run / "logs").run()
+    executor = build_executor(recipe, pipeline, tasks, workers, run / "logs")
+    executor.run()
+    if recipe.executor.kind == "slurm":  # the jobs were submitted; wait for them (the task's timeout bounds this)
+        while incomplete := executor.get_incomplete_ranks(range(tasks)):
+            log.info("waiting for %d of %d preparation tasks on Slurm", len(incomplete), tasks)
+            time.sleep(30)
     missing = [r for r in range(tasks) if not shard_files(out, r)["outcomes"].is_file()]
     if missing:
         raise RuntimeError(f"preparation tasks {missing} did not finish; see their logs under {run / 'logs'}")
@@ -486,7 +491,11 @@ def curate(raw: Path, corpus: Path, work: Path, recipe: PrepRecipe, cache_path: 
     if cache_path is not None:
         from nightshift.prep.cache import OutcomeCache
 
-        OutcomeCache(cache_path, recipe.digest()).absorb(out, tasks)
+        cache = OutcomeCache(cache_path, recipe.digest())
+        cache.absorb(out, tasks)
+        pruned = cache.prune(cache_days * 86400)
+        if pruned:
+            log.info("outcome cache: removed %d outcomes no night used for %g days", pruned, cache_days)
     log.info("prepared %d of %d documents in %.1fs (%d from the cache)", report.documents_out, report.documents_in,
              report.seconds, report.cached)
     return report

@@ -40,8 +40,10 @@ _SECRETS: list[tuple[str, str]] = [
     ("jwt", r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
     ("url_password", r"\b[a-z][a-z0-9+.-]{1,20}://[^\s:/@]{1,64}:(?P<value>[^\s/@]{1,128})@"),
     ("password_assignment",
-     r"(?i)\b(?:password|passwd|pwd|pass|secret|token|api[_-]?key|access[_-]?key|secret[_-]?key|client[_-]?secret"
-     r"|auth[_-]?token|aws_secret_access_key)\b[\"']?\s*(?:=|:|=>)\s*[\"']?(?P<value>[^\s\"',;]{6,200})"),
+     # DB_PASSWORD=..., "apiKey": "...", client_secret: ... (a prefix joined by _ or - is allowed)
+     r"(?i)\b(?:[a-z0-9]+[_-])*(?:password|passwd|pwd|pass|secret|token|api[_-]?key|apikey|access[_-]?key"
+     r"|secret[_-]?key|client[_-]?secret|auth[_-]?token|aws_secret_access_key)\b[\"']?\s*(?:=|:|=>)\s*[\"']?"
+     r"(?P<value>[^\s\"',;]{6,200})"),
 ]
 
 # Numeric patterns start with a character class (the regex engine then skips ahead quickly) and check the

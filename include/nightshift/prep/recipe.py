@@ -243,6 +243,19 @@ class Executor:
             raise RecipeError(f"{where}.tasks and workers must be >= 0")
         if not isinstance(self.options, dict):
             raise RecipeError(f"{where}.options must be a mapping")
+        if self.kind == "slurm" and not self.options.get("partition"):
+            raise RecipeError(f"{where}.options.partition is required for slurm (the Slurm partition to submit to)")
+        if self.kind != "local" and self.options:
+            import inspect
+
+            from datatrove.executor import RayPipelineExecutor, SlurmPipelineExecutor
+
+            executor = SlurmPipelineExecutor if self.kind == "slurm" else RayPipelineExecutor
+            allowed = set(inspect.signature(executor.__init__).parameters) - {
+                "self", "pipeline", "tasks", "logging_dir", "depends"}
+            unknown = sorted(set(self.options) - allowed)
+            if unknown:
+                raise RecipeError(f"{where}.options: {executor.__name__} has no options {unknown}")
 
 
 STEPS: dict[str, type] = {
