@@ -7,9 +7,9 @@ included), for a first night and for an unchanged second night that reuses cache
 printed as a share of the first, measured in the same run. Goals: peak RSS under 1.5 GB, the first night at
 least 2 MB/s on two cores.
 
-The documents are English prose from a seeded generator (1.5-6 KB each, 3 KB on average), with planted problems in the
-proportions a crawled help centre shows: 5% near-duplicates, 2% exact copies, 2% other languages, 3% boilerplate
-or repetition, 3% carrying personal data or credentials.
+The documents are English prose from a seeded generator (1-5 KB each, 2.5 KB on average: 255 MB for
+100,000), with planted problems in the proportions a crawled help centre shows: 5% near-duplicates, 2% exact
+copies, 2% other languages, 3% boilerplate or repetition, 3% carrying personal data or credentials.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -496,6 +497,8 @@ def curate(raw: Path, corpus: Path, work: Path, recipe: PrepRecipe, cache_path: 
         pruned = cache.prune(cache_days * 86400)
         if pruned:
             log.info("outcome cache: removed %d outcomes no night used for %g days", pruned, cache_days)
+    # The corpus is published: the shards (a copy of the night each) go; a retry starts over, from the cache.
+    shutil.rmtree(run, ignore_errors=True)
     log.info("prepared %d of %d documents in %.1fs (%d from the cache)", report.documents_out, report.documents_in,
              report.seconds, report.cached)
     return report
