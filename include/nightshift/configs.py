@@ -17,8 +17,8 @@ import yaml
 T = TypeVar("T")
 
 
-def load_yaml_dataclass(cls: type[T], path: Path, **overrides: Any) -> T:
-    """Return ``cls`` built from the mapping in ``path``, with non-None overrides applied on top."""
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Return the mapping a YAML file holds (empty for an empty file); errors name the file and the line."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -28,6 +28,13 @@ def load_yaml_dataclass(cls: type[T], path: Path, **overrides: Any) -> T:
         raise ValueError(f"{path.name}: not valid YAML{where}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path.name}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def load_yaml_dataclass(cls: type[T], path: Path, **overrides: Any) -> T:
+    """Return ``cls`` built from the mapping in ``path``, with non-None overrides applied on top."""
+    path = Path(path)
+    data = read_yaml_mapping(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(str(k) for k in set(data) - fields)

@@ -14,9 +14,9 @@ from nightshift.evaluation.gate import GatePolicy, decide
 from nightshift.evaluation.harness import evaluate_model, load_golden
 from nightshift.faults import fault_point
 from nightshift.pipelines.ingest import dataset_repository
-from nightshift.provenance import code_revision
+from nightshift.provenance import code_revision, file_sha256
 from nightshift.records import DatasetVersion, EvaluationReport, GateDecision, ModelVersionRecord, PackedDataset
-from nightshift.registry.mlflow_registry import DATASET_TAG, FINGERPRINT_TAG, ModelRegistry, file_sha256
+from nightshift.registry.mlflow_registry import DATASET_TAG, FINGERPRINT_TAG, ModelRegistry
 from nightshift.settings import GOLDEN_QA, Settings
 from nightshift.training.data import tokenize_and_pack
 from nightshift.training.launch import launch_command

@@ -25,6 +25,7 @@ import numpy as np
 from nightshift.faults import fault_point
 from nightshift.prep.clean import Document, extract_text, normalize_text
 from nightshift.prep.recipe import PrepRecipe
+from nightshift.provenance import file_sha256
 
 EXAMPLES = 5
 """Ids of dropped documents kept per reason in the report, never their text."""
@@ -464,7 +465,7 @@ def curate(raw: Path, corpus: Path, work: Path, recipe: PrepRecipe, cache_path: 
     raw_bytes = raw.stat().st_size
     tasks, workers = plan_tasks(recipe, raw_bytes)
     # Outputs are named by what decides them, so a retry resumes finished tasks and a changed input starts anew.
-    digest = hashlib.sha256(f"{recipe.digest()}|{_file_digest(raw)}|{tasks}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{recipe.digest()}|{file_sha256(raw)}|{tasks}".encode()).hexdigest()[:16]
     run = work / digest
     shards = run / "raw"
     if not all((shards / f"raw-{i:05d}.jsonl").is_file() for i in range(tasks)):
@@ -502,14 +503,6 @@ def curate(raw: Path, corpus: Path, work: Path, recipe: PrepRecipe, cache_path: 
     log.info("prepared %d of %d documents in %.1fs (%d from the cache)", report.documents_out, report.documents_in,
              report.seconds, report.cached)
     return report
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _finish(out: Path, tasks: int, corpus: Path, recipe: PrepRecipe, empty: list[str]) -> PrepReport:

@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from nightshift.configs import _type_problem
+from nightshift.configs import _type_problem, read_yaml_mapping
 from nightshift.settings import CONFIG_DIR, SAMPLES_DIR
 
 DEFAULT_RECIPE = CONFIG_DIR / "prep.yaml"
@@ -84,10 +82,8 @@ class GopherQuality:
     min_stop_words: int | None = 2
 
     def check(self, where: str) -> None:
-        for name in ("max_symbol_word_ratio", "max_bullet_lines_ratio", "max_ellipsis_lines_ratio",
-                     "max_non_alpha_words_ratio"):
-            if getattr(self, name) is not None:
-                _fraction(where, name, getattr(self, name))
+        _fractions(where, self, "max_symbol_word_ratio", "max_bullet_lines_ratio", "max_ellipsis_lines_ratio",
+                   "max_non_alpha_words_ratio")
 
 
 @dataclass(frozen=True)
@@ -105,9 +101,7 @@ class GopherRepetition:
     """n -> largest share of characters that repeated n-grams may cover."""
 
     def check(self, where: str) -> None:
-        for name in ("dup_line_frac", "dup_para_frac", "dup_line_char_frac", "dup_para_char_frac"):
-            if getattr(self, name) is not None:
-                _fraction(where, name, getattr(self, name))
+        _fractions(where, self, "dup_line_frac", "dup_para_frac", "dup_line_char_frac", "dup_para_char_frac")
         for name in ("top_n_grams", "dup_n_grams"):
             table = getattr(self, name)
             if not isinstance(table, dict) or not all(
@@ -149,8 +143,7 @@ class FineWebQuality:
     new_line_ratio: float = 0.3
 
     def check(self, where: str) -> None:
-        for name in ("line_punct_thr", "short_line_thr", "char_duplicates_ratio", "new_line_ratio"):
-            _fraction(where, name, getattr(self, name))
+        _fractions(where, self, "line_punct_thr", "short_line_thr", "char_duplicates_ratio", "new_line_ratio")
 
 
 PII_TYPES = ("email", "phone", "ip_address", "credit_card", "iban", "secret")
@@ -304,11 +297,9 @@ class PrepRecipe:
     def load(cls, path: Path = DEFAULT_RECIPE) -> PrepRecipe:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark else ""
-            raise RecipeError(f"{path.name}: not valid YAML{where}") from None
+            data = read_yaml_mapping(path)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from None
         return cls.from_dict(data, path.name)
 
     @classmethod
@@ -378,6 +369,12 @@ def _build(cls: type, settings: Any, where: str) -> Any:
 def _positive(where: str, name: str, value: int) -> None:
     if not isinstance(value, int) or value < 1:
         raise RecipeError(f"{where}.{name} must be a positive integer, got {value!r}")
+
+
+def _fractions(where: str, config: Any, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) is not None:
+            _fraction(where, name, getattr(config, name))
 
 
 def _fraction(where: str, name: str, value: float) -> None:

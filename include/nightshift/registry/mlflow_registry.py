@@ -12,7 +12,6 @@ a version that was registered but never promoted is not mistaken for one that wa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nightshift.faults import fault_point
+from nightshift.provenance import file_sha256
 from nightshift.records import ModelVersionRecord
 
 log = logging.getLogger(__name__)
@@ -36,14 +36,6 @@ PROMOTED_TAG = "nightshift.promoted_at"
 
 class IncompleteCheckpoint(RuntimeError):
     """A checkpoint's files do not match its manifest (or it has none)."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_manifest(folder: Path) -> dict[str, Any]:
