@@ -59,11 +59,14 @@ def finetune_conf(tiny_model):
 def test_corpus_that_fails_the_suite_fails_the_run_creates_no_version_and_alerts(dags, repo, tmp_path, monkeypatch):
     store = tmp_path / "bad-store"
     store.mkdir()
-    (store / "faq.jsonl").write_text(
-        json.dumps({"id": "q1", "text": "Where do I park? In the lower car park."}) + "\n"
-        + json.dumps({"id": "q1", "text": "When do you open? At seven in the evening."}) + "\n"
-    )
-    (store / "dump.txt").write_text("word " * 50_000)  # 250,000 characters: over max_chars
+    park = ("Where do I park when I visit the observatory in the evening? Cars are left in the lower car park, and "
+            "the path to the dome takes about ten minutes on foot from there, with red lights along the way.")
+    hours = ("When does the public gallery open for visitors in the winter months? The gallery opens at seven in the "
+             "evening and closes at half past ten, and the last entry is one hour before the doors close.")
+    (store / "faq.jsonl").write_text(json.dumps({"id": "q1", "text": park}) + "\n"
+                                     + json.dumps({"id": "q1", "text": hours}) + "\n")
+    # 250,000 characters: over prep.yaml's per-document max_chars, so preparation drops it and counts it
+    (store / "dump.txt").write_text("The dome is open tonight. " * 10_000)
     with SmtpSink() as smtp:
         monkeypatch.setenv("AIRFLOW_CONN_NIGHTSHIFT_ALERTS", json.dumps({
             "conn_type": "smtp", "host": "127.0.0.1", "port": smtp.port,
@@ -81,8 +84,8 @@ def test_corpus_that_fails_the_suite_fails_the_run_creates_no_version_and_alerts
     # "[local]": the nightshift_environment Variable that airflow_settings.yaml put in the metadata DB
     assert "[local] ingest_corpus.validate_corpus failed" in mail["Subject"]
     body = mail.get_payload(decode=True).decode()
-    assert "expect_column_values_to_be_unique" in body
-    assert "expect_column_value_lengths_to_be_between" in body
+    assert "expect_column_values_to_be_unique" in body  # two documents with one id: an aggregate check
+    assert tasks["prepare_corpus"].value["dropped"] == {"limits": 1}  # the dump: a per-document limit
 
 
 def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, registry, settings, finetune_conf):
