@@ -29,8 +29,8 @@ class OutcomeCache:
         self._reader: sqlite3.Connection | None = None
         self._missing = False
 
-    def get(self, key: str) -> tuple[Outcome, str | None] | None:
-        """Return the cached outcome and signature (hex) of a document key, or None."""
+    def get(self, key: str) -> tuple[Outcome, bytes | None] | None:
+        """Return the cached outcome and signature (uint32 bytes) of a document key, or None."""
         if self._missing:
             return None
         if self._reader is None:
@@ -47,7 +47,7 @@ class OutcomeCache:
         outcome = Outcome.from_json(row[0])
         if outcome.text is not None and row[1] is None:
             return None  # kept, but its signature was never stored: redo the document
-        return outcome, row[1].hex() if row[1] is not None else None
+        return outcome, bytes(row[1]) if row[1] is not None else None
 
     def _writer(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from datatrove.pipeline.base import PipelineStep
 
 from nightshift.faults import fault_point
 from nightshift.prep.clean import Document, extract_text, normalize_text
@@ -197,13 +198,7 @@ def shard_files(work: Path, rank: int) -> dict[str, Path]:
     }
 
 
-def _pipeline_step_base():
-    from datatrove.pipeline.base import PipelineStep
-
-    return PipelineStep
-
-
-class CurateShard(_pipeline_step_base()):
+class CurateShard(PipelineStep):
     """datatrove step: run the per-document steps on one shard and publish its files."""
 
     name = "nightshift curate"
@@ -230,7 +225,7 @@ class CurateShard(_pipeline_step_base()):
         tmp = {k: p.with_name(p.name + ".tmp") for k, p in files.items()}
         handles = {k: tmp[k].open("w", encoding="utf-8") for k in ("kept", "index", "outcomes", "new_cache")}
         signatures: list[np.ndarray] = []
-        pending: list[tuple[str, str | None]] = []  # (text, cached signature hex) of kept docs awaiting signatures
+        pending: list[tuple[str, bytes | None]] = []  # (text, cached signature) of kept docs awaiting signatures
         pending_bytes = 0
         done = hits = 0
         started = last_log = time.monotonic()
@@ -245,13 +240,12 @@ class CurateShard(_pipeline_step_base()):
             rows = np.empty((len(pending), recipe.dedup.num_perm), np.uint32)
             for j, (_, sig) in enumerate(pending):
                 if sig is not None:
-                    rows[j] = np.frombuffer(bytes.fromhex(sig), np.uint32)
+                    rows[j] = np.frombuffer(sig, np.uint32)
             if fresh:
                 rows[fresh] = computed
             curator.seconds["signatures"] += time.perf_counter() - started_batch
             signatures.append(rows)
             pending, pending_bytes = [], 0
-            return
 
         try:
             batch: list[tuple[Any, str, str, dict, str, tuple | None]] = []
@@ -263,11 +257,11 @@ class CurateShard(_pipeline_step_base()):
                 fresh = iter(curator.process_batch(todo)) if todo else iter(())
                 for doc, fmt, source, raw_meta, key, cached in batch:
                     if cached is not None:
-                        outcome, sig_hex = cached
+                        outcome, signature = cached
                         hits += 1
                     else:
-                        outcome, sig_hex = next(fresh), None
-                    write(doc, fmt, source, raw_meta, key, cached is not None, outcome, sig_hex)
+                        outcome, signature = next(fresh), None
+                    write(doc, fmt, source, raw_meta, key, cached is not None, outcome, signature)
                 done += len(batch)
                 batch, batch_chars = [], 0
                 now = time.monotonic()
@@ -276,7 +270,7 @@ class CurateShard(_pipeline_step_base()):
                                 f"({done / (now - started):.0f}/s), {hits} from the cache")
                     last_log = now
 
-            def write(doc, fmt, source, raw_meta, key, was_cached, outcome, sig_hex) -> None:
+            def write(doc, fmt, source, raw_meta, key, was_cached, outcome, signature) -> None:
                 nonlocal pending_bytes
                 record = {"id": doc.id, "key": key, "cached": was_cached, **asdict(outcome)}
                 record.pop("text")
@@ -290,7 +284,7 @@ class CurateShard(_pipeline_step_base()):
                     handles["kept"].write(json.dumps(asdict(kept), ensure_ascii=False, sort_keys=True) + "\n")
                     handles["index"].write(json.dumps({"id": doc.id, "sha256": kept.sha256, "key": key,
                                                        "chars": len(text)}) + "\n")
-                    pending.append((text, sig_hex))
+                    pending.append((text, signature))
                     pending_bytes += len(text)
                     if pending_bytes >= SIGNATURE_BATCH_BYTES:
                         flush()
@@ -434,6 +428,16 @@ def plan_tasks(recipe: PrepRecipe, raw_bytes: int) -> tuple[int, int]:
     return tasks, min(workers, tasks)
 
 
+def build_pipeline(recipe: PrepRecipe, shards: Path, out: Path, cache_path: Path | None) -> list:
+    """Return the datatrove pipeline every task runs: read its shard, curate it."""
+    from datatrove.pipeline.readers import JsonlReader
+
+    return [
+        JsonlReader(str(shards), text_key="content", id_key="id", add_file_path=False, glob_pattern="raw-*.jsonl"),
+        CurateShard(recipe.to_dict(), str(out), str(cache_path) if cache_path else None),
+    ]
+
+
 def build_executor(recipe: PrepRecipe, pipeline: list, tasks: int, workers: int, logging_dir: Path):
     """Return the datatrove executor the recipe names, running ``pipeline`` over ``tasks`` shards."""
     kind, options = recipe.executor.kind, dict(recipe.executor.options)
@@ -460,8 +464,6 @@ def curate(raw: Path, corpus: Path, work: Path, recipe: PrepRecipe, cache_path: 
 
     log = log or logging.getLogger(__name__)
     started = time.monotonic()
-    from datatrove.pipeline.readers import JsonlReader
-
     raw_bytes = raw.stat().st_size
     tasks, workers = plan_tasks(recipe, raw_bytes)
     # Outputs are named by what decides them, so a retry resumes finished tasks and a changed input starts anew.
@@ -472,10 +474,7 @@ def curate(raw: Path, corpus: Path, work: Path, recipe: PrepRecipe, cache_path: 
         shard_raw(raw, shards, tasks)
     out = run / "out"
     out.mkdir(parents=True, exist_ok=True)
-    pipeline = [
-        JsonlReader(str(shards), text_key="content", id_key="id", add_file_path=False, glob_pattern="raw-*.jsonl"),
-        CurateShard(recipe.to_dict(), str(out), str(cache_path) if cache_path else None),
-    ]
+    pipeline = build_pipeline(recipe, shards, out, cache_path)
     log.info("preparing %d bytes of raw documents in %d task(s) on %d worker(s) (%s executor)",
              raw_bytes, tasks, workers, recipe.executor.kind)
     executor = build_executor(recipe, pipeline, tasks, workers, run / "logs")
