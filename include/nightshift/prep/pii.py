@@ -22,18 +22,19 @@ PLACEHOLDERS = {
     "iban": "<IBAN>", "secret": "<SECRET>",
 }
 
-# Credentials: (detector name, pattern). Group "value", when present, is the part replaced.
+# Credentials: (detector name, pattern). Group "value", when present, is the part replaced. Tokens whose
+# alphabet includes "-" end at a lookahead, not at \b, which fails between a trailing "-" and punctuation.
 _SECRETS: list[tuple[str, str]] = [
     ("private_key", r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----(?:[\s\S]{0,16384}?-----END[A-Z0-9 ]{0,40}"
                     r"PRIVATE KEY(?: BLOCK)?-----|[\s\S]{0,16384}?(?=\n\s*\n)|[\s\S]{0,16384})"),
     ("aws_access_key", r"\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[0-9A-Z]{16}\b"),
     ("github_token", r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})\b"),
-    ("gitlab_token", r"\bglpat-[A-Za-z0-9_-]{20,}\b"),
+    ("gitlab_token", r"\bglpat-[A-Za-z0-9_-]{20,}(?![A-Za-z0-9_-])"),
     ("slack_token", r"\bxox[abposr]-(?:[A-Za-z0-9]+-){1,4}[A-Za-z0-9]+\b"),
     ("slack_webhook", r"https://hooks\.slack\.com/services/[A-Za-z0-9/_-]{20,}"),
-    ("google_api_key", r"\bAIza[0-9A-Za-z_-]{35}\b"),
-    ("openai_key", r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}\b"),
-    ("anthropic_key", r"\bsk-ant-[A-Za-z0-9_-]{20,}\b"),
+    ("google_api_key", r"\bAIza[0-9A-Za-z_-]{35}(?![A-Za-z0-9_-])"),
+    ("openai_key", r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}(?![A-Za-z0-9_-])"),
+    ("anthropic_key", r"\bsk-ant-[A-Za-z0-9_-]{20,}(?![A-Za-z0-9_-])"),
     ("stripe_key", r"\b[rsp]k_(?:live|test)_[0-9A-Za-z]{16,}\b"),
     ("huggingface_token", r"\bhf_[A-Za-z0-9]{30,}\b"),
     ("nightshift_key", r"\bns-[0-9A-Za-z]{43}\b"),
