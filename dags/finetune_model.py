@@ -18,6 +18,9 @@ Runs when `ingest_corpus` publishes a new corpus version, or from **Trigger** wi
 | `register_candidate` → `promote_candidate` | uploads the checkpoint (manifest last), registers, moves `champion` |
 | `reject_candidate` | keeps the champion and alerts with the gate's reasons |
 | `report` | the cycle summary, also logged to the MLflow run |
+
+**Reports**: the run's **Reports** tab shows the training loss curve, candidate against champion, the gate's
+checks and the sample answers; **nightshift** in the navigation lists every model version and the champion.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from nightshift.airflow.common import CORPUS_ASSET, DEFAULT_ARGS, run_dir
+from nightshift.airflow.common import CORPUS_ASSET, DEFAULT_ARGS, run_dir, run_report
 from nightshift.airflow.kubernetes import trainer_pod_operator
 from nightshift.airflow.notifiers import AlertNotifier
 from nightshift.airflow.tracking import FailTrackingRun
@@ -181,7 +184,8 @@ def finetune_model():
         from nightshift.pipelines.finetune import evaluate_candidate, registry_for
         from nightshift.records import PackedDataset
 
-        return evaluate_candidate(SETTINGS, registry_for(SETTINGS), _request(), plan, PackedDataset.from_dict(packed))
+        return evaluate_candidate(SETTINGS, registry_for(SETTINGS), _request(), plan, PackedDataset.from_dict(packed),
+                                  run_report(SETTINGS, get_current_context()))
 
     @task
     def decide_promotion(evaluation: dict, plan: dict) -> dict:
@@ -200,6 +204,7 @@ def finetune_model():
         registry_for(SETTINGS).set_tags(plan["mlflow_run_id"], {
             "nightshift.gate": "passed" if decision.passed else "rejected", "nightshift.gate_reasons": decision.summary,
         })
+        run_report(SETTINGS, get_current_context()).publish({"decision": decision.to_dict()})
         return decision.to_dict()
 
     @task.branch
@@ -237,12 +242,12 @@ def finetune_model():
             title=f"candidate trained on {dataset['tag']} was not promoted",
             message="The champion stays. " + "; ".join(decision["reasons"]),
             severity="warning", dag_id=context["dag_run"].dag_id, run_id=context["dag_run"].run_id,
-            task_id=context["ti"].task_id, details=decision,
+            task_id=context["ti"].task_id, details=decision, report_url=run_report(SETTINGS, context).url,
         ))
 
     @task(trigger_rule="none_failed_min_one_success")
     def report(dataset: dict, check: dict) -> dict:
-        from nightshift.pipelines.finetune import cleanup, registry_for
+        from nightshift.pipelines.finetune import cleanup, publish_outcome, registry_for
 
         context = get_current_context()
         ti = context["ti"]
@@ -257,6 +262,7 @@ def finetune_model():
             "champion": (c.to_dict() if (c := registry_for(SETTINGS).champion()) else None),
             "mlflow_run_id": plan["mlflow_run_id"] if plan else None,
         }
+        publish_outcome(run_report(SETTINGS, context), summary)
         if plan:
             registry = registry_for(SETTINGS)
             registry.log_dict(plan["mlflow_run_id"], summary, "cycle_report.json")

@@ -11,8 +11,9 @@ it with DVC. A new version updates the **corpus** asset, which schedules `finetu
 | `collect_source` | one mapped task per source, labelled by its name: reads, crawls or queries it, counting skips |
 | `merge_sources` | combines what came in; fails the night when fewer than `min_source_share` of the sources did |
 | `prepare_corpus` | `include/configs/prep.yaml` on datatrove: language, quality, decontamination, PII, near-dups |
-| `validate_corpus` | Great Expectations suite (`include/configs/quality.yaml`); a failure fails the run and alerts |
-| `version_dataset` | stages, pushes, commits and tags the corpus in the DVC data repository (recovers killed tries) |
+| `profile_corpus` | whylogs profile of per-document metrics; drift from the previous and the champion's data |
+| `validate_corpus` | Great Expectations suite (`quality.yaml`) on text and profile, as Data Docs; fails and alerts |
+| `version_dataset` | stages, pushes, commits, tags corpus and profile in the DVC repository (killed tries recover) |
 | `publish_dataset` | updates the corpus asset once per version: skipped when an event already announced it |
 
 A source that fails (a site that is down, a database that refuses) fails its own mapped task, which alerts;
@@ -22,6 +23,13 @@ blocks, budget hits) are in `$NIGHTSHIFT_HOME/work/ingest_corpus/<run_id>/collec
 SQL snapshots persist in `$NIGHTSHIFT_HOME/sources/<name>/`. What preparation removed, per step and reason with
 example ids, is in `prep.json` of the same folder (every dropped id in `dropped.jsonl`), and the counts travel
 with the dataset version in its `meta.json`.
+
+Drift is judged by `include/configs/drift.yaml`: beyond its thresholds a warning alert links to the charts, and
+the run goes on unless the policy blocks.
+
+**Reports**: every run's page (collection per source, preparation counts, the whylogs profile and drift charts,
+the Data Docs) opens from the run's **Reports** tab in this UI, and all versions from **nightshift** in the
+navigation. Alerts link to the page. The files are in `$NIGHTSHIFT_HOME/reports/runs/ingest_corpus/<run_id>/`.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from datetime import datetime
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from nightshift.airflow.common import CORPUS_ASSET, DEFAULT_ARGS, UpstreamFailed, run_dir
+from nightshift.airflow.common import CORPUS_ASSET, DEFAULT_ARGS, UpstreamFailed, run_dir, run_report
 from nightshift.settings import load_settings
 
 SCHEDULE = "0 1 * * *"
@@ -92,7 +100,8 @@ def ingest_corpus():
         from nightshift.pipelines.ingest import merge_sources as merge
         from nightshift.quality.suite import QualityPolicy
 
-        here = run_dir(SETTINGS, get_current_context())
+        context = get_current_context()
+        here = run_dir(SETTINGS, context)
         specs = planned_sources(here)
         if specs is None:
             raise UpstreamFailed("plan_sources did not finish: nothing to merge")
@@ -101,7 +110,7 @@ def ingest_corpus():
         except ValueError as exc:
             raise AirflowFailException(str(exc)) from exc
         try:
-            return merge(here, specs, policy.min_source_share)
+            return merge(here, specs, policy.min_source_share, run_report(SETTINGS, context))
         except SourcesUnusable as exc:
             raise AirflowFailException(str(exc)) from exc
 
@@ -115,10 +124,41 @@ def ingest_corpus():
         except ValueError as exc:  # a broken prep.yaml does not mend itself on retry
             raise AirflowFailException(str(exc)) from exc
         cache = SETTINGS.cache_dir / "prep" / "outcomes.sqlite"
-        return prepare(run_dir(SETTINGS, get_current_context()), recipe, cache, SETTINGS.retention_days)
+        context = get_current_context()
+        return prepare(run_dir(SETTINGS, context), recipe, cache, SETTINGS.retention_days,
+                       run_report(SETTINGS, context))
+
+    @task(multiple_outputs=False)
+    def profile_corpus(stats: dict) -> dict:
+        from nightshift.airflow.notifiers import send_alert
+        from nightshift.alerts.channels import Alert
+        from nightshift.monitoring.drift import DriftPolicy
+        from nightshift.pipelines.ingest import DriftBlocked
+        from nightshift.pipelines.ingest import profile_corpus as profile
+
+        try:
+            policy = DriftPolicy.load(SETTINGS.drift_policy)
+        except ValueError as exc:  # a broken drift.yaml does not mend itself on retry
+            raise AirflowFailException(str(exc)) from exc
+        context = get_current_context()
+        report = run_report(SETTINGS, context)
+        try:
+            drift = profile(run_dir(SETTINGS, context), SETTINGS, policy, report)
+        except DriftBlocked as exc:
+            raise AirflowFailException(str(exc)) from exc
+        if drift["alert"]:
+            names = ", ".join(drift["drifted"] or drift["possibly_drifted"])
+            send_alert(Alert(
+                title=f"corpus drift ({drift['status']}) in {names}",
+                message=f"The new corpus differs from {', '.join(drift['references'].values())} in {names} beyond "
+                "drift.yaml's thresholds. The run continues; see the report's drift charts.",
+                severity="warning", dag_id=report.dag_id, run_id=report.run_id, task_id=context["ti"].task_id,
+                report_url=report.url,
+            ))
+        return drift
 
     @task
-    def validate_corpus(stats: dict) -> dict:
+    def validate_corpus(stats: dict, drift: dict) -> dict:
         from nightshift.pipelines.ingest import QualityGateFailed, validate
         from nightshift.quality.suite import QualityPolicy
 
@@ -127,16 +167,19 @@ def ingest_corpus():
         except ValueError as exc:  # a broken quality.yaml does not mend itself on retry
             raise AirflowFailException(str(exc)) from exc
         try:
-            return validate(run_dir(SETTINGS, get_current_context()), policy)
+            context = get_current_context()
+            return validate(run_dir(SETTINGS, context), policy, stats, run_report(SETTINGS, context))
         except QualityGateFailed as exc:
             # Data does not improve on retry: fail now, alert, and create no dataset version.
             raise AirflowFailException(str(exc)) from exc
 
     @task
-    def version_dataset(collected: dict, stats: dict, quality: dict) -> dict:
+    def version_dataset(collected: dict, stats: dict, drift: dict, quality: dict) -> dict:
         from nightshift.pipelines.ingest import version
 
-        return version(run_dir(SETTINGS, get_current_context()), SETTINGS, stats, collected["source"]).to_dict()
+        context = get_current_context()
+        return version(run_dir(SETTINGS, context), SETTINGS, stats, collected["source"], drift,
+                       run_report(SETTINGS, context)).to_dict()
 
     @task(inlets=[CORPUS_ASSET], outlets=[CORPUS_ASSET])
     def publish_dataset(dataset: dict) -> dict:
@@ -158,8 +201,9 @@ def ingest_corpus():
     merged = merge_sources()
     collected >> merged
     stats = prepare_corpus(merged)
-    quality = validate_corpus(stats)
-    publish_dataset(version_dataset(merged, stats, quality))
+    drift = profile_corpus(stats)
+    quality = validate_corpus(stats, drift)
+    publish_dataset(version_dataset(merged, stats, drift, quality))
 
 
 ingest_corpus()

@@ -22,6 +22,11 @@ recipes = sorted(p.stem for p in (CONFIG_DIR / "training").glob("*.yaml"))
 for name in recipes:
     TrainingRecipe.load(name)
 GatePolicy.load(); QualityPolicy.load()
+from nightshift.monitoring.drift import DriftPolicy
+from nightshift.reports.pages import TEMPLATES
+DriftPolicy.load()
+pages = {p.name for p in TEMPLATES.glob("*.html")}
+assert pages >= {"base.html", "ingest_run.html", "finetune_run.html", "overview.html"}, pages
 assert GOLDEN_QA.is_file() and any(SAMPLE_STORE.rglob("*.md"))
 print("modules", len(list(pkgutil.walk_packages([str(root)], "nightshift."))), "recipes", recipes)
 """

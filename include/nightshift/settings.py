@@ -128,6 +128,8 @@ class Settings:
     """Task slots of the local Airflow (and LocalExecutor worker processes)."""
     airflow_host: str = "127.0.0.1"
     """Address the local Airflow UI and API listen on; 0.0.0.0 exposes them to the network."""
+    ui_url: str = "http://localhost:8080"
+    """Where people reach the Airflow UI (NIGHTSHIFT_UI_URL): the base of the report links in alerts."""
     source_roots: tuple[str, ...] = (str(SAMPLE_STORE),)
     """What the ``source`` Param may name: folders (and everything below them) and URL prefixes
     (``https://docs.example.com/``, ``sql://docs_db``, ``s3://bucket/docs``); nothing else is readable."""
@@ -135,6 +137,8 @@ class Settings:
     """The sources ingest_corpus collects every night (NIGHTSHIFT_SOURCES_FILE)."""
     prep_recipe: Path = CONFIG_DIR / "prep.yaml"
     """The preparation recipe prepare_corpus runs (NIGHTSHIFT_PREP_RECIPE)."""
+    drift_policy: Path = CONFIG_DIR / "drift.yaml"
+    """The drift policy profile_corpus applies (NIGHTSHIFT_DRIFT_POLICY)."""
     recipe_dirs: tuple[Path, ...] = ()
     """Further folders with training recipes, besides include/configs/training (the Param takes names only)."""
     task_timeout_s: int = 3600
@@ -191,6 +195,15 @@ class Settings:
     @cached_property
     def cache_dir(self) -> Path:
         return self.home / "cache"
+
+    @cached_property
+    def reports_dir(self) -> Path:
+        """Report pages, charts and Data Docs of every run: the only folder the UI plugin serves."""
+        return self.home / "reports"
+
+    def report_url(self, path: str = "index.html") -> str:
+        """Return the URL of a page in the report folder, as served by the Airflow UI's nightshift plugin."""
+        return f"{self.ui_url.rstrip('/')}/nightshift/reports/{path.lstrip('/')}"
 
     @cached_property
     def serving_dir(self) -> Path:
@@ -256,9 +269,12 @@ def load_settings() -> Settings:
         serving_conn_id=os.environ.get("NIGHTSHIFT_SERVE_CONN_ID", "nightshift_serving"),
         airflow_parallelism=_env_int("NIGHTSHIFT_AIRFLOW_PARALLELISM", default_parallelism()),
         airflow_host=os.environ.get("NIGHTSHIFT_AIRFLOW_HOST", "127.0.0.1"),
+        ui_url=os.environ.get("NIGHTSHIFT_UI_URL") or os.environ.get("AIRFLOW__API__BASE_URL")
+        or f"http://localhost:{os.environ.get('AIRFLOW__API__PORT', '8080')}",
         source_roots=_env_roots("NIGHTSHIFT_SOURCE_ROOTS") or (str(SAMPLE_STORE),),
         sources_file=Path(os.environ.get("NIGHTSHIFT_SOURCES_FILE") or CONFIG_DIR / "sources.yaml"),
         prep_recipe=Path(os.environ.get("NIGHTSHIFT_PREP_RECIPE") or CONFIG_DIR / "prep.yaml"),
+        drift_policy=Path(os.environ.get("NIGHTSHIFT_DRIFT_POLICY") or CONFIG_DIR / "drift.yaml"),
         recipe_dirs=_env_paths("NIGHTSHIFT_RECIPE_DIRS"),
         task_timeout_s=_env_int("NIGHTSHIFT_TASK_TIMEOUT_S", 3600),
         train_timeout_s=_env_int("NIGHTSHIFT_TRAIN_TIMEOUT_S", 6 * 3600),
@@ -367,6 +383,7 @@ def runtime_env(settings: Settings) -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "GX_ANALYTICS_ENABLED": "False",
+        "WHYLOGS_NO_ANALYTICS": "True",
         "MLFLOW_TRACKING_URI": settings.tracking_uri,
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "1",

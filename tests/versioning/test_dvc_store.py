@@ -93,3 +93,19 @@ def test_tag_numbers_continue_from_the_highest_tag(repo, tmp_path):
         repo.commit(write(corpus, text), {"documents": 1})
     subprocess.run(["git", "tag", "-d", "corpus-v0001"], cwd=repo.root, check=True, capture_output=True)
     assert repo.commit(write(corpus, "three\n"), {"documents": 1}).tag == "corpus-v0003"
+
+
+def test_a_version_carries_its_profile_and_returns_it_by_tag(repo, tmp_path):
+    profile = tmp_path / "profile.bin"
+    profile.write_bytes(b"\x00profile-one\xff")
+    v1 = repo.commit(write(tmp_path / "c.jsonl", '{"id": "a"}\n'), {"documents": 1}, {"profile.bin": profile})
+    profile.write_bytes(b"\x00profile-two\xff")
+    v2 = repo.commit(write(tmp_path / "c.jsonl", '{"id": "b"}\n'), {"documents": 1}, {"profile.bin": profile})
+    v3 = repo.commit(write(tmp_path / "c.jsonl", '{"id": "c"}\n'), {"documents": 1})
+    assert repo.read_companion(v1.tag, "profile.bin") == b"\x00profile-one\xff"
+    assert repo.read_companion(v2.tag, "profile.bin") == b"\x00profile-two\xff"
+    assert repo.read_companion(v3.tag, "profile.bin") is None  # no profile: not the previous version's
+    with pytest.raises(ValueError, match="not a companion"):
+        repo.read_companion(v1.tag, "../../etc/passwd")
+    with pytest.raises(LookupError):
+        repo.read_companion("corpus-v0099", "profile.bin")

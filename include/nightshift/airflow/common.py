@@ -29,6 +29,14 @@ class UpstreamFailed(AirflowFailException):
     """A task that cannot run because an upstream task failed (and already alerted): fail without a second alert."""
 
 
+def run_report(settings: Settings, context: Any):
+    """Return the report folder of the current DAG run (a nightshift.pipelines.reports.RunRef)."""
+    from nightshift.pipelines.reports import RunRef
+
+    dag_run = context["dag_run"]
+    return RunRef(settings, dag_run.dag_id, dag_run.run_id)
+
+
 def run_dir(settings: Settings, context: Any) -> Path:
     """Return (and create) the work folder of the current DAG run."""
     dag_run = context["dag_run"]

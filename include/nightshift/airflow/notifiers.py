@@ -19,6 +19,8 @@ from nightshift.settings import load_settings
 
 log = logging.getLogger(__name__)
 
+REPORTED_DAGS = ("ingest_corpus", "finetune_model")
+
 
 def send_alert(alert: Alert, conn_id: str | None = None) -> None:
     """Deliver an alert through the channel of an Airflow connection, looked up now (never at parse time).
@@ -37,6 +39,26 @@ def send_alert(alert: Alert, conn_id: str | None = None) -> None:
     )
     channel.deliver(alert)
     log.info("alert sent via %s: %s", type(channel).__name__, alert.title)
+    from nightshift.pipelines.reports import record_alert
+
+    record_alert(settings, {"title": alert.title, "severity": alert.severity, "dag_id": alert.dag_id,
+                            "run_id": alert.run_id, "task_id": alert.task_id, "created_at": alert.created_at,
+                            "report": _report_path(alert)})
+
+
+def _report_path(alert: Alert) -> str:
+    from nightshift.reports.store import ReportStore
+
+    return ReportStore.run_path(alert.dag_id, alert.run_id) if alert.report_url and alert.run_id else ""
+
+
+def report_url_for(dag_id: str, run_id: str) -> str:
+    """Return the report page URL of a nightshift DAG run ('' for DAGs without one)."""
+    if not run_id or dag_id not in REPORTED_DAGS:
+        return ""
+    from nightshift.pipelines.reports import run_report_url
+
+    return run_report_url(load_settings(), dag_id, run_id)
 
 
 def _environment() -> str | None:
@@ -80,13 +102,15 @@ class AlertNotifier(BaseNotifier):
             return
         title = self.title or (f"{dag_id}.{task_id} failed" if task_id else f"{dag_id} failed")
         message = self.message or (f"{type(exception).__name__}: {exception}" if exception else "see the task log")
+        run_id = getattr(dag_run, "run_id", "") or ""
         alert = Alert(
             title=title,
             message=message,
             dag_id=dag_id,
-            run_id=getattr(dag_run, "run_id", "") or "",
+            run_id=run_id,
             task_id=task_id,
             link=getattr(ti, "log_url", "") or "",
+            report_url=report_url_for(dag_id, run_id),
             details={"try_number": getattr(ti, "try_number", None)},
         )
         send_alert(alert, self.conn_id)

@@ -31,12 +31,17 @@ class Alert:
     run_id: str = ""
     task_id: str = ""
     link: str = ""
+    """The task's log in the Airflow UI."""
+    report_url: str = ""
+    """The run's report page (collection, preparation, profile and drift, Data Docs; or training and evaluation)."""
     details: dict[str, Any] = field(default_factory=dict)
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def text(self) -> str:
         where = " / ".join(x for x in (self.dag_id, self.task_id, self.run_id) if x)
         lines = [f"[{self.severity.upper()}] {self.title}", f"where: {where}" if where else "", self.message]
+        if self.report_url:
+            lines.append(f"report: {self.report_url}")
         if self.link:
             lines.append(f"logs: {self.link}")
         return "\n".join(line for line in lines if line)

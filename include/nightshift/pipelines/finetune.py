@@ -14,6 +14,7 @@ from nightshift.evaluation.gate import GatePolicy, decide
 from nightshift.evaluation.harness import evaluate_model, load_golden
 from nightshift.faults import fault_point
 from nightshift.pipelines.ingest import dataset_repository
+from nightshift.pipelines.reports import RunRef
 from nightshift.provenance import code_revision, file_sha256
 from nightshift.records import DatasetVersion, EvaluationReport, GateDecision, ModelVersionRecord, PackedDataset
 from nightshift.registry.mlflow_registry import DATASET_TAG, FINGERPRINT_TAG, ModelRegistry
@@ -222,7 +223,8 @@ def open_tracking_run(
 
 
 def evaluate_candidate(
-    settings: Settings, registry: ModelRegistry, request: FinetuneRequest, plan: dict[str, Any], packed: PackedDataset
+    settings: Settings, registry: ModelRegistry, request: FinetuneRequest, plan: dict[str, Any], packed: PackedDataset,
+    run: RunRef | None = None,
 ) -> dict[str, Any]:
     """Record the training run in MLflow, then evaluate candidate and champion; return both reports."""
     run_id, output = plan["mlflow_run_id"], Path(plan["output_dir"])
@@ -237,8 +239,44 @@ def evaluate_candidate(
     )
     registry.log_metrics(run_id, {**candidate.metrics("candidate"), **baseline.metrics("baseline")})
     registry.log_dict(run_id, {"candidate": candidate.to_dict(), "baseline": baseline.to_dict()}, "evaluation.json")
+    if run:
+        publish_evaluation(run, metrics, candidate, baseline, plan["dataset_tag"])
     return {"candidate": candidate.to_dict(), "baseline": baseline.to_dict(), "diverged": metrics["diverged"],
             "champion_before": champion.to_dict() if champion else None}
+
+
+def publish_evaluation(run: RunRef, metrics: dict[str, Any], candidate: EvaluationReport,
+                       baseline: EvaluationReport, dataset_tag: str) -> None:
+    """Put the loss curve and the candidate-vs-baseline comparison on the run's report page."""
+    from nightshift.reports import charts
+
+    charts.loss_svg(metrics["losses"], f"trained on {dataset_tag}", run.folder / "loss.svg")
+    charts.comparison_svg([("held-out perplexity", candidate.perplexity, baseline.perplexity),
+                           ("golden perplexity", candidate.golden_perplexity, baseline.golden_perplexity)],
+                          candidate.model, baseline.model, "lower is better", run.folder / "evaluation.svg")
+    run.publish({
+        "training": {"steps": len(metrics["losses"]), "losses": metrics["losses"], "tokens": metrics["tokens"],
+                     "seconds": metrics["seconds"], "diverged": metrics["diverged"], "dataset_tag": dataset_tag},
+        "evaluation": {"candidate": candidate.to_dict(), "baseline": baseline.to_dict()},
+    })
+
+
+def publish_outcome(run: RunRef, summary: dict[str, Any]) -> None:
+    """Put the gate decision and the registry outcome on the run's page; list a registered version in the catalog."""
+    run.publish({"decision": summary.get("decision"), "summary": summary})
+    champion = (summary.get("champion") or {}).get("version")
+    version = summary.get("promoted") or summary.get("reused")
+    if not version:
+        if champion is not None:
+            run.record("models", str(champion), {"version": champion}, champion=champion)
+        return
+    candidate = ((summary.get("evaluation") or {}).get("candidate")) or {}
+    entry = {"version": version["version"], "dataset_tag": version.get("dataset_tag", ""),
+             "gate": "passed" if summary.get("promoted") else "reused"}
+    if summary.get("promoted") or not run.has_catalog("models", str(version["version"])):
+        entry.update({"run_id": run.run_id, "report": run.path, "perplexity": candidate.get("perplexity"),
+                      "golden_perplexity": candidate.get("golden_perplexity")})
+    run.record("models", str(version["version"]), entry, champion=champion)
 
 
 def cleanup(run_dir: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nightshift.faults import fault_point
+from nightshift.pipelines.reports import RunRef
 from nightshift.prep.recipe import PrepRecipe
 from nightshift.quality.suite import QualityPolicy, QualityReport, validate_corpus
 from nightshift.records import DatasetVersion
@@ -101,7 +102,8 @@ def collect_source(spec: dict[str, Any], run_dir: Path, state_root: Path,
     return report
 
 
-def merge_sources(run_dir: Path, specs: list[dict[str, Any]], min_source_share: float) -> dict[str, Any]:
+def merge_sources(run_dir: Path, specs: list[dict[str, Any]], min_source_share: float,
+                  run: RunRef | None = None) -> dict[str, Any]:
     """Combine the collected sources into raw.jsonl; raise SourcesUnusable when too few came in."""
     reports, failed = [], []
     for spec in specs:
@@ -120,6 +122,8 @@ def merge_sources(run_dir: Path, specs: list[dict[str, Any]], min_source_share: 
         "source": ", ".join(s["name"] for s in specs),
     }
     _write_json(run_dir / "collection.json", {**summary, "reports": reports})
+    if run:
+        run.publish({"collection": summary})
     if share < min_source_share or not reports:
         raise SourcesUnusable(
             f"{len(reports)} of {len(specs)} sources collected ({share:.0%}); quality.yaml's min_source_share is "
@@ -139,7 +143,7 @@ def merge_sources(run_dir: Path, specs: list[dict[str, Any]], min_source_share: 
 
 
 def prepare_corpus(run_dir: Path, recipe: PrepRecipe, cache_path: Path | None,
-                   cache_days: float = 7.0) -> dict[str, Any]:
+                   cache_days: float = 7.0, run: RunRef | None = None) -> dict[str, Any]:
     """Run the preparation recipe over raw.jsonl into corpus.jsonl; write prep.json; return the counts."""
     from nightshift.prep.curate import curate
 
@@ -151,6 +155,9 @@ def prepare_corpus(run_dir: Path, recipe: PrepRecipe, cache_path: Path | None,
         for step in report.steps for reason, ids in step["examples"].items() for doc_id in ids
     ]
     _write_json(run_dir / SKIPPED, skipped)
+    if run:
+        run.publish({"prep": {**report.to_dict(), "steps": [{k: v for k, v in step.items() if k != "examples"}
+                                                             for step in report.steps]}})
     fault_point("ingest.after_prepare")
     dropped = {s["step"]: sum(s["dropped"].values()) for s in report.steps}
     log.info("preparation: %d in, %d out; dropped per step %s; PII scrubbed %s; contamination %s",
@@ -182,17 +189,165 @@ def needs_publishing(version: DatasetVersion, published: list[dict[str, Any]]) -
                    for extra in published)
 
 
-def validate(run_dir: Path, policy: QualityPolicy) -> dict[str, Any]:
-    """Run the quality suite on corpus.jsonl; raise QualityGateFailed when it fails."""
-    report = validate_corpus(run_dir / CORPUS, policy)
-    (run_dir / "quality.json").write_text(json.dumps(report.__dict__, indent=2))
+def validate(run_dir: Path, policy: QualityPolicy, stats: dict[str, Any] | None = None,
+             run: RunRef | None = None) -> dict[str, Any]:
+    """Run the quality suite on corpus.jsonl (with the profile's metrics); raise QualityGateFailed when it fails.
+
+    With ``run``, the validation is rendered as Great Expectations Data Docs into the run's report folder.
+    """
+    collection = json.loads((run_dir / "collection.json").read_text()) if (run_dir / "collection.json").is_file() \
+        else {}
+    sources = {name: s["documents"] for name, s in collection.get("sources", {}).items()} or None
+    stats = stats or {}
+    prepared = stats.get("documents", 0) + stats.get("near_duplicates", 0)
+    near_share = stats.get("near_duplicates", 0) / prepared if prepared else 0.0
+    staging = run_dir / "datadocs"
+    shutil.rmtree(staging, ignore_errors=True)
+    report = validate_corpus(run_dir / CORPUS, policy, run_dir / METRICS, sources, near_share,
+                             staging if run else None)
+    _write_json(run_dir / "quality.json", report.__dict__)
+    if run:
+        run.publish_tree(staging, "datadocs")
+        run.publish({"quality": report.__dict__})
     if not report.success:
         raise QualityGateFailed(report)
     return {"evaluated": report.evaluated, "summary": report.summary()}
 
 
-def version(run_dir: Path, settings: Settings, stats: dict[str, Any], store: str) -> DatasetVersion:
-    """Version corpus.jsonl in the data repository; identical bytes return the existing version."""
+def version(run_dir: Path, settings: Settings, stats: dict[str, Any], store: str,
+            drift: dict[str, Any] | None = None, run: RunRef | None = None) -> DatasetVersion:
+    """Version corpus.jsonl (with its whylogs profile) in the data repository; identical bytes return the existing
+    version."""
     meta = {"documents": stats["documents"], "characters": stats["characters"], "duplicates": stats["duplicates"],
             "sources": store, "prep": stats.get("prep", {})}
-    return dataset_repository(settings).commit(run_dir / CORPUS, meta)
+    if drift:
+        meta["drift"] = {k: drift[k] for k in ("status", "drifted", "possibly_drifted", "references") if k in drift}
+    profile = run_dir / PROFILE
+    companions = {PROFILE: profile} if profile.is_file() else None
+    dataset = dataset_repository(settings).commit(run_dir / CORPUS, meta, companions)
+    if run:
+        run.publish({"version": dataset.to_dict()})
+        entry = {"tag": dataset.tag, "documents": dataset.documents, "md5": dataset.md5, "bytes": dataset.bytes,
+                 "documents_in": stats.get("documents_in"), "quality": "passed"}
+        if dataset.created or not run.has_catalog("datasets", dataset.tag):
+            drift = drift or {}
+            entry.update({"run_id": run.run_id, "report": run.path, "drift": drift.get("status", "not_compared"),
+                          "drifted": drift.get("drifted", [])})
+        run.record("datasets", dataset.tag, entry)
+    return dataset
+
+
+PROFILE = "profile.bin"
+METRICS = "metrics.parquet"
+
+
+class DriftBlocked(Exception):
+    """The new corpus drifted from its reference and drift.yaml says drift blocks the run."""
+
+
+def drift_references(settings: Settings, policy: Any, corpus_md5: str) -> list[tuple[str, str]]:
+    """Return (reference, tag) pairs to compare a new corpus with: the previous version, the champion's data."""
+    repo = dataset_repository(settings)
+    refs: list[tuple[str, str]] = []
+    if not (settings.data_repo / ".dvc").is_dir():
+        return refs
+    tags = repo.versions()
+    if "previous" in policy.references:
+        # The newest version with other bytes: an unchanged night is compared with what came before it.
+        previous = next((t for t in reversed(tags) if repo.get(t).md5 != corpus_md5), None)
+        if previous:
+            refs.append(("previous", previous))
+    if "champion" in policy.references:
+        from nightshift.pipelines.finetune import registry_for
+
+        champion = registry_for(settings).champion()
+        if champion is not None and champion.dataset_tag in tags:
+            refs.append(("champion", champion.dataset_tag))
+    return refs
+
+
+def profile_corpus(run_dir: Path, settings: Settings, policy: Any, run: RunRef) -> dict[str, Any]:
+    """Profile corpus.jsonl with whylogs, compare it with its references, publish charts; return the drift verdict.
+
+    Writes metrics.parquet (the per-document metrics the quality suite checks) and profile.bin (versioned
+    with the corpus) into the run folder. Raises DriftBlocked when drift.yaml blocks on drift.
+    """
+    import time
+
+    from nightshift.monitoring.drift import compare, not_compared, worst
+    from nightshift.monitoring.profiles import (
+        TokenCounter,
+        corpus_metrics,
+        profile_frame,
+        read_profile,
+        summarize,
+        write_profile,
+    )
+    from nightshift.reports import charts
+    from nightshift.settings import DEFAULT_FOUNDATION_MODEL
+    from nightshift.versioning.dvc_store import content_md5
+
+    started = time.monotonic()
+    collection = json.loads((run_dir / "collection.json").read_text())
+    kinds = {r["name"]: r["kind"] for r in collection.get("reports", [])}
+    counter = TokenCounter(settings.models_dir / DEFAULT_FOUNDATION_MODEL / "tokenizer.json", policy.token_sample)
+    metrics = corpus_metrics(run_dir / CORPUS, kinds, counter)
+    metrics.frame.to_parquet(run_dir / (METRICS + ".tmp"), index=False)
+    (run_dir / (METRICS + ".tmp")).replace(run_dir / METRICS)
+    view = profile_frame(metrics.frame)
+    write_profile(view, run_dir / PROFILE)
+    summary = summarize(view)
+    log.info("profiled %d documents in %.1f s (tokens counted on %d)", summary["documents"], metrics.seconds,
+             metrics.tokenized)
+
+    folder = run.folder
+    chart_dir = folder / "charts"
+    profile_charts = []
+    for name in ("chars", "words", "tokens", "lines"):
+        column = summary["columns"].get(name, {})
+        if column.get("histogram"):
+            file = charts.histogram_svg(column["histogram"], f"{name} per document", name, chart_dir / f"{name}.svg")
+            profile_charts.append({"file": f"charts/{file.name}", "title": f"{name} per document"})
+    for name in ("language", "source", "kind"):
+        column = summary["columns"].get(name, {})
+        if column.get("top"):
+            file = charts.shares_svg(column["top"], column["n"], f"documents by {name}", chart_dir / f"{name}.svg")
+            profile_charts.append({"file": f"charts/{file.name}", "title": f"documents by {name}"})
+    (folder / PROFILE).write_bytes((run_dir / PROFILE).read_bytes())
+
+    comparisons = []
+    md5 = content_md5(run_dir / CORPUS)
+    refs = drift_references(settings, policy, md5)
+    for reference, tag in refs:
+        raw = dataset_repository(settings).read_companion(tag, PROFILE)
+        if raw is None:
+            comparisons.append(not_compared(reference, tag, f"{tag} was versioned without a profile").to_dict())
+            continue
+        result = compare(view, read_profile(raw), policy, reference, tag).to_dict()
+        result["charts"] = []
+        for name, metric in result["metrics"].items():
+            file = charts.drift_svg(metric.pop("shape"), f"{name}: {metric['category']}", "this corpus", tag,
+                                    chart_dir / f"drift-{reference}-{name}.svg")
+            result["charts"].append({"file": f"charts/{file.name}", "title": name})
+        comparisons.append(result)
+    if not refs:
+        comparisons.append(not_compared("previous", "", "no earlier dataset version to compare with").to_dict())
+    status = worst([c["status"] for c in comparisons])
+    drifted = sorted({m for c in comparisons for m in c["drifted"]})
+    possibly = sorted({m for c in comparisons for m in c["possibly_drifted"]} - set(drifted))
+    blocked = policy.block and status == "drift"
+    drift = {"status": status, "drifted": drifted, "possibly_drifted": possibly, "blocked": blocked,
+             "comparisons": comparisons, "seconds": round(time.monotonic() - started, 2)}
+    profile = {"summary": summary, "charts": profile_charts, "tokenized": metrics.tokenized,
+               "tokenizer": metrics.tokenizer, "seconds": round(metrics.seconds, 2)}
+    run.publish({"profile": profile, "drift": drift})
+    log.info("drift: %s%s (%.1f s for profile and drift)", status,
+             f", drifted: {', '.join(drifted)}" if drifted else "", drift["seconds"])
+    alert = (status == "drift" and policy.alert_on in ("drift", "possible_drift")) or \
+        (status == "possible_drift" and policy.alert_on == "possible_drift")
+    if blocked:
+        tags = ", ".join(c["reference_tag"] for c in comparisons if c["status"] == "drift")
+        raise DriftBlocked(f"the corpus drifted from {tags} in {', '.join(drifted)}; drift.yaml blocks on drift")
+    return {"status": status, "drifted": drifted, "possibly_drifted": possibly, "alert": alert,
+            "documents": summary["documents"], "seconds": drift["seconds"],
+            "references": {c["reference"]: c["reference_tag"] for c in comparisons if c["reference_tag"]}}

@@ -28,10 +28,20 @@ class QualityPolicy:
     """Longest acceptable document; longer ones are usually dumps or concatenation errors."""
     length_mostly: float = 1.0
     """Fraction of documents that must lie within the length bounds (1.0 = every one)."""
+    length_quantiles: dict = field(default_factory=dict)
+    """Bounds of the length distribution: quantile -> [low, high] in characters (null: open), e.g. 0.5: [200, null]."""
     min_source_share: float = 0.5
     """Share of the night's sources that must be collected; below it the night makes no version (alerted)."""
+    min_documents_per_source: int = 0
+    """Documents each collected source must contribute to the corpus (0: no check)."""
     max_pii_hits: int = 0
     """Findings a second PII and secret detector pass may make in any one document after scrubbing."""
+    languages: tuple = ()
+    """Languages the corpus should be in (codes as the profile reports them); empty: no check."""
+    min_language_share: float = 1.0
+    """Share of documents that must be in one of ``languages``."""
+    max_near_duplicate_share: float = 1.0
+    """Share of the prepared documents the near-duplicate step may remove; more means a crawl loop or a mirror."""
 
     def __post_init__(self) -> None:
         if self.min_documents < 1:
@@ -40,12 +50,28 @@ class QualityPolicy:
             raise ValueError(
                 f"quality policy: need 1 <= min_chars <= max_chars, got {self.min_chars}..{self.max_chars}"
             )
-        if not 0.0 < self.length_mostly <= 1.0:
-            raise ValueError(f"quality policy: length_mostly must be in (0, 1], got {self.length_mostly}")
+        for name in ("length_mostly", "min_source_share", "min_language_share", "max_near_duplicate_share"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0 or (name in ("length_mostly", "min_source_share") and value == 0):
+                raise ValueError(f"quality policy: {name} must be a share in (0, 1], got {value}")
         if self.max_pii_hits < 0:
             raise ValueError(f"quality policy: max_pii_hits must be >= 0, got {self.max_pii_hits}")
-        if not 0.0 < self.min_source_share <= 1.0:
-            raise ValueError(f"quality policy: min_source_share must be in (0, 1], got {self.min_source_share}")
+        if self.min_documents_per_source < 0:
+            raise ValueError(f"quality policy: min_documents_per_source must be >= 0, got "
+                             f"{self.min_documents_per_source}")
+        if isinstance(self.languages, str) or not all(isinstance(c, str) and c for c in self.languages):
+            raise ValueError(f"quality policy: languages must be a list of language codes, got {self.languages!r}")
+        object.__setattr__(self, "languages", tuple(self.languages))
+        quantiles = {}
+        for q, bounds in dict(self.length_quantiles).items():
+            ok = isinstance(q, int | float) and 0 <= float(q) <= 1 and isinstance(bounds, list | tuple) \
+                and len(bounds) == 2 and all(b is None or isinstance(b, int | float) for b in bounds) \
+                and any(b is not None for b in bounds)
+            if not ok or (None not in bounds and bounds[0] > bounds[1]):
+                raise ValueError(f"quality policy: length_quantiles must map a quantile in [0, 1] to [low, high] "
+                                 f"characters (null for an open side), got {q!r}: {bounds!r}")
+            quantiles[float(q)] = (bounds[0], bounds[1])
+        object.__setattr__(self, "length_quantiles", dict(sorted(quantiles.items())))
 
     @classmethod
     def load(cls, path: Path = DEFAULT_POLICY) -> QualityPolicy:
@@ -60,6 +86,8 @@ class QualityReport:
     evaluated: int
     failed: int
     failures: list[str] = field(default_factory=list)
+    data_docs: list[str] = field(default_factory=list)
+    """Data Docs validation pages, relative to the site folder (when rendered)."""
 
     def summary(self) -> str:
         if self.success:
@@ -67,81 +95,179 @@ class QualityReport:
         return f"{self.failed} of {self.evaluated} expectations failed: " + "; ".join(self.failures)
 
 
-def build_expectations(policy: QualityPolicy) -> list[Any]:
-    """Return the corpus expectations for a policy."""
+def build_expectations(policy: QualityPolicy) -> dict[str, list[Any]]:
+    """Return the expectations of each table the suite checks: documents, sources, preparation.
+
+    Every expectation is on a metric of the text (length, non-blank characters, PII finds, language), never
+    on the text itself: what a failed check samples (ids, numbers) may appear in Data Docs and alerts.
+    """
     import great_expectations.expectations as gxe
 
-    return [
+    documents = [
         gxe.ExpectTableRowCountToBeBetween(min_value=policy.min_documents),
         gxe.ExpectColumnValuesToNotBeNull(column="id"),
         gxe.ExpectColumnValuesToBeUnique(column="id"),
-        gxe.ExpectColumnValuesToNotBeNull(column="text"),
-        gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=r"^\s*$"),
-        gxe.ExpectColumnValueLengthsToBeBetween(
-            column="text", min_value=policy.min_chars, max_value=policy.max_chars, mostly=policy.length_mostly
-        ),
+        # A null or whitespace-only text has no visible characters.
+        gxe.ExpectColumnValuesToBeBetween(column="visible_chars", min_value=1),
+        gxe.ExpectColumnValuesToBeBetween(column="chars", min_value=policy.min_chars, max_value=policy.max_chars,
+                                          mostly=policy.length_mostly),
         # The second pass: the preparation recipe's scrubber must have left no personal data or credentials.
         gxe.ExpectColumnValuesToBeBetween(column="pii_hits", min_value=0, max_value=policy.max_pii_hits),
     ]
+    # "quantile q lies in [low, high]" is "a share q of the documents is at most high, 1 - q at least low"; the
+    # mostly-form names the documents outside (GX's quantile expectation stores NumPy booleans it cannot save).
+    for q, (low, high) in policy.length_quantiles.items():
+        if high is not None and q > 0:
+            documents.append(gxe.ExpectColumnValuesToBeBetween(column="chars", max_value=high, mostly=q))
+        if low is not None and q < 1:
+            documents.append(gxe.ExpectColumnValuesToBeBetween(column="chars", min_value=low, mostly=round(1 - q, 6)))
+    if policy.languages:
+        documents.append(gxe.ExpectColumnValuesToBeInSet(column="language", value_set=list(policy.languages),
+                                                         mostly=policy.min_language_share))
+    sources = []
+    if policy.min_documents_per_source:
+        sources.append(gxe.ExpectColumnValuesToBeBetween(column="documents", min_value=policy.min_documents_per_source))
+    preparation = []
+    if policy.max_near_duplicate_share < 1.0:
+        preparation.append(gxe.ExpectColumnValuesToBeBetween(column="near_duplicate_share", min_value=0,
+                                                             max_value=policy.max_near_duplicate_share))
+    return {"documents": documents, "sources": sources, "preparation": preparation}
 
 
-def validate_frame(frame: Any, policy: QualityPolicy) -> QualityReport:
-    """Validate a DataFrame with columns ``id`` and ``text`` against the corpus suite."""
-    from nightshift.prep.pii import Scrubber
+ID_COLUMNS = {"documents": "id", "sources": "source", "preparation": "step"}
 
-    scrubber = Scrubber()
-    frame = frame.assign(pii_hits=[len(scrubber.find(text)) if isinstance(text, str) else 0 for text in frame["text"]])
+
+def validate_frame(frame: Any, policy: QualityPolicy, sources: Any = None, preparation: Any = None,
+                   docs_dir: Path | None = None) -> QualityReport:
+    """Validate a corpus with the suite: ``frame`` has ``id`` and ``text`` (or its metrics), ``sources`` one row per
+    source (``source``, ``documents``), ``preparation`` one row (``step``, ``near_duplicate_share``).
+
+    With ``docs_dir`` the validation is also rendered there as Great Expectations Data Docs.
+    """
+    import pandas as pd
+
+    if "text" in frame.columns:
+        frame = frame.assign(**text_metrics(frame["text"])).drop(columns=["text"])
+    if "language" not in frame.columns:
+        frame = frame.assign(language="unknown")
+    if sources is None:
+        sources = frame.assign(source=frame["id"].astype(str).str.split("/").str[0]).groupby("source").size() \
+            .rename("documents").reset_index()
+    if preparation is None:
+        preparation = pd.DataFrame({"step": ["near_dedup"], "near_duplicate_share": [0.0]})
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    from nightshift.quality import data_docs
+
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch_definition = (
-        context.data_sources.add_pandas(name="nightshift")
-        .add_dataframe_asset(name="corpus")
-        .add_batch_definition_whole_dataframe(name="whole_corpus")
-    )
-    suite = context.suites.add(gx.ExpectationSuite(name="corpus", expectations=build_expectations(policy)))
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name="corpus", data=batch_definition, suite=suite)
-    )
-    # Offending rows are named by their ids; document text never reaches a log, the UI or an alert.
-    result_format = {"result_format": "SUMMARY", "unexpected_index_column_names": ["id"],
-                     "partial_unexpected_count": 5}
-    result = definition.run(batch_parameters={"dataframe": frame}, result_format=result_format)
-    failures = [_describe_failure(r) for r in result.results if not r.success]
-    stats = result.statistics
-    report = QualityReport(
-        success=bool(result.success),
-        evaluated=int(stats["evaluated_expectations"]),
-        failed=int(stats["unsuccessful_expectations"]),
-        failures=failures,
-    )
+    if docs_dir is not None:
+        data_docs.add_site(context, docs_dir)
+    source = context.data_sources.add_pandas(name="nightshift")
+    tables = {"documents": frame, "sources": sources, "preparation": preparation}
+    evaluated = failed = 0
+    failures: list[str] = []
+    success = True
+    for name, expectations in build_expectations(policy).items():
+        if not expectations:
+            continue
+        batch = source.add_dataframe_asset(name=name).add_batch_definition_whole_dataframe(name=f"whole_{name}")
+        suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
+        definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+        # Offending rows are named by their ids; document text never reaches a log, the UI or an alert.
+        result_format = {"result_format": "SUMMARY", "unexpected_index_column_names": [ID_COLUMNS[name]],
+                         "partial_unexpected_count": 5}
+        result = definition.run(batch_parameters={"dataframe": tables[name]}, result_format=result_format)
+        failures += [f"{name}: {_describe_failure(r, ID_COLUMNS[name])}" for r in result.results if not r.success]
+        success = success and bool(result.success)
+        evaluated += int(result.statistics["evaluated_expectations"])
+        failed += int(result.statistics["unsuccessful_expectations"])
+    pages = data_docs.build(context, docs_dir) if docs_dir is not None else []
+    report = QualityReport(success=success, evaluated=evaluated, failed=failed, failures=failures, data_docs=pages)
     log.info("quality: %s", report.summary())
     return report
 
 
-def validate_corpus(corpus_path: Path, policy: QualityPolicy) -> QualityReport:
-    """Validate a corpus JSONL file against the corpus suite."""
+def text_metrics(texts: Any) -> dict[str, list[int]]:
+    """Return per-text lengths, visible (non-blank) characters and second-pass PII finds."""
+    from nightshift.prep.pii import Scrubber
+
+    scrubber = Scrubber()
+    chars, visible, pii = [], [], []
+    for text in texts:
+        text = text if isinstance(text, str) else ""
+        chars.append(len(text))
+        visible.append(len(text) - sum(map(text.count, (" ", "\n", "\t", "\r"))) if text.strip() else 0)
+        pii.append(len(scrubber.find(text)))
+    return {"chars": chars, "visible_chars": visible, "pii_hits": pii}
+
+
+def validate_corpus(corpus_path: Path, policy: QualityPolicy, metrics_path: Path | None = None,
+                    sources: dict[str, int] | None = None, near_duplicate_share: float = 0.0,
+                    docs_dir: Path | None = None) -> QualityReport:
+    """Validate a corpus JSONL file against the suite, streaming it (only per-document metrics are held).
+
+    ``metrics_path`` is the profile's metrics.parquet (language per document); ``sources`` the documents each
+    collected source brought in (a source that contributed nothing is listed with 0).
+    """
+    import orjson
     import pandas as pd
 
-    frame = pd.read_json(corpus_path, lines=True, dtype={"id": str, "text": str})
-    if frame.empty:
-        frame = pd.DataFrame({"id": pd.Series(dtype=str), "text": pd.Series(dtype=str)})
-    return validate_frame(frame[["id", "text"]], policy)
+    ids: list[str] = []
+    texts_metrics: dict[str, list[int]] = {"chars": [], "visible_chars": [], "pii_hits": []}
+    batch_ids, batch_texts = [], []
+
+    def flush() -> None:
+        for key, values in text_metrics(batch_texts).items():
+            texts_metrics[key] += values
+        ids.extend(batch_ids)
+        batch_ids.clear()
+        batch_texts.clear()
+
+    with corpus_path.open("rb") as fh:
+        for line in fh:
+            if line.strip():
+                doc = orjson.loads(line)
+                batch_ids.append(None if doc.get("id") is None else str(doc["id"]))
+                batch_texts.append(doc.get("text"))
+                if len(batch_ids) >= 1024:
+                    flush()
+    flush()
+    frame = pd.DataFrame({"id": pd.Series(ids, dtype=object), **{k: pd.Series(v, dtype="int64")
+                                                                 for k, v in texts_metrics.items()}})
+    if metrics_path is not None and metrics_path.is_file():
+        metrics = pd.read_parquet(metrics_path, columns=["language"])
+        if len(metrics) == len(frame):
+            frame["language"] = metrics["language"].to_numpy()
+    counted = frame["id"].astype(str).str.split("/").str[0].value_counts().to_dict()
+    source_frame = None
+    if sources is not None:
+        names = sorted(set(sources) | set(counted))
+        source_frame = pd.DataFrame({"source": names, "documents": [int(counted.get(n, 0)) for n in names]})
+    preparation = pd.DataFrame({"step": ["near_dedup"], "near_duplicate_share": [float(near_duplicate_share)]})
+    return validate_frame(frame, policy, source_frame, preparation, docs_dir)
 
 
-def _describe_failure(result: Any) -> str:
-    """Describe a failed expectation by its settings, counts and the ids of offending documents, never their text."""
+def _describe_failure(result: Any, id_column: str = "id") -> str:
+    """Describe a failed expectation by its settings, counts and the ids of offending rows, never their text."""
     config = result.expectation_config
     kwargs = {k: v for k, v in config.kwargs.items() if k not in ("batch_id", "regex")}
     outcome = result.result or {}
     detail = []
-    if isinstance(outcome.get("observed_value"), int | float):
-        detail.append(f"observed {outcome['observed_value']}")
+    if (result.exception_info or {}).get("raised_exception") or any(
+            isinstance(v, dict) and v.get("raised_exception") for v in (result.exception_info or {}).values()):
+        detail.append("could not be evaluated (see the task log)")
+        log.error("expectation %s raised: %s", config.type, result.exception_info)
+    observed = outcome.get("observed_value")
+    if isinstance(observed, int | float):
+        detail.append(f"observed {observed}")
+    elif isinstance(observed, dict) and "quantiles" in observed:
+        detail.append("observed " + ", ".join(f"q{q}={v}" for q, v in zip(observed["quantiles"], observed["values"],
+                                                                          strict=False)))
     if outcome.get("unexpected_count"):
-        ids = [_clip(row.get("id")) for row in (outcome.get("partial_unexpected_index_list") or [])[:5]]
+        ids = [_clip(row.get(id_column)) for row in (outcome.get("partial_unexpected_index_list") or [])[:5]]
         detail.append(f"{outcome['unexpected_count']} unexpected" + (f", ids {ids}" if ids else ""))
     return f"{config.type}({kwargs}) " + ", ".join(detail)
 

@@ -29,6 +29,8 @@ from nightshift.records import DatasetVersion
 log = logging.getLogger(__name__)
 
 REMOTE_NAME = "storage"
+COMPANIONS = ("profile.bin",)
+"""Files a version may carry in git beside its corpus (small; the corpus itself lives in DVC)."""
 
 
 class DatasetRepository:
@@ -130,8 +132,12 @@ class DatasetRepository:
         numbers = [int(t.rsplit("-v", 1)[1]) for t in self.versions()]
         return f"{self.name}-v{max(numbers, default=0) + 1:04d}"
 
-    def commit(self, corpus_file: Path, meta: dict) -> DatasetVersion:
-        """Version a corpus file; return the existing version instead when its bytes are already versioned."""
+    def commit(self, corpus_file: Path, meta: dict, companions: dict[str, Path] | None = None) -> DatasetVersion:
+        """Version a corpus file; return the existing version instead when its bytes are already versioned.
+
+        ``companions`` are small files committed to git beside the corpus in the same commit (its whylogs
+        profile), so a version's tag fetches them exactly as they were made with it.
+        """
         self.ensure()
         with self.locked():
             md5 = content_md5(corpus_file)
@@ -148,6 +154,12 @@ class DatasetRepository:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(corpus_file, target)
                 (target.parent / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+                for name in COMPANIONS:
+                    (target.parent / name).unlink(missing_ok=True)
+                for name, path in (companions or {}).items():
+                    if name not in COMPANIONS:
+                        raise ValueError(f"{name!r} is not a companion file a version may carry ({COMPANIONS})")
+                    shutil.copyfile(path, target.parent / name)
                 with self._repo() as repo:
                     repo.add([str(target)])
                 fault_point("versioning.after_stage")
@@ -162,6 +174,14 @@ class DatasetRepository:
             version = self.get(tag)
         log.info("created dataset version %s (%d documents, %d bytes)", version.ref, version.documents, version.bytes)
         return DatasetVersion(**{**version.to_dict(), "created": True})
+
+    def read_companion(self, tag: str, name: str) -> bytes | None:
+        """Return a companion file (e.g. profile.bin) exactly as version ``tag`` committed it, or None without one."""
+        if name not in COMPANIONS:
+            raise ValueError(f"{name!r} is not a companion file ({COMPANIONS})")
+        rev = self._git("rev-list", "-n", "1", self.get(tag).tag)
+        proc = subprocess.run(["git", "show", f"{rev}:{self.name}/{name}"], cwd=self.root, capture_output=True)
+        return proc.stdout if proc.returncode == 0 else None
 
     def push(self) -> None:
         """Push the workspace's and every tagged version's bytes to the DVC remote (a no-op when it has them)."""

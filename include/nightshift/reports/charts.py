@@ -1,0 +1,105 @@
+"""Charts of the report pages, drawn with matplotlib as self-contained SVG (text as paths, no fonts or scripts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nightshift.reports.store import write_text
+
+CANDIDATE, BASELINE = "#017cee", "#f0a30a"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"svg.fonttype": "path", "font.size": 9, "axes.spines.top": False,
+                         "axes.spines.right": False, "svg.hashsalt": "nightshift"})
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import io
+
+    buffer = io.StringIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
+    _pyplot().close(fig)
+    return write_text(path, buffer.getvalue())
+
+
+def histogram_svg(histogram: dict[str, list[float]], title: str, xlabel: str, path: Path) -> Path:
+    """Bars of a histogram given by bin edges and counts."""
+    plt = _pyplot()
+    edges, counts = histogram["edges"], histogram["counts"]
+    fig, ax = plt.subplots(figsize=(4.2, 2.6), dpi=100)
+    widths = [b - a for a, b in zip(edges, edges[1:], strict=False)]
+    ax.bar(edges[:-1], counts, width=widths, align="edge", color=CANDIDATE, edgecolor="white", linewidth=0.5)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("documents")
+    return _save(fig, path)
+
+
+def shares_svg(top: list[dict[str, Any]], total: int, title: str, path: Path) -> Path:
+    """Horizontal bars of each value's share of the documents."""
+    plt = _pyplot()
+    values = [str(t["value"])[:32] for t in top][::-1]
+    shares = [t["count"] / max(total, 1) for t in top][::-1]
+    fig, ax = plt.subplots(figsize=(4.2, max(1.6, 0.9 + 0.28 * len(values))), dpi=100)
+    ax.barh(values, shares, color=CANDIDATE)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of documents")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def drift_svg(shape: dict[str, Any], title: str, target_label: str, reference_label: str, path: Path) -> Path:
+    """The new version's distribution over the reference's: histograms on shared bins, or category shares."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.2, 2.6), dpi=100)
+    if shape["kind"] == "numeric":
+        edges = shape["edges"]
+        mids = [(a + b) / 2 for a, b in zip(edges, edges[1:], strict=False)]
+        ax.step(mids, shape["reference"], where="mid", color=BASELINE, label=reference_label)
+        ax.step(mids, shape["target"], where="mid", color=CANDIDATE, label=target_label)
+        ax.set_ylabel("share of documents")
+    else:
+        values = [str(v)[:16] for v in shape["values"]]
+        x = range(len(values))
+        ax.bar([i - 0.2 for i in x], shape["reference"], width=0.4, color=BASELINE, label=reference_label)
+        ax.bar([i + 0.2 for i in x], shape["target"], width=0.4, color=CANDIDATE, label=target_label)
+        ax.set_xticks(list(x), values, rotation=30, ha="right")
+        ax.set_ylabel("share")
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize=8)
+    return _save(fig, path)
+
+
+def loss_svg(losses: list[float], title: str, path: Path) -> Path:
+    """Training loss per optimizer step."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
+    ax.plot(range(1, len(losses) + 1), losses, marker="o", markersize=3, color=CANDIDATE)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def comparison_svg(metrics: list[tuple[str, float, float]], candidate: str, baseline: str, title: str,
+                   path: Path) -> Path:
+    """Paired bars of candidate and baseline per metric (each metric on its own scale)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(2.2 * max(len(metrics), 1), 2.8), dpi=100,
+                             squeeze=False)
+    for ax, (name, cand, base) in zip(axes[0], metrics, strict=False):
+        ax.bar([0, 1], [base, cand], color=[BASELINE, CANDIDATE])
+        ax.set_xticks([0, 1], [baseline[:14], candidate[:14]], fontsize=7)
+        ax.set_title(name, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
