@@ -1,6 +1,7 @@
 """`nightshift keys`: the key is shown once at creation, never listed, and revocation takes effect."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -60,6 +61,9 @@ def test_setup_keeps_state_private_and_the_fernet_key_where_airflow_reads_it(tmp
     exported = subprocess.run([sys.executable, "-m", "nightshift.cli", "env"], env=env, capture_output=True,
                               text=True, timeout=120).stdout
     assert "FERNET" not in exported and "AIRFLOW__API__HOST=127.0.0.1" in exported
+    # One JWT secret for every Airflow process: else the API server refuses the tasks the scheduler starts.
+    cfg = (home / "airflow" / "airflow.cfg").read_text()
+    assert re.search(r"(?ms)^\[api_auth\]\s*^jwt_secret = \S{40,}$", cfg) and "JWT" not in exported
     # A plain airflow CLI call, with only what `nightshift env` exports, encrypts with the same key.
     plain = {**{k: v for k, v in env.items() if not k.startswith("AIRFLOW")}, **dict(
         line.removeprefix("export ").split("=", 1) for line in exported.splitlines())}

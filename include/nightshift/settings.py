@@ -331,37 +331,56 @@ def write_private(path: Path, text: str) -> Path:
 
 
 def ensure_airflow_config(settings: Settings) -> Path:
-    """Make sure ``$AIRFLOW_HOME/airflow.cfg`` holds this installation's Fernet key; return the file (mode 0600).
+    """Make sure ``$AIRFLOW_HOME/airflow.cfg`` holds this installation's secrets; return the file (mode 0600).
 
-    Airflow encrypts connection passwords with the key. Kept in the file Airflow itself reads, a plain
-    ``airflow`` CLI call encrypts with the same key, and the key never travels in the environment (where
-    ``nightshift env`` would print it). A key from an older ``fernet.key`` file is carried over.
+    - ``[core] fernet_key``: Airflow encrypts connection passwords with it. Kept in the file Airflow itself
+      reads, a plain ``airflow`` CLI call encrypts with the same key, and the key never travels in the
+      environment (where ``nightshift env`` would print it). A key from an older ``fernet.key`` is carried over.
+    - ``[api_auth] jwt_secret``: the scheduler signs each task's token with it and the API server checks it.
+      Left empty, every Airflow process generates its own, and the API server refuses every task the
+      scheduler starts ("Signature verification failed").
     """
     import re
+    import secrets
 
     cfg = settings.airflow_home / "airflow.cfg"
     legacy = settings.airflow_home / "fernet.key"
     cfg.parent.mkdir(parents=True, exist_ok=True)
     text = cfg.read_text() if cfg.is_file() else ""
-    current = re.search(r"(?m)^fernet_key\s*=\s*(\S+)\s*$", text)
-    if current is None or legacy.is_file():
+    changed = False
+    if legacy.is_file() or not re.search(r"(?m)^fernet_key\s*=\s*\S+\s*$", text):
         if legacy.is_file():
             key = legacy.read_text().strip()
         else:
             from cryptography.fernet import Fernet
 
             key = Fernet.generate_key().decode()
-        line = f"fernet_key = {key}"
-        if re.search(r"(?m)^fernet_key\s*=.*$", text):
-            text = re.sub(r"(?m)^fernet_key\s*=.*$", line, text, count=1)
-        elif re.search(r"(?m)^\[core\]\s*$", text):
-            text = re.sub(r"(?m)^\[core\]\s*$", f"[core]\n{line}", text, count=1)
-        else:
-            text = f"[core]\n{line}\n" + text
+        text, changed = _set_option(text, "core", "fernet_key", key), True
+    if not re.search(r"(?m)^jwt_secret\s*=\s*\S+\s*$", text):
+        text, changed = _set_option(text, "api_auth", "jwt_secret", secrets.token_urlsafe(48)), True
+    if changed:
         write_private(cfg, text)
         legacy.unlink(missing_ok=True)
     cfg.chmod(0o600)
     return cfg
+
+
+def _set_option(text: str, section: str, key: str, value: str) -> str:
+    """Return airflow.cfg text with ``key = value`` in ``[section]`` (replacing the key there, if set)."""
+    import re
+
+    line = f"{key} = {value}"
+    header = re.search(rf"(?m)^\[{re.escape(section)}\]\s*$", text)
+    if header is None:
+        return text.rstrip("\n") + ("\n\n" if text.strip() else "") + f"[{section}]\n{line}\n"
+    body_end = re.search(r"(?m)^\[", text[header.end():])
+    end = header.end() + (body_end.start() if body_end else len(text) - header.end())
+    body = text[header.end():end]
+    if re.search(rf"(?m)^{re.escape(key)}\s*=.*$", body):
+        body = re.sub(rf"(?m)^{re.escape(key)}\s*=.*$", line, body, count=1)
+    else:
+        body = f"\n{line}" + body
+    return text[:header.end()] + body + text[end:]
 
 
 def runtime_env(settings: Settings) -> dict[str, str]:
