@@ -8,7 +8,7 @@ NS     := $(BIN)/nightshift
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/pip install --no-input --progress-bar off
 
-.PHONY: help setup model run test test-fast lint up serve clean
+.PHONY: help setup model run test test-fast lint up serve clean browser
 
 help:
 	@echo "make run    set-up, then one full cycle (ingest_corpus -> finetune_model) on SmolLM2, with a summary"
@@ -38,7 +38,18 @@ model: setup
 run: model
 	$(NS) cycle
 
-test: setup
+# Debian's chromium for tests/e2e/test_ui.py, which drives it with Playwright (no browser is downloaded).
+# Needs root or password-less sudo; without them the test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	  else echo "no chromium and no root: tests/e2e/test_ui.py will skip (apt-get install chromium to run it)"; exit 0; fi; \
+	  command -v apt-get >/dev/null 2>&1 || { echo "no apt-get: install chromium to run tests/e2e/test_ui.py"; exit 0; }; \
+	  echo "installing Debian's chromium for the browser test"; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; } \
+	    || echo "chromium could not be installed: tests/e2e/test_ui.py will skip"; }
+
+test: setup browser
 	$(BIN)/pytest
 
 test-fast: setup

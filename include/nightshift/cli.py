@@ -141,9 +141,12 @@ def cmd_cycle(settings: Settings, args) -> int:
     ingest_conf = {"source": args.source} if args.source else {}
     ingest = run_dag("ingest_corpus", ingest_conf)
     ingest_tasks = task_results(ingest)
+    ingest_page = _report_page(settings, "ingest_corpus", ingest.run_id)
     if str(ingest.state) != "success":
         print(_timings("ingest_corpus", ingest_tasks))
         print(f"\ningest_corpus {ingest.state}: see the log above; alerts in {settings.home / 'alerts'}")
+        if ingest_page:
+            print(f"its report (collection, preparation, profile and drift, Data Docs): {_shown(ingest_page)}")
         return 1
     dataset = ingest_tasks["version_dataset"][2]
     conf: dict[str, Any] = {"dataset_version": dataset["tag"]}
@@ -156,8 +159,18 @@ def cmd_cycle(settings: Settings, args) -> int:
     print(_timings("ingest_corpus", ingest_tasks))
     print(_timings("finetune_model", finetune_tasks))
     report = finetune_tasks.get("report", (None, 0, None))[2]
-    print(summary(ingest_tasks, report, str(finetune.state), time.monotonic() - started, settings.local_key_file))
+    pages = {"ingest_corpus": ingest_page, "finetune_model": _report_page(settings, "finetune_model", finetune.run_id),
+             "overview": settings.reports_dir / "index.html"}
+    print(summary(ingest_tasks, report, str(finetune.state), time.monotonic() - started, settings.local_key_file,
+                  pages, settings.report_url("index.html").removesuffix("reports/index.html")))
     return 0 if str(finetune.state) == "success" else 1
+
+
+def _report_page(settings: Settings, dag_id: str, run_id: str) -> Path | None:
+    from nightshift.reports.store import ReportStore
+
+    page = settings.reports_dir / ReportStore.run_path(dag_id, run_id) / "index.html"
+    return page if page.is_file() else None
 
 
 def _timings(dag_id: str, tasks: dict[str, Any]) -> str:
@@ -170,7 +183,7 @@ def _timings(dag_id: str, tasks: dict[str, Any]) -> str:
 
 
 def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, seconds: float,
-            key_file: Path | None = None) -> str:
+            key_file: Path | None = None, pages: dict[str, Path | None] | None = None, ui_page: str = "") -> str:
     """Return the human summary of one cycle."""
     collected = ingest["merge_sources"][2] or {}
     prepared = ingest["prepare_corpus"][2] or {}
@@ -196,9 +209,14 @@ def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, s
         f"          PII scrubbed {prepared.get('pii') or '{}'}; "
         f"evaluation-set overlap {prepared.get('contamination') or '{}'}"
     )
+    drift = (ingest.get("profile_corpus") or (None, 0, None))[2] or {}
+    if drift:
+        against = ", ".join(f"{k} {v}" for k, v in (drift.get("references") or {}).items()) or "no earlier version"
+        named = drift.get("drifted") or drift.get("possibly_drifted") or []
+        lines.append(f"drift     {drift.get('status')} against {against}" + (f": {', '.join(named)}" if named else ""))
     if report is None:
         lines.append(f"finetune_model ended {state} before its report; see the log above")
-        return "\n".join(lines)
+        return "\n".join(lines + _report_lines(pages, ui_page))
     if report.get("reused"):
         reused = report["reused"]
         lines.append(f"model     {reused['name']} v{reused['version']} already trained on these bytes with this "
@@ -224,6 +242,7 @@ def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, s
     lines.append(f"champion  {champion['name']} v{champion['version']} (dataset {champion['dataset_tag']})"
                  if champion else "champion  none yet")
     lines.append(f"took      {seconds / 60:.1f} min")
+    lines += _report_lines(pages, ui_page)
     lines += [
         "",
         "serve it:  make serve      (OpenAI-compatible, http://127.0.0.1:8000/v1)",
@@ -234,6 +253,20 @@ def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, s
         "=" * 72,
     ]
     return "\n".join(lines)
+
+
+def _report_lines(pages: dict[str, Path | None] | None, ui_page: str) -> list[str]:
+    """Where to look: the report pages on disk, and the nightshift page of the Airflow UI."""
+    if not pages:
+        return []
+    labels = {"ingest_corpus": "ingest run", "finetune_model": "fine-tune run", "overview": "all versions"}
+    lines = [""]
+    for key, label in labels.items():
+        if pages.get(key) and pages[key].is_file():
+            lines.append(f"report    {label + ':':<14}{_shown(pages[key])}")
+    if ui_page:
+        lines.append(f"          in the Airflow UI (make up): {ui_page}  and the Reports tab of each run")
+    return lines
 
 
 def _shown(path: Path | None) -> str:

@@ -5,6 +5,7 @@ a clearly worse candidate, and a rerun on unchanged documents.
 """
 
 import json
+import re
 import shutil
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from cli_helpers import run
 from conftest import REPO
 from helpers import SmtpSink, UvicornThread, ready, wait_for
+from nightshift.provenance import safe_name
 from nightshift.settings import SAMPLE_STORE
 
 pytestmark = pytest.mark.e2e
@@ -56,7 +58,8 @@ def finetune_conf(tiny_model):
     return {"base_model": str(tiny_model), "recipe": "tiny"}
 
 
-def test_corpus_that_fails_the_suite_fails_the_run_creates_no_version_and_alerts(dags, repo, tmp_path, monkeypatch):
+def test_corpus_that_fails_the_suite_fails_the_run_creates_no_version_and_alerts(dags, repo, settings, tmp_path,
+                                                                                 monkeypatch):
     store = tmp_path / "bad-store"
     store.mkdir()
     park = ("Where do I park when I visit the observatory in the evening? Cars are left in the lower car park, and "
@@ -85,6 +88,11 @@ def test_corpus_that_fails_the_suite_fails_the_run_creates_no_version_and_alerts
     assert "[local] ingest_corpus.validate_corpus failed" in mail["Subject"]
     body = mail.get_payload(decode=True).decode()
     assert "expect_column_values_to_be_unique" in body  # two documents with one id: an aggregate check
+    # The alert links to the run's page, which holds the Data Docs of the failed validation.
+    page = settings.reports_dir / "runs" / "ingest_corpus" / safe_name(dag_run.run_id) / "index.html"
+    assert f"report: {settings.report_url(f'runs/ingest_corpus/{safe_name(dag_run.run_id)}/index.html')}" in body
+    docs = [p.read_text() for p in page.parent.glob("datadocs/validations/documents/**/*.html")]
+    assert page.is_file() and docs and re.search(r"id=[^<\s]*q1", docs[0]) and "Where do I park" not in docs[0]
     assert tasks["prepare_corpus"].value["dropped"] == {"limits": 1}  # the dump: a per-document limit
 
 
@@ -121,6 +129,13 @@ def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, re
 
     report = tasks["report"].value
     assert report["promoted"]["version"] == 1 and report["decision"]["passed"]
+    # The run's page: loss curve, candidate against the base model, the gate; the overview marks the champion.
+    folder = settings.reports_dir / "runs" / "finetune_model" / safe_name(finetune.run_id)
+    page = (folder / "index.html").read_text()
+    assert (folder / "loss.svg").is_file() and (folder / "evaluation.svg").is_file()
+    assert "loss.svg" in page and "golden-answer perplexity" in page and "passed" in page
+    overview = (settings.reports_dir / "index.html").read_text()
+    assert "v1" in overview and "champion" in overview and "corpus-v0001" in overview
 
     store = KeyStore(settings.key_file)
     _record, key = store.create("e2e")

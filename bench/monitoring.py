@@ -1,0 +1,169 @@
+"""What profiling and drift add to ingest_corpus, on the sample store and on 100,000 generated documents.
+
+    .venv/bin/python bench/monitoring.py [--docs 100000] [--skip-large]
+
+Every step of ingest_corpus after planning runs in a process of its own, as an Airflow task does (imports
+included): collect (the sample store) or merge (the generated corpus), prepare_corpus, profile_corpus
+(per-document metrics, tokens on a sample, the whylogs profile, drift against the references, charts),
+validate_corpus (Great Expectations with Data Docs) and version_dataset (DVC). The generated corpus gets two
+nights: the first has nothing to compare with; in the second, 10% of the documents are replaced, and the
+profile is compared with the first night's version. Prints each step's seconds and profile_corpus's share
+of the night, measured in the same run. Goal: profiling and drift under 15% of the night.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def step(name: str, run_dir: Path) -> None:
+    """Run one ingest step in this process (the child side of ``timed``)."""
+    from nightshift.pipelines import ingest
+    from nightshift.pipelines.reports import RunRef
+    from nightshift.settings import load_settings
+
+    settings = load_settings()
+    run = RunRef(settings, "ingest_corpus", run_dir.name)
+    state = run_dir / "bench_state.json"
+    data = json.loads(state.read_text()) if state.is_file() else {}
+    if name == "collect":
+        from nightshift.sources.config import load_sources
+
+        specs = [s.to_dict() for s in load_sources(settings.sources_file)]
+        for spec in specs:
+            ingest.collect_source(spec, run_dir, settings.home / "sources")
+        data["collected"] = ingest.merge_sources(run_dir, specs, 0.5, run)
+    elif name == "merge":
+        specs = [{"name": "generated", "kind": "files", "path": "generated"}]
+        data["collected"] = ingest.merge_sources(run_dir, specs, 0.5, run)
+    elif name == "prepare":
+        from nightshift.prep.recipe import PrepRecipe
+
+        data["stats"] = ingest.prepare_corpus(run_dir, PrepRecipe.load(settings.prep_recipe),
+                                              settings.cache_dir / "prep" / "outcomes.sqlite", 7.0, run)
+    elif name == "profile":
+        from nightshift.monitoring.drift import DriftPolicy
+
+        data["drift"] = ingest.profile_corpus(run_dir, settings, DriftPolicy.load(settings.drift_policy), run)
+    elif name == "validate":
+        from nightshift.quality.suite import QualityPolicy
+
+        try:
+            data["quality"] = ingest.validate(run_dir, QualityPolicy.load(), data["stats"], run)
+        except ingest.QualityGateFailed as exc:
+            data["quality"] = {"failed": str(exc)[:300]}
+    elif name == "version":
+        data["version"] = ingest.version(run_dir, settings, data["stats"], data["collected"]["source"],
+                                         data.get("drift"), run).to_dict()
+    state.write_text(json.dumps(data))
+
+
+def timed(name: str, run_dir: Path, env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--step", name, "--run-dir", str(run_dir)], env=env, check=True)
+    return time.perf_counter() - started
+
+
+def night(label: str, steps: list[str], run_dir: Path, env: dict[str, str]) -> dict[str, float]:
+    seconds = {name: timed(name, run_dir, env) for name in steps}
+    total = sum(seconds.values())
+    state = json.loads((run_dir / "bench_state.json").read_text())
+    drift = state.get("drift", {})
+    print(f"{label}: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + f"; night {total:.1f} s")
+    print(f"    profile_corpus = {seconds['profile'] / total:.1%} of the night; drift {drift.get('status')} "
+          f"(references {drift.get('references')}); {state['stats']['documents']} documents versioned as "
+          f"{state.get('version', {}).get('tag')}; quality {state.get('quality')}")
+    return seconds
+
+
+def generated_night(run_dir: Path, docs: int, replace_share: float) -> int:
+    """Write a generated corpus as the merge step expects a collected source; return its bytes."""
+    from prep import generate
+
+    source = run_dir / "sources" / "generated"
+    source.mkdir(parents=True)
+    raw = source / "raw.jsonl"
+    generate(raw, docs)
+    if replace_share:
+        fresh = run_dir / "fresh.jsonl"
+        generate(fresh, int(docs * replace_share), seed=1)
+        rng = random.Random(7)
+        replaced = {i for i in rng.sample(range(docs), int(docs * replace_share))}
+        lines = raw.read_text(encoding="utf-8").splitlines(keepends=True)
+        with fresh.open(encoding="utf-8") as new:
+            for i in sorted(replaced):
+                doc = json.loads(next(new))
+                doc["id"] = json.loads(lines[i])["id"]
+                lines[i] = json.dumps(doc) + "\n"
+        raw.write_text("".join(lines), encoding="utf-8")
+        fresh.unlink()
+    (source / "skipped_collect.json").write_text("[]")
+    (source / "report.json").write_text(json.dumps({
+        "name": "generated", "kind": "files", "documents": docs, "formats": {"text": docs}, "skipped": 0,
+        "skip_reasons": {}, "details": {}}))
+    return raw.stat().st_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=100_000)
+    parser.add_argument("--skip-large", action="store_true", help="only the sample store")
+    parser.add_argument("--step")
+    parser.add_argument("--run-dir", type=Path)
+    args = parser.parse_args()
+    if args.step:
+        step(args.step, args.run_dir)
+        return
+
+    from nightshift.settings import DEFAULT_FOUNDATION_MODEL, load_settings
+
+    work = Path(tempfile.mkdtemp(prefix="nightshift-monitoring-bench-"))
+    env = {**os.environ, "NIGHTSHIFT_HOME": str(work / "home"), "WHYLOGS_NO_ANALYTICS": "True",
+           "GX_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    tokenizer = load_settings().models_dir / DEFAULT_FOUNDATION_MODEL / "tokenizer.json"
+    try:
+        home = work / "home"
+        if tokenizer.is_file():  # the profile counts tokens with the base model's tokenizer
+            (home / "models" / DEFAULT_FOUNDATION_MODEL).mkdir(parents=True)
+            shutil.copy(tokenizer, home / "models" / DEFAULT_FOUNDATION_MODEL / "tokenizer.json")
+        else:
+            print(f"no {tokenizer}: run `make model` first for token counts; measuring without them")
+        # What `make setup` does once: the data repository and the MLflow store exist before any night.
+        subprocess.run([sys.executable, "-c", "from nightshift.settings import load_settings; "
+                        "from nightshift.pipelines.ingest import dataset_repository; "
+                        "from nightshift.pipelines.finetune import registry_for; s = load_settings(); "
+                        "dataset_repository(s).ensure(); registry_for(s).champion()"], env=env, check=True,
+                       capture_output=True)
+        steps = ["collect", "prepare", "profile", "validate", "version"]
+        samples = night("sample store", steps, work / "samples", env)
+        if args.skip_large:
+            return
+        results = {}
+        for label, share in (("first", 0.0), ("second", 0.1)):
+            run_dir = work / f"generated-{label}"
+            size = generated_night(run_dir, args.docs, share)
+            print(f"{args.docs} documents ({size / 1e6:.0f} MB), night {label}")
+            results[label] = night(f"{args.docs} documents, {label} night", ["merge", *steps[1:]], run_dir, env)
+        print("\nprofile_corpus share of ingest_corpus (goal < 15%):")
+        print(f"    sample store {samples['profile'] / sum(samples.values()):.1%}; "
+              + "; ".join(f"{args.docs} documents {label} night {r['profile'] / sum(r.values()):.1%} "
+                          f"({r['profile']:.1f} s of {sum(r.values()):.1f} s)" for label, r in results.items()))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
