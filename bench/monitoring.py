@@ -97,6 +97,10 @@ def generated_night(run_dir: Path, docs: int, replace_share: float) -> int:
     source.mkdir(parents=True)
     raw = source / "raw.jsonl"
     generate(raw, docs)
+    lines = [json.loads(line) for line in raw.read_text(encoding="utf-8").splitlines()]
+    # Collection prefixes ids with the source's name (the suite counts documents per source by it).
+    raw.write_text("".join(json.dumps({**d, "id": f"generated/{d['id']}"}) + "\n" for d in lines),
+                   encoding="utf-8")
     if replace_share:
         fresh = run_dir / "fresh.jsonl"
         generate(fresh, int(docs * replace_share), seed=1)
@@ -141,12 +145,10 @@ def main() -> None:
             shutil.copy(tokenizer, home / "models" / DEFAULT_FOUNDATION_MODEL / "tokenizer.json")
         else:
             print(f"no {tokenizer}: run `make model` first for token counts; measuring without them")
-        # What `make setup` does once: the data repository and the MLflow store exist before any night.
+        # What `make setup` does once: the data repository exists before any night.
         subprocess.run([sys.executable, "-c", "from nightshift.settings import load_settings; "
                         "from nightshift.pipelines.ingest import dataset_repository; "
-                        "from nightshift.pipelines.finetune import registry_for; s = load_settings(); "
-                        "dataset_repository(s).ensure(); registry_for(s).champion()"], env=env, check=True,
-                       capture_output=True)
+                        "dataset_repository(load_settings()).ensure()"], env=env, check=True, capture_output=True)
         steps = ["collect", "prepare", "profile", "validate", "version"]
         samples = night("sample store", steps, work / "samples", env)
         if args.skip_large:

@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from nightshift.airflow.common import CORPUS_ASSET, DEFAULT_ARGS, run_dir, run_report
+from nightshift.airflow.common import CHAMPION_ASSET, CORPUS_ASSET, DEFAULT_ARGS, run_dir, run_report
 from nightshift.airflow.kubernetes import trainer_pod_operator
 from nightshift.airflow.notifiers import AlertNotifier
 from nightshift.airflow.tracking import FailTrackingRun
@@ -225,12 +225,17 @@ def finetune_model():
         )
         return version.to_dict()
 
-    @task
+    @task(outlets=[CHAMPION_ASSET])
     def promote_candidate(version: dict) -> dict:
         from nightshift.pipelines.finetune import registry_for
         from nightshift.records import ModelVersionRecord
 
-        return registry_for(SETTINGS).promote(ModelVersionRecord.from_dict(version)).to_dict()
+        promoted = registry_for(SETTINGS).promote(ModelVersionRecord.from_dict(version))
+        # ingest_corpus compares each new corpus with the champion's data: this event tells it which that is.
+        get_current_context()["outlet_events"][CHAMPION_ASSET].extra = {
+            "model_version": promoted.version, "dataset_version": promoted.dataset_tag,
+        }
+        return promoted.to_dict()
 
     @task
     def reject_candidate(decision: dict, dataset: dict) -> None:

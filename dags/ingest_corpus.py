@@ -39,7 +39,7 @@ from datetime import datetime
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from nightshift.airflow.common import CORPUS_ASSET, DEFAULT_ARGS, UpstreamFailed, run_dir, run_report
+from nightshift.airflow.common import CHAMPION_ASSET, CORPUS_ASSET, DEFAULT_ARGS, UpstreamFailed, run_dir, run_report
 from nightshift.settings import load_settings
 
 SCHEDULE = "0 1 * * *"
@@ -128,7 +128,7 @@ def ingest_corpus():
         return prepare(run_dir(SETTINGS, context), recipe, cache, SETTINGS.retention_days,
                        run_report(SETTINGS, context))
 
-    @task(multiple_outputs=False)
+    @task(multiple_outputs=False, inlets=[CHAMPION_ASSET])
     def profile_corpus(stats: dict) -> dict:
         from nightshift.airflow.notifiers import send_alert
         from nightshift.alerts.channels import Alert
@@ -142,8 +142,10 @@ def ingest_corpus():
             raise AirflowFailException(str(exc)) from exc
         context = get_current_context()
         report = run_report(SETTINGS, context)
+        promotions = [event.extra or {} for event in context["inlet_events"][CHAMPION_ASSET]]
+        champion_data = next((e["dataset_version"] for e in reversed(promotions) if e.get("dataset_version")), None)
         try:
-            drift = profile(run_dir(SETTINGS, context), SETTINGS, policy, report)
+            drift = profile(run_dir(SETTINGS, context), SETTINGS, policy, report, champion_data)
         except DriftBlocked as exc:
             raise AirflowFailException(str(exc)) from exc
         if drift["alert"]:

@@ -355,6 +355,35 @@ def cmd_keys(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_profile(settings: Settings, args) -> int:
+    from nightshift.monitoring.profiles import read_profile, summarize
+    from nightshift.pipelines.ingest import PROFILE, dataset_repository
+
+    configure_environment(settings)
+    try:
+        data = dataset_repository(settings).read_companion(args.tag, PROFILE)
+    except LookupError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if data is None:
+        print(f"{args.tag} was versioned without a profile (before profiles were kept)", file=sys.stderr)
+        return 1
+    if args.out:
+        args.out.write_bytes(data)
+        print(f"wrote {args.out} ({len(data)} bytes; whylogs: DatasetProfileView.deserialize)")
+    summary = summarize(read_profile(data))
+    print(f"{args.tag}: {summary['documents']} documents")
+    for name, column in summary["columns"].items():
+        if "quantiles" in column and "top" not in column:
+            q = column["quantiles"]
+            print(f"  {name:<14} mean {column['mean']:10.1f}  median {q['0.5']:10.0f}  p95 {q['0.95']:10.0f}  "
+                  f"missing {column['null']}")
+        elif column.get("top"):
+            top = ", ".join(f"{t['value']} {t['count']}" for t in column["top"][:5])
+            print(f"  {name:<14} {top}")
+    return 0
+
+
 def _admin_password(settings: Settings) -> Path:
     """Return the Airflow UI's password file, creating it with a random password (printed once) on first use."""
     import secrets
@@ -443,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     keys.add_argument("id", nargs="?", help="revoke: the key's id or name")
     keys.add_argument("--name", default="default", help="create: a name to recognise the key by")
     keys.set_defaults(func=cmd_keys)
+    profile = sub.add_parser("profile", help="fetch the whylogs profile of a dataset version and summarise it")
+    profile.add_argument("tag", help="dataset version, e.g. corpus-v0003")
+    profile.add_argument("--out", type=Path, help="also write the profile (whylogs protobuf) to this file")
+    profile.set_defaults(func=cmd_profile)
     args = parser.parse_args(argv)
     os.umask(PRIVATE_UMASK)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -129,6 +129,8 @@ def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, re
 
     report = tasks["report"].value
     assert report["promoted"]["version"] == 1 and report["decision"]["passed"]
+    # The promotion tells ingest_corpus which data the champion saw (its drift reference).
+    assert _asset_events("nightshift://models/champion") == ["corpus-v0001"]
     # The run's page: loss curve, candidate against the base model, the gate; the overview marks the champion.
     folder = settings.reports_dir / "runs" / "finetune_model" / safe_name(finetune.run_id)
     page = (folder / "index.html").read_text()
@@ -189,13 +191,11 @@ def test_rerun_on_unchanged_store_creates_no_version_and_no_duplicate_model(
     assert [int(v.version) for v in registry.client.search_model_versions(f"name = '{registry.model_name}'")] == [1]
 
 
-def _asset_events() -> list[str]:
+def _asset_events(uri: str = "nightshift://datasets/corpus") -> list[str]:
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.utils.session import create_session
 
-    from nightshift.airflow.common import CORPUS_ASSET
-
     with create_session() as session:
         events = (session.query(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
-                  .filter(AssetModel.uri == CORPUS_ASSET.uri).order_by(AssetEvent.id).all())
+                  .filter(AssetModel.uri == uri).order_by(AssetEvent.id).all())
         return [e.extra.get("dataset_version") for e in events]

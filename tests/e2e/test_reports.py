@@ -3,6 +3,8 @@ drifts, the warning alert links to the run's page, and a blocking policy stops t
 
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -74,6 +76,12 @@ def test_drift_warns_with_the_report_link_and_blocks_only_when_the_policy_says(i
     assert meta["drift"]["status"] == "drift" and "chars" in meta["drift"]["drifted"]
     overview = (settings.reports_dir / "index.html").read_text()
     assert tag in overview and "corpus drift" in overview
+    # Any version's profile comes back by its tag, from the command line too.
+    shown = subprocess.run([sys.executable, "-m", "nightshift.cli", "profile", tag, "--out", str(tmp_path / "p.bin")],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert f"{tag}: {tasks['version_dataset'].value['documents']} documents" in shown.stdout and "chars" in shown.stdout
+    assert (tmp_path / "p.bin").read_bytes() == repo.read_companion(tag, "profile.bin")
 
     # Blocking: the short documents again drift from the long ones, and the policy now fails the night.
     policy = tmp_path / "drift.yaml"

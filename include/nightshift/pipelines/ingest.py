@@ -245,8 +245,12 @@ class DriftBlocked(Exception):
     """The new corpus drifted from its reference and drift.yaml says drift blocks the run."""
 
 
-def drift_references(settings: Settings, policy: Any, corpus_md5: str) -> list[tuple[str, str]]:
-    """Return (reference, tag) pairs to compare a new corpus with: the previous version, the champion's data."""
+def drift_references(settings: Settings, policy: Any, corpus_md5: str,
+                     champion_data: str | None = None) -> list[tuple[str, str]]:
+    """Return (reference, tag) pairs to compare a new corpus with: the previous version, the champion's data.
+
+    ``champion_data`` is the dataset version the champion model was trained on, as its promotion announced it.
+    """
     repo = dataset_repository(settings)
     refs: list[tuple[str, str]] = []
     if not (settings.data_repo / ".dvc").is_dir():
@@ -257,16 +261,18 @@ def drift_references(settings: Settings, policy: Any, corpus_md5: str) -> list[t
         previous = next((t for t in reversed(tags) if repo.get(t).md5 != corpus_md5), None)
         if previous:
             refs.append(("previous", previous))
-    if "champion" in policy.references:
-        from nightshift.pipelines.finetune import registry_for
-
-        champion = registry_for(settings).champion()
-        if champion is not None and champion.dataset_tag in tags:
-            refs.append(("champion", champion.dataset_tag))
+    if "champion" in policy.references and champion_data in tags and champion_data != repo_tag_of(repo, corpus_md5):
+        refs.append(("champion", champion_data))
     return refs
 
 
-def profile_corpus(run_dir: Path, settings: Settings, policy: Any, run: RunRef) -> dict[str, Any]:
+def repo_tag_of(repo: DatasetRepository, md5: str) -> str | None:
+    """Return the version holding these bytes, if any (a corpus is not compared with itself)."""
+    return next((t for t in reversed(repo.versions()) if repo.get(t).md5 == md5), None)
+
+
+def profile_corpus(run_dir: Path, settings: Settings, policy: Any, run: RunRef,
+                   champion_data: str | None = None) -> dict[str, Any]:
     """Profile corpus.jsonl with whylogs, compare it with its references, publish charts; return the drift verdict.
 
     Writes metrics.parquet (the per-document metrics the quality suite checks) and profile.bin (versioned
@@ -317,7 +323,7 @@ def profile_corpus(run_dir: Path, settings: Settings, policy: Any, run: RunRef) 
 
     comparisons = []
     md5 = content_md5(run_dir / CORPUS)
-    refs = drift_references(settings, policy, md5)
+    refs = drift_references(settings, policy, md5, champion_data)
     for reference, tag in refs:
         raw = dataset_repository(settings).read_companion(tag, PROFILE)
         if raw is None:
