@@ -12,7 +12,7 @@ it with DVC. A new version updates the **corpus** asset, which schedules `finetu
 | `merge_sources` | combines what came in; fails the night when fewer than `min_source_share` of the sources did |
 | `prepare_corpus` | `include/configs/prep.yaml` on datatrove: language, quality, decontamination, PII, near-dups |
 | `profile_corpus` | whylogs profile of per-document metrics; drift from the previous and the champion's data |
-| `validate_corpus` | Great Expectations suite (`quality.yaml`) on text and profile, as Data Docs; fails and alerts |
+| `validate_corpus` | (beside it) Great Expectations on the same per-document metrics, as Data Docs; fails, alerts |
 | `version_dataset` | stages, pushes, commits, tags corpus and profile in the DVC repository (killed tries recover) |
 | `publish_dataset` | updates the corpus asset once per version: skipped when an event already announced it |
 
@@ -160,7 +160,7 @@ def ingest_corpus():
         return drift
 
     @task
-    def validate_corpus(stats: dict, drift: dict) -> dict:
+    def validate_corpus(stats: dict) -> dict:
         from nightshift.pipelines.ingest import QualityGateFailed, validate
         from nightshift.quality.suite import QualityPolicy
 
@@ -203,8 +203,9 @@ def ingest_corpus():
     merged = merge_sources()
     collected >> merged
     stats = prepare_corpus(merged)
+    # Profiling and validation read the prepared corpus independently: they run side by side.
     drift = profile_corpus(stats)
-    quality = validate_corpus(stats, drift)
+    quality = validate_corpus(stats)
     publish_dataset(version_dataset(merged, stats, drift, quality))
 
 

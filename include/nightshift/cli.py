@@ -426,6 +426,7 @@ def cmd_up(settings: Settings, args) -> int:
     host = os.environ.get("AIRFLOW__API__HOST", settings.airflow_host)
     print(
         f"\nAirflow UI:  http://{host}:{api_port}  (user {ADMIN_USER}, password in {password_file})\n"
+        f"Reports:     http://{host}:{api_port}/nightshift/  (Browse > nightshift; the Reports tab of each run)\n"
         f"Endpoint:    http://127.0.0.1:{args.serve_port}/v1  (serves {settings.registered_model}@champion; "
         "restarted if it dies)\n"
         f"API key:     {settings.local_key_file}  (send it as `Authorization: Bearer <key>`)\n"

@@ -203,8 +203,7 @@ def validate(run_dir: Path, policy: QualityPolicy, stats: dict[str, Any] | None 
     near_share = stats.get("near_duplicates", 0) / prepared if prepared else 0.0
     staging = run_dir / "datadocs"
     shutil.rmtree(staging, ignore_errors=True)
-    report = validate_corpus(run_dir / CORPUS, policy, run_dir / METRICS, sources, near_share,
-                             staging if run else None)
+    report = validate_corpus(run_dir / CORPUS, policy, sources, near_share, staging if run else None)
     _write_json(run_dir / "quality.json", report.__dict__)
     if run:
         run.publish_tree(staging, "datadocs")
@@ -238,7 +237,6 @@ def version(run_dir: Path, settings: Settings, stats: dict[str, Any], store: str
 
 
 PROFILE = "profile.bin"
-METRICS = "metrics.parquet"
 
 
 class DriftBlocked(Exception):
@@ -275,8 +273,8 @@ def profile_corpus(run_dir: Path, settings: Settings, policy: Any, run: RunRef,
                    champion_data: str | None = None) -> dict[str, Any]:
     """Profile corpus.jsonl with whylogs, compare it with its references, publish charts; return the drift verdict.
 
-    Writes metrics.parquet (the per-document metrics the quality suite checks) and profile.bin (versioned
-    with the corpus) into the run folder. Raises DriftBlocked when drift.yaml blocks on drift.
+    Writes profile.bin (versioned with the corpus) into the run folder. Raises DriftBlocked when drift.yaml
+    blocks on drift.
     """
     import time
 
@@ -298,8 +296,6 @@ def profile_corpus(run_dir: Path, settings: Settings, policy: Any, run: RunRef,
     kinds = {r["name"]: r["kind"] for r in collection.get("reports", [])}
     counter = TokenCounter(settings.models_dir / DEFAULT_FOUNDATION_MODEL / "tokenizer.json", policy.token_sample)
     metrics = corpus_metrics(run_dir / CORPUS, kinds, counter)
-    metrics.frame.to_parquet(run_dir / (METRICS + ".tmp"), index=False)
-    (run_dir / (METRICS + ".tmp")).replace(run_dir / METRICS)
     view = profile_frame(metrics.frame)
     write_profile(view, run_dir / PROFILE)
     summary = summarize(view)

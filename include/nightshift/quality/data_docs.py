@@ -78,6 +78,9 @@ def build(context: Any, folder: Path) -> list[str]:
 
 def make_offline(folder: Path, pages: list[str]) -> None:
     """Remove every external asset from the site's pages and list the validation pages on its index."""
+    # GX copies 3.4 MB of tutorial animations into every site; no page of a validation shows them.
+    for animation in (folder / "static" / "images").glob("*.gif"):
+        animation.unlink()
     for page in folder.rglob("*.html"):
         html = _EXTERNAL.sub("", page.read_text(encoding="utf-8"))
         html = html.replace("</head>", _OFFLINE_CSS + "</head>", 1)

@@ -204,18 +204,18 @@ def text_metrics(texts: Any) -> dict[str, list[int]]:
     return {"chars": chars, "visible_chars": visible, "pii_hits": pii}
 
 
-def validate_corpus(corpus_path: Path, policy: QualityPolicy, metrics_path: Path | None = None,
-                    sources: dict[str, int] | None = None, near_duplicate_share: float = 0.0,
-                    docs_dir: Path | None = None) -> QualityReport:
+def validate_corpus(corpus_path: Path, policy: QualityPolicy, sources: dict[str, int] | None = None,
+                    near_duplicate_share: float = 0.0, docs_dir: Path | None = None) -> QualityReport:
     """Validate a corpus JSONL file against the suite, streaming it (only per-document metrics are held).
 
-    ``metrics_path`` is the profile's metrics.parquet (language per document); ``sources`` the documents each
-    collected source brought in (a source that contributed nothing is listed with 0).
+    The metrics are the ones the corpus profile sketches (length, language as preparation identified it, PII
+    finds); ``sources`` are the documents each collected source brought in (one that brought none is listed).
     """
     import orjson
     import pandas as pd
 
     ids: list[str] = []
+    languages: list[str] = []
     texts_metrics: dict[str, list[int]] = {"chars": [], "visible_chars": [], "pii_hits": []}
     batch_ids, batch_texts = [], []
 
@@ -232,15 +232,14 @@ def validate_corpus(corpus_path: Path, policy: QualityPolicy, metrics_path: Path
                 doc = orjson.loads(line)
                 batch_ids.append(None if doc.get("id") is None else str(doc["id"]))
                 batch_texts.append(doc.get("text"))
+                prep = (doc.get("meta") or {}).get("prep") if isinstance(doc.get("meta"), dict) else None
+                languages.append(str((prep or {}).get("language") or "unknown"))
                 if len(batch_ids) >= 1024:
                     flush()
     flush()
     frame = pd.DataFrame({"id": pd.Series(ids, dtype=object), **{k: pd.Series(v, dtype="int64")
                                                                  for k, v in texts_metrics.items()}})
-    if metrics_path is not None and metrics_path.is_file():
-        metrics = pd.read_parquet(metrics_path, columns=["language"])
-        if len(metrics) == len(frame):
-            frame["language"] = metrics["language"].to_numpy()
+    frame["language"] = pd.Series(languages, dtype=object)
     counted = frame["id"].astype(str).str.split("/").str[0].value_counts().to_dict()
     source_frame = None
     if sources is not None:
