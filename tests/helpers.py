@@ -172,6 +172,22 @@ class ServeProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def stop_supervisor(proc, marker: str) -> None:
+    """Stop a `nightshift up` the way an operator would (SIGTERM), then kill whatever it left behind."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    for pid in marked(marker):
+        os.kill(pid, signal.SIGKILL)
+
+
 def marked(marker: str) -> list[int]:
     """Return the pids of live processes whose environment has ``NS_TEST_MARKER=<marker>``."""
     needle = f"NS_TEST_MARKER={marker}".encode()

@@ -5,7 +5,6 @@ nightshift page; every request the pages make goes to 127.0.0.1. Screenshots go 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import httpx
 import pytest
 
 from conftest import REPO, free_port
-from helpers import marked, wait_for
+from helpers import stop_supervisor, wait_for
 from nightshift.settings import SAMPLE_STORE, load_settings, runtime_env
 
 pytestmark = pytest.mark.e2e
@@ -68,13 +67,7 @@ def airflow(tmp_path_factory):
         password = json.loads((home / "airflow" / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
         yield {"base": base, "password": password, "store": store, "home": home, "playwright": sync_playwright}
     finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            up.kill()
-        for pid in marked(marker):
-            os.kill(pid, signal.SIGKILL)
+        stop_supervisor(up, marker)
 
 
 def frame(page, match, what: str, timeout: float = 30.0):

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from conftest import free_port
-from helpers import marked, port_is_free, wait_for
+from helpers import marked, port_is_free, stop_supervisor, wait_for
 from nightshift.settings import default_parallelism, load_settings, runtime_env
 
 pytestmark = pytest.mark.e2e
@@ -77,11 +77,4 @@ def test_up_supervises_and_stops_cleanly(tmp_path):
         assert [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
         assert all(port_is_free(p) for p in ports.values())
     finally:
-        if up.poll() is None:  # a failed assertion above: stop it the way an operator would, then insist
-            up.terminate()
-            try:
-                up.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                up.kill()
-        for pid in marked(marker):
-            os.kill(pid, signal.SIGKILL)
+        stop_supervisor(up, marker)  # after a failed assertion above; a no-op after a clean stop

@@ -83,6 +83,13 @@ def test_profile_checks_pass_on_a_corpus_within_them():
     assert report.success, report.summary()
 
 
+def test_a_corpus_without_languages_skips_the_language_share_and_says_why():
+    report = validate_frame(_frame(["unknown"] * 4, [100, 120, 130, 140]), TEXT_POLICY)
+    assert report.success and report.skipped == [
+        "language share: no document has a language (the preparation recipe has no language step)"]
+    assert not any("language" in f for f in report.failures)
+
+
 def test_language_share_below_the_policy_fails_and_names_the_documents():
     report = validate_frame(_frame(["en", "de", "fr", "de"], [100, 120, 130, 140]), TEXT_POLICY)
     assert not report.success

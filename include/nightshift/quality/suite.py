@@ -88,6 +88,8 @@ class QualityReport:
     failures: list[str] = field(default_factory=list)
     data_docs: list[str] = field(default_factory=list)
     """Data Docs validation pages, relative to the site folder (when rendered)."""
+    skipped: list[str] = field(default_factory=list)
+    """Checks of the policy that could not apply to this corpus, and why."""
 
     def summary(self) -> str:
         if self.success:
@@ -95,7 +97,7 @@ class QualityReport:
         return f"{self.failed} of {self.evaluated} expectations failed: " + "; ".join(self.failures)
 
 
-def build_expectations(policy: QualityPolicy) -> dict[str, list[Any]]:
+def build_expectations(policy: QualityPolicy, languages_known: bool = True) -> dict[str, list[Any]]:
     """Return the expectations of each table the suite checks: documents, sources, preparation.
 
     Every expectation is on a metric of the text (length, non-blank characters, PII finds, language), never
@@ -121,7 +123,7 @@ def build_expectations(policy: QualityPolicy) -> dict[str, list[Any]]:
             documents.append(gxe.ExpectColumnValuesToBeBetween(column="chars", max_value=high, mostly=q))
         if low is not None and q < 1:
             documents.append(gxe.ExpectColumnValuesToBeBetween(column="chars", min_value=low, mostly=round(1 - q, 6)))
-    if policy.languages:
+    if policy.languages and languages_known:
         documents.append(gxe.ExpectColumnValuesToBeInSet(column="language", value_set=list(policy.languages),
                                                          mostly=policy.min_language_share))
     sources = []
@@ -169,8 +171,13 @@ def validate_frame(frame: Any, policy: QualityPolicy, sources: Any = None, prepa
     tables = {"documents": frame, "sources": sources, "preparation": preparation}
     evaluated = failed = 0
     failures: list[str] = []
+    skipped: list[str] = []
     success = True
-    for name, expectations in build_expectations(policy).items():
+    languages_known = not (frame["language"].astype(str) == "unknown").all()
+    if policy.languages and not languages_known:
+        skipped.append("language share: no document has a language (the preparation recipe has no language step)")
+        log.warning("quality: %s", skipped[-1])
+    for name, expectations in build_expectations(policy, languages_known).items():
         if not expectations:
             continue
         batch = source.add_dataframe_asset(name=name).add_batch_definition_whole_dataframe(name=f"whole_{name}")
@@ -185,7 +192,8 @@ def validate_frame(frame: Any, policy: QualityPolicy, sources: Any = None, prepa
         evaluated += int(result.statistics["evaluated_expectations"])
         failed += int(result.statistics["unsuccessful_expectations"])
     pages = data_docs.build(context, docs_dir) if docs_dir is not None else []
-    report = QualityReport(success=success, evaluated=evaluated, failed=failed, failures=failures, data_docs=pages)
+    report = QualityReport(success=success, evaluated=evaluated, failed=failed, failures=failures, data_docs=pages,
+                           skipped=skipped)
     log.info("quality: %s", report.summary())
     return report
 
