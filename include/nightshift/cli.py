@@ -263,7 +263,7 @@ def _report_lines(pages: dict[str, Path | None] | None, ui_page: str) -> list[st
     lines = [""]
     for key, label in labels.items():
         if pages.get(key) and pages[key].is_file():
-            lines.append(f"report    {label + ':':<14}{_shown(pages[key])}")
+            lines.append(f"report    {label + ':':<15}{_shown(pages[key])}")
     if ui_page:
         lines.append(f"          in the Airflow UI (make up): {ui_page}  and the Reports tab of each run")
     return lines
