@@ -7,7 +7,6 @@ expectations describe the same numbers. Document text never enters the frame or 
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import os
 import time
@@ -193,10 +192,3 @@ def histogram(kll: Any, lo: float, hi: float, bins: int) -> dict[str, list[float
     pmf = kll.get_pmf(list(edges[1:-1]))  # len(split points) + 1 masses
     return {"edges": [float(e) for e in edges], "counts": [float(p) * kll.get_n() for p in pmf]}
 
-
-def write_json(path: Path, data: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    tmp.replace(path)
-    return path

@@ -315,7 +315,9 @@ def profile_corpus(run_dir: Path, settings: Settings, policy: Any, run: RunRef,
         if column.get("top"):
             file = charts.shares_svg(column["top"], column["n"], f"documents by {name}", chart_dir / f"{name}.svg")
             profile_charts.append({"file": f"charts/{file.name}", "title": f"documents by {name}"})
-    (folder / PROFILE).write_bytes((run_dir / PROFILE).read_bytes())
+    # The very bytes that will be versioned (a profile serialized twice differs in its sketch's layout).
+    shutil.copyfile(run_dir / PROFILE, folder / (PROFILE + ".tmp"))
+    (folder / (PROFILE + ".tmp")).replace(folder / PROFILE)
 
     comparisons = []
     md5 = content_md5(run_dir / CORPUS)
