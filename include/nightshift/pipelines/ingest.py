@@ -191,7 +191,7 @@ def needs_publishing(version: DatasetVersion, published: list[dict[str, Any]]) -
 
 def validate(run_dir: Path, policy: QualityPolicy, stats: dict[str, Any] | None = None,
              run: RunRef | None = None) -> dict[str, Any]:
-    """Run the quality suite on corpus.jsonl (with the profile's metrics); raise QualityGateFailed when it fails.
+    """Run the quality suite on corpus.jsonl; raise QualityGateFailed when it fails.
 
     With ``run``, the validation is rendered as Great Expectations Data Docs into the run's report folder.
     """
@@ -253,20 +253,16 @@ def drift_references(settings: Settings, policy: Any, corpus_md5: str,
     refs: list[tuple[str, str]] = []
     if not (settings.data_repo / ".dvc").is_dir():
         return refs
-    tags = repo.versions()
+    md5s = {tag: repo.get(tag).md5 for tag in repo.versions()}  # oldest first
     if "previous" in policy.references:
         # The newest version with other bytes: an unchanged night is compared with what came before it.
-        previous = next((t for t in reversed(tags) if repo.get(t).md5 != corpus_md5), None)
+        previous = next((t for t in reversed(md5s) if md5s[t] != corpus_md5), None)
         if previous:
             refs.append(("previous", previous))
-    if "champion" in policy.references and champion_data in tags and champion_data != repo_tag_of(repo, corpus_md5):
+    # A corpus is not compared with itself: a champion trained on these very bytes is no reference.
+    if "champion" in policy.references and champion_data in md5s and md5s[champion_data] != corpus_md5:
         refs.append(("champion", champion_data))
     return refs
-
-
-def repo_tag_of(repo: DatasetRepository, md5: str) -> str | None:
-    """Return the version holding these bytes, if any (a corpus is not compared with itself)."""
-    return next((t for t in reversed(repo.versions()) if repo.get(t).md5 == md5), None)
 
 
 def profile_corpus(run_dir: Path, settings: Settings, policy: Any, run: RunRef,
