@@ -11,13 +11,22 @@ Runs when `ingest_corpus` publishes a new corpus version, or from **Trigger** wi
 | `resolve_dataset` | claims the DAG's lease; `dataset_version`, else the triggering event's, else the latest |
 | `check_registry` | skips training if a promoted model has its fingerprint: corpus, base bytes, recipe, ranks, code |
 | `prepare_data` | fetches the exact bytes from DVC, tokenizes with the base model's tokenizer, packs blocks |
-| `plan_training` | writes the trainer config, opens the MLflow run, builds the `deepspeed` command |
-| `train_local` / `train_kubernetes` | the same command as local CPU ranks, or in a GPU pod (`backend`) |
+| `plan_training` | opens the MLflow run, writes the trainer config, builds the `deepspeed` command |
+| `train_local` | the command as CPU ranks on this machine (`backend: local`) |
+| `train_kubernetes` | the same command in one GPU pod (`backend: kubernetes`, `nodes: 1`) |
+| `train_kubernetes_nodes` | an Indexed Job of `nodes` GPU pods, one per node, rendezvous via a headless Service |
+| `verify_candidate` | the checkpoint, reloaded by transformers in a new process, gives the trainer's loss |
 | `evaluate` | held-out and golden-set perplexity of candidate and champion (base model before the first) |
 | `decide_promotion` | applies `include/configs/gate.yaml` |
 | `register_candidate` → `promote_candidate` | uploads the checkpoint (manifest last), registers, moves `champion` |
 | `reject_candidate` | keeps the champion and alerts with the gate's reasons |
 | `report` | the cycle summary, also logged to the MLflow run |
+
+**Training** follows the recipe (`include/configs/training/<name>.yaml`: full or LoRA, ZeRO 1-3, offload,
+precision, gradient checkpointing). Loss, learning rate, gradient norm and tokens/s reach the MLflow run
+while training runs; the task log shows the ETA. Every `checkpoint_interval` steps a checkpoint is saved
+in the run's folder: a retried training task resumes from the newest complete one, with the same losses
+as an uninterrupted run. A LoRA candidate is merged into full weights before evaluation.
 
 **Reports**: the run's **Reports** tab shows the training loss curve, candidate against champion, the gate's
 checks and the sample answers; **nightshift** in the navigation lists every model version and the champion.
@@ -25,16 +34,18 @@ checks and the sample answers; **nightshift** in the navigation lists every mode
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from nightshift.airflow.common import CHAMPION_ASSET, CORPUS_ASSET, DEFAULT_ARGS, run_dir, run_report
-from nightshift.airflow.kubernetes import trainer_pod_operator
+from nightshift.airflow.kubernetes import trainer_job_operator, trainer_pod_operator
 from nightshift.airflow.notifiers import AlertNotifier
 from nightshift.airflow.tracking import FailTrackingRun
 from nightshift.settings import DEFAULT_FOUNDATION_MODEL, load_settings
+from nightshift.training.recipe import available as available_recipes
 
 SETTINGS = load_settings()
 TRAIN_TIMEOUT = timedelta(seconds=SETTINGS.train_timeout_s)
@@ -46,10 +57,13 @@ def _request():
     from nightshift.pipelines.finetune import FinetuneRequest
 
     p = get_current_context()["params"]
-    return FinetuneRequest(
-        base_model=p["base_model"], train_steps=p["train_steps"], learning_rate=p["learning_rate"],
-        backend=p["backend"], recipe=p["recipe"], dataset_version=p["dataset_version"],
-    )
+    try:
+        return FinetuneRequest(
+            base_model=p["base_model"], train_steps=p["train_steps"], learning_rate=p["learning_rate"],
+            backend=p["backend"], recipe=p["recipe"], dataset_version=p["dataset_version"], nodes=p["nodes"],
+        )
+    except REQUEST_ERRORS as exc:
+        raise AirflowFailException(str(exc)) from exc
 
 
 def _recipe(request):
@@ -100,7 +114,13 @@ def _base_model(request):
         ),
         "recipe": Param(
             "default", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", title="Recipe",
-            description="Name of a training recipe, include/configs/training/<name>.yaml (a name, not a path).",
+            description="Name of a training recipe, include/configs/training/<name>.yaml (a name, not a path): "
+            f"{', '.join(available_recipes(SETTINGS.recipe_dirs))}.",
+        ),
+        "nodes": Param(
+            1, type="integer", minimum=1, maximum=256, title="Nodes",
+            description="Kubernetes backend: GPU pods to train on, each with NIGHTSHIFT_TRAIN_RANKS GPUs "
+            f"(now {SETTINGS.train_ranks}). Several nodes run as an Indexed Job. The local backend takes 1.",
         ),
     },
 )
@@ -126,7 +146,7 @@ def finetune_model():
         request = _request()
         recipe, base = _recipe(request), _base_model(request)
         fp = fingerprint(DatasetVersion.from_dict(dataset), checkpoint_digest(base, SETTINGS.cache_dir), recipe,
-                         SETTINGS.train_ranks)
+                         request.world_size(SETTINGS))
         existing = registry_for(SETTINGS).find_by_fingerprint(fp)
         return {"fingerprint": fp, "existing": existing.to_dict() if existing else None}
 
@@ -160,15 +180,19 @@ def finetune_model():
         context = get_current_context()
         request, version, packed_data = _request(), DatasetVersion.from_dict(dataset), PackedDataset.from_dict(packed)
         recipe = _recipe(request)
-        planned = plan(SETTINGS, _base_model(request), packed_data, recipe, run_dir(SETTINGS, context))
         run_key = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
         mlflow_run = open_tracking_run(registry_for(SETTINGS), run_key, request, recipe, version, packed_data,
                                        check["fingerprint"])
+        planned = plan(SETTINGS, _base_model(request), packed_data, recipe, run_dir(SETTINGS, context),
+                       nodes=request.nodes, tracking_run_id=mlflow_run)
         return {**planned, "mlflow_run_id": mlflow_run, "dataset_tag": version.tag}
 
     @task.branch
     def choose_backend() -> str:
-        return f"train_{_request().backend}"
+        request = _request()
+        if request.backend == "kubernetes" and request.nodes > 1:
+            return "train_kubernetes_nodes"
+        return f"train_{request.backend}"
 
     @task(pool="training", execution_timeout=TRAIN_TIMEOUT)
     def train_local(command: list[str], output_dir: str) -> None:
@@ -179,7 +203,19 @@ def finetune_model():
         # A port of its own for each attempt: a killed attempt's ranks may still hold the previous one.
         run_local(with_master_port(command, free_port()), local_env(), Path(output_dir).parent / "trainer.log")
 
-    @task(trigger_rule="none_failed_min_one_success")
+    @task(trigger_rule="none_failed_min_one_success", retries=0)
+    def verify_candidate(plan: dict) -> dict:
+        from nightshift.pipelines.finetune import registry_for
+        from nightshift.pipelines.finetune import verify_candidate as verify
+        from nightshift.settings import runtime_env
+        from nightshift.training.verify import ReloadCheckFailed
+
+        try:
+            return verify(registry_for(SETTINGS), plan, {**os.environ, **runtime_env(SETTINGS)})
+        except ReloadCheckFailed as exc:  # the saved weights are wrong: nothing to promote, a person must look
+            raise AirflowFailException(f"reload check failed: {exc}") from exc
+
+    @task
     def evaluate(packed: dict, plan: dict) -> dict:
         from nightshift.pipelines.finetune import evaluate_candidate, registry_for
         from nightshift.records import PackedDataset
@@ -289,9 +325,12 @@ def finetune_model():
     backend = choose_backend()
     local = train_local(plan["command"], plan["output_dir"])
     pod = trainer_pod_operator("train_kubernetes", plan["command"], SETTINGS, execution_timeout=TRAIN_TIMEOUT)
-    plan >> backend >> [local, pod]
+    job = trainer_job_operator("train_kubernetes_nodes", plan, SETTINGS, execution_timeout=TRAIN_TIMEOUT)
+    plan >> backend >> [local, pod, job]
+    verified = verify_candidate(plan)
+    [local, pod, job] >> verified
     evaluation = evaluate(packed, plan)
-    [local, pod] >> evaluation
+    verified >> evaluation
     decision = decide_promotion(evaluation, plan)
     routed = route(decision)
     registered = register_candidate(dataset, check, plan)

@@ -99,3 +99,15 @@ def smollm2(settings) -> Path:
     from nightshift.training.foundation import import_foundation_model
 
     return import_foundation_model(settings.models_dir / DEFAULT_FOUNDATION_MODEL)
+
+
+@pytest.fixture(scope="session")
+def train_blocks(tmp_path_factory) -> Path:
+    """40 blocks of 64 tokens: shifted copies of one random sequence, so a tiny model learns within a few steps."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(3, 4000, size=64)
+    path = tmp_path_factory.mktemp("blocks") / "train.npy"
+    np.save(path, np.stack([np.roll(base, i) for i in range(40)]).astype(np.int32))
+    return path

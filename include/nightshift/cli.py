@@ -152,6 +152,8 @@ def cmd_cycle(settings: Settings, args) -> int:
     conf: dict[str, Any] = {"dataset_version": dataset["tag"]}
     if args.train_steps:
         conf["train_steps"] = args.train_steps
+    if args.recipe:
+        conf["recipe"] = args.recipe
     if args.base_model:
         conf["base_model"] = args.base_model
     finetune = run_dag("finetune_model", conf)
@@ -458,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     cycle = sub.add_parser("cycle", help="run ingest_corpus then finetune_model and print a summary")
     cycle.add_argument("--source", help="document store (default: the bundled sample store)")
     cycle.add_argument("--train-steps", type=int, help="override the recipe's training steps")
+    cycle.add_argument("--recipe", help="training recipe name, include/configs/training/<name>.yaml "
+                       "(default: default)")
     cycle.add_argument("--base-model", help=f"base model (default {DEFAULT_FOUNDATION_MODEL})")
     cycle.set_defaults(func=cmd_cycle)
     serve = sub.add_parser("serve", help="serve the champion behind an OpenAI-compatible API")

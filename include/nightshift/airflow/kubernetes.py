@@ -1,57 +1,164 @@
-"""The trainer pod: the same launcher command as the local backend, on GPU nodes of a Kubernetes cluster."""
+"""The kubernetes training backend: the same launcher command as the local backend, on GPU nodes.
+
+One node runs in one pod (``trainer_pod_operator``). Several nodes run as an Indexed Job with one pod per
+node and a headless Service that gives pod 0 a DNS name for the rendezvous (``TrainerJobOperator``); every
+pod runs the same ``deepspeed --no_ssh`` command, its node rank taken from the Job's completion index.
+``backoffLimit: 0``: a pod that dies fails the Job, the Airflow task fails and its retry (a new Job) resumes
+from the newest checkpoint on the shared state volume. Marking the task failed deletes the Job and its pods.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from typing import Any
 
+from airflow.providers.cncf.kubernetes.operators.job import KubernetesJobOperator
+
 from nightshift.settings import Settings
+from nightshift.training.launch import MASTER_ADDR_VAR, NODE_RANK_VAR
+
+log = logging.getLogger(__name__)
 
 TRAINER_CONTAINER = "base"  # KubernetesPodOperator's name for the main container
+RUN_LABEL = "nightshift.io/train-run"
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+JOB_PREFIX = "job-"  # what KubernetesJobOperator puts before every Job name
 
 
-def trainer_pod_operator(task_id: str, cmds: Any, settings: Settings, **kwargs: Any):
-    """Return a KubernetesPodOperator running ``cmds`` (the launcher argv, usually an XComArg) in the trainer image.
+def pod_settings(settings: Settings) -> dict[str, Any]:
+    """Return the KubernetesPodOperator arguments every trainer pod shares: image, GPUs, /dev/shm, state volume.
 
-    The pod requests one ``nvidia.com/gpu`` per rank, mounts a memory-backed ``/dev/shm`` (NCCL needs far more
-    than the 64 MiB default) and the shared state volume (models, packed data, outputs) at the path the
-    command refers to.
+    Each pod requests one ``nvidia.com/gpu`` per rank, mounts a memory-backed ``/dev/shm`` (NCCL needs far
+    more than the 64 MiB default) and the shared state volume (models, packed data, checkpoints, outputs)
+    at the path the command refers to.
     """
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import models as k8s
 
     k = settings.kubernetes
     gpus = str(settings.train_ranks)
-    resources = k8s.V1ResourceRequirements(
-        requests={"cpu": k.cpu, "memory": k.memory, "nvidia.com/gpu": gpus},
-        limits={"memory": k.memory, "nvidia.com/gpu": gpus},
-    )
-    volumes = [
-        k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=k.shm_size)),
-        k8s.V1Volume(
-            name="state", persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=k.state_pvc)
+    return {
+        "namespace": k.namespace,
+        "image": k.image,
+        "env_vars": {"NIGHTSHIFT_HOME": str(settings.home), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+        "container_resources": k8s.V1ResourceRequirements(
+            requests={"cpu": k.cpu, "memory": k.memory, "nvidia.com/gpu": gpus},
+            limits={"memory": k.memory, "nvidia.com/gpu": gpus},
         ),
-    ]
-    mounts = [
-        k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
-        k8s.V1VolumeMount(name="state", mount_path=str(settings.home)),
-    ]
-    tolerations = [k8s.V1Toleration(**t) for t in k.tolerations]
-    return KubernetesPodOperator(
-        task_id=task_id,
-        name="nightshift-trainer",
-        namespace=k.namespace,
-        image=k.image,
-        cmds=cmds,
-        env_vars={"NIGHTSHIFT_HOME": str(settings.home), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
-        container_resources=resources,
-        volumes=volumes,
-        volume_mounts=mounts,
-        node_selector=dict(k.node_selector),
-        tolerations=tolerations,
-        kubernetes_conn_id=k.conn_id,
-        labels={"app.kubernetes.io/name": "nightshift-trainer", "app.kubernetes.io/part-of": "nightshift"},
-        get_logs=True,
-        on_finish_action="delete_succeeded_pod",
-        startup_timeout_seconds=900,
-        **kwargs,
+        "volumes": [
+            k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=k.shm_size)),
+            k8s.V1Volume(name="state",
+                         persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=k.state_pvc)),
+        ],
+        "volume_mounts": [
+            k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
+            k8s.V1VolumeMount(name="state", mount_path=str(settings.home)),
+        ],
+        "node_selector": dict(k.node_selector),
+        "tolerations": [k8s.V1Toleration(**t) for t in k.tolerations],
+        "kubernetes_conn_id": k.conn_id,
+        "labels": {"app.kubernetes.io/name": "nightshift-trainer", "app.kubernetes.io/part-of": "nightshift"},
+        "get_logs": True,
+        "startup_timeout_seconds": 900,
+    }
+
+
+def trainer_pod_operator(task_id: str, cmds: Any, settings: Settings, **kwargs: Any):
+    """Return a KubernetesPodOperator running ``cmds`` (the launcher argv, usually an XComArg) in one GPU pod."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    return KubernetesPodOperator(task_id=task_id, name="nightshift-trainer", cmds=cmds,
+                                 on_finish_action="delete_succeeded_pod", **pod_settings(settings), **kwargs)
+
+
+def run_hash(dag_id: str, run_id: str) -> str:
+    """Return a short DNS-safe key of one DAG run, shared by its Jobs (one per try) and its Service."""
+    return hashlib.sha256(f"{dag_id}/{run_id}".encode()).hexdigest()[:10]
+
+
+def rendezvous_service(name: str, namespace: str, run_key: str, port: int):
+    """Return the headless Service giving each trainer pod of a run a DNS name (``<pod hostname>.<name>``)."""
+    from kubernetes.client import models as k8s
+
+    return k8s.V1Service(
+        api_version="v1", kind="Service",
+        metadata=k8s.V1ObjectMeta(name=name, namespace=namespace, labels={
+            "app.kubernetes.io/name": "nightshift-trainer", "app.kubernetes.io/part-of": "nightshift",
+            RUN_LABEL: run_key}),
+        spec=k8s.V1ServiceSpec(
+            cluster_ip="None",  # headless: DNS names for the pods, no virtual IP
+            publish_not_ready_addresses=True,  # resolvable before the pods report ready
+            selector={RUN_LABEL: run_key},
+            ports=[k8s.V1ServicePort(name="rendezvous", port=port, target_port=port, protocol="TCP")],
+        ),
     )
+
+
+class TrainerJobOperator(KubernetesJobOperator):
+    """Run one multi-node training attempt as an Indexed Job of ``plan['nodes']`` pods, and wait for it.
+
+    ``plan`` is the plan_training task's output (templated): the per-node command, the node count and the
+    rendezvous port. The Job of each try has a name of its own (``...-t<try>``); the run's Service is kept
+    across tries and deleted when an attempt ends.
+    """
+
+    template_fields = (*KubernetesJobOperator.template_fields, "plan")
+
+    def __init__(self, *, plan: Any, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(
+            completion_mode="Indexed", backoff_limit=0, wait_until_job_complete=True, job_poll_interval=15,
+            random_name_suffix=False, on_finish_action="delete_succeeded_pod", **pod_settings(settings),
+            **kwargs,
+        )
+        self.plan = plan
+        self.rendezvous: Any = None
+
+    def prepare(self, context: Any) -> Any:
+        """Fill in this attempt's Job from the plan and the run; return the run's rendezvous Service."""
+        from kubernetes.client import models as k8s
+
+        plan = self.plan
+        run = context["dag_run"]
+        key = run_hash(run.dag_id, run.run_id)
+        service = f"nightshift-train-{key}"
+        self.name = f"nightshift-train-{key}-t{context['ti'].try_number}"
+        job_name = JOB_PREFIX + self.name
+        self.completions = self.parallelism = int(plan["nodes"])
+        self.subdomain = service
+        self.labels = {**self.labels, RUN_LABEL: key}
+        self.cmds = list(plan["node_command"])
+        master = f"{job_name}-0.{service}.{self.namespace}.svc.cluster.local"
+        base_env = self.env_vars if isinstance(self.env_vars, dict) else {}
+        self.env_vars = [k8s.V1EnvVar(name=n, value=v) for n, v in base_env.items()] + [
+            k8s.V1EnvVar(name=MASTER_ADDR_VAR, value=master),
+            k8s.V1EnvVar(name=NODE_RANK_VAR, value_from=k8s.V1EnvVarSource(
+                field_ref=k8s.V1ObjectFieldSelector(
+                    field_path=f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"))),
+        ]
+        self.rendezvous = rendezvous_service(service, self.namespace, key, int(plan["master_port"]))
+        return self.rendezvous
+
+    def execute(self, context: Any):
+        from kubernetes.client.exceptions import ApiException
+
+        service = self.prepare(context)
+        core = self.hook.core_v1_client
+        try:
+            core.create_namespaced_service(namespace=self.namespace, body=service)
+        except ApiException as exc:
+            if exc.status != 409:  # 409: an earlier try of this run created it
+                raise
+        log.info("training on %d nodes: Job %s%s, rendezvous at pod 0 of Service %s", self.completions,
+                 JOB_PREFIX, self.name, service.metadata.name)
+        try:
+            return super().execute(context)
+        finally:
+            try:
+                core.delete_namespaced_service(name=service.metadata.name, namespace=self.namespace)
+            except ApiException as exc:
+                log.warning("could not delete Service %s (%s)", service.metadata.name, exc.status)
+
+
+def trainer_job_operator(task_id: str, plan: Any, settings: Settings, **kwargs: Any):
+    """Return the operator that runs a multi-node training attempt as an Indexed Job (see TrainerJobOperator)."""
+    return TrainerJobOperator(task_id=task_id, plan=plan, settings=settings, **kwargs)

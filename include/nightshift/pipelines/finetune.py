@@ -20,9 +20,10 @@ from nightshift.records import DatasetVersion, EvaluationReport, GateDecision, M
 from nightshift.registry.mlflow_registry import DATASET_TAG, FINGERPRINT_TAG, ModelRegistry
 from nightshift.settings import GOLDEN_QA, Settings
 from nightshift.training.data import tokenize_and_pack
-from nightshift.training.launch import launch_command
+from nightshift.training.launch import launch_command, node_command, write_hostfile
 from nightshift.training.recipe import TrainingRecipe
 from nightshift.training.trainer import TrainerConfig
+from nightshift.training.verify import ReloadCheckFailed
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,21 @@ class FinetuneRequest:
     backend: str
     recipe: str = "default"
     dataset_version: str | None = None
+    nodes: int = 1
+    """Nodes (pods) of a kubernetes run, each with NIGHTSHIFT_TRAIN_RANKS GPUs; the local backend has one."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("local", "kubernetes"):
             raise ValueError(f"backend must be 'local' or 'kubernetes', got {self.backend!r}")
+        if not isinstance(self.nodes, int) or isinstance(self.nodes, bool) or not 1 <= self.nodes <= 256:
+            raise ValueError(f"nodes must be an integer from 1 to 256, got {self.nodes!r}")
+        if self.backend == "local" and self.nodes != 1:
+            raise ValueError("the local backend trains on this machine only: set nodes to 1, or pick the "
+                             "kubernetes backend for several nodes")
+
+    def world_size(self, settings: Settings) -> int:
+        """Return the number of ranks: NIGHTSHIFT_TRAIN_RANKS per node (CPU processes or GPUs)."""
+        return self.nodes * settings.train_ranks
 
     def load_recipe(self, extra_dirs: tuple[Path, ...] = ()) -> TrainingRecipe:
         return TrainingRecipe.load(self.recipe, extra_dirs, train_steps=self.train_steps,
@@ -118,17 +130,54 @@ def pack_dataset(
 
 
 def plan_training(
-    settings: Settings, base_model_dir: Path, packed: PackedDataset, recipe: TrainingRecipe, run_dir: Path
+    settings: Settings, base_model_dir: Path, packed: PackedDataset, recipe: TrainingRecipe, run_dir: Path,
+    nodes: int = 1, tracking_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Write the trainer config and return the launcher command both backends run."""
+    """Write the trainer config and return the launcher commands: one node's, and every node's of a multi-node run.
+
+    Checkpoints go to the run's folder on the state volume, so a retried attempt (on any node) finds them.
+    """
     output_dir = run_dir / "candidate"
     config = TrainerConfig(
         base_model=str(base_model_dir), train_path=packed.train_path, output_dir=str(output_dir),
-        recipe=recipe.to_dict(),
+        recipe=recipe.to_dict(), checkpoint_dir=str(run_dir / "checkpoints"),
+        tracking={"uri": settings.tracking_uri, "run_id": tracking_run_id} if tracking_run_id else {},
     )
     config_path = config.write(run_dir / "trainer.json")
-    command = launch_command(config_path, settings.train_ranks, settings.master_port)
-    return {"command": command, "config_path": str(config_path), "output_dir": str(output_dir)}
+    ranks = settings.train_ranks
+    plan: dict[str, Any] = {
+        "command": launch_command(config_path, ranks, settings.master_port), "config_path": str(config_path),
+        "output_dir": str(output_dir), "nodes": nodes, "ranks_per_node": ranks, "world_size": nodes * ranks,
+        "master_port": settings.master_port, "node_command": None,
+    }
+    if nodes > 1:
+        hostfile = write_hostfile(run_dir / "hostfile", nodes, ranks)
+        plan["node_command"] = node_command(config_path, hostfile, nodes, ranks, settings.master_port)
+    return plan
+
+
+def verify_candidate(registry: ModelRegistry | None, plan: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """Run the reload check in a fresh process (transformers alone); raise ReloadCheckFailed with its reason."""
+    import subprocess
+    import sys
+
+    output = Path(plan["output_dir"])
+    proc = subprocess.run([sys.executable, "-m", "nightshift.training.verify", "--output-dir", str(output)],
+                          env=env, capture_output=True, text=True, timeout=3600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        raise ReloadCheckFailed(f"the reload check crashed (exit {proc.returncode}): "
+                                + "\n".join(proc.stderr.splitlines()[-15:])) from None
+    if not result.get("passed"):
+        raise ReloadCheckFailed(result.get("error", "reload check failed"))
+    log.info("reload check passed: loss %.6f reloaded, %.6f in the trainer (difference %.1e, tolerance %.0e)",
+             result["reloaded_loss"], result["expected_loss"], result["difference"], result["tolerance"])
+    if registry is not None and plan.get("mlflow_run_id"):
+        registry.log_metrics(plan["mlflow_run_id"], {"reload_check_loss": result["reloaded_loss"],
+                                                     "reload_check_difference": result["difference"]})
+    return result
 
 
 def read_training_metrics(output_dir: Path) -> dict[str, Any]:
@@ -197,11 +246,12 @@ def register_candidate(
 
 def run_params(request: FinetuneRequest, recipe: TrainingRecipe, dataset: DatasetVersion, fp: str) -> dict[str, Any]:
     """Return what every MLflow run records: data version, recipe, code revision and request."""
-    params = {f"recipe.{k}": v for k, v in recipe.to_dict().items()}
+    params = {f"recipe.{k}": v for k, v in recipe.flat().items()}
     params.update({
         "dataset.tag": dataset.tag, "dataset.rev": dataset.rev, "dataset.md5": dataset.md5,
         "dataset.documents": dataset.documents, "dataset.repo": dataset.repo,
         "base_model": request.base_model, "backend": request.backend, "recipe.name": request.recipe,
+        "nodes": request.nodes,
         "code_revision": code_revision(), "fingerprint": fp,
     })
     return params
@@ -230,7 +280,8 @@ def evaluate_candidate(
     run_id, output = plan["mlflow_run_id"], Path(plan["output_dir"])
     fault_point("finetune.evaluate")
     metrics = read_training_metrics(output)
-    registry.log_series(run_id, "train_loss", metrics["losses"])
+    if not metrics.get("tracked"):  # the trainer streams its curve to the run while training when it can
+        registry.log_series(run_id, "train_loss", metrics["losses"])
     registry.log_metrics(run_id, {"train_seconds": metrics["seconds"], "train_tokens": metrics["tokens"]})
     registry.log_file(run_id, loss_curve_png(metrics["losses"], output / "loss.png", plan["dataset_tag"]), "plots")
     candidate, baseline, champion = evaluate_pair(
@@ -281,5 +332,5 @@ def publish_outcome(run: RunRef, summary: dict[str, Any]) -> None:
 
 def cleanup(run_dir: Path) -> None:
     """Remove the bulky outputs of a finished run; the registry keeps what was promoted."""
-    for name in ("candidate", "data"):
+    for name in ("candidate", "data", "checkpoints"):
         shutil.rmtree(run_dir / name, ignore_errors=True)

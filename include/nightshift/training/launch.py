@@ -19,6 +19,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+NODE_RANK_VAR = "NODE_RANK"
+MASTER_ADDR_VAR = "MASTER_ADDR"
+
+
 def launch_command(config_path: Path, ranks: int, master_port: int) -> list[str]:
     """Return the launcher argv that starts ``ranks`` trainer processes for one run config."""
     return [
@@ -30,6 +34,34 @@ def launch_command(config_path: Path, ranks: int, master_port: int) -> list[str]
     ]
 
 
+def node_command(config_path: Path, hostfile: Path, nodes: int, ranks_per_node: int, master_port: int) -> list[str]:
+    """Return the launcher argv every node of a multi-node run executes, the same on each.
+
+    Each node starts its own ``ranks_per_node`` ranks (``--no_ssh``: no launcher reaches into the other
+    nodes); ``$(NODE_RANK)`` and ``$(MASTER_ADDR)`` are filled from the node's environment by Kubernetes
+    when it starts the container. The hostfile only tells the launcher how many ranks each node has.
+    """
+    return [
+        "deepspeed",
+        "--hostfile", str(hostfile),
+        "--no_ssh",
+        "--node_rank", f"$({NODE_RANK_VAR})",
+        "--master_addr", f"$({MASTER_ADDR_VAR})",
+        "--master_port", str(master_port),
+        "--num_nodes", str(nodes),
+        "--num_gpus", str(ranks_per_node),
+        "--module", "nightshift.training.trainer",
+        "--config", str(config_path),
+    ]
+
+
+def write_hostfile(path: Path, nodes: int, ranks_per_node: int) -> Path:
+    """Write the launcher's hostfile: one line per node with its number of ranks (slots)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"node-{i} slots={ranks_per_node}\n" for i in range(nodes)))
+    return path
+
+
 def local_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """Return the environment for CPU ranks on this machine, with this interpreter's tools on PATH."""
     env = dict(os.environ if base is None else base)
@@ -39,6 +71,14 @@ def local_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env
+
+
+def supervised_env(env: dict[str, str]) -> dict[str, str]:
+    """Return ``env`` naming this process as the ranks' supervisor: they stop if it disappears."""
+    import psutil
+
+    me = psutil.Process()
+    return {**env, "NIGHTSHIFT_SUPERVISOR": f"{me.pid}:{me.create_time():.3f}"}
 
 
 def free_port() -> int:
@@ -99,7 +139,9 @@ def run_local(command: list[str], env: dict[str, str], log_path: Path) -> None:
     """Run the launcher in a process group of its own; stream its output to the task log and ``log_path``.
 
     The group id is recorded beside the log: a retry first stops a group that a killed attempt left behind,
-    and however this call ends (failure, timeout, the task being killed) the ranks are stopped with it.
+    and however this call ends (failure, timeout, the task being killed) the ranks are stopped with it. The
+    ranks also watch this process: if it is killed outright (SIGKILL, no ``finally``), they stop by themselves.
+    The log is appended to, so a retried attempt's log follows the killed one's.
     """
     pgid_file = log_path.with_name("trainer.pgid")
     if stop_process_group(pgid_file):
@@ -107,8 +149,8 @@ def run_local(command: list[str], env: dict[str, str], log_path: Path) -> None:
     log.info("launching: %s", " ".join(command))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=40)
-    with log_path.open("w") as out, subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+    with log_path.open("a", buffering=1) as out, subprocess.Popen(
+        command, env=supervised_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         start_new_session=True,
     ) as proc:
         pgid_file.write_text(str(proc.pid))

@@ -1,32 +1,44 @@
-"""Trainer entrypoint: full causal-LM fine-tune with DeepSpeed, one process per rank.
+"""Trainer entrypoint: causal-LM fine-tune (full or LoRA) with DeepSpeed ZeRO 1-3, one process per rank.
 
-Launched by the ``deepspeed`` launcher, locally (CPU ranks) and in the Kubernetes trainer pod (GPU ranks)
-with the same command::
+Launched by the ``deepspeed`` launcher, locally (CPU ranks) and in Kubernetes pods (GPU ranks) with the
+same command::
 
     deepspeed --num_gpus 2 --master_port 29500 --module nightshift.training.trainer --config run.json
 
-Rank 0 logs progress, writes ``metrics.json`` and saves the Hugging Face checkpoint to ``output_dir``.
+Every ``checkpoint_interval`` steps the ranks save a resumable checkpoint (nightshift.training.checkpoints);
+a restarted run resumes from the newest complete one that verifies, with the same data order and random
+state, and so ends with the same losses. At the end the ranks compute the loss of a fixed batch, rank 0
+writes the final weights as a Hugging Face checkpoint (LoRA adapters merged in), ``metrics.json`` with the
+per-step history and that reference loss, which the reload check (nightshift.training.verify) must
+reproduce in a fresh process.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nightshift.faults import fault_point
+from nightshift.training import checkpoints
+from nightshift.training.progress import ProgressReporter
 from nightshift.training.recipe import TrainingRecipe
 
 log = logging.getLogger("nightshift.trainer")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+SUPERVISOR_ENV = "NIGHTSHIFT_SUPERVISOR"
+REFERENCE_BLOCKS = 4
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,10 @@ class TrainerConfig:
     output_dir: str
     """Where rank 0 writes checkpoint/ and metrics.json."""
     recipe: dict[str, Any]
+    checkpoint_dir: str = ""
+    """Where resumable checkpoints go (the shared state volume on Kubernetes); empty: output_dir/../checkpoints."""
+    tracking: dict[str, str] = field(default_factory=dict)
+    """MLflow tracking URI and run id that per-step metrics go to; empty: none."""
 
     @classmethod
     def read(cls, path: Path) -> TrainerConfig:
@@ -47,8 +63,43 @@ class TrainerConfig:
 
     def write(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.__dict__, indent=2, sort_keys=True))
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        tmp.replace(path)
         return path
+
+    @property
+    def checkpoints(self) -> Path:
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(self.output_dir).parent / "checkpoints"
+
+    def digest(self) -> str:
+        """Return what a checkpoint must have been written under to be resumed: same data, base and recipe."""
+        stat = Path(self.train_path).stat()
+        raw = json.dumps({"base": self.base_model, "train": [self.train_path, stat.st_size], "recipe": self.recipe},
+                         sort_keys=True)
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+class BatchOrder:
+    """Which blocks each micro-batch takes: a seeded permutation per epoch, a pure function of the position.
+
+    A resumed run needs only the step it resumes after to continue with the very same blocks.
+    """
+
+    def __init__(self, n_blocks: int, seed: int) -> None:
+        self.n, self.seed = n_blocks, seed
+        self._epoch, self._perm = -1, None
+
+    def blocks(self, start: int, count: int) -> list[int]:
+        import numpy as np
+
+        out = []
+        for i in range(start, start + count):
+            epoch, pos = divmod(i, self.n)
+            if epoch != self._epoch:
+                self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            out.append(int(self._perm[pos]))
+        return out
 
 
 def _init_distributed() -> tuple[int, int]:
@@ -63,89 +114,271 @@ def _init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def watch_supervisor() -> None:
+    """Exit when the process that launched the ranks is gone (an Airflow task killed with SIGKILL).
+
+    ``NIGHTSHIFT_SUPERVISOR`` is ``<pid>:<start time>``; a recycled pid does not fool the check.
+    """
+    value = os.environ.get(SUPERVISOR_ENV)
+    if not value:
+        return
+    import psutil
+
+    pid_text, _, created = value.partition(":")
+
+    def alive() -> bool:
+        try:
+            return f"{psutil.Process(int(pid_text)).create_time():.3f}" == created
+        except (psutil.Error, ValueError):
+            return False
+
+    def loop() -> None:
+        while alive():
+            time.sleep(2.0)
+        logging.getLogger("nightshift.trainer").error("the task that launched this rank is gone; stopping")
+        os._exit(75)
+
+    threading.Thread(target=loop, name="supervisor-watch", daemon=True).start()
+
+
+def build_model(base_model: str, recipe: TrainingRecipe, dtype=None):
+    """Return the model to train: the base checkpoint, wrapped with LoRA adapters when the recipe says so."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype or torch.float32)
+    model.config.use_cache = False
+    if recipe.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = recipe.lora
+        assert lora is not None
+        model = get_peft_model(model, LoraConfig(
+            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
+        ))
+    return model
+
+
+def export_checkpoint(engine, recipe: TrainingRecipe, config: TrainerConfig, rank: int, dest: Path) -> None:
+    """Write the trained weights as a plain Hugging Face checkpoint (fp32; LoRA merged) to ``dest``.
+
+    Every rank must call this: under ZeRO-3 the parameters are gathered from all of them. Rank 0 writes
+    ``dest`` under a temporary name and renames it when complete.
+    """
+    import torch
+
+    if recipe.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # gathers every shard onto rank 0
+    else:
+        state = engine.module.state_dict() if rank == 0 else None
+    if rank != 0:
+        return
+    state = {k: v.detach().to(torch.float32) for k, v in state.items()}
+    model = build_model(config.base_model, TrainingRecipe(**{**recipe.to_dict(), "gradient_checkpointing": False}))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"trained weights do not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+    if recipe.method == "lora":
+        model = model.merge_and_unload()
+    model.config.use_cache = True
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (Path(config.base_model) / name).is_file():
+            shutil.copy2(Path(config.base_model) / name, tmp / name)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
 def train(config: TrainerConfig) -> dict[str, Any]:
     """Run the fine-tune; return the metrics rank 0 writes."""
     import deepspeed
     import numpy as np
     import torch
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
+    from deepspeed.accelerator import get_accelerator
 
     rank, world = _init_distributed()
+    watch_supervisor()
+    accelerator = get_accelerator()
+    on_cpu = accelerator.device_name() == "cpu"
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if os.environ.get("DS_ACCELERATOR") == "cpu":
+    if on_cpu:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     recipe = TrainingRecipe(**config.recipe)
+    bf16_ok = not on_cpu and accelerator.is_bf16_supported()
+    precision = recipe.resolved_precision(bf16_ok)
     torch.manual_seed(recipe.seed)
     blocks = np.load(config.train_path, mmap_mode="r")
-    model = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=torch.float32)
-    model.config.use_cache = False
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=recipe.deepspeed_config(),
-    )
-    per_step = recipe.micro_batch_size * recipe.gradient_accumulation_steps * world
+    model = build_model(config.base_model, recipe)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
+                                           config=recipe.deepspeed_config(bf16_ok))
+    per_rank = recipe.micro_batch_size
+    per_micro = per_rank * world
+    per_step_blocks = per_micro * recipe.gradient_accumulation_steps
+    tokens_per_step = per_step_blocks * blocks.shape[1]
+    order = BatchOrder(blocks.shape[0], recipe.seed)
+    digest = config.digest()
+    root = config.checkpoints
+
+    start_step, history = 0, []
+    if recipe.checkpoint_interval:
+        start_step, history = resume(engine, root, digest, rank, world)
     if rank == 0:
         log.info(
-            "fine-tuning %s: %d steps x %d blocks x %d tokens on %d ranks (%s), %d training blocks",
-            config.base_model, recipe.train_steps, per_step, blocks.shape[1], world,
-            engine.device, blocks.shape[0],
+            "fine-tuning %s (%s, ZeRO-%d, %s%s): %d steps x %d blocks x %d tokens on %d ranks (%s), "
+            "%d trainable of %d parameters, %d training blocks%s",
+            Path(config.base_model).name, recipe.method, recipe.zero_stage, precision,
+            ", gradient checkpointing" if recipe.gradient_checkpointing else "", recipe.train_steps,
+            per_step_blocks, blocks.shape[1], world, engine.device, sum(p.numel() for p in trainable),
+            sum(p.numel() for p in model.parameters()), blocks.shape[0],
+            f"; resumed after step {start_step}" if start_step else "",
         )
-    rng = np.random.default_rng(recipe.seed)
-    order: list[int] = []
-    losses: list[float] = []
-    started = time.monotonic()
+    reporter = ProgressReporter(recipe.train_steps, tokens_per_step, config.tracking if rank == 0 else None,
+                                first_step=start_step + 1, enabled=rank == 0)
+    started, started_at = time.monotonic(), time.time()
     diverged = False
-    for step in range(1, recipe.train_steps + 1):
+    engine.train()
+    for step in range(start_step + 1, recipe.train_steps + 1):
         step_loss = 0.0
-        for _ in range(recipe.gradient_accumulation_steps):
-            while len(order) < recipe.micro_batch_size * world:
-                order.extend(rng.permutation(blocks.shape[0]).tolist())
-            take, order = order[: recipe.micro_batch_size * world], order[recipe.micro_batch_size * world :]
-            mine = take[rank::world]
+        for micro in range(recipe.gradient_accumulation_steps):
+            position = ((step - 1) * recipe.gradient_accumulation_steps + micro) * per_micro
+            mine = order.blocks(position, per_micro)[rank::world]
             batch = torch.as_tensor(np.stack([blocks[i] for i in mine]).astype(np.int64), device=engine.device)
             loss = engine(input_ids=batch, labels=batch).loss
             engine.backward(loss)
             engine.step()
             step_loss += loss.detach().float().item() / recipe.gradient_accumulation_steps
-        mean = torch.tensor([step_loss])
+        mean = torch.tensor([step_loss], device=engine.device)
         dist.all_reduce(mean)
         step_loss = mean.item() / world
-        losses.append(step_loss)
-        if rank == 0 and (step == 1 or step % max(1, recipe.train_steps // 20) == 0 or step == recipe.train_steps):
-            elapsed = time.monotonic() - started
-            tokens_per_s = step * per_step * blocks.shape[1] / max(elapsed, 1e-9)
-            eta = elapsed / step * (recipe.train_steps - step)
-            log.info(
-                "step %d/%d loss %.4f lr %.2e %.0f tokens/s eta %.0fs",
-                step, recipe.train_steps, step_loss, engine.get_lr()[0], tokens_per_s, eta,
-            )
+        norm = engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else None
+        entry = reporter.step(step, step_loss, float(engine.get_lr()[0]), norm)
+        history.append({k: entry[k] for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s")})
+        fault_point(f"trainer.rank{rank}.step{step}")
         if not math.isfinite(step_loss):
             diverged = True
             if rank == 0:
                 log.error("loss is %s at step %d: training diverged, stopping early", step_loss, step)
             break
+        if recipe.checkpoint_interval and step % recipe.checkpoint_interval == 0 and step < recipe.train_steps:
+            save(engine, root, step, history, digest, recipe.keep_checkpoints, rank, world)
+            fault_point(f"trainer.rank{rank}.checkpoint{step}")
+    reporter.flush(wait=True)
     seconds = time.monotonic() - started
+    reference = reference_loss(engine, blocks, min(REFERENCE_BLOCKS, blocks.shape[0]))
+    losses = [h["loss"] for h in history]
     metrics = {
         "steps": len(losses),
         "losses": losses,
+        "history": history,
         "final_loss": losses[-1],
         "diverged": diverged,
         "world_size": world,
-        "tokens": len(losses) * per_step * blocks.shape[1],
+        "resumed_from": start_step,
+        "tokens": len(losses) * tokens_per_step,
+        "tokens_per_step": tokens_per_step,
         "seconds": seconds,
+        "started_at": started_at,
+        "method": recipe.method,
+        "tracked": reporter.client is not None,
+        "precision": precision,
+        "reload_check": {"blocks": list(range(min(REFERENCE_BLOCKS, blocks.shape[0]))), "loss": reference,
+                         "tolerance": recipe.reload_tolerance, "data": config.train_path},
     }
+    out = Path(config.output_dir)
     if rank == 0:
-        out = Path(config.output_dir)
-        checkpoint = out / "checkpoint"
-        engine.module.save_pretrained(checkpoint, safe_serialization=True)
-        for name in TOKENIZER_FILES:
-            if (Path(config.base_model) / name).is_file():
-                shutil.copy2(Path(config.base_model) / name, checkpoint / name)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        log.info("saved checkpoint to %s after %.1fs (final loss %.4f)", checkpoint, seconds, losses[-1])
+        out.mkdir(parents=True, exist_ok=True)
+    export_checkpoint(engine, recipe, config, rank, out / "checkpoint")
+    if rank == 0:
+        tmp = out / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2))
+        tmp.replace(out / "metrics.json")
+        log.info("saved checkpoint to %s after %.1fs of training (final loss %.4f, reference loss %.6f)",
+                 out / "checkpoint", seconds, losses[-1], reference)
     dist.barrier()
     return metrics
+
+
+def reference_loss(engine, blocks, count: int) -> float:
+    """Return the trained model's loss on the first ``count`` blocks, without dropout; all ranks take part."""
+    import numpy as np
+    import torch
+
+    engine.eval()
+    batch = torch.as_tensor(np.asarray(blocks[:count]).astype(np.int64), device=engine.device)
+    with torch.no_grad():
+        loss = engine(input_ids=batch, labels=batch).loss.float().item()
+    engine.train()
+    return loss
+
+
+def save(engine, root: Path, step: int, history: list[dict[str, Any]], digest: str, keep: int, rank: int,
+         world: int) -> None:
+    """Save a resumable checkpoint on every rank, then publish it with a manifest and prune old ones."""
+    import torch
+    import torch.distributed as dist
+
+    tag = checkpoints.tag_for(step)
+    folder = root / tag
+    (folder / "rng").mkdir(parents=True, exist_ok=True)
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    torch.save(state, folder / "rng" / f"rank{rank}.pt")
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    dist.barrier()
+    mine = checkpoints.hash_share(folder, rank, world)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        files = {k: v for part in gathered for k, v in part.items()}
+        checkpoints.write_manifest(folder, files, {"step": step, "world_size": world, "config": digest,
+                                                   "history": history})
+        removed = checkpoints.prune(root, keep)
+        log.info("checkpoint %s saved (%d files, %.0f MB)%s", tag, len(files),
+                 sum(v["size"] for v in files.values()) / 1e6, f"; removed {', '.join(removed)}" if removed else "")
+    dist.barrier()
+
+
+def resume(engine, root: Path, digest: str, rank: int, world: int) -> tuple[int, list[dict[str, Any]]]:
+    """Load the newest complete checkpoint that verifies; return the step it was taken after and the history."""
+    import torch
+    import torch.distributed as dist
+
+    for candidate in checkpoints.complete(root):
+        meta = candidate.manifest
+        if meta.get("config") != digest:
+            problem: str | None = "it was written for other data, base model or recipe"
+        elif meta.get("world_size") != world:
+            problem = f"it was written by {meta.get('world_size')} ranks, this run has {world}"
+        else:
+            problem = checkpoints.verify_share(candidate, rank, world)
+        problems: list[Any] = [None] * world
+        dist.all_gather_object(problems, problem)
+        found = next((p for p in problems if p), None)
+        if found:
+            if rank == 0:
+                log.warning("skipping checkpoint %s: %s", candidate.tag, found)
+            continue
+        engine.load_checkpoint(str(root), tag=candidate.tag, load_optimizer_states=True,
+                               load_lr_scheduler_states=True)
+        state = torch.load(candidate.path / "rng" / f"rank{rank}.pt", weights_only=True)
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+        if rank == 0:
+            log.info("resuming from checkpoint %s", candidate.tag)
+        return candidate.step, list(meta.get("history", []))
+    return 0, []
 
 
 def main(argv: list[str] | None = None) -> int:

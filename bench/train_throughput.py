@@ -1,0 +1,123 @@
+"""Tokens/s of the nightshift trainer against a plain PyTorch/transformers training loop, on this machine's CPU.
+
+    .venv/bin/python bench/train_throughput.py [--steps 12] [--recipe default]
+
+Both train SmolLM2-135M (the bundled foundation model) on the same packed blocks, with the same sequence
+length and the same tokens per optimizer step (micro-batch x ranks x accumulation of the recipe), AdamW and
+gradient clipping:
+
+- nightshift: the ``deepspeed`` launcher with NIGHTSHIFT_TRAIN_RANKS CPU ranks (2 here), the recipe as the
+  DAG runs it (ZeRO stage, precision, no checkpoints during the measured steps);
+- plain: one Python process, ``torch.set_num_threads(<all cores>)``, ``AutoModelForCausalLM`` and
+  ``torch.optim.AdamW`` in a textbook loop.
+
+Throughput is the median tokens/s of the steps after the first two (warm-up); the plain loop runs before and
+after the trainer and its two medians are averaged, so load on this shared machine shifts both sides alike.
+Start-up (launcher, imports, rendezvous, model load, DeepSpeed set-up: launch to first step) is reported
+apart, once cold (first run of the session may JIT-build DeepSpeed's CPU ops) and once warm.
+Goals: ratio >= 1.0x; warm start-up < 15 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAIN = r"""
+import json, sys, time
+import numpy as np, torch
+from transformers import AutoModelForCausalLM
+model_dir, data, steps, per_step, lr, clip, threads = sys.argv[1:8]
+torch.set_num_threads(int(threads)); torch.manual_seed(0)
+blocks = np.load(data)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32); model.config.use_cache = False
+model.train()
+opt = torch.optim.AdamW(model.parameters(), lr=float(lr))
+rates = []
+for step in range(int(steps)):
+    t = time.perf_counter()
+    idx = [(step * int(per_step) + i) % len(blocks) for i in range(int(per_step))]
+    batch = torch.as_tensor(blocks[idx].astype(np.int64))
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip))
+    opt.step(); opt.zero_grad(set_to_none=True)
+    rates.append(batch.numel() / (time.perf_counter() - t))
+print(json.dumps({"tokens_per_s": rates, "loss": loss.item()}))
+"""
+
+
+def median_after_warmup(rates: list[float]) -> float:
+    return statistics.median(rates[2:] if len(rates) > 3 else rates)
+
+
+def plain_loop(model: Path, data: Path, steps: int, per_step: int, lr: float, clip: float) -> float:
+    out = subprocess.run([sys.executable, "-c", PLAIN, str(model), str(data), str(steps), str(per_step), str(lr),
+                          str(clip), str(os.cpu_count() or 1)], capture_output=True, text=True, check=True)
+    return median_after_warmup(json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"])
+
+
+def nightshift_trainer(model: Path, data: Path, recipe, ranks: int, work: Path) -> tuple[float, float, dict]:
+    from nightshift.training.launch import free_port, launch_command, local_env, run_local
+    from nightshift.training.trainer import TrainerConfig
+
+    config = TrainerConfig(base_model=str(model), train_path=str(data), output_dir=str(work / "candidate"),
+                           recipe=recipe.to_dict(), checkpoint_dir=str(work / "checkpoints"))
+    path = config.write(work / "trainer.json")
+    launched = time.time()
+    run_local(launch_command(path, ranks, free_port()), local_env(), work / "trainer.log")
+    metrics = json.loads((work / "candidate" / "metrics.json").read_text())
+    rates = [h["tokens_per_s"] for h in metrics["history"]]
+    return median_after_warmup(rates), metrics["started_at"] - launched, metrics
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--recipe", default="default")
+    args = parser.parse_args()
+
+    import numpy as np
+
+    from nightshift.settings import DEFAULT_FOUNDATION_MODEL, load_settings
+    from nightshift.training.foundation import import_foundation_model
+    from nightshift.training.recipe import TrainingRecipe
+
+    settings = load_settings()
+    model = import_foundation_model(settings.models_dir / DEFAULT_FOUNDATION_MODEL)
+    recipe = TrainingRecipe.load(args.recipe, settings.recipe_dirs, train_steps=args.steps)
+    recipe = TrainingRecipe(**{**recipe.to_dict(), "checkpoint_interval": 0})
+    ranks = settings.train_ranks
+    per_step = recipe.micro_batch_size * ranks * recipe.gradient_accumulation_steps
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    data = work / "train.npy"
+    rng = np.random.default_rng(0)
+    np.save(data, rng.integers(3, 49000, size=(max(64, per_step * 4), recipe.seq_len)).astype(np.int32))
+    print(f"SmolLM2-135M, recipe {args.recipe}: {per_step} blocks x {recipe.seq_len} tokens per step, "
+          f"{args.steps} steps, {os.cpu_count()} cores, {ranks} ranks")
+
+    _, cold_start, _ = nightshift_trainer(model, data, TrainingRecipe(**{**recipe.to_dict(), "train_steps": 1}),
+                                          ranks, work / "cold")
+    plain_before = plain_loop(model, data, args.steps, per_step, recipe.learning_rate, recipe.max_grad_norm)
+    ours, warm_start, metrics = nightshift_trainer(model, data, recipe, ranks, work / "warm")
+    plain_after = plain_loop(model, data, args.steps, per_step, recipe.learning_rate, recipe.max_grad_norm)
+    plain = (plain_before + plain_after) / 2
+    print(f"plain loop (1 process, {os.cpu_count()} threads): {plain_before:,.0f} / {plain_after:,.0f} tokens/s "
+          f"(before / after)")
+    print(f"nightshift trainer ({ranks} ranks, ZeRO-{recipe.zero_stage}, {metrics['precision']}): "
+          f"{ours:,.0f} tokens/s")
+    print(f"ratio nightshift / plain: {ours / plain:.2f}x (goal >= 1.0x)")
+    print(f"start-up, launch to first step: cold {cold_start:.1f} s, warm {warm_start:.1f} s (goal warm < 15 s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The real trainer on CPU ranks: resume after a killed rank, skip a corrupted checkpoint, every method and stage
+passes the reload check, and ranks never outlive the task that launched them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors import safe_open
+
+from helpers import wait_for
+from nightshift.pipelines.finetune import verify_candidate
+from nightshift.training import checkpoints
+from nightshift.training.launch import local_env
+from trainer_runs import run_trainer, tiny_recipe, trainer_config
+
+RESUMABLE = dict(train_steps=8, checkpoint_interval=2, keep_checkpoints=2)
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory, tiny_model, train_blocks):
+    """An uninterrupted run, and a run whose rank 1 was SIGKILLed at step 7 (after the step-6 checkpoint)."""
+    root = tmp_path_factory.mktemp("resume")
+    recipe = tiny_recipe(**RESUMABLE)
+    straight = run_trainer(root / "straight", tiny_model, train_blocks, recipe)
+    killed = root / "killed"
+    with pytest.raises(RuntimeError, match="trainer exited with code"):
+        run_trainer(killed, tiny_model, train_blocks, recipe, fault="trainer.rank1.step7")
+    return straight, killed, recipe
+
+
+def test_a_rank_killed_after_a_checkpoint_resumes_there_and_ends_with_the_same_losses(killed_run, tiny_model,
+                                                                                       train_blocks):
+    straight, killed, recipe = killed_run
+    assert not (killed / "candidate" / "metrics.json").exists()
+    assert [c.tag for c in checkpoints.complete(killed / "checkpoints")] == ["step-00000006", "step-00000004"]
+
+    resumed = run_trainer(killed, tiny_model, train_blocks, recipe)
+
+    log = (killed / "trainer.log").read_text()
+    assert "exits with return code = -9" in log  # the launcher saw rank 1 die by SIGKILL
+    assert "resuming from checkpoint step-00000006" in log
+    assert resumed["resumed_from"] == 6
+    assert len(resumed["losses"]) == 8
+    assert resumed["losses"] == pytest.approx(straight["losses"], abs=1e-6, rel=0)
+    assert resumed["reload_check"]["loss"] == pytest.approx(straight["reload_check"]["loss"], abs=1e-6, rel=0)
+    assert verify_candidate(None, {"output_dir": str(killed / "candidate")}, local_env())["passed"]
+
+
+def test_a_corrupted_newest_checkpoint_is_skipped_and_a_half_written_one_ignored(killed_run, tiny_model,
+                                                                                  train_blocks):
+    straight, killed, recipe = killed_run
+    root = killed / "checkpoints"
+    newest = root / "step-00000006"
+    optim = sorted(newest.glob("zero_pp_rank_1_*optim_states.pt"))[0]
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    optim.write_bytes(bytes(data))
+    half = root / "step-00000007"  # a save killed before its manifest was written
+    half.mkdir()
+    (half / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+
+    resumed = run_trainer(killed, tiny_model, train_blocks, recipe)
+
+    log = (killed / "trainer.log").read_text()
+    assert f"skipping checkpoint step-00000006: {optim.name} does not match its checksum" in log
+    assert "resuming from checkpoint step-00000004" in log
+    assert "step-00000007" not in log.split("skipping checkpoint step-00000006")[-1].split("resuming")[0]
+    assert resumed["resumed_from"] == 4
+    assert resumed["losses"] == pytest.approx(straight["losses"], abs=1e-6, rel=0)
+
+
+@pytest.mark.parametrize(("method", "stage", "extra"), [
+    ("full", 2, {}),
+    ("full", 3, {"gradient_checkpointing": True}),
+    ("lora", 2, {"gradient_accumulation_steps": 2}),
+    ("lora", 3, {}),
+])
+def test_each_method_and_zero_stage_trains_and_passes_the_reload_check(tmp_path, tiny_model, train_blocks, method,
+                                                                      stage, extra):
+    recipe = tiny_recipe(method=method, zero_stage=stage, checkpoint_interval=0,
+                         **({"learning_rate": 1e-2} if method == "lora" else {}), **extra)
+    metrics = run_trainer(tmp_path, tiny_model, train_blocks, recipe)
+    assert metrics["method"] == method and not metrics["diverged"]
+    assert metrics["losses"][-1] < metrics["losses"][0] - 0.01  # it learned something
+
+    result = verify_candidate(None, {"output_dir": str(tmp_path / "candidate")}, local_env())
+    assert result["passed"] and result["difference"] <= recipe.reload_tolerance
+
+    checkpoint = tmp_path / "candidate" / "checkpoint"
+    with safe_open(checkpoint / "model.safetensors", "pt") as trained, \
+            safe_open(tiny_model / "model.safetensors", "pt") as base:
+        assert set(trained.keys()) == set(base.keys())  # a plain model: LoRA merged, nothing missing or extra
+        changed = [k for k in base.keys() if not (trained.get_tensor(k) == base.get_tensor(k)).all()]
+    assert changed, "the saved weights are the base model's"
+    if method == "lora":  # only the adapted projections moved
+        assert all(k.endswith("proj.weight") for k in changed)
+    assert json.loads((checkpoint / "config.json").read_text())["use_cache"] is True
+    assert (checkpoint / "tokenizer.json").is_file()
+
+
+def test_ranks_stop_when_the_launching_task_is_killed_outright(tmp_path, tiny_model, train_blocks):
+    recipe = tiny_recipe(train_steps=100_000, checkpoint_interval=0)
+    config = trainer_config(tmp_path, tiny_model, train_blocks, recipe)
+    task = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from pathlib import Path;"
+        "from nightshift.training.launch import free_port, launch_command, local_env, run_local;"
+        "run_local(launch_command(Path(sys.argv[1]), 2, free_port()), local_env(), Path(sys.argv[2]))"
+    ), str(config), str(tmp_path / "trainer.log")], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+    def ranks() -> list[int]:
+        out = subprocess.run(["pgrep", "-f", "--", f"--config {config}"], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split() if int(p) != task.pid]
+
+    wait_for(lambda: "step 1/100000" in (tmp_path / "trainer.log").read_text()
+             if (tmp_path / "trainer.log").exists() else False, timeout=240, what="training to start")
+    assert ranks()
+    task.send_signal(signal.SIGKILL)  # as the supervisor does when the task is marked failed and ignores SIGTERM
+    task.wait()
+    wait_for(lambda: not ranks(), timeout=30, what="the ranks to stop")
+    time.sleep(0.5)
+    assert ranks() == []
