@@ -4,7 +4,8 @@ Code marks the moments that matter (``fault_point("versioning.after_commit")``).
 nothing; when ``NIGHTSHIFT_FAULT`` names it, the process dies there with SIGKILL (as a worker does when its
 node goes away: no ``finally``, no clean-up), or with a ``:raise`` suffix raises ``InjectedFault`` (as a
 failed external call does), or with ``:once`` raises only the first time (a marker file in
-``NIGHTSHIFT_FAULT_DIR`` remembers it), so that Airflow's retry of the task meets no fault. The
+``NIGHTSHIFT_FAULT_DIR`` remembers it), so that Airflow's retry of the task meets no fault; ``:kill-once``
+dies with SIGKILL the first time only (a training rank that dies, then a retry that resumes). The
 fault-injection tests run each step so, retry it, and compare the end state with an uninterrupted run.
 """
 
@@ -31,11 +32,13 @@ def fault_point(name: str) -> None:
         point, _, mode = entry.strip().partition(":")
         if point != name:
             continue
-        if mode == "once":
+        if mode in ("once", "kill-once"):
             marker = Path(os.environ.get(ONCE_DIR_ENV, ".")) / f"fault-{name}"
             if marker.exists():
                 continue
             marker.touch()
+            if mode == "kill-once":
+                os.kill(os.getpid(), signal.SIGKILL)
             raise InjectedFault(f"fault injected at {name} (once)")
         if mode == "raise":
             raise InjectedFault(f"fault injected at {name}")

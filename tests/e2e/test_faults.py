@@ -200,3 +200,26 @@ def test_a_planted_secret_in_a_failing_document_is_never_quoted(home, tmp_path, 
     assert "leak.txt" in body and "hunter2" not in body
     quality = next(home.work_dir.glob("ingest_corpus/*/quality.json")).read_text()
     assert "leak.txt" in quality and "hunter2" not in quality and "pii_hits" in quality
+
+
+def test_a_training_rank_killed_mid_run_is_retried_and_resumes_from_its_checkpoint(trained_home, monkeypatch):
+    from nightshift.provenance import safe_name
+    from nightshift.pipelines.finetune import registry_for
+
+    monkeypatch.setenv("NIGHTSHIFT_FAULT", "trainer.rank1.step6:kill-once")  # the tiny recipe checkpoints at 4
+    dag_run, tasks = run(fresh("finetune_model"), {"base_model": "tiny", "recipe": "tiny"})
+    assert dag_run.state == "success", {t: r.state for t, r in tasks.items()}
+    assert tries(dag_run, "train_local") == 2 and tasks["verify_candidate"].state == "success"
+    folder = trained_home.work_dir / "finetune_model" / safe_name(dag_run.run_id)
+    log = (folder / "trainer.log").read_text()
+    assert "exits with return code = -9" in log  # the first attempt: rank 1 died by SIGKILL
+    assert "resuming from checkpoint step-00000004" in log  # the retry
+
+    registry = registry_for(trained_home)
+    run_id = registry.find_run("finetune_model", f"finetune_model/{dag_run.run_id}").info.run_id
+    history = registry.client.get_metric_history(run_id, "train_loss")
+    assert sorted({m.step for m in history}) == list(range(1, 9))  # streamed by rank 0 while training ran
+    for key in ("learning_rate", "grad_norm", "tokens_per_s"):
+        assert {m.step for m in registry.client.get_metric_history(run_id, key)} >= {7, 8}
+    assert registry.client.get_run(run_id).data.metrics["reload_check_difference"] <= 1e-4
+    assert not (folder / "checkpoints").exists()  # cleaned up with the run's other bulky outputs

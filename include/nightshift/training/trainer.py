@@ -271,6 +271,7 @@ def train(config: TrainerConfig) -> dict[str, Any]:
             break
         if recipe.checkpoint_interval and step % recipe.checkpoint_interval == 0 and step < recipe.train_steps:
             save(engine, root, step, history, digest, recipe.keep_checkpoints, rank, world)
+            reporter.flush(wait=True)  # the tracked curve covers at least what a resumed run will not redo
             fault_point(f"trainer.rank{rank}.checkpoint{step}")
     reporter.flush(wait=True)
     seconds = time.monotonic() - started
