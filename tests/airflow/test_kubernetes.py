@@ -148,6 +148,7 @@ def test_several_nodes_render_a_valid_indexed_job_and_headless_service(finetune_
     (container,) = pod["containers"]
     assert container["command"] == two_node_plan["node_command"]
     env = {e["name"]: e for e in container["env"]}
+    assert env["NIGHTSHIFT_HOME"]["value"] == str(settings.home)  # the command's paths resolve on the volume
     assert env["MASTER_ADDR"]["value"] == \
         f"{name}-0.{service['metadata']['name']}.{settings.kubernetes.namespace}.svc.cluster.local"
     assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \

@@ -203,8 +203,8 @@ def test_a_planted_secret_in_a_failing_document_is_never_quoted(home, tmp_path, 
 
 
 def test_a_training_rank_killed_mid_run_is_retried_and_resumes_from_its_checkpoint(trained_home, monkeypatch):
-    from nightshift.provenance import safe_name
     from nightshift.pipelines.finetune import registry_for
+    from nightshift.provenance import safe_name
 
     monkeypatch.setenv("NIGHTSHIFT_FAULT", "trainer.rank1.step6:kill-once")  # the tiny recipe checkpoints at 4
     dag_run, tasks = run(fresh("finetune_model"), {"base_model": "tiny", "recipe": "tiny"})

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
@@ -85,7 +86,9 @@ def test_each_method_and_zero_stage_trains_and_passes_the_reload_check(tmp_path,
                                                                       stage, extra):
     recipe = tiny_recipe(method=method, zero_stage=stage, checkpoint_interval=0,
                          **({"learning_rate": 1e-2} if method == "lora" else {}), **extra)
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     metrics = run_trainer(tmp_path, tiny_model, train_blocks, recipe)
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before  # no RAM left behind
     assert metrics["method"] == method and not metrics["diverged"]
     assert metrics["losses"][-1] < metrics["losses"][0] - 0.01  # it learned something
 

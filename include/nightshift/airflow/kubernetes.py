@@ -112,6 +112,7 @@ class TrainerJobOperator(KubernetesJobOperator):
         )
         self.plan = plan
         self.rendezvous: Any = None
+        self.base_env = dict(self.env_vars)
 
     def prepare(self, context: Any) -> Any:
         """Fill in this attempt's Job from the plan and the run; return the run's rendezvous Service."""
@@ -128,8 +129,7 @@ class TrainerJobOperator(KubernetesJobOperator):
         self.labels = {**self.labels, RUN_LABEL: key}
         self.cmds = list(plan["node_command"])
         master = f"{job_name}-0.{service}.{self.namespace}.svc.cluster.local"
-        base_env = self.env_vars if isinstance(self.env_vars, dict) else {}
-        self.env_vars = [k8s.V1EnvVar(name=n, value=v) for n, v in base_env.items()] + [
+        self.env_vars = [k8s.V1EnvVar(name=n, value=v) for n, v in self.base_env.items()] + [
             k8s.V1EnvVar(name=MASTER_ADDR_VAR, value=master),
             k8s.V1EnvVar(name=NODE_RANK_VAR, value_from=k8s.V1EnvVarSource(
                 field_ref=k8s.V1ObjectFieldSelector(

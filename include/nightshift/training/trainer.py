@@ -114,6 +114,22 @@ def _init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def release_shared_memory(rank: int) -> None:
+    """Unlink the name of this rank's DeepSpeed CPU all-reduce segment once every local rank has mapped it.
+
+    DeepSpeed's shared-memory all-reduce (CPU ranks on one machine) creates a 67 MB segment per rank in
+    /dev/shm and never unlinks it: every run, finished or killed, would leave RAM-backed files behind until
+    the machine runs out of memory. The mappings stay valid after the unlink; the memory is freed when the
+    ranks exit, however they exit.
+    """
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)
+    try:
+        (Path("/dev/shm") / name).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def watch_supervisor() -> None:
     """Exit when the process that launched the ranks is gone (an Airflow task killed with SIGKILL).
 
@@ -208,6 +224,9 @@ def train(config: TrainerConfig) -> dict[str, Any]:
     watch_supervisor()
     accelerator = get_accelerator()
     on_cpu = accelerator.device_name() == "cpu"
+    if on_cpu:
+        dist.barrier()  # every rank has mapped every other rank's segment by now
+        release_shared_memory(rank)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if on_cpu:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
