@@ -7,7 +7,8 @@ length and the same tokens per optimizer step (micro-batch x ranks x accumulatio
 gradient clipping:
 
 - nightshift: the ``deepspeed`` launcher with NIGHTSHIFT_TRAIN_RANKS CPU ranks (2 here), the recipe as the
-  DAG runs it (ZeRO stage, precision, no checkpoints during the measured steps);
+  DAG runs it (ZeRO stage, precision, no checkpoints during the measured steps); once more with the
+  ranks' collectives left to gloo, to show what routing them through shared memory gains;
 - plain: one Python process, ``torch.set_num_threads(<all cores>)``, ``AutoModelForCausalLM`` and
   ``torch.optim.AdamW`` in a textbook loop.
 
@@ -65,7 +66,8 @@ def plain_loop(model: Path, data: Path, steps: int, per_step: int, lr: float, cl
     return median_after_warmup(json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"])
 
 
-def nightshift_trainer(model: Path, data: Path, recipe, ranks: int, work: Path) -> tuple[float, float, dict]:
+def nightshift_trainer(model: Path, data: Path, recipe, ranks: int, work: Path,
+                       env_extra: dict | None = None) -> tuple[float, float, dict]:
     from nightshift.training.launch import free_port, launch_command, local_env, run_local
     from nightshift.training.trainer import TrainerConfig
 
@@ -73,7 +75,7 @@ def nightshift_trainer(model: Path, data: Path, recipe, ranks: int, work: Path) 
                            recipe=recipe.to_dict(), checkpoint_dir=str(work / "checkpoints"))
     path = config.write(work / "trainer.json")
     launched = time.time()
-    run_local(launch_command(path, ranks, free_port()), local_env(), work / "trainer.log")
+    run_local(launch_command(path, ranks, free_port()), {**local_env(), **(env_extra or {})}, work / "trainer.log")
     metrics = json.loads((work / "candidate" / "metrics.json").read_text())
     rates = [h["tokens_per_s"] for h in metrics["history"]]
     return median_after_warmup(rates), metrics["started_at"] - launched, metrics
@@ -108,12 +110,14 @@ def main() -> int:
                                           ranks, work / "cold")
     plain_before = plain_loop(model, data, args.steps, per_step, recipe.learning_rate, recipe.max_grad_norm)
     ours, warm_start, metrics = nightshift_trainer(model, data, recipe, ranks, work / "warm")
+    gloo, _, _ = nightshift_trainer(model, data, recipe, ranks, work / "gloo", {"NIGHTSHIFT_CPU_SHM_COLLECTIVES": "0"})
     plain_after = plain_loop(model, data, args.steps, per_step, recipe.learning_rate, recipe.max_grad_norm)
     plain = (plain_before + plain_after) / 2
     print(f"plain loop (1 process, {os.cpu_count()} threads): {plain_before:,.0f} / {plain_after:,.0f} tokens/s "
           f"(before / after)")
     print(f"nightshift trainer ({ranks} ranks, ZeRO-{recipe.zero_stage}, {metrics['precision']}): "
           f"{ours:,.0f} tokens/s")
+    print(f"  same, collectives left to gloo (TCP): {gloo:,.0f} tokens/s ({ours / gloo:.2f}x from shared memory)")
     print(f"ratio nightshift / plain: {ours / plain:.2f}x (goal >= 1.0x)")
     print(f"start-up, launch to first step: cold {cold_start:.1f} s, warm {warm_start:.1f} s (goal warm < 15 s)")
     return 0

@@ -107,6 +107,21 @@ def test_each_method_and_zero_stage_trains_and_passes_the_reload_check(tmp_path,
     assert (checkpoint / "tokenizer.json").is_file()
 
 
+def test_zero3_through_shared_memory_trains_exactly_as_through_gloo(tmp_path, tiny_model, train_blocks, monkeypatch):
+    """ZeRO-3 gathers parameters in place and reduces in buckets: the shared-memory route must not change a bit.
+
+    (ZeRO-2 is compared the same way by the two-node test: two one-rank nodes use gloo, one node shared memory.)
+    """
+    recipe = tiny_recipe(zero_stage=3, checkpoint_interval=0)
+    shared = run_trainer(tmp_path / "shm", tiny_model, train_blocks, recipe)
+    assert "all-reduce and all-gather through shared memory" in (tmp_path / "shm" / "trainer.log").read_text()
+    monkeypatch.setenv("NIGHTSHIFT_CPU_SHM_COLLECTIVES", "0")
+    gloo = run_trainer(tmp_path / "gloo", tiny_model, train_blocks, recipe)
+    assert "through shared memory" not in (tmp_path / "gloo" / "trainer.log").read_text()
+    assert shared["losses"] == pytest.approx(gloo["losses"], abs=1e-6, rel=0)
+    assert shared["reload_check"]["loss"] == pytest.approx(gloo["reload_check"]["loss"], abs=1e-6, rel=0)
+
+
 def test_ranks_stop_when_the_launching_task_is_killed_outright(tmp_path, tiny_model, train_blocks):
     recipe = tiny_recipe(train_steps=100_000, checkpoint_interval=0)
     config = trainer_config(tmp_path, tiny_model, train_blocks, recipe)

@@ -31,6 +31,7 @@ from typing import Any
 
 from nightshift.faults import fault_point
 from nightshift.training import checkpoints
+from nightshift.training.collectives import local_world_size, route_through_shared_memory
 from nightshift.training.progress import ProgressReporter
 from nightshift.training.recipe import TrainingRecipe
 
@@ -38,6 +39,7 @@ log = logging.getLogger("nightshift.trainer")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 SUPERVISOR_ENV = "NIGHTSHIFT_SUPERVISOR"
+SHM_COLLECTIVES_ENV = "NIGHTSHIFT_CPU_SHM_COLLECTIVES"  # 0: leave CPU collectives to gloo (bench baseline)
 REFERENCE_BLOCKS = 4
 
 
@@ -227,7 +229,9 @@ def train(config: TrainerConfig) -> dict[str, Any]:
     if on_cpu:
         dist.barrier()  # every rank has mapped every other rank's segment by now
         release_shared_memory(rank)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if os.environ.get(SHM_COLLECTIVES_ENV, "1") != "0" and route_through_shared_memory() and rank == 0:
+            log.info("CPU ranks on one machine: all-reduce and all-gather through shared memory")
+    local_world = local_world_size() or world
     if on_cpu:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     recipe = TrainingRecipe(**config.recipe)
