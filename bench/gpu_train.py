@@ -97,7 +97,8 @@ def main() -> int:
     layers, hidden = dims["num_hidden_layers"], dims["hidden_size"]
     flops_per_token = 6 * params + 12 * layers * hidden * args.seq_len
     print(f"{name} x{gpus}: {params / 1e9:.2f}B parameters, {args.seq_len}-token blocks, micro-batch "
-          f"{args.micro_batch} per GPU, {args.steps} steps, bf16, {flops_per_token / 1e9:.1f} GFLOP per token"
+          f"{args.micro_batch} per GPU, {args.steps} steps, {'fp32 (smoke)' if args.smoke else 'bf16'}, "
+          f"{flops_per_token / 1e9:.1f} GFLOP per token"
           + (f", peak {peak:.0f} TFLOP/s per GPU" if peak else ", peak unknown (set GPU_PEAK_TFLOPS)"))
     for stage in (int(s) for s in args.stages.split(",")):
         result = run_stage(stage, work / "model", work / "train.npy", work, gpus, args)
