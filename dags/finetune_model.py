@@ -203,7 +203,7 @@ def finetune_model():
         # A port of its own for each attempt: a killed attempt's ranks may still hold the previous one.
         run_local(with_master_port(command, free_port()), local_env(), Path(output_dir).parent / "trainer.log")
 
-    @task(trigger_rule="none_failed_min_one_success", retries=0)
+    @task(trigger_rule="none_failed_min_one_success")
     def verify_candidate(plan: dict) -> dict:
         from nightshift.pipelines.finetune import registry_for
         from nightshift.pipelines.finetune import verify_candidate as verify

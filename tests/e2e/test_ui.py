@@ -171,3 +171,38 @@ def test_the_plugin_refuses_strangers_and_paths_out_of_its_folder(airflow):
     assert time.time()  # the server stays up after the attempts
     assert httpx.get(f"{base}/nightshift/reports/index.html",
                      headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_marking_the_training_task_failed_stops_every_rank(airflow, tiny_model):
+    """A person marks a running train_local failed (the UI's "Mark as failed" calls this same REST route): no rank
+    of that training outlives it. Runs after the ingest test above, whose corpus version it trains on."""
+    import psutil
+
+    from nightshift.provenance import safe_name
+
+    base, home = airflow["base"], airflow["home"]
+    shutil.copytree(tiny_model, home / "models" / "tiny", dirs_exist_ok=True)
+    token = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": airflow["password"]}) \
+        .json()["access_token"]
+    rest = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    run_id = f"mark-failed-{uuid.uuid4().hex[:8]}"
+    rest.patch("/api/v2/dags/finetune_model", json={"is_paused": False}).raise_for_status()
+    rest.post("/api/v2/dags/finetune_model/dagRuns", json={
+        "dag_run_id": run_id, "logical_date": None,
+        "conf": {"base_model": "tiny", "recipe": "tiny", "train_steps": 1_000_000},
+    }).raise_for_status()
+    folder = home / "work" / "finetune_model" / safe_name(run_id)
+    log = folder / "trainer.log"
+
+    # An asset-triggered run of the ingest test may go first (max_active_runs=1); it fails fast (no SmolLM2 here).
+    wait_for(lambda: "step 1/1000000" in log.read_text(), 480, "the training to start", every=1)
+    config = str(folder / "trainer.json")
+    ranks = [p for p in psutil.process_iter(["cmdline"]) if config in " ".join(p.info["cmdline"] or [])]
+    assert len(ranks) >= 4  # the deepspeed runner, its launcher and two ranks
+
+    rest.patch(f"/api/v2/dags/finetune_model/dagRuns/{run_id}/taskInstances/train_local",
+               json={"new_state": "failed"}).raise_for_status()
+    wait_for(lambda: not [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 90,
+             "every rank to stop")
+    ti = rest.get(f"/api/v2/dags/finetune_model/dagRuns/{run_id}/taskInstances/train_local").json()
+    assert ti["state"] == "failed" and ti["try_number"] == 1  # marked failed: not retried
