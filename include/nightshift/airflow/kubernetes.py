@@ -111,7 +111,6 @@ class TrainerJobOperator(KubernetesJobOperator):
             **kwargs,
         )
         self.plan = plan
-        self.rendezvous: Any = None
         self.base_env = dict(self.env_vars)
 
     def prepare(self, context: Any) -> Any:
@@ -135,8 +134,7 @@ class TrainerJobOperator(KubernetesJobOperator):
                 field_ref=k8s.V1ObjectFieldSelector(
                     field_path=f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"))),
         ]
-        self.rendezvous = rendezvous_service(service, self.namespace, key, int(plan["master_port"]))
-        return self.rendezvous
+        return rendezvous_service(service, self.namespace, key, int(plan["master_port"]))
 
     def execute(self, context: Any):
         from kubernetes.client.exceptions import ApiException

@@ -147,8 +147,7 @@ def plan_training(
     ranks = settings.train_ranks
     plan: dict[str, Any] = {
         "command": launch_command(config_path, ranks, settings.master_port), "config_path": str(config_path),
-        "output_dir": str(output_dir), "nodes": nodes, "ranks_per_node": ranks, "world_size": nodes * ranks,
-        "master_port": settings.master_port, "node_command": None,
+        "output_dir": str(output_dir), "nodes": nodes, "master_port": settings.master_port, "node_command": None,
     }
     if nodes > 1:
         hostfile = write_hostfile(run_dir / "hostfile", nodes, ranks)

@@ -12,11 +12,8 @@ machine and DeepSpeed's kernel is there; GPU ranks never use it.
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
-
-log = logging.getLogger("nightshift.trainer")
 
 
 def local_world_size() -> int:

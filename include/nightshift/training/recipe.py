@@ -157,10 +157,6 @@ class TrainingRecipe:
                     raise ValueError(message if message.startswith(path.name) else f"{path.name}: {message}") from None
         raise FileNotFoundError(f"training recipe {name!r} not found; known recipes: {known}")
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainingRecipe:
-        return cls(**data)
-
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         if self.lora is not None:
