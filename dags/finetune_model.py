@@ -16,9 +16,11 @@ Runs when `ingest_corpus` publishes a new corpus version, or from **Trigger** wi
 | `train_kubernetes` | the same command in one GPU pod (`backend: kubernetes`, `nodes: 1`) |
 | `train_kubernetes_nodes` | an Indexed Job of `nodes` GPU pods, one per node, rendezvous via a headless Service |
 | `verify_candidate` | the checkpoint, reloaded by transformers in a new process, gives the trainer's loss |
-| `evaluate` | held-out and golden-set perplexity of candidate and champion (base model before the first) |
-| `decide_promotion` | applies `include/configs/gate.yaml` |
-| `register_candidate` → `promote_candidate` | uploads the checkpoint (manifest last), registers, moves `champion` |
+| `evaluate` | `include/configs/evaluation.yaml` on candidate and champion: perplexities, greedy answers |
+|  | (exact match, token F1, ROUGE-L, refusals), the LLM judge; a paired bootstrap interval per difference |
+| `decide_promotion` | applies `include/configs/gate.yaml` to the intervals; writes the HTML report |
+| `register_candidate` → `promote_candidate` | registers the checkpoint with its report, moves `champion` |
+|  | and records the move (who, why, which evaluation) in the registry's promotion history |
 | `reject_candidate` | keeps the champion and alerts with the gate's reasons |
 | `report` | the cycle summary, also logged to the MLflow run |
 
@@ -217,31 +219,41 @@ def finetune_model():
 
     @task
     def evaluate(packed: dict, plan: dict) -> dict:
+        from nightshift.airflow.connections import judge_endpoint
+        from nightshift.evaluation.suite import EvaluationSuite
         from nightshift.pipelines.finetune import evaluate_candidate, registry_for
         from nightshift.records import PackedDataset
 
+        try:  # a broken suite or judge connection does not mend itself on retry
+            suite = EvaluationSuite.load(SETTINGS.evaluation_suite)
+            endpoint, note = judge_endpoint(suite.judge.connection, suite.judge.model) if suite.uses_judge \
+                else (None, "no judge metric in the suite")
+        except ValueError as exc:
+            raise AirflowFailException(str(exc)) from exc
         return evaluate_candidate(SETTINGS, registry_for(SETTINGS), _request(), plan, PackedDataset.from_dict(packed),
-                                  run_report(SETTINGS, get_current_context()))
+                                  run_report(SETTINGS, get_current_context()), suite, endpoint, note)
 
     @task
     def decide_promotion(evaluation: dict, plan: dict) -> dict:
         from nightshift.evaluation.gate import GatePolicy
-        from nightshift.pipelines.finetune import gate, registry_for
-        from nightshift.records import EvaluationReport
+        from nightshift.pipelines.finetune import gate, registry_for, write_evaluation_report
 
+        context = get_current_context()
         try:
-            policy = GatePolicy.load()
+            policy = GatePolicy.load(SETTINGS.gate_policy)
         except ValueError as exc:  # a broken gate.yaml does not mend itself on retry
             raise AirflowFailException(str(exc)) from exc
-        decision = gate(
-            EvaluationReport.from_dict(evaluation["candidate"]), EvaluationReport.from_dict(evaluation["baseline"]),
-            policy,
+        decision = gate(evaluation["comparisons"], evaluation["baseline"]["model"], policy)
+        report = run_report(SETTINGS, context)
+        html = write_evaluation_report(
+            registry_for(SETTINGS), plan["mlflow_run_id"], evaluation["path"], decision,
+            f"Evaluation of the candidate trained on {plan['dataset_tag']}",
+            {"dataset": plan["dataset_tag"], "DAG run": context["dag_run"].run_id,
+             "MLflow run": plan["mlflow_run_id"]}, report,
         )
-        registry_for(SETTINGS).set_tags(plan["mlflow_run_id"], {
-            "nightshift.gate": "passed" if decision.passed else "rejected", "nightshift.gate_reasons": decision.summary,
-        })
-        run_report(SETTINGS, get_current_context()).publish({"decision": decision.to_dict()})
-        return decision.to_dict()
+        print(f"evaluation report: {html}")
+        report.publish({"decision": decision.to_dict()})
+        return {**decision.to_dict(), "report": str(html)}
 
     @task.branch
     def route(decision: dict) -> str:
@@ -262,13 +274,18 @@ def finetune_model():
         return version.to_dict()
 
     @task(outlets=[CHAMPION_ASSET])
-    def promote_candidate(version: dict) -> dict:
+    def promote_candidate(version: dict, decision: dict) -> dict:
+        from nightshift.airflow.common import triggered_by
+        from nightshift.pipelines.finetune import promote_candidate as promote
         from nightshift.pipelines.finetune import registry_for
         from nightshift.records import ModelVersionRecord
 
-        promoted = registry_for(SETTINGS).promote(ModelVersionRecord.from_dict(version))
+        context = get_current_context()
+        run = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
+        promoted = promote(registry_for(SETTINGS), ModelVersionRecord.from_dict(version), f"{run}/promote",
+                           triggered_by(context), run, "; ".join(decision["reasons"]))
         # ingest_corpus compares each new corpus with the champion's data: this event tells it which that is.
-        get_current_context()["outlet_events"][CHAMPION_ASSET].extra = {
+        context["outlet_events"][CHAMPION_ASSET].extra = {
             "model_version": promoted.version, "dataset_version": promoted.dataset_tag,
         }
         return promoted.to_dict()
@@ -334,7 +351,7 @@ def finetune_model():
     decision = decide_promotion(evaluation, plan)
     routed = route(decision)
     registered = register_candidate(dataset, check, plan)
-    promoted = promote_candidate(registered)
+    promoted = promote_candidate(registered, decision)
     rejected = reject_candidate(decision, dataset)
     routed >> [registered, rejected]
     [reused, promoted, rejected] >> report(dataset, check)

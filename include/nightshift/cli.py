@@ -225,20 +225,18 @@ def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, s
                      "recipe: nothing trained, nothing registered")
     else:
         evaluation = report.get("evaluation") or {}
-        cand, base = evaluation.get("candidate") or {}, evaluation.get("baseline") or {}
-        lines.append(f"metrics   {'':<28}{'perplexity':>12}{'golden ppl':>12}")
-        for label, rep in (("candidate", cand), (base.get("model", "baseline"), base)):
-            lines.append(f"          {label:<28}{rep.get('perplexity', float('nan')):>12.3f}"
-                         f"{rep.get('golden_perplexity', float('nan')):>12.3f}")
+        base = evaluation.get("baseline") or {}
+        lines += metric_lines(evaluation.get("comparisons") or [], base.get("model", "champion"),
+                              evaluation.get("confidence", 0.95))
         decision = report.get("decision") or {}
         lines.append(f"gate      {'PASSED' if decision.get('passed') else 'REJECTED'}")
         for reason in decision.get("reasons", []):
             lines.append(f"          - {reason}")
+        if decision.get("report"):
+            lines.append(f"report    {_shown(Path(decision['report']))}  (evaluation report, also in the MLflow run)")
         promoted = report.get("promoted")
         lines.append(f"model     {promoted['name']} v{promoted['version']} is now champion" if promoted
                      else "model     not promoted; the champion stays")
-        for sample in cand.get("samples", [])[:1]:
-            lines.append(f"sample    Q: {sample['question']}\n          A: {sample['answer'][:200]}")
         lines.append(f"mlflow    run {report.get('mlflow_run_id')}")
     champion = report.get("champion")
     lines.append(f"champion  {champion['name']} v{champion['version']} (dataset {champion['dataset_tag']})"
@@ -255,6 +253,20 @@ def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, s
         "=" * 72,
     ]
     return "\n".join(lines)
+
+
+def metric_lines(comparisons: list[dict[str, Any]], baseline: str, confidence: float = 0.95) -> list[str]:
+    """Return the metric table of a cycle summary: both models, the difference and its interval."""
+    head = f"difference [{confidence:.0%} interval]"
+    lines = [f"metrics   {'':<22}{'candidate':>10}{baseline[:24]:>26}{head:>34}"]
+    for c in comparisons:
+        if c.get("unmeasured"):
+            lines.append(f"          {c['metric']:<22}{'not measured: ' + c['unmeasured']:>70}")
+            continue
+        rel = " rel" if c.get("relative") else ""
+        interval = f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]{rel}"
+        lines.append(f"          {c['metric']:<22}{c['candidate']:>10.3f}{c['baseline']:>26.3f}{interval:>34}")
+    return lines
 
 
 def _report_lines(pages: dict[str, Path | None] | None, ui_page: str) -> list[str]:

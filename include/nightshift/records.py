@@ -74,41 +74,90 @@ class PackedDataset(Record):
 
 @dataclass(frozen=True)
 class EvaluationReport(Record):
-    """Metrics of one model on one held-out set and golden set, from one harness."""
+    """Metrics of one model on one held-out set and golden set, from one harness, with the per-example values."""
 
     model: str
     """What was evaluated: ``candidate``, ``champion v3`` or ``base <name>``."""
-    perplexity: float
-    """Held-out perplexity over every held-out token."""
+    metrics: dict[str, float]
+    """Aggregate value of every measured metric (``heldout.perplexity``, ``golden.token_f1``, ...)."""
     heldout_tokens: int
-    golden_perplexity: float
-    """Perplexity of the reference answers of the golden question/answer set, given the questions."""
     golden_items: int
-    samples: list[dict[str, str]] = field(default_factory=list)
-    """A few greedy answers to golden questions, for people to read."""
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per golden item: question, reference, expect, answer, nll/tokens and each answer metric."""
+    heldout: dict[str, list[float]] = field(default_factory=dict)
+    """Per held-out block: ``nll`` (summed) and ``tokens``, for the paired bootstrap."""
+    judge: dict[str, Any] = field(default_factory=dict)
+    """The judge's model and counts (calls, cached, scored, timeouts, errors, malformed), or why there was none."""
     seconds: float = 0.0
 
-    def metrics(self, prefix: str) -> dict[str, float]:
-        return {
-            f"{prefix}_perplexity": self.perplexity,
-            f"{prefix}_golden_perplexity": self.golden_perplexity,
-        }
+    @property
+    def perplexity(self) -> float:
+        return self.metrics.get("heldout.perplexity", math.nan)
+
+    @property
+    def golden_perplexity(self) -> float:
+        return self.metrics.get("golden.perplexity", math.nan)
+
+    def summary(self) -> dict[str, Any]:
+        """The report without its per-example arrays: small enough for XCom and alerts."""
+        return {"model": self.model, "metrics": self.metrics, "heldout_tokens": self.heldout_tokens,
+                "golden_items": self.golden_items, "judge": self.judge, "seconds": self.seconds}
+
+
+@dataclass(frozen=True)
+class MetricComparison(Record):
+    """Candidate against champion on one metric: both values, the difference and its paired bootstrap interval."""
+
+    metric: str
+    candidate: float
+    baseline: float
+    difference: float
+    """candidate - champion; for perplexities the relative change candidate / champion - 1."""
+    low: float
+    high: float
+    n: int
+    """Paired examples the interval is computed over."""
+    items: int
+    """Examples the metric is defined on (n < items: some were not scored, e.g. by the judge)."""
+    higher_is_better: bool
+    relative: bool = False
+    safety: bool = False
+    unmeasured: str = ""
+    """Why the metric was not measured (e.g. no judge), empty when it was."""
+
+    @property
+    def measured(self) -> bool:
+        return not self.unmeasured
+
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(v) for v in (self.candidate, self.baseline, self.difference, self.low, self.high))
+
+    def describe(self) -> str:
+        if self.unmeasured:
+            return f"{self.metric}: not measured ({self.unmeasured})"
+        unit = "relative change" if self.relative else "difference"
+        return (f"{self.metric}: candidate {_fmt(self.candidate)} vs champion {_fmt(self.baseline)}, {unit} "
+                f"{_fmt(self.difference, signed=True)} [{_fmt(self.low, signed=True)}, {_fmt(self.high, signed=True)}]"
+                f" over {self.n} examples")
 
 
 @dataclass(frozen=True)
 class GateCheck(Record):
     metric: str
-    candidate: float
-    baseline: float
-    limit: float
-    passed: bool
+    condition: str
+    """The rule, e.g. ``lower bound > -0.01``."""
+    outcome: str
+    """``passed``, ``failed`` or ``skipped`` (an unmeasured metric whose rule allows it)."""
+    detail: str
+
+    @property
+    def passed(self) -> bool:
+        return self.outcome != "failed"
 
     def describe(self) -> str:
-        verdict = "ok" if self.passed else "FAILED"
-        return (
-            f"{self.metric}: candidate {_fmt(self.candidate)} vs baseline {_fmt(self.baseline)} "
-            f"(limit {_fmt(self.limit)}) {verdict}"
-        )
+        verdict = {"passed": "ok", "failed": "FAILED", "skipped": "skipped"}.get(self.outcome, self.outcome)
+        return f"{self.metric} ({self.condition}): {self.detail} {verdict}"
 
 
 @dataclass(frozen=True)
@@ -143,5 +192,30 @@ class ModelVersionRecord(Record):
         return f"{self.name} v{self.version}"
 
 
-def _fmt(value: float) -> str:
-    return "nan" if math.isnan(value) else f"{value:.4g}"
+def _fmt(value: float, signed: bool = False) -> str:
+    if math.isnan(value):
+        return "nan"
+    return f"{value:+.4g}" if signed else f"{value:.4g}"
+
+
+@dataclass(frozen=True)
+class ChampionMove(Record):
+    """One move of the champion alias: from which version to which, when, by whom, why, on what evidence."""
+
+    id: str
+    to_version: int
+    from_version: int | None
+    kind: str
+    """``promotion`` (the gate passed) or ``rollback`` (a person asked)."""
+    by: str
+    """Who moved it: the person who triggered the DAG run, or ``schedule``."""
+    dag_run: str
+    """``dag_id/run_id`` of the run that moved it."""
+    reason: str
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    """The evaluation that justified the target: MLflow run id, report artifact, gate summary."""
+    requested_at: str = ""
+    at: str = ""
+    """When the alias moved (ISO 8601, UTC); empty while the move is pending."""
+    state: str = "pending"
+    """``pending`` (recorded, alias not yet confirmed moved) or ``done``."""

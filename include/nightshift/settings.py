@@ -139,6 +139,10 @@ class Settings:
     """The preparation recipe prepare_corpus runs (NIGHTSHIFT_PREP_RECIPE)."""
     drift_policy: Path = CONFIG_DIR / "drift.yaml"
     """The drift policy profile_corpus applies (NIGHTSHIFT_DRIFT_POLICY)."""
+    evaluation_suite: Path = CONFIG_DIR / "evaluation.yaml"
+    """The evaluation suite candidate and champion run through (NIGHTSHIFT_EVALUATION_SUITE)."""
+    gate_policy: Path = CONFIG_DIR / "gate.yaml"
+    """The promotion gate's rules (NIGHTSHIFT_GATE_POLICY)."""
     recipe_dirs: tuple[Path, ...] = ()
     """Further folders with training recipes, besides include/configs/training (the Param takes names only)."""
     task_timeout_s: int = 3600
@@ -275,6 +279,8 @@ def load_settings() -> Settings:
         sources_file=Path(os.environ.get("NIGHTSHIFT_SOURCES_FILE") or CONFIG_DIR / "sources.yaml"),
         prep_recipe=Path(os.environ.get("NIGHTSHIFT_PREP_RECIPE") or CONFIG_DIR / "prep.yaml"),
         drift_policy=Path(os.environ.get("NIGHTSHIFT_DRIFT_POLICY") or CONFIG_DIR / "drift.yaml"),
+        evaluation_suite=Path(os.environ.get("NIGHTSHIFT_EVALUATION_SUITE") or CONFIG_DIR / "evaluation.yaml"),
+        gate_policy=Path(os.environ.get("NIGHTSHIFT_GATE_POLICY") or CONFIG_DIR / "gate.yaml"),
         recipe_dirs=_env_paths("NIGHTSHIFT_RECIPE_DIRS"),
         task_timeout_s=_env_int("NIGHTSHIFT_TASK_TIMEOUT_S", 3600),
         train_timeout_s=_env_int("NIGHTSHIFT_TRAIN_TIMEOUT_S", 6 * 3600),

@@ -2,8 +2,9 @@ import math
 
 import numpy as np
 
-from nightshift.evaluation.harness import GoldenItem, evaluate_model, heldout_perplexity, load_golden
-from nightshift.settings import GOLDEN_QA
+from nightshift.evaluation.harness import GoldenItem, evaluate_model, heldout_perplexity, load_check, load_golden
+from nightshift.evaluation.suite import EvaluationSuite
+from nightshift.settings import CONFIG_DIR, GOLDEN_QA
 
 
 def test_bundled_golden_set_loads():
@@ -22,9 +23,29 @@ def test_random_model_perplexity_is_near_vocabulary_size(tiny_model, tmp_path):
     assert 20_000 < ppl < 120_000  # an untrained model is about uniform over 49,152 tokens
 
 
-def test_evaluate_model_reports_every_metric(tiny_model, tmp_path):
+def test_evaluate_model_reports_every_metric_per_example(tiny_model, tmp_path):
     heldout = tmp_path / "heldout.npy"
     np.save(heldout, np.arange(64, dtype=np.int32).reshape(2, 32))
-    report = evaluate_model(tiny_model, "candidate", heldout, [GoldenItem("Q?", "A.")], samples=1)
-    assert report.heldout_tokens == 62 and math.isfinite(report.golden_perplexity)
-    assert report.samples[0]["question"] == "Q?"
+    suite = EvaluationSuite.load(CONFIG_DIR / "evaluation.yaml")
+    golden = [GoldenItem("Q?", "A.", "answer", "a"), GoldenItem("Password?", "I can't.", "refuse", "r")]
+    report = evaluate_model(tiny_model, "candidate", heldout, suite, golden)
+    assert report.heldout_tokens == 62 and len(report.heldout["nll"]) == 2
+    assert math.isfinite(report.golden_perplexity) and math.isfinite(report.perplexity)
+    answer, refuse = report.examples
+    assert {"answer", "nll", "tokens", "exact_match", "token_f1", "rouge_l", "refused"} <= set(answer)
+    assert "token_f1" not in refuse and isinstance(refuse["refused"], bool)
+    assert report.metrics["golden.refusal_rate"] == float(refuse["refused"])
+    assert report.judge == {"enabled": False, "note": "no judge configured"}
+    assert not any(k.startswith("judge.") for k in report.metrics)
+
+
+def test_load_check_answers_with_a_model_and_fails_on_a_broken_one(tiny_model, tmp_path):
+    import shutil
+
+    import pytest
+
+    assert math.isfinite(load_check(tiny_model)["loss"])
+    broken = shutil.copytree(tiny_model, tmp_path / "broken")
+    (broken / "config.json").unlink()
+    with pytest.raises(Exception):  # noqa: B017 - transformers raises OSError or ValueError by version
+        load_check(broken)

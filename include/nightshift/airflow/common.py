@@ -45,3 +45,13 @@ def run_dir(settings: Settings, context: Any) -> Path:
     path = settings.work_dir / dag_run.dag_id / safe_name(dag_run.run_id)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def triggered_by(context: Any) -> str:
+    """Return who started the DAG run: the user who triggered it, else ``schedule`` (or the run type)."""
+    dag_run = context["dag_run"]
+    user = getattr(dag_run, "triggering_user_name", None)
+    if user:
+        return str(user)[:200]
+    run_type = str(getattr(dag_run, "run_type", "") or "")
+    return "schedule" if "scheduled" in run_type or "asset" in run_type else (run_type.lower() or "unknown")

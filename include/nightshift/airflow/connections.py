@@ -55,3 +55,35 @@ def sql_engine(conn_id: str):
     if not hasattr(hook, "get_sqlalchemy_engine"):
         raise ValueError(f"connection {conn_id!r} is not a SQL database (its hook is {type(hook).__name__})")
     return hook.get_sqlalchemy_engine()
+
+
+def judge_endpoint(conn_id: str, model: str | None = None):
+    """Return (JudgeEndpoint, "") for the judge's connection, or (None, why) when it is not defined.
+
+    The connection's host is the endpoint's base URL (``https://judge.example.com/v1``), or a bare host with
+    schema (http/https), port and extra ``path`` (default ``/v1``); the password is the API key; the model is
+    ``model`` (evaluation.yaml) else the extra ``model``.
+    """
+    from airflow.exceptions import AirflowNotFoundException
+
+    from nightshift.evaluation.judge import JudgeEndpoint
+
+    try:
+        conn = get_connection(conn_id)
+    except AirflowNotFoundException:
+        return None, f"no Airflow connection {conn_id!r}"
+    extra = conn.extra_dejson or {}
+    host = (conn.host or "").strip()
+    if not host:
+        raise ValueError(f"the judge connection {conn_id!r} has no host: set it to the endpoint's base URL")
+    if "://" in host:
+        base_url = host.rstrip("/")
+    else:
+        scheme = conn.schema if conn.schema in ("http", "https") else "http"
+        port = f":{conn.port}" if conn.port else ""
+        base_url = f"{scheme}://{host}{port}{extra.get('path', '/v1')}".rstrip("/")
+    name = model or extra.get("model")
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"the judge connection {conn_id!r} names no model: set its extra to "
+                         '{"model": "<judge model>"} or judge.model in evaluation.yaml')
+    return JudgeEndpoint(base_url=base_url, model=name.strip(), api_key=conn.password or "unused"), ""

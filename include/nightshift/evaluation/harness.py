@@ -1,40 +1,27 @@
-"""One evaluation harness for every model: held-out perplexity and golden question/answer perplexity."""
+"""One evaluation harness for every model: perplexities, greedy answers and their metrics, the judge's scores.
+
+Candidate and champion go through ``evaluate_model`` with the same suite (golden items, generation
+settings, judge), so their per-example values pair up for the bootstrap (compare.py).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from nightshift.evaluation import metrics as m
+from nightshift.evaluation.judge import Judge, JudgeStats
+from nightshift.evaluation.suite import EvaluationSuite, GoldenItem, load_golden
 from nightshift.records import EvaluationReport
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class GoldenItem:
-    question: str
-    answer: str
-
-
-def load_golden(path: Path) -> list[GoldenItem]:
-    """Return the golden question/answer pairs of a JSONL file with ``question`` and ``answer`` fields."""
-    items = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        if not isinstance(record.get("question"), str) or not isinstance(record.get("answer"), str):
-            raise ValueError(f"{path}:{lineno}: golden items need string fields 'question' and 'answer'")
-        items.append(GoldenItem(record["question"], record["answer"]))
-    if not items:
-        raise ValueError(f"{path} holds no golden items")
-    return items
+__all__ = ["GoldenItem", "evaluate_model", "load_golden", "heldout_nll", "load_check"]
 
 
 def _nll_sum(model, input_ids, labels) -> tuple[float, int]:
@@ -45,83 +32,39 @@ def _nll_sum(model, input_ids, labels) -> tuple[float, int]:
         logits = model(input_ids=input_ids).logits[:, :-1].float()
         targets = labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-    return loss.item(), int((targets != -100).sum())
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+        ).reshape(targets.shape)
+    return loss.sum(dim=1).tolist(), (targets != -100).sum(dim=1).tolist()
 
 
-def heldout_perplexity(model, heldout: np.ndarray, batch_size: int = 4) -> tuple[float, int]:
-    """Return perplexity over every token of the held-out blocks (-1 marks padding) and the token count."""
+def heldout_nll(model, heldout: np.ndarray, batch_size: int = 4) -> tuple[list[float], list[int]]:
+    """Return the summed NLL and the token count of every held-out block (-1 marks padding)."""
     import torch
 
-    total, count = 0.0, 0
+    nll: list[float] = []
+    tokens: list[int] = []
     for start in range(0, len(heldout), batch_size):
         rows = torch.as_tensor(heldout[start : start + batch_size].astype(np.int64))
         labels = rows.masked_fill(rows < 0, -100)
-        nll, n = _nll_sum(model, rows.clamp(min=0), labels)
-        total, count = total + nll, count + n
-    return _ppl(total, count), count
+        sums, counts = _nll_sum(model, rows.clamp(min=0), labels)
+        nll += sums
+        tokens += counts
+    return nll, tokens
 
 
-def golden_perplexity(model, tokenizer, items: list[GoldenItem]) -> float:
-    """Return the perplexity of the reference answers given each question in the model's chat format."""
-    import torch
-
-    total, count = 0.0, 0
-    for item in items:
-        prompt = _prompt_ids(tokenizer, item.question)
-        answer = tokenizer(item.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = torch.tensor([prompt + answer])
-        labels = torch.tensor([[-100] * len(prompt) + answer])
-        nll, n = _nll_sum(model, ids, labels)
-        total, count = total + nll, count + n
-    return _ppl(total, count)
+def heldout_perplexity(model, heldout: np.ndarray, batch_size: int = 4) -> tuple[float, int]:
+    """Return perplexity over every token of the held-out blocks and the token count."""
+    nll, tokens = heldout_nll(model, heldout, batch_size)
+    return perplexity(sum(nll), sum(tokens)), sum(tokens)
 
 
-def sample_answers(model, tokenizer, items: list[GoldenItem], max_new_tokens: int = 40) -> list[dict[str, str]]:
-    """Return greedy answers to the given questions, for people to read next to the metrics."""
-    import torch
-
-    samples = []
-    for item in items:
-        prompt = _prompt_ids(tokenizer, item.question)
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id,
-            )
-        answer = tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True).strip()
-        samples.append({"question": item.question, "reference": item.answer, "answer": answer})
-    return samples
-
-
-def evaluate_model(
-    model_dir: Path, label: str, heldout_path: Path, golden: list[GoldenItem], samples: int = 2
-) -> EvaluationReport:
-    """Evaluate one checkpoint; every model of a gate decision goes through this same function."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    started = time.monotonic()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    heldout = np.load(heldout_path)
-    ppl, tokens = heldout_perplexity(model, heldout)
-    golden_ppl = golden_perplexity(model, tokenizer, golden)
-    report = EvaluationReport(
-        model=label,
-        perplexity=ppl,
-        heldout_tokens=tokens,
-        golden_perplexity=golden_ppl,
-        golden_items=len(golden),
-        samples=sample_answers(model, tokenizer, golden[:samples]) if samples else [],
-        seconds=round(time.monotonic() - started, 2),
-    )
-    log.info(
-        "%s: held-out perplexity %.3f over %d tokens, golden perplexity %.3f over %d items (%.1fs)",
-        label, ppl, tokens, golden_ppl, len(golden), report.seconds,
-    )
-    return report
+def perplexity(total_nll: float, count: int) -> float:
+    if count == 0:
+        raise ValueError("nothing to evaluate: zero tokens")
+    mean = total_nll / count
+    if math.isnan(mean):
+        return math.nan
+    return math.exp(mean) if mean < 700 else math.inf
 
 
 def _prompt_ids(tokenizer, question: str) -> list[int]:
@@ -133,10 +76,130 @@ def _prompt_ids(tokenizer, question: str) -> list[int]:
     return tokenizer(f"Question: {question}\nAnswer:", add_special_tokens=True)["input_ids"]
 
 
-def _ppl(total: float, count: int) -> float:
-    if count == 0:
-        raise ValueError("nothing to evaluate: zero tokens")
-    mean = total / count
-    if math.isnan(mean):
-        return math.nan
-    return math.exp(mean) if mean < 700 else math.inf
+def answer_nll(model, tokenizer, item: GoldenItem) -> tuple[float, int]:
+    """Return the summed NLL of the reference answer (and end of sequence) given the question, and its length."""
+    import torch
+
+    prompt = _prompt_ids(tokenizer, item.question)
+    answer = tokenizer(item.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    sums, counts = _nll_sum(model, torch.tensor([prompt + answer]), torch.tensor([[-100] * len(prompt) + answer]))
+    return sums[0], counts[0]
+
+
+def greedy_answer(model, tokenizer, question: str, max_new_tokens: int) -> str:
+    import torch
+
+    prompt = _prompt_ids(tokenizer, question)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True).strip()
+
+
+def load(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def load_check(model_dir: Path) -> dict[str, Any]:
+    """Load a checkpoint with transformers and answer one question: raise if it cannot, return what it did."""
+    started = time.monotonic()
+    model, tokenizer = load(model_dir)
+    item = GoldenItem("Hello", "Hello.")
+    nll, tokens = answer_nll(model, tokenizer, item)
+    if not math.isfinite(nll):
+        raise ValueError(f"the model in {model_dir.name} gives a non-finite loss")
+    greedy_answer(model, tokenizer, item.question, 4)
+    return {"loss": nll / max(tokens, 1), "seconds": round(time.monotonic() - started, 2)}
+
+
+def evaluate_model(
+    model_dir: Path, label: str, heldout_path: Path | None, suite: EvaluationSuite, golden: list[GoldenItem],
+    judge: Judge | None = None, judge_note: str = "",
+) -> EvaluationReport:
+    """Evaluate one checkpoint; every model of a gate decision goes through this same function."""
+    started = time.monotonic()
+    model, tokenizer = load(model_dir)
+    wanted = set(suite.metrics)
+    values: dict[str, float] = {}
+    heldout: dict[str, list[float]] = {}
+    if "heldout.perplexity" in wanted and heldout_path is not None:
+        nll, tokens = heldout_nll(model, np.load(heldout_path))
+        heldout = {"nll": nll, "tokens": tokens}
+        values["heldout.perplexity"] = perplexity(sum(nll), sum(tokens))
+        log.info("%s: held-out perplexity %.3f over %d tokens", label, values["heldout.perplexity"], sum(tokens))
+
+    examples: list[dict[str, Any]] = []
+    generate = wanted & {"golden.exact_match", "golden.token_f1", "golden.rouge_l", "golden.refusal_rate"} \
+        or suite.uses_judge
+    for i, item in enumerate(golden, start=1):
+        example: dict[str, Any] = {"id": item.id, "question": item.question, "reference": item.answer,
+                                   "expect": item.expect}
+        if "golden.perplexity" in wanted:
+            example["nll"], example["tokens"] = answer_nll(model, tokenizer, item)
+        if generate:
+            answer = greedy_answer(model, tokenizer, item.question, suite.max_new_tokens)
+            example["answer"] = answer
+            example["refused"] = m.is_refusal(answer, suite.refusal_markers) if suite.refusal_markers else None
+            if item.expect == "answer":
+                example["exact_match"] = m.exact_match(answer, item.answer)
+                example["token_f1"] = m.token_f1(answer, item.answer)
+                example["rouge_l"] = m.rouge_l(answer, item.answer)
+        examples.append(example)
+        if i % 4 == 0 or i == len(golden):
+            log.info("%s: %d/%d golden items (%.0fs)", label, i, len(golden), time.monotonic() - started)
+
+    judged: dict[str, Any] = {"enabled": False, "note": judge_note or "no judge configured"}
+    if suite.uses_judge and judge is not None:
+        judge.stats = JudgeStats()
+        scores = judge.score_all([(item, ex["answer"]) for item, ex in zip(golden, examples, strict=True)])
+        for ex, score in zip(examples, scores, strict=True):
+            ex["judge"] = None if score is None else {"correctness": score.correctness,
+                                                      "groundedness": score.groundedness, "refused": score.refused}
+        judged = {"enabled": True, "model": judge.model, **judge.stats.to_dict()}
+        log.info("%s: judge %s scored %d of %d answers (%d from cache, %d timeouts, %d errors, %d malformed)",
+                 label, judge.model, judge.stats.scored, len(golden), judge.stats.cached, judge.stats.timeouts,
+                 judge.stats.errors, judge.stats.malformed)
+
+    values.update(aggregate(examples, wanted))
+    report = EvaluationReport(
+        model=label, metrics=values, heldout_tokens=int(sum(heldout.get("tokens", []))), golden_items=len(golden),
+        examples=examples, heldout=heldout, judge=judged, seconds=round(time.monotonic() - started, 2),
+    )
+    log.info("%s: %s (%.1fs)", label, ", ".join(f"{k} {v:.4g}" for k, v in values.items()), report.seconds)
+    return report
+
+
+def per_example(examples: list[dict[str, Any]], metric: str) -> tuple[list[str], list[float | None]]:
+    """Return (ids, values) of a mean-type metric over the items it is defined on; None where unscored."""
+    if metric == "golden.refusal_rate":
+        rows = [e for e in examples if e["expect"] == "refuse"]
+        return [e["id"] for e in rows], [None if e.get("refused") is None else float(e["refused"]) for e in rows]
+    if metric == "judge.refusal":
+        rows = [e for e in examples if e["expect"] == "refuse"]
+        return [e["id"] for e in rows], [None if not e.get("judge") else float(e["judge"]["refused"]) for e in rows]
+    rows = [e for e in examples if e["expect"] == "answer"]
+    if metric.startswith("judge."):
+        key = metric.split(".", 1)[1]
+        return [e["id"] for e in rows], [None if not e.get("judge") else float(e["judge"][key]) for e in rows]
+    key = metric.split(".", 1)[1]
+    return [e["id"] for e in rows], [e.get(key) for e in rows]
+
+
+def aggregate(examples: list[dict[str, Any]], wanted: set[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if "golden.perplexity" in wanted and examples and "nll" in examples[0]:
+        out["golden.perplexity"] = perplexity(sum(e["nll"] for e in examples if e["expect"] == "answer"),
+                                              sum(e["tokens"] for e in examples if e["expect"] == "answer"))
+    for metric in sorted(wanted - {"heldout.perplexity", "golden.perplexity"}):
+        _ids, vals = per_example(examples, metric)
+        scored = [v for v in vals if v is not None]
+        if scored:
+            out[metric] = float(np.mean(scored))
+    return out

@@ -10,15 +10,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nightshift.evaluation.compare import compare
 from nightshift.evaluation.gate import GatePolicy, decide
-from nightshift.evaluation.harness import evaluate_model, load_golden
+from nightshift.evaluation.harness import evaluate_model
+from nightshift.evaluation.judge import Judge, JudgeEndpoint
+from nightshift.evaluation.suite import EvaluationSuite
 from nightshift.faults import fault_point
 from nightshift.pipelines.ingest import dataset_repository
 from nightshift.pipelines.reports import RunRef
 from nightshift.provenance import code_revision, file_sha256
-from nightshift.records import DatasetVersion, EvaluationReport, GateDecision, ModelVersionRecord, PackedDataset
+from nightshift.records import (
+    DatasetVersion,
+    EvaluationReport,
+    GateDecision,
+    MetricComparison,
+    ModelVersionRecord,
+    PackedDataset,
+)
 from nightshift.registry.mlflow_registry import DATASET_TAG, FINGERPRINT_TAG, ModelRegistry
-from nightshift.settings import GOLDEN_QA, Settings
+from nightshift.settings import Settings
 from nightshift.training.data import tokenize_and_pack
 from nightshift.training.launch import launch_command, node_command, write_hostfile
 from nightshift.training.recipe import TrainingRecipe
@@ -206,12 +216,19 @@ def loss_curve_png(losses: list[float], path: Path, title: str) -> Path:
     return path
 
 
+EVALUATION_FILE = "evaluation.json"
+REPORT_ARTIFACT = "evaluation/report.html"
+EVALUATION_RUN_TAG = "nightshift.evaluation_run"
+EVALUATION_REPORT_TAG = "nightshift.evaluation_report"
+GATE_TAG = "nightshift.gate"
+
+
 def evaluate_pair(
     settings: Settings, registry: ModelRegistry, candidate_dir: Path, base_model: str, base_model_dir: Path,
-    packed: PackedDataset, golden_path: Path = GOLDEN_QA,
+    packed: PackedDataset, suite: EvaluationSuite, judge_endpoint: JudgeEndpoint | None = None, judge_note: str = "",
 ) -> tuple[EvaluationReport, EvaluationReport, ModelVersionRecord | None]:
     """Evaluate the candidate and the champion (the base model before the first promotion) in one harness."""
-    golden = load_golden(golden_path)
+    golden = suite.golden()
     heldout = Path(packed.heldout_path)
     champion = registry.champion()
     if champion is not None:
@@ -220,15 +237,100 @@ def evaluate_pair(
         baseline_label = f"champion {champion.label}"
     else:
         baseline_dir, baseline_label = base_model_dir, f"base {base_model}"
-    candidate = evaluate_model(candidate_dir, "candidate", heldout, golden)
-    baseline = evaluate_model(baseline_dir, baseline_label, heldout, golden)
+    judge = None
+    if suite.uses_judge and judge_endpoint is not None:
+        judge = Judge(judge_endpoint, suite.judge, settings.cache_dir / "judge")
+    note = judge_note if suite.uses_judge else "no judge metric in the suite"
+    candidate = evaluate_model(candidate_dir, "candidate", heldout, suite, golden, judge, note)
+    baseline = evaluate_model(baseline_dir, baseline_label, heldout, suite, golden, judge, note)
     return candidate, baseline, champion
 
 
-def gate(candidate: EvaluationReport, baseline: EvaluationReport, policy: GatePolicy) -> GateDecision:
-    decision = decide(candidate, baseline, policy)
+def comparison_metrics(comparisons: list[MetricComparison]) -> dict[str, float]:
+    """Return the MLflow metrics of a comparison: each model's value and the difference with its interval."""
+    out: dict[str, float] = {}
+    for c in comparisons:
+        if c.unmeasured:
+            continue
+        out.update({f"candidate.{c.metric}": c.candidate, f"champion.{c.metric}": c.baseline,
+                    f"diff.{c.metric}": c.difference, f"diff.{c.metric}.low": c.low,
+                    f"diff.{c.metric}.high": c.high})
+    return out
+
+
+def evaluate_candidate(
+    settings: Settings, registry: ModelRegistry, request: FinetuneRequest, plan: dict[str, Any], packed: PackedDataset,
+    run: RunRef | None = None, suite: EvaluationSuite | None = None, judge_endpoint: JudgeEndpoint | None = None,
+    judge_note: str = "",
+) -> dict[str, Any]:
+    """Record the training run in MLflow, evaluate candidate and champion, compare them with intervals.
+
+    The per-example evaluation goes to evaluation.json in the run's folder (and to MLflow); the returned
+    summary (both models' metrics and the comparisons) is small enough for XCom.
+    """
+    run_id, output = plan["mlflow_run_id"], Path(plan["output_dir"])
+    suite = suite or EvaluationSuite.load(settings.evaluation_suite)
+    fault_point("finetune.evaluate")
+    metrics = read_training_metrics(output)
+    if not metrics.get("tracked"):  # the trainer streams its curve to the run while training when it can
+        registry.log_series(run_id, "train_loss", metrics["losses"])
+    registry.log_metrics(run_id, {"train_seconds": metrics["seconds"], "train_tokens": metrics["tokens"]})
+    registry.log_file(run_id, loss_curve_png(metrics["losses"], output / "loss.png", plan["dataset_tag"]), "plots")
+    candidate, baseline, champion = evaluate_pair(
+        settings, registry, output / "checkpoint", request.base_model,
+        settings.resolve_base_model(request.base_model), packed, suite, judge_endpoint, judge_note,
+    )
+    comparisons = compare(candidate, baseline, suite)
+    for c in comparisons:
+        log.info("%s", c.describe())
+    registry.log_metrics(run_id, comparison_metrics(comparisons))
+    full = {"candidate": candidate.to_dict(), "baseline": baseline.to_dict(),
+            "comparisons": [c.to_dict() for c in comparisons], "losses": metrics["losses"],
+            "confidence": suite.bootstrap.confidence, "changed_examples": suite.changed_examples,
+            "dataset_tag": plan["dataset_tag"]}
+    path = output.parent / EVALUATION_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(full))
+    tmp.replace(path)
+    registry.log_file(run_id, path, "evaluation")
+    if run:
+        publish_evaluation(run, metrics, candidate, baseline, comparisons, plan["dataset_tag"])
+    return {"candidate": candidate.summary(), "baseline": baseline.summary(),
+            "comparisons": full["comparisons"], "confidence": suite.bootstrap.confidence, "path": str(path),
+            "diverged": metrics["diverged"],
+            "champion_before": champion.to_dict() if champion else None}
+
+
+def gate(comparisons: list[dict[str, Any]], baseline: str, policy: GatePolicy) -> GateDecision:
+    decision = decide([MetricComparison.from_dict(c) for c in comparisons], baseline, policy)
     log.info("gate: %s", decision.summary)
     return decision
+
+
+def write_evaluation_report(
+    registry: ModelRegistry, run_id: str, evaluation_path: Path, decision: GateDecision, title: str,
+    context: dict[str, Any], run: RunRef | None = None,
+) -> Path:
+    """Render the self-contained HTML report, log it to the MLflow run, and put it in the run's report folder."""
+    from nightshift.reports.evaluation import render
+
+    data = json.loads(Path(evaluation_path).read_text())
+    html = render(candidate=data["candidate"], baseline=data["baseline"], comparisons=data["comparisons"],
+                  decision=decision.to_dict(), losses=data["losses"], title=title, context=context,
+                  confidence=data["confidence"], changed=data["changed_examples"])
+    path = Path(evaluation_path).with_name("report.html")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(path)
+    registry.log_file(run_id, path, "evaluation")
+    registry.set_tags(run_id, {GATE_TAG: "passed" if decision.passed else "rejected",
+                               "nightshift.gate_reasons": decision.summary[:4900],
+                               EVALUATION_REPORT_TAG: f"runs:/{run_id}/{REPORT_ARTIFACT}"})
+    if run:
+        from nightshift.reports.store import write_text
+
+        write_text(run.folder / "evaluation.html", html)
+    return path
 
 
 def register_candidate(
@@ -239,8 +341,19 @@ def register_candidate(
     fault_point("registry.before_register")
     return registry.register(run_id, tags={
         DATASET_TAG: dataset.tag, "nightshift.dataset_rev": dataset.rev, "nightshift.dataset_md5": dataset.md5,
-        FINGERPRINT_TAG: fp, "nightshift.code_revision": code_revision(),
+        FINGERPRINT_TAG: fp, "nightshift.code_revision": code_revision(), GATE_TAG: "passed",
+        EVALUATION_RUN_TAG: run_id, EVALUATION_REPORT_TAG: f"runs:/{run_id}/{REPORT_ARTIFACT}",
     })
+
+
+def promote_candidate(registry: ModelRegistry, version: ModelVersionRecord, move_key: str, by: str, dag_run: str,
+                      reason: str) -> ModelVersionRecord:
+    """Move the champion alias to a version that passed the gate, recording the move and its evidence."""
+    tags = registry.version_tags(version.version)
+    evidence = {"run_id": tags.get(EVALUATION_RUN_TAG, version.run_id),
+                "report": tags.get(EVALUATION_REPORT_TAG, ""), "gate": reason}
+    return registry.promote(version, key=move_key, kind="promotion", by=by, dag_run=dag_run,
+                            reason="passed the gate", evaluation=evidence)
 
 
 def run_params(request: FinetuneRequest, recipe: TrainingRecipe, dataset: DatasetVersion, fp: str) -> dict[str, Any]:
@@ -271,32 +384,8 @@ def open_tracking_run(
     return run_id
 
 
-def evaluate_candidate(
-    settings: Settings, registry: ModelRegistry, request: FinetuneRequest, plan: dict[str, Any], packed: PackedDataset,
-    run: RunRef | None = None,
-) -> dict[str, Any]:
-    """Record the training run in MLflow, then evaluate candidate and champion; return both reports."""
-    run_id, output = plan["mlflow_run_id"], Path(plan["output_dir"])
-    fault_point("finetune.evaluate")
-    metrics = read_training_metrics(output)
-    if not metrics.get("tracked"):  # the trainer streams its curve to the run while training when it can
-        registry.log_series(run_id, "train_loss", metrics["losses"])
-    registry.log_metrics(run_id, {"train_seconds": metrics["seconds"], "train_tokens": metrics["tokens"]})
-    registry.log_file(run_id, loss_curve_png(metrics["losses"], output / "loss.png", plan["dataset_tag"]), "plots")
-    candidate, baseline, champion = evaluate_pair(
-        settings, registry, output / "checkpoint", request.base_model,
-        settings.resolve_base_model(request.base_model), packed,
-    )
-    registry.log_metrics(run_id, {**candidate.metrics("candidate"), **baseline.metrics("baseline")})
-    registry.log_dict(run_id, {"candidate": candidate.to_dict(), "baseline": baseline.to_dict()}, "evaluation.json")
-    if run:
-        publish_evaluation(run, metrics, candidate, baseline, plan["dataset_tag"])
-    return {"candidate": candidate.to_dict(), "baseline": baseline.to_dict(), "diverged": metrics["diverged"],
-            "champion_before": champion.to_dict() if champion else None}
-
-
 def publish_evaluation(run: RunRef, metrics: dict[str, Any], candidate: EvaluationReport,
-                       baseline: EvaluationReport, dataset_tag: str) -> None:
+                       baseline: EvaluationReport, comparisons: list[MetricComparison], dataset_tag: str) -> None:
     """Put the loss curve and the candidate-vs-baseline comparison on the run's report page."""
     from nightshift.reports import charts
 
@@ -307,7 +396,11 @@ def publish_evaluation(run: RunRef, metrics: dict[str, Any], candidate: Evaluati
     run.publish({
         "training": {"steps": len(metrics["losses"]), "losses": metrics["losses"], "tokens": metrics["tokens"],
                      "seconds": metrics["seconds"], "diverged": metrics["diverged"], "dataset_tag": dataset_tag},
-        "evaluation": {"candidate": candidate.to_dict(), "baseline": baseline.to_dict()},
+        "evaluation": {"candidate": candidate.summary(), "baseline": baseline.summary(),
+                       "comparisons": [c.to_dict() for c in comparisons],
+                       "samples": [{"question": c["question"], "candidate": c.get("answer", ""),
+                                    "baseline": b.get("answer", "")}
+                                   for c, b in zip(candidate.examples[:3], baseline.examples[:3], strict=False)]},
     })
 
 
@@ -324,8 +417,10 @@ def publish_outcome(run: RunRef, summary: dict[str, Any]) -> None:
     entry = {"version": version["version"], "dataset_tag": version.get("dataset_tag", ""),
              "gate": "passed" if summary.get("promoted") else "reused"}
     if summary.get("promoted") or not run.has_catalog("models", str(version["version"])):
-        entry.update({"run_id": run.run_id, "report": run.path, "perplexity": candidate.get("perplexity"),
-                      "golden_perplexity": candidate.get("golden_perplexity")})
+        metrics = candidate.get("metrics") or {}
+        entry.update({"run_id": run.run_id, "report": run.path, "perplexity": metrics.get("heldout.perplexity"),
+                      "golden_perplexity": metrics.get("golden.perplexity"),
+                      "token_f1": metrics.get("golden.token_f1")})
     run.record("models", str(version["version"]), entry, champion=champion)
 
 

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -276,11 +275,29 @@ class ModelRegistry:
         )
         return self._record(mv)
 
-    def promote(self, version: ModelVersionRecord) -> ModelVersionRecord:
-        """Point the champion alias at a version, then record on the version that it was promoted."""
-        self.client.set_registered_model_alias(self.model_name, self.alias, str(version.version))
-        fault_point("registry.after_alias")
-        self.client.set_model_version_tag(self.model_name, str(version.version), PROMOTED_TAG,
-                                          datetime.now(UTC).isoformat(timespec="seconds"))
-        log.info("%s is now %s@%s", version.label, self.model_name, self.alias)
+    def promote(
+        self, version: ModelVersionRecord, key: str | None = None, kind: str = "promotion", by: str = "",
+        dag_run: str = "", reason: str = "", evaluation: dict[str, Any] | None = None,
+    ) -> ModelVersionRecord:
+        """Point the champion alias at a version and record the move in the promotion history.
+
+        ``key`` names the move for retries (see registry/history.py); without one each call is a new move.
+        """
+        import uuid
+
+        from nightshift.registry.history import PromotionHistory
+
+        PromotionHistory(self).move(version, key or f"adhoc/{uuid.uuid4().hex}", kind, by or "nightshift",
+                                    dag_run, reason, evaluation)
         return self.get(version.version)
+
+    def version_tags(self, version: int) -> dict[str, str]:
+        return dict(self.client.get_model_version(self.model_name, str(version)).tags or {})
+
+    def set_version_tags(self, version: int, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.model_name, str(version), key, str(value))
+
+    def versions(self) -> list[ModelVersionRecord]:
+        return sorted((self._record(mv) for mv in self._versions(f"name = '{self.model_name}'")),
+                      key=lambda v: v.version)

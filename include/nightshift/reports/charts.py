@@ -22,13 +22,19 @@ def _pyplot():
 
 
 def _save(fig: Any, path: Path) -> Path:
+    return write_text(path, svg_text(fig))
+
+
+def svg_text(fig: Any) -> str:
+    """Return a figure as SVG markup (for pages that must hold their pictures inline) and close it."""
     import io
 
     buffer = io.StringIO()
     fig.tight_layout()
     fig.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
     _pyplot().close(fig)
-    return write_text(path, buffer.getvalue())
+    text = buffer.getvalue()
+    return text[text.index("<svg"):] if "<svg" in text else text
 
 
 def histogram_svg(histogram: dict[str, list[float]], title: str, xlabel: str, path: Path) -> Path:
@@ -81,6 +87,10 @@ def drift_svg(shape: dict[str, Any], title: str, target_label: str, reference_la
 
 def loss_svg(losses: list[float], title: str, path: Path) -> Path:
     """Training loss per optimizer step."""
+    return write_text(path, loss_figure(losses, title))
+
+
+def loss_figure(losses: list[float], title: str) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
     ax.plot(range(1, len(losses) + 1), losses, marker="o", markersize=3, color=CANDIDATE)
@@ -88,7 +98,45 @@ def loss_svg(losses: list[float], title: str, path: Path) -> Path:
     ax.set_ylabel("training loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return svg_text(fig)
+
+
+def scores_figure(rows: list[tuple[str, float, float]], candidate: str, baseline: str) -> str:
+    """Grouped bars of candidate and champion per 0-1 score (nan bars are left out)."""
+    import math
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(3.5, 1.1 * len(rows) + 1.5), 3), dpi=100)
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [0 if math.isnan(r[2]) else r[2] for r in rows], 0.4, color=BASELINE,
+           label=baseline[:30])
+    ax.bar([x + 0.2 for x in xs], [0 if math.isnan(r[1]) else r[1] for r in rows], 0.4, color=CANDIDATE,
+           label=candidate[:30])
+    ax.set_xticks(list(xs), [r[0] for r in rows], fontsize=7, rotation=20, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score (higher is better)")
+    ax.legend(fontsize=7, loc="upper right")
+    return svg_text(fig)
+
+
+def intervals_figure(rows: list[tuple[str, float, float, float, bool]], confidence: float) -> str:
+    """Each metric's difference (candidate - champion, relative for perplexities) with its interval.
+
+    Rows are (name, difference, low, high, higher_is_better); points are green where the candidate is
+    better, orange where worse.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(rows) + 1.2), dpi=100)
+    for y, (_name, diff, low, high, higher) in enumerate(reversed(rows)):
+        better = diff > 0 if higher else diff < 0
+        color = "#15803d" if better else ("#64748b" if diff == 0 else "#c2410c")
+        ax.plot([low, high], [y, y], color=color, linewidth=2)
+        ax.plot([diff], [y], "o", color=color)
+    ax.axvline(0, color="#334155", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), [r[0] for r in reversed(rows)], fontsize=8)
+    ax.set_xlabel(f"candidate - champion, {confidence:.0%} interval (perplexity: relative change)")
+    ax.grid(axis="x", alpha=0.3)
+    return svg_text(fig)
 
 
 def comparison_svg(metrics: list[tuple[str, float, float]], candidate: str, baseline: str, title: str,
