@@ -86,3 +86,54 @@ def test_apply_settings_is_idempotent(airflow_db):
                           env=os.environ.copy(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert ": 0 changes" in proc.stderr + proc.stdout
+
+
+def test_history_lists_moves_and_answers_who_was_champion_when(tmp_path, monkeypatch, tiny_model, capsys):
+    import time
+    from datetime import UTC, datetime
+
+    from nightshift.cli import main
+    from nightshift.pipelines.finetune import registry_for
+    from nightshift.settings import load_settings
+
+    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
+    registry = registry_for(load_settings())
+    versions = []
+    for key in ("one", "two"):
+        run_id = registry.open_run("finetune_model", key, key, {})
+        registry.upload_checkpoint(run_id, tiny_model)
+        versions.append(registry.register(run_id, tags={}))
+    registry.promote(versions[0], key="a", by="schedule", dag_run="finetune_model/night-1", reason="gate passed")
+    time.sleep(0.05)
+    between = datetime.now(UTC).isoformat()
+    time.sleep(0.05)
+    registry.promote(versions[1], key="b", kind="rollback", by="ada", dag_run="rollback_model/r1",
+                     reason="bad   answers\nabout tickets")
+    capsys.readouterr()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    monkeypatch.setattr("nightshift.cli.PRIVATE_UMASK", umask)  # main() sets it for the whole process
+    assert main(["history"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "- -> v1" in out[1] and "promotion" in out[1] and "finetune_model/night-1" in out[1]
+    assert "v1 -> v2" in out[2] and "ada" in out[2] and out[2].endswith("bad answers about tickets")
+    assert main(["history", "--at", between]) == 0
+    assert "v1 was champion" in capsys.readouterr().out
+    assert main(["history", "--at", "2000-01-01"]) == 0
+    assert "had no champion" in capsys.readouterr().out
+    assert main(["history", "--at", "whenever"]) == 2
+
+
+def test_the_summary_prints_every_metric_with_its_interval_non_finite_ones_included():
+    from nightshift.cli import metric_lines
+
+    lines = metric_lines([
+        {"metric": "golden.token_f1", "candidate": 0.31, "baseline": 0.25, "difference": 0.06, "low": -0.02,
+         "high": 0.14},
+        {"metric": "heldout.perplexity", "candidate": "inf", "baseline": 12.5, "difference": "inf", "low": "nan",
+         "high": "nan", "relative": True},
+        {"metric": "judge.correctness", "unmeasured": "no Airflow connection 'nightshift_judge'"},
+    ], "champion nightshift-llm v3")
+    assert "+0.060 [-0.020, +0.140]" in lines[1]
+    assert "inf" in lines[2] and "[+nan, +nan] rel" in lines[2]
+    assert "not measured: no Airflow connection" in lines[3]

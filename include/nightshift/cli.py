@@ -255,6 +255,12 @@ def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, s
     return "\n".join(lines)
 
 
+def as_float(value: Any) -> float:
+    from nightshift.records import as_float as read
+
+    return read(value)
+
+
 def metric_lines(comparisons: list[dict[str, Any]], baseline: str, confidence: float = 0.95) -> list[str]:
     """Return the metric table of a cycle summary: both models, the difference and its interval."""
     head = f"difference [{confidence:.0%} interval]"
@@ -264,8 +270,9 @@ def metric_lines(comparisons: list[dict[str, Any]], baseline: str, confidence: f
             lines.append(f"          {c['metric']:<22}{'not measured: ' + c['unmeasured']:>70}")
             continue
         rel = " rel" if c.get("relative") else ""
-        interval = f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]{rel}"
-        lines.append(f"          {c['metric']:<22}{c['candidate']:>10.3f}{c['baseline']:>26.3f}{interval:>34}")
+        cand, base, diff, low, high = (as_float(c[k]) for k in ("candidate", "baseline", "difference", "low", "high"))
+        interval = f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]{rel}"
+        lines.append(f"          {c['metric']:<22}{cand:>10.3f}{base:>26.3f}{interval:>34}")
     return lines
 
 
@@ -366,6 +373,46 @@ def cmd_keys(settings: Settings, args) -> int:
     print(f"{'id':<10}{'name':<24}{'key':<16}{'created':<27}revoked")
     for r in records:
         print(f"{r.id:<10}{r.name:<24}{r.hint:<16}{r.created_at:<27}{r.revoked_at or '-'}")
+    return 0
+
+
+def cmd_history(settings: Settings, args) -> int:
+    from nightshift.pipelines.finetune import registry_for
+    from nightshift.registry.history import PromotionHistory, parse_time
+
+    configure_environment(settings)
+    registry = registry_for(settings)
+    history = PromotionHistory(registry)
+    try:
+        when = parse_time(args.at) if args.at else None
+    except ValueError as exc:
+        print(f"--at: {exc}", file=sys.stderr)
+        return 2
+    moves = history.moves(include_pending=True)
+    answer = history.champion_at(when) if when else None
+    if args.json:
+        print(json.dumps({"model": registry.model_name, "alias": registry.alias,
+                          "moves": [m.to_dict() for m in moves],
+                          **({"at": when.isoformat(), "champion": answer} if when else {})}, indent=2))
+        return 0
+    if when is not None:
+        if answer["version"] is None:
+            print(f"{when.isoformat()}: {registry.model_name} had no champion")
+        else:
+            since = f"since {answer['since']}" if answer["since"] else "since before the recorded history"
+            print(f"{when.isoformat()}: {registry.model_name} v{answer['version']} was champion ({since})")
+        return 0
+    if not moves:
+        print(f"{registry.model_name}@{registry.alias} has never moved")
+        return 0
+    print(f"{'when (UTC)':<28}{'move':<12}{'kind':<11}{'by':<18}{'DAG run':<44}why")
+    for m in moves:
+        when_text = m.at or f"{m.requested_at} (pending)"
+        move = f"{'v' + str(m.from_version) if m.from_version else '-'} -> v{m.to_version}"
+        why = " ".join(m.reason.split())
+        print(f"{when_text[:26]:<28}{move:<12}{m.kind:<11}{m.by[:16]:<18}{m.dag_run[:42]:<44}{why[:100]}")
+        if m.evaluation.get("report"):
+            print(f"{'':<28}evaluation: {m.evaluation['report']}")
     return 0
 
 
@@ -493,6 +540,10 @@ def main(argv: list[str] | None = None) -> int:
     profile.add_argument("tag", help="dataset version, e.g. corpus-v0003")
     profile.add_argument("--out", type=Path, help="also write the profile (whylogs protobuf) to this file")
     profile.set_defaults(func=cmd_profile)
+    history = sub.add_parser("history", help="list the moves of the champion alias; --at: who was champion then")
+    history.add_argument("--at", help="an ISO 8601 time, e.g. 2026-12-01T09:30:00Z (no zone: UTC)")
+    history.add_argument("--json", action="store_true", help="print JSON")
+    history.set_defaults(func=cmd_history)
     args = parser.parse_args(argv)
     os.umask(PRIVATE_UMASK)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

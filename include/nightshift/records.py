@@ -30,6 +30,26 @@ class Record:
         return cls(**data)
 
 
+def json_safe(value: Any) -> Any:
+    """Return ``value`` with every non-finite float written as ``"nan"``, ``"inf"`` or ``"-inf"``.
+
+    XCom (and strict JSON) has no NaN or infinity, yet a diverged model's perplexity is infinite and an
+    unmeasured metric is NaN: they travel as these strings, and ``MetricComparison.from_dict`` reads them back.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def as_float(value: Any) -> float:
+    """Read a number written by json_safe (or None) back as a float; None is NaN."""
+    return math.nan if value is None else float(value)
+
+
 @dataclass(frozen=True)
 class DatasetVersion(Record):
     """One immutable corpus version: a git commit and tag in the data repository, its bytes in DVC."""
@@ -124,6 +144,11 @@ class MetricComparison(Record):
     safety: bool = False
     unmeasured: str = ""
     """Why the metric was not measured (e.g. no judge), empty when it was."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MetricComparison:
+        numbers = ("candidate", "baseline", "difference", "low", "high")
+        return super().from_dict({k: as_float(v) if k in numbers else v for k, v in data.items()})
 
     @property
     def measured(self) -> bool:

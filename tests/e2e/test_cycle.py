@@ -123,8 +123,21 @@ def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, re
     assert params["dataset.rev"] == version["rev"] and params["code_revision"]
     assert params["recipe.learning_rate"] == "0.002" and params["base_model"] == finetune_conf["base_model"]
     metrics = mlflow_run.data.metrics
-    assert metrics["candidate_perplexity"] < metrics["baseline_perplexity"]
+    assert metrics["candidate.heldout.perplexity"] < metrics["champion.heldout.perplexity"]
+    assert metrics["diff.heldout.perplexity.low"] <= metrics["diff.heldout.perplexity"] \
+        <= metrics["diff.heldout.perplexity.high"] < 0.02
+    assert {"candidate.golden.token_f1", "diff.golden.token_f1.low", "champion.golden.refusal_rate"} <= set(metrics)
     assert mlflow_run.data.tags["nightshift.gate"] == "passed"
+    # The evaluation report is in the run and the version points at it; the promotion is in the history.
+    artifacts = {a.path for a in registry.client.list_artifacts(champion.run_id, "evaluation")}
+    assert {"evaluation/report.html", "evaluation/evaluation.json"} <= artifacts
+    tags = registry.version_tags(champion.version)
+    assert tags["nightshift.evaluation_report"] == f"runs:/{champion.run_id}/evaluation/report.html"
+    from nightshift.registry.history import PromotionHistory
+
+    (move,) = PromotionHistory(registry).moves()
+    assert (move.from_version, move.to_version, move.kind) == (None, 1, "promotion")
+    assert move.dag_run == f"finetune_model/{finetune.run_id}" and "heldout.perplexity" in move.evaluation["gate"]
     assert mlflow_run.info.status == "FINISHED"
 
     report = tasks["report"].value
@@ -135,6 +148,7 @@ def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, re
     folder = settings.reports_dir / "runs" / "finetune_model" / safe_name(finetune.run_id)
     page = (folder / "index.html").read_text()
     assert (folder / "loss.svg").is_file() and (folder / "evaluation.svg").is_file()
+    assert "golden.token_f1" in (folder / "evaluation.html").read_text() and "evaluation.html" in page
     assert "loss.svg" in page and "golden-answer perplexity" in page and "passed" in page
     overview = (settings.reports_dir / "index.html").read_text()
     assert "v1" in overview and "champion" in overview and "corpus-v0001" in overview

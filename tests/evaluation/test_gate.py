@@ -52,7 +52,8 @@ def test_unmeasured_fails_unless_the_rule_says_skip(tmp_path):
 
 
 def test_judge_coverage_below_the_policy_fails_the_judge_rules(tmp_path):
-    policy = _policy(tmp_path, "judge_min_coverage: 0.75\nrules:\n  - {metric: judge.correctness, lower_bound_above: -1}\n")
+    policy = _policy(tmp_path, "judge_min_coverage: 0.75\n"
+                               "rules:\n  - {metric: judge.correctness, lower_bound_above: -1}\n")
     assert decide([_cmp("judge.correctness", 0.1, 0.0, 0.2, n=6, items=8)], "b", policy).passed
     decision = decide([_cmp("judge.correctness", 0.1, 0.0, 0.2, n=5, items=8)], "b", policy)
     assert not decision.passed and "the judge scored 5 of 8 pairs" in decision.reasons[0]

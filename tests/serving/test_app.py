@@ -45,6 +45,12 @@ def test_no_champion_yet_is_a_503_not_a_crash(registry, tmp_path, store, key):
                        json={"model": "nightshift-llm", "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 503 and "alias" in r.json()["error"]["message"]
         assert r.headers["retry-after"] == "5"
+        # The promotion history is behind the key too; before any move it is empty.
+        assert httpx.get(f"{server.url}/v1/champion/history").status_code == 401
+        history = httpx.get(f"{server.url}/v1/champion/history", headers={"Authorization": f"Bearer {key}"},
+                            params={"at": "2026-01-01T00:00:00Z"})
+        assert history.status_code == 200
+        assert history.json()["moves"] == [] and history.json()["champion"]["version"] is None
 
 
 def test_openai_client_talks_to_the_champion_and_sees_the_new_one_without_restart(

@@ -26,6 +26,7 @@ from nightshift.records import (
     MetricComparison,
     ModelVersionRecord,
     PackedDataset,
+    json_safe,
 )
 from nightshift.registry.mlflow_registry import DATASET_TAG, FINGERPRINT_TAG, ModelRegistry
 from nightshift.settings import Settings
@@ -295,10 +296,10 @@ def evaluate_candidate(
     registry.log_file(run_id, path, "evaluation")
     if run:
         publish_evaluation(run, metrics, candidate, baseline, comparisons, plan["dataset_tag"])
-    return {"candidate": candidate.summary(), "baseline": baseline.summary(),
+    return json_safe({"candidate": candidate.summary(), "baseline": baseline.summary(),
             "comparisons": full["comparisons"], "confidence": suite.bootstrap.confidence, "path": str(path),
             "diverged": metrics["diverged"],
-            "champion_before": champion.to_dict() if champion else None}
+            "champion_before": champion.to_dict() if champion else None})
 
 
 def gate(comparisons: list[dict[str, Any]], baseline: str, policy: GatePolicy) -> GateDecision:
@@ -396,11 +397,11 @@ def publish_evaluation(run: RunRef, metrics: dict[str, Any], candidate: Evaluati
     run.publish({
         "training": {"steps": len(metrics["losses"]), "losses": metrics["losses"], "tokens": metrics["tokens"],
                      "seconds": metrics["seconds"], "diverged": metrics["diverged"], "dataset_tag": dataset_tag},
-        "evaluation": {"candidate": candidate.summary(), "baseline": baseline.summary(),
+        "evaluation": json_safe({"candidate": candidate.summary(), "baseline": baseline.summary(),
                        "comparisons": [c.to_dict() for c in comparisons],
                        "samples": [{"question": c["question"], "candidate": c.get("answer", ""),
                                     "baseline": b.get("answer", "")}
-                                   for c, b in zip(candidate.examples[:3], baseline.examples[:3], strict=False)]},
+                                   for c, b in zip(candidate.examples[:3], baseline.examples[:3], strict=False)]}),
     })
 
 

@@ -21,20 +21,24 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, path: Path) -> Path:
-    return write_text(path, svg_text(fig))
-
-
-def svg_text(fig: Any) -> str:
-    """Return a figure as SVG markup (for pages that must hold their pictures inline) and close it."""
+def _svg_document(fig: Any) -> str:
     import io
 
     buffer = io.StringIO()
     fig.tight_layout()
     fig.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
     _pyplot().close(fig)
-    text = buffer.getvalue()
-    return text[text.index("<svg"):] if "<svg" in text else text
+    return buffer.getvalue()
+
+
+def _save(fig: Any, path: Path) -> Path:
+    return write_text(path, _svg_document(fig))
+
+
+def svg_text(fig: Any) -> str:
+    """Return a figure as an inline ``<svg>`` element (no XML prologue) and close it."""
+    text = _svg_document(fig)
+    return text[text.index("<svg"):]
 
 
 def histogram_svg(histogram: dict[str, list[float]], title: str, xlabel: str, path: Path) -> Path:
@@ -87,10 +91,15 @@ def drift_svg(shape: dict[str, Any], title: str, target_label: str, reference_la
 
 def loss_svg(losses: list[float], title: str, path: Path) -> Path:
     """Training loss per optimizer step."""
-    return write_text(path, loss_figure(losses, title))
+    return _save(_loss(losses, title), path)
 
 
 def loss_figure(losses: list[float], title: str) -> str:
+    """The loss curve as an inline ``<svg>`` element."""
+    return svg_text(_loss(losses, title))
+
+
+def _loss(losses: list[float], title: str) -> Any:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
     ax.plot(range(1, len(losses) + 1), losses, marker="o", markersize=3, color=CANDIDATE)
@@ -98,7 +107,7 @@ def loss_figure(losses: list[float], title: str) -> str:
     ax.set_ylabel("training loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    return svg_text(fig)
+    return fig
 
 
 def scores_figure(rows: list[tuple[str, float, float]], candidate: str, baseline: str) -> str:

@@ -1,7 +1,8 @@
 """OpenAI-compatible REST endpoint serving the registry's champion, hot-swapped when the alias moves.
 
 Routes: ``GET /healthz`` (readiness), ``GET /livez``, ``GET /v1/models``, ``POST /v1/chat/completions``,
-``POST /v1/completions`` (both with ``stream``). Everything under ``/v1`` needs an API key. The answering
+``POST /v1/completions`` (both with ``stream``), ``GET /v1/champion/history[?at=<ISO time>]`` (the promotion
+history, and which version was champion at a time). Everything under ``/v1`` needs an API key. The answering
 version is in ``system_fingerprint`` (``v<N>``) and the ``X-Nightshift-Model-Version`` header; every
 response carries an ``X-Request-Id``, and one access-log line per request records it with the key id, the
 model version, token counts and timings, never the content.
@@ -106,7 +107,7 @@ def create_app(
     async def http_error(_request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404:
-            message = "Unknown route: see /v1/models, /v1/chat/completions and /v1/completions."
+            message = "Unknown route: see /v1/models, /v1/chat/completions, /v1/completions and /v1/champion/history."
         return JSONResponse(error_body(message, error_type(exc.status_code)), exc.status_code,
                             headers=getattr(exc, "headers", None))
 

@@ -114,6 +114,32 @@ def models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
+@router.get("/v1/champion/history")
+def champion_history(request: Request, at: str | None = None) -> dict[str, Any]:
+    """Every recorded move of the champion alias; with ``at`` (ISO 8601) also which version was champion then."""
+    from nightshift.registry.history import PromotionHistory, parse_time
+
+    server = server_of(request)
+    when = None
+    if at is not None:
+        try:
+            when = parse_time(at[:64])
+        except ValueError as exc:
+            raise OpenAIError(400, f"`at`: {exc}", param="at", code="invalid_value") from None
+    history = PromotionHistory(server.watcher.registry)
+    try:
+        moves = history.moves()
+        body: dict[str, Any] = {"model": server.model_name, "alias": server.alias,
+                                "moves": [m.to_dict() for m in moves]}
+        if when is not None:
+            body.update({"at": when.isoformat(), "champion": history.champion_at(when)})
+    except Exception as exc:  # the registry may be briefly unavailable
+        log.warning("promotion history unavailable: %s", type(exc).__name__)
+        raise OpenAIError(503, "The model registry is unavailable; try again.", code="registry_unavailable",
+                          headers={"Retry-After": "5"}) from None
+    return body
+
+
 def _chat_prompt(loaded: LoadedModel, req: ChatRequest) -> list[int]:
     messages = []
     for m in req.messages:
