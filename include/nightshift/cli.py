@@ -264,15 +264,15 @@ def as_float(value: Any) -> float:
 def metric_lines(comparisons: list[dict[str, Any]], baseline: str, confidence: float = 0.95) -> list[str]:
     """Return the metric table of a cycle summary: both models, the difference and its interval."""
     head = f"difference [{confidence:.0%} interval]"
-    lines = [f"metrics   {'':<22}{'candidate':>10}{baseline[:24]:>26}{head:>34}"]
+    lines = [f"metrics   {'':<22}{'candidate':>10}{baseline[:28]:>30}{head:>34}"]
     for c in comparisons:
         if c.get("unmeasured"):
-            lines.append(f"          {c['metric']:<22}{'not measured: ' + c['unmeasured']:>70}")
+            lines.append(f"          {c['metric']:<22}{'not measured: ' + c['unmeasured']:>74}")
             continue
         rel = " rel" if c.get("relative") else ""
         cand, base, diff, low, high = (as_float(c[k]) for k in ("candidate", "baseline", "difference", "low", "high"))
         interval = f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]{rel}"
-        lines.append(f"          {c['metric']:<22}{cand:>10.3f}{base:>26.3f}{interval:>34}")
+        lines.append(f"          {c['metric']:<22}{cand:>10.3f}{base:>30.3f}{interval:>34}")
     return lines
 
 

@@ -1,7 +1,8 @@
 """The small records that stages hand each other.
 
 Stages never reach into each other's internals: ingestion hands fine-tuning a ``DatasetVersion``,
-evaluation hands the gate two ``EvaluationReport``s, the gate hands the registry a ``GateDecision``.
+evaluation hands the gate ``MetricComparison``s (from two ``EvaluationReport``s), the gate hands the registry
+a ``GateDecision``, and the registry keeps every ``ChampionMove``.
 Records travel through XCom as plain dicts (``to_dict`` / ``from_dict``).
 """
 
@@ -104,8 +105,8 @@ class EvaluationReport(Record):
     golden_items: int
     examples: list[dict[str, Any]] = field(default_factory=list)
     """One entry per golden item: question, reference, expect, answer, nll/tokens and each answer metric."""
-    heldout: dict[str, list[float]] = field(default_factory=dict)
-    """Per held-out block: ``nll`` (summed) and ``tokens``, for the paired bootstrap."""
+    heldout: dict[str, Any] = field(default_factory=dict)
+    """Per chunk of consecutive held-out tokens: ``nll`` (summed) and ``tokens``, for the paired bootstrap."""
     judge: dict[str, Any] = field(default_factory=dict)
     """The judge's model and counts (calls, cached, scored, timeouts, errors, malformed), or why there was none."""
     seconds: float = 0.0

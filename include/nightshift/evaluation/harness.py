@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 __all__ = ["GoldenItem", "evaluate_model", "load_golden", "heldout_nll", "load_check"]
 
 
-def _nll_sum(model, input_ids, labels) -> tuple[float, int]:
-    """Return the summed next-token negative log-likelihood over labels != -100, and their count."""
+def _token_nll(model, input_ids, labels):
+    """Return the next-token negative log-likelihood of every position (rows x len-1) and the scored mask."""
     import torch
 
     with torch.no_grad():
@@ -34,11 +34,24 @@ def _nll_sum(model, input_ids, labels) -> tuple[float, int]:
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
         ).reshape(targets.shape)
-    return loss.sum(dim=1).tolist(), (targets != -100).sum(dim=1).tolist()
+    return loss, targets != -100
 
 
-def heldout_nll(model, heldout: np.ndarray, batch_size: int = 4) -> tuple[list[float], list[int]]:
-    """Return the summed NLL and the token count of every held-out block (-1 marks padding)."""
+def _nll_sum(model, input_ids, labels) -> tuple[list[float], list[int]]:
+    """Return the summed NLL over labels != -100 and their count, per row."""
+    loss, scored = _token_nll(model, input_ids, labels)
+    return loss.sum(dim=1).tolist(), scored.sum(dim=1).tolist()
+
+
+HELDOUT_CHUNK_TOKENS = 32
+"""The held-out split is resampled in chunks of this many consecutive tokens (a block bootstrap: neighbouring
+tokens are correlated, so single tokens would give too narrow an interval, and a small split has too few
+whole blocks)."""
+
+
+def heldout_nll(model, heldout: np.ndarray, batch_size: int = 4,
+                chunk: int = HELDOUT_CHUNK_TOKENS) -> tuple[list[float], list[int]]:
+    """Return the summed NLL and the token count of every chunk of ``chunk`` scored tokens (-1 marks padding)."""
     import torch
 
     nll: list[float] = []
@@ -46,9 +59,13 @@ def heldout_nll(model, heldout: np.ndarray, batch_size: int = 4) -> tuple[list[f
     for start in range(0, len(heldout), batch_size):
         rows = torch.as_tensor(heldout[start : start + batch_size].astype(np.int64))
         labels = rows.masked_fill(rows < 0, -100)
-        sums, counts = _nll_sum(model, rows.clamp(min=0), labels)
-        nll += sums
-        tokens += counts
+        loss, scored = _token_nll(model, rows.clamp(min=0), labels)
+        for row_loss, row_scored in zip(loss, scored, strict=True):
+            values = row_loss[row_scored]
+            for at in range(0, len(values), chunk):
+                part = values[at : at + chunk]
+                nll.append(float(part.sum()))
+                tokens.append(len(part))
     return nll, tokens
 
 
@@ -131,7 +148,7 @@ def evaluate_model(
     heldout: dict[str, list[float]] = {}
     if "heldout.perplexity" in wanted and heldout_path is not None:
         nll, tokens = heldout_nll(model, np.load(heldout_path))
-        heldout = {"nll": nll, "tokens": tokens}
+        heldout = {"nll": nll, "tokens": tokens, "chunk_tokens": HELDOUT_CHUNK_TOKENS}
         values["heldout.perplexity"] = perplexity(sum(nll), sum(tokens))
         log.info("%s: held-out perplexity %.3f over %d tokens", label, values["heldout.perplexity"], sum(tokens))
 
