@@ -255,12 +255,6 @@ def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, s
     return "\n".join(lines)
 
 
-def as_float(value: Any) -> float:
-    from nightshift.records import as_float as read
-
-    return read(value)
-
-
 def metric_lines(comparisons: list[dict[str, Any]], baseline: str, confidence: float = 0.95) -> list[str]:
     """Return the metric table of a cycle summary: both models, the difference and its interval."""
     head = f"difference [{confidence:.0%} interval]"
@@ -270,6 +264,8 @@ def metric_lines(comparisons: list[dict[str, Any]], baseline: str, confidence: f
             lines.append(f"          {c['metric']:<22}{'not measured: ' + c['unmeasured']:>74}")
             continue
         rel = " rel" if c.get("relative") else ""
+        from nightshift.records import as_float
+
         cand, base, diff, low, high = (as_float(c[k]) for k in ("candidate", "baseline", "difference", "low", "high"))
         interval = f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]{rel}"
         lines.append(f"          {c['metric']:<22}{cand:>10.3f}{base:>30.3f}{interval:>34}")
