@@ -320,6 +320,7 @@ def load_serving_limits() -> ServingLimits:
         max_model_len=max_model_len or None,
         default_max_tokens=_env_int("NIGHTSHIFT_SERVE_DEFAULT_MAX_TOKENS", d.default_max_tokens),
         prefill_chunk=_env_int("NIGHTSHIFT_SERVE_PREFILL_CHUNK", d.prefill_chunk),
+        batch_wait_ms=_env_float("NIGHTSHIFT_SERVE_BATCH_WAIT_MS", d.batch_wait_ms),
     )
 
 

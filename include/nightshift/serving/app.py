@@ -1,14 +1,16 @@
 """OpenAI-compatible REST endpoint serving the registry's champion, hot-swapped when the alias moves.
 
-Routes: ``GET /healthz`` (readiness), ``GET /livez``, ``GET /v1/models``, ``POST /v1/chat/completions``,
-``POST /v1/completions`` (both with ``stream``), ``GET /v1/champion/history[?at=<ISO time>]`` (the promotion
-history, and which version was champion at a time). Everything under ``/v1`` needs an API key. The answering
-version is in ``system_fingerprint`` (``v<N>``) and the ``X-Nightshift-Model-Version`` header; every
-response carries an ``X-Request-Id``, and one access-log line per request records it with the key id, the
-model version, token counts and timings, never the content.
+Routes: ``GET /healthz`` (readiness), ``GET /livez``, ``GET /metrics`` (Prometheus), ``GET /v1/models``,
+``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``stream``),
+``GET /v1/champion/history[?at=<ISO time>]`` (the promotion history, and which version was champion at a
+time). Everything under ``/v1`` and ``/metrics`` needs an API
+key. The answering version is in ``system_fingerprint`` (``v<N>``) and the ``X-Nightshift-Model-Version``
+header; every response carries an ``X-Request-Id``, and one JSON access-log line per request records it with
+the key id, the route, the model version, token counts and timings, never the content.
 
 The pieces, outermost first: request id and access log, body-size limit, API key, then the FastAPI routes
-(``routes.py``) over the engine (``engine.py``) and the admission controller (``limits.py``).
+(``routes.py``) over the admission controller (``limits.py``), the continuous batch (``batching.py``) and
+the engine (``engine.py``); ``metrics.py`` counts and logs every request.
 """
 
 from __future__ import annotations
@@ -29,20 +31,19 @@ from nightshift.registry.mlflow_registry import ModelRegistry
 from nightshift.serving.engine import ChampionWatcher
 from nightshift.serving.keys import ApiKeyMiddleware, KeyRing
 from nightshift.serving.limits import BodyLimitMiddleware, ServingLimits
+from nightshift.serving.metrics import ServingMetrics, log_access, route_of
 from nightshift.serving.protocol import OpenAIError, error_body, error_type, validation_message
 from nightshift.serving.routes import Server, router
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("nightshift.serving.access")
-
-_LOGGED = ("key_id", "model_version", "response_id", "prompt_tokens", "completion_tokens", "finish", "waited_s")
 
 
 class RequestContextMiddleware:
-    """Give every request an id (``X-Request-Id``) and write one access-log line when its response ends."""
+    """Give every request an id (``X-Request-Id``); when its response ends, count it and write its access-log line."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, metrics: ServingMetrics) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -66,10 +67,13 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            fields = " ".join(f"{k}={state[k]}" for k in _LOGGED if state.get(k) is not None)
-            access_log.info("request id=%s %s %s status=%s%s seconds=%.3f %s", request_id, scope["method"],
-                            scope["path"], status["code"] or "-", "" if status["done"] else " incomplete",
-                            time.monotonic() - started, fields)
+            seconds = time.monotonic() - started
+            route = route_of(scope)
+            try:
+                self.metrics.observe(route, status["code"], seconds, state)
+            except Exception:
+                log.exception("could not count request %s", request_id)
+            log_access(request_id, scope["method"], route, status["code"], status["done"], seconds, state)
 
 
 def create_app(
@@ -80,7 +84,9 @@ def create_app(
     """Return the FastAPI application serving ``registry``'s champion within ``limits``, behind ``keyring``."""
     limits = limits or ServingLimits()
     watcher = ChampionWatcher(registry, cache_dir, limits, poll_seconds, on_alert)
-    server = Server(watcher=watcher, limits=limits, model_name=registry.model_name, alias=registry.alias)
+    metrics = ServingMetrics()
+    server = Server(watcher=watcher, limits=limits, model_name=registry.model_name, alias=registry.alias,
+                    metrics=metrics)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -95,7 +101,8 @@ def create_app(
     app.include_router(router)
 
     @app.exception_handler(OpenAIError)
-    async def openai_error(_request: Request, exc: OpenAIError):
+    async def openai_error(request: Request, exc: OpenAIError):
+        request.scope.setdefault("state", {})["error"] = exc.code or exc.status
         return JSONResponse(exc.body(), exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -121,5 +128,5 @@ def create_app(
     # add_middleware wraps: the last added runs first.
     app.add_middleware(ApiKeyMiddleware, keyring=keyring or KeyRing(), required=require_key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
-    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

@@ -371,109 +371,167 @@ class Stopped(Exception):
         self.reason = reason
 
 
+class Sequence:
+    """One prompt being continued: its sampler, detokenizer, stop handling and result.
+
+    The forward passes are not here: ``generate`` runs one sequence on its own cache, the batch scheduler
+    (``batching.py``) runs many through one batched forward. Either way ``prefill`` runs the prompt and
+    ``step`` takes the logits of the next position and returns the token to feed back, or None when the
+    sequence has finished (``result`` is then complete).
+    """
+
+    def __init__(self, loaded: LoadedModel, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
+                 deadline: float, on_delta: Callable[[str, list[TokenLogprob]], None] | None = None) -> None:
+        self.loaded = loaded
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.cancel = cancel
+        self.deadline = deadline
+        self.on_delta = on_delta
+        self.result = GenerationResult(token_ids=[], text="", finish_reason="length")
+        self.sampler = Sampler(params, loaded.shape.vocab)
+        self.detok = Detokenizer(loaded.tokenizer)
+        self.spans: list[tuple[TokenLogprob | None, int, int]] = []  # (logprob entry, text start, text end)
+        self.emitted = 0
+        self.cut_at_stop = False
+        self.finished = False
+
+    def check(self) -> None:
+        if self.cancel.is_set():
+            raise Stopped("cancelled")
+        if time.monotonic() > self.deadline:
+            raise Stopped("timeout")
+
+    def _entry(self, lp_row, token_id: int, offset: int) -> TokenLogprob:
+        import torch
+
+        tokenizer = self.loaded.tokenizer
+        top: list[tuple[str, float]] = []
+        if self.params.logprobs:
+            values, indices = torch.topk(lp_row, self.params.logprobs)
+            top = [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, indices, strict=True)]
+        return TokenLogprob(token_id, tokenizer.decode([token_id]), float(lp_row[token_id]), top, offset)
+
+    def prefill(self, chunk: int):
+        """Run the prompt through a fresh cache; return ``(cache, logits of the next token)``.
+
+        Returns ``(None, None)`` when the sequence is already finished (nothing to generate, or stopped).
+        """
+        import torch
+        from transformers import DynamicCache
+
+        params, prompt_ids, model = self.params, self.prompt_ids, self.loaded.model
+        score_prompt = params.echo and params.logprobs is not None
+        if params.echo:
+            prompt_detok = Detokenizer(self.loaded.tokenizer)
+            offsets = []
+            for token_id in prompt_ids:
+                offsets.append(len(prompt_detok.text))
+                prompt_detok.push(token_id)
+            prompt_detok.flush()
+            self.result.prompt_text = prompt_detok.text
+            if score_prompt:
+                self.result.prompt_logprobs.append(
+                    TokenLogprob(prompt_ids[0], self.loaded.tokenizer.decode([prompt_ids[0]]), None, [], 0))
+        try:
+            with torch.inference_mode():
+                cache = DynamicCache(config=model.config)
+                ids = torch.tensor([prompt_ids], dtype=torch.long)
+                logits = None
+                # With nothing to generate and no prompt log-probabilities asked for, no forward pass is needed.
+                prefill_len = len(prompt_ids) if (params.max_tokens > 0 or score_prompt) else 0
+                for start in range(0, prefill_len, chunk):
+                    self.check()
+                    piece = ids[:, start : start + chunk]
+                    out = model(input_ids=piece, past_key_values=cache, use_cache=True,
+                                logits_to_keep=0 if score_prompt else 1)
+                    chunk_logits = out.logits[0].float()
+                    if score_prompt:
+                        rows = torch.log_softmax(chunk_logits, dim=-1)
+                        for i in range(piece.shape[1]):
+                            target = start + i + 1
+                            if target < len(prompt_ids):
+                                self.result.prompt_logprobs.append(
+                                    self._entry(rows[i], prompt_ids[target], offsets[target]))
+                    logits = chunk_logits[-1]
+                    del out, chunk_logits
+        except Stopped as stopped:
+            self.finish(stopped.reason)
+            return None, None
+        if params.max_tokens == 0:
+            self.finish("length")
+            return None, None
+        return cache, logits
+
+    def step(self, logits) -> int | None:
+        """Choose the next token from ``logits``; return it, or None when the sequence has finished."""
+        import torch
+
+        try:
+            self.check()
+        except Stopped as stopped:
+            self.finish(stopped.reason)
+            return None
+        params, detok = self.params, self.detok
+        token = self.sampler.choose(logits)
+        if token in self.loaded.eos_ids:
+            self.finish("stop")
+            return None
+        self.result.token_ids.append(token)
+        before = len(detok.text)
+        detok.push(token)
+        lp = self._entry(torch.log_softmax(logits, dim=-1), token, before) if params.logprobs is not None else None
+        self.spans.append((lp, before, len(detok.text)))
+        position = _stop_position(detok.text, params.stop, before) if params.stop else -1
+        if position >= 0:
+            detok.text = detok.text[:position]
+            self.cut_at_stop = True
+            self.finish("stop")
+            return None
+        if self.on_delta is not None:
+            safe = len(detok.text) - _held_back(detok.text, params.stop)
+            if safe > self.emitted:
+                self.on_delta(detok.text[self.emitted : safe], _spans_within(self.spans, self.emitted, safe))
+                self.emitted = safe
+        if len(self.result.token_ids) >= params.max_tokens:
+            self.finish("length")
+            return None
+        return token
+
+    def finish(self, reason: str) -> None:
+        """End the sequence: flush the detokenizer, fill in the result and emit what is left."""
+        if self.finished:
+            return
+        self.finished = True
+        result = self.result
+        result.finish_reason = reason
+        if not self.cut_at_stop:
+            self.detok.flush()
+        result.text = self.detok.text
+        result.logprobs = [lp for lp, start, _ in self.spans if lp is not None and start < len(result.text)]
+        if self.on_delta is not None and len(result.text) > self.emitted:
+            self.on_delta(result.text[self.emitted :], _spans_within(self.spans, self.emitted, len(result.text)))
+            self.emitted = len(result.text)
+
+
 def generate(
     loaded: LoadedModel, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event, deadline: float,
     prefill_chunk: int = 512, on_delta: Callable[[str, list[TokenLogprob]], None] | None = None,
 ) -> GenerationResult:
-    """Continue ``prompt_ids``; call ``on_delta(text, logprobs)`` as text becomes final; return the whole result."""
+    """Continue ``prompt_ids`` alone; call ``on_delta(text, logprobs)`` as text becomes final; return the result."""
     import torch
-    from transformers import DynamicCache
 
-    model, tokenizer = loaded.model, loaded.tokenizer
-    want_lp = params.logprobs is not None
-    top_k = params.logprobs or 0
-    score_prompt = params.echo and want_lp
-
-    def check() -> None:
-        if cancel.is_set():
-            raise Stopped("cancelled")
-        if time.monotonic() > deadline:
-            raise Stopped("timeout")
-
-    def entry(lp_row, token_id: int, offset: int) -> TokenLogprob:
-        top: list[tuple[str, float]] = []
-        if top_k:
-            values, indices = torch.topk(lp_row, top_k)
-            top = [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, indices, strict=True)]
-        return TokenLogprob(token_id, tokenizer.decode([token_id]), float(lp_row[token_id]), top, offset)
-
-    result = GenerationResult(token_ids=[], text="", finish_reason="length")
-    prompt_detok = Detokenizer(tokenizer)
-    prompt_offsets = []
-    if params.echo:
-        for token_id in prompt_ids:
-            prompt_offsets.append(len(prompt_detok.text))
-            prompt_detok.push(token_id)
-        prompt_detok.flush()
-        result.prompt_text = prompt_detok.text
-        if score_prompt:
-            result.prompt_logprobs.append(
-                TokenLogprob(prompt_ids[0], tokenizer.decode([prompt_ids[0]]), None, [], 0))
-
-    sampler = Sampler(params, loaded.shape.vocab)
-    detok = Detokenizer(tokenizer)
-    spans: list[tuple[TokenLogprob | None, int, int]] = []  # (logprob entry, text start, text end) per token
-    emitted = 0
-    cut_at_stop = False
-    try:
-        with torch.inference_mode():
-            cache = DynamicCache(config=model.config)
-            ids = torch.tensor([prompt_ids], dtype=torch.long)
-            logits = None
-            # With nothing to generate and no prompt log-probabilities asked for, the prompt needs no forward pass.
-            prefill_len = len(prompt_ids) if (params.max_tokens > 0 or score_prompt) else 0
-            for start in range(0, prefill_len, prefill_chunk):
-                check()
-                piece = ids[:, start : start + prefill_chunk]
-                out = model(input_ids=piece, past_key_values=cache, use_cache=True,
-                            logits_to_keep=0 if score_prompt else 1)
-                chunk_logits = out.logits[0].float()
-                if score_prompt:
-                    rows = torch.log_softmax(chunk_logits, dim=-1)
-                    for i in range(piece.shape[1]):
-                        target = start + i + 1
-                        if target < len(prompt_ids):
-                            result.prompt_logprobs.append(entry(rows[i], prompt_ids[target], prompt_offsets[target]))
-                logits = chunk_logits[-1]
-                del out, chunk_logits
-            for step in range(params.max_tokens):
-                check()
-                raw = logits
-                token = sampler.choose(raw)
-                if token in loaded.eos_ids:
-                    result.finish_reason = "stop"
-                    break
-                result.token_ids.append(token)
-                before = len(detok.text)
-                detok.push(token)
-                lp = entry(torch.log_softmax(raw, dim=-1), token, before) if want_lp else None
-                spans.append((lp, before, len(detok.text)))
-                position = _stop_position(detok.text, params.stop, before) if params.stop else -1
-                if position >= 0:
-                    detok.text = detok.text[:position]
-                    result.finish_reason, cut_at_stop = "stop", True
-                    break
-                if on_delta is not None:
-                    safe = len(detok.text) - _held_back(detok.text, params.stop)
-                    if safe > emitted:
-                        on_delta(detok.text[emitted:safe], _spans_within(spans, emitted, safe))
-                        emitted = safe
-                if step == params.max_tokens - 1:
-                    break
-                out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-                logits = out.logits[0, -1].float()
-                del out
-            else:
-                result.finish_reason = "length"
-    except Stopped as stopped:
-        result.finish_reason = stopped.reason
-    if not cut_at_stop:
-        detok.flush()
-    result.text = detok.text
-    result.logprobs = [lp for lp, start, _ in spans if lp is not None and start < len(result.text)]
-    if on_delta is not None and len(result.text) > emitted:
-        on_delta(result.text[emitted:], _spans_within(spans, emitted, len(result.text)))
-    return result
+    sequence = Sequence(loaded, prompt_ids, params, cancel, deadline, on_delta)
+    cache, logits = sequence.prefill(prefill_chunk)
+    with torch.inference_mode():
+        while logits is not None:
+            token = sequence.step(logits)
+            if token is None:
+                break
+            out = loaded.model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            logits = out.logits[0, -1].float()
+            del out
+    return sequence.result
 
 
 def _spans_within(spans, start: int, end: int) -> list[TokenLogprob]:

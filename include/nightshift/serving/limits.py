@@ -24,9 +24,9 @@ class ServingLimits:
 
     max_body_bytes: int = 1 * MIB
     """Largest request body accepted (413 above it). 1 MiB holds about 250,000 tokens of text."""
-    max_concurrent: int = 2
-    """Generations running at once; more wait in the queue."""
-    max_queue: int = 8
+    max_concurrent: int = 8
+    """Requests generating at once, decoded together in one continuous batch; more wait in the queue."""
+    max_queue: int = 32
     """Requests waiting for a slot; more get 429 with Retry-After."""
     request_timeout_s: float = 120.0
     """Wall time a request may take, waiting and generating; generation stops when it runs out."""
@@ -38,6 +38,8 @@ class ServingLimits:
     """Completion length when a request sets no max_tokens (bounded by what remains of the window)."""
     prefill_chunk: int = 512
     """Prompt tokens processed per forward pass; bounds the attention memory of long prompts."""
+    batch_wait_ms: float = 5.0
+    """How long an idle engine waits after a request arrives for others to batch with it."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -49,6 +51,7 @@ class ServingLimits:
             "NIGHTSHIFT_SERVE_MAX_MODEL_LEN": self.max_model_len is None or self.max_model_len >= 16,
             "NIGHTSHIFT_SERVE_DEFAULT_MAX_TOKENS": self.default_max_tokens >= 1,
             "NIGHTSHIFT_SERVE_PREFILL_CHUNK": self.prefill_chunk >= 16,
+            "NIGHTSHIFT_SERVE_BATCH_WAIT_MS": 0 <= self.batch_wait_ms <= 1000,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -1,8 +1,9 @@
 """Route handlers: turn an OpenAI request into prompts and sampling parameters, admit it, run it, answer it.
 
 Every limit is checked before the model runs: options (protocol.check_supported), the model name, token
-ids, the context window, then a generation slot (limits.Admission). Generation runs in a worker thread; a
-client that disconnects or a request whose deadline passes stops it within one token.
+ids, the context window, then a generation slot (limits.Admission). Admitted prompts join the continuous
+batch (batching.BatchScheduler); a client that disconnects or a request whose deadline passes stops its
+sequences within one token.
 """
 
 from __future__ import annotations
@@ -13,17 +14,24 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from nightshift.serving.engine import ChampionWatcher, GenerationResult, LoadedModel, SamplingParams, TokenLogprob
-from nightshift.serving.engine import generate as run_generation
+from nightshift.serving.batching import BatchScheduler
+from nightshift.serving.engine import (
+    ChampionWatcher,
+    GenerationResult,
+    LoadedModel,
+    SamplingParams,
+    Sequence,
+    TokenLogprob,
+)
 from nightshift.serving.limits import Admission, ServingLimits, Ticket
+from nightshift.serving.metrics import CONTENT_TYPE, ServingMetrics
 from nightshift.serving.protocol import MAX_PROMPTS, ChatRequest, CompletionRequest, OpenAIError, check_supported
 
 log = logging.getLogger(__name__)
@@ -33,22 +41,27 @@ router = APIRouter()
 
 @dataclass
 class Server:
-    """What the handlers share: the champion, the limits, the admission controller and the worker threads."""
+    """What the handlers share: the champion, the limits, the admission controller and the batch scheduler."""
 
     watcher: ChampionWatcher
     limits: ServingLimits
     model_name: str
     alias: str
+    metrics: ServingMetrics = field(default_factory=ServingMetrics)
     admission: Admission | None = None
-    executor: ThreadPoolExecutor | None = None
+    scheduler: BatchScheduler | None = None
 
     def start(self) -> None:
         self.admission = Admission(self.limits.max_concurrent, self.limits.max_queue)
-        self.executor = ThreadPoolExecutor(self.limits.max_concurrent, thread_name_prefix="generate")
+        self.scheduler = BatchScheduler(self.limits.prefill_chunk, self.limits.batch_wait_ms / 1000,
+                                        on_step=self.metrics.batch_size.observe)
+        admission, scheduler = self.admission, self.scheduler
+        self.metrics.watch(lambda: admission.waiting, lambda: admission.active, lambda: scheduler.running)
+        self.scheduler.start()
 
     def stop(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.scheduler is not None:
+            self.scheduler.stop()
 
     @property
     def accepted_names(self) -> set[str]:
@@ -98,6 +111,15 @@ def healthz(request: Request) -> JSONResponse:
 def livez() -> dict[str, str]:
     """Liveness: the process answers."""
     return {"status": "alive"}
+
+
+@router.get("/metrics")
+def metrics(request: Request) -> Response:
+    """Prometheus exposition: requests, errors, latency, tokens, queue depth, batch sizes, versions loaded."""
+    server = server_of(request)
+    loaded = server.watcher.current
+    server.metrics.set_loaded({"champion": loaded.record.version if loaded else None})
+    return Response(server.metrics.exposition(), media_type=CONTENT_TYPE)
 
 
 @router.get("/v1/models")
@@ -230,22 +252,28 @@ async def _admit(request: Request, server: Server, loaded: LoadedModel, cost: in
     return ticket
 
 
-def _start(server: Server, loaded: LoadedModel, prompts, params, cancel, deadline, ticket, on_delta=None):
-    """Run the prompts one after another in a worker thread; release the slot when the thread is done."""
-    loop = asyncio.get_running_loop()
+def _start(server: Server, loaded: LoadedModel, prompts, params, cancel, deadline, ticket, parallel: int,
+           on_delta=None) -> asyncio.Task:
+    """Run the prompts in the batch, at most ``parallel`` at a time; release the slot when all are done."""
+    assert server.scheduler is not None
+    scheduler = server.scheduler
+    gate = asyncio.Semaphore(parallel)
 
-    def work() -> list[GenerationResult]:
-        results = []
-        for index, prompt in enumerate(prompts):
+    async def one(index: int, prompt: list[int]) -> GenerationResult:
+        async with gate:
             delta = (lambda text, lps, i=index: on_delta(i, text, lps)) if on_delta else None
-            results.append(run_generation(loaded, prompt, params, cancel, deadline, server.limits.prefill_chunk, delta))
+            sequence = Sequence(loaded, prompt, params, cancel, deadline, delta)
             if cancel.is_set():
-                break
-        return results
+                sequence.finish("cancelled")
+                return sequence.result
+            return await asyncio.wrap_future(scheduler.submit(sequence))
 
-    future = loop.run_in_executor(server.executor, work)
-    future.add_done_callback(lambda _f: ticket.release())
-    return future
+    async def work() -> list[GenerationResult]:
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+    task = asyncio.ensure_future(work())
+    task.add_done_callback(lambda _f: ticket.release())
+    return task
 
 
 @router.post("/v1/chat/completions")
@@ -268,11 +296,13 @@ async def completions(request: Request, req: CompletionRequest):
 
 async def _serve(request: Request, server: Server, loaded: LoadedModel, prompts, req, chat: bool):
     params, cost = _plan(server, loaded, prompts, req, chat)
+    # A request's prompts decode side by side, as many at once as the memory left for requests holds.
+    parallel = max(1, min(len(prompts), loaded.capacity_bytes // max(cost, 1)))
     deadline = request.scope["state"]["started"] + server.limits.request_timeout_s
     version = loaded.record.version
     rid = ("chatcmpl-" if chat else "cmpl-") + request.scope["state"]["request_id"]
     _note(request, response_id=rid, model_version=version, prompt_tokens=sum(len(p) for p in prompts))
-    ticket = await _admit(request, server, loaded, cost, deadline)
+    ticket = await _admit(request, server, loaded, cost * parallel, deadline)
     cancel = threading.Event()
     headers = {"X-Nightshift-Model-Version": str(version)}
     answer = Answer(server.model_name, rid, int(time.time()), f"v{version}", chat)
@@ -285,7 +315,7 @@ async def _serve(request: Request, server: Server, loaded: LoadedModel, prompts,
             loop.call_soon_threadsafe(queue.put_nowait, ("delta", index, text, logprobs))
 
     try:
-        future = _start(server, loaded, prompts, params, cancel, deadline, ticket, on_delta)
+        future = _start(server, loaded, prompts, params, cancel, deadline, ticket, parallel, on_delta)
     except BaseException:
         ticket.release()
         raise

@@ -1,0 +1,140 @@
+"""Tokens per second through the endpoint at concurrency 1 and 8, against plain ``model.generate`` on the checkpoint.
+
+    .venv/bin/python bench/serve.py [--tokens 64] [--requests 16]
+
+The bundled SmolLM2-135M is registered as champion in a temporary home and served by ``nightshift serve`` (a
+process of its own, as in production, API keys off); the OpenAI client sends greedy requests that all
+generate exactly ``--tokens`` tokens (end-of-sequence suppressed by ``logit_bias``, ``min_new_tokens`` for
+``generate``). Baselines, measured in the same run on the same checkpoint in this process:
+
+- plain generate, sequential: ``model.generate`` one prompt at a time;
+- plain generate, batched 8: eight left-padded prompts per call, the ceiling batching can reach.
+
+Goals: endpoint at c=1 >= 0.9x plain sequential (overhead under 10%); endpoint at c=8 >= 3x endpoint at c=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+PROMPTS = [
+    "Write one sentence about the tide tables of a small harbour.",
+    "Explain what a lighthouse keeper records every night.",
+    "Describe the weather on a foggy morning at sea.",
+    "List three things a sailor checks before leaving port.",
+    "What does a ship's log contain?",
+    "Summarise why harbours publish opening hours.",
+    "Give a short greeting to visitors of an observatory.",
+    "Tell a two-line story about a night ferry.",
+]
+
+
+def plain(folder: Path, tokens: int, rounds: int) -> tuple[float, float]:
+    """Return tokens/s of plain generate: sequential, and batched 8 (left padding)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in PROMPTS]
+    kwargs = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": False,
+              "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id}
+    with torch.inference_mode():
+        model.generate(**tokenizer(chats[:1], return_tensors="pt", add_special_tokens=False), **kwargs)  # warm-up
+        started = time.perf_counter()
+        generated = 0
+        for i in range(rounds):
+            batch = tokenizer(chats[i % len(chats) : i % len(chats) + 1], return_tensors="pt", add_special_tokens=False)
+            out = model.generate(**batch, **kwargs)
+            generated += out.shape[1] - batch["input_ids"].shape[1]
+        sequential = generated / (time.perf_counter() - started)
+        started = time.perf_counter()
+        generated = 0
+        for _ in range(max(1, rounds // 8)):
+            batch = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(**batch, **kwargs)
+            generated += (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
+        batched = generated / (time.perf_counter() - started)
+    return sequential, batched
+
+
+def endpoint(url: str, tokens: int, requests: int, concurrency: int, eos: list[int]) -> tuple[float, int]:
+    """Return tokens/s through the endpoint and the number of failed requests."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+    failures = 0
+
+    def one(i: int) -> int:
+        nonlocal failures
+        try:
+            r = client.chat.completions.create(
+                model="nightshift-llm", messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                max_tokens=tokens, temperature=0, logit_bias={str(t): -100 for t in eos})
+            return r.usage.completion_tokens
+        except Exception as exc:
+            print(f"  request failed: {type(exc).__name__}: {exc}")
+            failures += 1
+            return 0
+
+    one(0)  # warm-up
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        generated = sum(pool.map(one, range(requests)))
+    return generated / (time.perf_counter() - started), failures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=16)
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="ns-bench-serve-"))
+    os.environ["NIGHTSHIFT_HOME"] = str(home)
+    os.environ["NIGHTSHIFT_SERVE_REQUIRE_KEY"] = "false"
+    from helpers import ServeProcess, publish
+    from nightshift.pipelines.finetune import registry_for
+    from nightshift.settings import DEFAULT_FOUNDATION_MODEL, load_settings
+    from nightshift.training.foundation import import_foundation_model
+
+    settings = load_settings()
+    folder = import_foundation_model(settings.models_dir / DEFAULT_FOUNDATION_MODEL)
+    publish(registry_for(settings), folder, "bench")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    eos = sorted({tokenizer.eos_token_id} | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set()))
+
+    print(f"SmolLM2-135M, greedy, {args.tokens} tokens per request, {args.requests} requests per measurement")
+    sequential, batched = plain(folder, args.tokens, args.requests)
+    print(f"plain generate, sequential   {sequential:8.1f} tokens/s")
+    print(f"plain generate, batched 8    {batched:8.1f} tokens/s")
+    with ServeProcess(home) as server:
+        c1, failed1 = endpoint(server.url, args.tokens, args.requests, 1, eos)
+        print(f"endpoint, concurrency 1      {c1:8.1f} tokens/s  ({failed1} failed)")
+        c8, failed8 = endpoint(server.url, args.tokens, args.requests, 8, eos)
+        print(f"endpoint, concurrency 8      {c8:8.1f} tokens/s  ({failed8} failed)")
+    overhead = c1 / sequential
+    scaling = c8 / c1
+    print(f"\nc=1 / plain sequential: {overhead:.2f}x (goal >= 0.90)")
+    print(f"c=8 / c=1:              {scaling:.2f}x (goal >= 3.00)")
+    print(f"c=8 / plain batched 8:  {c8 / batched:.2f}x (the ceiling)")
+    ok = overhead >= 0.9 and scaling >= 3.0 and not (failed1 or failed8)
+    print("goals met" if ok else "goals NOT met")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

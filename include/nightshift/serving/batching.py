@@ -1,0 +1,251 @@
+"""Continuous batching: every sequence in flight advances by one token in one batched forward pass.
+
+One scheduler thread owns the forward passes. A request's prompts arrive as ``Sequence`` objects
+(``engine.py``); the scheduler waits a short window (``NIGHTSHIFT_SERVE_BATCH_WAIT_MS``) after the first
+arrival for others, runs each new prompt through its own cache (chunked prefill), then merges it into the
+running batch of its model: the key/value caches are left-padded to a common length and an attention mask
+hides the padding, so sequences of different lengths, started at different times, decode together. A
+sequence that finishes, is cancelled or runs out of time leaves the batch at the next step, and the
+columns only padding needs are trimmed. Sequences of different models (a champion and a canary, or the
+old and new champion during a swap) form separate batches, stepped in turn.
+
+Written here rather than using transformers' continuous-batching manager (``generate_batch``): that one
+applies one generation config to every request, while each OpenAI request brings its own temperature,
+seed, penalties, logit bias, stop sequences, log-probabilities and deadline, and must stop within one token
+when its client leaves. The forward pass, the cache and the logits processors are transformers' own.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from nightshift.serving.engine import GenerationResult, LoadedModel, Sequence
+
+log = logging.getLogger(__name__)
+
+
+def _pad_left(tensor, columns: int, dim: int):
+    """Return ``tensor`` with ``columns`` zero entries prepended along ``dim``."""
+    import torch
+
+    if columns <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = columns
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class Batch:
+    """The sequences of one model decoding together, with their left-padded cache and attention mask."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.rows: list[tuple[Sequence, Future]] = []
+        self.cache = None
+        self.mask = None
+        """[rows, columns] int64: 1 where a cache column holds one of the row's tokens, 0 for padding."""
+        self.logits = None
+        """[rows, vocab]: the next-token logits of every row."""
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, sequence: Sequence, future: Future, cache, logits) -> None:
+        """Merge a prefilled sequence (its own batch-1 cache and last logits) into the batch."""
+        import torch
+
+        length = cache.get_seq_length()
+        if self.cache is None:
+            self.cache = cache
+            self.mask = torch.ones((1, length), dtype=torch.long)
+            self.logits = logits[None]
+            self.rows.append((sequence, future))
+            return
+        width = self.mask.shape[1]
+        target = max(width, length)
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, target - width, 2), _pad_left(theirs.keys, target - length, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, target - width, 2),
+                                     _pad_left(theirs.values, target - length, 2)])
+        row = torch.cat([torch.zeros(target - length, dtype=torch.long), torch.ones(length, dtype=torch.long)])
+        self.mask = torch.cat([_pad_left(self.mask, target - width, 1), row[None]])
+        self.logits = torch.cat([self.logits, logits[None]])
+        self.rows.append((sequence, future))
+
+    def step(self) -> list[tuple[Sequence, Future]]:
+        """Give every row its next token and run one forward pass; return the rows that finished."""
+        import torch
+
+        tokens: list[int] = []
+        keep: list[int] = []
+        done: list[tuple[Sequence, Future]] = []
+        for index, (sequence, future) in enumerate(self.rows):
+            try:
+                token = sequence.step(self.logits[index])
+            except Exception as exc:  # one request's failure must not end the others
+                log.exception("a sequence failed and leaves the batch")
+                future.set_exception(exc)
+                continue
+            if token is None:
+                done.append((sequence, future))
+            else:
+                keep.append(index)
+                tokens.append(token)
+        if len(keep) < len(self.rows):
+            self._select(keep)
+        if not self.rows:
+            return done
+        positions = self.mask.sum(dim=1, keepdim=True)
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
+        with torch.inference_mode():
+            out = self.loaded.model(input_ids=torch.tensor(tokens)[:, None], attention_mask=self.mask,
+                                    position_ids=positions, past_key_values=self.cache, use_cache=True)
+        self.logits = out.logits[:, -1].float()
+        return done
+
+    def _select(self, keep: list[int]) -> None:
+        import torch
+
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = self.logits = None
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        self.logits = self.logits[index]
+        # Columns that are padding in every remaining row are dropped.
+        first = int(self.mask.any(dim=0).long().argmax())
+        if first > 0:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, first:]
+                layer.values = layer.values[:, :, first:]
+
+    def fail(self, exc: BaseException) -> None:
+        for _sequence, future in self.rows:
+            if not future.done():
+                future.set_exception(exc)
+        self.rows = []
+        self.cache = self.mask = self.logits = None
+
+
+class BatchScheduler:
+    """Runs every submitted sequence to completion in continuous batches, on one thread.
+
+    ``submit`` returns a ``concurrent.futures.Future`` of the ``GenerationResult``. ``on_step(rows)`` is
+    called after every batched step with the number of rows that took part (for metrics).
+    """
+
+    def __init__(self, prefill_chunk: int = 512, wait_s: float = 0.005,
+                 on_step: Callable[[int], None] | None = None) -> None:
+        self.prefill_chunk = prefill_chunk
+        self.wait_s = wait_s
+        self.on_step = on_step
+        self._inbox: queue.SimpleQueue[tuple[Sequence, Future] | None] = queue.SimpleQueue()
+        self._batches: dict[int, Batch] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.running = 0
+        """Sequences in the batches now."""
+
+    def submit(self, sequence: Sequence) -> Future:
+        future: Future = Future()
+        if self._stop.is_set():
+            future.set_exception(RuntimeError("the scheduler has stopped"))
+            return future
+        self._inbox.put((sequence, future))
+        return future
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="batch-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _take(self) -> list[tuple[Sequence, Future]]:
+        """Return the sequences that arrived; when idle, block for the first and wait the window for others."""
+        arrived: list[tuple[Sequence, Future]] = []
+        if not self._batches:
+            item = self._inbox.get()
+            if item is None:
+                return arrived
+            arrived.append(item)
+            if self.wait_s > 0:
+                time.sleep(self.wait_s)
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return arrived
+            if item is not None:
+                arrived.append(item)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for sequence, future in self._take():
+                    self._prefill(sequence, future)
+                for key, batch in list(self._batches.items()):
+                    rows = len(batch)
+                    try:
+                        finished = batch.step()
+                    except Exception as exc:
+                        log.exception("a batched forward pass failed; its %d sequences fail", rows)
+                        batch.fail(exc)
+                        finished = []
+                    for sequence, future in finished:
+                        future.set_result(sequence.result)
+                    if not batch.rows:
+                        del self._batches[key]
+                    if self.on_step is not None:
+                        self.on_step(rows)
+                self.running = sum(len(b) for b in self._batches.values())
+            except Exception:  # the loop itself must survive anything
+                log.exception("batch scheduler error")
+        self._drain()
+
+    def _prefill(self, sequence: Sequence, future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            cache, logits = sequence.prefill(self.prefill_chunk)
+        except Exception as exc:
+            log.exception("prefill failed")
+            future.set_exception(exc)
+            return
+        if logits is None:
+            future.set_result(sequence.result)
+            return
+        key = id(sequence.loaded)
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = Batch(sequence.loaded)
+        batch.add(sequence, future, cache, logits)
+
+    def _drain(self) -> None:
+        error = RuntimeError("the endpoint is shutting down")
+        for batch in self._batches.values():
+            batch.fail(error)
+        self._batches.clear()
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and not item[1].done():
+                item[1].set_exception(error)
+
+
+def run_alone(scheduler: BatchScheduler, sequence: Sequence) -> GenerationResult:
+    """Submit one sequence and wait for its result (for callers outside the event loop)."""
+    return scheduler.submit(sequence).result()

@@ -1,0 +1,149 @@
+"""Continuous batching: batched sequences produce what each would alone, join and leave at any step, fail alone."""
+
+import threading
+import time
+
+import pytest
+
+from nightshift.records import ModelVersionRecord
+from nightshift.serving.batching import BatchScheduler
+from nightshift.serving.engine import SamplingParams, Sequence, generate, load_model
+from nightshift.serving.limits import ServingLimits
+
+RECORD = ModelVersionRecord(name="nightshift-llm", version=1, run_id="r", source="s", dataset_tag="d", fingerprint="")
+FOREVER = float("inf")
+PROMPTS = ["The observatory opens at", "A", "Ships leave the harbour when the tide turns, and the keeper logs",
+           "Rain", "Every evening the lighthouse"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    return load_model(RECORD, tiny_model, ServingLimits(), runtime_bytes=0)
+
+
+@pytest.fixture
+def scheduler():
+    steps: list[int] = []
+    s = BatchScheduler(prefill_chunk=512, wait_s=0.02, on_step=steps.append)
+    s.steps = steps
+    s.start()
+    yield s
+    s.stop()
+
+
+def ids(loaded, text):
+    return loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def alone(loaded, text, params):
+    return generate(loaded, ids(loaded, text), params, threading.Event(), FOREVER)
+
+
+def test_batched_greedy_equals_each_sequence_alone(loaded, scheduler):
+    params = SamplingParams(max_tokens=20, temperature=0, logprobs=1)
+    expected = [alone(loaded, text, params) for text in PROMPTS]
+    futures = [scheduler.submit(Sequence(loaded, ids(loaded, text), params, threading.Event(), FOREVER))
+               for text in PROMPTS]
+    got = [f.result(timeout=60) for f in futures]
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    assert [g.text for g in got] == [e.text for e in expected]
+    for g, e in zip(got, expected, strict=True):
+        assert [t.logprob for t in g.logprobs] == pytest.approx([t.logprob for t in e.logprobs], abs=1e-3)
+    assert max(scheduler.steps) == len(PROMPTS), "the five sequences never ran in one batch"
+
+
+def test_sequences_join_a_running_batch_and_leave_it_at_different_lengths(loaded, scheduler):
+    lengths = [30, 3, 12, 25, 1]
+    expected = [alone(loaded, text, SamplingParams(max_tokens=n, temperature=0)).token_ids
+                for text, n in zip(PROMPTS, lengths, strict=True)]
+    futures = []
+
+    def submit(i):
+        futures.append(scheduler.submit(Sequence(loaded, ids(loaded, PROMPTS[i]),
+                                                 SamplingParams(max_tokens=lengths[i], temperature=0),
+                                                 threading.Event(), FOREVER)))
+
+    class First(Sequence):
+        """Submits the others while it decodes: after its 2nd, 4th, 6th and 8th token."""
+
+        def step(self, logits):
+            token = super().step(logits)
+            n = len(self.result.token_ids)
+            if n in (2, 4, 6, 8) and token is not None:
+                submit(n // 2)
+            return token
+
+    first = scheduler.submit(First(loaded, ids(loaded, PROMPTS[0]), SamplingParams(max_tokens=lengths[0],
+                             temperature=0), threading.Event(), FOREVER))
+    got = [first.result(timeout=60).token_ids] + [f.result(timeout=60).token_ids for f in futures]
+    assert got == expected
+    assert [len(g) for g in got] == lengths
+    assert max(scheduler.steps) >= 3
+
+
+def test_seeded_sampling_in_a_batch_equals_sampling_alone(loaded, scheduler):
+    params = [SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=seed) for seed in (1, 2, 3)]
+    expected = [alone(loaded, PROMPTS[0], p).token_ids for p in params]
+    futures = [scheduler.submit(Sequence(loaded, ids(loaded, PROMPTS[0]), p, threading.Event(), FOREVER))
+               for p in params]
+    assert [f.result(timeout=60).token_ids for f in futures] == expected
+
+
+def test_a_cancelled_sequence_leaves_and_the_others_finish(loaded, scheduler):
+    cancel = threading.Event()
+    params = SamplingParams(max_tokens=40, temperature=0)
+    expected = alone(loaded, PROMPTS[2], params).token_ids
+    deltas: list[str] = []
+
+    def on_delta(text, _lps):
+        deltas.append(text)
+        if len(deltas) == 3:
+            cancel.set()
+
+    leaving = scheduler.submit(Sequence(loaded, ids(loaded, PROMPTS[0]), params, cancel, FOREVER, on_delta))
+    staying = scheduler.submit(Sequence(loaded, ids(loaded, PROMPTS[2]), params, threading.Event(), FOREVER))
+    left = leaving.result(timeout=60)
+    assert left.finish_reason == "cancelled"
+    assert len(left.token_ids) <= 5
+    assert staying.result(timeout=60).token_ids == expected
+
+
+def test_a_failing_sequence_fails_alone(loaded, scheduler):
+    class Broken(Sequence):
+        def step(self, logits):
+            if len(self.result.token_ids) == 2:
+                raise RuntimeError("boom")
+            return super().step(logits)
+
+    params = SamplingParams(max_tokens=10, temperature=0)
+    expected = alone(loaded, PROMPTS[0], params).token_ids
+    broken = scheduler.submit(Broken(loaded, ids(loaded, PROMPTS[1]), params, threading.Event(), FOREVER))
+    fine = scheduler.submit(Sequence(loaded, ids(loaded, PROMPTS[0]), params, threading.Event(), FOREVER))
+    with pytest.raises(RuntimeError, match="boom"):
+        broken.result(timeout=60)
+    assert fine.result(timeout=60).token_ids == expected
+
+
+def test_two_models_batch_separately(loaded, tiny_model, scheduler):
+    other = load_model(RECORD, tiny_model, ServingLimits(), runtime_bytes=0)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    expected = alone(loaded, PROMPTS[0], params).token_ids
+    futures = [scheduler.submit(Sequence(m, ids(m, PROMPTS[0]), params, threading.Event(), FOREVER))
+               for m in (loaded, other, loaded, other)]
+    assert [f.result(timeout=60).token_ids for f in futures] == [expected] * 4
+    assert max(scheduler.steps) == 2  # one batch per model
+
+
+def test_stopping_fails_what_is_still_running(loaded):
+    scheduler = BatchScheduler(wait_s=0)
+    scheduler.start()
+    future = scheduler.submit(Sequence(loaded, ids(loaded, PROMPTS[0]), SamplingParams(max_tokens=10_000,
+                                       temperature=0), threading.Event(), FOREVER))
+    time.sleep(0.3)
+    scheduler.stop()
+    with pytest.raises(RuntimeError, match="shutting down"):
+        future.result(timeout=30)
+    late = scheduler.submit(Sequence(loaded, ids(loaded, PROMPTS[0]), SamplingParams(max_tokens=1), threading.Event(),
+                                     FOREVER))
+    with pytest.raises(RuntimeError, match="stopped"):
+        late.result(timeout=5)
