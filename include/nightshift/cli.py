@@ -308,11 +308,17 @@ def cmd_serve(settings: Settings, args) -> int:
         log.warning("no API keys are configured: every /v1 request will get 401; create one with "
                     "`nightshift keys create` or run `nightshift setup`")
     from nightshift.airflow.notifiers import alert_sender
+    from nightshift.serving.requestlog import RequestLog
 
     limits = settings.serving
+    request_log = None
+    if settings.request_log_url:
+        settings.serving_dir.mkdir(parents=True, exist_ok=True)
+        request_log = RequestLog(settings.request_log_url, settings.request_log_retention_days)
     app = create_app(
         registry_for(settings), settings.cache_dir / "serving", limits=limits, keyring=keyring,
         require_key=settings.require_api_key, poll_seconds=args.poll_seconds, on_alert=alert_sender("serving"),
+        request_log=request_log,
     )
     key_note = (f"API key for local use: {settings.local_key_file}" if settings.local_key_file.is_file()
                 else "API keys: `nightshift keys create`")
@@ -369,6 +375,37 @@ def cmd_keys(settings: Settings, args) -> int:
     print(f"{'id':<10}{'name':<24}{'key':<16}{'created':<27}revoked")
     for r in records:
         print(f"{r.id:<10}{r.name:<24}{r.hint:<16}{r.created_at:<27}{r.revoked_at or '-'}")
+    return 0
+
+
+def cmd_trace(settings: Settings, args) -> int:
+    from nightshift.pipelines.lineage import NotTraceable, trace_answer
+
+    configure_environment(settings)
+    try:
+        traced = trace_answer(settings, args.response_id[:80])
+    except NotTraceable as exc:
+        print(f"cannot trace: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(traced, indent=2, default=str))
+        return 0
+    a, lin = traced["answer"], traced["lineage"]
+    print(f"answer    {a['response_id']} at {a['created_at']} ({a['route']}, {a['finish']}, "
+          f"{a['prompt_tokens']}+{a['completion_tokens']} tokens, key {a['key_id'] or '-'})")
+    print(f"model     {lin['model']['name']} v{lin['model']['version']} ({lin['model']['role']})")
+    run = lin["run"]
+    print("run       " + (run["missing"] if "missing" in run else
+                          f"{run['run_id']} {run['name'] or ''} [{run['status']}] DAG run {run['dag_run'] or '-'}"))
+    ds = lin["dataset"]
+    print("dataset   " + (f"{ds.get('tag', '')} {ds['missing']}" if "missing" in ds else
+                          f"{ds['tag']} @ {ds['rev'][:10]}: {ds['path']} md5 {ds['md5']} ({ds['documents']} documents, "
+                          f"{ds['bytes']} bytes)"))
+    if a["scrubbed"]:
+        print(f"scrubbed  {', '.join(f'{k} x{v}' for k, v in sorted(a['scrubbed'].items()))}")
+    for f in a["feedback"]:
+        extra = " with a correction" if f["correction"] else ""
+        print(f"feedback  {f['created_at']} rating {f['rating']:+d}{extra}")
     return 0
 
 
@@ -540,6 +577,10 @@ def main(argv: list[str] | None = None) -> int:
     history.add_argument("--at", help="an ISO 8601 time, e.g. 2026-12-01T09:30:00Z (no zone: UTC)")
     history.add_argument("--json", action="store_true", help="print JSON")
     history.set_defaults(func=cmd_history)
+    trace = sub.add_parser("trace", help="trace an answer of the endpoint to its model, run, dataset and bytes")
+    trace.add_argument("response_id", help="the answer's id (chatcmpl-... or cmpl-...)")
+    trace.add_argument("--json", action="store_true", help="print JSON (with the scrubbed request and answer)")
+    trace.set_defaults(func=cmd_trace)
     args = parser.parse_args(argv)
     os.umask(PRIVATE_UMASK)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -123,6 +123,10 @@ class Settings:
     require_api_key: bool = True
     """Whether /v1 and /metrics need an API key (NIGHTSHIFT_SERVE_REQUIRE_KEY)."""
     serving_conn_id: str = "nightshift_serving"
+    request_log_override: str | None = None
+    """Database URL of the endpoint's request log and feedback (NIGHTSHIFT_SERVE_REQUEST_LOG); ``off`` disables."""
+    request_log_retention_days: float = 30.0
+    """Days answers and their feedback are kept (NIGHTSHIFT_SERVE_LOG_RETENTION_DAYS)."""
     """Airflow connection whose password (or extra ``api_keys``) holds keys the endpoint accepts."""
     airflow_parallelism: int = field(default_factory=default_parallelism)
     """Task slots of the local Airflow (and LocalExecutor worker processes)."""
@@ -219,6 +223,13 @@ class Settings:
         return self.serving_dir / "api_keys.json"
 
     @property
+    def request_log_url(self) -> str | None:
+        """The request log's database: SQLite under the home unless NIGHTSHIFT_SERVE_REQUEST_LOG names one."""
+        if self.request_log_override and self.request_log_override.lower() == "off":
+            return None
+        return self.request_log_override or f"sqlite:///{self.serving_dir / 'requests.db'}"
+
+    @property
     def local_key_file(self) -> Path:
         """The key ``make setup`` creates for local use (mode 0600)."""
         return self.serving_dir / "local.key"
@@ -271,6 +282,8 @@ def load_settings() -> Settings:
         serving=load_serving_limits(),
         require_api_key=_env_bool("NIGHTSHIFT_SERVE_REQUIRE_KEY", True),
         serving_conn_id=os.environ.get("NIGHTSHIFT_SERVE_CONN_ID", "nightshift_serving"),
+        request_log_override=os.environ.get("NIGHTSHIFT_SERVE_REQUEST_LOG") or None,
+        request_log_retention_days=_env_float("NIGHTSHIFT_SERVE_LOG_RETENTION_DAYS", 30.0),
         airflow_parallelism=_env_int("NIGHTSHIFT_AIRFLOW_PARALLELISM", default_parallelism()),
         airflow_host=os.environ.get("NIGHTSHIFT_AIRFLOW_HOST", "127.0.0.1"),
         ui_url=os.environ.get("NIGHTSHIFT_UI_URL") or os.environ.get("AIRFLOW__API__BASE_URL")

@@ -33,6 +33,7 @@ from nightshift.serving.keys import ApiKeyMiddleware, KeyRing
 from nightshift.serving.limits import BodyLimitMiddleware, ServingLimits
 from nightshift.serving.metrics import ServingMetrics, log_access, route_of
 from nightshift.serving.protocol import OpenAIError, error_body, error_type, validation_message
+from nightshift.serving.requestlog import RequestLog
 from nightshift.serving.routes import Server, router
 
 log = logging.getLogger(__name__)
@@ -79,14 +80,14 @@ class RequestContextMiddleware:
 def create_app(
     registry: ModelRegistry, cache_dir: Path, limits: ServingLimits | None = None, keyring: KeyRing | None = None,
     require_key: bool = True, poll_seconds: float = 5.0,
-    on_alert: Callable[[str, str, str], None] | None = None,
+    on_alert: Callable[[str, str, str], None] | None = None, request_log: RequestLog | None = None,
 ) -> FastAPI:
     """Return the FastAPI application serving ``registry``'s champion within ``limits``, behind ``keyring``."""
     limits = limits or ServingLimits()
     watcher = ChampionWatcher(registry, cache_dir, limits, poll_seconds, on_alert)
     metrics = ServingMetrics()
     server = Server(watcher=watcher, limits=limits, model_name=registry.model_name, alias=registry.alias,
-                    metrics=metrics)
+                    metrics=metrics, request_log=request_log)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

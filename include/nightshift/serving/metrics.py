@@ -41,6 +41,8 @@ class ServingMetrics:
                               ["kind", "version"], registry=r)
         self.answers = Counter("nightshift_answers", "Generation answers, by model version and role.",
                                ["version", "role"], registry=r)
+        self.feedback = Counter("nightshift_feedback", "Feedback received, by rating and model version.",
+                                ["rating", "version"], registry=r)
         self.batch_size = Histogram("nightshift_batch_size", "Sequences in each batched decoding step.",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("nightshift_queue_depth", "Requests waiting for a generation slot.", registry=r)

@@ -230,3 +230,20 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     if param is None:
         return f"Invalid request body: {message}.", None
     return f"Invalid value for '{param}': {message}.", param
+
+
+MAX_CORRECTION_CHARS = 16_000
+MAX_COMMENT_CHARS = 4_000
+
+
+class FeedbackRequest(BaseModel):
+    """``POST /v1/feedback``: a rating of one answer, with an optional corrected answer and comment."""
+
+    model_config = ConfigDict(extra="forbid")
+    response_id: str = Field(min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_-]+$")
+    """The ``id`` of the answer (``chatcmpl-...`` or ``cmpl-...``)."""
+    rating: int = Field(ge=-1, le=1)
+    """-1 (bad), 0 (neutral) or 1 (good)."""
+    correction: str | None = Field(default=None, max_length=MAX_CORRECTION_CHARS)
+    """What the answer should have been."""
+    comment: str | None = Field(default=None, max_length=MAX_COMMENT_CHARS)

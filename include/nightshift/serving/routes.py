@@ -32,7 +32,15 @@ from nightshift.serving.engine import (
 )
 from nightshift.serving.limits import Admission, ServingLimits, Ticket
 from nightshift.serving.metrics import CONTENT_TYPE, ServingMetrics
-from nightshift.serving.protocol import MAX_PROMPTS, ChatRequest, CompletionRequest, OpenAIError, check_supported
+from nightshift.serving.protocol import (
+    MAX_PROMPTS,
+    ChatRequest,
+    CompletionRequest,
+    FeedbackRequest,
+    OpenAIError,
+    check_supported,
+)
+from nightshift.serving.requestlog import LoggedAnswer, RequestLog, UnknownResponse
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,7 @@ class Server:
     model_name: str
     alias: str
     metrics: ServingMetrics = field(default_factory=ServingMetrics)
+    request_log: RequestLog | None = None
     admission: Admission | None = None
     scheduler: BatchScheduler | None = None
 
@@ -59,9 +68,14 @@ class Server:
         self.metrics.watch(lambda: admission.waiting, lambda: admission.active, lambda: scheduler.running)
         self.scheduler.start()
 
+        if self.request_log is not None:
+            self.request_log.start()
+
     def stop(self) -> None:
         if self.scheduler is not None:
             self.scheduler.stop()
+        if self.request_log is not None:
+            self.request_log.stop()
 
     @property
     def accepted_names(self) -> set[str]:
@@ -276,6 +290,25 @@ def _start(server: Server, loaded: LoadedModel, prompts, params, cancel, deadlin
     return task
 
 
+@router.post("/v1/feedback", status_code=201)
+async def post_feedback(request: Request, body: FeedbackRequest) -> JSONResponse:
+    """Rate one of this key's answers (-1, 0, 1), optionally with a correction and a comment."""
+    server = server_of(request)
+    if server.request_log is None:
+        raise OpenAIError(503, "Feedback is off: this endpoint runs without a request log "
+                          "(NIGHTSHIFT_SERVE_REQUEST_LOG).", code="feedback_disabled")
+    key_id = request.scope.get("state", {}).get("key_id")
+    try:
+        stored = await run_in_threadpool(server.request_log.add_feedback, body.response_id, key_id, body.rating,
+                                         body.correction, body.comment)
+    except UnknownResponse:
+        raise OpenAIError(404, "No answer with this response_id was given to this API key (or it is older than the "
+                          "log's retention).", param="response_id", code="response_not_found") from None
+    _note(request, response_id=body.response_id)
+    server.metrics.feedback.labels(str(body.rating), str(stored["model_version"])).inc()
+    return JSONResponse(stored, 201)
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, req: ChatRequest):
     server = server_of(request)
@@ -321,7 +354,7 @@ async def _serve(request: Request, server: Server, loaded: LoadedModel, prompts,
         raise
     if queue is not None:
         future.add_done_callback(lambda _f: queue.put_nowait(("end", 0, "", [])))
-        events = _stream(request, server, loaded, prompts, params, future, queue, answer, req.include_usage)
+        events = _stream(request, server, loaded, prompts, req, params, future, queue, answer)
         return CancellingStream(events, cancel, media_type="text/event-stream", headers=headers)
     try:
         while True:
@@ -341,7 +374,27 @@ async def _serve(request: Request, server: Server, loaded: LoadedModel, prompts,
                           "(NIGHTSHIFT_SERVE_TIMEOUT_S); ask for fewer tokens or retry later.", code="timeout")
     if "cancelled" in finish:
         raise OpenAIError(499, "The client closed the request.", code="client_closed_request")
+    _log_answer(request, server, loaded, req, answer, prompts, results)
     return JSONResponse(answer.body(results, prompts, params.logprobs is not None), headers=headers)
+
+
+def _log_answer(request: Request, server: Server, loaded: LoadedModel, req, answer: Answer, prompts,
+                results: list[GenerationResult], role: str = "champion") -> None:
+    """Queue the answer for the request log, with the version, run and dataset that produced it."""
+    if server.request_log is None:
+        return
+    state = request.scope["state"]
+    if answer.chat:
+        content: Any = [m.model_dump(include={"role", "content"}) for m in req.messages]
+    else:
+        content = req.prompts()
+    record = loaded.record
+    server.request_log.record(LoggedAnswer(
+        response_id=answer.id, key_id=state.get("key_id"), route="chat" if answer.chat else "completions",
+        model_name=server.model_name, model_version=record.version, model_role=role, run_id=record.run_id or None,
+        dataset_tag=record.dataset_tag or None, request=content, answer=[r.text for r in results],
+        finish=",".join(r.finish_reason for r in results), prompt_tokens=sum(len(p) for p in prompts),
+        completion_tokens=sum(len(r.token_ids) for r in results), seconds=time.monotonic() - state["started"]))
 
 
 @dataclass
@@ -441,9 +494,9 @@ class CancellingStream(StreamingResponse):
             self.cancel.set()
 
 
-async def _stream(request: Request, server: Server, loaded: LoadedModel, prompts, params: SamplingParams,
-                  future: asyncio.Future, queue: asyncio.Queue, answer: Answer,
-                  include_usage: bool) -> AsyncIterator[str]:
+async def _stream(request: Request, server: Server, loaded: LoadedModel, prompts, req, params: SamplingParams,
+                  future: asyncio.Future, queue: asyncio.Queue, answer: Answer) -> AsyncIterator[str]:
+    include_usage = req.include_usage
     if answer.chat:
         yield answer.chunk(0, None, None, None, first=True)
     elif params.echo:
@@ -472,6 +525,8 @@ async def _stream(request: Request, server: Server, loaded: LoadedModel, prompts
     if include_usage:
         yield answer.usage_chunk(sum(len(p) for p in prompts), completion_tokens)
     yield "data: [DONE]\n\n"
+    if not any(r.finish_reason in ("timeout", "cancelled") for r in results):
+        _log_answer(request, server, loaded, req, answer, prompts, results)
 
 
 def _event_error(message: str, code: str | None) -> str:

@@ -1,0 +1,330 @@
+"""The request/response log and user feedback, in a real database (SQLite by default, PostgreSQL in production).
+
+Every answer is stored with the model version that produced it (and that version's training run and dataset
+tag), so any answer traces back to model -> run -> dataset -> bytes (``nightshift trace <response id>``).
+Prompts, answers, corrections and comments are scrubbed with the preparation step's scrubber
+(``prep.pii.Scrubber``: e-mail addresses, phone numbers, IP addresses, payment cards, IBANs, credentials)
+before they are written, and cut at ``max_chars``. Rows older than the retention are deleted.
+
+Answers are written by a background thread from a bounded queue, so the database never slows an answer; a
+full queue drops the entry and counts it (``dropped``). Feedback is written before ``POST /v1/feedback``
+answers, after the pending answers are flushed, so feedback on an answer just received finds it. A key sees
+and rates only its own answers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from nightshift.prep.pii import Scrubber
+
+log = logging.getLogger(__name__)
+
+metadata = sa.MetaData()
+
+responses = sa.Table(
+    "nightshift_responses", metadata,
+    sa.Column("response_id", sa.String(80), primary_key=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("key_id", sa.String(64)),
+    sa.Column("route", sa.String(64), nullable=False),
+    sa.Column("model_name", sa.String(200), nullable=False),
+    sa.Column("model_version", sa.Integer, nullable=False),
+    sa.Column("model_role", sa.String(16), nullable=False),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("dataset_tag", sa.String(200)),
+    sa.Column("request", sa.Text, nullable=False),
+    sa.Column("answer", sa.Text, nullable=False),
+    sa.Column("finish", sa.String(64)),
+    sa.Column("prompt_tokens", sa.Integer),
+    sa.Column("completion_tokens", sa.Integer),
+    sa.Column("seconds", sa.Float),
+    sa.Column("scrubbed", sa.Text, nullable=False),
+    sa.Column("truncated", sa.Boolean, nullable=False),
+)
+
+feedback = sa.Table(
+    "nightshift_feedback", metadata,
+    sa.Column("feedback_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("response_id", sa.String(80), sa.ForeignKey("nightshift_responses.response_id"), nullable=False,
+              index=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("key_id", sa.String(64)),
+    sa.Column("rating", sa.Integer, nullable=False),
+    sa.Column("correction", sa.Text),
+    sa.Column("comment", sa.Text),
+    sa.Column("model_version", sa.Integer, nullable=False),
+)
+
+
+@dataclass
+class LoggedAnswer:
+    """One answer as it is logged (content not yet scrubbed)."""
+
+    response_id: str
+    key_id: str | None
+    route: str
+    model_name: str
+    model_version: int
+    model_role: str
+    run_id: str | None
+    dataset_tag: str | None
+    request: Any
+    """The messages or prompts (JSON-serialisable)."""
+    answer: list[str]
+    finish: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+class UnknownResponse(LookupError):
+    """No logged answer with this id for this key."""
+
+
+class RequestLog:
+    """Writes answers and feedback to ``url`` (any SQLAlchemy URL); ``start`` before use, ``stop`` to flush."""
+
+    def __init__(self, url: str, retention_days: float = 30.0, max_chars: int = 32_000, queue_size: int = 10_000,
+                 purge_every_s: float = 3600.0) -> None:
+        self.url = url
+        self.retention = timedelta(days=retention_days)
+        self.max_chars = max_chars
+        self.purge_every_s = purge_every_s
+        self.scrubber = Scrubber()
+        self.engine = sa.create_engine(url, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._queue: queue.Queue[LoggedAnswer | None] = queue.Queue(queue_size)
+        self._thread: threading.Thread | None = None
+        self._ready = False
+        self.written = 0
+        self.dropped = 0
+        self.failed = 0
+
+    # -- lifecycle
+
+    def open(self) -> None:
+        """Create the tables if they do not exist."""
+        metadata.create_all(self.engine)
+        self._ready = True
+
+    def start(self) -> None:
+        try:
+            self.open()
+            self.purge()
+        except sa.exc.OperationalError as exc:  # answers are served anyway; the writer retries
+            log.error("request log database unavailable (%s); answers are queued until it is", type(exc).__name__)
+        self._thread = threading.Thread(target=self._writer, name="request-log", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._thread is None:
+            return
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            log.error("request log: %d answers not written at shutdown", self._queue.qsize())
+        self._thread.join(timeout)
+        self._thread = None
+        self.engine.dispose()
+
+    # -- answers
+
+    def record(self, entry: LoggedAnswer) -> bool:
+        """Queue an answer for writing; return False (and count it) when the queue is full."""
+        try:
+            self._queue.put_nowait(entry)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.error("request log queue full: %d answers not logged so far", self.dropped)
+            return False
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued answer is written; return False if that took longer than ``timeout``."""
+        end = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < end:
+            time.sleep(0.01)
+        return not self._queue.unfinished_tasks
+
+    def _writer(self) -> None:
+        next_purge = time.monotonic() + self.purge_every_s
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            taken = 1
+            batch = [] if first is None else [first]
+            stopping = first is None
+            while not stopping and len(batch) < 256:  # what has piled up goes in one transaction
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                taken += 1
+                if more is None:
+                    stopping = True
+                else:
+                    batch.append(more)
+            try:
+                if batch:
+                    self._write(batch)
+                if time.monotonic() > next_purge:
+                    next_purge = time.monotonic() + self.purge_every_s
+                    self.purge()
+            except Exception:
+                log.exception("request log writer error")
+            finally:
+                for _ in range(taken):
+                    self._queue.task_done()
+
+    def _write(self, batch: list[LoggedAnswer]) -> None:
+        rows = [self._row(e) for e in batch]
+        for attempt in range(3):
+            try:
+                if not self._ready:
+                    self.open()
+                with self.engine.begin() as conn:
+                    conn.execute(responses.insert(), rows)
+                self.written += len(rows)
+                return
+            except sa.exc.IntegrityError:  # a retried id: write the others one by one
+                break
+            except sa.exc.OperationalError as exc:
+                log.warning("request log: database unavailable (%s), attempt %d of 3", type(exc).__name__,
+                            attempt + 1)
+                time.sleep(0.5 * (attempt + 1))
+        else:
+            self.failed += len(rows)
+            log.error("request log: %d answers could not be written", len(rows))
+            return
+        for row in rows:
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(responses.insert(), [row])
+                self.written += 1
+            except sa.exc.IntegrityError:
+                log.warning("request log: answer %s already logged", row["response_id"])
+
+    def _scrub(self, text: str, counts: dict[str, int]) -> tuple[str, bool]:
+        cut = len(text) > self.max_chars
+        clean, found = self.scrubber.scrub(text[: self.max_chars])
+        for kind, n in found.items():
+            counts[kind] = counts.get(kind, 0) + n
+        return clean, cut
+
+    def _scrub_tree(self, value: Any, counts: dict[str, int], cut: list[bool]) -> Any:
+        """Scrub every string in a JSON-like value (strings one by one: scrubbing JSON text could break it)."""
+        if isinstance(value, str):
+            clean, was_cut = self._scrub(value, counts)
+            cut[0] = cut[0] or was_cut
+            return clean
+        if isinstance(value, list):
+            return [self._scrub_tree(v, counts, cut) for v in value]
+        if isinstance(value, dict):
+            return {k: self._scrub_tree(v, counts, cut) for k, v in value.items()}
+        return value
+
+    def _row(self, e: LoggedAnswer) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        cut = [False]
+        request = self._scrub_tree(e.request, counts, cut)
+        answers = self._scrub_tree(list(e.answer), counts, cut)
+        return {
+            **{k: v for k, v in asdict(e).items() if k not in ("request", "answer")},
+            "request": json.dumps(request, ensure_ascii=False), "answer": json.dumps(answers, ensure_ascii=False),
+            "scrubbed": json.dumps(counts, sort_keys=True), "truncated": cut[0],
+        }
+
+    # -- feedback
+
+    def add_feedback(self, response_id: str, key_id: str | None, rating: int, correction: str | None,
+                     comment: str | None) -> dict[str, Any]:
+        """Store feedback on one of ``key_id``'s answers; raise UnknownResponse if there is none with that id."""
+        self.flush()
+        counts: dict[str, int] = {}
+        correction = self._scrub(correction, counts)[0] if correction else None
+        comment = self._scrub(comment, counts)[0] if comment else None
+        with self.engine.begin() as conn:
+            answer = conn.execute(sa.select(responses.c.model_version, responses.c.key_id)
+                                  .where(responses.c.response_id == response_id)).first()
+            if answer is None or answer.key_id != key_id:
+                raise UnknownResponse(response_id)
+            created = datetime.now(UTC)
+            feedback_id = conn.execute(feedback.insert().values(
+                response_id=response_id, created_at=created, key_id=key_id, rating=rating, correction=correction,
+                comment=comment, model_version=answer.model_version)).inserted_primary_key[0]
+        return {"id": f"fb-{feedback_id}", "object": "feedback", "response_id": response_id,
+                "model_version": answer.model_version, "rating": rating, "created": int(created.timestamp()),
+                "scrubbed": counts}
+
+    # -- reading
+
+    def answer(self, response_id: str) -> dict[str, Any] | None:
+        """Return the logged answer with its feedback, or None."""
+        self.flush()
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(responses).where(responses.c.response_id == response_id)).mappings().first()
+            if row is None:
+                return None
+            notes = conn.execute(sa.select(feedback).where(feedback.c.response_id == response_id)
+                                 .order_by(feedback.c.feedback_id)).mappings().all()
+        out = dict(row)
+        out["request"] = json.loads(out["request"])
+        out["answer"] = json.loads(out["answer"])
+        out["scrubbed"] = json.loads(out["scrubbed"])
+        out["created_at"] = _aware(out["created_at"]).isoformat()
+        out["feedback"] = [{**dict(n), "created_at": _aware(n["created_at"]).isoformat()} for n in notes]
+        return out
+
+    def feedback_summary(self, since: datetime | None = None) -> dict[int, dict[str, float]]:
+        """Return per model version: answers, ratings given, mean rating and share of negative ratings."""
+        since = since or datetime(1970, 1, 1, tzinfo=UTC)
+        with self.engine.connect() as conn:
+            answered = dict(conn.execute(
+                sa.select(responses.c.model_version, sa.func.count())
+                .where(responses.c.created_at >= since).group_by(responses.c.model_version)).all())
+            rated = conn.execute(
+                sa.select(feedback.c.model_version, sa.func.count(), sa.func.avg(feedback.c.rating),
+                          sa.func.sum(sa.case((feedback.c.rating < 0, 1), else_=0)))
+                .where(feedback.c.created_at >= since).group_by(feedback.c.model_version)).all()
+        nan = float("nan")
+        out = {int(v): {"answers": float(n), "ratings": 0.0, "mean_rating": nan, "negative_share": nan}
+               for v, n in answered.items()}
+        for version, n, mean, negative in rated:
+            out.setdefault(int(version), {"answers": 0.0}).update(
+                ratings=float(n), mean_rating=float(mean), negative_share=float(negative or 0) / n)
+        return out
+
+    def purge(self, now: datetime | None = None) -> int:
+        """Delete answers (and their feedback) older than the retention; return how many answers went."""
+        cutoff = (now or datetime.now(UTC)) - self.retention
+        with self.engine.begin() as conn:
+            old = sa.select(responses.c.response_id).where(responses.c.created_at < cutoff)
+            conn.execute(feedback.delete().where(feedback.c.response_id.in_(old)))
+            deleted = conn.execute(responses.delete().where(responses.c.created_at < cutoff)).rowcount
+        if deleted:
+            log.info("request log: %d answers older than %s deleted (retention)", deleted, self.retention)
+        return deleted
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()

