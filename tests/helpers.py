@@ -212,3 +212,39 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def perturbed_copy(source: Path, dest: Path, seed: int = 1) -> Path:
+    """Save ``source`` with every weight moved by seeded noise: another version whose greedy answers differ."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(source))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(dest)
+    for item in source.iterdir():
+        if not item.name.startswith(("model", "config")):
+            shutil.copy2(item, dest / item.name)
+    return dest
+
+
+def greedy_answers(folder: Path, prompts: list[str], max_tokens: int) -> dict[str, str]:
+    """What each completion prompt gets from this checkpoint alone, greedy (batching gives the same)."""
+    import threading
+
+    from nightshift.records import ModelVersionRecord
+    from nightshift.serving.engine import SamplingParams, generate, load_model
+    from nightshift.serving.limits import ServingLimits
+
+    loaded = load_model(ModelVersionRecord(name="m", version=0, run_id="", source=""), folder, ServingLimits(), 0)
+    out = {}
+    for prompt in prompts:
+        ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        out[prompt] = generate(loaded, ids, SamplingParams(max_tokens=max_tokens, temperature=0), threading.Event(),
+                               float("inf")).text
+    return out

@@ -9,7 +9,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from helpers import ServeProcess, publish
+from helpers import ServeProcess, greedy_answers, perturbed_copy, publish
 
 SLOTS, QUEUE = 4, 4
 PROMPTS = ["The harbour opens at", "Tide tables say", "The keeper writes", "Ferries leave when"]
@@ -18,39 +18,7 @@ MAX_TOKENS = 12
 
 @pytest.fixture
 def perturbed_model(tiny_model, tmp_path):
-    """The tiny model with every weight moved: a second version whose greedy answers differ."""
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    dest = tmp_path / "v2"
-    model.save_pretrained(dest)
-    for item in tiny_model.iterdir():
-        if not item.name.startswith(("model", "config")):
-            shutil.copy2(item, dest / item.name)
-    return dest
-
-
-def expected_answers(folder):
-    """What each prompt gets from this checkpoint alone, greedy (the batch gives the same, tests/serving/test_batching)."""
-    from nightshift.records import ModelVersionRecord
-    from nightshift.serving.engine import SamplingParams, generate, load_model
-    from nightshift.serving.limits import ServingLimits
-
-    record = ModelVersionRecord(name="m", version=0, run_id="", source="")
-    loaded = load_model(record, folder, ServingLimits(), runtime_bytes=0)
-    out = {}
-    for prompt in PROMPTS:
-        ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        out[prompt] = generate(loaded, ids, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), threading.Event(),
-                               float("inf")).text
-    return out
+    return perturbed_copy(tiny_model, tmp_path / "v2")
 
 
 async def fire(url: str, n: int, concurrency: int, results: list) -> None:
@@ -80,7 +48,8 @@ def test_load_within_and_beyond_the_bound_and_a_hot_swap_under_load(tmp_path, mo
     registry = registry_for(load_settings())
     publish(registry, tiny_model, "v1")
     v2 = publish(registry, perturbed_model, "v2", promote=False)
-    expected = {"1": expected_answers(tiny_model), "2": expected_answers(perturbed_model)}
+    expected = {"1": greedy_answers(tiny_model, PROMPTS, MAX_TOKENS),
+                "2": greedy_answers(perturbed_model, PROMPTS, MAX_TOKENS)}
     assert expected["1"] != expected["2"]
     env = {"NIGHTSHIFT_SERVE_REQUIRE_KEY": "false", "NIGHTSHIFT_SERVE_MAX_CONCURRENT": str(SLOTS),
            "NIGHTSHIFT_SERVE_MAX_QUEUE": str(QUEUE)}

@@ -34,6 +34,7 @@ from nightshift.serving.limits import BodyLimitMiddleware, ServingLimits
 from nightshift.serving.metrics import ServingMetrics, log_access, route_of
 from nightshift.serving.protocol import OpenAIError, error_body, error_type, validation_message
 from nightshift.serving.requestlog import RequestLog
+from nightshift.serving.rollout import CandidateWatcher
 from nightshift.serving.routes import Server, router
 
 log = logging.getLogger(__name__)
@@ -85,15 +86,19 @@ def create_app(
     """Return the FastAPI application serving ``registry``'s champion within ``limits``, behind ``keyring``."""
     limits = limits or ServingLimits()
     watcher = ChampionWatcher(registry, cache_dir, limits, poll_seconds, on_alert)
+    candidate = CandidateWatcher(registry, cache_dir / "candidate", limits, poll_seconds, on_alert)
+    watcher.donor, candidate.taker = candidate, watcher  # a promoted candidate is served at once, not reloaded
     metrics = ServingMetrics()
     server = Server(watcher=watcher, limits=limits, model_name=registry.model_name, alias=registry.alias,
-                    metrics=metrics, request_log=request_log)
+                    metrics=metrics, request_log=request_log, candidate=candidate)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         server.start()
         watcher.start()
+        candidate.start()
         yield
+        candidate.stop()
         watcher.stop()
         server.stop()
 

@@ -114,11 +114,15 @@ class ChampionWatcher:
     RETRY_FIRST_S = 60.0
     RETRY_MAX_S = 900.0
 
+    role = "champion"
+
     def __init__(
         self, registry, cache_dir: Path, limits: ServingLimits, poll_seconds: float = 5.0,
         on_alert: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.registry = registry
+        self.donor: ChampionWatcher | None = None
+        """Another watcher whose loaded model may be taken over (the candidate, when it is promoted)."""
         self.cache_dir = cache_dir
         self.limits = limits
         self.poll_seconds = poll_seconds
@@ -141,25 +145,40 @@ class ChampionWatcher:
             return "ready"
         return "failed" if self.failures else ("loading" if self.detail == "starting" else "no_model")
 
+    def resolve(self) -> ModelVersionRecord | None:
+        """Return the version this watcher should serve."""
+        return self.registry.champion()
+
     def refresh(self) -> bool:
         """Load the champion if the alias points somewhere new; return True when the served model changed."""
         try:
-            record = self.registry.champion()
+            record = self.resolve()
         except Exception as exc:  # the registry may be briefly unavailable; keep serving what we have
             self.detail = f"registry unavailable: {type(exc).__name__}"
             log.warning("registry unavailable, still serving %s: %s",
                         self.current.record.label if self.current else "nothing", exc)
             return False
         if record is None:
-            self.detail = f"no model carries the alias {self.registry.alias!r} yet"
-            return False
+            return self.nothing_to_serve()
         if self.current and self.current.record.version == record.version:
             self.detail = None
             return False
+        donor = self.donor.current if self.donor else None
+        if donor is not None and donor.record.version == record.version:
+            previous = self.current.record.label if self.current else "nothing"
+            self.current = donor
+            self.detail = None
+            log.info("serving %s as %s (was %s), taken over from the %s without reloading", record.label,
+                     self.role, previous, self.donor.role)
+            return True
         failed = self.failures.get(record.version)
         if failed and time.monotonic() < failed[1]:
             return False
         return self._load(record, failed)
+
+    def nothing_to_serve(self) -> bool:
+        self.detail = f"no model carries the alias {self.registry.alias!r} yet"
+        return False
 
     def _load(self, record: ModelVersionRecord, failed: tuple[str, float, float] | None) -> bool:
         import gc
@@ -193,23 +212,23 @@ class ChampionWatcher:
             self.registry.prune_cache(self.cache_dir, keep=[record])
         except OSError:
             log.warning("could not prune %s", self.cache_dir, exc_info=True)
-        log.info("serving %s (was %s), loaded in %.1fs: window %d tokens, %d MiB of weights, %d MiB for requests",
-                 record.label, previous, time.monotonic() - started, loaded.window, loaded.model_bytes // MIB,
-                 loaded.capacity_bytes // MIB)
+        log.info("serving %s as %s (was %s), loaded in %.1fs: window %d tokens, %d MiB of weights, %d MiB for "
+                 "requests", record.label, self.role, previous, time.monotonic() - started, loaded.window,
+                 loaded.model_bytes // MIB, loaded.capacity_bytes // MIB)
         return True
 
     def _alert(self, record: ModelVersionRecord, error: str, serving: str) -> None:
         try:
             self.on_alert(  # type: ignore[misc]
                 f"endpoint could not load {record.label}",
-                f"The champion alias points at {record.label}, which failed to load: {error}. "
-                f"The endpoint keeps serving {serving}.", "error",
+                f"The {self.role} alias points at {record.label}, which failed to load: {error}. "
+                f"The endpoint keeps serving {serving} as {self.role}.", "error",
             )
         except Exception:
             log.exception("could not send the alert about %s", record.label)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="champion-watcher", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"{self.role}-watcher", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:

@@ -43,6 +43,8 @@ class ServingMetrics:
                                ["version", "role"], registry=r)
         self.feedback = Counter("nightshift_feedback", "Feedback received, by rating and model version.",
                                 ["rating", "version"], registry=r)
+        self.shadows = Counter("nightshift_shadow_requests", "Shadow generations by the candidate, by outcome "
+                               "(answered, skipped for lack of a free slot, failed).", ["outcome"], registry=r)
         self.batch_size = Histogram("nightshift_batch_size", "Sequences in each batched decoding step.",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("nightshift_queue_depth", "Requests waiting for a generation slot.", registry=r)

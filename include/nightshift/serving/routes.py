@@ -21,6 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from nightshift.registry.rollout import CANDIDATE_ALIAS
 from nightshift.serving.batching import BatchScheduler
 from nightshift.serving.engine import (
     ChampionWatcher,
@@ -41,6 +42,7 @@ from nightshift.serving.protocol import (
     check_supported,
 )
 from nightshift.serving.requestlog import LoggedAnswer, RequestLog, UnknownResponse
+from nightshift.serving.rollout import CandidateWatcher, routes_to_candidate
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ class Server:
     alias: str
     metrics: ServingMetrics = field(default_factory=ServingMetrics)
     request_log: RequestLog | None = None
+    candidate: CandidateWatcher | None = None
+    shadows: int = 0
+    """Shadow generations in flight."""
     admission: Admission | None = None
     scheduler: BatchScheduler | None = None
 
@@ -93,6 +98,36 @@ class Server:
         return loaded
 
 
+    def pick(self, request: Request, req) -> tuple[LoadedModel, str]:
+        """Return the model that answers this request and its role (``champion`` or ``candidate``)."""
+        if req.model == f"{self.model_name}@{CANDIDATE_ALIAS}":
+            loaded = self.candidate.current if self.candidate else None
+            if loaded is None:
+                raise OpenAIError(404, f"No candidate of `{self.model_name}` is being rolled out now.",
+                                  param="model", code="model_not_found")
+            return loaded, "candidate"
+        champion = self.model_for(req.model)
+        active = self.candidate.active() if self.candidate else None
+        if active is not None:
+            state = request.scope.get("state", {})
+            identity = req.user or state.get("key_id") or state["request_id"]
+            if routes_to_candidate(active[0], identity):
+                return active[1], "candidate"
+        return champion, "champion"
+
+    def shadow_target(self) -> LoadedModel | None:
+        """Return the candidate when a shadow rollout is on and a generation slot is free, else None."""
+        active = self.candidate.active() if self.candidate else None
+        if active is None or active[0].mode != "shadow":
+            return None
+        assert self.admission is not None
+        if self.admission.active >= self.limits.max_concurrent or self.admission.waiting \
+                or self.shadows >= max(1, self.limits.max_concurrent // 2):
+            self.metrics.shadows.labels("skipped").inc()
+            return None
+        return active[1]
+
+
 def server_of(request: Request) -> Server:
     return request.app.state.server
 
@@ -117,8 +152,17 @@ def healthz(request: Request) -> JSONResponse:
         "window": loaded.window if loaded else None,
         "loading": watcher.loading, "detail": watcher.detail,
         "active": admission.active if admission else 0, "waiting": admission.waiting if admission else 0,
+        "rollout": _rollout_info(server),
     }
     return JSONResponse(body, 200 if state == "ready" else 503)
+
+
+def _rollout_info(server: Server) -> dict[str, Any] | None:
+    active = server.candidate.active() if server.candidate else None
+    if active is None:
+        return None
+    rollout, loaded = active
+    return {"candidate": loaded.record.version, "mode": rollout.mode, "share": rollout.share}
 
 
 @router.get("/livez")
@@ -132,7 +176,9 @@ def metrics(request: Request) -> Response:
     """Prometheus exposition: requests, errors, latency, tokens, queue depth, batch sizes, versions loaded."""
     server = server_of(request)
     loaded = server.watcher.current
-    server.metrics.set_loaded({"champion": loaded.record.version if loaded else None})
+    candidate = server.candidate.current if server.candidate else None
+    server.metrics.set_loaded({"champion": loaded.record.version if loaded else None,
+                               "candidate": candidate.record.version if candidate else None})
     return Response(server.metrics.exposition(), media_type=CONTENT_TYPE)
 
 
@@ -313,31 +359,33 @@ async def post_feedback(request: Request, body: FeedbackRequest) -> JSONResponse
 async def chat_completions(request: Request, req: ChatRequest):
     server = server_of(request)
     check_supported(req)
-    loaded = server.model_for(req.model)
+    loaded, role = server.pick(request, req)
     prompt = await run_in_threadpool(_chat_prompt, loaded, req)
-    return await _serve(request, server, loaded, [prompt], req, chat=True)
+    return await _serve(request, server, loaded, [prompt], req, chat=True, role=role)
 
 
 @router.post("/v1/completions")
 async def completions(request: Request, req: CompletionRequest):
     server = server_of(request)
     check_supported(req)
-    loaded = server.model_for(req.model)
+    loaded, role = server.pick(request, req)
     prompts = await run_in_threadpool(_completion_prompts, loaded, req)
-    return await _serve(request, server, loaded, prompts, req, chat=False)
+    return await _serve(request, server, loaded, prompts, req, chat=False, role=role)
 
 
-async def _serve(request: Request, server: Server, loaded: LoadedModel, prompts, req, chat: bool):
+async def _serve(request: Request, server: Server, loaded: LoadedModel, prompts, req, chat: bool,
+                 role: str = "champion"):
     params, cost = _plan(server, loaded, prompts, req, chat)
     # A request's prompts decode side by side, as many at once as the memory left for requests holds.
     parallel = max(1, min(len(prompts), loaded.capacity_bytes // max(cost, 1)))
     deadline = request.scope["state"]["started"] + server.limits.request_timeout_s
     version = loaded.record.version
     rid = ("chatcmpl-" if chat else "cmpl-") + request.scope["state"]["request_id"]
-    _note(request, response_id=rid, model_version=version, prompt_tokens=sum(len(p) for p in prompts))
+    _note(request, response_id=rid, model_version=version, model_role=role,
+          prompt_tokens=sum(len(p) for p in prompts))
     ticket = await _admit(request, server, loaded, cost * parallel, deadline)
     cancel = threading.Event()
-    headers = {"X-Nightshift-Model-Version": str(version)}
+    headers = {"X-Nightshift-Model-Version": str(version), "X-Nightshift-Model-Role": role}
     answer = Answer(server.model_name, rid, int(time.time()), f"v{version}", chat)
     queue: asyncio.Queue | None = asyncio.Queue() if req.stream else None
     on_delta = None
@@ -354,7 +402,7 @@ async def _serve(request: Request, server: Server, loaded: LoadedModel, prompts,
         raise
     if queue is not None:
         future.add_done_callback(lambda _f: queue.put_nowait(("end", 0, "", [])))
-        events = _stream(request, server, loaded, prompts, req, params, future, queue, answer)
+        events = _stream(request, server, loaded, prompts, req, params, future, queue, answer, role)
         return CancellingStream(events, cancel, media_type="text/event-stream", headers=headers)
     try:
         while True:
@@ -374,16 +422,60 @@ async def _serve(request: Request, server: Server, loaded: LoadedModel, prompts,
                           "(NIGHTSHIFT_SERVE_TIMEOUT_S); ask for fewer tokens or retry later.", code="timeout")
     if "cancelled" in finish:
         raise OpenAIError(499, "The client closed the request.", code="client_closed_request")
-    _log_answer(request, server, loaded, req, answer, prompts, results)
+    _log_answer(request, server, loaded, req, answer, prompts, results, role)
+    _shadow(request, server, req, answer, role)
     return JSONResponse(answer.body(results, prompts, params.logprobs is not None), headers=headers)
 
 
+def _shadow(request: Request, server: Server, req, answer: Answer, role: str) -> None:
+    """In a shadow rollout, let the candidate answer the same request in the background, for the log only."""
+    if role != "champion" or server.request_log is None:
+        return
+    candidate = server.shadow_target()
+    if candidate is None:
+        return
+    try:
+        prompts = [_chat_prompt(candidate, req)] if answer.chat else _completion_prompts(candidate, req)
+        params, _cost = _plan(server, candidate, prompts, req, answer.chat)
+    except OpenAIError:  # the candidate's window cannot hold this request
+        server.metrics.shadows.labels("skipped").inc()
+        return
+    assert server.scheduler is not None
+    scheduler = server.scheduler
+    deadline = time.monotonic() + server.limits.request_timeout_s
+    shadow_answer = Answer(answer.model, f"{answer.id}-shadow", answer.created, answer.fingerprint, answer.chat)
+    server.shadows += 1
+
+    async def run() -> None:
+        try:
+            cancel = threading.Event()
+            futures = [asyncio.wrap_future(scheduler.submit(Sequence(candidate, p, params, cancel, deadline)))
+                       for p in prompts]
+            results = list(await asyncio.gather(*futures))
+            _log_answer(request, server, candidate, req, shadow_answer, prompts, results, "shadow",
+                        started=time.monotonic() - (deadline - server.limits.request_timeout_s))
+            server.metrics.shadows.labels("answered").inc()
+        except Exception:
+            log.exception("shadow generation failed")
+            server.metrics.shadows.labels("failed").inc()
+        finally:
+            server.shadows -= 1
+
+    task = asyncio.ensure_future(run())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task] = set()
+
+
 def _log_answer(request: Request, server: Server, loaded: LoadedModel, req, answer: Answer, prompts,
-                results: list[GenerationResult], role: str = "champion") -> None:
+                results: list[GenerationResult], role: str = "champion", started: float | None = None) -> None:
     """Queue the answer for the request log, with the version, run and dataset that produced it."""
     if server.request_log is None:
         return
     state = request.scope["state"]
+    seconds = time.monotonic() - state["started"] if started is None else started
     if answer.chat:
         content: Any = [m.model_dump(include={"role", "content"}) for m in req.messages]
     else:
@@ -394,7 +486,7 @@ def _log_answer(request: Request, server: Server, loaded: LoadedModel, req, answ
         model_name=server.model_name, model_version=record.version, model_role=role, run_id=record.run_id or None,
         dataset_tag=record.dataset_tag or None, request=content, answer=[r.text for r in results],
         finish=",".join(r.finish_reason for r in results), prompt_tokens=sum(len(p) for p in prompts),
-        completion_tokens=sum(len(r.token_ids) for r in results), seconds=time.monotonic() - state["started"]))
+        completion_tokens=sum(len(r.token_ids) for r in results), seconds=seconds))
 
 
 @dataclass
@@ -495,7 +587,7 @@ class CancellingStream(StreamingResponse):
 
 
 async def _stream(request: Request, server: Server, loaded: LoadedModel, prompts, req, params: SamplingParams,
-                  future: asyncio.Future, queue: asyncio.Queue, answer: Answer) -> AsyncIterator[str]:
+                  future: asyncio.Future, queue: asyncio.Queue, answer: Answer, role: str) -> AsyncIterator[str]:
     include_usage = req.include_usage
     if answer.chat:
         yield answer.chunk(0, None, None, None, first=True)
@@ -526,7 +618,8 @@ async def _stream(request: Request, server: Server, loaded: LoadedModel, prompts
         yield answer.usage_chunk(sum(len(p) for p in prompts), completion_tokens)
     yield "data: [DONE]\n\n"
     if not any(r.finish_reason in ("timeout", "cancelled") for r in results):
-        _log_answer(request, server, loaded, req, answer, prompts, results)
+        _log_answer(request, server, loaded, req, answer, prompts, results, role)
+        _shadow(request, server, req, answer, role)
 
 
 def _event_error(message: str, code: str | None) -> str:
