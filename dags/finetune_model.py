@@ -19,8 +19,9 @@ Runs when `ingest_corpus` publishes a new corpus version, or from **Trigger** wi
 | `evaluate` | `include/configs/evaluation.yaml` on candidate and champion: perplexities, greedy answers |
 |  | (exact match, token F1, ROUGE-L, refusals), the LLM judge; a paired bootstrap interval per difference |
 | `decide_promotion` | applies `include/configs/gate.yaml` to the intervals; writes the HTML report |
-| `register_candidate` → `promote_candidate` | registers the checkpoint with its report, moves `champion` |
-|  | and records the move (who, why, which evaluation) in the registry's promotion history |
+| `register_candidate` → `release` | registers the checkpoint with its report; `rollout.yaml` says how it goes out |
+| `promote_candidate` | (`mode: off`) moves `champion` and records the move (who, why, which evaluation) |
+| `start_rollout` | (`mode: canary` or `shadow`) points the `candidate` alias at it; `rollout_model` takes over |
 | `reject_candidate` | keeps the champion and alerts with the gate's reasons |
 | `report` | the cycle summary, also logged to the MLflow run |
 
@@ -42,7 +43,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from nightshift.airflow.common import CHAMPION_ASSET, CORPUS_ASSET, DEFAULT_ARGS, run_dir, run_report
+from nightshift.airflow.common import CANDIDATE_ASSET, CHAMPION_ASSET, CORPUS_ASSET, DEFAULT_ARGS, run_dir, run_report
 from nightshift.airflow.kubernetes import trainer_job_operator, trainer_pod_operator
 from nightshift.airflow.notifiers import AlertNotifier
 from nightshift.airflow.tracking import FailTrackingRun
@@ -273,6 +274,31 @@ def finetune_model():
         )
         return version.to_dict()
 
+    @task.branch
+    def release(_version: dict) -> str:
+        from nightshift.evaluation.live import RolloutPolicy
+
+        try:
+            mode = RolloutPolicy.load(SETTINGS.rollout_policy).mode
+        except ValueError as exc:  # a broken rollout.yaml does not mend itself on retry
+            raise AirflowFailException(str(exc)) from exc
+        print(f"rollout policy: {mode}")
+        return "promote_candidate" if mode == "off" else "start_rollout"
+
+    @task(outlets=[CANDIDATE_ASSET])
+    def start_rollout(version: dict) -> dict:
+        from nightshift.evaluation.live import RolloutPolicy
+        from nightshift.pipelines.finetune import registry_for
+        from nightshift.pipelines.rollout import start_rollout as start
+        from nightshift.records import ModelVersionRecord
+
+        policy = RolloutPolicy.load(SETTINGS.rollout_policy)
+        rollout = start(registry_for(SETTINGS), ModelVersionRecord.from_dict(version), policy)
+        print(f"v{rollout['version']} is the candidate ({rollout['mode']}); rollout_model takes it from here")
+        get_current_context()["outlet_events"][CANDIDATE_ASSET].extra = {"model_version": rollout["version"],
+                                                                         "mode": rollout["mode"]}
+        return rollout
+
     @task(outlets=[CHAMPION_ASSET])
     def promote_candidate(version: dict, decision: dict) -> dict:
         from nightshift.airflow.common import triggered_by
@@ -317,6 +343,7 @@ def finetune_model():
             "evaluation": ti.xcom_pull(task_ids="evaluate"),
             "decision": ti.xcom_pull(task_ids="decide_promotion"),
             "promoted": ti.xcom_pull(task_ids="promote_candidate"),
+            "rollout": ti.xcom_pull(task_ids="start_rollout"),
             "champion": (c.to_dict() if (c := registry_for(SETTINGS).champion()) else None),
             "mlflow_run_id": plan["mlflow_run_id"] if plan else None,
         }
@@ -351,10 +378,13 @@ def finetune_model():
     decision = decide_promotion(evaluation, plan)
     routed = route(decision)
     registered = register_candidate(dataset, check, plan)
+    released = release(registered)
     promoted = promote_candidate(registered, decision)
+    rolling = start_rollout(registered)
+    released >> [promoted, rolling]
     rejected = reject_candidate(decision, dataset)
     routed >> [registered, rejected]
-    [reused, promoted, rejected] >> report(dataset, check)
+    [reused, promoted, rolling, rejected] >> report(dataset, check)
 
 
 finetune_model()

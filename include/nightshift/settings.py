@@ -146,6 +146,8 @@ class Settings:
     evaluation_suite: Path = CONFIG_DIR / "evaluation.yaml"
     """The evaluation suite candidate and champion run through (NIGHTSHIFT_EVALUATION_SUITE)."""
     gate_policy: Path = CONFIG_DIR / "gate.yaml"
+    rollout_policy: Path = CONFIG_DIR / "rollout.yaml"
+    """How a candidate that passed the gate is released (NIGHTSHIFT_ROLLOUT_POLICY)."""
     """The promotion gate's rules (NIGHTSHIFT_GATE_POLICY)."""
     recipe_dirs: tuple[Path, ...] = ()
     """Further folders with training recipes, besides include/configs/training (the Param takes names only)."""
@@ -294,6 +296,7 @@ def load_settings() -> Settings:
         drift_policy=Path(os.environ.get("NIGHTSHIFT_DRIFT_POLICY") or CONFIG_DIR / "drift.yaml"),
         evaluation_suite=Path(os.environ.get("NIGHTSHIFT_EVALUATION_SUITE") or CONFIG_DIR / "evaluation.yaml"),
         gate_policy=Path(os.environ.get("NIGHTSHIFT_GATE_POLICY") or CONFIG_DIR / "gate.yaml"),
+        rollout_policy=Path(os.environ.get("NIGHTSHIFT_ROLLOUT_POLICY") or CONFIG_DIR / "rollout.yaml"),
         recipe_dirs=_env_paths("NIGHTSHIFT_RECIPE_DIRS"),
         task_timeout_s=_env_int("NIGHTSHIFT_TASK_TIMEOUT_S", 3600),
         train_timeout_s=_env_int("NIGHTSHIFT_TRAIN_TIMEOUT_S", 6 * 3600),

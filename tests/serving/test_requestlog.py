@@ -37,12 +37,13 @@ def request_log(request, tmp_path):
     log.stop()
 
 
-def answer(rid: str, key: str = "key-a", version: int = 3, text: str = "The tide turns at six.", **kw) -> LoggedAnswer:
+def answer(rid: str, key: str = "key-a", version: int = 3, text: str = "The tide turns at six.",
+           finish: str = "stop", seconds: float = 0.4, **kw) -> LoggedAnswer:
     return LoggedAnswer(
         response_id=rid, key_id=key, route="chat", model_name="nightshift-llm", model_version=version,
         model_role="champion", run_id="run-1", dataset_tag="corpus-v0001",
-        request=[{"role": "user", "content": f"Mail me at {EMAIL}, card {CARD}"}], answer=[text], finish="stop",
-        prompt_tokens=12, completion_tokens=6, seconds=0.4, **kw)
+        request=[{"role": "user", "content": f"Mail me at {EMAIL}, card {CARD}"}], answer=[text], finish=finish,
+        prompt_tokens=12, completion_tokens=6, seconds=seconds, **kw)
 
 
 def test_answers_are_stored_scrubbed_with_their_version_and_feedback_is_tied_to_them(request_log):
@@ -130,3 +131,18 @@ def test_an_unreachable_database_never_stops_the_endpoint_from_starting(tmp_path
     assert log.record(answer("c-1"))
     log.stop(timeout=15)
     assert log.written == 0 and log.failed == 1
+
+
+def test_window_stats_count_errors_latency_and_ratings_per_version_since_a_time(request_log):
+    start = datetime.now(UTC)
+    request_log.record(answer("old", version=2, created_at=start - timedelta(minutes=5)))
+    for i in range(20):
+        request_log.record(answer(f"c{i}", version=2, finish="timeout" if i < 2 else "stop", seconds=i / 10))
+        request_log.record(answer(f"p{i}", version=1, seconds=0.5))
+    request_log.add_feedback("c0", "key-a", -1, None, None)
+    request_log.add_feedback("c1", "key-a", 1, None, None)
+    stats = request_log.window_stats(start - timedelta(seconds=1), [1, 2])
+    assert stats[2]["answers"] == 20 and stats[2]["errors"] == 2
+    assert stats[2]["p95_seconds"] == pytest.approx(1.8)  # the 19th of 20 sorted latencies
+    assert stats[2]["ratings"] == 2 and stats[2]["negative_share"] == 0.5
+    assert stats[1]["answers"] == 20 and stats[1]["errors"] == 0 and stats[1]["ratings"] == 0

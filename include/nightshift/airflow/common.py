@@ -14,6 +14,8 @@ from nightshift.provenance import safe_name
 from nightshift.settings import Settings, load_settings
 
 CORPUS_ASSET = Asset("nightshift://datasets/corpus", extra={"description": "versioned training corpus (DVC)"})
+CANDIDATE_ASSET = Asset("nightshift://models/candidate", extra={
+    "description": "a gated model version exposed as the registry's candidate, to be rolled out"})
 CHAMPION_ASSET = Asset("nightshift://models/champion", extra={
     "description": "the model version in production, and the dataset version it was trained on"})
 

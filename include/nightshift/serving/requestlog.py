@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -305,6 +306,27 @@ class RequestLog:
         for version, n, mean, negative in rated:
             out.setdefault(int(version), {"answers": 0.0}).update(
                 ratings=float(n), mean_rating=float(mean), negative_share=float(negative or 0) / n)
+        return out
+
+    def window_stats(self, since: datetime, versions: list[int]) -> dict[int, dict[str, float]]:
+        """Return per version, for answers since ``since``: answers, errors (timeouts, failures), p95 seconds,
+        ratings and the share of negative ratings (the live signals of a rollout step)."""
+        self.flush()
+        out = {}
+        with self.engine.connect() as conn:
+            for version in versions:
+                rows = conn.execute(sa.select(responses.c.seconds, responses.c.finish).where(
+                    responses.c.model_version == version, responses.c.created_at >= since)).all()
+                seconds = sorted(r.seconds for r in rows if r.seconds is not None)
+                errors = sum(1 for r in rows if any(f in ("timeout", "error") for f in (r.finish or "").split(",")))
+                ratings = conn.execute(sa.select(feedback.c.rating).where(
+                    feedback.c.model_version == version, feedback.c.created_at >= since)).scalars().all()
+                p95 = seconds[min(len(seconds) - 1, math.ceil(0.95 * len(seconds)) - 1)] if seconds else math.nan
+                out[version] = {
+                    "answers": float(len(rows)), "errors": float(errors), "p95_seconds": float(p95),
+                    "ratings": float(len(ratings)),
+                    "negative_share": sum(1 for r in ratings if r < 0) / len(ratings) if ratings else math.nan,
+                }
         return out
 
     def purge(self, now: datetime | None = None) -> int:

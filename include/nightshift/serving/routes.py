@@ -415,9 +415,14 @@ async def _serve(request: Request, server: Server, loaded: LoadedModel, prompts,
     except asyncio.CancelledError:
         cancel.set()
         raise
+    except Exception:  # counted against the version in the request log, then answered as a 500
+        _log_answer(request, server, loaded, req, answer, prompts,
+                    [GenerationResult(token_ids=[], text="", finish_reason="error")], role)
+        raise
     finish = [r.finish_reason for r in results]
     _note(request, completion_tokens=sum(len(r.token_ids) for r in results), finish=",".join(finish))
     if "timeout" in finish:
+        _log_answer(request, server, loaded, req, answer, prompts, results, role)
         raise OpenAIError(504, f"Generation timed out after {server.limits.request_timeout_s:.0f} s "
                           "(NIGHTSHIFT_SERVE_TIMEOUT_S); ask for fewer tokens or retry later.", code="timeout")
     if "cancelled" in finish:
@@ -603,6 +608,8 @@ async def _stream(request: Request, server: Server, loaded: LoadedModel, prompts
         results = future.result()
     except Exception as exc:
         log.exception("generation failed for %s", answer.id)
+        _log_answer(request, server, loaded, req, answer, prompts,
+                    [GenerationResult(token_ids=[], text="", finish_reason="error")], role)
         yield _event_error(f"generation failed: {type(exc).__name__}", None)
         yield "data: [DONE]\n\n"
         _note(request, finish="error")
@@ -617,9 +624,10 @@ async def _stream(request: Request, server: Server, loaded: LoadedModel, prompts
     if include_usage:
         yield answer.usage_chunk(sum(len(p) for p in prompts), completion_tokens)
     yield "data: [DONE]\n\n"
-    if not any(r.finish_reason in ("timeout", "cancelled") for r in results):
+    if not any(r.finish_reason == "cancelled" for r in results):
         _log_answer(request, server, loaded, req, answer, prompts, results, role)
-        _shadow(request, server, req, answer, role)
+        if not any(r.finish_reason == "timeout" for r in results):
+            _shadow(request, server, req, answer, role)
 
 
 def _event_error(message: str, code: str | None) -> str:

@@ -1,0 +1,160 @@
+"""
+# rollout_model
+
+Expose a candidate model to live traffic step by step, and promote or roll it back on its own.
+
+`finetune_model` starts it when a candidate passes the gate and `include/configs/rollout.yaml` says
+`mode: canary` or `mode: shadow`; you can also start it from **Trigger** for any version that passed the gate.
+
+**Params**
+
+- `candidate_version`: the version to roll out; empty: the version the registry's `candidate` alias names.
+- `mode`: `canary` (a growing share of users gets the candidate) or `shadow` (the candidate answers in the
+  background only, into the request log); empty: the policy's.
+
+**Tasks**
+
+- `plan_rollout`: the candidate exists, is not the champion and passed the gate; the `candidate` alias
+  points at it.
+- `step_N_share`: the candidate gets step N's share of traffic (sticky per user or API key).
+- `step_N_observe`: waits until the step has lasted `step_minutes` and each version answered `min_answers`
+  requests, then compares error rate, p95 latency and negative feedback from the request log; the step fails
+  when the candidate is worse than the policy allows.
+- `finish_rollout`: every step passed: the candidate becomes champion (kept in the promotion history);
+  otherwise the alias is removed and all traffic returns to the champion. Alerts either way.
+
+Every answer says which version produced it (`X-Nightshift-Model-Version`, `system_fingerprint`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from airflow.sdk import Param, PokeReturnValue, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from nightshift.airflow.common import CANDIDATE_ASSET, CHAMPION_ASSET, DEFAULT_ARGS
+from nightshift.evaluation.live import RolloutPolicy
+from nightshift.settings import load_settings
+
+SETTINGS = load_settings()
+try:
+    POLICY = RolloutPolicy.load(SETTINGS.rollout_policy)
+    POLICY_ERROR = None
+except ValueError as exc:  # the DAG still parses; plan_rollout fails with the message
+    POLICY, POLICY_ERROR = RolloutPolicy(), str(exc)
+
+
+def _policy() -> RolloutPolicy:
+    if POLICY_ERROR:
+        raise AirflowFailException(POLICY_ERROR)
+    return POLICY
+
+
+@dag(
+    schedule=[CANDIDATE_ASSET],
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["nightshift", "registry", "serving"],
+    doc_md=__doc__,
+    params={
+        "candidate_version": Param(
+            None, type=["null", "integer"], minimum=1, title="Candidate version",
+            description="The model version to roll out. Empty: the version the registry's candidate alias names "
+            "(set by finetune_model when a candidate passes the gate under a rollout policy).",
+        ),
+        "mode": Param(
+            None, type=["null", "string"], enum=[None, "canary", "shadow"], title="Mode",
+            description="canary: a growing share of users (steps in rollout.yaml) gets the candidate. shadow: the "
+            "champion answers everything and the candidate answers the same requests in the background, into the "
+            "request log only. Empty: the policy's mode (canary when the policy says off).",
+        ),
+    },
+)
+def rollout_model():
+    @task
+    def plan_rollout() -> dict:
+        from nightshift.pipelines.finetune import registry_for
+        from nightshift.pipelines.rollout import RolloutRefused
+        from nightshift.pipelines.rollout import plan_rollout as plan
+
+        params = get_current_context()["params"]
+        try:
+            planned = plan(registry_for(SETTINGS), params["candidate_version"], params["mode"], _policy())
+        except RolloutRefused as exc:
+            raise AirflowFailException(str(exc)) from exc
+        print(planned["message"])
+        return planned
+
+    @task
+    def set_share(plan: dict, index: int) -> dict:
+        from nightshift.pipelines.finetune import registry_for
+        from nightshift.pipelines.rollout import RolloutRefused, set_step
+
+        try:
+            return set_step(registry_for(SETTINGS), plan, index, _policy())
+        except RolloutRefused as exc:
+            raise AirflowFailException(str(exc)) from exc
+
+    @task.sensor(poke_interval=POLICY.poke_seconds, timeout=POLICY.max_step_minutes * 60,
+                 mode="reschedule" if POLICY.poke_seconds >= 60 else "poke")
+    def observe(plan: dict, step: dict) -> PokeReturnValue:
+        from nightshift.pipelines.rollout import observe_step, request_log_for
+
+        request_log = request_log_for(SETTINGS)
+        try:
+            verdict = observe_step(request_log, plan, step, _policy())
+        finally:
+            request_log.engine.dispose()
+        for reason in verdict["reasons"]:
+            print(f"step {step['step']}: {reason}")
+        if verdict["ready"] and not verdict["passed"]:
+            raise AirflowFailException(f"step {step['step']} failed: " + "; ".join(
+                r for r in verdict["reasons"] if "FAILED" in r))
+        return PokeReturnValue(is_done=verdict["ready"], xcom_value=verdict)
+
+    @task(trigger_rule="all_done", outlets=[CHAMPION_ASSET])
+    def finish_rollout(plan: dict | None) -> dict:
+        from nightshift.airflow.common import triggered_by
+        from nightshift.airflow.notifiers import send_alert
+        from nightshift.alerts.channels import Alert
+        from nightshift.pipelines.finetune import registry_for
+        from nightshift.pipelines.rollout import finish_rollout as finish
+
+        context = get_current_context()
+        if not plan:
+            raise AirflowFailException("plan_rollout failed: nothing was exposed, the champion keeps all traffic")
+        ti = context["ti"]
+        verdicts = [ti.xcom_pull(task_ids=f"step_{i + 1}_observe") for i in range(len(plan["steps"]))]
+        run = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
+        outcome = finish(registry_for(SETTINGS), plan, verdicts, f"{run}/promote", triggered_by(context), run)
+        promoted = outcome["outcome"] == "promoted"
+        send_alert(Alert(
+            title=f"candidate v{outcome['candidate']} {'promoted' if promoted else 'rolled back'} after its rollout",
+            message=(f"v{outcome['candidate']} passed every {plan['mode']} step and is now champion."
+                     if promoted else
+                     f"v{outcome['candidate']} did not pass its {plan['mode']} rollout; all traffic is back on "
+                     f"v{outcome['champion']}."),
+            severity="info" if promoted else "warning", dag_id=context["dag_run"].dag_id,
+            run_id=context["dag_run"].run_id, task_id=ti.task_id, details=outcome,
+        ))
+        if promoted:
+            context["outlet_events"][CHAMPION_ASSET].extra = {
+                "model_version": outcome["candidate"], "dataset_version": plan["candidate"]["dataset_tag"]}
+        else:
+            raise AirflowFailException("rolled back: " + "; ".join(outcome["reasons"][-3:]))
+        return outcome
+
+    plan = plan_rollout()
+    previous = plan
+    for index in range(len(POLICY.steps)):
+        share = set_share.override(task_id=f"step_{index + 1}_share")(plan, index)
+        watched = observe.override(task_id=f"step_{index + 1}_observe")(plan, share)
+        previous >> share
+        previous = watched
+    previous >> finish_rollout(plan)
+
+
+rollout_model()

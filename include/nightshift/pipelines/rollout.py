@@ -1,0 +1,130 @@
+"""Steps of a rollout: expose the candidate, move its share step by step, judge each step on live signals,
+then promote it or roll it back. Every step can be retried: shares are set, not added; the promotion is a
+keyed move of the promotion history; ending a rollout twice changes nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from nightshift.evaluation.live import RolloutPolicy, judge_step
+from nightshift.pipelines.finetune import GATE_TAG
+from nightshift.records import ModelVersionRecord
+from nightshift.registry.mlflow_registry import ModelRegistry
+from nightshift.registry.rollout import STATE_TAG, Rollouts
+from nightshift.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class RolloutRefused(ValueError):
+    """The rollout cannot start as asked; the message says what to change."""
+
+
+def start_rollout(registry: ModelRegistry, version: ModelVersionRecord, policy: RolloutPolicy,
+                  mode: str | None = None) -> dict[str, Any]:
+    """Expose a gated version as the candidate at the first step's share (or in shadow)."""
+    mode = mode or policy.mode
+    if mode not in ("canary", "shadow"):
+        raise RolloutRefused(f"rollout mode must be canary or shadow, not {mode!r} (rollout.yaml: mode)")
+    rollout = Rollouts(registry).start(version, mode, policy.steps[0] if mode == "canary" else 0.0)
+    return rollout.to_dict()
+
+
+def plan_rollout(registry: ModelRegistry, requested: int | None, mode: str | None,
+                 policy: RolloutPolicy) -> dict[str, Any]:
+    """Return the rollout to run: the requested version, else the one the candidate alias names."""
+    champion = registry.champion()
+    if champion is None:
+        raise RolloutRefused("there is no champion to compare a candidate with: promote a first version instead")
+    current = Rollouts(registry).current()
+    if requested is None:
+        if current is None:
+            raise RolloutRefused("no version carries the candidate alias; give candidate_version")
+        version = current.version
+    else:
+        try:
+            version = registry.get(requested)
+        except Exception:
+            raise RolloutRefused(f"version {requested} of {registry.model_name} does not exist") from None
+    if version.version == champion.version:
+        raise RolloutRefused(f"{version.label} is the champion already")
+    if registry.version_tags(version.version).get(GATE_TAG) != "passed":
+        raise RolloutRefused(f"{version.label} never passed the evaluation gate: it cannot take live traffic")
+    mode = mode or (current.mode if current and current.version.version == version.version else None) \
+        or (policy.mode if policy.mode != "off" else "canary")
+    if current is None or current.version.version != version.version or current.mode != mode:
+        start_rollout(registry, version, policy, mode)
+    return {"candidate": version.to_dict(), "champion": champion.to_dict(), "mode": mode,
+            "steps": list(policy.steps), "message": f"rolling out {version.label} ({mode}) against {champion.label}"}
+
+
+def set_step(registry: ModelRegistry, plan: dict[str, Any], index: int, policy: RolloutPolicy) -> dict[str, Any]:
+    """Give the candidate this step's share (none in shadow mode); return when the step started."""
+    version = ModelVersionRecord.from_dict(plan["candidate"])
+    share = policy.steps[index] if plan["mode"] == "canary" else 0.0
+    rollouts = Rollouts(registry)
+    current = rollouts.current()
+    if current is None or current.version.version != version.version:
+        raise RolloutRefused(f"{version.label} is no longer the candidate (the alias moved): the rollout stops")
+    rollouts.set_share(version, share)
+    started = time.time()
+    log.info("step %d of %d: %s gets %s", index + 1, len(policy.steps), version.label,
+             f"{share:.0%} of traffic" if plan["mode"] == "canary" else "every request in shadow")
+    return {"step": index + 1, "share": share, "started": started}
+
+
+def observe_step(request_log, plan: dict[str, Any], step: dict[str, Any], policy: RolloutPolicy,
+                 now: float | None = None) -> dict[str, Any]:
+    """Judge the step so far from the request log; ``ready`` False means: look again later."""
+    candidate = plan["candidate"]["version"]
+    champion = plan["champion"]["version"]
+    since = datetime.fromtimestamp(step["started"], UTC)
+    stats = request_log.window_stats(since, [candidate, champion])
+    elapsed = ((now or time.time()) - step["started"]) / 60
+    verdict = judge_step(stats[candidate], stats[champion], elapsed, policy)
+    return verdict.to_dict()
+
+
+def finish_rollout(registry: ModelRegistry, plan: dict[str, Any], verdicts: list[dict[str, Any] | None],
+                   key: str, by: str, dag_run: str) -> dict[str, Any]:
+    """Promote the candidate when every step passed; otherwise send all traffic back to the champion."""
+    version = ModelVersionRecord.from_dict(plan["candidate"])
+    rollouts = Rollouts(registry)
+    passed = len(verdicts) == len(plan["steps"]) and all(v and v.get("passed") for v in verdicts)
+    state = registry.version_tags(version.version).get(STATE_TAG)
+    if passed:
+        reasons = [r for v in verdicts for r in v["reasons"]]  # type: ignore[index]
+        registry.promote(version, key=key, kind="rollout", by=by, dag_run=dag_run,
+                         reason=f"{plan['mode']} rollout passed {len(verdicts)} steps",
+                         evaluation={"steps": verdicts})
+        rollouts.end(version, "promoted")
+        outcome = "promoted"
+    else:
+        reasons = [r for v in verdicts if v for r in v.get("reasons", [])] or ["a step failed or timed out"]
+        current = rollouts.current()
+        if state == "promoted":
+            outcome = "promoted"  # a retry after the promotion
+        else:
+            if current is not None and current.version.version == version.version:
+                rollouts.end(version, "rolled_back")
+            else:
+                registry.set_version_tags(version.version, {STATE_TAG: "rolled_back"})
+            outcome = "rolled_back"
+    log.info("rollout of %s: %s", version.label, outcome)
+    return {"outcome": outcome, "candidate": version.version, "champion": plan["champion"]["version"],
+            "reasons": reasons}
+
+
+def request_log_for(settings: Settings):
+    """Open the endpoint's request log (the live signals) for reading."""
+    from nightshift.serving.requestlog import RequestLog
+
+    if not settings.request_log_url:
+        raise RolloutRefused("the request log is off (NIGHTSHIFT_SERVE_REQUEST_LOG=off): a rollout has no signals")
+    request_log = RequestLog(settings.request_log_url, settings.request_log_retention_days)
+    request_log.open()
+    return request_log

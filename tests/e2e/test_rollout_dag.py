@@ -1,0 +1,143 @@
+"""rollout_model with dag.test() against a real endpoint under live traffic: a canary that holds up is promoted
+step by step; one that users rate down is rolled back, and the champion answers everything again."""
+
+import random
+import threading
+from collections import Counter
+
+import httpx
+import pytest
+
+from cli_helpers import run
+from helpers import UvicornThread, perturbed_copy, ready, wait_for
+
+pytestmark = pytest.mark.e2e
+
+POLICY = """
+mode: canary
+steps: [0.3, 0.6]
+step_minutes: 0.03
+min_answers: 6
+max_step_minutes: 3
+max_error_rate_increase: 0.05
+max_latency_p95_ratio: 50
+max_negative_feedback_increase: 0.10
+min_ratings: 3
+"""
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, airflow_db):
+    from nightshift.settings import load_settings
+
+    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
+    policy = tmp_path / "rollout.yaml"
+    policy.write_text(POLICY)
+    monkeypatch.setenv("NIGHTSHIFT_ROLLOUT_POLICY", str(policy))
+    return load_settings()
+
+
+def fresh(dag_id):
+    from airflow.dag_processing.dagbag import DagBag
+
+    from conftest import REPO
+
+    bag = DagBag(dag_folder=str(REPO / "dags" / f"{dag_id}.py"))
+    assert not bag.import_errors
+    return bag.dags[dag_id]
+
+
+def register(registry, folder, key):
+    from nightshift.pipelines.finetune import GATE_TAG
+
+    run_id = registry.open_run("finetune_model", key, key, {})
+    registry.upload_checkpoint(run_id, folder)
+    return registry.register(run_id, tags={"nightshift.dataset_tag": f"corpus-{key}", GATE_TAG: "passed"})
+
+
+class Traffic:
+    """Users asking questions while the rollout runs; ``rate_candidate`` is what they think of the candidate."""
+
+    def __init__(self, url: str, rate_candidate: int | None) -> None:
+        self.url = url
+        self.rate_candidate = rate_candidate
+        self.stop = threading.Event()
+        self.seen: Counter = Counter()
+        self.threads = [threading.Thread(target=self.user, args=(i,), daemon=True) for i in range(3)]
+
+    def user(self, seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            while not self.stop.is_set():
+                r = client.post("/v1/completions", json={"model": "nightshift-llm", "prompt": "The harbour opens at",
+                                                         "max_tokens": 4, "user": f"user-{rng.randrange(10**6)}"})
+                assert r.status_code == 200, r.text
+                role = r.headers["x-nightshift-model-role"]
+                self.seen[role] += 1
+                rating = self.rate_candidate if role == "candidate" else 1
+                if rating is not None:
+                    client.post("/v1/feedback", json={"response_id": r.json()["id"], "rating": rating})
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+@pytest.fixture
+def endpoint(home, tiny_model, tmp_path):
+    from nightshift.pipelines.finetune import registry_for
+    from nightshift.serving.app import create_app
+    from nightshift.serving.requestlog import RequestLog
+
+    registry = registry_for(home)
+    v1 = register(registry, tiny_model, "one")
+    registry.promote(v1)
+    v2 = register(registry, perturbed_copy(tiny_model, tmp_path / "v2"), "two")
+    home.serving_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(registry, tmp_path / "cache", require_key=False, poll_seconds=0.2,
+                     request_log=RequestLog(home.request_log_url))
+    with UvicornThread(app) as server:
+        wait_for(lambda: ready(server.url), what="the champion")
+        yield server, registry, v1, v2
+
+
+def test_a_canary_that_holds_up_is_promoted_step_by_step(endpoint):
+    from nightshift.registry.history import PromotionHistory
+
+    server, registry, v1, v2 = endpoint
+    with Traffic(server.url, rate_candidate=1) as traffic:
+        dag_run, tasks = run(fresh("rollout_model"), {"candidate_version": v2.version})
+    assert dag_run.state == "success", {t: r.state for t, r in tasks.items()}
+    assert [tasks[f"step_{i}_observe"].value["passed"] for i in (1, 2)] == [True, True]
+    assert tasks["step_1_share"].value["share"] == 0.3 and tasks["step_2_share"].value["share"] == 0.6
+    assert traffic.seen["candidate"] > 0 and traffic.seen["champion"] > 0
+    assert registry.champion().version == v2.version
+    move = PromotionHistory(registry).moves()[-1]
+    assert (move.kind, move.from_version, move.to_version) == ("rollout", v1.version, v2.version)
+    wait_for(lambda: httpx.get(f"{server.url}/healthz").json()["version"] == v2.version, what="v2 as champion")
+    assert httpx.get(f"{server.url}/healthz").json()["rollout"] is None
+
+
+def test_a_canary_users_rate_down_is_rolled_back_and_the_champion_takes_all_traffic(endpoint):
+    server, registry, v1, v2 = endpoint
+    with Traffic(server.url, rate_candidate=-1):
+        dag_run, tasks = run(fresh("rollout_model"), {"candidate_version": v2.version, "mode": "canary"})
+    assert dag_run.state == "failed"
+    assert tasks["step_1_observe"].state == "failed" and tasks["step_2_share"].state == "upstream_failed"
+    assert tasks["finish_rollout"].state == "failed"  # it rolled back, and says so by failing the run
+    assert registry.champion().version == v1.version
+    assert registry.version_tags(v2.version)["nightshift.rollout.state"] == "rolled_back"
+    wait_for(lambda: httpx.get(f"{server.url}/healthz").json()["rollout"] is None, what="the candidate to go")
+    roles = Counter()
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for i in range(60):
+            r = client.post("/v1/completions", json={"model": "nightshift-llm", "prompt": "Hi", "max_tokens": 2,
+                                                     "user": f"u{i}"})
+            roles[r.headers["x-nightshift-model-version"]] += 1
+    assert roles == {str(v1.version): 60}
