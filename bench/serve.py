@@ -16,7 +16,10 @@ Goals: endpoint at c=1 >= 0.9x plain sequential (overhead under 10%); endpoint a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
 PROMPTS = [
     "Write one sentence about the tide tables of a small harbour.",
@@ -95,6 +97,35 @@ def endpoint(url: str, tokens: int, requests: int, concurrency: int, eos: list[i
     return generated / (time.perf_counter() - started), failures
 
 
+@contextlib.contextmanager
+def serve(home: Path):
+    """``nightshift serve`` as its own process on a free loopback port; yield its URL once it is ready."""
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = (home / "serve.log").open("ab")
+    process = subprocess.Popen([sys.executable, "-m", "nightshift.cli", "serve", "--port", str(port)],
+                               env={**os.environ, "NIGHTSHIFT_HOME": str(home)}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the endpoint did not start; see {home / 'serve.log'}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64)
@@ -104,14 +135,16 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="ns-bench-serve-"))
     os.environ["NIGHTSHIFT_HOME"] = str(home)
     os.environ["NIGHTSHIFT_SERVE_REQUIRE_KEY"] = "false"
-    from helpers import ServeProcess, publish
     from nightshift.pipelines.finetune import registry_for
     from nightshift.settings import DEFAULT_FOUNDATION_MODEL, load_settings
     from nightshift.training.foundation import import_foundation_model
 
     settings = load_settings()
     folder = import_foundation_model(settings.models_dir / DEFAULT_FOUNDATION_MODEL)
-    publish(registry_for(settings), folder, "bench")
+    registry = registry_for(settings)
+    run_id = registry.open_run("bench", "bench", "bench", {})
+    registry.upload_checkpoint(run_id, folder)
+    registry.promote(registry.register(run_id, tags={}))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -121,10 +154,10 @@ def main() -> int:
     sequential, batched = plain(folder, args.tokens, args.requests)
     print(f"plain generate, sequential   {sequential:8.1f} tokens/s")
     print(f"plain generate, batched 8    {batched:8.1f} tokens/s")
-    with ServeProcess(home) as server:
-        c1, failed1 = endpoint(server.url, args.tokens, args.requests, 1, eos)
+    with serve(home) as url:
+        c1, failed1 = endpoint(url, args.tokens, args.requests, 1, eos)
         print(f"endpoint, concurrency 1      {c1:8.1f} tokens/s  ({failed1} failed)")
-        c8, failed8 = endpoint(server.url, args.tokens, args.requests, 8, eos)
+        c8, failed8 = endpoint(url, args.tokens, args.requests, 8, eos)
         print(f"endpoint, concurrency 8      {c8:8.1f} tokens/s  ({failed8} failed)")
     overhead = c1 / sequential
     scaling = c8 / c1
