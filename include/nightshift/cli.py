@@ -319,6 +319,8 @@ def cmd_serve(settings: Settings, args) -> int:
         registry_for(settings), settings.cache_dir / "serving", limits=limits, keyring=keyring,
         require_key=settings.require_api_key, poll_seconds=args.poll_seconds, on_alert=alert_sender("serving"),
         request_log=request_log,
+        upstreams=({"champion": settings.serve_upstream, "candidate": settings.serve_upstream_candidate or ""}
+                   if settings.serve_upstream else None),
     )
     key_note = (f"API key for local use: {settings.local_key_file}" if settings.local_key_file.is_file()
                 else "API keys: `nightshift keys create`")

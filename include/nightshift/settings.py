@@ -126,6 +126,11 @@ class Settings:
     request_log_override: str | None = None
     """Database URL of the endpoint's request log and feedback (NIGHTSHIFT_SERVE_REQUEST_LOG); ``off`` disables."""
     request_log_retention_days: float = 30.0
+    serve_upstream: str | None = None
+    """Base URL (``.../v1``) of an OpenAI-compatible engine (vLLM) serving the champion (NIGHTSHIFT_SERVE_UPSTREAM);
+    unset: the built-in engine generates."""
+    serve_upstream_candidate: str | None = None
+    """The engine serving the rollout candidate (NIGHTSHIFT_SERVE_UPSTREAM_CANDIDATE)."""
     """Days answers and their feedback are kept (NIGHTSHIFT_SERVE_LOG_RETENTION_DAYS)."""
     """Airflow connection whose password (or extra ``api_keys``) holds keys the endpoint accepts."""
     airflow_parallelism: int = field(default_factory=default_parallelism)
@@ -286,6 +291,8 @@ def load_settings() -> Settings:
         serving_conn_id=os.environ.get("NIGHTSHIFT_SERVE_CONN_ID", "nightshift_serving"),
         request_log_override=os.environ.get("NIGHTSHIFT_SERVE_REQUEST_LOG") or None,
         request_log_retention_days=_env_float("NIGHTSHIFT_SERVE_LOG_RETENTION_DAYS", 30.0),
+        serve_upstream=os.environ.get("NIGHTSHIFT_SERVE_UPSTREAM") or None,
+        serve_upstream_candidate=os.environ.get("NIGHTSHIFT_SERVE_UPSTREAM_CANDIDATE") or None,
         airflow_parallelism=_env_int("NIGHTSHIFT_AIRFLOW_PARALLELISM", default_parallelism()),
         airflow_host=os.environ.get("NIGHTSHIFT_AIRFLOW_HOST", "127.0.0.1"),
         ui_url=os.environ.get("NIGHTSHIFT_UI_URL") or os.environ.get("AIRFLOW__API__BASE_URL")

@@ -82,12 +82,25 @@ def create_app(
     registry: ModelRegistry, cache_dir: Path, limits: ServingLimits | None = None, keyring: KeyRing | None = None,
     require_key: bool = True, poll_seconds: float = 5.0,
     on_alert: Callable[[str, str, str], None] | None = None, request_log: RequestLog | None = None,
+    upstreams: dict[str, str] | None = None,
 ) -> FastAPI:
-    """Return the FastAPI application serving ``registry``'s champion within ``limits``, behind ``keyring``."""
+    """Return the FastAPI application serving ``registry``'s champion within ``limits``, behind ``keyring``.
+
+    With ``upstreams`` (``{"champion": url, "candidate": url}``, OpenAI-compatible engines such as vLLM),
+    generation is theirs; keys, limits, rollouts, the request log and metrics stay here.
+    """
     limits = limits or ServingLimits()
-    watcher = ChampionWatcher(registry, cache_dir, limits, poll_seconds, on_alert)
-    candidate = CandidateWatcher(registry, cache_dir / "candidate", limits, poll_seconds, on_alert)
-    watcher.donor, candidate.taker = candidate, watcher  # a promoted candidate is served at once, not reloaded
+    candidate: CandidateWatcher | None
+    if upstreams:  # the GPU engine path: vLLM generates, nightshift fronts it
+        from nightshift.serving.upstream import UpstreamCandidateWatcher, UpstreamChampionWatcher
+
+        watcher = UpstreamChampionWatcher(upstreams["champion"], registry, cache_dir, limits, poll_seconds, on_alert)
+        candidate = (UpstreamCandidateWatcher(upstreams["candidate"], registry, cache_dir / "candidate", limits,
+                                              poll_seconds, on_alert) if upstreams.get("candidate") else None)
+    else:
+        watcher = ChampionWatcher(registry, cache_dir, limits, poll_seconds, on_alert)
+        candidate = CandidateWatcher(registry, cache_dir / "candidate", limits, poll_seconds, on_alert)
+        watcher.donor, candidate.taker = candidate, watcher  # a promoted candidate is served at once, not reloaded
     metrics = ServingMetrics()
     server = Server(watcher=watcher, limits=limits, model_name=registry.model_name, alias=registry.alias,
                     metrics=metrics, request_log=request_log, candidate=candidate)
@@ -96,10 +109,13 @@ def create_app(
     async def lifespan(_app: FastAPI):
         server.start()
         watcher.start()
-        candidate.start()
+        if candidate is not None:
+            candidate.start()
         yield
-        candidate.stop()
+        if candidate is not None:
+            candidate.stop()
         watcher.stop()
+        await server.close()
         server.stop()
 
     app = FastAPI(title="nightshift serving", version="1", lifespan=lifespan)

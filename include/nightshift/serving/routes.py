@@ -43,6 +43,7 @@ from nightshift.serving.protocol import (
 )
 from nightshift.serving.requestlog import LoggedAnswer, RequestLog, UnknownResponse
 from nightshift.serving.rollout import CandidateWatcher, routes_to_candidate
+from nightshift.serving.upstream import UpstreamModel
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,16 @@ class Server:
     candidate: CandidateWatcher | None = None
     shadows: int = 0
     """Shadow generations in flight."""
+    _client: Any = None
+
+    def upstream_client(self):
+        """The HTTP client of the engine path (one connection pool for the server's life)."""
+        import httpx
+
+        if self._client is None:
+            limits = httpx.Limits(max_connections=self.limits.max_concurrent * 2 + 4)
+            self._client = httpx.AsyncClient(limits=limits)
+        return self._client
     admission: Admission | None = None
     scheduler: BatchScheduler | None = None
 
@@ -75,6 +86,10 @@ class Server:
 
         if self.request_log is not None:
             self.request_log.start()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
 
     def stop(self) -> None:
         if self.scheduler is not None:
@@ -360,6 +375,8 @@ async def chat_completions(request: Request, req: ChatRequest):
     server = server_of(request)
     check_supported(req)
     loaded, role = server.pick(request, req)
+    if isinstance(loaded, UpstreamModel):
+        return await _forward(request, server, loaded, req, chat=True, role=role)
     prompt = await run_in_threadpool(_chat_prompt, loaded, req)
     return await _serve(request, server, loaded, [prompt], req, chat=True, role=role)
 
@@ -369,6 +386,8 @@ async def completions(request: Request, req: CompletionRequest):
     server = server_of(request)
     check_supported(req)
     loaded, role = server.pick(request, req)
+    if isinstance(loaded, UpstreamModel):
+        return await _forward(request, server, loaded, req, chat=False, role=role)
     prompts = await run_in_threadpool(_completion_prompts, loaded, req)
     return await _serve(request, server, loaded, prompts, req, chat=False, role=role)
 
@@ -439,6 +458,9 @@ def _shadow(request: Request, server: Server, req, answer: Answer, role: str) ->
     candidate = server.shadow_target()
     if candidate is None:
         return
+    if isinstance(candidate, UpstreamModel):
+        _shadow_upstream(request, server, req, answer, candidate)
+        return
     try:
         prompts = [_chat_prompt(candidate, req)] if answer.chat else _completion_prompts(candidate, req)
         params, _cost = _plan(server, candidate, prompts, req, answer.chat)
@@ -474,24 +496,63 @@ def _shadow(request: Request, server: Server, req, answer: Answer, role: str) ->
 _background: set[asyncio.Task] = set()
 
 
+def _shadow_upstream(request: Request, server: Server, req, answer: Answer, candidate: UpstreamModel) -> None:
+    body = req.model_dump(exclude_unset=True)
+    body.update(model=candidate.served_name, stream=False)
+    body.pop("stream_options", None)
+    url = f"{candidate.base_url}{'/chat/completions' if answer.chat else '/completions'}"
+    shadow_answer = Answer(answer.model, f"{answer.id}-shadow", answer.created, answer.fingerprint, answer.chat)
+    server.shadows += 1
+
+    async def run() -> None:
+        started = time.monotonic()
+        try:
+            r = await server.upstream_client().post(url, json=body, timeout=server.limits.request_timeout_s)
+            r.raise_for_status()
+            data = r.json()
+            texts = [(c.get("message") or {}).get("content") or "" if answer.chat else c.get("text") or ""
+                     for c in data.get("choices", [])]
+            usage = data.get("usage") or {}
+            _record_answer(request, server, candidate.record, req, shadow_answer, texts,
+                           ",".join(str(c.get("finish_reason")) for c in data.get("choices", [])),
+                           usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), "shadow",
+                           time.monotonic() - started)
+            server.metrics.shadows.labels("answered").inc()
+        except Exception as exc:
+            log.warning("shadow request to the candidate's engine failed: %s", type(exc).__name__)
+            server.metrics.shadows.labels("failed").inc()
+        finally:
+            server.shadows -= 1
+
+    task = asyncio.ensure_future(run())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
 def _log_answer(request: Request, server: Server, loaded: LoadedModel, req, answer: Answer, prompts,
                 results: list[GenerationResult], role: str = "champion", started: float | None = None) -> None:
     """Queue the answer for the request log, with the version, run and dataset that produced it."""
+    _record_answer(request, server, loaded.record, req, answer, [r.text for r in results],
+                   ",".join(r.finish_reason for r in results), sum(len(p) for p in prompts),
+                   sum(len(r.token_ids) for r in results), role, started)
+
+
+def _record_answer(request: Request, server: Server, record, req, answer: Answer, texts: list[str], finish: str,
+                   prompt_tokens: int, completion_tokens: int, role: str, seconds: float | None = None) -> None:
     if server.request_log is None:
         return
     state = request.scope["state"]
-    seconds = time.monotonic() - state["started"] if started is None else started
+    if seconds is None:
+        seconds = time.monotonic() - state["started"]
     if answer.chat:
         content: Any = [m.model_dump(include={"role", "content"}) for m in req.messages]
     else:
         content = req.prompts()
-    record = loaded.record
     server.request_log.record(LoggedAnswer(
         response_id=answer.id, key_id=state.get("key_id"), route="chat" if answer.chat else "completions",
         model_name=server.model_name, model_version=record.version, model_role=role, run_id=record.run_id or None,
-        dataset_tag=record.dataset_tag or None, request=content, answer=[r.text for r in results],
-        finish=",".join(r.finish_reason for r in results), prompt_tokens=sum(len(p) for p in prompts),
-        completion_tokens=sum(len(r.token_ids) for r in results), seconds=seconds))
+        dataset_tag=record.dataset_tag or None, request=content, answer=texts, finish=finish,
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, seconds=seconds))
 
 
 @dataclass
@@ -628,6 +689,98 @@ async def _stream(request: Request, server: Server, loaded: LoadedModel, prompts
         _log_answer(request, server, loaded, req, answer, prompts, results, role)
         if not any(r.finish_reason == "timeout" for r in results):
             _shadow(request, server, req, answer, role)
+
+
+async def _forward(request: Request, server: Server, target: UpstreamModel, req, chat: bool, role: str):
+    """Send an admitted request to the engine serving ``target``; relay its answer under nightshift's ids."""
+    import httpx
+
+    state = request.scope["state"]
+    deadline = state["started"] + server.limits.request_timeout_s
+    version = target.record.version
+    rid = ("chatcmpl-" if chat else "cmpl-") + state["request_id"]
+    _note(request, response_id=rid, model_version=version, model_role=role)
+    assert server.admission is not None
+    ticket = await server.admission.acquire(0, 1 << 62, deadline)  # the engine manages its own memory
+    _note(request, waited_s=round(time.monotonic() - state["started"], 3))
+    body = req.model_dump(exclude_unset=True)
+    body["model"] = target.served_name
+    url = f"{target.base_url}{'/chat/completions' if chat else '/completions'}"
+    headers = {"X-Nightshift-Model-Version": str(version), "X-Nightshift-Model-Role": role}
+    answer = Answer(server.model_name, rid, int(time.time()), f"v{version}", chat)
+    client = server.upstream_client()
+    timeout = httpx.Timeout(max(1.0, deadline - time.monotonic()), connect=5.0)
+    try:
+        upstream = await client.send(client.build_request("POST", url, json=body, timeout=timeout), stream=True)
+    except httpx.HTTPError as exc:
+        ticket.release()
+        raise OpenAIError(502, f"The model engine for v{version} is unreachable ({type(exc).__name__}); retry "
+                          "later.", code="engine_unavailable", headers={"Retry-After": "5"}) from None
+    if upstream.status_code != 200:
+        try:
+            error = json.loads(await upstream.aread()).get("error") or {}
+        except ValueError:
+            error = {}
+        finally:
+            await upstream.aclose()
+            ticket.release()
+        raise OpenAIError(upstream.status_code, str(error.get("message") or "The model engine refused the request.")
+                          [:2000], param=error.get("param"), code=error.get("code"), headers=headers)
+    if not req.stream:
+        try:
+            data = json.loads(await upstream.aread())
+        finally:
+            await upstream.aclose()
+            ticket.release()
+        data.update(id=rid, model=server.model_name, system_fingerprint=f"v{version}")
+        texts = [(c.get("message") or {}).get("content") or "" if chat else c.get("text") or ""
+                 for c in data.get("choices", [])]
+        usage = data.get("usage") or {}
+        finish = ",".join(str(c.get("finish_reason")) for c in data.get("choices", []))
+        _note(request, prompt_tokens=usage.get("prompt_tokens"), completion_tokens=usage.get("completion_tokens"),
+              finish=finish)
+        _record_answer(request, server, target.record, req, answer, texts, finish, usage.get("prompt_tokens", 0),
+                       usage.get("completion_tokens", 0), role)
+        _shadow(request, server, req, answer, role)
+        return JSONResponse(data, headers=headers)
+
+    async def relay() -> AsyncIterator[str]:
+        texts: dict[int, list[str]] = {}
+        finish: dict[int, str] = {}
+        usage: dict[str, int] = {}
+        try:
+            async for line in upstream.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                payload = line[6:]
+                if payload.strip() == "[DONE]":
+                    break
+                try:
+                    chunk = json.loads(payload)
+                except ValueError:
+                    continue
+                chunk.update(id=rid, model=server.model_name, system_fingerprint=f"v{version}")
+                for c in chunk.get("choices", []):
+                    piece = (c.get("delta") or {}).get("content") if chat else c.get("text")
+                    texts.setdefault(c.get("index", 0), []).append(piece or "")
+                    if c.get("finish_reason"):
+                        finish[c.get("index", 0)] = c["finish_reason"]
+                usage = chunk.get("usage") or usage
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            await upstream.aclose()
+            ticket.release()
+        ordered = [("".join(texts[i])) for i in sorted(texts)]
+        reasons = ",".join(finish.get(i, "cancelled") for i in sorted(texts))
+        _note(request, completion_tokens=usage.get("completion_tokens"), prompt_tokens=usage.get("prompt_tokens"),
+              finish=reasons)
+        _record_answer(request, server, target.record, req, answer, ordered, reasons, usage.get("prompt_tokens", 0),
+                       usage.get("completion_tokens", 0), role)
+        if "cancelled" not in reasons:
+            _shadow(request, server, req, answer, role)
+
+    return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
 
 
 def _event_error(message: str, code: str | None) -> str:

@@ -1,0 +1,96 @@
+"""The engine path: nightshift's front (keys, routing, request log, versions) before an OpenAI-compatible engine.
+
+No GPU here, so the engine is another real OpenAI-compatible server on 127.0.0.1: nightshift's own built-in
+endpoint, which (like vLLM's /v1/models with --served-model-name nightshift-llm-v<N>) says which version it
+serves. The vLLM naming is checked by the parser; the vLLM process itself needs a GPU node.
+"""
+
+import httpx
+import pytest
+from openai import BadRequestError, OpenAI
+
+from helpers import UvicornThread, perturbed_copy, publish, ready, wait_for
+from nightshift.registry.mlflow_registry import ModelRegistry
+from nightshift.serving.app import create_app
+from nightshift.serving.keys import KeyRing, KeyStore
+from nightshift.serving.requestlog import RequestLog
+from nightshift.serving.upstream import served_version
+
+QUESTION = [{"role": "user", "content": "When does the harbour open?"}]
+
+
+def test_the_served_version_is_read_from_vllm_names_or_a_version_field():
+    assert served_version({"id": "nightshift-llm-v12"}) == 12
+    assert served_version({"id": "nightshift-llm", "version": 3}) == 3
+    assert served_version({"id": "meta-llama/Llama-3.1-8B"}) is None
+
+
+@pytest.fixture
+def stack(tmp_path, tiny_model):
+    registry = ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", "nightshift-llm", (tmp_path / "art").as_uri())
+    publish(registry, tiny_model, "v1")
+    v2 = publish(registry, perturbed_copy(tiny_model, tmp_path / "v2"), "v2", promote=False)
+    store = KeyStore(tmp_path / "keys.json")
+    key = store.create("front")[1]
+    engine = UvicornThread(create_app(registry, tmp_path / "engine-cache", require_key=False, poll_seconds=0.2))
+    request_log = RequestLog(f"sqlite:///{tmp_path / 'requests.db'}")
+    with engine:
+        wait_for(lambda: ready(engine.url), what="the engine")
+        front = UvicornThread(create_app(registry, tmp_path / "front-cache", keyring=KeyRing(store, recheck_seconds=0),
+                                         poll_seconds=0.2, request_log=request_log,
+                                         upstreams={"champion": f"{engine.url}/v1"}))
+        with front:
+            wait_for(lambda: ready(front.url), what="the front to find the engine")
+            yield front, engine, registry, v2, key, request_log
+
+
+def test_the_front_relays_the_engines_answers_under_its_own_ids_and_versions(stack):
+    front, engine, registry, v2, key, request_log = stack
+    direct = OpenAI(base_url=f"{engine.url}/v1", api_key="none", max_retries=0)
+    client = OpenAI(base_url=f"{front.url}/v1", api_key=key, max_retries=0)
+    expected = direct.chat.completions.create(model="nightshift-llm", messages=QUESTION, max_tokens=8,
+                                              temperature=0).choices[0].message.content
+
+    raw = client.chat.completions.with_raw_response.create(model="nightshift-llm", messages=QUESTION, max_tokens=8,
+                                                           temperature=0)
+    answer = raw.parse()
+    assert answer.choices[0].message.content == expected
+    assert answer.system_fingerprint == "v1" and answer.model == "nightshift-llm"
+    assert raw.headers["x-nightshift-model-version"] == "1" and raw.headers["x-nightshift-model-role"] == "champion"
+    assert answer.id.startswith("chatcmpl-") and raw.headers["x-request-id"] in answer.id
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="nightshift-llm", messages=QUESTION, max_tokens=8, temperature=0, stream=True) if c.choices)
+    assert streamed == expected
+    completion = client.completions.create(model="nightshift-llm", prompt="The tide", max_tokens=5, temperature=0)
+    assert completion.choices[0].text == direct.completions.create(
+        model="nightshift-llm", prompt="The tide", max_tokens=5, temperature=0).choices[0].text
+
+    logged = request_log.answer(answer.id)
+    assert logged["model_version"] == 1 and logged["answer"] == [expected] and logged["key_id"]
+    assert httpx.post(f"{front.url}/v1/feedback", json={"response_id": answer.id, "rating": 1},
+                      headers={"Authorization": f"Bearer {key}"}).status_code == 201
+
+    # The engine's refusals reach the client as the engine worded them; the front's keys stay in force.
+    with pytest.raises(BadRequestError) as refused:
+        client.chat.completions.create(model="nightshift-llm", messages=QUESTION, max_tokens=10**6)
+    assert refused.value.code == "context_length_exceeded"
+    assert httpx.post(f"{front.url}/v1/chat/completions", json={"model": "nightshift-llm",
+                                                                "messages": QUESTION}).status_code == 401
+
+
+def test_a_promotion_reaches_clients_only_once_the_engine_serves_it_and_a_dead_engine_is_a_502(stack):
+    front, engine, registry, v2, key, _log = stack
+    client = OpenAI(base_url=f"{front.url}/v1", api_key=key, max_retries=0)
+    registry.promote(v2)
+    wait_for(lambda: httpx.get(f"{front.url}/healthz").json()["version"] == 2, what="the front to follow the engine")
+    direct = OpenAI(base_url=f"{engine.url}/v1", api_key="none", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model="nightshift-llm", messages=QUESTION, max_tokens=8,
+                                                           temperature=0)
+    assert raw.headers["x-nightshift-model-version"] == "2"
+    assert raw.parse().choices[0].message.content == direct.chat.completions.create(
+        model="nightshift-llm", messages=QUESTION, max_tokens=8, temperature=0).choices[0].message.content
+
+    engine.__exit__(None, None, None)  # the engine goes away
+    r = httpx.post(f"{front.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                   json={"model": "nightshift-llm", "messages": QUESTION, "max_tokens": 4})
+    assert r.status_code == 502 and r.json()["error"]["code"] == "engine_unavailable"
