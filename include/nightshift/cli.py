@@ -411,6 +411,54 @@ def cmd_trace(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_fetch_model(settings: Settings, args) -> int:
+    """Download the version an alias names into DEST/model (verified), and its number into DEST/VERSION."""
+    import shutil
+
+    from nightshift.pipelines.finetune import registry_for
+
+    configure_environment(settings)
+    registry = registry_for(settings)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = registry.client.get_model_version_by_alias(registry.model_name, args.alias)
+    except MlflowException:
+        print(f"no version of {registry.model_name} carries the alias {args.alias!r}", file=sys.stderr)
+        return 1
+    record = registry._record(mv)
+    dest = Path(args.dest)
+    folder = registry.download(record, dest / ".download")
+    target = dest / "model"
+    staged = dest / "model.partial"
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(folder, staged)
+    shutil.rmtree(target, ignore_errors=True)
+    staged.rename(target)
+    shutil.rmtree(dest / ".download", ignore_errors=True)
+    (dest / "VERSION.partial").write_text(f"{record.version}\n")
+    (dest / "VERSION.partial").rename(dest / "VERSION")
+    print(f"{record.label} ({args.alias}) is in {target}")
+    return 0
+
+
+def cmd_deploy_manifests(settings: Settings, args) -> int:
+    import yaml
+
+    from nightshift.serving.deploy import ServingCluster, manifests
+
+    overrides = {k: v for k, v in (("vllm_image", args.vllm_image), ("front_image", args.front_image),
+                                   ("gpus_per_engine", args.gpus)) if v}
+    docs = manifests(settings, ServingCluster.from_settings(settings, **overrides))
+    text = "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in docs)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"{len(docs)} manifests written to {args.out}: kubectl apply -f {args.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def cmd_history(settings: Settings, args) -> int:
     from nightshift.pipelines.finetune import registry_for
     from nightshift.registry.history import PromotionHistory, parse_time
@@ -583,6 +631,17 @@ def main(argv: list[str] | None = None) -> int:
     trace.add_argument("response_id", help="the answer's id (chatcmpl-... or cmpl-...)")
     trace.add_argument("--json", action="store_true", help="print JSON (with the scrubbed request and answer)")
     trace.set_defaults(func=cmd_trace)
+    fetch = sub.add_parser("fetch-model", help="download the version a registry alias names (an engine pod's init)")
+    fetch.add_argument("--alias", default="champion", help="champion (default) or candidate")
+    fetch.add_argument("--dest", required=True, help="folder: the checkpoint goes to DEST/model, its number to "
+                       "DEST/VERSION")
+    fetch.set_defaults(func=cmd_fetch_model)
+    deploy = sub.add_parser("deploy-manifests", help="Kubernetes manifests of the GPU serving path (vLLM + front)")
+    deploy.add_argument("--out", help="write to this file instead of printing")
+    deploy.add_argument("--vllm-image", help="vLLM image (default vllm/vllm-openai:v0.33.0)")
+    deploy.add_argument("--front-image", help="nightshift-serving image (docker/serving/Dockerfile)")
+    deploy.add_argument("--gpus", type=int, help="GPUs per engine (tensor parallel), default 1")
+    deploy.set_defaults(func=cmd_deploy_manifests)
     args = parser.parse_args(argv)
     os.umask(PRIVATE_UMASK)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
