@@ -18,8 +18,9 @@ Expose a candidate model to live traffic step by step, and promote or roll it ba
   points at it.
 - `step_N_share`: the candidate gets step N's share of traffic (sticky per user or API key).
 - `step_N_observe`: waits until the step has lasted `step_minutes` and each version answered `min_answers`
-  requests, then compares error rate, p95 latency and negative feedback from the request log; the step fails
-  when the candidate is worse than the policy allows.
+  requests, then compares error rate, p95 latency and negative feedback from the request log, and (with the
+  judge connection `nightshift_judge`) the LLM judge's scores of a sample of each version's answers; the step
+  fails when the candidate is worse than the policy allows.
 - `finish_rollout`: every step passed: the candidate becomes champion (kept in the promotion history);
   otherwise the alias is removed and all traffic returns to the champion. Alerts either way.
 
@@ -101,11 +102,16 @@ def rollout_model():
     @task.sensor(poke_interval=POLICY.poke_seconds, timeout=POLICY.max_step_minutes * 60,
                  mode="reschedule" if POLICY.poke_seconds >= 60 else "poke")
     def observe(plan: dict, step: dict) -> PokeReturnValue:
-        from nightshift.pipelines.rollout import observe_step, request_log_for
+        from nightshift.pipelines.rollout import live_judge, observe_step, request_log_for
 
+        policy = _policy()
+        try:  # a broken suite or judge connection does not mend itself on a later poke
+            judge, note = live_judge(SETTINGS) if policy.judge_sample else (None, "judge_sample is 0")
+        except ValueError as exc:
+            raise AirflowFailException(str(exc)) from exc
         request_log = request_log_for(SETTINGS)
         try:
-            verdict = observe_step(request_log, plan, step, _policy())
+            verdict = observe_step(request_log, plan, step, policy, judge=judge, judge_note=note)
         finally:
             request_log.engine.dispose()
         for reason in verdict["reasons"]:

@@ -112,3 +112,39 @@ def test_the_judge_path_through_nightshifts_own_endpoint_serving_the_tiny_model(
     assert report.judge["calls"] == 3 and report.judge["malformed"] + report.judge["scored"] == 3
     assert all("judge" in e for e in report.examples)
     json.dumps(report.to_dict())  # travels as JSON
+
+
+def test_a_rollout_step_is_judged_on_logged_answers_and_fails_when_the_candidate_answers_worse(scripted, tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    from nightshift.evaluation.live import RolloutPolicy
+    from nightshift.pipelines.rollout import observe_step
+    from nightshift.serving.requestlog import LoggedAnswer, RequestLog
+
+    log = RequestLog(f"sqlite:///{tmp_path / 'requests.db'}")
+    log.start()
+    started = datetime.now(UTC) - timedelta(minutes=11)
+    for i in range(8):
+        for version, text in ((1, "good answer"), (2, "bad answer" if i % 4 else "good answer")):
+            log.record(LoggedAnswer(
+                response_id=f"r{version}-{i}", key_id="k", route="chat", model_name="m", model_version=version,
+                model_role="champion" if version == 1 else "candidate", run_id=None, dataset_tag=None,
+                request=[{"role": "user", "content": f"Question {i}? mail ada@example.org"}], answer=[text],
+                finish="stop", prompt_tokens=3, completion_tokens=2, seconds=0.2, created_at=started + timedelta(
+                    seconds=30)))
+    plan = {"candidate": {"version": 2}, "champion": {"version": 1}}
+    step = {"step": 1, "started": started.timestamp()}
+    policy = RolloutPolicy(mode="canary", step_minutes=10, min_answers=5, judge_sample=6, max_judge_drop=0.1)
+    judge = Judge(JudgeEndpoint(scripted.url, "judge-model"), JudgeSettings(), tmp_path / "cache")
+    verdict = observe_step(log, plan, step, policy, judge=judge)
+    assert verdict["ready"] and not verdict["passed"]
+    failed = [r for r in verdict["reasons"] if "FAILED" in r]
+    assert len(failed) == 1 and failed[0].startswith("judged correctness")
+    assert verdict["signals"]["champion"]["judge_correctness"] == 1.0
+    assert verdict["signals"]["candidate"]["judge_correctness"] < 0.5
+    calls = scripted.calls
+    assert observe_step(log, plan, step, policy, judge=judge)["passed"] is False
+    assert scripted.calls == calls  # every reply came from the cache
+    without = observe_step(log, plan, step, policy, judge=None, judge_note="no Airflow connection 'nightshift_judge'")
+    assert without["passed"] and any("judge skipped: no Airflow connection" in r for r in without["reasons"])
+    log.stop()

@@ -33,6 +33,10 @@ class RolloutPolicy:
     max_latency_p95_ratio: float = 1.5
     max_negative_feedback_increase: float = 0.10
     min_ratings: int = 5
+    judge_sample: int = 20
+    """Answers of each version per step the LLM judge scores (0: no judge); needs the judge connection."""
+    max_judge_drop: float = 0.10
+    """Mean judged correctness (0-1), champion minus candidate, at most this."""
 
     @classmethod
     def load(cls, path: Path = DEFAULT_POLICY) -> RolloutPolicy:
@@ -60,11 +64,12 @@ class RolloutPolicy:
         for name, low, high in (("step_minutes", 0.001, 10_080), ("max_step_minutes", 0.001, 10_080),
                                 ("min_answers", 1, 10**7), ("max_error_rate_increase", 0, 1),
                                 ("max_latency_p95_ratio", 1, 100), ("max_negative_feedback_increase", 0, 1),
-                                ("min_ratings", 1, 10**7)):
+                                ("min_ratings", 1, 10**7), ("judge_sample", 0, 10_000),
+                                ("max_judge_drop", 0, 1)):
             value = data.get(name, getattr(cls, name))
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
                 raise ValueError(f"{where}: {name} must be a number from {low} to {high}")
-            numbers[name] = int(value) if name in ("min_answers", "min_ratings") else float(value)
+            numbers[name] = int(value) if name in ("min_answers", "min_ratings", "judge_sample") else float(value)
         if numbers["max_step_minutes"] < numbers["step_minutes"]:
             raise ValueError(f"{where}: max_step_minutes must be at least step_minutes")
         return cls(mode=mode, steps=tuple(float(s) for s in steps), **numbers)
@@ -126,4 +131,17 @@ def judge_step(candidate: dict[str, float], champion: dict[str, float], elapsed_
     else:
         reasons.append(f"feedback skipped: {int(candidate.get('ratings', 0))} and {int(champion.get('ratings', 0))} "
                        f"ratings, {policy.min_ratings} needed on each")
+    c_judged, p_judged = candidate.get("judged"), champion.get("judged")
+    if c_judged is None or p_judged is None:
+        reasons.append(f"judge skipped: {candidate.get('judge_note') or 'no judge configured'}")
+    elif min(c_judged, p_judged) < max(1, policy.judge_sample // 2):
+        passed = False  # a judge that is configured but cannot score is not a pass
+        reasons.append(f"judge scored {int(c_judged)} and {int(p_judged)} answers, fewer than "
+                       f"{max(1, policy.judge_sample // 2)} each: FAILED")
+    else:
+        drop = champion["judge_correctness"] - candidate["judge_correctness"]
+        ok = math.isfinite(drop) and drop <= policy.max_judge_drop
+        passed &= ok
+        reasons.append(f"judged correctness {candidate['judge_correctness']:.2f} vs {champion['judge_correctness']:.2f}"
+                       f" (drop {drop:+.2f}, at most {policy.max_judge_drop:+.2f}): {'ok' if ok else 'FAILED'}")
     return StepVerdict(True, passed, reasons, signals)

@@ -78,15 +78,40 @@ def set_step(registry: ModelRegistry, plan: dict[str, Any], index: int, policy: 
 
 
 def observe_step(request_log, plan: dict[str, Any], step: dict[str, Any], policy: RolloutPolicy,
-                 now: float | None = None) -> dict[str, Any]:
-    """Judge the step so far from the request log; ``ready`` False means: look again later."""
+                 now: float | None = None, judge=None, judge_note: str = "") -> dict[str, Any]:
+    """Judge the step so far from the request log (and, with a ``judge``, the LLM judge's scores of a sample of
+    each version's answers); ``ready`` False means: look again later."""
     candidate = plan["candidate"]["version"]
     champion = plan["champion"]["version"]
     since = datetime.fromtimestamp(step["started"], UTC)
     stats = request_log.window_stats(since, [candidate, champion])
     elapsed = ((now or time.time()) - step["started"]) / 60
     verdict = judge_step(stats[candidate], stats[champion], elapsed, policy)
+    if verdict.ready and judge is not None and policy.judge_sample > 0:
+        for version in (candidate, champion):
+            sample = request_log.sample_answers(since, version, policy.judge_sample)
+            scores = [s for s in (judge.score_live(q, a) for _id, q, a in sample) if s is not None]
+            stats[version]["judged"] = float(len(scores))
+            stats[version]["judge_correctness"] = (sum(s.correctness for s in scores) / len(scores)
+                                                   if scores else float("nan"))
+        verdict = judge_step(stats[candidate], stats[champion], elapsed, policy)
+    elif judge is None:
+        stats[candidate]["judge_note"] = judge_note or "no judge configured"
+        verdict = judge_step(stats[candidate], stats[champion], elapsed, policy)
     return verdict.to_dict()
+
+
+def live_judge(settings: Settings):
+    """Return (Judge, "") when the evaluation suite's judge connection exists, else (None, why)."""
+    from nightshift.airflow.connections import judge_endpoint
+    from nightshift.evaluation.judge import Judge
+    from nightshift.evaluation.suite import EvaluationSuite
+
+    suite = EvaluationSuite.load(settings.evaluation_suite)
+    endpoint, note = judge_endpoint(suite.judge.connection, suite.judge.model)
+    if endpoint is None:
+        return None, note
+    return Judge(endpoint, suite.judge, settings.cache_dir / "judge"), ""
 
 
 def finish_rollout(registry: ModelRegistry, plan: dict[str, Any], verdicts: list[dict[str, Any] | None],

@@ -329,6 +329,33 @@ class RequestLog:
                 }
         return out
 
+    def sample_answers(self, since: datetime, version: int, limit: int) -> list[tuple[str, str, str]]:
+        """Return up to ``limit`` answered (question, answer) pairs of a version since a time, as
+        ``(response_id, question, answer)``: the newest first, errors left out; all text already scrubbed."""
+        self.flush()
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(responses.c.response_id, responses.c.request, responses.c.answer, responses.c.finish)
+                .where(responses.c.model_version == version, responses.c.created_at >= since)
+                .order_by(responses.c.created_at.desc()).limit(limit * 2)).all()
+        out = []
+        for row in rows:
+            if any(f in ("timeout", "error") for f in (row.finish or "").split(",")):
+                continue
+            request, answers = json.loads(row.request), json.loads(row.answer)
+            if isinstance(request, list) and request and isinstance(request[0], dict):  # chat: the last user turn
+                users = [m.get("content") for m in request if m.get("role") == "user"]
+                question = users[-1] if users else ""
+            else:
+                question = request[0] if request and isinstance(request[0], str) else ""
+            if isinstance(question, list):
+                question = " ".join(str(p.get("text", "")) for p in question if isinstance(p, dict))
+            if question and answers:
+                out.append((row.response_id, str(question), str(answers[0])))
+            if len(out) >= limit:
+                break
+        return out
+
     def purge(self, now: datetime | None = None) -> int:
         """Delete answers (and their feedback) older than the retention; return how many answers went."""
         cutoff = (now or datetime.now(UTC)) - self.retention
