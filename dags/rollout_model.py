@@ -10,7 +10,7 @@ Expose a candidate model to live traffic step by step, and promote or roll it ba
 
 - `candidate_version`: the version to roll out; empty: the version the registry's `candidate` alias names.
 - `mode`: `canary` (a growing share of users gets the candidate) or `shadow` (the candidate answers in the
-  background only, into the request log); empty: the policy's.
+  background only, into the request log); `policy`: what rollout.yaml says (canary when it says off).
 
 **Tasks**
 
@@ -67,10 +67,13 @@ def _policy() -> RolloutPolicy:
             "(set by finetune_model when a candidate passes the gate under a rollout policy).",
         ),
         "mode": Param(
-            None, type=["null", "string"], enum=[None, "canary", "shadow"], title="Mode",
+            "policy", type="string", enum=["policy", "canary", "shadow"], title="Mode",
+            values_display={"policy": "the policy's (rollout.yaml; canary when it says off)",
+                            "canary": "canary: a growing share of users",
+                            "shadow": "shadow: answers into the log only"},
             description="canary: a growing share of users (steps in rollout.yaml) gets the candidate. shadow: the "
             "champion answers everything and the candidate answers the same requests in the background, into the "
-            "request log only. Empty: the policy's mode (canary when the policy says off).",
+            "request log only.",
         ),
     },
 )
@@ -83,7 +86,8 @@ def rollout_model():
 
         params = get_current_context()["params"]
         try:
-            planned = plan(registry_for(SETTINGS), params["candidate_version"], params["mode"], _policy())
+            mode = None if params["mode"] in (None, "policy") else params["mode"]
+            planned = plan(registry_for(SETTINGS), params["candidate_version"], mode, _policy())
         except RolloutRefused as exc:
             raise AirflowFailException(str(exc)) from exc
         print(planned["message"])

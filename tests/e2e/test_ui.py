@@ -159,6 +159,64 @@ def test_trigger_from_the_form_and_read_the_reports(airflow):
         pw.stop()
 
 
+def test_rollout_and_rollback_forms_take_their_params_and_refuse_without_a_champion(airflow):
+    """Both registry DAGs from their Trigger forms: the Params show their titles; with no champion yet each run
+    fails at its first task with the reason, once (a refusal is not retried)."""
+    base, password = airflow["base"], airflow["password"]
+    token = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": password}).json()["access_token"]
+    rest = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    for dag_id in ("rollout_model", "rollback_model"):
+        rest.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
+
+    def created(dag_id):  # the form's request has reached Airflow before the page moves on
+        wait_for(lambda: rest.get(f"/api/v2/dags/{dag_id}/dagRuns", params={"run_type": "manual"})
+                 .json()["total_entries"], 30, f"the {dag_id} run", every=0.5)
+
+    pw = airflow["playwright"]().start()
+    browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+    try:
+        page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
+        page.goto(f"{base}/")
+        page.get_by_label("Username").fill("admin")
+        page.get_by_label("Password").fill(password)
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url(f"{base}/")
+
+        page.goto(f"{base}/dags/rollout_model")
+        page.get_by_role("button", name="Trigger").first.click()
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_text("Candidate version").wait_for()
+        dialog.get_by_text("canary: a growing share of users").wait_for()
+        page.locator("[name=element_candidate_version]").fill("7")
+        page.screenshot(path=SHOTS / "rollout_trigger_form.png")
+        dialog.get_by_role("button", name="Trigger").click()
+        created("rollout_model")
+
+        page.goto(f"{base}/dags/rollback_model")
+        page.get_by_role("button", name="Trigger").first.click()
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_text("Reason").first.wait_for()
+        page.locator("[name=element_reason]").fill("answers about tickets are wrong")
+        page.screenshot(path=SHOTS / "rollback_trigger_form.png")
+        dialog.get_by_role("button", name="Trigger").click()
+        created("rollback_model")
+    finally:
+        browser.close()
+        pw.stop()
+
+    for dag_id, first, conf in (("rollout_model", "plan_rollout", ("candidate_version", 7)),
+                                ("rollback_model", "plan_rollback", ("reason", "answers about tickets are wrong"))):
+        def finished(dag_id=dag_id, conf=conf):
+            runs = rest.get(f"/api/v2/dags/{dag_id}/dagRuns", params={"run_type": "manual"}).json()["dag_runs"]
+            run = next((r for r in runs if (r.get("conf") or {}).get(conf[0]) == conf[1]), None)
+            return run if run and run["state"] in ("success", "failed") else None
+
+        run = wait_for(finished, 300, f"the {dag_id} run to finish", every=2)
+        assert run["state"] == "failed", run
+        ti = rest.get(f"/api/v2/dags/{dag_id}/dagRuns/{quote(run['dag_run_id'], safe='')}/taskInstances/{first}").json()
+        assert ti["state"] == "failed" and ti["try_number"] == 1, ti
+
+
 def test_the_plugin_refuses_strangers_and_paths_out_of_its_folder(airflow):
     base = airflow["base"]
     assert httpx.get(f"{base}/nightshift/reports/index.html").status_code == 401
