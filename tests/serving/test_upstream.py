@@ -94,3 +94,52 @@ def test_a_promotion_reaches_clients_only_once_the_engine_serves_it_and_a_dead_e
     r = httpx.post(f"{front.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
                    json={"model": "nightshift-llm", "messages": QUESTION, "max_tokens": 4})
     assert r.status_code == 502 and r.json()["error"]["code"] == "engine_unavailable"
+
+
+def test_canary_and_shadow_route_to_the_candidates_engine(tmp_path, tiny_model):
+    from nightshift.registry.rollout import Rollouts
+
+    registry = ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", "nightshift-llm", (tmp_path / "art").as_uri())
+    v2_folder = perturbed_copy(tiny_model, tmp_path / "v2")
+    publish(registry, tiny_model, "v1")
+    v2 = publish(registry, v2_folder, "v2", promote=False)
+    # The candidate's engine: another registry whose champion is a v2 with the same weights.
+    other = ModelRegistry(f"sqlite:///{tmp_path / 'other.db'}", "nightshift-llm", (tmp_path / "other").as_uri())
+    publish(other, tiny_model, "a", promote=False)
+    publish(other, v2_folder, "b")
+    request_log = RequestLog(f"sqlite:///{tmp_path / 'requests.db'}")
+    with UvicornThread(create_app(registry, tmp_path / "e1", require_key=False, poll_seconds=0.2)) as e1, \
+            UvicornThread(create_app(other, tmp_path / "e2", require_key=False, poll_seconds=0.2)) as e2:
+        wait_for(lambda: ready(e1.url) and ready(e2.url), what="both engines")
+        expected = {
+            str(n): OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).completions.create(
+                model="nightshift-llm", prompt="The tide", max_tokens=6, temperature=0).choices[0].text
+            for n, url in ((1, e1.url), (2, e2.url))}
+        assert expected["1"] != expected["2"]
+        app = create_app(registry, tmp_path / "front", require_key=False, poll_seconds=0.2, request_log=request_log,
+                         upstreams={"champion": f"{e1.url}/v1", "candidate": f"{e2.url}/v1"})
+        with UvicornThread(app) as front:
+            wait_for(lambda: ready(front.url), what="the front")
+            rollouts = Rollouts(registry)
+            rollouts.start(v2, "canary", 0.5)
+            wait_for(lambda: httpx.get(f"{front.url}/healthz").json()["rollout"], what="the candidate's engine")
+            seen = {}
+            for i in range(40):
+                r = httpx.post(f"{front.url}/v1/completions", json={
+                    "model": "nightshift-llm", "prompt": "The tide", "max_tokens": 6, "temperature": 0,
+                    "user": f"u{i}"})
+                version = r.headers["x-nightshift-model-version"]
+                assert r.json()["choices"][0]["text"] == expected[version]
+                seen[version] = seen.get(version, 0) + 1
+            assert seen.get("1") and seen.get("2"), seen
+
+            rollouts.start(v2, "shadow", 0)
+            wait_for(lambda: (httpx.get(f"{front.url}/healthz").json()["rollout"] or {}).get("mode") == "shadow",
+                     what="shadow mode")
+            r = httpx.post(f"{front.url}/v1/completions", json={
+                "model": "nightshift-llm", "prompt": "The tide", "max_tokens": 6, "temperature": 0})
+            assert r.headers["x-nightshift-model-version"] == "1" and r.json()["choices"][0]["text"] == expected["1"]
+            rid = r.json()["id"]
+            wait_for(lambda: request_log.answer(f"{rid}-shadow"), what="the shadow answer in the log")
+            shadow = request_log.answer(f"{rid}-shadow")
+            assert (shadow["model_version"], shadow["model_role"], shadow["answer"]) == (2, "shadow", [expected["2"]])

@@ -193,22 +193,20 @@ class Judge:
         self._count(failure)
         return None
 
-    def score(self, item: GoldenItem, answer: str) -> JudgeScore | None:
-        reply = self._reply(judge_messages(item, answer))
+    def _scored(self, messages: list[dict[str, str]]) -> JudgeScore | None:
+        reply = self._reply(messages)
         if reply is None:
             return None
         scores = parse_scores(reply)
         self._count("scored" if scores else "malformed")
         return scores
 
+    def score(self, item: GoldenItem, answer: str) -> JudgeScore | None:
+        return self._scored(judge_messages(item, answer))
+
     def score_live(self, question: str, answer: str) -> JudgeScore | None:
         """Score an answer from live traffic (no reference); cached like every judge call."""
-        reply = self._reply(live_messages(question, answer))
-        if reply is None:
-            return None
-        scores = parse_scores(reply)
-        self._count("scored" if scores else "malformed")
-        return scores
+        return self._scored(live_messages(question, answer))
 
     def score_all(self, pairs: list[tuple[GoldenItem, str]]) -> list[JudgeScore | None]:
         """Score pairs concurrently (``concurrency`` calls at once), in order."""

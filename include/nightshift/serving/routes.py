@@ -471,19 +471,31 @@ def _shadow(request: Request, server: Server, req, answer: Answer, role: str) ->
     scheduler = server.scheduler
     deadline = time.monotonic() + server.limits.request_timeout_s
     shadow_answer = Answer(answer.model, f"{answer.id}-shadow", answer.created, answer.fingerprint, answer.chat)
+
+    async def run(started: float) -> None:
+        cancel = threading.Event()
+        futures = [asyncio.wrap_future(scheduler.submit(Sequence(candidate, p, params, cancel, deadline)))
+                   for p in prompts]
+        results = list(await asyncio.gather(*futures))
+        _log_answer(request, server, candidate, req, shadow_answer, prompts, results, "shadow",
+                    started=time.monotonic() - started)
+
+    _in_background(server, run)
+
+
+_background: set[asyncio.Task] = set()
+
+
+def _in_background(server: Server, work) -> None:
+    """Run a shadow generation ``work(started)`` after the answer has gone, counting its outcome."""
     server.shadows += 1
 
     async def run() -> None:
         try:
-            cancel = threading.Event()
-            futures = [asyncio.wrap_future(scheduler.submit(Sequence(candidate, p, params, cancel, deadline)))
-                       for p in prompts]
-            results = list(await asyncio.gather(*futures))
-            _log_answer(request, server, candidate, req, shadow_answer, prompts, results, "shadow",
-                        started=time.monotonic() - (deadline - server.limits.request_timeout_s))
+            await work(time.monotonic())
             server.metrics.shadows.labels("answered").inc()
-        except Exception:
-            log.exception("shadow generation failed")
+        except Exception as exc:
+            log.warning("shadow generation failed: %s", type(exc).__name__)
             server.metrics.shadows.labels("failed").inc()
         finally:
             server.shadows -= 1
@@ -493,7 +505,11 @@ def _shadow(request: Request, server: Server, req, answer: Answer, role: str) ->
     task.add_done_callback(_background.discard)
 
 
-_background: set[asyncio.Task] = set()
+def _choice_texts(data: dict[str, Any], chat: bool) -> tuple[list[str], str]:
+    """Return the texts of an OpenAI answer's choices and their finish reasons, comma-joined."""
+    choices = data.get("choices", [])
+    texts = [((c.get("message") or {}).get("content") or "") if chat else (c.get("text") or "") for c in choices]
+    return texts, ",".join(str(c.get("finish_reason")) for c in choices)
 
 
 def _shadow_upstream(request: Request, server: Server, req, answer: Answer, candidate: UpstreamModel) -> None:
@@ -502,31 +518,18 @@ def _shadow_upstream(request: Request, server: Server, req, answer: Answer, cand
     body.pop("stream_options", None)
     url = f"{candidate.base_url}{'/chat/completions' if answer.chat else '/completions'}"
     shadow_answer = Answer(answer.model, f"{answer.id}-shadow", answer.created, answer.fingerprint, answer.chat)
-    server.shadows += 1
 
-    async def run() -> None:
-        started = time.monotonic()
-        try:
-            r = await server.upstream_client().post(url, json=body, timeout=server.limits.request_timeout_s)
-            r.raise_for_status()
-            data = r.json()
-            texts = [(c.get("message") or {}).get("content") or "" if answer.chat else c.get("text") or ""
-                     for c in data.get("choices", [])]
-            usage = data.get("usage") or {}
-            _record_answer(request, server, candidate.record, req, shadow_answer, texts,
-                           ",".join(str(c.get("finish_reason")) for c in data.get("choices", [])),
-                           usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), "shadow",
-                           time.monotonic() - started)
-            server.metrics.shadows.labels("answered").inc()
-        except Exception as exc:
-            log.warning("shadow request to the candidate's engine failed: %s", type(exc).__name__)
-            server.metrics.shadows.labels("failed").inc()
-        finally:
-            server.shadows -= 1
+    async def run(started: float) -> None:
+        r = await server.upstream_client().post(url, json=body, timeout=server.limits.request_timeout_s)
+        r.raise_for_status()
+        data = r.json()
+        texts, finish = _choice_texts(data, answer.chat)
+        usage = data.get("usage") or {}
+        _record_answer(request, server, candidate.record, req, shadow_answer, texts, finish,
+                       usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), "shadow",
+                       time.monotonic() - started)
 
-    task = asyncio.ensure_future(run())
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+    _in_background(server, run)
 
 
 def _log_answer(request: Request, server: Server, loaded: LoadedModel, req, answer: Answer, prompts,
@@ -733,10 +736,8 @@ async def _forward(request: Request, server: Server, target: UpstreamModel, req,
             await upstream.aclose()
             ticket.release()
         data.update(id=rid, model=server.model_name, system_fingerprint=f"v{version}")
-        texts = [(c.get("message") or {}).get("content") or "" if chat else c.get("text") or ""
-                 for c in data.get("choices", [])]
+        texts, finish = _choice_texts(data, chat)
         usage = data.get("usage") or {}
-        finish = ",".join(str(c.get("finish_reason")) for c in data.get("choices", []))
         _note(request, prompt_tokens=usage.get("prompt_tokens"), completion_tokens=usage.get("completion_tokens"),
               finish=finish)
         _record_answer(request, server, target.record, req, answer, texts, finish, usage.get("prompt_tokens", 0),
