@@ -141,3 +141,27 @@ def test_a_canary_users_rate_down_is_rolled_back_and_the_champion_takes_all_traf
                                                      "user": f"u{i}"})
             roles[r.headers["x-nightshift-model-version"]] += 1
     assert roles == {str(v1.version): 60}
+
+
+def test_finetune_model_hands_a_gated_candidate_to_rollout_model_under_a_rollout_policy(home, tiny_model):
+    from nightshift.airflow.common import CANDIDATE_ASSET
+    from nightshift.evaluation.live import RolloutPolicy
+    from nightshift.pipelines.finetune import registry_for
+    from nightshift.pipelines.rollout import RolloutRefused, start_rollout
+    from nightshift.registry.rollout import Rollouts
+
+    finetune, rollout = fresh("finetune_model"), fresh("rollout_model")
+    assert finetune.task_dict["release"].downstream_task_ids == {"promote_candidate", "start_rollout"}
+    assert [o.uri for o in finetune.task_dict["start_rollout"].outlets] == [CANDIDATE_ASSET.uri]
+    assert [a.uri for a in rollout.timetable.asset_condition.objects] == [CANDIDATE_ASSET.uri]
+
+    registry = registry_for(home)
+    registry.promote(register(registry, tiny_model, "one"))
+    v2 = register(registry, tiny_model, "two")
+    policy = RolloutPolicy.load(home.rollout_policy)
+    assert start_rollout(registry, v2, policy)["share"] == 0.3  # the first step
+    assert Rollouts(registry).current().version.version == v2.version
+    assert start_rollout(registry, v2, policy, "shadow")["mode"] == "shadow"
+    assert Rollouts(registry).current().mode == "shadow" and Rollouts(registry).current().share == 0
+    with pytest.raises(RolloutRefused, match="canary or shadow"):
+        start_rollout(registry, v2, RolloutPolicy(mode="off"))
