@@ -68,6 +68,7 @@ def test_load_within_and_beyond_the_bound_and_a_hot_swap_under_load(tmp_path, mo
         assert statuses[429] > 0 and statuses[200] >= SLOTS + QUEUE
         assert all(r[4] and int(r[4]) >= 1 for r in beyond if r[0] == 429)
         assert all(r[3] == "server_busy" for r in beyond if r[0] == 429)
+        print(f"beyond the bound: {statuses[200]} answered, {statuses[429]} refused with 429 of 48 sent at once")
 
         # Hot swap under load: promote v2 while requests keep coming; each answer is whole from one version.
         swapped: list = []
@@ -83,3 +84,4 @@ def test_load_within_and_beyond_the_bound_and_a_hot_swap_under_load(tmp_path, mo
         wrong = [r for r in swapped if r[3] != expected[r[1]][r[2]]]
         assert not wrong, f"{len(wrong)} answers do not match the version that claims them"
         assert "serving nightshift-llm v2" in server.log()
+        print(f"hot swap under load: 400 of 400 answered ({versions['1']} by v1, {versions['2']} by v2), 0 mismatched")
