@@ -47,3 +47,6 @@ def test_the_report_holds_every_part_inline_and_escapes_answers():
     # The answers that changed most are side by side, the new refusal first; the unchanged one is not shown.
     assert html.index("hunter2") < html.index("better answer") < html.index("&lt;img src=")
     assert "worse answer" in html and ">same<" not in html
+    # Every metric row names how many examples it was computed on, never a Python object.
+    assert "built-in method" not in html and "object at 0x" not in html
+    assert re.search(r'<td class="num">3</td>', html)
