@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from nightshift.serving.engine import GenerationResult, LoadedModel, Sequence
+from nightshift.serving.engine import LoadedModel, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,3 @@ class BatchScheduler:
             if item is not None and not item[1].done():
                 item[1].set_exception(error)
 
-
-def run_alone(scheduler: BatchScheduler, sequence: Sequence) -> GenerationResult:
-    """Submit one sequence and wait for its result (for callers outside the event loop)."""
-    return scheduler.submit(sequence).result()
