@@ -12,7 +12,8 @@ PIP    := $(BIN)/pip install --no-input --progress-bar off
 
 help:
 	@echo "make run    set-up, then one full cycle (ingest_corpus -> finetune_model) on SmolLM2, with a summary"
-	@echo "make test   set-up, then the whole test suite"
+	@echo "make test   set-up, then the whole test suite (under 20 minutes from a fresh clone)"
+	@echo "make test-fast  everything but the end-to-end tests (under 5 minutes once set up)"
 	@echo "make up     Airflow UI on http://localhost:8080 and the endpoint on http://127.0.0.1:8000/v1"
 	@echo "make serve  only the OpenAI-compatible endpoint"
 	@echo "make lint   ruff and hadolint"
@@ -38,22 +39,23 @@ model: setup
 run: model
 	$(NS) cycle
 
-# Debian's chromium for tests/e2e/test_ui.py, which drives it with Playwright (no browser is downloaded).
+# Debian's chromium for tests/e2e/test_up.py, which drives it with Playwright (no browser is downloaded).
 # Needs root or password-less sudo; without them the test skips and says why.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
-	  else echo "no chromium and no root: tests/e2e/test_ui.py will skip (apt-get install chromium to run it)"; exit 0; fi; \
-	  command -v apt-get >/dev/null 2>&1 || { echo "no apt-get: install chromium to run tests/e2e/test_ui.py"; exit 0; }; \
+	  else echo "no chromium and no root: tests/e2e/test_up.py will skip (apt-get install chromium to run it)"; exit 0; fi; \
+	  command -v apt-get >/dev/null 2>&1 || { echo "no apt-get: install chromium to run tests/e2e/test_up.py"; exit 0; }; \
 	  echo "installing Debian's chromium for the browser test"; \
 	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; } \
-	    || echo "chromium could not be installed: tests/e2e/test_ui.py will skip"; }
+	    || echo "chromium could not be installed: tests/e2e/test_up.py will skip"; }
 
+# Both print their slowest tests at the end, so the time budget stays in view.
 test: setup browser
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=20
 
 test-fast: setup
-	$(BIN)/pytest -m "not e2e"
+	$(BIN)/pytest -m "not e2e" --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check include dags plugins tests

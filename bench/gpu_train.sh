@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tokens/s per GPU and MFU of the nightshift trainer on this machine's GPUs: a ~1.07B-parameter Llama-shaped
 # model (SmolLM2's vocabulary, 2,048 hidden, 16 layers, GQA 32/8 heads), bf16, 2,048-token blocks, ZeRO-2 then
-# ZeRO-3, through the same `deepspeed ... --module nightshift.training.trainer` command the DAG runs.
+# ZeRO-3, through the same `torchrun ... --module nightshift.training.trainer` command the DAG runs.
 #
 #   bash bench/gpu_train.sh            # from a fresh clone; installs into .venv-gpu (~3 min), then ~3 min of runs
 #

@@ -1,14 +1,15 @@
 """Tokens/s of the nightshift trainer against a plain PyTorch/transformers training loop, on this machine's CPU.
 
-    .venv/bin/python bench/train_throughput.py [--steps 12] [--recipe default]
+    .venv/bin/python bench/train_throughput.py [--steps 12] [--recipe default] [--compare-ranks 2]
 
 Both train SmolLM2-135M (the bundled foundation model) on the same packed blocks, with the same sequence
 length and the same tokens per optimizer step (micro-batch x ranks x accumulation of the recipe), AdamW and
 gradient clipping:
 
-- nightshift: the ``deepspeed`` launcher with NIGHTSHIFT_TRAIN_RANKS CPU ranks (2 here), the recipe as the
-  DAG runs it (ZeRO stage, precision, no checkpoints during the measured steps); once more with the
-  ranks' collectives left to gloo, to show what routing them through shared memory gains;
+- nightshift: ``torchrun`` with the ranks the DAG would pick for the recipe (``ranks: auto``: one process
+  using every core on a machine without GPUs), the recipe as the DAG runs it (precision, no checkpoints
+  during the measured steps); then once more with ``--compare-ranks`` CPU ranks on the same cores, to show
+  what sharding the work between processes costs here;
 - plain: one Python process, ``torch.set_num_threads(<all cores>)``, ``AutoModelForCausalLM`` and
   ``torch.optim.AdamW`` in a textbook loop.
 
@@ -85,39 +86,46 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--recipe", default="default")
+    parser.add_argument("--compare-ranks", type=int, default=2, help="also train with this many CPU ranks (0: no)")
     args = parser.parse_args()
 
     import numpy as np
 
     from nightshift.settings import DEFAULT_FOUNDATION_MODEL, load_settings
     from nightshift.training.foundation import import_foundation_model
+    from nightshift.training.launch import resolve_ranks, usable_cores
     from nightshift.training.recipe import TrainingRecipe
 
     settings = load_settings()
     model = import_foundation_model(settings.models_dir / DEFAULT_FOUNDATION_MODEL)
     recipe = TrainingRecipe.load(args.recipe, settings.recipe_dirs, train_steps=args.steps)
     recipe = TrainingRecipe(**{**recipe.to_dict(), "checkpoint_interval": 0})
-    ranks = settings.train_ranks
+    ranks = resolve_ranks(recipe.ranks, "local", settings.train_ranks, settings.kubernetes.gpus)
     per_step = recipe.micro_batch_size * ranks * recipe.gradient_accumulation_steps
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     data = work / "train.npy"
     rng = np.random.default_rng(0)
-    np.save(data, rng.integers(3, 49000, size=(max(64, per_step * 4), recipe.seq_len)).astype(np.int32))
+    np.save(data, rng.integers(3, 49000, size=(max(64, per_step * 8), recipe.seq_len)).astype(np.int32))
+    cores = usable_cores()
     print(f"SmolLM2-135M, recipe {args.recipe}: {per_step} blocks x {recipe.seq_len} tokens per step, "
-          f"{args.steps} steps, {os.cpu_count()} cores, {ranks} ranks")
+          f"{args.steps} steps, {cores} cores, {ranks} rank{'s' if ranks > 1 else ''} (ranks: {recipe.ranks})")
 
     _, cold_start, _ = nightshift_trainer(model, data, TrainingRecipe(**{**recipe.to_dict(), "train_steps": 1}),
                                           ranks, work / "cold")
     plain_before = plain_loop(model, data, args.steps, per_step, recipe.learning_rate, recipe.max_grad_norm)
     ours, warm_start, metrics = nightshift_trainer(model, data, recipe, ranks, work / "warm")
-    gloo, _, _ = nightshift_trainer(model, data, recipe, ranks, work / "gloo", {"NIGHTSHIFT_CPU_SHM_COLLECTIVES": "0"})
     plain_after = plain_loop(model, data, args.steps, per_step, recipe.learning_rate, recipe.max_grad_norm)
     plain = (plain_before + plain_after) / 2
-    print(f"plain loop (1 process, {os.cpu_count()} threads): {plain_before:,.0f} / {plain_after:,.0f} tokens/s "
+    print(f"plain loop (1 process, {cores} threads): {plain_before:,.0f} / {plain_after:,.0f} tokens/s "
           f"(before / after)")
-    print(f"nightshift trainer ({ranks} ranks, ZeRO-{recipe.zero_stage}, {metrics['precision']}): "
-          f"{ours:,.0f} tokens/s")
-    print(f"  same, collectives left to gloo (TCP): {gloo:,.0f} tokens/s ({ours / gloo:.2f}x from shared memory)")
+    stage = metrics["zero_stage"]
+    print(f"nightshift trainer ({ranks} rank{'s' if ranks > 1 else ''}, "
+          f"{f'ZeRO-{stage}' if stage else 'ZeRO off'}, {metrics['precision']}): {ours:,.0f} tokens/s")
+    if args.compare_ranks and args.compare_ranks != ranks:
+        other, _, other_metrics = nightshift_trainer(model, data, recipe, args.compare_ranks, work / "compare")
+        print(f"  same recipe on {args.compare_ranks} CPU ranks (ZeRO-{other_metrics['zero_stage']}, "
+              f"{other_metrics['tokens_per_step']} tokens per step): {other:,.0f} tokens/s "
+              f"({other / plain:.2f}x the plain loop)")
     print(f"ratio nightshift / plain: {ours / plain:.2f}x (goal >= 1.0x)")
     print(f"start-up, launch to first step: cold {cold_start:.1f} s, warm {warm_start:.1f} s (goal warm < 15 s)")
     return 0

@@ -11,8 +11,8 @@ Runs when `ingest_corpus` publishes a new corpus version, or from **Trigger** wi
 | `resolve_dataset` | claims the DAG's lease; `dataset_version`, else the triggering event's, else the latest |
 | `check_registry` | skips training if a promoted model has its fingerprint: corpus, base bytes, recipe, ranks, code |
 | `prepare_data` | fetches the exact bytes from DVC, tokenizes with the base model's tokenizer, packs blocks |
-| `plan_training` | opens the MLflow run, writes the trainer config, builds the `deepspeed` command |
-| `train_local` | the command as CPU ranks on this machine (`backend: local`) |
+| `plan_training` | opens the MLflow run, writes the trainer config, builds the `torchrun` command |
+| `train_local` | the command on this machine: one rank per GPU, or one CPU rank on every core (`backend: local`) |
 | `train_kubernetes` | the same command in one GPU pod (`backend: kubernetes`, `nodes: 1`) |
 | `train_kubernetes_nodes` | an Indexed Job of `nodes` GPU pods, one per node, rendezvous via a headless Service |
 | `verify_candidate` | the checkpoint, reloaded by transformers in a new process, gives the trainer's loss |
@@ -25,11 +25,13 @@ Runs when `ingest_corpus` publishes a new corpus version, or from **Trigger** wi
 | `reject_candidate` | keeps the champion and alerts with the gate's reasons |
 | `report` | the cycle summary, also logged to the MLflow run |
 
-**Training** follows the recipe (`include/configs/training/<name>.yaml`: full or LoRA, ZeRO 1-3, offload,
-precision, gradient checkpointing). Loss, learning rate, gradient norm and tokens/s reach the MLflow run
-while training runs; the task log shows the ETA. Every `checkpoint_interval` steps a checkpoint is saved
-in the run's folder: a retried training task resumes from the newest complete one, with the same losses
-as an uninterrupted run. A LoRA candidate is merged into full weights before evaluation.
+**Training** follows the recipe (`include/configs/training/<name>.yaml`: full or LoRA, ranks, ZeRO 1-3,
+offload, precision, gradient checkpointing). `ranks: auto` trains one rank per GPU, or one process using
+every core on a machine without GPUs; `NIGHTSHIFT_TRAIN_RANKS` sets another number for `auto`. Loss,
+learning rate, gradient norm and tokens/s reach the MLflow run while training runs; the task log shows the ETA.
+Every `checkpoint_interval` steps a checkpoint is saved in the run's folder: a retried training task resumes
+from the newest complete one, with the same losses as an uninterrupted run. A LoRA candidate is merged into
+full weights before evaluation.
 
 **Reports**: the run's **Reports** tab shows the training loss curve, candidate against champion, the gate's
 checks and the sample answers; **nightshift** in the navigation lists every model version and the champion.
@@ -113,7 +115,7 @@ def _base_model(request):
         "backend": Param(
             "local", type="string", enum=["local", "kubernetes"], title="Training backend",
             values_display={"local": "Local process (CPU ranks)", "kubernetes": "Kubernetes GPU pod"},
-            description="Where the DeepSpeed launcher runs; both run the same command.",
+            description="Where the trainer's launcher runs; both run the same torchrun command.",
         ),
         "recipe": Param(
             "default", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", title="Recipe",
@@ -122,8 +124,9 @@ def _base_model(request):
         ),
         "nodes": Param(
             1, type="integer", minimum=1, maximum=256, title="Nodes",
-            description="Kubernetes backend: GPU pods to train on, each with NIGHTSHIFT_TRAIN_RANKS GPUs "
-            f"(now {SETTINGS.train_ranks}). Several nodes run as an Indexed Job. The local backend takes 1.",
+            description="Kubernetes backend: GPU pods to train on, each with the recipe's ranks as GPUs (ranks: "
+            "auto takes NIGHTSHIFT_TRAIN_RANKS, else NIGHTSHIFT_K8S_GPUS). Several nodes run as an Indexed Job. "
+            "The local backend takes 1.",
         ),
     },
 )
@@ -149,7 +152,7 @@ def finetune_model():
         request = _request()
         recipe, base = _recipe(request), _base_model(request)
         fp = fingerprint(DatasetVersion.from_dict(dataset), checkpoint_digest(base, SETTINGS.cache_dir), recipe,
-                         request.world_size(SETTINGS))
+                         request.world_size(SETTINGS, recipe))
         existing = registry_for(SETTINGS).find_by_fingerprint(fp)
         return {"fingerprint": fp, "existing": existing.to_dict() if existing else None}
 
@@ -184,10 +187,11 @@ def finetune_model():
         request, version, packed_data = _request(), DatasetVersion.from_dict(dataset), PackedDataset.from_dict(packed)
         recipe = _recipe(request)
         run_key = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
+        ranks = request.ranks_per_node(SETTINGS, recipe)
         mlflow_run = open_tracking_run(registry_for(SETTINGS), run_key, request, recipe, version, packed_data,
-                                       check["fingerprint"])
+                                       check["fingerprint"], ranks)
         planned = plan(SETTINGS, _base_model(request), packed_data, recipe, run_dir(SETTINGS, context),
-                       nodes=request.nodes, tracking_run_id=mlflow_run)
+                       ranks=ranks, nodes=request.nodes, tracking_run_id=mlflow_run)
         return {**planned, "mlflow_run_id": mlflow_run, "dataset_tag": version.tag}
 
     @task.branch
@@ -368,7 +372,7 @@ def finetune_model():
     plan = plan_training(dataset, packed, check)
     backend = choose_backend()
     local = train_local(plan["command"], plan["output_dir"])
-    pod = trainer_pod_operator("train_kubernetes", plan["command"], SETTINGS, execution_timeout=TRAIN_TIMEOUT)
+    pod = trainer_pod_operator("train_kubernetes", plan, SETTINGS, execution_timeout=TRAIN_TIMEOUT)
     job = trainer_job_operator("train_kubernetes_nodes", plan, SETTINGS, execution_timeout=TRAIN_TIMEOUT)
     plan >> backend >> [local, pod, job]
     verified = verify_candidate(plan)

@@ -1,4 +1,4 @@
-"""Run a DAG with dag.test() and read back each task's state and return value."""
+"""Parse a DAG file afresh and run it with dag.test(); read back each task's state and return value."""
 
 from __future__ import annotations
 
@@ -20,3 +20,14 @@ def run(dag, conf: dict[str, Any]):
     dag_run = dag.test(run_conf=conf)
     results = {task_id: TaskResult(*result) for task_id, result in task_results(dag_run).items()}
     return dag_run, results
+
+
+def fresh(dag_id: str):
+    """Return the DAG parsed anew from its file, as a scheduler would: runs share no DAG object state."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from conftest import REPO
+
+    bag = DagBag(dag_folder=str(REPO / "dags" / f"{dag_id}.py"))
+    assert not bag.import_errors, bag.import_errors
+    return bag.dags[dag_id]

@@ -111,3 +111,13 @@ def train_blocks(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("blocks") / "train.npy"
     np.save(path, np.stack([np.roll(base, i) for i in range(40)]).astype(np.int32))
     return path
+
+
+@pytest.fixture(scope="session")
+def champion(tmp_path_factory, tiny_model):
+    """A registry whose champion is the tiny model (v1, dataset ds-one), shared by every test that only reads it."""
+    from helpers import local_registry, publish
+
+    registry = local_registry(tmp_path_factory.mktemp("champion"))
+    publish(registry, tiny_model, "one")
+    return registry

@@ -114,6 +114,49 @@ def wait_for(predicate: Callable[[], object], timeout: float = 60.0, what: str =
         time.sleep(every)
 
 
+_MLFLOW_TEMPLATE: Path | None = None
+
+
+def mlflow_store(db: Path) -> str:
+    """Return the SQLite URL of an empty MLflow store at ``db``, copied from one that was migrated once per session.
+
+    MLflow migrates a new store to its schema on first use, about 2 s each time; a copy of a migrated, empty
+    store is the very same database.
+    """
+    global _MLFLOW_TEMPLATE
+    import shutil
+
+    if _MLFLOW_TEMPLATE is None:
+        from mlflow import MlflowClient
+
+        from conftest import SESSION_HOME
+
+        template = SESSION_HOME / "mlflow-template" / "mlflow.db"
+        template.parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{template}"
+        MlflowClient(tracking_uri=url, registry_uri=url).search_registered_models()  # creates every table
+        _MLFLOW_TEMPLATE = template
+    if not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_MLFLOW_TEMPLATE, db)
+    return f"sqlite:///{db}"
+
+
+def local_registry(folder: Path, model_name: str = "nightshift-llm"):
+    """Return a registry with its own new MLflow store and artifact folder under ``folder``."""
+    from nightshift.registry.mlflow_registry import ModelRegistry
+
+    return ModelRegistry(mlflow_store(folder / "mlflow.db"), model_name, (folder / "art").as_uri())
+
+
+def home_registry(settings):
+    """Return the registry of a NIGHTSHIFT_HOME, its MLflow store created the fast way (see ``mlflow_store``)."""
+    from nightshift.pipelines.finetune import registry_for
+
+    mlflow_store(settings.mlflow_dir / "mlflow.db")
+    return registry_for(settings)
+
+
 def publish(registry, checkpoint: Path, key: str, promote: bool = True):
     """Log a checkpoint folder as a run artifact, register it and (by default) make it the champion."""
     run_id = registry.open_run("serving", key, key, {})
@@ -204,9 +247,12 @@ def marked(marker: str) -> list[int]:
 
 
 def port_is_free(port: int) -> bool:
+    """Return whether a server could listen on ``port`` now, as one restarting does (SO_REUSEADDR: connections
+    the old server closed may still linger in TIME_WAIT, which holds no port)."""
     import socket
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -1,10 +1,12 @@
-"""`nightshift keys`: the key is shown once at creation, never listed, and revocation takes effect."""
+"""The CLI: `nightshift keys` shows a key once at creation, never lists it, and revocation takes effect; settings
+apply idempotently; history answers who was champion when; the cycle summary. (`nightshift setup` in a fresh
+installation: tests/e2e/test_up.py, which serves that installation.)"""
 
 import os
-import re
 import subprocess
 import sys
 
+from helpers import home_registry
 from nightshift.serving.keys import KEY_PATTERN, KeyRing, KeyStore
 
 
@@ -31,56 +33,6 @@ def test_keys_create_list_revoke(tmp_path):
     assert ring.identify(key) is None
 
 
-def fresh_env(home):
-    """The environment of a new installation: none of the test session's Airflow settings."""
-    from nightshift.settings import load_settings, runtime_env
-
-    env = {k: v for k, v in os.environ.items() if k not in runtime_env(load_settings())}
-    return {**env, "NIGHTSHIFT_HOME": str(home)}
-
-
-def test_setup_keeps_state_private_and_the_fernet_key_where_airflow_reads_it(tmp_path):
-    import sqlite3
-    import stat
-
-    home = tmp_path / "home"
-    env = fresh_env(home)
-    first = subprocess.run([sys.executable, "-m", "nightshift.cli", "setup"], env=env, capture_output=True, text=True,
-                           timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "password" in first.stdout and "shown once" in first.stdout
-    private = [home / "airflow" / "airflow.db", home / "airflow" / "airflow.cfg", home / "mlflow" / "mlflow.db",
-               home / "airflow" / "simple_auth_manager_passwords.json.generated", home / "serving" / "api_keys.json",
-               home / "serving" / "local.key"]
-    for path in private:
-        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
-    again = subprocess.run([sys.executable, "-m", "nightshift.cli", "setup"], env=env, capture_output=True, text=True,
-                           timeout=300)
-    assert again.returncode == 0 and "shown once" not in again.stdout
-
-    exported = subprocess.run([sys.executable, "-m", "nightshift.cli", "env"], env=env, capture_output=True,
-                              text=True, timeout=120).stdout
-    assert "FERNET" not in exported and "AIRFLOW__API__HOST=127.0.0.1" in exported
-    # One JWT secret for every Airflow process: else the API server refuses the tasks the scheduler starts.
-    cfg = (home / "airflow" / "airflow.cfg").read_text()
-    assert re.search(r"(?ms)^\[api_auth\]\s*^jwt_secret = \S{40,}$", cfg) and "JWT" not in exported
-    # A plain airflow CLI call, with only what `nightshift env` exports, encrypts with the same key.
-    plain = {**{k: v for k, v in env.items() if not k.startswith("AIRFLOW")}, **dict(
-        line.removeprefix("export ").split("=", 1) for line in exported.splitlines())}
-    airflow = os.path.join(os.path.dirname(sys.executable), "airflow")
-    added = subprocess.run([airflow, "connections", "add", "probe", "--conn-type", "http", "--conn-password", "s3cr3t"],
-                           env=plain, capture_output=True, text=True, timeout=120)
-    assert added.returncode == 0, added.stderr[-2000:]
-    with sqlite3.connect(home / "airflow" / "airflow.db") as db:
-        encrypted, stored = db.execute("select is_encrypted, password from connection where conn_id='probe'").fetchone()
-    assert encrypted and "s3cr3t" not in stored
-    read = ("from nightshift.cli import configure_environment; from nightshift.settings import load_settings; "
-            "configure_environment(load_settings()); from airflow.models.connection import Connection; "
-            "print(Connection.get_connection_from_secrets('probe').password)")
-    seen = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True, timeout=120)
-    assert seen.stdout.strip().splitlines()[-1] == "s3cr3t", seen.stderr[-2000:]  # nightshift decrypts it
-
-
 def test_apply_settings_is_idempotent(airflow_db):
     proc = subprocess.run([sys.executable, "-m", "nightshift.cli", "apply-settings", "--wait", "30"],
                           env=os.environ.copy(), capture_output=True, text=True, timeout=180)
@@ -93,11 +45,10 @@ def test_history_lists_moves_and_answers_who_was_champion_when(tmp_path, monkeyp
     from datetime import UTC, datetime
 
     from nightshift.cli import main
-    from nightshift.pipelines.finetune import registry_for
     from nightshift.settings import load_settings
 
     monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
-    registry = registry_for(load_settings())
+    registry = home_registry(load_settings())
     versions = []
     for key in ("one", "two"):
         run_id = registry.open_run("finetune_model", key, key, {})

@@ -93,6 +93,8 @@ class KubernetesSettings:
     """Airflow connection holding the cluster credentials."""
     cpu: str = "8"
     memory: str = "64Gi"
+    gpus: int = 1
+    """GPUs of each trainer pod when the recipe says ``ranks: auto`` (NIGHTSHIFT_K8S_GPUS): one rank per GPU."""
     shm_size: str = "16Gi"
     """Size of the memory-backed /dev/shm (NCCL and data loaders need more than the 64 MiB default)."""
     state_pvc: str = "nightshift-state"
@@ -112,8 +114,9 @@ class Settings:
     registered_model: str = "nightshift-llm"
     """Name of the model in the MLflow registry."""
     champion_alias: str = "champion"
-    train_ranks: int = 2
-    """Training ranks per run: CPU processes locally, GPUs of the trainer pod on Kubernetes."""
+    train_ranks: int | None = None
+    """Ranks per node for recipes that say ``ranks: auto`` (NIGHTSHIFT_TRAIN_RANKS); unset or ``auto``: one per
+    GPU, or one CPU process using every core (nightshift.training.launch.resolve_ranks)."""
     master_port: int = 29500
     alert_conn_id: str = "nightshift_alerts"
     tracking_uri_override: str | None = None
@@ -166,8 +169,10 @@ class Settings:
     """Work folders of runs older than this are removed; the serving and evaluation caches keep what is in use."""
 
     def __post_init__(self) -> None:
-        if self.train_ranks < 1:
-            raise ValueError(f"NIGHTSHIFT_TRAIN_RANKS must be at least 1, got {self.train_ranks}")
+        if self.train_ranks is not None and self.train_ranks < 1:
+            raise ValueError(f"NIGHTSHIFT_TRAIN_RANKS must be auto or at least 1, got {self.train_ranks}")
+        if self.kubernetes.gpus < 1:
+            raise ValueError(f"NIGHTSHIFT_K8S_GPUS must be at least 1, got {self.kubernetes.gpus}")
         if self.airflow_parallelism < 1:
             raise ValueError(f"NIGHTSHIFT_AIRFLOW_PARALLELISM must be at least 1, got {self.airflow_parallelism}")
         if self.task_timeout_s < 60 or self.train_timeout_s < 60:
@@ -273,6 +278,7 @@ def load_settings() -> Settings:
         conn_id=os.environ.get("NIGHTSHIFT_K8S_CONN_ID", k8s_defaults.conn_id),
         cpu=os.environ.get("NIGHTSHIFT_K8S_CPU", k8s_defaults.cpu),
         memory=os.environ.get("NIGHTSHIFT_K8S_MEMORY", k8s_defaults.memory),
+        gpus=_env_int("NIGHTSHIFT_K8S_GPUS", k8s_defaults.gpus),
         shm_size=os.environ.get("NIGHTSHIFT_K8S_SHM_SIZE", k8s_defaults.shm_size),
         state_pvc=os.environ.get("NIGHTSHIFT_K8S_STATE_PVC", k8s_defaults.state_pvc),
         node_selector=_env_json("NIGHTSHIFT_K8S_NODE_SELECTOR", k8s_defaults.node_selector),
@@ -281,7 +287,8 @@ def load_settings() -> Settings:
     return Settings(
         home=home,
         registered_model=os.environ.get("NIGHTSHIFT_REGISTERED_MODEL", "nightshift-llm"),
-        train_ranks=_env_int("NIGHTSHIFT_TRAIN_RANKS", 2),
+        train_ranks=None if os.environ.get("NIGHTSHIFT_TRAIN_RANKS", "").strip().lower() == "auto"
+        else _env_int("NIGHTSHIFT_TRAIN_RANKS", None),
         master_port=_env_int("NIGHTSHIFT_MASTER_PORT", 29500),
         alert_conn_id=os.environ.get("NIGHTSHIFT_ALERT_CONN_ID", "nightshift_alerts"),
         tracking_uri_override=os.environ.get("NIGHTSHIFT_MLFLOW_TRACKING_URI") or None,

@@ -21,12 +21,13 @@ def finetune_dag(airflow_db):
     return bag.dags["finetune_model"]
 
 
-def render_pod(task, command):
-    """Build the pod request as the operator would at run time, with the XCom command resolved."""
+def render_pod(task, plan):
+    """Build the pod request as the operator would at run time, with the plan (an XCom) resolved."""
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
     from kubernetes.client import ApiClient
 
-    task.cmds = command
+    task.plan = plan
+    task.prepare({})
     with patch.object(KubernetesHook, "is_in_cluster", new_callable=PropertyMock, return_value=False):
         pod = task.build_pod_request_obj()
     return ApiClient().sanitize_for_serialization(pod)
@@ -35,25 +36,26 @@ def render_pod(task, command):
 def test_both_backends_take_their_command_from_the_same_plan(finetune_dag):
     from airflow.sdk.definitions.xcom_arg import PlainXComArg
 
-    pod_cmds = finetune_dag.task_dict["train_kubernetes"].cmds
+    pod_plan = finetune_dag.task_dict["train_kubernetes"].plan
     local_args = finetune_dag.task_dict["train_local"].op_args
-    assert isinstance(pod_cmds, PlainXComArg)
-    assert (pod_cmds.operator.task_id, pod_cmds.key) == ("plan_training", "command")
+    assert isinstance(pod_plan, PlainXComArg)
+    assert pod_plan.operator.task_id == "plan_training"
     assert (local_args[0].operator.task_id, local_args[0].key) == ("plan_training", "command")
 
 
-def test_trainer_pod_is_valid_and_runs_the_local_command_on_gpus(finetune_dag, settings, tmp_path):
-    command = launch_command(settings.work_dir / "run" / "trainer.json", settings.train_ranks, settings.master_port)
-    pod = render_pod(finetune_dag.task_dict["train_kubernetes"], command)
+def test_trainer_pod_is_valid_and_runs_the_local_command_on_one_gpu_per_rank(finetune_dag, settings, tmp_path):
+    command = launch_command(settings.work_dir / "run" / "trainer.json", 4, settings.master_port)
+    pod = render_pod(finetune_dag.task_dict["train_kubernetes"], {"command": command, "ranks": 4})
 
     kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
 
     spec = pod["spec"]
     (container,) = spec["containers"]
     assert container["command"] == command
-    assert container["command"][:3] == ["deepspeed", "--num_gpus", str(settings.train_ranks)]
+    assert container["command"][:3] == ["torchrun", "--nproc-per-node", "4"]
     assert container["image"] == settings.kubernetes.image
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == str(settings.train_ranks)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"  # the plan's ranks, not a fixed number
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "4"
     assert pod["metadata"]["namespace"] == settings.kubernetes.namespace
     shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"]["medium"] == "Memory"
@@ -66,15 +68,20 @@ def test_trainer_pod_is_valid_and_runs_the_local_command_on_gpus(finetune_dag, s
 
 def test_pod_settings_come_from_the_environment(monkeypatch):
     from nightshift.airflow.kubernetes import trainer_pod_operator
+    from nightshift.pipelines.finetune import FinetuneRequest
     from nightshift.settings import load_settings
+    from nightshift.training.recipe import TrainingRecipe
 
     monkeypatch.setenv("NIGHTSHIFT_K8S_NAMESPACE", "ml-train")
     monkeypatch.setenv("NIGHTSHIFT_K8S_NODE_SELECTOR", '{"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}')
     monkeypatch.setenv("NIGHTSHIFT_K8S_TOLERATIONS", "[]")
-    monkeypatch.setenv("NIGHTSHIFT_TRAIN_RANKS", "8")
+    monkeypatch.setenv("NIGHTSHIFT_K8S_GPUS", "8")
     settings = load_settings()
-    task = trainer_pod_operator("t", ["deepspeed"], settings)
-    pod = render_pod(task, launch_command(settings.work_dir / "x.json", settings.train_ranks, 29500))
+    request = FinetuneRequest(base_model="m", train_steps=None, learning_rate=None, backend="kubernetes")
+    ranks = request.ranks_per_node(settings, TrainingRecipe.load("default"))  # ranks: auto
+    assert ranks == 8
+    task = trainer_pod_operator("t", None, settings)
+    pod = render_pod(task, {"command": launch_command(settings.work_dir / "x.json", ranks, 29500), "ranks": ranks})
     kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
     assert pod["metadata"]["namespace"] == "ml-train"
     assert pod["spec"]["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
@@ -116,8 +123,6 @@ def render_job(task, plan):
 @pytest.fixture
 def two_node_plan(settings, tiny_model, train_blocks, tmp_path):
     """plan_training's output for 2 nodes of 1 rank each, on the tiny model."""
-    import dataclasses
-
     from nightshift.pipelines.finetune import plan_training
     from nightshift.records import PackedDataset
     from trainer_runs import tiny_recipe
@@ -125,8 +130,8 @@ def two_node_plan(settings, tiny_model, train_blocks, tmp_path):
     packed = PackedDataset(train_path=str(train_blocks), heldout_path=str(train_blocks), train_blocks=40,
                            heldout_blocks=40, train_tokens=2560, heldout_tokens=2560, train_documents=40,
                            heldout_documents=1, seq_len=64, tokenizer=str(tiny_model))
-    one_rank = dataclasses.replace(settings, train_ranks=1)
-    return plan_training(one_rank, tiny_model, packed, tiny_recipe(checkpoint_interval=0), tmp_path / "run", nodes=2)
+    return plan_training(settings, tiny_model, packed, tiny_recipe(checkpoint_interval=0), tmp_path / "run", ranks=1,
+                         nodes=2)
 
 
 def test_several_nodes_render_a_valid_indexed_job_and_headless_service(finetune_dag, settings, two_node_plan):
@@ -153,7 +158,8 @@ def test_several_nodes_render_a_valid_indexed_job_and_headless_service(finetune_
         f"{name}-0.{service['metadata']['name']}.{settings.kubernetes.namespace}.svc.cluster.local"
     assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \
         "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == str(settings.train_ranks)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == str(two_node_plan["ranks"])
+    assert container["command"][:5] == ["torchrun", "--nnodes", "2", "--nproc-per-node", "1"]
 
 
 def kubelet_expand(arg: str, env: dict[str, str]) -> str:
@@ -163,6 +169,7 @@ def kubelet_expand(arg: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), arg)
 
 
+@pytest.mark.e2e
 def test_two_nodes_rendezvous_and_train_as_one_world_when_run_as_local_processes(finetune_dag, two_node_plan,
                                                                                  tmp_path):
     """Run each pod's exact command and environment as a local process, MASTER_ADDR on 127.0.0.1."""

@@ -10,31 +10,25 @@ import shutil
 
 import pytest
 
-from cli_helpers import run
-from conftest import REPO
-from helpers import SmtpSink, UvicornThread, ready, wait_for
+from cli_helpers import fresh, run
+from helpers import SmtpSink, UvicornThread, mlflow_store, ready, wait_for
 from nightshift.provenance import safe_name
 from nightshift.settings import SAMPLE_STORE
 
 pytestmark = pytest.mark.e2e
 
 
-
 @pytest.fixture(scope="module")
 def dags(airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
+    """DAGs by id, each parsed anew for every run (cli_helpers.fresh)."""
     from nightshift.pipelines.ingest import dataset_repository
 
     dataset_repository(airflow_db).ensure()  # as `make setup` does
+    mlflow_store(airflow_db.mlflow_dir / "mlflow.db")
 
     class FreshDags:
-        """Parse the DAG file anew for every run, as a scheduler would: runs share no DAG object state."""
-
         def __getitem__(self, dag_id: str):
-            bag = DagBag(dag_folder=str(REPO / "dags" / f"{dag_id}.py"))
-            assert not bag.import_errors
-            return bag.dags[dag_id]
+            return fresh(dag_id)
 
     return FreshDags()
 

@@ -11,9 +11,8 @@ import shutil
 
 import pytest
 
-from cli_helpers import run
-from conftest import REPO
-from helpers import SmtpSink
+from cli_helpers import fresh, run
+from helpers import SmtpSink, mlflow_store
 
 pytestmark = pytest.mark.e2e
 
@@ -28,15 +27,8 @@ def home(tmp_path, monkeypatch, airflow_db):
     monkeypatch.setenv("NIGHTSHIFT_FAULT_DIR", str(tmp_path))
     settings = load_settings()
     dataset_repository(settings).ensure()
+    mlflow_store(settings.mlflow_dir / "mlflow.db")
     return settings
-
-
-def fresh(dag_id):
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(REPO / "dags" / f"{dag_id}.py"))
-    assert not bag.import_errors
-    return bag.dags[dag_id]
 
 
 def events_for(version):
@@ -96,29 +88,6 @@ def registry_state(settings):
     registry = registry_for(settings)
     versions = registry.client.search_model_versions(f"name = '{registry.model_name}'")
     return registry, sorted(int(v.version) for v in versions)
-
-
-def test_registration_and_promotion_survive_failures_at_every_step(trained_home, monkeypatch, tmp_path):
-    from nightshift.registry.mlflow_registry import MANIFEST, PROMOTED_TAG
-
-    monkeypatch.setenv("NIGHTSHIFT_FAULT", "registry.before_manifest:once,registry.before_register:once,"
-                                           "registry.after_alias:once")
-    dag_run, tasks = run(fresh("finetune_model"), {"base_model": "tiny", "recipe": "tiny"})
-    assert dag_run.state == "success", {t: r.state for t, r in tasks.items()}
-    assert tries(dag_run, "register_candidate") == 3 and tries(dag_run, "promote_candidate") == 2
-    registry, versions = registry_state(trained_home)
-    assert versions == [1]
-    champion = registry.champion()
-    assert champion.version == 1
-    assert registry.client.get_model_version(registry.model_name, "1").tags[PROMOTED_TAG]
-    folder = registry.download(champion, tmp_path / "verify")  # checked file by file against the manifest
-    assert (folder / MANIFEST).is_file() and (folder / "model.safetensors").is_file()
-    assert registry.client.get_run(champion.run_id).info.status == "FINISHED"
-
-    monkeypatch.delenv("NIGHTSHIFT_FAULT")
-    again, tasks = run(fresh("finetune_model"), {"base_model": "tiny", "recipe": "tiny"})
-    assert again.state == "success" and tasks["reuse_existing"].state == "success"
-    assert registry_state(trained_home)[1] == [1]
 
 
 def test_a_run_that_fails_for_good_closes_its_mlflow_run_and_alerts(trained_home, monkeypatch):
@@ -202,24 +171,47 @@ def test_a_planted_secret_in_a_failing_document_is_never_quoted(home, tmp_path, 
     assert "leak.txt" in quality and "hunter2" not in quality and "pii_hits" in quality
 
 
-def test_a_training_rank_killed_mid_run_is_retried_and_resumes_from_its_checkpoint(trained_home, monkeypatch):
-    from nightshift.pipelines.finetune import registry_for
+def test_a_killed_rank_and_failures_at_every_registry_step_are_retried_to_one_promoted_version(
+        trained_home, monkeypatch, tmp_path):
+    """One night with everything going wrong once: rank 1 of two dies mid-run (SIGKILL), the upload fails before
+    its manifest, registration fails, the move of the alias is lost. Every step retries to the state an
+    uninterrupted night leaves: one version, promoted, its files verified, the training curve whole."""
     from nightshift.provenance import safe_name
+    from nightshift.registry.mlflow_registry import MANIFEST, PROMOTED_TAG
 
-    monkeypatch.setenv("NIGHTSHIFT_FAULT", "trainer.rank1.step6:kill-once")  # the tiny recipe checkpoints at 4
+    monkeypatch.setenv("NIGHTSHIFT_TRAIN_RANKS", "2")  # two ranks on one machine, so that one can die alone
+    monkeypatch.setenv("NIGHTSHIFT_FAULT", "trainer.rank1.step6:kill-once,"  # the tiny recipe checkpoints at 4
+                                           "registry.before_manifest:once,registry.before_register:once,"
+                                           "registry.after_alias:once")
     dag_run, tasks = run(fresh("finetune_model"), {"base_model": "tiny", "recipe": "tiny"})
     assert dag_run.state == "success", {t: r.state for t, r in tasks.items()}
     assert tries(dag_run, "train_local") == 2 and tasks["verify_candidate"].state == "success"
+    assert tries(dag_run, "register_candidate") == 3 and tries(dag_run, "promote_candidate") == 2
     folder = trained_home.work_dir / "finetune_model" / safe_name(dag_run.run_id)
     log = (folder / "trainer.log").read_text()
-    assert "exits with return code = -9" in log  # the first attempt: rank 1 died by SIGKILL
+    assert "exitcode: -9" in log and "local_rank: 1" in log  # the first attempt: rank 1 died by SIGKILL
     assert "resuming from checkpoint step-00000004" in log  # the retry
+    assert "on 2 ranks" in log
 
-    registry = registry_for(trained_home)
+    registry, versions = registry_state(trained_home)
+    assert versions == [1]
+    champion = registry.champion()
+    assert champion.version == 1
+    assert registry.client.get_model_version(registry.model_name, "1").tags[PROMOTED_TAG]
+    downloaded = registry.download(champion, tmp_path / "verify")  # checked file by file against the manifest
+    assert (downloaded / MANIFEST).is_file() and (downloaded / "model.safetensors").is_file()
+    assert registry.client.get_run(champion.run_id).info.status == "FINISHED"
+
     run_id = registry.find_run("finetune_model", f"finetune_model/{dag_run.run_id}").info.run_id
+    assert run_id == champion.run_id
     history = registry.client.get_metric_history(run_id, "train_loss")
     assert sorted({m.step for m in history}) == list(range(1, 9))  # streamed by rank 0 while training ran
     for key in ("learning_rate", "grad_norm", "tokens_per_s"):
         assert {m.step for m in registry.client.get_metric_history(run_id, key)} >= {7, 8}
     assert registry.client.get_run(run_id).data.metrics["reload_check_difference"] <= 1e-4
     assert not (folder / "checkpoints").exists()  # cleaned up with the run's other bulky outputs
+
+    monkeypatch.delenv("NIGHTSHIFT_FAULT")
+    again, tasks = run(fresh("finetune_model"), {"base_model": "tiny", "recipe": "tiny"})
+    assert again.state == "success" and tasks["reuse_existing"].state == "success"
+    assert registry_state(trained_home)[1] == [1]

@@ -10,21 +10,11 @@ import random
 import pytest
 import yaml
 
-from cli_helpers import run
+from cli_helpers import fresh, run
 from nightshift.prep.recipe import DEFAULT_RECIPE
 from planted import EVAL_ITEMS, planted_night, prose
 
 pytestmark = pytest.mark.e2e
-
-
-def fresh(dag_id):
-    from airflow.dag_processing.dagbag import DagBag
-
-    from conftest import REPO
-
-    bag = DagBag(dag_folder=str(REPO / "dags" / f"{dag_id}.py"))
-    assert not bag.import_errors
-    return bag.dags[dag_id]
 
 
 def test_a_night_of_planted_problems_is_versioned_clean_and_counted(tmp_path, monkeypatch, airflow_db):

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
-from cli_helpers import run
-from helpers import UvicornThread, ready, wait_for
+from cli_helpers import fresh, run
+from helpers import UvicornThread, mlflow_store, ready, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -23,17 +23,9 @@ def home(tmp_path, monkeypatch, airflow_db):
     from nightshift.settings import load_settings
 
     monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
-    return load_settings()
-
-
-def fresh(dag_id):
-    from airflow.dag_processing.dagbag import DagBag
-
-    from conftest import REPO
-
-    bag = DagBag(dag_folder=str(REPO / "dags" / f"{dag_id}.py"))
-    assert not bag.import_errors
-    return bag.dags[dag_id]
+    settings = load_settings()
+    mlflow_store(settings.mlflow_dir / "mlflow.db")
+    return settings
 
 
 def register(registry, folder, key, evaluated=True):

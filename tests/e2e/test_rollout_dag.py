@@ -8,8 +8,8 @@ from collections import Counter
 import httpx
 import pytest
 
-from cli_helpers import run
-from helpers import UvicornThread, perturbed_copy, ready, wait_for
+from cli_helpers import fresh, run
+from helpers import UvicornThread, mlflow_store, perturbed_copy, ready, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -34,17 +34,9 @@ def home(tmp_path, monkeypatch, airflow_db):
     policy = tmp_path / "rollout.yaml"
     policy.write_text(POLICY)
     monkeypatch.setenv("NIGHTSHIFT_ROLLOUT_POLICY", str(policy))
-    return load_settings()
-
-
-def fresh(dag_id):
-    from airflow.dag_processing.dagbag import DagBag
-
-    from conftest import REPO
-
-    bag = DagBag(dag_folder=str(REPO / "dags" / f"{dag_id}.py"))
-    assert not bag.import_errors
-    return bag.dags[dag_id]
+    settings = load_settings()
+    mlflow_store(settings.mlflow_dir / "mlflow.db")
+    return settings
 
 
 def register(registry, folder, key):

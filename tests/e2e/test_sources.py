@@ -11,7 +11,7 @@ import json
 import pytest
 import yaml
 
-from cli_helpers import run
+from cli_helpers import fresh, run
 from conftest import REPO
 from nightshift.settings import SAMPLE_STORE
 from sources.web_site import TrapSite
@@ -44,14 +44,6 @@ def _with_articles(info):
     engine.dispose()
     yield {"conn_type": "postgres", "host": str(info.socket_dir), "port": info.port, "login": "postgres",
            "schema": "postgres"}
-
-
-def fresh(dag_id):
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(REPO / "dags" / f"{dag_id}.py"))
-    assert not bag.import_errors
-    return bag.dags[dag_id]
 
 
 def test_three_sources_a_failing_one_and_an_unchanged_night(tmp_path, monkeypatch, postgres, airflow_db):

@@ -7,7 +7,7 @@ import time
 import pytest
 from fastapi import FastAPI, Request
 
-from helpers import UvicornThread, publish, ready, wait_for
+from helpers import UvicornThread, ready, wait_for
 from nightshift.evaluation.harness import evaluate_model
 from nightshift.evaluation.judge import Judge, JudgeEndpoint, parse_scores
 from nightshift.evaluation.suite import EvaluationSuite, GoldenItem, JudgeSettings
@@ -94,13 +94,11 @@ def test_an_unreachable_judge_is_counted_not_raised(tmp_path):
     assert judge.score(ITEMS[0], "good") is None and judge.stats.errors == 1 and judge.stats.calls == 2
 
 
-def test_the_judge_path_through_nightshifts_own_endpoint_serving_the_tiny_model(tiny_model, tmp_path):
+def test_the_judge_path_through_nightshifts_own_endpoint_serving_the_tiny_model(champion, tiny_model, tmp_path):
     """A real OpenAI-compatible server with a real model as judge: its replies are not scores (malformed)."""
-    from nightshift.registry.mlflow_registry import ModelRegistry
     from nightshift.serving.app import create_app
 
-    registry = ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", "nightshift-llm", (tmp_path / "art").as_uri())
-    publish(registry, tiny_model, "judge")
+    registry = champion
     suite = EvaluationSuite.load(CONFIG_DIR / "evaluation.yaml")
     suite = EvaluationSuite(**{**suite.__dict__, "max_new_tokens": 4,
                                "judge": JudgeSettings(timeout_s=30, max_tokens=16, concurrency=2)})

@@ -5,6 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from helpers import mlflow_store
 from nightshift.faults import InjectedFault
 from nightshift.registry.history import MOVE_TAG, PromotionHistory, parse_time
 from nightshift.registry.mlflow_registry import ModelRegistry
@@ -12,7 +13,7 @@ from nightshift.registry.mlflow_registry import ModelRegistry
 
 @pytest.fixture
 def registry(tmp_path):
-    return ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", "test-llm", (tmp_path / "artifacts").as_uri())
+    return ModelRegistry(mlflow_store(tmp_path / "mlflow.db"), "test-llm", (tmp_path / "artifacts").as_uri())
 
 
 @pytest.fixture

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import mlflow_store
 from nightshift.registry.mlflow_registry import FINGERPRINT_TAG, IncompleteCheckpoint, ModelRegistry
 
 
 @pytest.fixture
 def registry(tmp_path):
-    return ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", "test-llm", (tmp_path / "artifacts").as_uri())
+    return ModelRegistry(mlflow_store(tmp_path / "mlflow.db"), "test-llm", (tmp_path / "artifacts").as_uri())
 
 
 def logged_run(registry, tiny_model, key):

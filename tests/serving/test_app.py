@@ -7,8 +7,7 @@ import httpx
 import pytest
 from openai import AsyncOpenAI, AuthenticationError, BadRequestError, NotFoundError, OpenAI
 
-from helpers import UvicornThread, publish, ready, wait_for
-from nightshift.registry.mlflow_registry import ModelRegistry
+from helpers import UvicornThread, local_registry, publish, ready, wait_for
 from nightshift.serving.app import create_app
 from nightshift.serving.keys import KeyRing, KeyStore, key_hash, new_key
 from nightshift.serving.limits import ServingLimits
@@ -16,7 +15,7 @@ from nightshift.serving.limits import ServingLimits
 
 @pytest.fixture
 def registry(tmp_path):
-    return ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", "nightshift-llm", (tmp_path / "art").as_uri())
+    return local_registry(tmp_path)
 
 
 @pytest.fixture
@@ -93,8 +92,8 @@ def test_openai_client_talks_to_the_champion_and_sees_the_new_one_without_restar
         assert httpx.get(f"{server.url}/healthz").json()["dataset"] == "ds-two"
 
 
-def test_async_client_gets_distinct_answers_with_unique_ids(registry, tiny_model, tmp_path, store, key):
-    publish(registry, tiny_model, "one")
+def test_async_client_gets_distinct_answers_with_unique_ids(champion, tmp_path, store, key):
+    registry = champion
 
     async def ask(client, i):
         return await client.completions.create(model="nightshift-llm", prompt=f"Number {i}", max_tokens=3, seed=i)
@@ -110,8 +109,8 @@ def test_async_client_gets_distinct_answers_with_unique_ids(registry, tiny_model
     assert all(a.system_fingerprint == "v1" and a.usage.completion_tokens <= 3 for a in answers)
 
 
-def test_keys_are_required_revocable_and_accepted_from_the_deployment(registry, tiny_model, tmp_path, store, key):
-    publish(registry, tiny_model, "one")
+def test_keys_are_required_revocable_and_accepted_from_the_deployment(champion, tmp_path, store, key):
+    registry = champion
     deployed = new_key()
     with serve(registry, tmp_path, store, fixed={key_hash(deployed): "env"}) as server:
         wait_for(lambda: ready(server.url), what="the model")
@@ -133,18 +132,18 @@ def test_keys_are_required_revocable_and_accepted_from_the_deployment(registry, 
             client.models.list()
 
 
-def test_open_endpoint_when_keys_are_switched_off(registry, tiny_model, tmp_path, store):
-    publish(registry, tiny_model, "one")
+def test_open_endpoint_when_keys_are_switched_off(champion, tmp_path, store):
+    registry = champion
     with serve(registry, tmp_path, store, require_key=False) as server:
         wait_for(lambda: ready(server.url), what="the model")
         assert httpx.get(f"{server.url}/v1/models").status_code == 200
 
 
-def test_chat_logprobs_are_the_model_log_probabilities(registry, tiny_model, tmp_path, store, key):
+def test_chat_logprobs_are_the_model_log_probabilities(champion, tiny_model, tmp_path, store, key):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    publish(registry, tiny_model, "one")
+    registry = champion
     with serve(registry, tmp_path, store) as server:
         wait_for(lambda: ready(server.url), what="the model")
         client = OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
@@ -171,11 +170,11 @@ def test_chat_logprobs_are_the_model_log_probabilities(registry, tiny_model, tmp
     assert first.token == first.top_logprobs[0].token and first.bytes == list(first.token.encode())
 
 
-def test_completions_score_token_id_prompts_like_lm_eval_sends_them(registry, tiny_model, tmp_path, store, key):
+def test_completions_score_token_id_prompts_like_lm_eval_sends_them(champion, tiny_model, tmp_path, store, key):
     import torch
     from transformers import AutoModelForCausalLM
 
-    publish(registry, tiny_model, "one")
+    registry = champion
     ids = [[1, 504, 2618, 314, 253, 1345], [1, 504, 2618]]
     with serve(registry, tmp_path, store) as server:
         wait_for(lambda: ready(server.url), what="the model")

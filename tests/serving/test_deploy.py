@@ -8,7 +8,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from helpers import publish
+from helpers import home_registry, publish
 from nightshift.serving.deploy import ENGINE_PORT, ServingCluster, engine_name, manifests
 
 K8S_VERSION = "1.33"
@@ -59,11 +59,10 @@ def cli(monkeypatch, tmp_path):
 
 
 def test_fetch_model_puts_the_aliased_version_where_vllm_reads_it(cli, tmp_path, tiny_model, capsys):
-    from nightshift.pipelines.finetune import registry_for
     from nightshift.registry.rollout import Rollouts
     from nightshift.settings import load_settings
 
-    registry = registry_for(load_settings())
+    registry = home_registry(load_settings())
     publish(registry, tiny_model, "one")
     v2 = publish(registry, tiny_model, "two", promote=False)
     dest = tmp_path / "models"

@@ -5,9 +5,8 @@ import time
 
 import pytest
 
-from helpers import publish
+from helpers import local_registry, publish
 from nightshift.records import ModelVersionRecord
-from nightshift.registry.mlflow_registry import ModelRegistry
 from nightshift.serving.engine import (
     ChampionWatcher,
     Detokenizer,
@@ -142,7 +141,7 @@ def test_window_is_fitted_to_the_memory_budget_and_a_model_too_big_is_refused(ti
 
 
 def test_a_champion_that_fails_to_load_leaves_the_previous_one_serving_and_alerts_once(tiny_model, tmp_path):
-    registry = ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", "nightshift-llm", (tmp_path / "art").as_uri())
+    registry = local_registry(tmp_path)
     alerts: list[tuple[str, str, str]] = []
     watcher = ChampionWatcher(registry, tmp_path / "cache", ServingLimits(), on_alert=lambda *a: alerts.append(a))
     assert watcher.state == "loading"
@@ -167,7 +166,7 @@ def test_a_champion_that_fails_to_load_leaves_the_previous_one_serving_and_alert
 
 
 def test_readiness_is_false_while_loading_or_swapping(tiny_model, tmp_path):
-    registry = ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", "nightshift-llm", (tmp_path / "art").as_uri())
+    registry = local_registry(tmp_path)
     publish(registry, tiny_model, "one")
     watcher = ChampionWatcher(registry, tmp_path / "cache", ServingLimits())
     states: list[str] = []

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from helpers import UvicornThread, ready, wait_for
+from helpers import UvicornThread, home_registry, ready, wait_for
 
 PHONE = "+44 20 7946 0958"
 
@@ -14,7 +14,6 @@ PHONE = "+44 20 7946 0958"
 @pytest.fixture
 def home(tmp_path, monkeypatch, tiny_model):
     """A home with a versioned dataset and a champion trained (nominally) on it."""
-    from nightshift.pipelines.finetune import registry_for
     from nightshift.pipelines.ingest import dataset_repository
     from nightshift.settings import load_settings
 
@@ -23,7 +22,7 @@ def home(tmp_path, monkeypatch, tiny_model):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text('{"id": "a", "text": "The harbour opens at six."}\n')
     dataset = dataset_repository(settings).commit(corpus, {"documents": 1})
-    registry = registry_for(settings)
+    registry = home_registry(settings)
     run_id = registry.open_run("finetune_model", "finetune_model/night-1", "night-1",
                                {"airflow.run_key": "finetune_model/night-1"})
     registry.upload_checkpoint(run_id, tiny_model)

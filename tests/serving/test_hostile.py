@@ -15,23 +15,22 @@ import time
 import httpx
 import pytest
 
-from helpers import ServeProcess, publish, wait_for
+from helpers import ServeProcess, mlflow_store, publish, wait_for
 from nightshift.registry.mlflow_registry import ModelRegistry
 from nightshift.serving.keys import key_hash, new_key
 
 pytestmark = pytest.mark.e2e
 
 BUDGET_MB = 3072
-TIMEOUT_S = 30  # generous: two 2,000-token prefills must fit in it on a loaded 2-core machine
+TIMEOUT_S = 20  # generous: two 2,000-token prefills (about 8 s here) must fit in it on a loaded 2-core machine
 EOS = 2  # SmolLM2's <|im_end|>; a bias of -100 keeps the model talking
 
 
 @pytest.fixture(scope="module")
 def server(smollm2, tmp_path_factory):
     home = tmp_path_factory.mktemp("hostile")
-    registry = ModelRegistry(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}", "nightshift-llm",
+    registry = ModelRegistry(mlflow_store(home / "mlflow" / "mlflow.db"), "nightshift-llm",
                              (home / "mlflow" / "artifacts").as_uri())
-    (home / "mlflow").mkdir()
     publish(registry, smollm2, "smollm2")
     env = {"NIGHTSHIFT_HOME": str(home)}
     created = subprocess.run([sys.executable, "-m", "nightshift.cli", "keys", "create", "--name", "hostile"],

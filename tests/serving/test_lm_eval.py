@@ -9,8 +9,7 @@ import textwrap
 
 import pytest
 
-from helpers import UvicornThread, publish, ready, wait_for
-from nightshift.registry.mlflow_registry import ModelRegistry
+from helpers import UvicornThread, ready, wait_for
 from nightshift.serving.app import create_app
 from nightshift.serving.keys import KeyRing, KeyStore
 
@@ -54,13 +53,12 @@ def model_loglikelihood(model, tokenizer, context: str, continuation: str) -> fl
 
 
 @pytest.mark.e2e
-def test_lm_eval_local_completions_scores_a_multiple_choice_task(tiny_model, tmp_path, monkeypatch):
+def test_lm_eval_local_completions_scores_a_multiple_choice_task(champion, tiny_model, tmp_path, monkeypatch):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    registry = ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", "nightshift-llm", (tmp_path / "art").as_uri())
-    publish(registry, tiny_model, "one")
+    registry = champion
     store = KeyStore(tmp_path / "api_keys.json")
     _record, key = store.create("lm-eval")
     tasks = tmp_path / "tasks"

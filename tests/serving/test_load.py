@@ -9,7 +9,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from helpers import ServeProcess, greedy_answers, perturbed_copy, publish
+from helpers import ServeProcess, greedy_answers, home_registry, perturbed_copy, publish
 
 SLOTS, QUEUE = 4, 4
 PROMPTS = ["The harbour opens at", "Tide tables say", "The keeper writes", "Ferries leave when"]
@@ -40,12 +40,11 @@ async def fire(url: str, n: int, concurrency: int, results: list) -> None:
 
 def test_load_within_and_beyond_the_bound_and_a_hot_swap_under_load(tmp_path, monkeypatch, tiny_model,
                                                                     perturbed_model):
-    from nightshift.pipelines.finetune import registry_for
     from nightshift.settings import load_settings
 
     home = tmp_path / "home"
     monkeypatch.setenv("NIGHTSHIFT_HOME", str(home))
-    registry = registry_for(load_settings())
+    registry = home_registry(load_settings())
     publish(registry, tiny_model, "v1")
     v2 = publish(registry, perturbed_model, "v2", promote=False)
     expected = {"1": greedy_answers(tiny_model, PROMPTS, MAX_TOKENS),

@@ -8,8 +8,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from helpers import UvicornThread, greedy_answers, perturbed_copy, publish, ready, wait_for
-from nightshift.registry.mlflow_registry import ModelRegistry
+from helpers import UvicornThread, greedy_answers, local_registry, perturbed_copy, publish, ready, wait_for
 from nightshift.registry.rollout import Rollouts
 from nightshift.serving.app import create_app
 from nightshift.serving.requestlog import RequestLog
@@ -20,7 +19,7 @@ MAX_TOKENS = 8
 
 @pytest.fixture
 def setup(tmp_path, tiny_model):
-    registry = ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", "nightshift-llm", (tmp_path / "art").as_uri())
+    registry = local_registry(tmp_path)
     v1 = publish(registry, tiny_model, "v1")
     v2_folder = perturbed_copy(tiny_model, tmp_path / "v2")
     v2 = publish(registry, v2_folder, "v2", promote=False)

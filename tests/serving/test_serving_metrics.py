@@ -9,8 +9,7 @@ import pytest
 from openai import BadRequestError, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import UvicornThread, publish, ready, wait_for
-from nightshift.registry.mlflow_registry import ModelRegistry
+from helpers import UvicornThread, ready, wait_for
 from nightshift.serving.app import create_app
 from nightshift.serving.keys import KeyRing, KeyStore
 
@@ -18,11 +17,10 @@ SECRET_WORDS = "lighthouse-keeper-confidential"
 
 
 @pytest.fixture
-def served(tmp_path, tiny_model):
-    registry = ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", "nightshift-llm", (tmp_path / "art").as_uri())
+def served(tmp_path, champion):
+    registry = champion
     store = KeyStore(tmp_path / "keys" / "api_keys.json")
     key = store.create("tests")[1]
-    publish(registry, tiny_model, "one")
     with UvicornThread(create_app(registry, tmp_path / "cache", keyring=KeyRing(store, recheck_seconds=0),
                                   poll_seconds=0.2)) as server:
         wait_for(lambda: ready(server.url), what="the model")

@@ -9,8 +9,7 @@ import httpx
 import pytest
 from openai import BadRequestError, OpenAI
 
-from helpers import UvicornThread, perturbed_copy, publish, ready, wait_for
-from nightshift.registry.mlflow_registry import ModelRegistry
+from helpers import UvicornThread, local_registry, perturbed_copy, publish, ready, wait_for
 from nightshift.serving.app import create_app
 from nightshift.serving.keys import KeyRing, KeyStore
 from nightshift.serving.requestlog import RequestLog
@@ -27,7 +26,7 @@ def test_the_served_version_is_read_from_vllm_names_or_a_version_field():
 
 @pytest.fixture
 def stack(tmp_path, tiny_model):
-    registry = ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", "nightshift-llm", (tmp_path / "art").as_uri())
+    registry = local_registry(tmp_path)
     publish(registry, tiny_model, "v1")
     v2 = publish(registry, perturbed_copy(tiny_model, tmp_path / "v2"), "v2", promote=False)
     store = KeyStore(tmp_path / "keys.json")
@@ -99,12 +98,12 @@ def test_a_promotion_reaches_clients_only_once_the_engine_serves_it_and_a_dead_e
 def test_canary_and_shadow_route_to_the_candidates_engine(tmp_path, tiny_model):
     from nightshift.registry.rollout import Rollouts
 
-    registry = ModelRegistry(f"sqlite:///{tmp_path / 'mlflow.db'}", "nightshift-llm", (tmp_path / "art").as_uri())
+    registry = local_registry(tmp_path)
     v2_folder = perturbed_copy(tiny_model, tmp_path / "v2")
     publish(registry, tiny_model, "v1")
     v2 = publish(registry, v2_folder, "v2", promote=False)
     # The candidate's engine: another registry whose champion is a v2 with the same weights.
-    other = ModelRegistry(f"sqlite:///{tmp_path / 'other.db'}", "nightshift-llm", (tmp_path / "other").as_uri())
+    other = local_registry(tmp_path / "other")
     publish(other, tiny_model, "a", promote=False)
     publish(other, v2_folder, "b")
     request_log = RequestLog(f"sqlite:///{tmp_path / 'requests.db'}")

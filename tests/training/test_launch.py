@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from nightshift.training.launch import free_port, run_local, stop_process_group, with_master_port
+from nightshift.training.launch import free_port, launch_command, run_local, stop_process_group, with_master_port
 
-# A "launcher" that starts a long-lived rank in its own process group, like deepspeed does, then fails.
+# A "launcher" that starts a long-lived rank in its process group, then fails.
 LAUNCHER = """
 import subprocess, sys, time
 subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "nightshift.training.trainer", sys.argv[1]])
@@ -57,7 +57,9 @@ def test_an_unrelated_group_behind_a_stale_pgid_is_left_alone(tmp_path):
         bystander.wait()
 
 
-def test_each_attempt_gets_its_own_port():
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", "29500", "--module", "x"]
+def test_each_attempt_gets_its_own_port(tmp_path):
+    command = launch_command(tmp_path / "trainer.json", 2, 29500)
     port = free_port()
-    assert with_master_port(command, port)[4] == str(port) and command[4] == "29500"
+    moved = with_master_port(command, port)
+    assert moved[moved.index("--master-port") + 1] == str(port) and "29500" in command
+    assert [a for a in moved if a != str(port)] == [a for a in command if a != "29500"]

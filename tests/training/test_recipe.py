@@ -10,10 +10,49 @@ def test_default_recipe_loads_and_overrides_apply():
 
 
 def test_deepspeed_config_is_zero2_with_the_recipe_schedule():
-    ds = TrainingRecipe(train_steps=10, learning_rate=1e-4, warmup_steps=2).deepspeed_config()
+    ds = TrainingRecipe(train_steps=10, learning_rate=1e-4, warmup_steps=2).deepspeed_config(world_size=2)
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["optimizer"]["params"]["lr"] == 1e-4
+    assert ds["optimizer"]["params"]["torch_adam"] and ds["optimizer"]["params"]["fused"]
     assert ds["scheduler"]["params"]["total_num_steps"] == 10
+
+
+def test_one_rank_trains_without_zero_unless_it_offloads():
+    recipe = TrainingRecipe(zero_stage=3)
+    assert recipe.deepspeed_config(world_size=1)["zero_optimization"]["stage"] == 0
+    assert recipe.deepspeed_config(world_size=4)["zero_optimization"]["stage"] == 3
+    offloading = TrainingRecipe(zero_stage=3, offload_param=True, offload_optimizer=True)
+    config = offloading.deepspeed_config(world_size=1)  # host memory helps a single GPU too
+    assert config["zero_optimization"]["stage"] == 3 and "torch_adam" not in config["optimizer"]["params"]
+
+
+@pytest.mark.parametrize(("ranks", "message"), [(0, "ranks must be auto or a number"), ("two", "ranks must be auto"),
+                                                (True, "ranks must be auto")])
+def test_ranks_are_auto_or_a_number(ranks, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingRecipe(ranks=ranks)
+
+
+def test_ranks_come_from_the_recipe_then_the_setting_then_the_hardware():
+    from nightshift.training.launch import resolve_ranks
+
+    assert resolve_ranks(4, "local", 2, 1) == 4  # a recipe that fixes its global batch keeps it
+    assert resolve_ranks("auto", "local", 2, 1) == 2  # NIGHTSHIFT_TRAIN_RANKS
+    assert resolve_ranks("auto", "kubernetes", None, 8) == 8  # NIGHTSHIFT_K8S_GPUS: one rank per GPU of the pod
+    assert resolve_ranks("auto", "local", None, 8) == 1  # no GPU here: one process on every core
+    assert TrainingRecipe.load("default").ranks == "auto"
+
+
+def test_train_ranks_setting_takes_auto_or_a_positive_number(monkeypatch):
+    from nightshift.settings import load_settings
+
+    monkeypatch.setenv("NIGHTSHIFT_TRAIN_RANKS", "auto")
+    assert load_settings().train_ranks is None
+    monkeypatch.setenv("NIGHTSHIFT_TRAIN_RANKS", "3")
+    assert load_settings().train_ranks == 3
+    monkeypatch.setenv("NIGHTSHIFT_TRAIN_RANKS", "0")
+    with pytest.raises(ValueError, match="NIGHTSHIFT_TRAIN_RANKS must be auto or at least 1"):
+        load_settings()
 
 
 def test_invalid_values_are_all_reported():

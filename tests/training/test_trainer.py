@@ -1,5 +1,6 @@
-"""The real trainer on CPU ranks: resume after a killed rank, skip a corrupted checkpoint, every method and stage
-passes the reload check, and ranks never outlive the task that launched them."""
+"""The real trainer on CPU ranks (torchrun, DeepSpeed): resume after a killed rank, skip a corrupted checkpoint,
+every method and stage (and one rank, the default here) passes the reload check, and ranks never outlive the task
+that launched them."""
 
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ import pytest
 from safetensors import safe_open
 
 from helpers import wait_for
-from nightshift.pipelines.finetune import verify_candidate
 from nightshift.training import checkpoints
-from nightshift.training.launch import local_env
+from nightshift.training.verify import verify_output
 from trainer_runs import run_trainer, tiny_recipe, trainer_config
 
 RESUMABLE = dict(train_steps=8, checkpoint_interval=2, keep_checkpoints=2)
@@ -35,6 +35,7 @@ def killed_run(tmp_path_factory, tiny_model, train_blocks):
     return straight, killed, recipe
 
 
+@pytest.mark.e2e
 def test_a_rank_killed_after_a_checkpoint_resumes_there_and_ends_with_the_same_losses(killed_run, tiny_model,
                                                                                        train_blocks):
     straight, killed, recipe = killed_run
@@ -44,15 +45,16 @@ def test_a_rank_killed_after_a_checkpoint_resumes_there_and_ends_with_the_same_l
     resumed = run_trainer(killed, tiny_model, train_blocks, recipe)
 
     log = (killed / "trainer.log").read_text()
-    assert "exits with return code = -9" in log  # the launcher saw rank 1 die by SIGKILL
+    assert "exitcode: -9" in log  # the launcher saw rank 1 die by SIGKILL
     assert "resuming from checkpoint step-00000006" in log
     assert resumed["resumed_from"] == 6
     assert len(resumed["losses"]) == 8
     assert resumed["losses"] == pytest.approx(straight["losses"], abs=1e-6, rel=0)
     assert resumed["reload_check"]["loss"] == pytest.approx(straight["reload_check"]["loss"], abs=1e-6, rel=0)
-    assert verify_candidate(None, {"output_dir": str(killed / "candidate")}, local_env())["passed"]
+    verify_output(killed / "candidate")  # raises ReloadCheckFailed with its reason
 
 
+@pytest.mark.e2e
 def test_a_corrupted_newest_checkpoint_is_skipped_and_a_half_written_one_ignored(killed_run, tiny_model,
                                                                                   train_blocks):
     straight, killed, recipe = killed_run
@@ -76,30 +78,22 @@ def test_a_corrupted_newest_checkpoint_is_skipped_and_a_half_written_one_ignored
     assert resumed["losses"] == pytest.approx(straight["losses"], abs=1e-6, rel=0)
 
 
-@pytest.mark.parametrize(("method", "stage", "extra"), [
-    ("full", 2, {"precision": "bf16", "reload_tolerance": 1e-2}),  # fp32 ZeRO-2: the resume tests above
-    ("full", 3, {"gradient_checkpointing": True}),
-    ("lora", 2, {"gradient_accumulation_steps": 2}),
-    ("lora", 3, {}),
-])
-def test_each_method_and_zero_stage_trains_and_passes_the_reload_check(tmp_path, tiny_model, train_blocks, method,
-                                                                      stage, extra):
-    recipe = tiny_recipe(method=method, zero_stage=stage, checkpoint_interval=0,
-                         **({"learning_rate": 1e-2} if method == "lora" else {}), **extra)
-    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
-    metrics = run_trainer(tmp_path, tiny_model, train_blocks, recipe)
-    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before  # no RAM left behind
+def check_trained(out: Path, recipe, base: Path, method: str) -> None:
+    """The run learned, its checkpoint reloads to the trainer's loss, and it is a plain model of the base's shape."""
+    metrics = json.loads((out / "candidate" / "metrics.json").read_text())
     assert metrics["method"] == method and not metrics["diverged"]
     assert metrics["losses"][-1] < metrics["losses"][0] - 0.01  # it learned something
+    assert all(h["grad_norm"] is not None and h["grad_norm"] > 0 for h in metrics["history"])
 
-    result = verify_candidate(None, {"output_dir": str(tmp_path / "candidate")}, local_env())
-    assert result["passed"] and result["difference"] <= recipe.reload_tolerance
+    # In this process: the fresh-process path of the same check is tests/training/test_verify.py's.
+    result = verify_output(out / "candidate")
+    assert result.difference <= recipe.reload_tolerance
 
-    checkpoint = tmp_path / "candidate" / "checkpoint"
+    checkpoint = out / "candidate" / "checkpoint"
     with safe_open(checkpoint / "model.safetensors", "pt") as trained, \
-            safe_open(tiny_model / "model.safetensors", "pt") as base:
-        assert set(trained.keys()) == set(base.keys())  # a plain model: LoRA merged, nothing missing or extra
-        changed = [k for k in base.keys() if not (trained.get_tensor(k) == base.get_tensor(k)).all()]
+            safe_open(base / "model.safetensors", "pt") as original:
+        assert set(trained.keys()) == set(original.keys())  # a plain model: LoRA merged, nothing missing or extra
+        changed = [k for k in original.keys() if not (trained.get_tensor(k) == original.get_tensor(k)).all()]
     assert changed, "the saved weights are the base model's"
     if method == "lora":  # only the adapted projections moved
         assert all(k.endswith("proj.weight") for k in changed)
@@ -107,12 +101,36 @@ def test_each_method_and_zero_stage_trains_and_passes_the_reload_check(tmp_path,
     assert (checkpoint / "tokenizer.json").is_file()
 
 
+@pytest.mark.parametrize(("method", "stage", "ranks", "extra"), [
+    # fp32 ZeRO-2 on two ranks: the resume tests above; ZeRO-3 with recomputed activations: the next test.
+    ("full", 2, 1, {}),  # one rank, the default on a machine without GPUs: ZeRO off, every core
+    ("full", 2, 2, {"precision": "bf16", "reload_tolerance": 1e-2}),
+    ("lora", 2, 2, {"gradient_accumulation_steps": 2}),
+    ("lora", 3, 2, {}),
+])
+def test_each_method_and_zero_stage_trains_and_passes_the_reload_check(tmp_path, tiny_model, train_blocks, method,
+                                                                      stage, ranks, extra):
+    recipe = tiny_recipe(method=method, zero_stage=stage, checkpoint_interval=0,
+                         **({"learning_rate": 1e-2} if method == "lora" else {}), **extra)
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    metrics = run_trainer(tmp_path, tiny_model, train_blocks, recipe, ranks=ranks)
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before  # no RAM left behind
+    assert metrics["world_size"] == ranks and metrics["zero_stage"] == (0 if ranks == 1 else stage)
+    log = (tmp_path / "trainer.log").read_text()
+    if ranks == 1:
+        threads = os.sched_getaffinity(0)
+        assert "ZeRO off: one rank" in log and f"1 rank (cpu, {len(threads)} threads each)" in log
+    check_trained(tmp_path, recipe, tiny_model, method)
+
+
+@pytest.mark.e2e
 def test_zero3_through_shared_memory_trains_exactly_as_through_gloo(tmp_path, tiny_model, train_blocks, monkeypatch):
     """ZeRO-3 gathers parameters in place and reduces in buckets: the shared-memory route must not change a bit.
 
     (ZeRO-2 is compared the same way by the two-node test: two one-rank nodes use gloo, one node shared memory.)
+    The run recomputes activations, and its checkpoint must pass the reload check like every method's above.
     """
-    recipe = tiny_recipe(zero_stage=3, checkpoint_interval=0)
+    recipe = tiny_recipe(zero_stage=3, checkpoint_interval=0, gradient_checkpointing=True)
     shared = run_trainer(tmp_path / "shm", tiny_model, train_blocks, recipe)
     assert "all-reduce and all-gather through shared memory" in (tmp_path / "shm" / "trainer.log").read_text()
     monkeypatch.setenv("NIGHTSHIFT_CPU_SHM_COLLECTIVES", "0")
@@ -120,8 +138,11 @@ def test_zero3_through_shared_memory_trains_exactly_as_through_gloo(tmp_path, ti
     assert "through shared memory" not in (tmp_path / "gloo" / "trainer.log").read_text()
     assert shared["losses"] == pytest.approx(gloo["losses"], abs=1e-6, rel=0)
     assert shared["reload_check"]["loss"] == pytest.approx(gloo["reload_check"]["loss"], abs=1e-6, rel=0)
+    assert shared["zero_stage"] == 3
+    check_trained(tmp_path / "shm", recipe, tiny_model, "full")
 
 
+@pytest.mark.e2e
 def test_ranks_stop_when_the_launching_task_is_killed_outright(tmp_path, tiny_model, train_blocks):
     recipe = tiny_recipe(train_steps=100_000, checkpoint_interval=0)
     config = trainer_config(tmp_path, tiny_model, train_blocks, recipe)

@@ -1,8 +1,9 @@
 """The kubernetes training backend: the same launcher command as the local backend, on GPU nodes.
 
-One node runs in one pod (``trainer_pod_operator``). Several nodes run as an Indexed Job with one pod per
-node and a headless Service that gives pod 0 a DNS name for the rendezvous (``TrainerJobOperator``); every
-pod runs the same ``deepspeed --no_ssh`` command, its node rank taken from the Job's completion index.
+One node runs in one pod (``TrainerPodOperator``) with one GPU per rank of the plan. Several nodes run as an
+Indexed Job with one pod per node and a headless Service that gives pod 0 a DNS name for the rendezvous
+(``TrainerJobOperator``); every pod runs the same ``torchrun`` command, its node rank taken from the Job's
+completion index.
 ``backoffLimit: 0``: a pod that dies fails the Job, the Airflow task fails and its retry (a new Job) resumes
 from the newest checkpoint on the shared state volume. Marking the task failed deletes the Job and its pods.
 """
@@ -14,6 +15,7 @@ import logging
 from typing import Any
 
 from airflow.providers.cncf.kubernetes.operators.job import KubernetesJobOperator
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
 from nightshift.settings import Settings
 from nightshift.training.launch import MASTER_ADDR_VAR, NODE_RANK_VAR
@@ -26,25 +28,31 @@ COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 JOB_PREFIX = "job-"  # what KubernetesJobOperator puts before every Job name
 
 
+def gpu_resources(cpu: str, memory: str, gpus: int):
+    """Return a trainer container's resources: one ``nvidia.com/gpu`` per rank, the CPU and memory it asks for."""
+    from kubernetes.client import models as k8s
+
+    return k8s.V1ResourceRequirements(
+        requests={"cpu": cpu, "memory": memory, "nvidia.com/gpu": str(gpus)},
+        limits={"memory": memory, "nvidia.com/gpu": str(gpus)},
+    )
+
+
 def pod_settings(settings: Settings) -> dict[str, Any]:
     """Return the KubernetesPodOperator arguments every trainer pod shares: image, GPUs, /dev/shm, state volume.
 
-    Each pod requests one ``nvidia.com/gpu`` per rank, mounts a memory-backed ``/dev/shm`` (NCCL needs far
-    more than the 64 MiB default) and the shared state volume (models, packed data, checkpoints, outputs)
-    at the path the command refers to.
+    Each pod requests one ``nvidia.com/gpu`` per rank (NIGHTSHIFT_K8S_GPUS until the plan says how many ranks
+    the run has), mounts a memory-backed ``/dev/shm`` (NCCL needs far more than the 64 MiB default) and the
+    shared state volume (models, packed data, checkpoints, outputs) at the path the command refers to.
     """
     from kubernetes.client import models as k8s
 
     k = settings.kubernetes
-    gpus = str(settings.train_ranks)
     return {
         "namespace": k.namespace,
         "image": k.image,
         "env_vars": {"NIGHTSHIFT_HOME": str(settings.home), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
-        "container_resources": k8s.V1ResourceRequirements(
-            requests={"cpu": k.cpu, "memory": k.memory, "nvidia.com/gpu": gpus},
-            limits={"memory": k.memory, "nvidia.com/gpu": gpus},
-        ),
+        "container_resources": gpu_resources(k.cpu, k.memory, k.gpus),
         "volumes": [
             k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=k.shm_size)),
             k8s.V1Volume(name="state",
@@ -63,12 +71,34 @@ def pod_settings(settings: Settings) -> dict[str, Any]:
     }
 
 
-def trainer_pod_operator(task_id: str, cmds: Any, settings: Settings, **kwargs: Any):
-    """Return a KubernetesPodOperator running ``cmds`` (the launcher argv, usually an XComArg) in one GPU pod."""
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+class TrainerPodOperator(KubernetesPodOperator):
+    """Run one single-node training attempt in a GPU pod: the plan's command, one GPU per rank of the plan.
 
-    return KubernetesPodOperator(task_id=task_id, name="nightshift-trainer", cmds=cmds,
-                                 on_finish_action="delete_succeeded_pod", **pod_settings(settings), **kwargs)
+    ``plan`` is the plan_training task's output (templated); how many ranks (GPUs) a run has is known only
+    then, since the recipe a person picks may fix it.
+    """
+
+    template_fields = (*KubernetesPodOperator.template_fields, "plan")
+
+    def __init__(self, *, plan: Any, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(name="nightshift-trainer", on_finish_action="delete_succeeded_pod",
+                         **pod_settings(settings), **kwargs)
+        self.plan = plan
+        self.pod_cpu, self.pod_memory = settings.kubernetes.cpu, settings.kubernetes.memory
+
+    def prepare(self, context: Any) -> None:
+        """Fill in this attempt's pod from the plan: the launcher argv and the GPUs it starts ranks on."""
+        self.cmds = list(self.plan["command"])
+        self.container_resources = gpu_resources(self.pod_cpu, self.pod_memory, int(self.plan["ranks"]))
+
+    def execute(self, context: Any):
+        self.prepare(context)
+        return super().execute(context)
+
+
+def trainer_pod_operator(task_id: str, plan: Any, settings: Settings, **kwargs: Any):
+    """Return the operator that runs a single-node training attempt in one GPU pod (see TrainerPodOperator)."""
+    return TrainerPodOperator(task_id=task_id, plan=plan, settings=settings, **kwargs)
 
 
 def run_hash(dag_id: str, run_id: str) -> str:
@@ -112,6 +142,7 @@ class TrainerJobOperator(KubernetesJobOperator):
         )
         self.plan = plan
         self.base_env = dict(self.env_vars)
+        self.pod_cpu, self.pod_memory = settings.kubernetes.cpu, settings.kubernetes.memory
 
     def prepare(self, context: Any) -> Any:
         """Fill in this attempt's Job from the plan and the run; return the run's rendezvous Service."""
@@ -127,6 +158,7 @@ class TrainerJobOperator(KubernetesJobOperator):
         self.subdomain = service
         self.labels = {**self.labels, RUN_LABEL: key}
         self.cmds = list(plan["node_command"])
+        self.container_resources = gpu_resources(self.pod_cpu, self.pod_memory, int(plan["ranks"]))
         master = f"{job_name}-0.{service}.{self.namespace}.svc.cluster.local"
         self.env_vars = [k8s.V1EnvVar(name=n, value=v) for n, v in self.base_env.items()] + [
             k8s.V1EnvVar(name=MASTER_ADDR_VAR, value=master),

@@ -31,7 +31,7 @@ from nightshift.records import (
 from nightshift.registry.mlflow_registry import DATASET_TAG, FINGERPRINT_TAG, ModelRegistry
 from nightshift.settings import Settings
 from nightshift.training.data import tokenize_and_pack
-from nightshift.training.launch import launch_command, node_command, write_hostfile
+from nightshift.training.launch import launch_command, node_command, resolve_ranks
 from nightshift.training.recipe import TrainingRecipe
 from nightshift.training.trainer import TrainerConfig
 from nightshift.training.verify import ReloadCheckFailed
@@ -52,7 +52,7 @@ class FinetuneRequest:
     recipe: str = "default"
     dataset_version: str | None = None
     nodes: int = 1
-    """Nodes (pods) of a kubernetes run, each with NIGHTSHIFT_TRAIN_RANKS GPUs; the local backend has one."""
+    """Nodes (pods) of a kubernetes run, each with the recipe's ranks as GPUs; the local backend has one."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("local", "kubernetes"):
@@ -63,9 +63,13 @@ class FinetuneRequest:
             raise ValueError("the local backend trains on this machine only: set nodes to 1, or pick the "
                              "kubernetes backend for several nodes")
 
-    def world_size(self, settings: Settings) -> int:
-        """Return the number of ranks: NIGHTSHIFT_TRAIN_RANKS per node (CPU processes or GPUs)."""
-        return self.nodes * settings.train_ranks
+    def ranks_per_node(self, settings: Settings, recipe: TrainingRecipe) -> int:
+        """Return the ranks on each node: the recipe's, else NIGHTSHIFT_TRAIN_RANKS, else one per GPU (or CPU)."""
+        return resolve_ranks(recipe.ranks, self.backend, settings.train_ranks, settings.kubernetes.gpus)
+
+    def world_size(self, settings: Settings, recipe: TrainingRecipe) -> int:
+        """Return the number of ranks of the whole run (every node's)."""
+        return self.nodes * self.ranks_per_node(settings, recipe)
 
     def load_recipe(self, extra_dirs: tuple[Path, ...] = ()) -> TrainingRecipe:
         return TrainingRecipe.load(self.recipe, extra_dirs, train_steps=self.train_steps,
@@ -142,7 +146,7 @@ def pack_dataset(
 
 def plan_training(
     settings: Settings, base_model_dir: Path, packed: PackedDataset, recipe: TrainingRecipe, run_dir: Path,
-    nodes: int = 1, tracking_run_id: str | None = None,
+    ranks: int, nodes: int = 1, tracking_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Write the trainer config and return the launcher commands: one node's, and every node's of a multi-node run.
 
@@ -155,14 +159,13 @@ def plan_training(
         tracking={"uri": settings.tracking_uri, "run_id": tracking_run_id} if tracking_run_id else {},
     )
     config_path = config.write(run_dir / "trainer.json")
-    ranks = settings.train_ranks
     plan: dict[str, Any] = {
         "command": launch_command(config_path, ranks, settings.master_port), "config_path": str(config_path),
-        "output_dir": str(output_dir), "nodes": nodes, "master_port": settings.master_port, "node_command": None,
+        "output_dir": str(output_dir), "nodes": nodes, "ranks": ranks, "master_port": settings.master_port,
+        "node_command": None,
     }
     if nodes > 1:
-        hostfile = write_hostfile(run_dir / "hostfile", nodes, ranks)
-        plan["node_command"] = node_command(config_path, hostfile, nodes, ranks, settings.master_port)
+        plan["node_command"] = node_command(config_path, nodes, ranks, settings.master_port)
     return plan
 
 
@@ -357,14 +360,15 @@ def promote_candidate(registry: ModelRegistry, version: ModelVersionRecord, move
                             reason="passed the gate", evaluation=evidence)
 
 
-def run_params(request: FinetuneRequest, recipe: TrainingRecipe, dataset: DatasetVersion, fp: str) -> dict[str, Any]:
+def run_params(request: FinetuneRequest, recipe: TrainingRecipe, dataset: DatasetVersion, fp: str,
+               ranks: int) -> dict[str, Any]:
     """Return what every MLflow run records: data version, recipe, code revision and request."""
     params = {f"recipe.{k}": v for k, v in recipe.flat().items()}
     params.update({
         "dataset.tag": dataset.tag, "dataset.rev": dataset.rev, "dataset.md5": dataset.md5,
         "dataset.documents": dataset.documents, "dataset.repo": dataset.repo,
         "base_model": request.base_model, "backend": request.backend, "recipe.name": request.recipe,
-        "nodes": request.nodes,
+        "nodes": request.nodes, "ranks_per_node": ranks, "world_size": ranks * request.nodes,
         "code_revision": code_revision(), "fingerprint": fp,
     })
     return params
@@ -372,14 +376,14 @@ def run_params(request: FinetuneRequest, recipe: TrainingRecipe, dataset: Datase
 
 def open_tracking_run(
     registry: ModelRegistry, run_key: str, request: FinetuneRequest, recipe: TrainingRecipe,
-    dataset: DatasetVersion, packed: PackedDataset, fp: str,
+    dataset: DatasetVersion, packed: PackedDataset, fp: str, ranks: int,
 ) -> str:
     """Open (or, on a retry, reopen) the MLflow run of one DAG run and record its inputs."""
     run_id = registry.open_run(
         EXPERIMENT, run_key, run_name=f"{dataset.tag} {run_key.split('/', 1)[-1]}",
         tags={"nightshift.dataset_tag": dataset.tag, "airflow.run_key": run_key},
     )
-    registry.log_params(run_id, run_params(request, recipe, dataset, fp))
+    registry.log_params(run_id, run_params(request, recipe, dataset, fp, ranks))
     sizes = {f"data.{k}": v for k, v in packed.to_dict().items() if k.endswith(("blocks", "tokens"))}
     registry.log_params(run_id, sizes)
     return run_id

@@ -1,9 +1,8 @@
 """Trainer entrypoint: causal-LM fine-tune (full or LoRA) with DeepSpeed ZeRO 1-3, one process per rank.
 
-Launched by the ``deepspeed`` launcher, locally (CPU ranks) and in Kubernetes pods (GPU ranks) with the
-same command::
+Launched by ``torchrun``, locally (CPU ranks) and in Kubernetes pods (GPU ranks) with the same command::
 
-    deepspeed --num_gpus 2 --master_port 29500 --module nightshift.training.trainer --config run.json
+    torchrun --nproc-per-node 2 --master-port 29500 --module nightshift.training.trainer --config run.json
 
 Every ``checkpoint_interval`` steps the ranks save a resumable checkpoint (nightshift.training.checkpoints);
 a restarted run resumes from the newest complete one that verifies, with the same data order and random
@@ -16,6 +15,8 @@ reproduce in a fresh process.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ from typing import Any
 from nightshift.faults import fault_point
 from nightshift.training import checkpoints
 from nightshift.training.collectives import local_world_size, route_through_shared_memory
+from nightshift.training.launch import start_stamp, usable_cores
 from nightshift.training.progress import ProgressReporter
 from nightshift.training.recipe import TrainingRecipe
 
@@ -104,6 +106,23 @@ class BatchOrder:
         return out
 
 
+def deepspeed_env(env: dict[str, str]) -> dict[str, str]:
+    """Return the variables DeepSpeed's own launcher would have set, derived from torchrun's.
+
+    DeepSpeed reads ``LOCAL_SIZE`` to count CPU "devices" and to size its shared-memory all-reduce (which
+    crashes without it), and ``CROSS_RANK``/``CROSS_SIZE`` for the node.
+    """
+    local = env.get("LOCAL_WORLD_SIZE", "")
+    out = {}
+    if local.isdigit() and "LOCAL_SIZE" not in env:
+        out["LOCAL_SIZE"] = local
+    if env.get("GROUP_RANK", "").isdigit() and "CROSS_RANK" not in env:
+        out["CROSS_RANK"] = env["GROUP_RANK"]
+    if local.isdigit() and env.get("WORLD_SIZE", "").isdigit() and "CROSS_SIZE" not in env:
+        out["CROSS_SIZE"] = str(max(1, int(env["WORLD_SIZE"]) // max(1, int(local))))
+    return out
+
+
 def _init_distributed() -> tuple[int, int]:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -133,28 +152,30 @@ def release_shared_memory(rank: int) -> None:
 
 
 def watch_supervisor() -> None:
-    """Exit when the process that launched the ranks is gone (an Airflow task killed with SIGKILL).
+    """Exit when the task that launched the ranks is gone (killed with SIGKILL), or the launcher itself is.
 
-    ``NIGHTSHIFT_SUPERVISOR`` is ``<pid>:<start time>``; a recycled pid does not fool the check.
+    ``NIGHTSHIFT_SUPERVISOR`` is ``<pid>:<start time>``; a recycled pid does not fool the check. The
+    launcher (torchrun) puts each rank in a session of its own, so a signal to the task's process group
+    does not reach the ranks: they watch their parent too, and stop when they are handed to another.
     """
     value = os.environ.get(SUPERVISOR_ENV)
-    if not value:
-        return
-    import psutil
+    parent = os.getppid()
+    pid_text, _, started = (value or "").partition(":")
 
-    pid_text, _, created = value.partition(":")
-
-    def alive() -> bool:
-        try:
-            return f"{psutil.Process(int(pid_text)).create_time():.3f}" == created
-        except (psutil.Error, ValueError):
-            return False
+    def task_alive() -> bool:
+        return not value or (pid_text.isdigit() and start_stamp(int(pid_text)) == started)
 
     def loop() -> None:
-        while alive():
-            time.sleep(2.0)
-        logging.getLogger("nightshift.trainer").error("the task that launched this rank is gone; stopping")
-        os._exit(75)
+        while True:
+            if not task_alive():
+                gone = f"the task that launched it (pid {pid_text})"
+            elif os.getppid() != parent:
+                gone = f"its launcher (pid {parent})"
+            else:
+                time.sleep(1.0)
+                continue
+            logging.getLogger("nightshift.trainer").error("%s is gone; this rank stops", gone)
+            os._exit(75)
 
     threading.Thread(target=loop, name="supervisor-watch", daemon=True).start()
 
@@ -180,7 +201,8 @@ def build_model(base_model: str, recipe: TrainingRecipe, dtype=None):
     return model
 
 
-def export_checkpoint(engine, recipe: TrainingRecipe, config: TrainerConfig, rank: int, dest: Path) -> None:
+def export_checkpoint(engine, recipe: TrainingRecipe, config: TrainerConfig, rank: int, dest: Path,
+                      stage: int) -> None:
     """Write the trained weights as a plain Hugging Face checkpoint (fp32; LoRA merged) to ``dest``.
 
     Every rank must call this: under ZeRO-3 the parameters are gathered from all of them. Rank 0 writes
@@ -188,7 +210,7 @@ def export_checkpoint(engine, recipe: TrainingRecipe, config: TrainerConfig, ran
     """
     import torch
 
-    if recipe.zero_stage == 3:
+    if stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # gathers every shard onto rank 0
     else:
         state = engine.module.state_dict() if rank == 0 else None
@@ -232,17 +254,28 @@ def train(config: TrainerConfig) -> dict[str, Any]:
         if os.environ.get(SHM_COLLECTIVES_ENV, "1") != "0" and route_through_shared_memory() and rank == 0:
             log.info("CPU ranks on one machine: all-reduce and all-gather through shared memory")
     local_world = local_world_size() or world
-    if on_cpu:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if on_cpu:  # the cores are shared out between the ranks on this machine: all of them for a single rank
+        torch.set_num_threads(max(1, usable_cores() // local_world))
     recipe = TrainingRecipe(**config.recipe)
     bf16_ok = not on_cpu and accelerator.is_bf16_supported()
     precision = recipe.resolved_precision(bf16_ok)
+    stage = recipe.effective_zero_stage(world)
     torch.manual_seed(recipe.seed)
     blocks = np.load(config.train_path, mmap_mode="r")
     model = build_model(config.base_model, recipe)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
-                                           config=recipe.deepspeed_config(bf16_ok))
+                                           config=recipe.deepspeed_config(world, bf16_ok))
+    if stage == 0 and precision == "fp32":
+        # Without ZeRO, DeepSpeed clips fp32 gradients but keeps no norm to report: clip with torch's (one
+        # fused pass) and keep the norm where get_global_grad_norm() reads it.
+        def clip_and_keep_norm() -> None:
+            engine._global_grad_norm = torch.nn.utils.clip_grad_norm_(trainable, recipe.max_grad_norm)
+
+        engine.clip_fp32_gradients = clip_and_keep_norm
+    # One rank has no gradients to average: skip DeepSpeed's all-reduce, which would still copy every
+    # gradient into a flat buffer and back (8% of a SmolLM2 step on CPU).
+    no_reduction = engine.no_sync if world == 1 and stage == 0 else contextlib.nullcontext
     per_rank = recipe.micro_batch_size
     per_micro = per_rank * world
     per_step_blocks = per_micro * recipe.gradient_accumulation_steps
@@ -256,11 +289,13 @@ def train(config: TrainerConfig) -> dict[str, Any]:
         start_step, history = resume(engine, root, digest, rank, world)
     if rank == 0:
         log.info(
-            "fine-tuning %s (%s, ZeRO-%d, %s%s): %d steps x %d blocks x %d tokens on %d ranks (%s), "
+            "fine-tuning %s (%s, %s, %s%s): %d steps x %d blocks x %d tokens on %d rank%s (%s%s), "
             "%d trainable of %d parameters, %d training blocks%s",
-            Path(config.base_model).name, recipe.method, recipe.zero_stage, precision,
-            ", gradient checkpointing" if recipe.gradient_checkpointing else "", recipe.train_steps,
-            per_step_blocks, blocks.shape[1], world, engine.device, sum(p.numel() for p in trainable),
+            Path(config.base_model).name, recipe.method,
+            f"ZeRO-{stage}" if stage else f"ZeRO off: one rank, nothing to shard (recipe: ZeRO-{recipe.zero_stage})",
+            precision, ", gradient checkpointing" if recipe.gradient_checkpointing else "", recipe.train_steps,
+            per_step_blocks, blocks.shape[1], world, "" if world == 1 else "s", engine.device,
+            f", {torch.get_num_threads()} threads each" if on_cpu else "", sum(p.numel() for p in trainable),
             sum(p.numel() for p in model.parameters()), blocks.shape[0],
             f"; resumed after step {start_step}" if start_step else "",
         )
@@ -276,7 +311,8 @@ def train(config: TrainerConfig) -> dict[str, Any]:
             mine = order.blocks(position, per_micro)[rank::world]
             batch = torch.as_tensor(np.stack([blocks[i] for i in mine]).astype(np.int64), device=engine.device)
             loss = engine(input_ids=batch, labels=batch).loss
-            engine.backward(loss)
+            with no_reduction():
+                engine.backward(loss)
             engine.step()
             step_loss += loss.detach().float().item() / recipe.gradient_accumulation_steps
         mean = torch.tensor([step_loss], device=engine.device)
@@ -313,6 +349,7 @@ def train(config: TrainerConfig) -> dict[str, Any]:
         "seconds": seconds,
         "started_at": started_at,
         "method": recipe.method,
+        "zero_stage": stage,
         "tracked": reporter.client is not None,
         "precision": precision,
         "reload_check": {"blocks": list(range(min(REFERENCE_BLOCKS, blocks.shape[0]))), "loss": reference,
@@ -321,7 +358,7 @@ def train(config: TrainerConfig) -> dict[str, Any]:
     out = Path(config.output_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    export_checkpoint(engine, recipe, config, rank, out / "checkpoint")
+    export_checkpoint(engine, recipe, config, rank, out / "checkpoint", stage)
     if rank == 0:
         tmp = out / ".metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=2))
@@ -414,7 +451,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stdout,
         format="%(asctime)s rank" + os.environ.get("RANK", "0") + " %(name)s %(levelname)s %(message)s",
     )
+    os.environ.update(deepspeed_env(dict(os.environ)))
     train(TrainerConfig.read(args.config))
+    # Everything is written and every rank is past the last barrier. Python's final garbage collection over
+    # torch's, transformers' and DeepSpeed's objects would take another second of every run; skip it.
+    gc.freeze()
     return 0
 
 
