@@ -23,6 +23,10 @@ SAMPLES_DIR = INCLUDE_DIR / "samples" if _IN_CHECKOUT else PACKAGE_DIR / "resour
 SAMPLE_STORE = SAMPLES_DIR / "store"
 GOLDEN_QA = SAMPLES_DIR / "golden_qa.jsonl"
 DEFAULT_FOUNDATION_MODEL = "SmolLM2-135M-Instruct"
+MAX_TRAIN_RANKS = 1024
+"""Most ranks per node a recipe or NIGHTSHIFT_TRAIN_RANKS may ask for."""
+MAX_POD_GPUS = 64
+"""Most GPUs one trainer pod may request (NIGHTSHIFT_K8S_GPUS); today's nodes hold 8 or 16."""
 
 
 def repo_root() -> Path | None:
@@ -169,10 +173,12 @@ class Settings:
     """Work folders of runs older than this are removed; the serving and evaluation caches keep what is in use."""
 
     def __post_init__(self) -> None:
-        if self.train_ranks is not None and self.train_ranks < 1:
-            raise ValueError(f"NIGHTSHIFT_TRAIN_RANKS must be auto or at least 1, got {self.train_ranks}")
-        if self.kubernetes.gpus < 1:
-            raise ValueError(f"NIGHTSHIFT_K8S_GPUS must be at least 1, got {self.kubernetes.gpus}")
+        if self.train_ranks is not None and not 1 <= self.train_ranks <= MAX_TRAIN_RANKS:
+            raise ValueError(f"NIGHTSHIFT_TRAIN_RANKS must be auto or a number from 1 to {MAX_TRAIN_RANKS}, "
+                             f"got {self.train_ranks}")
+        if not 1 <= self.kubernetes.gpus <= MAX_POD_GPUS:
+            raise ValueError(f"NIGHTSHIFT_K8S_GPUS must be a number from 1 to {MAX_POD_GPUS}, "
+                             f"got {self.kubernetes.gpus}")
         if self.airflow_parallelism < 1:
             raise ValueError(f"NIGHTSHIFT_AIRFLOW_PARALLELISM must be at least 1, got {self.airflow_parallelism}")
         if self.task_timeout_s < 60 or self.train_timeout_s < 60:

@@ -1,14 +1,25 @@
-"""The launcher's process group: stopped with the task, and a group left by a killed attempt is stopped first."""
+"""The launcher's processes: stopped with the task, and what a killed attempt left (its process group, ranks in
+sessions of their own, shared-memory segments) is stopped and removed first."""
 
+import json
 import os
 import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
-from nightshift.training.launch import free_port, launch_command, run_local, stop_process_group, with_master_port
+from nightshift.training.launch import (
+    LAUNCH_ENV,
+    free_port,
+    launch_command,
+    run_local,
+    start_stamp,
+    stop_process_group,
+    with_master_port,
+)
 
 # A "launcher" that starts a long-lived rank in its process group, then fails.
 LAUNCHER = """
@@ -63,3 +74,41 @@ def test_each_attempt_gets_its_own_port(tmp_path):
     moved = with_master_port(command, port)
     assert moved[moved.index("--master-port") + 1] == str(port) and "29500" in command
     assert [a for a in moved if a != str(port)] == [a for a in command if a != "29500"]
+
+
+def test_ranks_in_sessions_of_their_own_and_their_shared_memory_are_stopped_by_the_launch_token(tmp_path):
+    """torchrun starts each rank in a session of its own: the launch's token in their environment finds them."""
+    token = uuid.uuid4().hex
+    ranks = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True,
+                              env={**os.environ, LAUNCH_ENV: token}) for _ in range(2)]
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True,
+                                 env={**os.environ, LAUNCH_ENV: token + "0"})
+    port = str(free_port())
+    segments = [Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{r}") for r in (0, 1)]
+    other = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}1_0")
+    try:
+        for path in [*segments, other]:
+            path.write_bytes(b"\0" * 64)
+        record = tmp_path / "trainer.pgid"
+        record.write_text(json.dumps({"pgid": 0, "launch": token, "port": port}))
+        assert stop_process_group(record, grace_s=5)
+        for rank in ranks:
+            rank.wait(timeout=10)
+        assert not any(path.exists() for path in segments) and other.exists()
+        assert alive(bystander.pid) and not record.exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+        other.unlink(missing_ok=True)
+
+
+def test_a_dead_task_nobody_reaped_counts_as_gone(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    stamp_while_alive = start_stamp(child.pid)
+    deadline = time.monotonic() + 10
+    while "State:\tZ" not in Path(f"/proc/{child.pid}/status").read_text():  # exited, not yet reaped
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert stamp_while_alive and start_stamp(child.pid) is None
+    child.wait()
+    assert start_stamp(os.getpid()) == start_stamp(os.getpid())

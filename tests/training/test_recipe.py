@@ -50,8 +50,13 @@ def test_train_ranks_setting_takes_auto_or_a_positive_number(monkeypatch):
     assert load_settings().train_ranks is None
     monkeypatch.setenv("NIGHTSHIFT_TRAIN_RANKS", "3")
     assert load_settings().train_ranks == 3
-    monkeypatch.setenv("NIGHTSHIFT_TRAIN_RANKS", "0")
-    with pytest.raises(ValueError, match="NIGHTSHIFT_TRAIN_RANKS must be auto or at least 1"):
+    for bad in ("0", "2000"):
+        monkeypatch.setenv("NIGHTSHIFT_TRAIN_RANKS", bad)
+        with pytest.raises(ValueError, match="NIGHTSHIFT_TRAIN_RANKS must be auto or a number from 1 to 1024"):
+            load_settings()
+    monkeypatch.delenv("NIGHTSHIFT_TRAIN_RANKS")
+    monkeypatch.setenv("NIGHTSHIFT_K8S_GPUS", "2000")
+    with pytest.raises(ValueError, match="NIGHTSHIFT_K8S_GPUS must be a number from 1 to 64"):
         load_settings()
 
 

@@ -10,6 +10,7 @@ backend runs the very same command in the trainer pod (nightshift.airflow.kubern
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,7 @@ NODE_RANK_VAR = "NODE_RANK"
 MASTER_ADDR_VAR = "MASTER_ADDR"
 LAUNCHER = "torchrun"
 TRAINER_MODULE = "nightshift.training.trainer"
+LAUNCH_ENV = "NIGHTSHIFT_LAUNCH"
 
 
 def launch_command(config_path: Path, ranks: int, master_port: int) -> list[str]:
@@ -75,12 +78,18 @@ def resolve_ranks(requested: int | str, backend: str, override: int | None, pod_
     the same cores only add ZeRO's traffic between them: one rank trains faster.
     """
     if isinstance(requested, int) and not isinstance(requested, bool):
-        return requested
-    if override:
-        return override
-    if backend == "kubernetes":
+        ranks = requested
+    elif override:
+        ranks = override
+    elif backend == "kubernetes":
         return pod_gpus
-    return gpu_count() or 1
+    else:
+        return gpu_count() or 1
+    gpus = gpu_count() if backend == "local" else 0
+    if gpus and ranks > gpus:
+        raise ValueError(f"{ranks} ranks on this machine's {gpus} GPUs: one rank per GPU at most; set the recipe's "
+                         f"ranks or NIGHTSHIFT_TRAIN_RANKS to {gpus} or fewer, or auto")
+    return ranks
 
 
 def usable_cores() -> int:
@@ -111,23 +120,32 @@ def local_env(base: dict[str, str] | None = None) -> dict[str, str]:
 
 def start_stamp(pid: int) -> str | None:
     """Return what tells this process apart from any later one with the same pid: its start, in clock ticks after
-    boot (never the wall-clock start time, which moves when the clock is set); None when it is gone."""
+    boot (never the wall-clock start time, which moves when the clock is set); None when it is gone or dead (a
+    zombie nobody has reaped yet counts as gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[19].decode()  # field 22, after the command name
+            fields = fh.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold anything
+        return None if fields[0] in (b"Z", b"X") else fields[19].decode()  # fields 3 (state) and 22 (start)
+    except FileNotFoundError:
+        return None
     except (OSError, IndexError):
         pass
     import psutil
 
-    try:
-        return f"{psutil.Process(pid).create_time():.3f}"  # no /proc (not Linux)
+    try:  # no /proc (not Linux)
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else f"{process.create_time():.3f}"
     except psutil.Error:
         return None
 
 
-def supervised_env(env: dict[str, str]) -> dict[str, str]:
-    """Return ``env`` naming this process as the ranks' supervisor: they stop if it disappears."""
-    return {**env, "NIGHTSHIFT_SUPERVISOR": f"{os.getpid()}:{start_stamp(os.getpid())}"}
+def supervised_env(env: dict[str, str], launch: str = "") -> dict[str, str]:
+    """Return ``env`` naming this process as the ranks' supervisor (they stop if it disappears) and carrying the
+    launch's token, by which every process of the launch can be found (``processes_of``)."""
+    out = {**env, "NIGHTSHIFT_SUPERVISOR": f"{os.getpid()}:{start_stamp(os.getpid())}"}
+    if launch:
+        out[LAUNCH_ENV] = launch
+    return out
 
 
 def free_port() -> int:
@@ -138,28 +156,82 @@ def free_port() -> int:
 
 
 def with_master_port(command: list[str], port: int) -> list[str]:
-    """Return the launcher command with its ``--master_port`` set to ``port``."""
+    """Return the launcher command with its ``--master-port`` set to ``port``."""
     out = list(command)
     out[out.index("--master-port") + 1] = str(port)
     return out
 
 
-def stop_process_group(pgid_file: Path, grace_s: float = 10.0) -> bool:
-    """Stop the process group recorded in ``pgid_file`` (SIGTERM, then SIGKILL); return whether one was alive."""
+def master_port_of(command: list[str]) -> str | None:
+    """Return the rendezvous port a launcher command names, if any."""
+    return command[command.index("--master-port") + 1] if "--master-port" in command[:-1] else None
+
+
+def processes_of(launch: str) -> list[int]:
+    """Return the live processes whose environment carries ``NIGHTSHIFT_LAUNCH=<launch>``: the launcher and its
+    ranks, whatever session or process group they run in."""
+    needle = f"\0{LAUNCH_ENV}={launch}\0".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in b"\0" + (entry / "environ").read_bytes() + b"\0" and start_stamp(int(entry.name)):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def remove_shared_memory(port: str) -> list[str]:
+    """Remove the shared-memory segments DeepSpeed's CPU all-reduce made for ranks on ``port``; return their names.
+
+    The ranks unlink them once every rank has mapped them (trainer.release_shared_memory); a rank killed in the
+    moment before leaves 67 MB of RAM-backed file per rank, under a name no later run uses (each run has a port
+    of its own). Called only once every process of the launch is gone.
+    """
+    removed = []
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        try:
+            path.unlink()
+            removed.append(path.name)
+        except OSError:
+            continue
+    return removed
+
+
+def stop_process_group(record: Path, grace_s: float = 10.0) -> bool:
+    """Stop what a launch recorded in ``record`` left running; return whether anything was alive.
+
+    That is the launcher's process group and every process carrying the launch's token (torchrun starts each
+    rank in a session of its own, out of the group's reach): SIGTERM, then SIGKILL after ``grace_s``. Then the
+    launch's shared-memory segments are removed. A record holding only a number (a process group) is read too.
+    """
     try:
-        pgid = int(pgid_file.read_text().strip())
-    except (OSError, ValueError):
+        text = record.read_text().strip()
+        data = json.loads(text) if text.startswith("{") else {"pgid": int(text)}
+        pgid, launch, port = int(data.get("pgid", 0)), str(data.get("launch", "")), data.get("port")
+    except (OSError, ValueError, TypeError, AttributeError):
+        record.unlink(missing_ok=True)
         return False
-    if not _is_trainer_group(pgid):  # gone, or the id now belongs to something else: leave it alone
-        pgid_file.unlink(missing_ok=True)
-        return False
-    alive = _signal_group(pgid, signal.SIGTERM)
+    group = pgid > 0 and _is_trainer_group(pgid)  # gone, or the id now belongs to something else: leave it alone
+    members = processes_of(launch) if launch else []
+    alive = bool(members) or (group and _signal_group(pgid, signal.SIGTERM))
+    for pid in members:
+        _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while alive and time.monotonic() < deadline and _signal_group(pgid, 0):
+    while alive and time.monotonic() < deadline and (
+            (group and _signal_group(pgid, 0)) or (launch and processes_of(launch))):
         time.sleep(0.2)
-    if _signal_group(pgid, 0):
+    if group and _signal_group(pgid, 0):
         _signal_group(pgid, signal.SIGKILL)
-    pgid_file.unlink(missing_ok=True)
+    for pid in processes_of(launch) if launch else []:
+        _signal(pid, signal.SIGKILL)
+    if port:
+        removed = remove_shared_memory(str(port))
+        if removed:
+            log.warning("removed %d shared-memory segments the launch on port %s left behind", len(removed), port)
+    record.unlink(missing_ok=True)
     return alive
 
 
@@ -184,25 +256,34 @@ def _signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def run_local(command: list[str], env: dict[str, str], log_path: Path) -> None:
     """Run the launcher in a process group of its own; stream its output to the task log and ``log_path``.
 
-    The group id is recorded beside the log: a retry first stops a group that a killed attempt left behind,
-    and however this call ends (failure, timeout, the task being killed) the ranks are stopped with it. The
-    ranks also watch this process: if it is killed outright (SIGKILL, no ``finally``), they stop by themselves.
-    The log is appended to, so a retried attempt's log follows the killed one's.
+    The group, the launch's token and its port are recorded beside the log: a retry first stops what a killed
+    attempt left behind, and however this call ends (failure, timeout, the task being killed, the launcher
+    dying) every rank is stopped with it. The ranks also watch this process and their launcher: if either is
+    killed outright (SIGKILL, no ``finally``), they stop by themselves. The log is appended to, so a retried
+    attempt's log follows the killed one's.
     """
-    pgid_file = log_path.with_name("trainer.pgid")
-    if stop_process_group(pgid_file):
+    record = log_path.with_name("trainer.pgid")
+    if stop_process_group(record):
         log.warning("stopped trainer ranks left running by an earlier attempt")
     log.info("launching: %s", " ".join(command))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=40)
+    launch = uuid.uuid4().hex
     with log_path.open("a", buffering=1) as out, subprocess.Popen(
-        command, env=supervised_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-        start_new_session=True,
+        command, env=supervised_env(env, launch), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        bufsize=1, start_new_session=True,
     ) as proc:
-        pgid_file.write_text(str(proc.pid))
+        record.write_text(json.dumps({"pgid": proc.pid, "launch": launch, "port": master_port_of(command)}))
 
         def pump() -> None:
             assert proc.stdout is not None
@@ -212,13 +293,14 @@ def run_local(command: list[str], env: dict[str, str], log_path: Path) -> None:
                 if _worth_logging(line):
                     log.info("%s", line.rstrip())
 
-        # Read in a thread and wait for the launcher itself: a rank that outlives it keeps the pipe open.
+        # Read in a thread and wait for the launcher itself: a rank that outlives it keeps the pipe open until
+        # it is stopped below.
         reader = threading.Thread(target=pump, name="trainer-log", daemon=True)
         reader.start()
         try:
             code = proc.wait()
         finally:
-            stop_process_group(pgid_file, grace_s=5.0)
+            stop_process_group(record, grace_s=5.0)
             reader.join(timeout=30)
     if code != 0:
         raise RuntimeError(

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from nightshift.configs import load_yaml_dataclass
-from nightshift.settings import CONFIG_DIR
+from nightshift.settings import CONFIG_DIR, MAX_TRAIN_RANKS
 
 RECIPE_DIR = CONFIG_DIR / "training"
 RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 METHODS = ("full", "lora")
 PRECISIONS = ("fp32", "bf16", "auto")
 MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
+BF16_RELOAD_TOLERANCE = 1e-2
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,9 @@ class TrainingRecipe:
     keep_checkpoints: int = 2
     """How many of the newest complete checkpoints to keep."""
     reload_tolerance: float = 1e-4
-    """How far the reloaded checkpoint's loss may be from the trainer's own (absolute, in nats)."""
+    """How far the reloaded checkpoint's loss may be from the trainer's own (absolute, in nats), for fp32
+    training; bf16 training is checked to at least ``BF16_RELOAD_TOLERANCE`` (the fp32 reload differs by its
+    rounding: 2e-4 to 4e-4 for a tiny model)."""
     heldout_fraction: float = 0.1
     """Share of documents kept out of training for held-out perplexity."""
     seed: int = 1234
@@ -130,7 +133,8 @@ class TrainingRecipe:
             (self.weight_decay >= 0, "weight_decay must not be negative"),
             (self.max_grad_norm > 0, "max_grad_norm must be positive"),
             (self.ranks == "auto" or (isinstance(self.ranks, int) and not isinstance(self.ranks, bool)
-                                      and 1 <= self.ranks <= 1024), "ranks must be auto or a number from 1 to 1024"),
+                                      and 1 <= self.ranks <= MAX_TRAIN_RANKS),
+             f"ranks must be auto or a number from 1 to {MAX_TRAIN_RANKS}"),
             (self.zero_stage in (1, 2, 3), "zero_stage must be 1, 2 or 3"),
             (not self.offload_param or self.zero_stage == 3, "offload_param needs zero_stage 3"),
             (self.precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}"),
@@ -181,6 +185,10 @@ class TrainingRecipe:
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def reload_tolerance_for(self, precision: str) -> float:
+        """Return the reload check's tolerance for a run trained in ``precision`` (fp32 or bf16)."""
+        return max(self.reload_tolerance, BF16_RELOAD_TOLERANCE) if precision == "bf16" else self.reload_tolerance
 
     def resolved_precision(self, bf16_supported: bool) -> str:
         """Return fp32 or bf16: what ``precision`` means on an accelerator with or without bf16."""

@@ -175,6 +175,7 @@ def watch_supervisor() -> None:
                 time.sleep(1.0)
                 continue
             logging.getLogger("nightshift.trainer").error("%s is gone; this rank stops", gone)
+            release_shared_memory(int(os.environ.get("RANK", "0")))  # in case it stops before the ranks could
             os._exit(75)
 
     threading.Thread(target=loop, name="supervisor-watch", daemon=True).start()
@@ -245,7 +246,6 @@ def train(config: TrainerConfig) -> dict[str, Any]:
     from deepspeed.accelerator import get_accelerator
 
     rank, world = _init_distributed()
-    watch_supervisor()
     accelerator = get_accelerator()
     on_cpu = accelerator.device_name() == "cpu"
     if on_cpu:
@@ -315,9 +315,10 @@ def train(config: TrainerConfig) -> dict[str, Any]:
                 engine.backward(loss)
             engine.step()
             step_loss += loss.detach().float().item() / recipe.gradient_accumulation_steps
-        mean = torch.tensor([step_loss], device=engine.device)
-        dist.all_reduce(mean)
-        step_loss = mean.item() / world
+        if world > 1:
+            mean = torch.tensor([step_loss], device=engine.device)
+            dist.all_reduce(mean)
+            step_loss = mean.item() / world
         norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else None
         entry = reporter.step(step, step_loss, float(engine.get_lr()[0]), norm)
@@ -353,7 +354,7 @@ def train(config: TrainerConfig) -> dict[str, Any]:
         "tracked": reporter.client is not None,
         "precision": precision,
         "reload_check": {"blocks": list(range(min(REFERENCE_BLOCKS, blocks.shape[0]))), "loss": reference,
-                         "tolerance": recipe.reload_tolerance, "data": config.train_path},
+                         "tolerance": recipe.reload_tolerance_for(precision), "data": config.train_path},
     }
     out = Path(config.output_dir)
     if rank == 0:
@@ -451,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stdout,
         format="%(asctime)s rank" + os.environ.get("RANK", "0") + " %(name)s %(levelname)s %(message)s",
     )
+    watch_supervisor()  # first: a launcher that dies during start-up must not leave a rank waiting at rendezvous
     os.environ.update(deepspeed_env(dict(os.environ)))
     train(TrainerConfig.read(args.config))
     # Everything is written and every rank is past the last barrier. Python's final garbage collection over
