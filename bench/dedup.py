@@ -74,7 +74,7 @@ def run_nightshift(texts: list[str]) -> set[int]:
             batch, size = [], 0
     if batch:
         rows.append(hasher.signatures(batch))
-    return set(find_near_duplicates(np.concatenate(rows), THRESHOLD).duplicate_of)
+    return set(find_near_duplicates(np.concatenate(rows), THRESHOLD, texts, NGRAM).duplicate_of)
 
 
 def run_datasketch(texts: list[str]) -> set[int]:

@@ -168,3 +168,107 @@ def test_executor_options_are_checked_against_datatrove(tmp_path, executor, says
 
     with pytest.raises(RecipeError, match=says):
         recipe_for(tmp_path, **executor)
+
+
+@pytest.fixture
+def step_code(tmp_path, monkeypatch):
+    """A copy of the steps' source files that code_digest() reads instead of the installed ones."""
+    from nightshift.prep import curate as curate_module
+
+    folder = tmp_path / "prep"
+    folder.mkdir()
+    copies = []
+    for path in curate_module.step_sources():
+        copies.append(folder / path.name)
+        copies[-1].write_bytes(path.read_bytes())
+    monkeypatch.setattr(curate_module, "step_sources", lambda: list(copies))
+    curate_module.code_digest.cache_clear()
+    yield folder
+    curate_module.code_digest.cache_clear()
+
+
+def test_a_changed_step_module_misses_the_cache_and_unchanged_code_hits_it(night, tmp_path, step_code):
+    cache = tmp_path / "cache.sqlite"  # its own cache, filled by the first run, under the copied code
+    runs = []
+    for edit in (None, None, "pii.py", None):
+        if edit:  # a scrubber fix: the module's code changes, the documents do not
+            with (step_code / edit).open("a") as fh:
+                fh.write("\n# a fix to the scrubber\n")
+            from nightshift.prep.curate import code_digest
+
+            code_digest.cache_clear()
+        out = tmp_path / f"corpus-{len(runs)}.jsonl"
+        report = curate(night["raw"], out, tmp_path / "work", night["recipe"], cache)
+        assert out.read_bytes() == night["corpus"]
+        runs.append(report.cached)
+    everything = len(night["docs"]) - 1  # all but the empty document, which never reaches a step
+    assert runs == [0, everything, 0, everything]
+
+
+def test_the_code_digest_covers_every_step_module_and_the_libraries_they_call(monkeypatch):
+    import importlib.metadata
+
+    from nightshift.prep import curate as curate_module
+
+    names = {p.name for p in curate_module.step_sources()}
+    assert {"clean.py", "heuristics.py", "language.py", "pii.py", "near_dup.py", "decontaminate.py",
+            "curate.py"} <= names
+    before = curate_module.code_digest()
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda d: "99.0" if d == "ftfy" else real(d))
+    curate_module.code_digest.cache_clear()
+    try:
+        assert curate_module.code_digest() != before
+    finally:
+        monkeypatch.undo()
+        curate_module.code_digest.cache_clear()
+    assert curate_module.code_digest() == before
+
+
+STDIN_SCRIPT = """
+import json, sys
+from pathlib import Path
+from nightshift.prep.curate import curate
+from nightshift.prep.recipe import PrepRecipe
+curate(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), PrepRecipe.from_dict(json.loads(sys.argv[4])), None)
+"""
+
+
+def run_bounded(args, tmp_path, env=None, stdin=None, timeout=60):
+    """Run a preparation script in its own process group; return (exit code, output lines, seconds)."""
+    import time
+
+    started = time.monotonic()
+    with (tmp_path / "out.txt").open("w+") as out:
+        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                env=env or _env(), start_new_session=True)
+        try:
+            proc.communicate(stdin, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        out.seek(0)
+        return proc.returncode, out.read().splitlines(), time.monotonic() - started
+
+
+def test_workers_that_cannot_start_fail_the_run_at_once_saying_why(night, tmp_path):
+    recipe = recipe_for(tmp_path, tasks=2, workers=2)
+    args = [sys.executable, "-", str(night["raw"]), str(tmp_path / "c.jsonl"), str(tmp_path / "w"),
+            json.dumps(recipe.to_dict())]
+    code, lines, seconds = run_bounded(args, tmp_path, stdin=STDIN_SCRIPT)
+    assert code == 1 and seconds < 30 and len(lines) < 200, (code, seconds, len(lines), lines[-5:])
+    assert "WorkerStartError: preparation workers cannot start" in lines[-1]
+    assert "standard input" in lines[-1] and "executor.workers: 1" in lines[-1]
+    assert not (tmp_path / "c.jsonl").exists()
+
+
+def test_a_worker_dying_while_it_starts_fails_the_run_with_its_exit_code(night, tmp_path):
+    recipe = recipe_for(tmp_path, tasks=2, workers=2)
+    args = [sys.executable, "-c", STDIN_SCRIPT, str(night["raw"]), str(tmp_path / "c.jsonl"), str(tmp_path / "w"),
+            json.dumps(recipe.to_dict())]
+    code, lines, seconds = run_bounded(args, tmp_path, env={**_env(), "NIGHTSHIFT_FAULT": "prep.worker_start:raise"})
+    assert code == 1 and seconds < 30 and len(lines) < 200, (code, seconds, len(lines), lines[-5:])
+    assert "worker exited with code 1 while starting" in lines[-1] and "InjectedFault" in "\n".join(lines)

@@ -1,7 +1,10 @@
 import json
 
+import pytest
+
+from nightshift.prep.curate import DocumentCurator
 from nightshift.prep.decontaminate import EvalIndex, read_items
-from nightshift.prep.recipe import Decontaminate
+from nightshift.prep.recipe import Decontaminate, PrepRecipe
 
 
 def eval_set(tmp_path, name, items):
@@ -40,3 +43,27 @@ def test_plain_text_lines_are_items_too(tmp_path):
     path = tmp_path / "set.txt"
     path.write_text("first item line\n\n{\"q\": \"a json item\", \"n\": 3}\n")
     assert read_items(path) == ["first item line", "a json item"]
+
+
+CURLY = ("The guide’s answer was “don’t look at the Sun through the finder”, and the visitors’ children "
+         "didn’t forget it on the terrace")
+STRAIGHT = CURLY.replace("’", "'").replace("“", '"').replace("”", '"')
+
+
+@pytest.mark.parametrize(("item", "copied"), [(CURLY, STRAIGHT), (CURLY, CURLY), (STRAIGHT, CURLY),
+                                              (STRAIGHT, STRAIGHT)])
+def test_an_item_is_found_whichever_quotes_and_apostrophes_either_side_uses(tmp_path, item, copied):
+    index = EvalIndex.build(Decontaminate(sets={"qa": eval_set(tmp_path, "qa", [{"question": item}])}))
+    docs = [f"From the night log. {copied} Then the dome closed.", "The dome closed early, as it doesn’t often do."]
+    assert index.contaminated(docs) == [["qa"], []]
+
+
+@pytest.mark.parametrize("copied", [STRAIGHT, CURLY])
+def test_the_preparation_step_drops_a_document_copying_a_curly_quoted_item(tmp_path, copied):
+    sets = {"qa": eval_set(tmp_path, "qa", [{"question": CURLY, "answer": "no"}])}
+    recipe = PrepRecipe.from_dict({"limits": {"min_chars": 10}, "steps": [{"decontaminate": {"sets": sets}}]})
+    curator = DocumentCurator(recipe)
+    kept, copy = curator.process_batch([("kept", "text", "A clear night, and the dome opened at nine."),
+                                        ("copy", "html", f"<html><body><p>Quoted: {copied}.</p></body></html>")])
+    assert kept.text is not None and kept.contaminated == []
+    assert (copy.step, copy.reason, copy.contaminated) == ("decontaminate", "contaminated:qa", ["qa"])

@@ -2,7 +2,15 @@ import random
 
 import numpy as np
 
-from nightshift.prep.near_dup import MinHasher, find_near_duplicates, lsh_bands, shingle_hashes, verify_threshold
+from nightshift.prep.near_dup import (
+    MinHasher,
+    candidate_threshold,
+    exact_jaccard,
+    find_near_duplicates,
+    lsh_bands,
+    shingle_hashes,
+    shingle_sets,
+)
 from planted import jaccard, prose, variant
 
 
@@ -28,7 +36,7 @@ def test_planted_near_duplicates_are_removed_with_precision_and_recall_above_95_
     rng = random.Random(3)
     docs += [prose(rng, 3, 5) for _ in range(300)]  # unrelated documents
 
-    clusters = find_near_duplicates(MinHasher().signatures(docs), 0.8)
+    clusters = find_near_duplicates(MinHasher().signatures(docs), 0.8, docs)
     removed = set(clusters.duplicate_of)
     high = [(i, j) for i, j, sim in pairs if sim >= 0.8]
     low = [(i, j) for i, j, sim in pairs if sim <= 0.5]
@@ -46,7 +54,7 @@ def test_the_kept_document_of_a_cluster_is_the_first_in_corpus_order():
     base = prose(rng, 3, 5)
     copies = [variant(rng, base, 0.92)[0] for _ in range(4)]
     docs = [prose(rng, 3, 5), copies[0], base, copies[1], copies[2], prose(rng, 3, 5), copies[3]]
-    clusters = find_near_duplicates(MinHasher().signatures(docs), 0.8)
+    clusters = find_near_duplicates(MinHasher().signatures(docs), 0.8, docs)
     assert clusters.clusters == 1
     assert sorted(clusters.duplicate_of) == [2, 3, 4, 6] and set(clusters.duplicate_of.values()) == {1}
 
@@ -80,7 +88,7 @@ def test_short_texts_are_one_shingle_of_all_their_words():
 
 def test_bands_find_a_pair_at_the_threshold_with_high_probability():
     bands, rows = lsh_bands(128, 0.8)
-    low = verify_threshold(128, 0.8)
+    low = candidate_threshold(128, 0.8)
     assert bands * rows <= 128
     assert 1 - (1 - low**rows) ** bands >= 0.995
     assert 0.7 < low < 0.8
@@ -89,3 +97,59 @@ def test_bands_find_a_pair_at_the_threshold_with_high_probability():
 def test_exact_jaccard_helper():
     assert jaccard("a b c d e f", "a b c d e f") == 1.0
     assert jaccard("a b c d e f", "a b c d e g") == 1 / 3
+
+
+def pairs_between(seed: int, lo: float, hi: float, count: int) -> tuple[list[str], list[tuple[int, int, float]]]:
+    """Return documents holding ``count`` planted pairs whose exact shingle Jaccard lies in [lo, hi]."""
+    rng = random.Random(seed)
+    docs, pairs = [], []
+    while len(pairs) < count:
+        base = prose(rng, 3, 5)
+        other, j = variant(rng, base, rng.uniform(lo, hi))
+        if lo <= j <= hi:
+            docs.extend([base, other])
+            pairs.append((len(docs) - 2, len(docs) - 1, j))
+    return docs, pairs
+
+
+def test_pairs_below_the_threshold_are_all_kept_and_pairs_above_it_removed():
+    close_docs, close = pairs_between(11, 0.70, 0.74, 150)  # estimates of these often reach 0.73-0.8
+    above_docs, above = pairs_between(12, 0.80, 0.97, 150)
+    offset = len(close_docs)
+    docs = close_docs + above_docs
+    above = [(i + offset, j + offset, sim) for i, j, sim in above]
+    rng = random.Random(13)
+    docs += [prose(rng, 3, 5) for _ in range(100)]
+
+    clusters = find_near_duplicates(MinHasher().signatures(docs), 0.8, docs)
+    removed = set(clusters.duplicate_of)
+    kept_close = sum(i not in removed and j not in removed for i, j, _ in close)
+    recall = sum(j in removed for _, j, _ in above) / len(above)
+    assert kept_close == 150, f"{150 - kept_close} of 150 pairs at J 0.70-0.74 removed under 0.8"
+    assert recall >= 0.99, recall
+    assert removed == {j for _, j, _ in above if j in removed}  # nothing else is removed
+    assert all(clusters.duplicate_of[j] == i for i, j, _ in above if j in removed)
+
+
+def test_texts_may_be_read_on_demand_and_only_candidates_are_read():
+    rng = random.Random(21)
+    base = prose(rng, 3, 5)
+    docs = [base, variant(rng, base, 0.9, above=True)[0]] + [prose(rng, 3, 5) for _ in range(20)]
+    asked: list[int] = []
+
+    def texts_of(rows):
+        asked.extend(rows)
+        return [docs[r] for r in rows]
+
+    clusters = find_near_duplicates(MinHasher().signatures(docs), 0.8, texts_of)
+    assert clusters.duplicate_of == {1: 0} and sorted(asked) == [0, 1]
+
+
+def test_exact_jaccard_of_shingle_sets_matches_the_string_definition():
+    rng = random.Random(31)
+    texts = [prose(rng, 2, 4) for _ in range(4)]
+    texts += [variant(rng, texts[0], t)[0] for t in (0.3, 0.72, 0.9)] + ["", "two words"]
+    sets = shingle_sets(texts, 5)
+    for a in range(len(texts)):
+        for b in range(len(texts)):
+            assert abs(exact_jaccard(sets[a], sets[b]) - jaccard(texts[a], texts[b])) < 1e-9

@@ -132,3 +132,23 @@ def test_data_docs_render_offline_and_show_ids_never_text(tmp_path):
     # Nothing to fetch from elsewhere: no external scripts, stylesheets or images.
     assert not re.search(r'<(script|link|img)[^>]+(src|href)="https?://', html)
     assert all(p in (tmp_path / "docs" / "index.html").read_text() for p in report.data_docs)
+
+
+def test_second_pass_counts_what_only_the_independent_detector_finds():
+    """An Artifactory key is no shape the scrubber knows; detect-secrets does, so the document fails."""
+    from nightshift.prep.pii import Scrubber
+
+    key = "AKCp8" + "".join("kR7mQ2xZ9vB4nL6wT3yH8jF5dS1aG0pE"[i % 32] for i in range(69))
+    text = f"artifactory {key} ok"
+    assert Scrubber().find(text) == []
+    report = validate_frame(pd.DataFrame({"id": ["ok", "keyed"], "text": ["hello", text]}), POLICY)
+    assert not report.success
+    assert "pii_hits" in report.summary() and "keyed" in report.summary() and key not in report.summary()
+
+
+def test_placeholders_left_by_scrubbing_are_not_counted():
+    from nightshift.quality.suite import text_metrics
+
+    texts = ["password: \"<SECRET>\"\nAuthorization: Bearer <SECRET>", "mail <EMAIL> or call <PHONE>",
+             "postgres://a:<SECRET>@db/x?token=<SECRET>&page=2", "Password=<SECRET>;AccountKey=<SECRET>;"]
+    assert text_metrics(texts)["pii_hits"] == [0, 0, 0, 0]

@@ -2,6 +2,7 @@
 
 import atexit
 import json
+import time
 
 import pytest
 
@@ -87,3 +88,79 @@ def test_settings_refuse_what_is_not_an_identifier_or_a_select():
     with pytest.raises(ValueError, match="exactly one"):
         SqlSettings(conn_id="db")
     assert SqlSettings(conn_id="db", query="SELECT id, body AS text FROM articles").relation.startswith("(SELECT")
+
+
+def test_rows_with_a_null_cursor_and_rows_the_snapshot_lacks_are_read(database, tmp_path):
+    engine, run = database
+    run("INSERT INTO articles VALUES (1, 'one', '2026-11-01 10:00:00'), (2, 'two', '2026-11-02 10:00:00'), "
+        "(3, 'three', '2026-11-03 10:00:00')")
+    state = tmp_path / "state.sqlite"
+    settings = {"table": "articles", "text_column": "body", "updated_column": "updated_at"}
+    read(engine, state, **settings)
+
+    run("INSERT INTO articles VALUES (4, 'four, never stamped', NULL)",
+        "UPDATE articles SET body = 'one, stamp cleared', updated_at = NULL WHERE id = 1",
+        # committed after the first read although stamped a month before its mark, beyond the look-back window
+        "INSERT INTO articles VALUES (5, 'five, committed late', '2026-10-01 10:00:00')")
+    second, docs = read(engine, state, **settings)
+    assert {k: d.content for k, d in docs.items()} == {
+        "1": "one, stamp cleared", "2": "two", "3": "three", "4": "four, never stamped", "5": "five, committed late"}
+    assert second.report.missing == 1 and "updated_at" not in docs["4"].meta
+
+    third, again = read(engine, state, **settings)
+    assert [(d.id, d.content, d.meta) for d in again.values()] == [(d.id, d.content, d.meta) for d in docs.values()]
+    assert third.report.missing == 0 and third.report.rows_read == 3  # the two NULL rows and the last stamp again
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_text_that_is_not_utf8_costs_its_row_only(database, tmp_path):
+    engine, run = database
+    run("INSERT INTO articles VALUES (1, 'one', '2026-11-01 10:00:00'), "
+        "(2, CAST(x'6361666520e920686f6d65' AS TEXT), '2026-11-02 10:00:00'), (3, 'three', '2026-11-03 10:00:00')")
+    for updated in (None, "updated_at"):
+        reader, docs = read(engine, tmp_path / "s.sqlite", table="articles", text_column="body",
+                            updated_column=updated)
+        assert sorted(docs) == ["1", "3"]
+        assert reader.report.skipped == {"not UTF-8 text": 1} and "caf" not in str(reader.skips)
+    with engine.connect() as conn:  # the connection goes back to the pool as it was: strict
+        with pytest.raises(Exception, match="decode"):
+            conn.exec_driver_sql("SELECT body FROM articles WHERE id = 2").fetchall()
+
+
+@pytest.mark.parametrize("database", ["postgres"], indirect=True)
+def test_rows_a_concurrent_transaction_commits_after_a_read_are_read_next_time(database, tmp_path):
+    """PostgreSQL's now() is the start of the writer's transaction: its rows carry stamps older than the mark of
+    a read that ran while it was open, and become visible only after that read."""
+    from sqlalchemy import text
+
+    engine, run = database
+    run("INSERT INTO articles VALUES (1, 'one', now()), (2, 'two', now())")
+    settings = {"table": "articles", "text_column": "body", "updated_column": "updated_at"}
+    state, no_lookback = tmp_path / "state.sqlite", tmp_path / "no-lookback.sqlite"
+    with engine.connect() as writer:
+        writer.begin()
+        writer.execute(text("INSERT INTO articles VALUES (10, 'ten, written in a long transaction', now())"))
+        time.sleep(0.01)
+        run("INSERT INTO articles VALUES (3, 'three', now())")  # another writer: later stamp, committed at once
+        writer.execute(text("UPDATE articles SET body = 'two, revised', updated_at = now() WHERE id = 2"))
+        first, docs = read(engine, state, **settings)
+        read(engine, no_lookback, **settings, lookback=0)
+        assert sorted(docs) == ["1", "2", "3"] and docs["2"].content == "two"
+        assert max(d.meta["updated_at"] for d in docs.values()) == docs["3"].meta["updated_at"]
+        writer.commit()
+    run("INSERT INTO articles VALUES (11, 'eleven, no stamp', NULL)")
+
+    second, docs = read(engine, state, **settings)
+    assert {k: d.content for k, d in docs.items()} == {
+        "1": "one", "2": "two, revised", "3": "three", "10": "ten, written in a long transaction",
+        "11": "eleven, no stamp"}
+    assert docs["10"].meta["updated_at"] < docs["3"].meta["updated_at"]  # older than the first read's mark
+    assert second.report.missing == 0  # the look-back window found both
+
+    # Without a look-back window the pass over the ids still finds the new row; the changed one needs the window.
+    bare, without = read(engine, no_lookback, **settings, lookback=0)
+    assert bare.report.missing == 1 and "10" in without and without["2"].content == "two"
+
+    third, again = read(engine, state, **settings)
+    assert [(d.id, d.content, d.meta) for d in again.values()] == [(d.id, d.content, d.meta) for d in docs.values()]
+    assert third.report.missing == 0 and third.report.deleted == 0

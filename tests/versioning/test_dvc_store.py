@@ -2,6 +2,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -109,3 +110,105 @@ def test_a_version_carries_its_profile_and_returns_it_by_tag(repo, tmp_path):
         repo.read_companion(v1.tag, "../../etc/passwd")
     with pytest.raises(LookupError):
         repo.read_companion("corpus-v0099", "profile.bin")
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+import dvc.repo  # imported before the start line, so that the six calls meet inside commit()
+from nightshift.versioning.dvc_store import DatasetRepository
+root, remote, corpus, ready, go = map(Path, sys.argv[1:6])
+ready.touch()
+while not go.exists():
+    time.sleep(0.005)
+print(DatasetRepository(root, remote).commit(corpus, {"documents": 1}).tag)
+"""
+
+
+def assert_clean_with_one_version(repo, corpus, tmp_path):
+    """The repository holds exactly one version of ``corpus``, DVC tracks the corpus, git's tree is clean."""
+    assert repo.versions() == ["corpus-v0001"]
+    assert repo.get("corpus-v0001").md5 == repo.commit(corpus, {"documents": 1}).md5
+    assert git(repo, "status", "--porcelain") == ""
+    assert repo.data_path not in git(repo, "ls-files").split()  # in DVC, not in git
+    assert git(repo, "log", "--format=%s").count("documents (md5") == 1
+    shutil.rmtree(repo.root / ".dvc" / "cache", ignore_errors=True)
+    assert repo.fetch(repo.latest(), tmp_path / "back.jsonl").read_bytes() == corpus.read_bytes()
+    v2 = repo.commit(write(tmp_path / "next.jsonl", '{"id": "b"}\n'), {"documents": 1})  # and the night after
+    assert v2.tag == "corpus-v0002" and git(repo, "status", "--porcelain") == ""
+
+
+def git(repo, *args):
+    return subprocess.run(["git", *args], cwd=repo.root, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_six_processes_creating_the_first_version_together_make_one(repo, tmp_path):
+    corpus = write(tmp_path / "c.jsonl", '{"id": "a", "text": "x"}\n')
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(repo.root), str(repo.remote), str(corpus),
+                               str(tmp_path / f"ready-{i}"), str(go)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(6)]
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready-{i}").exists() for i in range(6)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.touch()
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    failed = [err[-1500:] for p, (_, err) in zip(procs, results, strict=True) if p.returncode != 0]
+    assert not failed, failed
+    assert [out.split()[-1] for out, _ in results] == ["corpus-v0001"] * 6
+    assert git(repo, "log", "--format=%s").splitlines() == [
+        f"1 documents (md5 {repo.get('corpus-v0001').md5})", "Initialise data repository"]
+    assert_clean_with_one_version(repo, corpus, tmp_path)
+
+
+def half_initialised(repo, corpus, state):
+    """Leave ``repo`` as a first creation interrupted in ``state`` left it."""
+    from dvc.repo import Repo
+
+    repo.root.mkdir(parents=True)
+    subprocess.run(["git", "init", "--quiet", "--initial-branch=main"], cwd=repo.root, check=True)
+    if state == "git only":
+        return
+    if state == "dvc folder without its files":
+        (repo.root / ".dvc" / "tmp").mkdir(parents=True)
+        return
+    Repo.init(str(repo.root)).close()
+    if state == "dvc without a remote":
+        return
+    DatasetRepository(repo.root, repo.remote)._ensure()  # then undo its commit: killed while committing
+    subprocess.run(["git", "update-ref", "-d", "HEAD"], cwd=repo.root, check=True)
+    if state == "first commit half written":
+        (repo.root / ".git" / "index.lock").write_text("")
+        return
+    assert state == "corpus committed into git"  # the outcome of the race: a copy taken by the other's git add
+    (repo.root / "corpus").mkdir()
+    shutil.copyfile(corpus, repo.root / repo.data_path)
+    subprocess.run(["git", "add", "-A"], cwd=repo.root, check=True)
+    subprocess.run(["git", "-c", "user.name=x", "-c", "user.email=x@x", "commit", "--quiet", "-m",
+                    "Initialise data repository"], cwd=repo.root, check=True)
+
+
+@pytest.mark.parametrize("state", ["git only", "dvc folder without its files", "dvc without a remote",
+                                   "first commit half written", "corpus committed into git"])
+def test_a_half_initialised_repository_is_finished_by_the_next_version(repo, tmp_path, state):
+    corpus = write(tmp_path / "c.jsonl", '{"id": "a", "text": "x"}\n')
+    half_initialised(repo, corpus, state)
+    version = repo.commit(corpus, {"documents": 1})
+    assert version.created and version.tag == "corpus-v0001" and repo.remote_has(version)
+    assert_clean_with_one_version(repo, corpus, tmp_path)
+
+
+@pytest.mark.parametrize("point", ["versioning.init_after_git", "versioning.init_after_dvc",
+                                   "versioning.init_after_config"])
+def test_a_worker_killed_while_creating_the_repository_is_recovered_by_the_retry(repo, tmp_path, point):
+    corpus = write(tmp_path / "c.jsonl", '{"id": "a", "text": "x"}\n')
+    commit_in_a_worker_that_dies(repo, corpus, point)
+    assert repo.root.is_dir() and not repo.versions()
+    version = repo.commit(corpus, {"documents": 1})
+    assert version.created and version.tag == "corpus-v0001"
+    assert git(repo, "log", "--format=%s").splitlines()[-1] == "Initialise data repository"
+    assert_clean_with_one_version(repo, corpus, tmp_path)

@@ -32,6 +32,8 @@ CORPUS = "corpus.jsonl"
 COLLECT_SKIPPED = "skipped_collect.json"
 SKIPPED = "skipped.json"
 PREP_REPORT = "prep.json"
+ID_KEY = ".id_key"
+"""The per-installation key of the hashes in scrubbed ids, under the sources' state root (created once)."""
 
 
 class SourcesUnusable(Exception):
@@ -73,33 +75,53 @@ def collect_source(spec: dict[str, Any], run_dir: Path, state_root: Path,
     """Read one source into sources/<name>/ of the run folder; return its counts.
 
     Documents stream to raw.jsonl (ids prefixed with the source's name); the report is written last, so
-    its presence says the source was collected completely.
+    its presence says the source was collected completely. Ids, sources, meta values and skipped locations are
+    scrubbed here, before anything is written: every later file, version, report and alert sees only the
+    scrubbed forms. A scrubbed part of an id keeps a keyed hash of the original (the key lives in
+    ``state_root``), so ids stay unique and stable from night to night without naming anyone.
     """
+    from nightshift.prep.pii import identifier_key, scrub_identifier
+
     source = SourceSpec.from_dict(spec)
     out = run_dir / "sources" / source.name
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT).unlink(missing_ok=True)
+    key = identifier_key(state_root / ID_KEY)
     reader = open_source(source, state_root / source.name, sql_engine)
     formats: Counter[str] = Counter()
+
+    def scrub(value: str) -> str:
+        return scrub_identifier(value, key)
 
     def prefixed():
         for doc in reader.read():
             formats[doc.format] += 1
-            yield RawDocument(id=f"{source.name}/{doc.id}", source=doc.source, format=doc.format,
-                              content=doc.content, meta=doc.meta)
+            yield RawDocument(id=f"{source.name}/{scrub(doc.id)}", source=scrub(doc.source), format=doc.format,
+                              content=doc.content, meta=_scrub_tree(doc.meta, scrub))
 
     documents = write_raw(prefixed(), out / RAW)
-    skipped = [{"location": f"{source.name}/{s.location}", "reason": s.reason} for s in reader.skips]
+    skipped = [{"location": f"{source.name}/{scrub(s.location)}", "reason": scrub(s.reason)} for s in reader.skips]
     _write_json(out / COLLECT_SKIPPED, skipped)
     report = {
         "name": source.name, "kind": source.kind, "documents": documents, "formats": dict(sorted(formats.items())),
         "skipped": len(skipped), "skip_reasons": dict(Counter(s["reason"].split(":")[0] for s in skipped)),
-        "details": reader.summary(),
+        "details": _scrub_tree(reader.summary(), scrub),
     }
     _write_json(out / REPORT, report)
     log.info("source %s (%s): %d documents, %d skipped %s", source.name, source.kind, documents, len(skipped),
              report["skip_reasons"])
     return report
+
+
+def _scrub_tree(value: Any, scrub: Callable[[str], str]) -> Any:
+    """Return a JSON-like value with every string in it (keys included) scrubbed, one string at a time."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {scrub(k) if isinstance(k, str) else k: _scrub_tree(v, scrub) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub_tree(v, scrub) for v in value]
+    return value
 
 
 def merge_sources(run_dir: Path, specs: list[dict[str, Any]], min_source_share: float,

@@ -5,14 +5,17 @@ for near-duplicate detection. The per-document steps run as datatrove pipeline s
 (local processes by default, Slurm or Ray per the recipe), each task on one shard of the night, sorted by id.
 
 Every document ends with one outcome: kept (with its final text) or dropped at one step with a reason.
-Outcomes are cached by content hash and recipe, so an unchanged document costs a lookup on the next night.
+Outcomes are cached by content hash, recipe and the code of the steps (their modules and the libraries they
+call), so an unchanged document costs a lookup on the next night and a fixed step redoes every document.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -58,8 +61,54 @@ class Outcome:
         return cls(**json.loads(data))
 
 
+STEP_LIBRARIES = ("trafilatura", "lxml", "justext", "ftfy", "datatrove", "py3langid", "detect-secrets", "rensa",
+                  "numpy", "regex")
+"""Distributions whose code decides outcomes (extraction, normalisation, filters, language, secrets, hashing)."""
+STEP_MODULES: tuple[str, ...] = ()
+"""Modules outside nightshift.prep that decide outcomes; every module of nightshift.prep is included anyway."""
+
+
+def step_sources() -> list[Path]:
+    """Return the source files of the code that decides a document's outcome: the steps and this module."""
+    import importlib.util
+
+    here = Path(__file__).resolve().parent
+    files = sorted(here.glob("*.py"))
+    for name in STEP_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            raise RuntimeError(f"step module {name} not found; fix STEP_MODULES in {__name__}")
+        files.append(Path(spec.origin))
+    return files
+
+
+@functools.cache
+def code_digest() -> str:
+    """Return a hash of the steps' code (source files, library versions, Python and Unicode), once a process."""
+    import importlib.metadata
+    import unicodedata
+
+    h = hashlib.sha256(f"python {sys.version_info[:2]} unicode {unicodedata.unidata_version}\n".encode())
+    for path in step_sources():
+        # The name, not the folder: the same code installed elsewhere keeps its cache.
+        h.update(f"{path.parent.name}/{path.name}\0".encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    for dist in STEP_LIBRARIES:
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            version = "absent"
+        h.update(f"{dist}=={version}\0".encode())
+    return h.hexdigest()
+
+
+def outcome_digest(recipe: PrepRecipe) -> str:
+    """Return what, besides a document's content, decides its outcome: the recipe and the steps' code."""
+    return hashlib.sha256(f"{recipe.digest()}|{code_digest()}".encode()).hexdigest()
+
+
 def content_key(fmt: str, content: str, recipe_digest: str) -> str:
-    """Return the cache key of a raw document under a recipe: equal keys get equal outcomes."""
+    """Return the cache key of a raw document under ``outcome_digest(recipe)``: equal keys get equal outcomes."""
     h = hashlib.sha256(recipe_digest.encode())
     h.update(fmt.encode())
     h.update(b"\0")
@@ -217,7 +266,7 @@ class CurateShard(PipelineStep):
         from nightshift.prep.near_dup import MinHasher
 
         recipe = PrepRecipe.from_dict(self.recipe_data)
-        digest = recipe.digest()
+        digest = outcome_digest(recipe)
         curator = DocumentCurator(recipe)
         hasher = MinHasher(recipe.dedup.num_perm, recipe.dedup.ngram, recipe.dedup.seed)
         cache = OutcomeCache(Path(self.cache_path), digest) if self.cache_path else None
@@ -457,6 +506,75 @@ def build_executor(recipe: PrepRecipe, pipeline: list, tasks: int, workers: int,
                                  skip_completed=True, **options)
 
 
+WORKER_START_TIMEOUT_S = 120.0
+"""How long a preparation worker may take to start and import the steps before the task fails."""
+
+
+class WorkerStartError(RuntimeError):
+    """The preparation workers cannot start; the message says why and what to change."""
+
+
+def _worker_ready() -> None:
+    """Import every step in a fresh worker, as a preparation task does first (the pool's handshake)."""
+    import importlib
+
+    for step in ("clean", "heuristics", "language", "pii", "near_dup", "decontaminate", "cache"):
+        importlib.import_module(f"nightshift.prep.{step}")
+    fault_point("prep.worker_start")
+
+
+def _main_module_problem(start_method: str) -> str | None:
+    """Return why a new process of this start method cannot import this process's main module, or None."""
+    import os
+
+    if start_method == "fork":
+        return None
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None):
+        return None  # started with -m: workers import it by name
+    path = getattr(main, "__file__", None)
+    if path is None or os.path.isfile(path):
+        return None  # an interactive session or -c has nothing to re-import; a script file is re-imported
+    return (f"preparation workers cannot start: the {start_method!r} process pool starts each worker by "
+            "re-running the main script, and this process's main script has no file (it was read from standard "
+            "input, e.g. 'python -', or typed in a console). Run the script from a file, run the DAG through "
+            "Airflow or 'airflow dags test', or set executor.workers: 1 in the preparation recipe to prepare "
+            "in this process")
+
+
+def check_workers_start(start_method: str, timeout_s: float = WORKER_START_TIMEOUT_S) -> None:
+    """Return once a worker of the pool's kind has started and imported the steps; raise WorkerStartError if not.
+
+    datatrove's local executor runs its tasks on a ``multiprocess`` pool, and such a pool replaces a worker that
+    dies while starting with another that dies the same way, for ever (each printing its traceback), so one
+    worker is started first, alone, and must come up within ``timeout_s``.
+    """
+    import multiprocess
+
+    problem = _main_module_problem(start_method)
+    if problem:
+        raise WorkerStartError(problem)
+    hint = "Set executor.workers: 1 in the preparation recipe to prepare in this process."
+    try:
+        proc = multiprocess.get_context(start_method).Process(target=_worker_ready, daemon=True)
+        proc.start()
+    except Exception as exc:
+        raise WorkerStartError(f"preparation workers cannot start: starting a {start_method!r} process failed "
+                               f"({type(exc).__name__}: {exc}). {hint}") from exc
+    proc.join(timeout_s)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+        raise WorkerStartError(f"preparation workers cannot start: a {start_method!r} worker did not import the "
+                               f"steps within {timeout_s:g}s (an overloaded machine, or an import that hangs). "
+                               f"{hint}")
+    if proc.exitcode != 0:
+        raise WorkerStartError(f"preparation workers cannot start: a {start_method!r} worker exited with code "
+                               f"{proc.exitcode} while starting (its traceback is printed above; a script that "
+                               "prepares must do so under 'if __name__ == \"__main__\":', as every worker re-runs "
+                               f"it). {hint}")
+
+
 def curate(raw: Path, corpus: Path, work: Path, recipe: PrepRecipe, cache_path: Path | None = None,
            log=None, cache_days: float = 7.0) -> PrepReport:
     """Prepare raw.jsonl into corpus.jsonl under a recipe; return the report. Re-running resumes finished tasks."""
@@ -467,7 +585,7 @@ def curate(raw: Path, corpus: Path, work: Path, recipe: PrepRecipe, cache_path: 
     raw_bytes = raw.stat().st_size
     tasks, workers = plan_tasks(recipe, raw_bytes)
     # Outputs are named by what decides them, so a retry resumes finished tasks and a changed input starts anew.
-    digest = hashlib.sha256(f"{recipe.digest()}|{file_sha256(raw)}|{tasks}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{outcome_digest(recipe)}|{file_sha256(raw)}|{tasks}".encode()).hexdigest()[:16]
     run = work / digest
     shards = run / "raw"
     if not all((shards / f"raw-{i:05d}.jsonl").is_file() for i in range(tasks)):
@@ -478,6 +596,8 @@ def curate(raw: Path, corpus: Path, work: Path, recipe: PrepRecipe, cache_path: 
     log.info("preparing %d bytes of raw documents in %d task(s) on %d worker(s) (%s executor)",
              raw_bytes, tasks, workers, recipe.executor.kind)
     executor = build_executor(recipe, pipeline, tasks, workers, run / "logs")
+    if recipe.executor.kind == "local" and executor.workers > 1:  # one worker runs the tasks in this process
+        check_workers_start(executor.start_method)
     executor.run()
     if recipe.executor.kind == "slurm":  # the jobs were submitted; wait for them (the task's timeout bounds this)
         while incomplete := executor.get_incomplete_ranks(range(tasks)):
@@ -492,7 +612,7 @@ def curate(raw: Path, corpus: Path, work: Path, recipe: PrepRecipe, cache_path: 
     if cache_path is not None:
         from nightshift.prep.cache import OutcomeCache
 
-        cache = OutcomeCache(cache_path, recipe.digest())
+        cache = OutcomeCache(cache_path, outcome_digest(recipe))
         cache.absorb(out, tasks)
         pruned = cache.prune(cache_days * 86400)
         if pruned:
@@ -575,7 +695,21 @@ def _finish(out: Path, tasks: int, corpus: Path, recipe: PrepRecipe, empty: list
     near.seen = len(ids) - len(drop)
     if recipe.dedup.near:
         remaining = np.array([i for i in range(len(ids)) if i not in drop], dtype=np.int64)
-        clusters = find_near_duplicates(matrix[remaining], recipe.dedup.threshold)
+
+        def texts_of(rows: list[int]) -> list[str]:
+            # Only documents of candidate pairs are read back, from the kept files, to verify them exactly.
+            wanted = {int(remaining[r]) for r in rows}
+            found: dict[int, str] = {}
+            index = 0
+            for rank in range(tasks):
+                with shard_files(out, rank)["kept"].open(encoding="utf-8") as fh:
+                    for line in fh:
+                        if index in wanted:
+                            found[index] = json.loads(line)["text"]
+                        index += 1
+            return [found[int(remaining[r])] for r in rows]
+
+        clusters = find_near_duplicates(matrix[remaining], recipe.dedup.threshold, texts_of, recipe.dedup.ngram)
         for local, keep in clusters.duplicate_of.items():
             i = int(remaining[local])
             drop[i] = "near_duplicate"

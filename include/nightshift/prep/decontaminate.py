@@ -3,6 +3,11 @@
 Every n-gram of n words (lowercased, punctuation ignored) of every evaluation item is hashed; a document
 sharing any of them with a set is contaminated by that set. Items shorter than n words are matched whole
 when they have at least ``min_item_words`` words, so short golden answers still count.
+
+Both sides are normalised the same way before their words are hashed: the cleaning step's ftfy pass (curly
+quotes and apostrophes made straight, full-width forms narrowed, NFC), then the word splitting of
+``near_dup``. Without it an item written with ``’`` never matches a document cleaned to ``'``: the word
+splitter keeps a non-ASCII apostrophe inside a word and splits at an ASCII one.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nightshift.prep.clean import normalize_text
 from nightshift.prep.near_dup import ngram_hashes, shingle_hashes, whole_hash, word_hashes
 from nightshift.prep.recipe import Decontaminate
 
@@ -37,6 +43,11 @@ def read_items(path: Path) -> list[str]:
     return items
 
 
+def match_form(text: str) -> str:
+    """Return text as both sides are compared: normalised exactly as the cleaning step normalises documents."""
+    return normalize_text(text)
+
+
 @dataclass
 class EvalIndex:
     """Hashed n-grams of the configured evaluation sets."""
@@ -51,7 +62,7 @@ class EvalIndex:
         grams: dict[str, dict[int, np.ndarray]] = {}
         counts: dict[str, int] = {}
         for name in sorted(config.sets):
-            texts = read_items(config.set_path(name))
+            texts = [match_form(t) for t in read_items(config.set_path(name))]
             counts[name] = len(texts)
             by_length: dict[int, list] = {}
             full, _ = shingle_hashes(texts, config.ngram)
@@ -68,7 +79,8 @@ class EvalIndex:
         """Return, for each text, the names of the evaluation sets it shares an n-gram with."""
         hits: list[set[str]] = [set() for _ in texts]
         lengths = sorted({length for by_length in self.grams.values() for length in by_length})
-        words, per_doc = word_hashes(texts)  # hashed once; every n-gram length is built from them
+        # Cleaned documents are normalised already; normalize_text skips plain ASCII, so this costs little.
+        words, per_doc = word_hashes([match_form(t) for t in texts])  # hashed once for every n-gram length
         word_doc = np.repeat(np.arange(len(texts)), per_doc)
         for length in lengths:
             m = len(words) - length + 1

@@ -1,4 +1,4 @@
-"""Near-duplicate detection with MinHash LSH over word shingles, vectorised with numpy.
+"""Near-duplicate detection: MinHash LSH over word shingles finds candidates, exact Jaccard decides.
 
 Words are hashed together from one prefix sum over the bytes of a batch of documents and shingles combine
 word hashes, so no n-gram string is ever built; rensa (Rust) turns the shingle hashes into k-permutation
@@ -9,21 +9,25 @@ as Python strings, and building those runs at about 13 MB/s, while rensa's own h
 
 Decision rule, for a recipe threshold t and k permutations:
 - candidates: documents that agree on every row of at least one band; bands and rows are chosen so that a
-  pair at similarity t becomes a candidate with probability >= 0.995;
-- a candidate pair is a duplicate when its estimated Jaccard similarity (the share of equal signature
-  slots) is at least t - 2.33 sd, sd = sqrt(t (1 - t) / k): a pair at exactly t passes with probability
-  0.99, so recall holds at the threshold, while a pair at 0.5 passes with probability below 1e-4 at k = 128.
+  pair at similarity t - 2.33 sd (sd = sqrt(t (1 - t) / k)) becomes a candidate with probability >= 0.995,
+  so a pair at t or above is missed far less often than that;
+- a candidate pair is a duplicate only when the exact Jaccard similarity of its two shingle sets is at
+  least t. The MinHash estimate only rejects early: a candidate whose share of equal signature slots is
+  below t - 5 sd is not compared (a pair at t falls there with probability below 1e-6). An estimate alone
+  cannot decide: accepting at t - 2.33 sd, as recall at t needs, removes most pairs at 0.70-0.74 under 0.8.
 - duplicates are clustered (union-find); the first document of every cluster, in corpus order, is kept.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 _Z = 2.33
+_Z_REJECT = 5.0
 _SHINGLE_MUL = np.uint64(0x100000001B3)
 _BASE = np.uint32(0x9E3779B1)
 
@@ -149,8 +153,8 @@ def whole_hash(words: np.ndarray) -> np.uint64:
 
 
 def lsh_bands(num_perm: int, threshold: float) -> tuple[int, int]:
-    """Return (bands, rows): the most rows per band that still finds a pair at the verify threshold >= 99.5%."""
-    low = verify_threshold(num_perm, threshold)
+    """Return (bands, rows): the most rows per band that still finds a pair at the candidate floor >= 99.5%."""
+    low = candidate_threshold(num_perm, threshold)
     best = (num_perm, 1)
     for rows in range(1, num_perm + 1):
         bands = num_perm // rows
@@ -161,9 +165,29 @@ def lsh_bands(num_perm: int, threshold: float) -> tuple[int, int]:
     return best
 
 
-def verify_threshold(num_perm: int, threshold: float) -> float:
-    """Return the estimated similarity a candidate pair needs: the threshold less 2.33 standard errors."""
+def candidate_threshold(num_perm: int, threshold: float) -> float:
+    """Return the similarity LSH is tuned to find: the threshold less 2.33 standard errors of the estimate."""
     return threshold - _Z * math.sqrt(threshold * (1 - threshold) / num_perm)
+
+
+def shingle_sets(texts: Sequence[str], ngram: int) -> list[np.ndarray]:
+    """Return the sorted unique shingle hashes of every text, as ``MinHasher`` shingles them."""
+    shingles, shingle_doc = shingle_hashes(list(texts), ngram, whole_below=1)
+    # Grouped by text with a stable integer sort (radix, several times faster than lexsort on both keys); each
+    # group is then sorted and deduplicated on its own.
+    order = np.argsort(shingle_doc, kind="stable")
+    shingles, shingle_doc = shingles[order], shingle_doc[order]
+    bounds = np.searchsorted(shingle_doc, np.arange(len(texts) + 1))
+    return [np.unique(shingles[bounds[d]:bounds[d + 1]]) for d in range(len(texts))]
+
+
+def exact_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Return the Jaccard similarity of two sorted unique shingle-hash arrays (1.0 for two empty sets)."""
+    union = len(a) + len(b)
+    if not union:
+        return 1.0
+    common = len(np.intersect1d(a, b, assume_unique=True))
+    return common / (union - common)
 
 
 @dataclass
@@ -178,11 +202,20 @@ class Clusters:
     verified_pairs: int
 
 
-def find_near_duplicates(signatures: np.ndarray, threshold: float) -> Clusters:
-    """Cluster documents (rows of ``signatures``, in corpus order) whose similarity reaches the threshold."""
+TextsOf = Callable[[list[int]], Sequence[str]]
+"""Returns the texts of some documents (by row of the signature matrix), in the order asked."""
+
+
+def find_near_duplicates(signatures: np.ndarray, threshold: float, texts: Sequence[str] | TextsOf,
+                         ngram: int = 5) -> Clusters:
+    """Cluster documents (rows of ``signatures``, in corpus order) whose exact shingle Jaccard reaches the threshold.
+
+    ``texts`` gives the documents' texts (a sequence, or a function returning the texts of the rows asked for):
+    only documents of candidate pairs are read and shingled again, with ``ngram`` words per shingle.
+    """
     n, num_perm = signatures.shape
     bands, rows = lsh_bands(num_perm, threshold)
-    need = math.ceil(verify_threshold(num_perm, threshold) * num_perm)
+    reject = math.ceil((threshold - _Z_REJECT * math.sqrt(threshold * (1 - threshold) / num_perm)) * num_perm)
     pairs = []
     for band in range(bands):
         keys = np.zeros(n, np.uint64)
@@ -198,11 +231,12 @@ def find_near_duplicates(signatures: np.ndarray, threshold: float) -> Clusters:
                 break
             pairs.append(np.stack((order[same], order[same + d]), axis=1))
     candidates = np.unique(np.concatenate(pairs), axis=0) if pairs else np.empty((0, 2), np.int64)
-    verified = np.empty((0, 2), np.int64)
+    plausible = np.empty((0, 2), np.int64)
     for start in range(0, len(candidates), 1 << 16):
         chunk = candidates[start:start + (1 << 16)]
         equal = (signatures[chunk[:, 0]] == signatures[chunk[:, 1]]).sum(axis=1)
-        verified = np.concatenate((verified, chunk[equal >= need]))
+        plausible = np.concatenate((plausible, chunk[equal >= reject]))
+    verified = _verify(plausible, threshold, texts, ngram)
     parent = list(range(n))
 
     def root(i: int) -> int:
@@ -222,3 +256,14 @@ def find_near_duplicates(signatures: np.ndarray, threshold: float) -> Clusters:
         if r != i:
             duplicate_of[i] = r
     return Clusters(duplicate_of, len(set(duplicate_of.values())), len(candidates), len(verified))
+
+
+def _verify(pairs: np.ndarray, threshold: float, texts: Sequence[str] | TextsOf, ngram: int) -> np.ndarray:
+    """Return the pairs whose exact shingle Jaccard similarity is at least the threshold."""
+    if not len(pairs):
+        return pairs
+    docs = np.unique(pairs).tolist()
+    got = texts(docs) if callable(texts) else [texts[i] for i in docs]
+    sets = dict(zip(docs, shingle_sets(got, ngram), strict=True))
+    keep = [exact_jaccard(sets[i], sets[j]) >= threshold for i, j in pairs.tolist()]
+    return pairs[np.array(keep, bool)]

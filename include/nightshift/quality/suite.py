@@ -199,16 +199,21 @@ def validate_frame(frame: Any, policy: QualityPolicy, sources: Any = None, prepa
 
 
 def text_metrics(texts: Any) -> dict[str, list[int]]:
-    """Return per-text lengths, visible (non-blank) characters and second-pass PII finds."""
+    """Return per-text lengths, visible (non-blank) characters and second-pass PII finds.
+
+    The second pass counts what the scrubber's own rules find plus what an independent detector finds
+    (``prep.secrets``: detect-secrets and generic rules): rerunning the scrubber alone could only confirm it.
+    """
     from nightshift.prep.pii import Scrubber
+    from nightshift.prep.secrets import verify_many
 
     scrubber = Scrubber()
+    texts = [text if isinstance(text, str) else "" for text in texts]
     chars, visible, pii = [], [], []
-    for text in texts:
-        text = text if isinstance(text, str) else ""
+    for text, secrets in zip(texts, verify_many(texts), strict=True):
         chars.append(len(text))
         visible.append(len(text) - sum(map(text.count, (" ", "\n", "\t", "\r"))) if text.strip() else 0)
-        pii.append(len(scrubber.find(text)))
+        pii.append(len(scrubber.find(text)) + len(secrets))
     return {"chars": chars, "visible_chars": visible, "pii_hits": pii}
 
 

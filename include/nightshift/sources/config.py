@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from nightshift.sources.document_store import RawDocument, ReadResult, Skip, resolve_store
+from nightshift.sources.document_store import RawDocument, Skip, resolve_store
 from nightshift.sources.sql import SqlSettings
-from nightshift.sources.web import WebSettings
+from nightshift.sources.web import WebSettings, within
 
 KINDS = ("files", "web", "sql")
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
@@ -105,7 +106,9 @@ def source_from_uri(uri: str, allowed_roots: tuple[str, ...]) -> SourceSpec:
         return SourceSpec(name="one-off", kind="files", settings={"path": str(folder)})
     _check_uri_root(uri, allowed_roots)
     if scheme in ("http", "https"):
-        return SourceSpec(name="one-off", kind="web", settings={"url": uri})
+        # The allowed roots bound the whole crawl, not only its start: links and redirects stay under them.
+        roots = [r for r in allowed_roots if "://" in r and within(uri, [r])]
+        return SourceSpec(name="one-off", kind="web", settings={"url": uri, "roots": roots})
     if scheme == "sql":
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         settings: dict[str, Any] = {"conn_id": parts.netloc, "table": parts.path.strip("/")}
@@ -121,7 +124,12 @@ def _check_uri_root(uri: str, allowed_roots: tuple[str, ...]) -> None:
     from nightshift.sources.document_store import SourceNotAllowed
 
     normal = uri.rstrip("/") + "/"
-    if not any(normal.startswith(root.rstrip("/") + "/") for root in allowed_roots if "://" in root):
+    if urlsplit(uri).scheme.lower() in ("http", "https"):
+        # Compared as the crawler will fetch it: scheme, host, port and path with dot segments resolved.
+        allowed = within(uri, (r for r in allowed_roots if urlsplit(r).scheme.lower() in ("http", "https")))
+    else:
+        allowed = any(normal.startswith(root.rstrip("/") + "/") for root in allowed_roots if "://" in root)
+    if not allowed:
         raise SourceNotAllowed(
             f"source {uri[:200]!r} is not under a location this installation reads from; an administrator can "
             "add its prefix (a URL, sql://<conn_id>, or a folder) to NIGHTSHIFT_SOURCE_ROOTS"
@@ -129,26 +137,29 @@ def _check_uri_root(uri: str, allowed_roots: tuple[str, ...]) -> None:
 
 
 class FilesReader:
-    """A folder or an object-store prefix."""
+    """A folder or an object-store prefix, read one document at a time (a large export never sits in memory)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.skips: list[Skip] = []
-        self.result = ReadResult()
+        self.formats: Counter[str] = Counter()
 
     def read(self) -> Iterator[RawDocument]:
-        from nightshift.sources.document_store import read_store
-        from nightshift.sources.object_store import read_object_store
+        from nightshift.sources.document_store import iter_store
+        from nightshift.sources.object_store import iter_object_store
 
+        self.skips, self.formats = [], Counter()
         if "://" in self.path and not self.path.startswith("file://"):
-            self.result = read_object_store(self.path)
+            documents = iter_object_store(self.path, self.skips)
         else:
-            self.result = read_store(resolve_store(self.path))
-        self.skips = self.result.skipped
-        yield from self.result.documents
+            documents = iter_store(resolve_store(self.path), self.skips)
+        for doc in documents:
+            self.formats[doc.format] += 1
+            yield doc
 
     def summary(self) -> dict[str, Any]:
-        return {"formats": self.result.formats, "skipped": self.result.skip_reasons()}
+        return {"formats": dict(sorted(self.formats.items())),
+                "skipped": dict(Counter(s.reason.split(":")[0] for s in self.skips).most_common())}
 
 
 class _Adapter:

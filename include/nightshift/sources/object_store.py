@@ -8,14 +8,24 @@ gcsfs, adlfs) must be installed where the task runs; credentials come from its u
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Iterator
 
-from nightshift.sources.document_store import ReadResult, take_file
+from nightshift.sources.document_store import RawDocument, ReadResult, Skip, iter_file, skip_reasons
 
 log = logging.getLogger(__name__)
 
 
 def read_object_store(url: str) -> ReadResult:
     """Return every supported document under ``url`` in a stable order, with counted skips."""
+    result = ReadResult()
+    result.documents.extend(iter_object_store(url, result.skipped))
+    return result
+
+
+def iter_object_store(url: str, skipped: list[Skip]) -> Iterator[RawDocument]:
+    """Yield every supported document under ``url`` in a stable order, appending what was not read to ``skipped``;
+    files are opened as streams, so a large JSONL export is read record by record."""
     import fsspec
 
     try:
@@ -25,7 +35,8 @@ def read_object_store(url: str) -> ReadResult:
     if not fs.isdir(root):
         raise FileNotFoundError(f"document store {url!r} does not exist or is not a folder")
     root = root.rstrip("/")
-    result = ReadResult()
+    formats: Counter[str] = Counter()
+    first_skip = len(skipped)
     entries = fs.find(root, detail=True)
     for path in sorted(entries):
         info = entries[path]
@@ -34,7 +45,9 @@ def read_object_store(url: str) -> ReadResult:
         rel = path[len(root):].lstrip("/")
         if any(part.startswith(".") for part in rel.split("/")):
             continue
-        take_file(rel, lambda info=info: int(info.get("size") or 0), lambda p=path: fs.cat_file(p), result)
-    log.info("read %d documents from %s (%s); skipped %d (%s)", len(result.documents), url, result.formats,
-             len(result.skipped), result.skip_reasons())
-    return result
+        for doc in iter_file(rel, lambda info=info: int(info.get("size") or 0), lambda p=path: fs.open(p, "rb"),
+                             skipped):
+            formats[doc.format] += 1
+            yield doc
+    log.info("read %d documents from %s (%s); skipped %d (%s)", sum(formats.values()), url,
+             dict(sorted(formats.items())), len(skipped) - first_skip, skip_reasons(skipped[first_skip:]))

@@ -8,28 +8,41 @@ With an ``updated_column`` the read is incremental: only rows changed since the 
 a local snapshot (SQLite under ``$NIGHTSHIFT_HOME/sources/<name>/``), and one pass over the ids drops the
 rows deleted since. The snapshot is written row by row, so a read killed half-way leaves one the next run
 can continue from.
+
+A high-water mark alone misses rows: a writer's transaction stamps rows when it starts (PostgreSQL's
+``now()``) but they become visible when it commits, possibly after a read that already saw newer stamps; and
+a row whose cursor is NULL is never ``>=`` anything. So each incremental read starts ``lookback`` before the
+mark, also reads the rows whose cursor is NULL, and its pass over the ids fetches the ids the table has and
+the snapshot lacks (rows committed later than the look-back window allowed for).
+
+Text that cannot be written as UTF-8 (SQLite stores whatever bytes it is given) is a counted skip of the row,
+as it is for a file or a JSONL record.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from nightshift.sources.document_store import RawDocument, Skip
+from nightshift.sources.document_store import RawDocument, Skip, encodable, printable
 
 log = logging.getLogger(__name__)
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?")
 MAX_TEXT_CHARS = 1_000_000
+MAX_IDS_PER_QUERY = 500
+"""Ids fetched by one ``IN (...)`` query when the snapshot lacks rows the table has."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,11 @@ class SqlSettings:
     text_column: str = "text"
     updated_column: str | None = None
     """A column that grows when a row changes (timestamp or version): makes the read incremental."""
+    lookback: float = 3600.0
+    """How far before the last read's high-water mark an incremental read starts again: seconds for a timestamp
+    cursor (whole days, rounded up, for a date), cursor units for a number (a version counter). It must exceed
+    the longest writer transaction: a row it stamps at its start and commits later is read only when the next
+    read starts before that stamp (a new row is also found by the pass over the ids; a changed one is not)."""
     format: str = "text"
     """How to read the text column: text, markdown or html."""
     batch_size: int = 1000
@@ -64,6 +82,9 @@ class SqlSettings:
             raise ValueError("sql source: format must be text, markdown or html")
         if not 1 <= self.batch_size <= 100_000:
             raise ValueError("sql source: batch_size must be between 1 and 100000")
+        if isinstance(self.lookback, bool) or not isinstance(self.lookback, int | float) or not (
+                0 <= self.lookback < math.inf):
+            raise ValueError("sql source: lookback must be a number >= 0 (seconds, or cursor units for a version)")
 
     @property
     def relation(self) -> str:
@@ -80,6 +101,8 @@ class SqlReport:
     """Rows fetched from the database this run (all of them, or only the changed ones)."""
     documents: int = 0
     deleted: int = 0
+    missing: int = 0
+    """Rows the table has and the snapshot lacked although older than the look-back window: fetched by id."""
     batches: int = 0
     incremental: bool = False
     seconds: float = 0.0
@@ -99,26 +122,31 @@ class SqlReader:
         self.report = SqlReport(incremental=settings.updated_column is not None)
         self.skips: list[Skip] = []
 
-    def _stream(self, sql: str, params: dict[str, Any]) -> Iterator[list]:
-        from sqlalchemy import text
+    def _stream(self, sql: str, params: dict[str, Any], expanding: tuple[str, ...] = ()) -> Iterator[list]:
+        from sqlalchemy import bindparam, text
 
+        statement = text(sql).bindparams(*(bindparam(name, expanding=True) for name in expanding))
         with self.engine.connect() as conn:
-            result = conn.execution_options(stream_results=True, yield_per=self.settings.batch_size).execute(
-                text(sql), params)
-            for batch in result.partitions(self.settings.batch_size):
-                self.report.batches += 1
-                yield batch
+            raw = conn.connection.dbapi_connection
+            lenient = isinstance(raw, sqlite3.Connection)
+            if lenient:
+                # SQLite hands back whatever bytes were stored: strict decoding would fail the whole read (and
+                # quote the text in its error). Undecodable bytes become lone surrogates, then a counted skip.
+                strict, raw.text_factory = raw.text_factory, _lenient_text
+            try:
+                result = conn.execution_options(stream_results=True, yield_per=self.settings.batch_size).execute(
+                    statement, params)
+                for batch in result.partitions(self.settings.batch_size):
+                    self.report.batches += 1
+                    yield batch
+            finally:
+                if lenient:
+                    raw.text_factory = strict
 
-    def _document(self, row_id: Any, value: Any, updated: Any = None) -> RawDocument | None:
-        key = str(row_id)
-        if value is None:
-            self._skip(key, "null text")
-            return None
-        if not isinstance(value, str):
-            self._skip(key, f"text is not text: {type(value).__name__}")
-            return None
-        if len(value) > MAX_TEXT_CHARS:
-            self._skip(key, f"text too long: {len(value)} characters")
+    def _document(self, key: str, value: Any, updated: Any = None) -> RawDocument | None:
+        reason = _problem(value)
+        if reason is not None:
+            self._skip(key, reason)
             return None
         meta: dict[str, Any] = {"table": self.settings.label}
         if updated is not None:
@@ -150,7 +178,11 @@ class SqlReader:
         for batch in self._stream(sql, {}):
             for row_id, value in batch:
                 self.report.rows_read += 1
-                doc = self._document(row_id, value)
+                key, reason = _checked(row_id, value)
+                if reason is not None:
+                    self._skip(key, reason)
+                    continue
+                doc = self._document(key, value)
                 if doc is not None:
                     self.report.documents += 1
                     yield doc
@@ -164,44 +196,119 @@ class SqlReader:
             db.execute("CREATE TABLE IF NOT EXISTS mark (key TEXT PRIMARY KEY, value TEXT)")
             row = db.execute("SELECT value FROM mark WHERE key = 'since'").fetchone()
             since = _from_json(row[0]) if row else None
-            where = f" WHERE {s.updated_column} >= :since" if since is not None else ""
-            sql = (f"SELECT {s.id_column} AS id, {s.text_column} AS text, {s.updated_column} AS updated "
-                   f"FROM {s.relation}{where} ORDER BY {s.updated_column}, {s.id_column}")
+            columns = f"{s.id_column} AS id, {s.text_column} AS text, {s.updated_column} AS updated"
+            where = (f" WHERE {s.updated_column} >= :since OR {s.updated_column} IS NULL"
+                     if since is not None else "")
+            sql = f"SELECT {columns} FROM {s.relation}{where} ORDER BY {s.updated_column}, {s.id_column}"
+            params = {"since": _before(since, s.lookback)} if since is not None else {}
             newest = since
-            for batch in self._stream(sql, {"since": since} if since is not None else {}):
-                for row_id, value, updated in batch:
-                    self.report.rows_read += 1
-                    db.execute("INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?)",
-                               (str(row_id), value if isinstance(value, str) else None, _to_text(updated),
-                                None if isinstance(value, str) else (type(value).__name__ if value is not None
-                                                                     else "null")))
-                    if updated is not None and (newest is None or updated > newest):
-                        newest = updated
+            for batch in self._stream(sql, params):
+                newest = self._keep(db, batch, newest)
                 db.commit()
-            # Deleted rows: one pass over the ids (in batches), then drop what the database no longer has.
-            db.execute("CREATE TEMP TABLE present (id TEXT PRIMARY KEY)")
+            # One pass over the ids (in batches): what the snapshot lacks is fetched, what the table lacks dropped.
+            db.execute("CREATE TEMP TABLE present (id TEXT PRIMARY KEY, raw)")
             for batch in self._stream(f"SELECT {s.id_column} AS id FROM {s.relation}", {}):
-                db.executemany("INSERT OR IGNORE INTO present VALUES (?)", [(str(r[0]),) for r in batch])
+                db.executemany("INSERT OR IGNORE INTO present VALUES (?, ?)",
+                               [(printable(str(r[0])), _bindable(r[0])) for r in batch])
+            db.execute("CREATE TEMP TABLE lacking AS SELECT raw FROM present WHERE id NOT IN (SELECT id FROM rows)")
+            lacking = db.execute("SELECT raw FROM lacking")
+            while ids := [r[0] for r in lacking.fetchmany(MAX_IDS_PER_QUERY)]:
+                fetch = f"SELECT {columns} FROM {s.relation} WHERE {s.id_column} IN :ids"
+                for batch in self._stream(fetch, {"ids": ids}, expanding=("ids",)):
+                    self.report.missing += len(batch)
+                    newest = self._keep(db, batch, newest)
             self.report.deleted = db.execute("DELETE FROM rows WHERE id NOT IN (SELECT id FROM present)").rowcount
             if newest is not None:
                 db.execute("INSERT OR REPLACE INTO mark VALUES ('since', ?)", (_to_json(newest),))
             db.commit()
-            for row_id, value, updated, reason in db.execute("SELECT id, text, updated, reason FROM rows ORDER BY id"):
+            for key, value, updated, reason in db.execute("SELECT id, text, updated, reason FROM rows ORDER BY id"):
                 if value is None:
-                    self._skip(row_id, "null text" if reason in (None, "null") else f"text is not text: {reason}")
+                    self._skip(key, _stored_reason(reason))
                     continue
-                doc = self._document(row_id, value, updated)
+                doc = self._document(key, value, updated)
                 if doc is not None:
                     self.report.documents += 1
                     yield doc
         finally:
             db.close()
 
+    def _keep(self, db: sqlite3.Connection, batch: list, newest: Any) -> Any:
+        """Write a batch of rows into the snapshot; return the high-water mark including them."""
+        for row_id, value, updated in batch:
+            self.report.rows_read += 1
+            key, reason = _checked(row_id, value)
+            db.execute("INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?)",
+                       (key, None if reason else value, _to_text(updated), reason))
+            if updated is not None and (newest is None or updated > newest):
+                newest = updated
+        return newest
+
+
+def _checked(row_id: Any, value: Any) -> tuple[str, str | None]:
+    """Return a row's key in the snapshot and the skips, and why the row is not a document (None when it is)."""
+    key = str(row_id)
+    if not encodable(key):
+        return printable(key), "not UTF-8 text: the id"
+    return key, _problem(value)
+
+
+def _problem(value: Any) -> str | None:
+    """Return why a text column's value is not a document, or None when it is one."""
+    if value is None:
+        return "null text"
+    if not isinstance(value, str):
+        return f"text is not text: {type(value).__name__}"
+    if len(value) > MAX_TEXT_CHARS:
+        return f"text too long: {len(value)} characters"
+    if not encodable(value):
+        return "not UTF-8 text: undecodable bytes"
+    return None
+
+
+def _stored_reason(reason: str | None) -> str:
+    # snapshots written before reasons were stored whole hold "null" or the value's type name
+    if reason in (None, "null"):
+        return "null text"
+    return reason if ":" in reason or reason == "null text" else f"text is not text: {reason}"
+
+
+def _lenient_text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _bindable(value: Any) -> Any:
+    """Return an id as SQLite can keep it and the database can compare it again (a UUID, a number as text)."""
+    if isinstance(value, str):
+        return printable(value)
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+
+
+def _before(mark: Any, lookback: float) -> Any:
+    """Return the cursor value ``lookback`` before ``mark``; ``mark`` itself when the cursor has no arithmetic."""
+    if isinstance(mark, datetime):
+        return mark - timedelta(seconds=lookback)
+    if isinstance(mark, date):
+        return mark - timedelta(days=math.ceil(lookback / 86_400))
+    if isinstance(mark, bool):
+        return mark
+    if isinstance(mark, int):
+        return mark - math.ceil(lookback)
+    if isinstance(mark, float | Decimal):
+        return mark - type(mark)(lookback)
+    if isinstance(mark, str):  # SQLite keeps timestamps as ISO text; compare in the same form
+        try:
+            parsed = datetime.fromisoformat(mark)
+        except ValueError:
+            log.warning("incremental read: the cursor is text that is not a timestamp; no look-back applied")
+            return mark
+        return (parsed - timedelta(seconds=lookback)).isoformat("T" if "T" in mark else " ")
+    return mark
+
 
 def _to_text(value: Any) -> str | None:
     if value is None:
         return None
-    return value.isoformat() if isinstance(value, date | datetime) else str(value)
+    return value.isoformat() if isinstance(value, date | datetime) else printable(str(value))
 
 
 def _to_json(value: Any) -> str:
@@ -209,6 +316,8 @@ def _to_json(value: Any) -> str:
         return json.dumps({"datetime": value.isoformat()})
     if isinstance(value, date):
         return json.dumps({"date": value.isoformat()})
+    if isinstance(value, Decimal):
+        return json.dumps({"decimal": str(value)})
     return json.dumps({"value": value})
 
 
@@ -218,4 +327,6 @@ def _from_json(raw: str) -> Any:
         return datetime.fromisoformat(data["datetime"])
     if "date" in data:
         return date.fromisoformat(data["date"])
+    if "decimal" in data:
+        return Decimal(data["decimal"])
     return data["value"]

@@ -7,7 +7,10 @@ Versioning identical bytes again returns the existing version instead of creatin
 Creating a version is one recoverable step, in the order stage -> push -> commit -> tag, so that a tag
 always names bytes the remote holds. Each part is skipped when a killed earlier attempt already did it (an
 untagged commit of the same bytes is tagged, not committed again), and one lock serialises the processes
-that share the repository.
+that share the repository. The lock is a file beside the repository folder, so it exists before the
+repository does and covers its creation too: two first nights started together create it once, and a
+creation killed halfway (git initialised but not DVC, no first commit, a stale git index lock, or a corpus
+file that reached git itself) is finished or repaired by the next call, never left for a person to fix.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class DatasetRepository:
         self.remote = Path(remote)
         self.name = name
         self.filename = filename
+        self._lock_depth = 0
 
     @property
     def data_path(self) -> str:
@@ -58,27 +62,71 @@ class DatasetRepository:
         return Repo(str(self.root))
 
     def ensure(self) -> None:
-        """Create the git + DVC repository and its local remote if they do not exist yet."""
+        """Create the git + DVC repository and its local remote, or finish one a killed or raced call left."""
+        with self.locked():
+            self._ensure()
+
+    def _ensure(self) -> None:
+        """Bring the repository to its initialised state, skipping each part already done; hold the lock."""
         from dvc.repo import Repo
 
         self.remote.mkdir(parents=True, exist_ok=True)
-        if (self.root / ".dvc").is_dir():
-            return
         self.root.mkdir(parents=True, exist_ok=True)
-        if not (self.root / ".git").exists():
+        git_dir = self.root / ".git"
+        if not (git_dir / "HEAD").is_file():
             self._git("init", "--quiet", "--initial-branch=main")
-        self._git("config", "user.name", "nightshift")
-        self._git("config", "user.email", "nightshift@localhost")
-        self._git("config", "commit.gpgsign", "false")
-        with Repo.init(str(self.root)) as repo:
-            with repo.config.edit() as conf:
-                conf["remote"][REMOTE_NAME] = {"url": str(self.remote.resolve())}
-                conf["core"]["remote"] = REMOTE_NAME
-                conf["core"]["analytics"] = "false"
-                conf["core"]["autostage"] = "true"
-        self._git("add", "-A")
-        self._git("commit", "--quiet", "-m", "Initialise data repository")
-        log.info("created data repository %s with DVC remote %s", self.root, self.remote)
+        fault_point("versioning.init_after_git")
+        stale = git_dir / "index.lock"
+        if stale.exists():  # left by a git killed mid-write: under our lock no other git of ours runs here
+            log.warning("removing a stale git index lock in %s", self.root)
+            stale.unlink()
+        for key, value in (("user.name", "nightshift"), ("user.email", "nightshift@localhost"),
+                           ("commit.gpgsign", "false")):
+            if self._git_config(key) != value:
+                self._git("config", key, value)
+        if not (self.root / ".dvc" / "config").is_file() or not (self.root / ".dvcignore").is_file():
+            # DVC refuses to initialise over a .dvc folder; one without its files is what a killed init left.
+            Repo.init(str(self.root), force=True).close()
+        fault_point("versioning.init_after_dvc")
+        with self._repo() as repo:
+            wanted = {"url": str(self.remote.resolve())}
+            config = repo.config.read("repo")
+            if (config.get("remote", {}).get(REMOTE_NAME) != wanted
+                    or config.get("core", {}).get("remote") != REMOTE_NAME):
+                with repo.config.edit() as conf:
+                    conf["remote"][REMOTE_NAME] = wanted
+                    conf["core"]["remote"] = REMOTE_NAME
+                    conf["core"]["analytics"] = "false"
+                    conf["core"]["autostage"] = "true"
+        fault_point("versioning.init_after_config")
+        own = [p for p in (".dvc/config", ".dvc/.gitignore", ".dvcignore") if (self.root / p).is_file()]
+        self._git("add", "--", *own)
+        born = self._has_head()
+        data_in_git = bool(born and self._git("ls-tree", "--name-only", "HEAD", "--", self.data_path))
+        if born and not data_in_git and not self._git("diff", "--cached", "--name-only", "--", *own):
+            return
+        # Only the repository's own files go into this commit: version files a killed commit() staged are
+        # unstaged (commit() stages them again), and a corpus that reached git leaves it (DVC tracks it).
+        if born:
+            self._git("reset", "--quiet", "HEAD", "--", self.name)
+        else:
+            self._git("rm", "-r", "--cached", "--quiet", "--ignore-unmatch", "--", self.name)
+        if data_in_git:
+            log.warning("%s was committed to git, not DVC: removing it from git's index", self.data_path)
+            self._git("rm", "--cached", "--quiet", "--", self.data_path)
+        message = "Repair data repository" if born else "Initialise data repository"
+        self._git("commit", "--quiet", "-m", message)
+        log.info("%s %s with DVC remote %s", "repaired" if born else "created", self.root, self.remote)
+
+    def _git_config(self, key: str) -> str | None:
+        proc = subprocess.run(["git", "config", "--local", "--get", key], cwd=self.root, capture_output=True,
+                              text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    def _has_head(self) -> bool:
+        proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "HEAD"], cwd=self.root,
+                              capture_output=True)
+        return proc.returncode == 0
 
     def versions(self) -> list[str]:
         """Return the version tags of this dataset, oldest first."""
@@ -108,11 +156,22 @@ class DatasetRepository:
 
     @contextmanager
     def locked(self):
-        """Hold the repository's lock (one process at a time changes or reads it)."""
+        """Hold the repository's lock (one process at a time creates, changes or reads it); re-entrant."""
+        if self._lock_depth:  # a second flock on a new descriptor in this process would wait for ever
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
         self.root.parent.mkdir(parents=True, exist_ok=True)
         with open(self.root.parent / f".{self.root.name}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
 
     def _tag_for(self, md5: str) -> str | None:
         for tag in reversed(self.versions()):
@@ -138,8 +197,8 @@ class DatasetRepository:
         ``companions`` are small files committed to git beside the corpus in the same commit (its whylogs
         profile), so a version's tag fetches them exactly as they were made with it.
         """
-        self.ensure()
         with self.locked():
+            self._ensure()
             md5 = content_md5(corpus_file)
             existing = self._tag_for(md5)
             if existing:
