@@ -67,3 +67,14 @@ def test_the_preparation_step_drops_a_document_copying_a_curly_quoted_item(tmp_p
                                         ("copy", "html", f"<html><body><p>Quoted: {copied}.</p></body></html>")])
     assert kept.text is not None and kept.contaminated == []
     assert (copy.step, copy.reason, copy.contaminated) == ("decontaminate", "contaminated:qa", ["qa"])
+
+
+@pytest.mark.parametrize("hide", ["\u200b", "\u200d", "\u00ad", "\u2060", "\ufeff"])
+def test_a_copy_sprinkled_with_invisible_characters_or_no_break_spaces_is_found(tmp_path, hide):
+    item = "The refractor is pointed by the duty astronomer on every clear night of the winter season"
+    index = EvalIndex.build(Decontaminate(sets={"qa": eval_set(tmp_path, "qa", [{"question": item}])}))
+    hidden = " ".join(word[:2] + hide + word[2:] if len(word) > 3 else word for word in item.split())
+    no_break = item.replace(" ", "\u00a0")
+    full_width = item.replace("refractor", "ｒｅｆｒａｃｔｏｒ")
+    docs = [f"Night log. {hidden}.", f"Night log. {no_break}.", f"Night log. {full_width}.", "The dome closed early."]
+    assert index.contaminated(docs) == [["qa"], ["qa"], ["qa"], []]

@@ -153,3 +153,20 @@ def test_exact_jaccard_of_shingle_sets_matches_the_string_definition():
     for a in range(len(texts)):
         for b in range(len(texts)):
             assert abs(exact_jaccard(sets[a], sets[b]) - jaccard(texts[a], texts[b])) < 1e-9
+
+
+def test_a_chain_of_documents_each_close_to_the_next_is_not_removed_past_the_threshold():
+    rng = random.Random(7)
+    words = " ".join(prose(rng, 40, 40) for _ in range(3)).split()
+    # Windows of 1,000 words sliding by 20: neighbours share ~98% of their shingles, the ends of the chain far less.
+    docs = [" ".join(words[20 * k: 20 * k + 1000]) for k in range(12)]
+    assert len(words) >= 20 * 11 + 1000
+    sets = shingle_sets(docs, 5)
+    clusters = find_near_duplicates(MinHasher().signatures(docs), 0.8, docs)
+    kept = [i for i in range(len(docs)) if i not in clusters.duplicate_of]
+    for doc, first in clusters.duplicate_of.items():
+        assert first in kept and exact_jaccard(sets[doc], sets[first]) >= 0.8
+    for i in kept:  # no two kept documents are duplicates of each other
+        assert all(exact_jaccard(sets[i], sets[j]) < 0.8 for j in kept if j != i)
+    far = [i for i in range(len(docs)) if exact_jaccard(sets[0], sets[i]) < 0.8]
+    assert far and far[0] in kept  # the first document too far from the first kept one starts a group of its own

@@ -34,6 +34,20 @@ def gzip_bomb(decoded_mib: int = 512) -> bytes:
     return gzip([gzip(zeros for _ in range(decoded_mib))])
 
 
+@functools.cache
+def empty_blocks_bomb(inner_mib: int = 64) -> bytes:
+    """Return gzip of gzip of a gzip member of ``inner_mib`` MiB of empty stored deflate blocks: it decodes to
+    nothing, so only a bound on the work of every layer (and the deadline) stops it, not the page cap."""
+    def gzip(chunks) -> bytes:
+        packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        return b"".join([*(packer.compress(c) for c in chunks), packer.flush()])
+
+    blocks = b"\x00\x00\x00\xff\xff" * ((1 << 20) // 5)  # BFINAL=0, BTYPE=00, LEN=0, NLEN=0xffff
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    inner = (header, *(blocks for _ in range(inner_mib)), b"\x03\x00", b"\x00" * 8)  # final empty block, crc, size
+    return gzip([gzip(inner)])
+
+
 class _Service:
     """One HTTP/1.1 server recording its requests; ``answer(path, query, headers)`` returns (status, headers,
     body), the body bytes, text, or an iterator of byte strings sent as they come (a slow server)."""
@@ -187,6 +201,8 @@ class HostileSite:
             return 302, {"Location": f"{o}/public/landing.html"}, ""
         if path == "/public/bomb.html":
             return 200, {"Content-Type": "text/html", "Content-Encoding": "gzip, gzip"}, gzip_bomb(self.bomb_mib)
+        if path == "/public/empty-bomb.html":
+            return 200, {"Content-Type": "text/html", "Content-Encoding": "gzip, gzip, gzip"}, empty_blocks_bomb()
         if path == "/public/drip.html":
             return 200, {"Content-Type": "text/html"}, self._drip()
         if path.startswith("/private/"):

@@ -239,3 +239,18 @@ def test_a_65_mib_export_of_200k_records_is_read_whole_in_bounded_memory(tmp_pat
     assert read["count"] == n and read["skipped"] == 0
     assert read["chars"] == n * len(body.replace("while", "while" + " " * pad, 1))
     assert read["grew"] < 16 * 1024 * 1024  # a few chunks and one record, never the 65 MiB file
+
+
+def test_a_number_python_cannot_convert_and_odd_ids_cost_one_record_or_nothing(tmp_path: Path):
+    lines = [json.dumps({"id": i, "text": f"good document {i}"}) for i in range(20)]
+    lines.insert(10, '{"id": "bad", "text": "x", "n": ' + "1" * 5000 + "}")  # valid JSON, refused by int()
+    lines.append(json.dumps({"id": "x" * 10_000, "text": "a very long id"}))
+    lines.append(json.dumps({"id": {"nested": [1, 2]}, "text": "an id that is an object"}))
+    lines.append(json.dumps({"id": True, "text": "an id that is a boolean"}))
+    (tmp_path / "export.jsonl").write_text("\n".join(lines) + "\n")
+    result = read_store(tmp_path)
+    assert [(s.location, s.reason) for s in result.skipped] == [
+        ("export.jsonl:11", "invalid JSON: a number too long to convert")]
+    ids = [d.id for d in result.documents]
+    assert len(ids) == 23 and len(set(ids)) == 23 and max(len(i) for i in ids) < 120
+    assert ids[-2:] == ["export.jsonl#23", "export.jsonl#24"]  # not an id: the line number stands in

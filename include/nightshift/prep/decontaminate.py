@@ -5,7 +5,8 @@ sharing any of them with a set is contaminated by that set. Items shorter than n
 when they have at least ``min_item_words`` words, so short golden answers still count.
 
 Both sides are normalised the same way before their words are hashed: the cleaning step's ftfy pass (curly
-quotes and apostrophes made straight, full-width forms narrowed, NFC), then the word splitting of
+quotes and apostrophes made straight, full-width forms narrowed, NFC; for matching only, invisible characters
+dropped and NFKC, so no-break spaces and zero-width characters hide nothing), then the word splitting of
 ``near_dup``. Without it an item written with ``’`` never matches a document cleaned to ``'``: the word
 splitter keeps a non-ASCII apostrophe inside a word and splits at an ASCII one.
 """
@@ -13,6 +14,8 @@ splitter keeps a non-ASCII apostrophe inside a word and splits at an ASCII one.
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +46,18 @@ def read_items(path: Path) -> list[str]:
     return items
 
 
+# Characters that show as nothing (zero-width space and joiners, word joiner, soft hyphen, byte order mark): a
+# copy sprinkled with them reads the same and must match the same.
+_INVISIBLE = re.compile("[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+
+
 def match_form(text: str) -> str:
-    """Return text as both sides are compared: normalised exactly as the cleaning step normalises documents."""
-    return normalize_text(text)
+    """Return text as both sides are compared: normalised as the cleaning step normalises documents, then with
+    invisible characters removed and compatibility forms folded (NFKC: no-break spaces, full-width letters)."""
+    text = normalize_text(text)
+    if text.isascii():
+        return text
+    return unicodedata.normalize("NFKC", _INVISIBLE.sub("", text))
 
 
 @dataclass

@@ -15,7 +15,8 @@ Decision rule, for a recipe threshold t and k permutations:
   least t. The MinHash estimate only rejects early: a candidate whose share of equal signature slots is
   below t - 5 sd is not compared (a pair at t falls there with probability below 1e-6). An estimate alone
   cannot decide: accepting at t - 2.33 sd, as recall at t needs, removes most pairs at 0.70-0.74 under 0.8.
-- duplicates are clustered (union-find); the first document of every cluster, in corpus order, is kept.
+- in corpus order, a document is removed when it is a duplicate of a document that is kept (never only of
+  one that was removed itself, so similarity does not chain past the threshold); the first is kept.
 """
 
 from __future__ import annotations
@@ -237,24 +238,18 @@ def find_near_duplicates(signatures: np.ndarray, threshold: float, texts: Sequen
         equal = (signatures[chunk[:, 0]] == signatures[chunk[:, 1]]).sum(axis=1)
         plausible = np.concatenate((plausible, chunk[equal >= reject]))
     verified = _verify(plausible, threshold, texts, ngram)
-    parent = list(range(n))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    # In corpus order, a document is removed only when it is similar to one that is kept. Clustering the
+    # similarity graph instead would be transitive: in a chain of documents each close to the next, the last
+    # would be removed as a copy of the first it no longer resembles.
+    earlier: dict[int, list[int]] = {}
     for i, j in verified.tolist():
-        ri, rj = root(i), root(j)
-        if ri != rj:  # the smaller index becomes the root: a cluster keeps its first document
-            parent[max(ri, rj)] = min(ri, rj)
+        lo, hi = min(i, j), max(i, j)
+        earlier.setdefault(hi, []).append(lo)
     duplicate_of: dict[int, int] = {}
-    members = np.unique(verified) if len(verified) else np.empty(0, np.int64)
-    for i in members.tolist():
-        r = root(i)
-        if r != i:
-            duplicate_of[i] = r
+    for i in sorted(earlier):
+        kept = [j for j in earlier[i] if j not in duplicate_of]
+        if kept:
+            duplicate_of[i] = min(kept)
     return Clusters(duplicate_of, len(set(duplicate_of.values())), len(candidates), len(verified))
 
 

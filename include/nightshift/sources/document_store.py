@@ -10,6 +10,7 @@ document would silently differ from its source, and the other readers (SQL rows,
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import logging
 import re
@@ -285,16 +286,32 @@ def _record(rel: str, lineno: int, line: bytes | str | None, skipped: list[Skip]
     except RecursionError:
         skipped.append(Skip(where, "invalid JSON: nested too deeply"))
         return None
+    except ValueError:  # valid JSON Python refuses to convert: an integer of more than 4,300 digits
+        skipped.append(Skip(where, "invalid JSON: a number too long to convert"))
+        return None
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         skipped.append(Skip(where, "no string field 'text'"))
         return None
-    doc_id = f"{rel}#{record.get('id', lineno)}"
+    doc_id = f"{rel}#{_record_id(record.get('id'), lineno)}"
     # The line was decoded strictly, so a lone surrogate can only come from a "\ud83d" escape: look only then.
     if "\\u" in line and not (encodable(record["text"]) and encodable(doc_id)):
         skipped.append(Skip(where, "not UTF-8 text: a lone surrogate (a \\ud800-\\udfff escape without its pair)"))
         return None
     fmt = record.get("format") if record.get("format") in ("markdown", "text", "html") else "text"
     return RawDocument(id=doc_id, source=where, format=fmt, content=record["text"])
+
+
+MAX_ID_CHARS = 200
+
+
+def _record_id(value: Any, lineno: int) -> str:
+    """Return a record's id as text: its string or integer ``id`` (a long one hashed), else its line number."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return str(lineno)
+    text = str(value)
+    if len(text) > MAX_ID_CHARS:  # ids travel into every report and file name of the night: keep them short
+        return f"{text[:64]}~{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
+    return text
 
 
 def _hidden(rel: Path) -> bool:

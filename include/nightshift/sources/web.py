@@ -308,12 +308,17 @@ class _Decoder:
     holds on decoded bytes as they are produced. httpx decodes each received chunk whole: a 1 KB chunk of a
     stacked gzip bomb becomes hundreds of MiB before any cap can be checked."""
 
-    def __init__(self, header: str) -> None:
+    def __init__(self, header: str, limit: int = 1 << 62, check: Callable[[], None] | None = None) -> None:
         codings = [c.strip().lower() for c in header.split(",") if c.strip()]
         codings = [c for c in codings if c != "identity"]
         if len(codings) > 4 or any(c not in ("gzip", "x-gzip", "deflate") for c in codings):
             raise Skipped("content encoding: unsupported")
         self.layers = [_Layer(c) for c in reversed(codings)]
+        # Inner layers can make work without output (a gzip of empty deflate blocks decodes to nothing), so the
+        # bytes every layer produces are bounded too, and the deadline is checked after each piece.
+        self.limit = limit
+        self.work = 0
+        self.check = check
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """Yield the decoded pieces of the next raw bytes."""
@@ -331,6 +336,11 @@ class _Decoder:
                 yield data
             return
         for piece in self.layers[i].feed(data):
+            self.work += len(piece)
+            if self.work > self.limit:
+                raise Skipped(f"too large: decoding makes over {self.limit} bytes")
+            if self.check is not None:
+                self.check()
             yield from self._through(i + 1, piece)
 
 
@@ -562,7 +572,12 @@ class Crawler:
         """Return the decoded body, raising Skipped as soon as the raw or the decoded bytes pass ``limit``."""
         import httpx
 
-        decoder = _Decoder(response.headers.get("content-encoding", ""))
+        def on_time() -> None:
+            if time.monotonic() > self._response_deadline:
+                raise httpx.ReadTimeout("response deadline passed")
+
+        # Each layer's output counts: a legitimate inner layer is compressed, so it is smaller than the page.
+        decoder = _Decoder(response.headers.get("content-encoding", ""), 4 * limit + CHUNK, on_time)
         body = bytearray()
         raw = 0
 
@@ -579,8 +594,7 @@ class Crawler:
                 raise Skipped(f"too large: over {limit} bytes")
             take(decoder.feed(chunk))
             # The backend bounds each read already; this also holds for a client handed in from outside.
-            if time.monotonic() > self._response_deadline:
-                raise httpx.ReadTimeout("response deadline passed")
+            on_time()
         take(decoder.flush())
         return bytes(body)
 
