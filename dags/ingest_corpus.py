@@ -17,12 +17,15 @@ it with DVC. A new version updates the **corpus** asset, which schedules `finetu
 | `publish_dataset` | updates the corpus asset once per version: skipped when an event already announced it |
 
 A source that fails (a site that is down, a database that refuses) fails its own mapped task, which alerts;
-the others are versioned. The `source` Param must name something under `NIGHTSHIFT_SOURCE_ROOTS` (by
-default only the bundled sample store). Per-source reports (fetched, unchanged, skipped by reason, robots
-blocks, budget hits) are in `$NIGHTSHIFT_HOME/work/ingest_corpus/<run_id>/collection.json`; crawl state and
-SQL snapshots persist in `$NIGHTSHIFT_HOME/sources/<name>/`. What preparation removed, per step and reason with
-example ids, is in `prep.json` of the same folder (every dropped id in `dropped.jsonl`), and the counts travel
-with the dataset version in its `meta.json`.
+the others are versioned. A site whose robots.txt cannot be read tonight is not crawled: its pages of the last
+night are reused from the crawl state. The `source` Param must name something under `NIGHTSHIFT_SOURCE_ROOTS`
+(by default only the bundled sample store); a URL root there bounds every request of the crawl (scheme, host,
+port and path). Ids, URLs and other metadata are scrubbed of personal data and credentials before anything is
+written. Per-source reports (fetched, unchanged, reused, skipped by reason, robots blocks, budget hits) are in
+`$NIGHTSHIFT_HOME/work/ingest_corpus/<run_id>/collection.json`; crawl state and SQL snapshots persist in
+`$NIGHTSHIFT_HOME/sources/<name>/`. What preparation removed, per step and reason with example ids, is in
+`prep.json` of the same folder (every dropped id in `dropped.jsonl`), and the counts travel with the dataset
+version in its `meta.json`.
 
 Drift is judged by `include/configs/drift.yaml`: beyond its thresholds a warning alert links to the charts, and
 the run goes on unless the policy blocks.

@@ -74,3 +74,14 @@ def test_a_recipe_can_scrub_only_some_kinds():
 def test_placeholders_themselves_are_never_found_again():
     scrubbed, _ = SCRUBBER.scrub(" ".join(item for _, item in pii_items(random.Random(1))))
     assert SCRUBBER.find(scrubbed) == []
+
+
+@pytest.mark.parametrize(("line", "found"), [
+    ("server at 8.8.8.8:53", True), ("dns 1.1.1.1", True), ("reach 10.0.0.1 today", True),
+    ("route 9.9.9.9/32", True), ("ping 4.2.2.2", True),
+    ("Version=4.0.0.0", False), ("2.4.1.3", False), ("OID 1.3.6.1", False), ("release 2.4.1.3", False),
+    ("v10.0.0.1 is out", False), ("see section 12.3.4.5 below", False), ("§ 10.2.3.4", False),
+    ("build 10.0.19041.1", False), ("2.5.4.33 is an attribute type", False),
+])
+def test_an_ipv4_address_is_told_from_a_version_by_its_context(line, found):
+    assert bool([f for f in SCRUBBER.find(line) if f.kind == "ip_address"]) is found

@@ -219,6 +219,31 @@ def planted_shapes(seed: int = 5) -> list[tuple[str, str, str]]:
     add("pwd key", f"pwd: {v}", v)
     v = pw()
     add("jdbc properties", f"spring.datasource.password={v}", v)
+    v = pw()
+    add("yaml block scalar |", f"db:\n  password: |\n    {v}-correct-horse\n", v)
+    v = pw()
+    add("yaml block scalar >-", f"password: >-\n  {v}\n", v)
+    v = pw()
+    add("json-escaped quotes", f'{{\\"password\\": \\"{v}\\"}}', v)
+    v = t(24)
+    add("html hidden input", f'<input type="hidden" name="api_key" value="{v}">', v)
+    v = t(28)
+    add("html meta csrf", f'<meta name="csrf-token" content="{v}">', v)
+    v = t(24)
+    add("cookie header", f"Cookie: sessionid={v}", v)
+    v = t(28)
+    add("set-cookie header", f"Set-Cookie: session={v}; HttpOnly", v)
+    v = t(24)
+    add("reset link code", f"https://example.com/reset?code={v}", v)
+    for key in ("session", "sid", "otp", "nonce", "auth"):
+        v = t(20)
+        add(f"url query {key}", f"https://example.com/login?{key}={v}&next=/", v)
+    v = "-".join(hx(n) for n in (8, 4, 4, 4, 12))
+    add("heroku api key uuid", f"heroku api key: {v}", v)
+    v = pw()
+    add("fullwidth key", "ｐａｓｓｗｏｒｄ＝" + v, v)
+    add("password ending in !", "Password: Winter2024!", "Winter2024!", "!")
+    add("json-escaped quotes, literal", '{\\"password\\": \\"Sup3rS3cret!\\"}', "Sup3rS3cret")
     # Personal data
     add("e-mail", "write to jane.doe@example.com today", "jane.doe@example.com")
     add("url-encoded e-mail", "unsubscribe?email=jane.doe%40example.com", "jane.doe%40example.com", "jane.doe")
@@ -230,8 +255,17 @@ def planted_shapes(seed: int = 5) -> list[tuple[str, str, str]]:
     add("html-entity e-mail", "mail jane&#64;example.com", "jane&#64;example.com", "jane")
     add("obfuscated e-mail", "mail jane [at] example [dot] com", "jane [at] example", "example [dot] com")
     add("mailto", '<a href="mailto:ops+alerts@example.net">', "ops+alerts@example.net")
+    add("percent-encoded dots e-mail", "mailto:jane%2Edoe%40example%2Ecom", "jane%2Edoe", "example%2Ecom")
+    add("html-entity dots e-mail", "jane&#46;doe&#64;example&#46;com", "jane&#46;doe", "example&#46;com")
+    add("backslash-u e-mail", "write jane\\u0040example.com", "jane\\u0040example", "example.com")
+    add("fullwidth at e-mail", "jane.doe＠example.com", "jane.doe", "example.com")
+    add("fullwidth dot e-mail", "jane.doe@example．com", "jane.doe", "example．com")
     add("phone", "call +44 20 7946 0958", "7946 0958")
     add("ipv4", "from 203.0.113.77 at night", "203.0.113.77")
+    add("ipv4 with port", "server at 8.8.8.8:53", "8.8.8.8")
+    add("ipv4 one-digit octets after dns", "dns 1.1.1.1", "1.1.1.1")
+    add("ipv4 private no context", "reach 10.0.0.1 today", "10.0.0.1")
+    add("ipv4 with prefix", "route 9.9.9.9/32 added", "9.9.9.9")
     add("ipv6", "from 2001:db8:85a3::8a2e:370:7334", "2001:db8:85a3::8a2e:370:7334")
     add("credit card", "card 4111 1111 1111 1111", "4111 1111 1111 1111")
     add("iban", "IBAN GB82 WEST 1234 5698 7654 32", "GB82 WEST 1234 5698 7654 32")
@@ -270,7 +304,7 @@ def test_the_verifier_alone_finds_most_planted_credentials():
 
 
 _PII_SHAPES = {s for s, _, _ in SHAPES if "e-mail" in s or s in (
-    "non-ascii local part", "mailto", "phone", "ipv4", "ipv6", "credit card", "iban")}
+    "non-ascii local part", "mailto", "phone", "ipv6", "credit card", "iban") or s.startswith("ipv4")}
 
 
 def test_defect_shapes_the_scrubber_used_to_miss():
@@ -313,3 +347,44 @@ def test_clean_corpus_precision_and_verifier_throughput():
     assert len(scrubber_fp) == 0, scrubber_fp
     assert len(verifier_fp) <= 2, verifier_fp
     assert len(whole) == len(verifier_fp)  # a document is checked as its lines are
+
+
+# Lines shaped to make a backtracking rule retry from every character (each once made a rule quadratic).
+_ADVERSARIAL = ["aB3", "key", "aB3-", "a-", "key_", "a." * 40 + "@", "1-", 'key="', "1.", "authorization: ",
+                "pwd=x", "password=", ";password=", "%40", "?token=", "http://a:"]
+_PREFIXED = {"url scheme": ("a://", "b"), "open quote": ('token: "', "a")}
+
+
+def _line(unit: str, size: int, prefix: str = "") -> str:
+    return prefix + (unit * (size // len(unit) + 1))[:size - len(prefix)]
+
+
+def _seconds(fn, text: str) -> float:
+    # CPU time of this process, best of three: other processes on a busy machine do not count.
+    best = float("inf")
+    for _ in range(3):
+        started = time.process_time()
+        fn(text)
+        best = min(best, time.process_time() - started)
+    return best
+
+
+@pytest.mark.parametrize("fn", [verify, SCRUBBER.scrub], ids=["verify", "scrub"])
+def test_adversarial_lines_cost_linear_time(fn):
+    """Eight times the text costs about eight times the time (64 if a rule were quadratic), for each shape."""
+    small, large = 8_192, 65_536
+    cases = {unit: ("", unit) for unit in _ADVERSARIAL} | _PREFIXED
+    ratios = {}
+    for name, (prefix, unit) in cases.items():
+        # A floor of 1 ms on the small run keeps timer noise on a tiny measurement from inflating the ratio.
+        ratios[name] = _seconds(fn, _line(unit, large, prefix)) / max(_seconds(fn, _line(unit, small, prefix)), 1e-3)
+    assert max(ratios.values()) < 24, ratios
+
+
+def test_a_credential_deep_in_a_long_line_or_across_a_window_edge_is_found():
+    token = "Zx9Kq2Lm8Np4Rt6Vw1Yb3Cd5Ef7Gh"
+    for at in (100_000, 4096 - 10, 2 * (4096 - 512) - 5):
+        line = _line("lorem ipsum ", at) + f" api_key={token} " + _line("dolor sit ", 5000)
+        found = verify(line)
+        start = line.index(token)
+        assert any(f.start <= start < f.end for f in found), at

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
+import functools
 import hashlib
 import hmac
 import ipaddress
 import os
 import re
 import secrets
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -39,9 +42,10 @@ _LONG_KEYS = (r"pass(?:word|wd|phrase)|secret|token|api[_.-]?key|apikey|credenti
 _SHORT_KEYS = r"pass|pwd|pw|auth|sig"
 _KEY = (rf"(?<![\w])(?P<key>[\w.-]{{0,40}}?(?:{_LONG_KEYS})|(?:[\w.-]{{0,40}}?[_.-])?(?:{_SHORT_KEYS}))"
         r"(?:[_.-]?\d{1,2})?(?![\w])")
-_ASSIGN = r"[\"'\x60]?\]?\s{0,3}(?:=>|:=|\?=|==?|:|\s+is\s+)\s{0,3}"
+_ASSIGN = r"\\?[\"'\x60]?\]?\s{0,3}(?:=>|:=|\?=|==?|:|\s+is\s+)\s{0,3}"
 # A quoted value is taken whole (commas, semicolons, quotes of the other kind and spaces included).
-_VALUE = (r"(?:\"(?P<value_dq>(?:[^\"\\\n]|\\.){1,300})\"|'(?P<value_sq>(?:[^'\\\n]|\\.){1,300})'"
+_VALUE = (r"(?:\\\"(?P<value_jq>(?:[^\"\\\n]|\\[^\"]){1,300})\\\""  # JSON-escaped quotes: {\"password\": \"...\"}
+          r"|\"(?P<value_dq>(?:[^\"\\\n]|\\.){1,300})\"|'(?P<value_sq>(?:[^'\\\n]|\\.){1,300})'"
           r"|\x60(?P<value_bq>[^\x60\n]{1,300})\x60|(?P<value>[^\s\"'\x60<>;,(){}\[\]][^\s\"\x60<]{3,299})"
           # a quote left open (text cut short) still has a value after it
           r"|[\"'](?P<value_open>[^\s\"'\x60<>;,(){}\[\]][^\s\"\x60<]{3,299}))")
@@ -105,8 +109,25 @@ _SECRETS: list[tuple[str, str]] = [
      r"\s*(?=;)"),
     ("url_query_secret",
      r"(?i)[?&;](?:[\w.-]{0,30}[_.-])?(?:sig|signature|token|access_token|id_token|refresh_token|api_?key|key|secret"
-     r"|client_secret|password|passwd|pwd|auth|x-amz-signature|x-amz-credential|x-amz-security-token"
+     r"|client_secret|password|passwd|pwd|auth|code|session|sessionid|sid|otp|nonce|csrf|reset|x-amz-signature|x-amz-credential|x-amz-security-token"
      r"|x-goog-signature|x-goog-credential)=(?P<value>[^&\s#\"'<>]{6,2000})"),
+    ("yaml_block_password",
+     # A YAML block scalar (password: |, >-) under a password key: the value is the indented lines below it.
+     r"(?im)^[ \t]*[\w.-]{0,40}?(?:pass(?:word|wd|phrase)|pwd|secret|token)[\"']?[ \t]{0,3}:[ \t]{0,3}"
+     r"[|>][+-]?\d?[ \t]*\r?\n"
+     r"[ \t]{1,40}(?P<value>\S[^\n]{0,300}(?:\n[ \t]{1,40}\S[^\n]{0,300}){0,19})"),
+    ("html_attribute",
+     # <input name="api_key" value="...">, <meta name="csrf-token" content="...">: the value of a named secret.
+     rf"(?i)<[a-z][\w-]{{0,20}}\s[^<>]{{0,200}}?\b(?:name|id|property)\s{{0,3}}=\s{{0,3}}[\"']?(?P<key>[\w.:-]{{0,40}}?"
+     rf"(?:{_LONG_KEYS}|csrf|xsrf|session)[\w.:-]{{0,20}})[\"']?[^<>]{{0,200}}?\b(?:value|content)\s{{0,3}}=\s{{0,3}}"
+     r"[\"'](?P<value>[^\"'<>\n]{1,300})[\"']"),
+    ("cookie",
+     # The first pair of a Cookie or Set-Cookie header is a session; later ones are found by url_query_secret.
+     r"(?i)(?<![\w-])(?:set-)?cookie\s{0,3}:\s{0,3}[^\s=;]{1,64}=(?P<value>[^;\s\"',]{1,4096})"),
+    ("uuid_api_key",
+     # Heroku's API keys are UUIDs: one under an API-key or token keyword, whatever the separator.
+     r"(?i)\b(?:api|auth|access|secret)[ _.-]?(?:key|token)[\"']?\s{0,3}[:=]\s{0,3}[\"']?"
+     r"(?P<value>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?![\w-])"),
     ("config_password",
      # A YAML or INI line under a password key: the unquoted value is the rest of the line (a passphrase).
      r"(?im)^[ \t]*[\w.-]{0,40}?(?P<key>pass(?:word|wd|phrase)|pwd)[\"']?[ \t]*[:=][ \t]*"
@@ -114,10 +135,12 @@ _SECRETS: list[tuple[str, str]] = [
     ("password_assignment", rf"(?i){_KEY}{_ASSIGN}{_VALUE}"),
 ]
 
-_AT = r"(?:@|%40|&#0*64;|&#[xX]0*40;|\s?[\[({](?i:at)[\])}]\s?)"
-_DOT = r"(?:\.|\s?[\[({](?i:dot)[\])}]\s?)"
+_AT = r"(?:@|%40|\\u0040|&#0*64;|&#[xX]0*40;|&commat;|\s?[\[({](?i:at)[\])}]\s?)"
+_DOT = r"(?:\.|%2[eE]|&#0*46;|&#[xX]0*2[eE];|&period;|\s?[\[({](?i:dot)[\])}]\s?)"
 # Local parts and domains may hold any letters (jürgen.müller@bücher.de); the @ may be URL- or HTML-encoded.
-_EMAIL = (rf"[\w%+-](?:[\w.%+'-]{{0,62}}[\w%+-])?{_AT}(?:[^\W_](?:[\w-]{{0,61}}[^\W_])?{_DOT}){{1,8}}"
+# The local part starts a token (lookbehind): a long run of name characters is not retried from each of them.
+_EMAIL = (rf"[\w%+-](?<![\w.%+-][\w%+-])(?:(?:[\w.%+'-]|&#0*46;){{0,62}}[\w%+-])?{_AT}"
+          rf"(?:[^\W_](?:[\w-]{{0,61}}[^\W_])?{_DOT}){{1,8}}"
           r"(?:[^\W\d_]{2,24}|xn--[a-z0-9-]{1,59})(?![\w-])")
 # Numeric patterns start with a character class (the regex engine then skips ahead quickly) and check the
 # character before the match with a lookbehind placed after the first character.
@@ -164,15 +187,15 @@ class Scrubber:
 
     def find(self, text: str) -> list[Finding]:
         """Return non-overlapping findings in text order; earlier rules (credentials first) win overlaps."""
-        if _ZERO_WIDTH.search(text) is None:
+        folded, start_of, end_of = _fold(text)
+        if folded is text:
             return self._find(text)
-        # Match on the text without zero-width characters, then map each span back onto the original.
-        kept = [i for i, ch in enumerate(text) if not _ZERO_WIDTH.match(ch)]
-        folded = "".join(text[i] for i in kept)
-        return [Finding(f.kind, f.detector, kept[f.start], kept[f.end - 1] + 1) for f in self._find(folded)]
+        # Match on the folded text, then map each span back onto the original characters.
+        return [Finding(f.kind, f.detector, start_of(f.start), end_of(f.end)) for f in self._find(folded)]
 
     def _find(self, text: str) -> list[Finding]:
         taken: list[Finding] = []
+        starts: list[int] = []  # of taken, sorted: an overlap test is a bisection, not a scan of every finding
         lowered = text.lower()
         for kind, name, rule in self._rules:
             if not _may_contain(kind, name, text, lowered):
@@ -182,10 +205,12 @@ class Scrubber:
                 start, end = _value_span(match, name in _TRIMMED)
                 if not _valid(name, match, text, start, end):
                     continue
-                if any(start < f.end and f.start < end for f in taken):
+                at = bisect.bisect_left(starts, end)
+                if at and taken[at - 1].end > start:
                     continue
-                taken.append(Finding(kind, name, start, end))
-        return sorted(taken, key=lambda f: f.start)
+                starts.insert(at, start)
+                taken.insert(at, Finding(kind, name, start, end))
+        return taken
 
     def replace(self, text: str, replacement: Callable[[Finding, str], str]) -> tuple[str, Counter[str]]:
         """Return the text with each finding replaced by ``replacement(finding, original)``, and the count per kind."""
@@ -238,6 +263,36 @@ def identifier_key(path: Path) -> bytes:
     return bytes.fromhex(path.read_text().strip())
 
 
+def _fold(text: str) -> tuple[str, Callable[[int], int], Callable[[int], int]]:
+    """Return the text as matched, and maps of a match's start and end back onto ``text``.
+
+    Compatibility forms (fullwidth ｐａｓｓｗｏｒｄ＝, ＠, ．) are matched as the ASCII they fold to under NFKC; only
+    one-character folds are used, so positions hold. Zero-width characters are matched as if absent. Look-alike
+    letters of other scripts (Cyrillic а for a) are not folded: that needs a confusables table.
+    """
+    if text.isascii():
+        return text, _same, _same
+    table = {ord(ch): folded for ch in set(text) if not ch.isascii() and (folded := _compat(ch)) is not None}
+    folded = text.translate(table) if table else text
+    if _ZERO_WIDTH.search(folded) is None:
+        return folded, _same, _same
+    kept = [i for i, ch in enumerate(folded) if not _ZERO_WIDTH.match(ch)]
+    return "".join(folded[i] for i in kept), kept.__getitem__, lambda end: kept[end - 1] + 1
+
+
+def _same(position: int) -> int:
+    return position
+
+
+@functools.lru_cache(maxsize=4096)
+def _compat(ch: str) -> str | None:
+    """Return the one ASCII character a wide, narrow or styled compatibility form folds to, else None."""
+    if not unicodedata.decomposition(ch).startswith(("<wide>", "<narrow>", "<font>", "<small>")):
+        return None
+    folded = unicodedata.normalize("NFKC", ch)
+    return folded if len(folded) == 1 and folded.isascii() else None
+
+
 def _value_span(match: re.Match[str], trim: bool = False) -> tuple[int, int]:
     """Return the span of the first ``value`` group that matched (else the whole match); an unquoted value of a
     free-text rule loses trailing punctuation ("the password is hunter2.")."""
@@ -245,7 +300,7 @@ def _value_span(match: re.Match[str], trim: bool = False) -> tuple[int, int]:
         if value is not None and name.startswith("value"):
             start, end = match.span(name)
             if trim and name == "value":
-                end = start + len(value.rstrip(".,;:!?'\")]}"))
+                end = start + len(value.rstrip(_TRAILING))
             return start, end
     return match.span()
 
@@ -287,7 +342,7 @@ def _may_contain(kind: str, name: str, text: str, lowered: str) -> bool:
     return True
 
 
-_EMAIL_HINT = re.compile(r"@|%40|&#[xX]?0*(?:64|40);|(?i:[\[({]at[\])}])")
+_EMAIL_HINT = re.compile(r"@|%40|\\u0040|&commat;|&#[xX]?0*(?:64|40);|(?i:[\[({]at[\])}])")
 _KEY_HINT = re.compile(r"(?i)pass|pwd|pw|secret|token|key|auth|sig|credential")
 # (anchor, characters before its hit, characters after) for rules scanned in windows; the windows exceed the
 # longest match a rule can make, so the result is the same as a scan of the whole text. With 0 after, the rule
@@ -314,6 +369,8 @@ def _at_names(rule: re.Pattern[str], pattern: re.Pattern[str], back: int, text: 
 
 
 _TRIMMED = {"password_assignment", "config_password", "url_query_secret"}
+# Trailing characters of an unquoted value that end a sentence or a bracket, not a password ("Winter2024!" keeps "!").
+_TRAILING = ".,;:'\")]}"
 # Literal text every match of a credential rule contains: a rule whose hints are absent is not run.
 _SECRET_HINTS: dict[str, tuple[str, ...]] = {
     "private_key": ("PRIVATE KEY",), "aws_access_key": ("AKIA", "ASIA", "ABIA", "ACCA", "AGPA", "AIDA", "AROA",
@@ -330,12 +387,24 @@ _SECRET_HINTS: dict[str, tuple[str, ...]] = {
     "basic_auth": ("Basic",), "cli_password": ("mysql", "mariadb", "sshpass", "login", "helm", "htpasswd", "curl"),
     "netrc_password": ("machine",), "xml_secret": ("</", "value"), "connection_string": ("=",),
     "url_query_secret": ("=",), "config_password": ("pass", "pwd"),
+    "yaml_block_password": ("pass", "pwd", "secret", "token"), "html_attribute": ("value", "content"),
+    "cookie": ("cookie",), "uuid_api_key": ("key", "token"),
     "password_assignment": ("pass", "pwd", "pw", "secret", "token", "key", "auth", "sig", "credential"),
 }
-_CASELESS_HINTS = {"auth_header", "netrc_password", "xml_secret", "password_assignment", "config_password"}
+_CASELESS_HINTS = {"yaml_block_password", "html_attribute", "cookie", "uuid_api_key", "auth_header",
+                   "netrc_password", "xml_secret", "password_assignment", "config_password"}
 
 _IMAGE_SUFFIXES = {"png", "jpg", "jpeg", "gif", "svg", "webp", "ico", "bmp", "tif", "tiff", "avif"}
-_VERSION_CONTEXT = re.compile(r"(?i)(?:\bv|\b(?:version|ver|release|build|rev|revision|firmware|fw|oid)\s?[=:]?\s?)$")
+# Words a few words before four dotted numbers that make them a version, an OID or a section; words and suffixes
+# that make them an address.
+_VERSION_CONTEXT = re.compile(
+    r"(?i)(?:\bv|(?:\b(?:versions?|ver|releases?|released|build|rev|revision|firmware|fw|oid|section|sect|sec|chapter|ch"
+    r"|clause|rule|step|table|figure|fig|patch|tag)\b|§)(?:[^\w\n]{1,3}\w{1,15}){0,2}[^\w\n]{0,3})$")
+_ADDRESS_CONTEXT = re.compile(
+    r"(?i)\b(?:ip|ipv4|ips|addr|address|addresses|host|hostname|server|servers|at|from|to|ping|dns|nameserver|resolver"
+    r"|connect|connecting|connected|gateway|gw|client|remote|peer|via|proxy|route|src|dst|source|destination|inet"
+    r"|listen|listening|bind|upstream|endpoint|node|router)\b[^\w\n]{0,3}$")
+_ADDRESS_AFTER = re.compile(r":\d|/\d")
 _PASSWORD_KEY = re.compile(r"(?i)pass|pwd|pw(?![a-z])|secret")
 
 
@@ -350,7 +419,7 @@ def _valid(name: str, match: re.Match[str], text: str, start: int, end: int) -> 
         digits = re.sub(r"\D", "", value)
         return 9 <= len(digits) <= 15 and len(set(digits)) > 2
     if name == "ipv4":
-        return _ipv4_ok(value, text[max(0, start - 12):start])
+        return _ipv4_ok(value, text[max(0, start - 40):start], text[end:end + 3])
     if name == "ipv6":
         if value.count(":") < 2 or len(value) < 3 or ("::" not in value and value.count(":") != 7):
             return False
@@ -361,7 +430,7 @@ def _valid(name: str, match: re.Match[str], text: str, start: int, end: int) -> 
         return not (address.is_loopback or address.is_unspecified)
     if name == "email":
         return _PLACEHOLDER.search(value) is None and value.rsplit(".", 1)[-1].lower() not in _IMAGE_SUFFIXES
-    if name in ("password_assignment", "config_password"):
+    if name in ("password_assignment", "config_password", "html_attribute"):
         if re.search(r"(?i)public|publishable", match.group("key")):
             return False  # PublicKeyToken=b77a5c561934e089 is published on purpose
         return _credential_like(value, bool(_PASSWORD_KEY.search(match.group("key"))))
@@ -369,18 +438,23 @@ def _valid(name: str, match: re.Match[str], text: str, start: int, end: int) -> 
         return _credential_like(value, name == "xml_secret" and bool(_PASSWORD_KEY.search(match.group(0)[:60])))
     if name == "basic_auth":
         return _basic_credentials(value)
-    if name in ("url_password", "connection_string", "cli_password", "netrc_password"):
+    if name in ("url_password", "connection_string", "cli_password", "netrc_password", "yaml_block_password", "cookie"):
         # The context alone says it is a password: only what is clearly not one (a placeholder) is left alone.
         return not (_PLACEHOLDER.search(value) or _TEMPLATE.search(value) or len(set(value)) == 1)
     return True
 
 
-def _ipv4_ok(value: str, before: str) -> bool:
-    """Return whether four dotted numbers are an address: not a version (2.4.1.3, v10.0.0.1), loopback or mask."""
-    octets = value.split(".")
-    # Versions and OIDs have short parts (2.4.1.3, 2.5.4.33); an address with three one-digit octets is rare.
-    if sum(len(o) == 1 for o in octets) >= 3 or _VERSION_CONTEXT.search(before):
+def _ipv4_ok(value: str, before: str, after: str) -> bool:
+    """Return whether four dotted numbers are an address, by their context: not a version (2.4.1.3, v10.0.0.1,
+    ``Version=4.0.0.0``), an OID or a section number, nor loopback, reserved or multicast."""
+    if _VERSION_CONTEXT.search(before):
         return False
+    if not (_ADDRESS_AFTER.match(after) or _ADDRESS_CONTEXT.search(before)):
+        # Without context, four one-digit parts (2.4.1.3) read as a version, and 1.x or 2.x with a one-digit x as
+        # an OID (2.5.4.33, X.500's arcs); a longer part (10.0.0.1) as an address.
+        octets = value.split(".")
+        if all(len(octet) == 1 for octet in octets) or (octets[0] in ("1", "2") and len(octets[1]) == 1):
+            return False
     try:
         address = ipaddress.IPv4Address(value)
     except ValueError:

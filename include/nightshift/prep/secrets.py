@@ -28,29 +28,45 @@ _SKIPPED_PLUGINS = {"Base64HighEntropyString", "HexHighEntropyString", "IPPublic
 
 # A line that holds none of these cannot match any rule here or any detect-secrets plugin in use.
 _CANDIDATE = re.compile(
-    r"(?i)pass|pw|secret|token|key|auth|bearer|basic|cred|private|sig|api|://[^\s/]*@"
+    r"(?i)pass|pw|secret|token|key|auth|bearer|basic|cred|private|sig|api|cookie|session|csrf|code=|://[^\s/]{0,300}@"
     r"|[a-z0-9+/_=.-]{20,}|\d{8,10}:")
 # Generic rules: (detector, pattern with one group, the value).
 _RULES: list[tuple[str, re.Pattern[str]]] = [
     ("authorization_header", re.compile(
-        r"(?i)\b(?:proxy-)?authori[sz]ation\b[\"']?\s*[:=]\s*[\"']?"
-        r"(?:bearer|basic|token|digest|negotiate|apikey|sso-key)\s+([^\s\"',;]{8,})")),
-    ("bearer_token", re.compile(r"(?i)\bbearer\s+([a-z0-9._~+/-]{20,}=*)")),
-    ("basic_credentials", re.compile(r"\b[Bb]asic\s+([A-Za-z0-9+/]{8,}={0,2})(?![\w+/=])")),
+        r"(?i)\b(?:proxy-)?authori[sz]ation\b[\"']?\s{0,3}[:=]\s{0,3}[\"']?"
+        r"(?:bearer|basic|token|digest|negotiate|apikey|sso-key)\s{1,3}([^\s\"',;]{8,2000})")),
+    ("bearer_token", re.compile(r"(?i)\bbearer\s{1,3}([a-z0-9._~+/-]{20,2000}={0,3})")),
+    ("basic_credentials", re.compile(r"\b[Bb]asic\s{1,3}([A-Za-z0-9+/]{8,2000}={0,2})(?![\w+/=])")),
     ("connection_string", re.compile(
-        r"(?i)(?:^|[;\s\"'])(?:password|pwd|account_?key|shared_?access_?key|shared_?access_?signature)\s*=\s*"
-        r"(\{[^}\n]*\}|[^;\"'\n]+)")),
-    ("url_userinfo", re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/:@]+:([^\s/@]+)@")),
+        r"(?i)(?:^|[;\s\"'])(?:password|pwd|account_?key|shared_?access_?key|shared_?access_?signature)\s{0,3}=\s{0,3}"
+        r"(\{[^}\n]{0,300}\}|[^;\"'\n]{1,300})")),
+    # The scheme starts a token and is bounded: an unbounded one is retried from every letter of a long run.
+    ("url_userinfo", re.compile(r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]{0,31}://[^\s/:@]{1,128}:([^\s/@]{1,256})@")),
     ("url_query", re.compile(
-        r"(?i)[?&](?:[a-z0-9_.-]*(?:token|key|secret|sig|signature|password|passwd|pwd|credential))=([^&#\s\"'<>]+)")),
+        r"(?i)[?&;](?:[a-z0-9_.-]{0,40}(?:token|key|secret|sig|signature|password|passwd|pwd|credential|code|session"
+        r"|sid|auth|otp|nonce|csrf))=([^&#\s\"'<>]{1,2000})")),
     # A long token as random as a key's, whatever names it (detect-secrets' base64 entropy limit); hex is left out:
     # hashes and commit ids are hex.
     ("high_entropy_token", re.compile(r"(?<![\w+/=-])([A-Za-z0-9_-]{32,200})(?![\w+/=-])")),
-    # gitleaks' generic-api-key: a keyword, up to 20 more name characters, an assignment, a value in any quoting.
+    # gitleaks' generic-api-key: a keyword, up to 20 more name characters, an assignment, a value in any quoting
+    # (JSON-escaped quotes included); the name starts a token, so a long run of letters is not retried at each.
     ("generic_secret", re.compile(
-        r"(?i)(?<![a-z0-9])[\w.-]{0,50}?(?:access|auth|api|credential|creds|key|passw(?:or)?d|passphrase|secret|token"
-        r"|pwd)[\w.-]{0,20}[\s'\"]{0,3}(?:=|>|:{1,3}=|\|\||:|=>|\?=|\s+is\s+)[\x60'\"\s=]{0,5}?"
-        r"(\"(?:[^\"\\\n]|\\.){1,300}\"|'(?:[^'\\\n]|\\.){1,300}'|[^\s\"',;<>]{4,300})")),
+        r"(?i)(?<![a-z0-9_.-])[\w.-]{0,50}?(?:access|auth|api|credential|creds|key|passw(?:or)?d|passphrase|secret"
+        r"|token|pwd|cookie|session|csrf|xsrf)[\w.-]{0,20}(?:\\?[\s'\"]){0,3}"
+        r"(?:=|>|:{1,3}=|\|\||:|=>|\?=|\s{1,3}is\s{1,3})(?:\\?[\x60'\"\s=|>+-]){0,6}?"
+        r"(\\\"(?:[^\"\\\n]|\\[^\"]){1,300}\\\"|\"(?:[^\"\\\n]|\\.){1,300}\"|'(?:[^'\\\n]|\\.){1,300}'"
+        r"|[^\s\"',;<>]{4,300})")),
+    # An HTML attribute pair naming a credential: <input name="api_key" value="...">, <meta name="csrf-token" content>.
+    ("html_attribute", re.compile(
+        r"(?i)\b(?:name|id|property)\s{0,3}=\s{0,3}[\"']?[\w.:-]{0,40}(?:token|key|secret|passw(?:or)?d|csrf|xsrf"
+        r"|session|auth)[\w.:-]{0,20}[\"']?\s{1,3}(?:[\w-]{1,20}\s{0,3}=\s{0,3}[\"'][^\"'<>\n]{0,80}[\"']\s{1,3}){0,4}"
+        r"(?:value|content)\s{0,3}=\s{0,3}[\"']([^\"'<>\n]{1,300})[\"']")),
+    # Cookie headers: every name=value pair after Cookie:/Set-Cookie:.
+    ("cookie", re.compile(r"(?i)(?<![\w-])(?:set-)?cookie\s{0,3}:\s{0,3}[\w.-]{1,64}=([^;\s\"',]{8,2000})")),
+    # A UUID under an API-key keyword (Heroku's keys are UUIDs).
+    ("uuid_api_key", re.compile(
+        r"(?i)(?:api[ _.-]?key|auth[ _.-]?token|secret)[\"']?\s{0,3}[:=]?\s{0,3}[\"']?"
+        r"([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?![\w-])")),
 ]
 _SCRUBBED = re.compile(r"<(?:EMAIL|PHONE|IP_ADDRESS|CREDIT_CARD|IBAN|SECRET)>(?:-[0-9a-f]{12})?")
 _PASSWORD_WORD = re.compile(r"(?i)passw(?:or)?d|passphrase|pwd|secret")
@@ -89,8 +105,6 @@ def verify_many(texts: Iterable[str | None]) -> Iterator[list[SecretFinding]]:
 
 
 def _verify(text: str) -> list[SecretFinding]:
-    from detect_secrets.core.scan import scan_line
-
     found: list[SecretFinding] = []
     offset = 0
     for raw in text.split("\n"):
@@ -99,24 +113,54 @@ def _verify(text: str) -> list[SecretFinding]:
             continue
         line, where = _visible(raw)
         spans: set[tuple[str, int, int]] = set()
-        for secret in scan_line(line):
-            value = secret.secret_value or ""
-            if not value or _NOT_A_VALUE.search(value):
+        # A long line is checked in overlapping windows: no rule, here or in detect-secrets, then costs more than
+        # linear time in the line's length, whatever its pattern does within one window.
+        for at in range(0, max(1, len(line) - _OVERLAP), _WINDOW - _OVERLAP):
+            window = line[at:at + _WINDOW]
+            if at and not _CANDIDATE.search(window):
                 continue
-            at = line.find(value)
-            start, end = (at, at + len(value)) if at >= 0 else (0, len(line))
-            spans.add((f"detect_secrets:{secret.type}", start, end))
-        # The scrubber's placeholders are blanked (same length, so spans hold): "<SECRET>" is no key, and a value
-        # it replaced is no credential.
-        blanked = _SCRUBBED.sub(lambda m: "_" * len(m.group(0)), line)
-        for name, rule in _RULES:
-            for match in rule.finditer(blanked):
-                start, end = match.span(1)
-                if _SCRUBBED.search(line, start, end) is None and _accept(name, match.group(1), match.group(0)):
-                    spans.add((name, *match.span(1)))
-        for name, start, end in spans:
+            spans.update((name, at + start, at + end) for name, start, end in _scan(window))
+        for name, start, end in _merged(spans):
             found.append(SecretFinding(name, base + where(start), base + where(end - 1) + 1))
     return sorted(found, key=lambda f: (f.start, f.detector))
+
+
+# Window length and overlap for long lines; the overlap exceeds the longest credential the rules bound.
+_WINDOW, _OVERLAP = 4096, 512
+
+
+def _scan(line: str) -> set[tuple[str, int, int]]:
+    """Return (detector, start, end) of each credential detect-secrets and the generic rules find in one line."""
+    from detect_secrets.core.scan import scan_line
+
+    spans: set[tuple[str, int, int]] = set()
+    for secret in scan_line(line):
+        value = secret.secret_value or ""
+        if not value or _NOT_A_VALUE.search(value):
+            continue
+        at = line.find(value)
+        start, end = (at, at + len(value)) if at >= 0 else (0, len(line))
+        spans.add((f"detect_secrets:{secret.type}", start, end))
+    # The scrubber's placeholders are blanked (same length, so spans hold): "<SECRET>" is no key, and a value
+    # it replaced is no credential.
+    blanked = _SCRUBBED.sub(lambda m: "_" * len(m.group(0)), line)
+    for name, rule in _RULES:
+        for match in rule.finditer(blanked):
+            start, end = match.span(1)
+            if _SCRUBBED.search(line, start, end) is None and _accept(name, match.group(1), match.group(0)):
+                spans.add((name, start, end))
+    return spans
+
+
+def _merged(spans: set[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """Return the spans with overlapping ones of the same detector (one credential seen by two windows) joined."""
+    out: list[tuple[str, int, int]] = []
+    for name, start, end in sorted(spans):
+        if out and out[-1][0] == name and start < out[-1][2]:
+            out[-1] = (name, out[-1][1], max(end, out[-1][2]))
+        else:
+            out.append((name, start, end))
+    return out
 
 
 def _visible(line: str):
