@@ -212,3 +212,16 @@ def test_a_worker_killed_while_creating_the_repository_is_recovered_by_the_retry
     assert version.created and version.tag == "corpus-v0001"
     assert git(repo, "log", "--format=%s").splitlines()[-1] == "Initialise data repository"
     assert_clean_with_one_version(repo, corpus, tmp_path)
+
+
+def test_lock_files_a_killed_git_left_do_not_refuse_later_versions(repo, tmp_path):
+    first = repo.commit(write(tmp_path / "a.jsonl", '{"id": "a", "text": "x"}\n'), {"documents": 1})
+    git_dir = repo.root / ".git"
+    stale = [git_dir / "HEAD.lock", git_dir / "refs" / "heads" / "main.lock", git_dir / "index.lock",
+             git_dir / "refs" / "tags" / "corpus-v0002.lock"]
+    for path in stale:  # what a git killed while committing or tagging leaves behind
+        path.write_text("")
+    second = repo.commit(write(tmp_path / "b.jsonl", '{"id": "b", "text": "y"}\n'), {"documents": 1})
+    assert (first.tag, second.tag) == ("corpus-v0001", "corpus-v0002") and second.created
+    assert repo.remote_has(second) and not any(path.exists() for path in stale)
+    assert git(repo, "status", "--porcelain") == ""

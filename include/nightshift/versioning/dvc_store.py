@@ -9,7 +9,7 @@ always names bytes the remote holds. Each part is skipped when a killed earlier 
 untagged commit of the same bytes is tagged, not committed again), and one lock serialises the processes
 that share the repository. The lock is a file beside the repository folder, so it exists before the
 repository does and covers its creation too: two first nights started together create it once, and a
-creation killed halfway (git initialised but not DVC, no first commit, a stale git index lock, or a corpus
+creation killed halfway (git initialised but not DVC, no first commit, stale git lock files, or a corpus
 file that reached git itself) is finished or repaired by the next call, never left for a person to fix.
 """
 
@@ -76,10 +76,7 @@ class DatasetRepository:
         if not (git_dir / "HEAD").is_file():
             self._git("init", "--quiet", "--initial-branch=main")
         fault_point("versioning.init_after_git")
-        stale = git_dir / "index.lock"
-        if stale.exists():  # left by a git killed mid-write: under our lock no other git of ours runs here
-            log.warning("removing a stale git index lock in %s", self.root)
-            stale.unlink()
+        self._remove_stale_git_locks(git_dir)
         for key, value in (("user.name", "nightshift"), ("user.email", "nightshift@localhost"),
                            ("commit.gpgsign", "false")):
             if self._git_config(key) != value:
@@ -117,6 +114,20 @@ class DatasetRepository:
         message = "Repair data repository" if born else "Initialise data repository"
         self._git("commit", "--quiet", "-m", message)
         log.info("%s %s with DVC remote %s", "repaired" if born else "created", self.root, self.remote)
+
+    @staticmethod
+    def _remove_stale_git_locks(git_dir: Path) -> None:
+        """Remove the lock files a git killed mid-write leaves (index, HEAD, branch and tag refs, config): under
+        the repository's lock no other git of ours runs here, and each would refuse every later version."""
+        candidates = [git_dir / name for name in ("index.lock", "HEAD.lock", "config.lock", "packed-refs.lock",
+                                                  "shallow.lock")]
+        refs = git_dir / "refs"
+        if refs.is_dir():
+            candidates += sorted(refs.rglob("*.lock"))
+        for stale in candidates:
+            if stale.is_file():
+                log.warning("removing a stale git lock %s", stale.relative_to(git_dir))
+                stale.unlink()
 
     def _git_config(self, key: str) -> str | None:
         proc = subprocess.run(["git", "config", "--local", "--get", key], cwd=self.root, capture_output=True,
