@@ -164,3 +164,94 @@ def test_rows_a_concurrent_transaction_commits_after_a_read_are_read_next_time(d
     third, again = read(engine, state, **settings)
     assert [(d.id, d.content, d.meta) for d in again.values()] == [(d.id, d.content, d.meta) for d in docs.values()]
     assert third.report.missing == 0 and third.report.deleted == 0
+
+
+@pytest.mark.parametrize(("database", "column", "now"), [
+    ("sqlite", "TIMESTAMP", "CURRENT_TIMESTAMP"), ("postgres", "TIMESTAMP", "LOCALTIMESTAMP"),
+    ("postgres", "TIMESTAMPTZ", "now()"), ("postgres", "DATE", "CURRENT_DATE")], indirect=["database"])
+def test_a_cursor_stamped_in_the_future_does_not_hide_later_changes(database, column, now, tmp_path):
+    """A writer with a clock years ahead must not lift the mark past every later change: the mark stops at the
+    database's clock, and the row from the future is read again each night."""
+    engine, run = database
+    if column != "TIMESTAMP":
+        run(f"ALTER TABLE articles ALTER COLUMN updated_at TYPE {column}")
+    run("INSERT INTO articles VALUES (1, 'one', '2026-11-01 10:00:00'), (2, 'two', '2026-11-02 10:00:00')")
+    state = tmp_path / "state.sqlite"
+    settings = {"table": "articles", "text_column": "body", "updated_column": "updated_at"}
+    read(engine, state, **settings)
+
+    run("UPDATE articles SET body = 'one, from the future', updated_at = '2099-01-01 00:00:00' WHERE id = 1")
+    second, docs = read(engine, state, **settings)
+    assert docs["1"].content == "one, from the future"
+
+    run(f"UPDATE articles SET body = 'two, revised today', updated_at = {now} WHERE id = 2")
+    third, docs = read(engine, state, **settings)
+    assert {k: d.content for k, d in docs.items()} == {"1": "one, from the future", "2": "two, revised today"}
+    assert second.report.future == third.report.future == 1  # read again each night, and counted
+    assert third.report.missing == 0
+
+
+@pytest.mark.parametrize("database", ["postgres"], indirect=True)
+def test_a_writer_in_a_time_zone_ahead_does_not_hide_later_changes(database, tmp_path):
+    """A column without a time zone written through sessions in different zones: the one ahead (UTC+14) stamps
+    rows hours later than a writer in the database's own zone does afterwards."""
+    engine, run = database
+    run("INSERT INTO articles VALUES (1, 'one', now() - interval '2 days'), (2, 'two', now() - interval '2 days')")
+    state = tmp_path / "state.sqlite"
+    settings = {"table": "articles", "text_column": "body", "updated_column": "updated_at"}
+    read(engine, state, **settings)
+    run("SET LOCAL TIME ZONE 'Pacific/Kiritimati'", "UPDATE articles SET body = 'one, from Kiritimati', "
+        "updated_at = now() WHERE id = 1")
+    second, _ = read(engine, state, **settings)
+    run("UPDATE articles SET body = 'two, written later', updated_at = now() WHERE id = 2")
+    _, docs = read(engine, state, **settings)
+    assert {k: d.content for k, d in docs.items()} == {"1": "one, from Kiritimati", "2": "two, written later"}
+    assert second.report.future == 1
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_sqlite_timestamps_written_in_both_text_forms_compare_as_times(database, tmp_path):
+    """SQLite keeps what each writer sent: an application's isoformat ('T') and CURRENT_TIMESTAMP (' ') in one
+    column; as text ' ' < 'T', so a change four hours after the mark would look older than it."""
+    engine, run = database
+    run("INSERT INTO articles VALUES (1, 'one', '2026-12-01T08:00:00'), (2, 'two', '2026-12-01 07:00:00'), "
+        "(3, 'three', '2026-12-01T06:00:00.250+02:00')")
+    state = tmp_path / "state.sqlite"
+    settings = {"table": "articles", "text_column": "body", "updated_column": "updated_at"}
+    read(engine, state, **settings)
+    run("UPDATE articles SET body = 'two, revised', updated_at = '2026-12-01 12:00:00' WHERE id = 2")
+    second, docs = read(engine, state, **settings)
+    assert {k: d.content for k, d in docs.items()} == {"1": "one", "2": "two, revised", "3": "three"}
+    assert docs["1"].meta["updated_at"] == "2026-12-01T08:00:00"  # the row's own text, not the compared form
+    third, _ = read(engine, state, **settings)
+    assert third.report.rows_read == 1  # only the newest row again: the mark moved to 12:00
+
+
+@pytest.mark.parametrize("updated", [None, "updated_at"])
+@pytest.mark.parametrize("database", ["postgres"], indirect=True)
+def test_binary_ids_are_stable_hex(database, updated, tmp_path):
+    """psycopg2 returns BYTEA as a memoryview, whose str() names its address: a new id on every read."""
+    engine, run = database
+    run("DROP TABLE articles", "CREATE TABLE articles (id BYTEA PRIMARY KEY, body TEXT, updated_at TIMESTAMP)",
+        "INSERT INTO articles VALUES ('\\x0102', 'first', '2026-11-01 10:00:00'), "
+        "('\\xABCD', 'second', '2026-11-02 10:00:00')")
+    state = tmp_path / "state.sqlite"
+    settings = {"table": "articles", "text_column": "body", "updated_column": updated}
+    reads = [read(engine, state, **settings) for _ in range(2)]
+    for reader, docs in reads:
+        assert {k: d.content for k, d in docs.items()} == {"0102": "first", "abcd": "second"}
+        assert reader.report.deleted == 0 and not reader.report.skipped
+    if updated:
+        assert reads[1][0].report.missing == 0  # the pass over the ids knows them again
+
+
+@pytest.mark.parametrize("database", ["postgres"], indirect=True)
+def test_an_id_of_a_type_with_no_stable_text_is_a_counted_skip(database, tmp_path):
+    engine, run = database
+    run("DROP TABLE articles", "CREATE TABLE articles (id INT[] PRIMARY KEY, body TEXT, updated_at TIMESTAMP)",
+        "INSERT INTO articles VALUES ('{1,2}', 'first', '2026-11-01 10:00:00')")
+    for updated in (None, "updated_at"):
+        reader, docs = read(engine, tmp_path / "state.sqlite", table="articles", text_column="body",
+                            updated_column=updated)
+        assert docs == {} and reader.report.skipped == {"id of an unsupported type": 1}
+        assert "0x" not in str(reader.skips)

@@ -15,6 +15,18 @@ a row whose cursor is NULL is never ``>=`` anything. So each incremental read st
 mark, also reads the rows whose cursor is NULL, and its pass over the ids fetches the ids the table has and
 the snapshot lacks (rows committed later than the look-back window allowed for).
 
+The saved mark never passes the database's clock at the start of the read (``CURRENT_TIMESTAMP`` for a
+cursor with a time zone; for one without, the earlier of ``LOCALTIMESTAMP`` and UTC, the two conventions such a
+column is written in; the earlier of ``CURRENT_DATE`` and UTC's date for a date; the reader's UTC clock where
+the database cannot be asked): one row stamped by a writer whose clock is ahead, or by a session
+in a time zone east of the reader's, would otherwise lift the mark past every later change. Such rows are read
+again each night instead, and counted. A number (a version counter) has no clock and is not held back.
+
+SQLite keeps timestamps as text, in whichever form each writer chose (``2026-12-01T08:00:00`` from an
+application, ``2026-12-01 12:00:00`` from ``CURRENT_TIMESTAMP``), and text compares ``' ' < 'T'``. So on
+SQLite a text cursor that reads as a timestamp is compared through ``strftime('%Y-%m-%d %H:%M:%f', ...)``,
+one form in UTC, and the mark is kept in that form; a value that does not read as one is read every night.
+
 Text that cannot be written as UTF-8 (SQLite stores whatever bytes it is given) is a counted skip of the row,
 as it is for a file or a JSONL record.
 """
@@ -30,10 +42,12 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as clock_time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from nightshift.sources.document_store import RawDocument, Skip, encodable, printable
 
@@ -43,6 +57,24 @@ IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,
 MAX_TEXT_CHARS = 1_000_000
 MAX_IDS_PER_QUERY = 500
 """Ids fetched by one ``IN (...)`` query when the snapshot lacks rows the table has."""
+SQLITE_TIME = "%Y-%m-%d %H:%M:%f"
+"""The one form SQLite text timestamps are compared in (UTC, milliseconds)."""
+
+
+@dataclass(frozen=True)
+class Clock:
+    """The database's clock at the start of a read, in each form a cursor may take."""
+
+    aware: datetime
+    naive: datetime
+    """The earlier of the session's local time and UTC: a column without a time zone holds one or the other, and
+    a mark held back too far costs re-reads only, one let too far misses changes."""
+    today: date
+    """The earlier of the session's date and UTC's."""
+    text: str
+    """``naive`` in the form of :data:`SQLITE_TIME`."""
+    latest: datetime
+    """The later of the session's local time and UTC: a naive cursor past it is surely in the future."""
 
 
 @dataclass(frozen=True)
@@ -56,14 +88,23 @@ class SqlSettings:
     query: str | None = None
     """A SELECT returning the id, text (and updated-at) columns; only from sources.yaml, never from a Param."""
     id_column: str = "id"
+    """The id column: a row's document id is its text (bytes as lowercase hex; an id of another type, an array
+    or a JSON value, is a counted skip). In a column without a type (SQLite), the number 5 and the text '5' are
+    one id: the later row read wins."""
     text_column: str = "text"
     updated_column: str | None = None
-    """A column that grows when a row changes (timestamp or version): makes the read incremental."""
+    """A column that grows when a row changes (timestamp or version): makes the read incremental. A change
+    that does not make it grow past the previous read's mark less ``lookback`` (a stamp set back, a restore
+    from a backup, a row deleted and inserted again with the same id and an old stamp) is not read until the
+    row changes again; a new id is found anyway by the pass over the ids."""
     lookback: float = 3600.0
     """How far before the last read's high-water mark an incremental read starts again: seconds for a timestamp
     cursor (whole days, rounded up, for a date), cursor units for a number (a version counter). It must exceed
     the longest writer transaction: a row it stamps at its start and commits later is read only when the next
-    read starts before that stamp (a new row is also found by the pass over the ids; a changed one is not)."""
+    read starts before that stamp (a new row is also found by the pass over the ids; a changed one is not).
+    It must also exceed how far writers' clocks lag the database's (a session in a time zone west of the
+    reader's writing a column without a time zone lags by the difference): their changes are missed beyond it.
+    Writers ahead of the database's clock cost re-reads, never misses (the mark never passes that clock)."""
     format: str = "text"
     """How to read the text column: text, markdown or html."""
     batch_size: int = 1000
@@ -103,6 +144,8 @@ class SqlReport:
     deleted: int = 0
     missing: int = 0
     """Rows the table has and the snapshot lacked although older than the look-back window: fetched by id."""
+    future: int = 0
+    """Rows whose cursor is later than the database's clock at the start of the read: read again each night."""
     batches: int = 0
     incremental: bool = False
     seconds: float = 0.0
@@ -121,6 +164,7 @@ class SqlReader:
         self.state_path = state_path
         self.report = SqlReport(incremental=settings.updated_column is not None)
         self.skips: list[Skip] = []
+        self.sqlite = engine.dialect.name == "sqlite"
 
     def _stream(self, sql: str, params: dict[str, Any], expanding: tuple[str, ...] = ()) -> Iterator[list]:
         from sqlalchemy import bindparam, text
@@ -179,6 +223,9 @@ class SqlReader:
             for row_id, value in batch:
                 self.report.rows_read += 1
                 key, reason = _checked(row_id, value)
+                if key is None:
+                    self._skip("(id)", reason)
+                    continue
                 if reason is not None:
                     self._skip(key, reason)
                     continue
@@ -195,31 +242,43 @@ class SqlReader:
             db.execute("CREATE TABLE IF NOT EXISTS rows (id TEXT PRIMARY KEY, text TEXT, updated TEXT, reason TEXT)")
             db.execute("CREATE TABLE IF NOT EXISTS mark (key TEXT PRIMARY KEY, value TEXT)")
             row = db.execute("SELECT value FROM mark WHERE key = 'since'").fetchone()
-            since = _from_json(row[0]) if row else None
+            since = self._cursor(_from_json(row[0])) if row else None
+            clock = self._clock()  # before the rows: one stamped after it is read again next time
             columns = f"{s.id_column} AS id, {s.text_column} AS text, {s.updated_column} AS updated"
-            where = (f" WHERE {s.updated_column} >= :since OR {s.updated_column} IS NULL"
-                     if since is not None else "")
+            cursor = s.updated_column
+            if self.sqlite and isinstance(since, str) and _sqlite_time(since) == since:
+                cursor = f"strftime('{SQLITE_TIME}', {s.updated_column})"  # NULL for what is not a timestamp
+            where = f" WHERE {cursor} >= :since OR {cursor} IS NULL" if since is not None else ""
             sql = f"SELECT {columns} FROM {s.relation}{where} ORDER BY {s.updated_column}, {s.id_column}"
             params = {"since": _before(since, s.lookback)} if since is not None else {}
             newest = since
             for batch in self._stream(sql, params):
-                newest = self._keep(db, batch, newest)
+                newest = self._keep(db, batch, newest, clock)
                 db.commit()
             # One pass over the ids (in batches): what the snapshot lacks is fetched, what the table lacks dropped.
             db.execute("CREATE TEMP TABLE present (id TEXT PRIMARY KEY, raw)")
             for batch in self._stream(f"SELECT {s.id_column} AS id FROM {s.relation}", {}):
-                db.executemany("INSERT OR IGNORE INTO present VALUES (?, ?)",
-                               [(printable(str(r[0])), _bindable(r[0])) for r in batch])
+                present = []
+                for (row_id,) in batch:
+                    key = _key(row_id)
+                    if key is None:  # counted here, every night; never kept in the snapshot
+                        self._skip("(id)", _unsupported(row_id))
+                    else:
+                        present.append((printable(key), _bindable(row_id)))
+                db.executemany("INSERT OR IGNORE INTO present VALUES (?, ?)", present)
             db.execute("CREATE TEMP TABLE lacking AS SELECT raw FROM present WHERE id NOT IN (SELECT id FROM rows)")
             lacking = db.execute("SELECT raw FROM lacking")
             while ids := [r[0] for r in lacking.fetchmany(MAX_IDS_PER_QUERY)]:
                 fetch = f"SELECT {columns} FROM {s.relation} WHERE {s.id_column} IN :ids"
                 for batch in self._stream(fetch, {"ids": ids}, expanding=("ids",)):
                     self.report.missing += len(batch)
-                    newest = self._keep(db, batch, newest)
+                    newest = self._keep(db, batch, newest, clock)
             self.report.deleted = db.execute("DELETE FROM rows WHERE id NOT IN (SELECT id FROM present)").rowcount
+            if self.report.future:
+                log.warning("read %s: %d rows carry a cursor later than the database's clock; they are read again "
+                            "each night until it catches up", s.label, self.report.future)
             if newest is not None:
-                db.execute("INSERT OR REPLACE INTO mark VALUES ('since', ?)", (_to_json(newest),))
+                db.execute("INSERT OR REPLACE INTO mark VALUES ('since', ?)", (_to_json(_clamped(newest, clock)),))
             db.commit()
             for key, value, updated, reason in db.execute("SELECT id, text, updated, reason FROM rows ORDER BY id"):
                 if value is None:
@@ -232,24 +291,80 @@ class SqlReader:
         finally:
             db.close()
 
-    def _keep(self, db: sqlite3.Connection, batch: list, newest: Any) -> Any:
+    def _keep(self, db: sqlite3.Connection, batch: list, newest: Any, clock: Clock) -> Any:
         """Write a batch of rows into the snapshot; return the high-water mark including them."""
         for row_id, value, updated in batch:
             self.report.rows_read += 1
             key, reason = _checked(row_id, value)
-            db.execute("INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?)",
-                       (key, None if reason else value, _to_text(updated), reason))
-            if updated is not None and (newest is None or updated > newest):
-                newest = updated
+            if key is not None:  # an id of no stable text is counted by the pass over the ids
+                db.execute("INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?)",
+                           (key, None if reason else value, _to_text(updated), reason))
+            cursor = self._cursor(updated)
+            if cursor is None:
+                continue
+            if _later(cursor, _clamped(cursor, clock, latest=True)):
+                self.report.future += 1
+            if newest is None or _later(cursor, newest):
+                newest = cursor
         return newest
 
+    def _cursor(self, value: Any) -> Any:
+        """Return a cursor value in the form it is compared in (SQLite timestamp text in one form)."""
+        if self.sqlite and isinstance(value, str):
+            return _sqlite_time(value) or value
+        return value
 
-def _checked(row_id: Any, value: Any) -> tuple[str, str | None]:
-    """Return a row's key in the snapshot and the skips, and why the row is not a document (None when it is)."""
-    key = str(row_id)
+    def _clock(self) -> Clock:
+        """Return the database's clock now (the reader's UTC clock where the database cannot be asked)."""
+        from sqlalchemy import text
+
+        now = datetime.now(UTC)
+        try:
+            with self.engine.connect() as conn:
+                if self.sqlite:
+                    utc = datetime.fromisoformat(conn.exec_driver_sql(
+                        f"SELECT strftime('{SQLITE_TIME}', 'now')").scalar_one())
+                    return Clock(utc.replace(tzinfo=UTC), utc, utc.date(), _sqlite_time(utc.isoformat()), utc)
+                aware, local, today = conn.execute(text("SELECT CURRENT_TIMESTAMP, LOCALTIMESTAMP, CURRENT_DATE")).one()
+        except Exception as exc:  # a database without these names: the reader's clock is the next best
+            log.warning("read %s: the database's clock could not be read (%s); using this machine's UTC clock",
+                        self.settings.label, type(exc).__name__)
+            aware, local, today = now, now.replace(tzinfo=None), now.date()
+        if not (isinstance(aware, datetime) and aware.tzinfo is not None):
+            aware = now
+        utc = aware.astimezone(UTC).replace(tzinfo=None)
+        if not (isinstance(local, datetime) and local.tzinfo is None):
+            local = utc
+        if not isinstance(today, date) or isinstance(today, datetime):
+            today = local.date()
+        naive = min(local, utc)
+        return Clock(aware, naive, min(today, utc.date()), _sqlite_time(naive.isoformat()), max(local, utc))
+
+
+def _checked(row_id: Any, value: Any) -> tuple[str | None, str | None]:
+    """Return a row's key in the snapshot and the skips (None for an id of no stable text), and why the row is
+    not a document (None when it is)."""
+    key = _key(row_id)
+    if key is None:
+        return None, _unsupported(row_id)
     if not encodable(key):
         return printable(key), "not UTF-8 text: the id"
     return key, _problem(value)
+
+
+def _key(row_id: Any) -> str | None:
+    """Return the text of an id, the same on every read (bytes as lowercase hex); None for a type without one."""
+    if isinstance(row_id, str):
+        return row_id
+    if isinstance(row_id, bytes | bytearray | memoryview):  # str() of a memoryview names its address
+        return bytes(row_id).hex()
+    if isinstance(row_id, int | float | Decimal | UUID | date | clock_time | timedelta):
+        return str(row_id)
+    return None
+
+
+def _unsupported(row_id: Any) -> str:
+    return f"id of an unsupported type: {type(row_id).__name__[:40]}"
 
 
 def _problem(value: Any) -> str | None:
@@ -280,7 +395,43 @@ def _bindable(value: Any) -> Any:
     """Return an id as SQLite can keep it and the database can compare it again (a UUID, a number as text)."""
     if isinstance(value, str):
         return printable(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
     return value if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+
+
+def _sqlite_time(value: str) -> str | None:
+    """Return timestamp text in the form of :data:`SQLITE_TIME` (UTC, milliseconds cut, never rounded up, so the
+    mark is never later than SQLite's form of the same value); None when it is not a timestamp."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+    return f"{parsed:%Y-%m-%d %H:%M:%S}.{parsed.microsecond // 1000:03d}"
+
+
+def _clamped(mark: Any, clock: Clock, latest: bool = False) -> Any:
+    """Return ``mark``, or the clock's time when the mark is later (a number is never held back); ``latest``
+    takes the later reading of the clock for a cursor without a time zone."""
+    if isinstance(mark, datetime):
+        limit: Any = clock.aware if mark.tzinfo is not None else clock.latest if latest else clock.naive
+    elif isinstance(mark, date):
+        limit = clock.today
+    elif isinstance(mark, str) and _sqlite_time(mark) == mark:
+        limit = clock.text
+    else:
+        return mark
+    return limit if _later(mark, limit) else mark
+
+
+def _later(a: Any, b: Any) -> bool:
+    """Return whether ``a`` is later than ``b``; False when they cannot be compared (a column of mixed types)."""
+    try:
+        return bool(a > b)
+    except TypeError:
+        return False
 
 
 def _before(mark: Any, lookback: float) -> Any:
@@ -301,7 +452,10 @@ def _before(mark: Any, lookback: float) -> Any:
         except ValueError:
             log.warning("incremental read: the cursor is text that is not a timestamp; no look-back applied")
             return mark
-        return (parsed - timedelta(seconds=lookback)).isoformat("T" if "T" in mark else " ")
+        earlier = parsed - timedelta(seconds=lookback)
+        if _sqlite_time(mark) == mark:
+            return _sqlite_time(earlier.isoformat())
+        return earlier.isoformat("T" if "T" in mark else " ")
     return mark
 
 
