@@ -213,9 +213,12 @@ def test_the_code_digest_covers_every_step_module_and_the_libraries_they_call(mo
     names = {p.name for p in curate_module.step_sources()}
     assert {"clean.py", "heuristics.py", "language.py", "pii.py", "near_dup.py", "decontaminate.py",
             "curate.py"} <= names
+    # what trafilatura needs at run time shapes extraction too: its dependencies count, transitively
+    assert {"trafilatura", "courlan", "htmldate", "charset-normalizer", "lxml", "wcwidth"} <= set(
+        curate_module.step_library_versions())
     before = curate_module.code_digest()
     real = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version", lambda d: "99.0" if d == "ftfy" else real(d))
+    monkeypatch.setattr(importlib.metadata, "version", lambda d: "99.0" if d == "courlan" else real(d))
     curate_module.code_digest.cache_clear()
     try:
         assert curate_module.code_digest() != before
@@ -272,3 +275,39 @@ def test_a_worker_dying_while_it_starts_fails_the_run_with_its_exit_code(night, 
     code, lines, seconds = run_bounded(args, tmp_path, env={**_env(), "NIGHTSHIFT_FAULT": "prep.worker_start:raise"})
     assert code == 1 and seconds < 30 and len(lines) < 200, (code, seconds, len(lines), lines[-5:])
     assert "worker exited with code 1 while starting" in lines[-1] and "InjectedFault" in "\n".join(lines)
+
+
+FILE_SCRIPT = """
+import json, sys
+from pathlib import Path
+import multiprocess
+from nightshift.prep.curate import curate
+from nightshift.prep.recipe import PrepRecipe
+if __name__ == "__main__":
+    try:
+        curate(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), PrepRecipe.from_dict(json.loads(sys.argv[4])))
+    finally:
+        print("processes left:", len(multiprocess.active_children()), flush=True)
+"""
+
+
+def test_a_worker_killed_mid_task_fails_the_run_at_once_and_a_rerun_resumes_to_the_same_bytes(night, tmp_path):
+    script = tmp_path / "prepare.py"
+    script.write_text(FILE_SCRIPT)
+    recipe = recipe_for(tmp_path, tasks=2, workers=2)
+    args = [sys.executable, str(script), str(night["raw"]), str(tmp_path / "c.jsonl"), str(tmp_path / "w"),
+            json.dumps(recipe.to_dict())]
+    # The first worker to finish its shard dies by SIGKILL before publishing it, as under the out-of-memory killer.
+    env = {**_env(), "NIGHTSHIFT_FAULT": "prep.before_publish:kill-once", "NIGHTSHIFT_FAULT_DIR": str(tmp_path)}
+    code, lines, seconds = run_bounded(args, tmp_path, env=env, timeout=40)
+    assert (tmp_path / "fault-prep.before_publish").exists()
+    assert code == 1 and seconds < 25 and len(lines) < 200, (code, seconds, len(lines), lines[-5:])
+    assert "WorkerDied" in lines[-1] and "killed by signal 9 (SIGKILL)" in lines[-1], lines[-5:]
+    assert "out-of-memory" in lines[-1] and "executor.workers" in lines[-1]
+    assert "processes left: 0" in lines  # the pool's other workers and its manager were stopped
+    assert not (tmp_path / "c.jsonl").exists()
+    assert list((tmp_path / "w").glob("*/out/*.tmp"))  # the killed task's partial files are there for the rerun
+
+    code, lines, _ = run_bounded(args, tmp_path, timeout=60)
+    assert code == 0, lines[-5:]
+    assert (tmp_path / "c.jsonl").read_bytes() == night["corpus"]

@@ -63,7 +63,8 @@ class Outcome:
 
 STEP_LIBRARIES = ("trafilatura", "lxml", "justext", "ftfy", "datatrove", "py3langid", "detect-secrets", "rensa",
                   "numpy", "regex")
-"""Distributions whose code decides outcomes (extraction, normalisation, filters, language, secrets, hashing)."""
+"""Distributions whose code decides outcomes (extraction, normalisation, filters, language, secrets, hashing);
+what they depend on at run time counts too."""
 STEP_MODULES: tuple[str, ...] = ()
 """Modules outside nightshift.prep that decide outcomes; every module of nightshift.prep is included anyway."""
 
@@ -85,7 +86,6 @@ def step_sources() -> list[Path]:
 @functools.cache
 def code_digest() -> str:
     """Return a hash of the steps' code (source files, library versions, Python and Unicode), once a process."""
-    import importlib.metadata
     import unicodedata
 
     h = hashlib.sha256(f"python {sys.version_info[:2]} unicode {unicodedata.unidata_version}\n".encode())
@@ -93,13 +93,36 @@ def code_digest() -> str:
         # The name, not the folder: the same code installed elsewhere keeps its cache.
         h.update(f"{path.parent.name}/{path.name}\0".encode())
         h.update(hashlib.sha256(path.read_bytes()).digest())
-    for dist in STEP_LIBRARIES:
-        try:
-            version = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            version = "absent"
+    for dist, version in step_library_versions().items():
         h.update(f"{dist}=={version}\0".encode())
     return h.hexdigest()
+
+
+def step_library_versions() -> dict[str, str]:
+    """Return the installed version of every step library and of what each needs at run time, transitively
+    (trafilatura's extraction is shaped by courlan, htmldate and charset-normalizer too); "absent" if missing."""
+    import importlib.metadata
+    import re
+
+    seen: dict[str, str] = {}
+    todo = list(STEP_LIBRARIES)
+    while todo:
+        dist = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if dist in seen:
+            continue
+        try:
+            seen[dist] = importlib.metadata.version(dist)
+            requires = importlib.metadata.requires(dist) or []
+        except importlib.metadata.PackageNotFoundError:
+            seen[dist] = "absent"
+            continue
+        for requirement in requires:
+            if "extra ==" in requirement or "extra==" in requirement:
+                continue
+            name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement)
+            if name:
+                todo.append(name.group(0))
+    return dict(sorted(seen.items()))
 
 
 def outcome_digest(recipe: PrepRecipe) -> str:
@@ -575,6 +598,132 @@ def check_workers_start(start_method: str, timeout_s: float = WORKER_START_TIMEO
                                f"it). {hint}")
 
 
+WORKER_POLL_S = 0.5
+"""How often the pool's processes are checked while the preparation tasks run."""
+LOST_TASK_GRACE_S = 2.0
+"""How long a run may take to end after one of its processes died before that process's task counts as lost."""
+SHUTDOWN_GRACE_S = 30.0
+"""The same for an exit the pool itself causes when it stops (code 0 or SIGTERM): it ends the run shortly after."""
+
+
+class WorkerDied(RuntimeError):
+    """A preparation worker died while the tasks ran, so its task's result will never come; the message says why."""
+
+
+def _death_reason(exitcode: int | None) -> str:
+    """Return how a process ended, in words, with what to do about it."""
+    import signal
+
+    if exitcode is None or exitcode >= 0:
+        return f"exited with code {exitcode}"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = "unknown signal"
+    reason = f"was killed by signal {-exitcode} ({name})"
+    if -exitcode == signal.SIGKILL:
+        reason += (", most often by the out-of-memory killer: lower executor.workers or raise executor.tasks "
+                   "(smaller shards) in the preparation recipe, or give the task more memory")
+    return reason
+
+
+def run_supervised(executor, poll_s: float = WORKER_POLL_S) -> None:
+    """Run a local executor's process pool; return when it ends, or raise WorkerDied when a process dies under it.
+
+    A ``multiprocess`` pool replaces a worker that dies (the out-of-memory killer's SIGKILL, a crash in a native
+    library) and waits for ever for the dead worker's result, so the run is watched from here: a process of the
+    run that ends while the run does not is a lost task. The pool is then stopped and the task fails; a retry
+    resumes, as finished tasks are kept and a task's partial files are rewritten from the start.
+    """
+    import signal
+    import threading
+
+    import multiprocess
+    from multiprocess.connection import wait
+
+    before = set(multiprocess.active_children())
+    done = threading.Event()
+    failed: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            executor.run()
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread, which raises it
+            failed.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=target, name="nightshift-prep-executor", daemon=True)
+    watched: list = []
+    dead: dict = {}  # process -> when it was seen dead
+    thread.start()
+    try:
+        while not done.wait(poll_s):
+            watched += [p for p in multiprocess.active_children() if p not in before and p not in watched]
+            alive = {_sentinel(p): p for p in watched if p not in dead}
+            alive.pop(None, None)
+            # Waiting on sentinels reads no exit status, which the pool's own thread collects for its workers.
+            for sentinel in wait(list(alive), timeout=0):
+                dead[alive[sentinel]] = time.monotonic()
+            now = time.monotonic()
+            for proc, since in dead.items():
+                waited = now - since
+                if waited < LOST_TASK_GRACE_S:
+                    # Its exit status is not read before: the pool's own thread reads its workers' first, and a
+                    # second reader at the same moment would find it gone.
+                    continue
+                if waited >= SHUTDOWN_GRACE_S or proc.exitcode not in (0, -signal.SIGTERM):
+                    raise WorkerDied(
+                        f"preparation process {proc.name} (pid {proc.pid}) {_death_reason(proc.exitcode)}. Its "
+                        "task's result is lost, so the other tasks were stopped; a retry resumes from the tasks "
+                        "that finished")
+    except BaseException as exc:
+        _stop_run(watched, before, exc, done)
+        raise
+    if failed:
+        raise failed[0]
+
+
+def _sentinel(proc) -> int | None:
+    """Return the handle that becomes ready when ``proc`` ends, or None once it was closed."""
+    try:
+        return proc.sentinel
+    except ValueError:
+        return None
+
+
+def _stop_run(watched: list, before: set, error: BaseException, done) -> None:
+    """Stop the run that ``error`` interrupted: fail the pool's pending results, then kill what is left.
+
+    The pool is found by its workers: datatrove keeps it in a local variable. Handing its pending results an
+    error is what the pool itself does for a task that raised, so datatrove's own clean-up (stopping the pool's
+    workers and its manager) then runs as it does for a failed task.
+    """
+    import gc
+
+    import multiprocess
+    from multiprocess.pool import Pool
+
+    procs = [*watched, *(p for p in multiprocess.active_children() if p not in before and p not in watched)]
+    pids = {p.pid for p in procs}
+    pools = [o for o in gc.get_objects() if isinstance(o, Pool) and pids & {w.pid for w in getattr(o, "_pool", ())}]
+    stop = RuntimeError(f"preparation stopped: {type(error).__name__}")  # its own object: one traceback each
+    for pool in pools:
+        for job in list(getattr(pool, "_cache", {}).values()):
+            try:
+                job._set(0, (False, stop))
+            except Exception:  # noqa: BLE001, S112 - a pool of another shape is terminated below instead
+                continue
+    if done.wait(10):
+        return
+    for pool in pools:
+        pool.terminate()
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+
+
 def curate(raw: Path, corpus: Path, work: Path, recipe: PrepRecipe, cache_path: Path | None = None,
            log=None, cache_days: float = 7.0) -> PrepReport:
     """Prepare raw.jsonl into corpus.jsonl under a recipe; return the report. Re-running resumes finished tasks."""
@@ -598,7 +747,9 @@ def curate(raw: Path, corpus: Path, work: Path, recipe: PrepRecipe, cache_path: 
     executor = build_executor(recipe, pipeline, tasks, workers, run / "logs")
     if recipe.executor.kind == "local" and executor.workers > 1:  # one worker runs the tasks in this process
         check_workers_start(executor.start_method)
-    executor.run()
+        run_supervised(executor)
+    else:
+        executor.run()
     if recipe.executor.kind == "slurm":  # the jobs were submitted; wait for them (the task's timeout bounds this)
         while incomplete := executor.get_incomplete_ranks(range(tasks)):
             log.info("waiting for %d of %d preparation tasks on Slurm", len(incomplete), tasks)
