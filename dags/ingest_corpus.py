@@ -11,6 +11,7 @@ it with DVC. A new version updates the **corpus** asset, which schedules `finetu
 | `collect_source` | one mapped task per source, labelled by its name: reads, crawls or queries it, counting skips |
 | `merge_sources` | combines what came in; fails the night when fewer than `min_source_share` of the sources did |
 | `prepare_corpus` | `include/configs/prep.yaml` on datatrove: language, quality, decontamination, PII, near-dups |
+| `check_drop_budget` | warns when one preparation step dropped more than quality.yaml's `drop_budget` of a source |
 | `profile_corpus` | whylogs profile of per-document metrics; drift from the previous and the champion's data |
 | `validate_corpus` | (beside it) Great Expectations on the same per-document metrics, as Data Docs; fails, alerts |
 | `version_dataset` | stages, pushes, commits, tags corpus and profile in the DVC repository (killed tries recover) |
@@ -26,6 +27,10 @@ written. Per-source reports (fetched, unchanged, reused, skipped by reason, robo
 `$NIGHTSHIFT_HOME/sources/<name>/`. What preparation removed, per step and reason with example ids, is in
 `prep.json` of the same folder (every dropped id in `dropped.jsonl`), and the counts travel with the dataset
 version in its `meta.json`.
+
+When one preparation step drops more than `drop_budget.max_share` of one source's documents (`quality.yaml`), a
+warning alert names the source, the step, the top reasons and example ids, and the run's page shows it first;
+with `block: true` the night fails instead and makes no version.
 
 Drift is judged by `include/configs/drift.yaml`: beyond its thresholds a warning alert links to the charts, and
 the run goes on unless the policy blocks.
@@ -75,13 +80,15 @@ def ingest_corpus():
         from nightshift.airflow.run_lock import claim_run
         from nightshift.pipelines.housekeeping import prune_work_dirs
         from nightshift.pipelines.ingest import plan_sources as plan
+        from nightshift.prep.recipe import PrepRecipe
 
         context = get_current_context()
         claim_run(SETTINGS, context)
         here = run_dir(SETTINGS, context)
         prune_work_dirs(here.parent, SETTINGS.retention_days, keep=here)
-        try:
-            return plan(context["params"]["source"], SETTINGS.sources_file, SETTINGS.source_roots, here)
+        try:  # the recipe is read now so that a source naming a missing profile fails before the crawl
+            profiles = PrepRecipe.load(SETTINGS.prep_recipe).profiles
+            return plan(context["params"]["source"], SETTINGS.sources_file, SETTINGS.source_roots, here, profiles)
         except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
             raise AirflowFailException(f"{exc} (set the `source` param or fix sources.yaml)") from exc
 
@@ -128,8 +135,38 @@ def ingest_corpus():
             raise AirflowFailException(str(exc)) from exc
         cache = SETTINGS.cache_dir / "prep" / "outcomes.sqlite"
         context = get_current_context()
-        return prepare(run_dir(SETTINGS, context), recipe, cache, SETTINGS.retention_days,
-                       run_report(SETTINGS, context))
+        try:
+            return prepare(run_dir(SETTINGS, context), recipe, cache, SETTINGS.retention_days,
+                           run_report(SETTINGS, context))
+        except ValueError as exc:  # a source naming a profile the recipe lacks: no retry mends it
+            raise AirflowFailException(str(exc)) from exc
+
+    @task(multiple_outputs=False)
+    def check_drop_budget() -> dict:
+        from nightshift.airflow.notifiers import send_alert
+        from nightshift.alerts.channels import Alert
+        from nightshift.pipelines.ingest import DropBudgetExceeded, drop_budget
+        from nightshift.quality.suite import QualityPolicy
+
+        try:
+            budget = QualityPolicy.load().drop_budget
+        except ValueError as exc:  # a broken quality.yaml does not mend itself on retry
+            raise AirflowFailException(str(exc)) from exc
+        context = get_current_context()
+        report = run_report(SETTINGS, context)
+        try:
+            verdict = drop_budget(run_dir(SETTINGS, context), budget, report)
+        except DropBudgetExceeded as exc:  # the failure alert carries the same summary
+            raise AirflowFailException(str(exc)) from exc
+        if verdict["exceeded"]:
+            names = ", ".join(sorted({e["source"] for e in verdict["exceeded"]}))
+            send_alert(Alert(
+                title=f"drop budget exceeded in {names}",
+                message=f"{verdict['summary']}\nThe run continues; see the top of the report page.",
+                severity="warning", dag_id=report.dag_id, run_id=report.run_id, task_id=context["ti"].task_id,
+                report_url=report.url,
+            ))
+        return verdict
 
     @task(multiple_outputs=False, inlets=[CHAMPION_ASSET])
     def profile_corpus(stats: dict) -> dict:
@@ -206,9 +243,13 @@ def ingest_corpus():
     merged = merge_sources()
     collected >> merged
     stats = prepare_corpus(merged)
+    # A step that ate a source is told (or, when the budget blocks, stops the night) before the rest goes on.
+    budget = check_drop_budget()
+    stats >> budget
     # Profiling and validation read the prepared corpus independently: they run side by side.
     drift = profile_corpus(stats)
     quality = validate_corpus(stats)
+    budget >> [drift, quality]
     publish_dataset(version_dataset(merged, stats, drift, quality))
 
 

@@ -38,6 +38,9 @@ def test_a_night_of_planted_problems_is_versioned_clean_and_counted(tmp_path, mo
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("".join(json.dumps(i) + "\n" for i in EVAL_ITEMS))
     recipe = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    recipe.pop("default_profile"), recipe.pop("profiles", None)
+    # The planted problems are web prose's: this night runs the web profile's steps, inline in the recipe.
+    recipe["steps"] = yaml.safe_load((DEFAULT_RECIPE.parent / "prep" / "web.yaml").read_text())["steps"]
     recipe["limits"]["max_raw_chars"] = 1_000_000
     for step in recipe["steps"]:
         if "decontaminate" in step:

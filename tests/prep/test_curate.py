@@ -14,7 +14,7 @@ import yaml
 
 from nightshift.prep.curate import curate
 from nightshift.prep.pii import Scrubber
-from nightshift.prep.recipe import DEFAULT_RECIPE, PrepRecipe
+from nightshift.prep.recipe import DEFAULT_RECIPE, PROFILE_DIR, PrepRecipe
 from planted import EVAL_ITEMS, planted_night, prose
 
 
@@ -25,6 +25,9 @@ def write_raw(docs, path):
 
 def recipe_for(tmp_path, **executor):
     data = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    # The planted night is web prose: its expected drops are the web profile's, run as the recipe's own steps.
+    data.pop("default_profile")
+    data["steps"] = yaml.safe_load((PROFILE_DIR / "web.yaml").read_text())["steps"]
     eval_path = tmp_path / "heldout.jsonl"
     eval_path.write_text("".join(json.dumps(i) + "\n" for i in EVAL_ITEMS))
     data["limits"]["max_raw_chars"] = 1_000_000

@@ -388,3 +388,20 @@ def test_a_credential_deep_in_a_long_line_or_across_a_window_edge_is_found():
         found = verify(line)
         start = line.index(token)
         assert any(f.start <= start < f.end for f in found), at
+
+
+def test_published_signatures_public_keys_grammars_and_authors_are_not_credentials():
+    # Shapes from real manuals (git's): a signed tag, an SSH public key, an ABNF rule, an author's remote.
+    signature = "\n".join([
+        "-----BEGIN PGP SIGNATURE-----", "Version: GnuPG v1.4.6 (GNU/Linux)", "",
+        "iD8DBQBF0lGqwMbZpPMRm5oRAuRiAJ9ohBLd7s2kqjkKlq1qqC57SbnmzQCdG4ui",
+        "nLE/L9aUXdWeTFPron9ExhZlW4knIQ1wt/yWqM+33E9pN4hzPqLwyrdodsq8FWEq", "=5uP9", "-----END PGP SIGNATURE-----"])
+    text = "\n".join([
+        "A signed tag carries its signature:", signature, "and the object it names.",
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl jane@laptop",
+        'key = 1*(ALPHA | DIGIT | "-_")',
+        "git remote set-url git@example_author:org1/project1.git",
+    ])
+    assert verify(text) == []
+    private = text + "\n-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAAB\n"
+    assert verify(private)  # a private key still counts, even after a public block

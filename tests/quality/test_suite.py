@@ -3,7 +3,7 @@ import re
 import pandas as pd
 import pytest
 
-from nightshift.quality.suite import QualityPolicy, validate_corpus, validate_frame
+from nightshift.quality.suite import DropBudget, QualityPolicy, validate_corpus, validate_frame
 
 POLICY = QualityPolicy(min_documents=2, min_chars=3, max_chars=50)
 
@@ -152,3 +152,22 @@ def test_placeholders_left_by_scrubbing_are_not_counted():
     texts = ["password: \"<SECRET>\"\nAuthorization: Bearer <SECRET>", "mail <EMAIL> or call <PHONE>",
              "postgres://a:<SECRET>@db/x?token=<SECRET>&page=2", "Password=<SECRET>;AccountKey=<SECRET>;"]
     assert text_metrics(texts)["pii_hits"] == [0, 0, 0, 0]
+
+
+def test_drop_budget_is_validated_and_errors_name_the_field(tmp_path):
+    assert QualityPolicy.load().drop_budget == DropBudget(max_share=0.3, min_documents=5, block=False)
+    assert QualityPolicy().drop_budget.max_share == 1.0  # a policy without a budget judges nothing
+    for bad, field_name in [({"max_share": 0}, "drop_budget.max_share"), ({"max_share": 1.5}, "drop_budget.max_share"),
+                            ({"max_share": "30%"}, "drop_budget.max_share"),
+                            ({"min_documents": 0}, "drop_budget.min_documents"),
+                            ({"min_documents": 2.5}, "drop_budget.min_documents"),
+                            ({"block": "yes"}, "drop_budget.block"), ({"max_shares": 0.3}, "unknown fields"),
+                            ("0.3", "drop_budget must be a mapping")]:
+        with pytest.raises(ValueError, match=re.escape(field_name)):
+            QualityPolicy(drop_budget=bad)
+    path = tmp_path / "quality.yaml"
+    path.write_text("min_documents: 1\ndrop_budget: {max_share: 0.5, block: true}\n")
+    assert QualityPolicy.load(path).drop_budget == DropBudget(max_share=0.5, min_documents=5, block=True)
+    path.write_text("drop_budget: {max_share: 0.5, min_documents: -1}\n")
+    with pytest.raises(ValueError, match="drop_budget.min_documents must be an integer >= 1, got -1"):
+        QualityPolicy.load(path)

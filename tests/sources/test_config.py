@@ -55,3 +55,14 @@ def test_bad_entries_are_named(tmp_path):
 def test_specs_round_trip_through_xcom():
     spec = SourceSpec("site", "web", {"url": "https://docs.example.com/", "max_pages": 3})
     assert SourceSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_a_source_names_its_preparation_profile_and_keeps_it_through_xcom(tmp_path):
+    (tmp_path / "sources.yaml").write_text(
+        "sources:\n  - {name: manual, kind: files, path: docs, prep: docs}\n  - {name: blog, kind: files, path: b}\n")
+    manual, blog = load_sources(tmp_path / "sources.yaml")
+    assert (manual.prep, manual.settings, blog.prep) == ("docs", {"path": str(tmp_path / "docs")}, None)
+    assert SourceSpec.from_dict(manual.to_dict()) == manual
+    assert source_from_uri(str(SAMPLE_STORE), ROOTS).prep is None  # the one-off source: the default profile
+    with pytest.raises(ValueError, match="source manual: prep must name a preparation profile"):
+        SourceSpec(name="manual", kind="files", settings={"path": "x"}, prep="Docs Profile")

@@ -67,6 +67,20 @@ def test_second_crawl_revalidates_and_reuses_without_extracting(tmp_path, monkey
     assert len(conditional) == len(first) + 2
 
 
+def test_texts_of_another_extractor_are_extracted_again_not_reused(tmp_path):
+    import sqlite3
+
+    with TrapSite() as site:
+        _, first = crawl(site, tmp_path / "state.sqlite")
+        with sqlite3.connect(tmp_path / "state.sqlite") as db:  # as a state written before an extractor change
+            db.execute("UPDATE pages SET extractor = 'older', text = 'old text'")
+        site.requests.clear()
+        crawler, second = crawl(site, tmp_path / "state.sqlite")
+        conditional = [r for r in site.requests if r["if_none_match"]]
+    assert conditional == [] and crawler.report.unchanged == 0 and crawler.report.fetched == len(first) + 2
+    assert {k: d.content for k, d in second.items()} == {k: d.content for k, d in first.items()}
+
+
 def test_pages_that_are_gone_leave_the_next_crawl_and_failing_ones_are_kept(tmp_path):
     with TrapSite() as site:
         _, first = crawl(site, tmp_path / "state.sqlite")

@@ -9,14 +9,14 @@ import json
 import logging
 import shutil
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 from nightshift.faults import fault_point
 from nightshift.pipelines.reports import RunRef
 from nightshift.prep.recipe import PrepRecipe
-from nightshift.quality.suite import QualityPolicy, QualityReport, validate_corpus
+from nightshift.quality.suite import DropBudget, QualityPolicy, QualityReport, validate_corpus
 from nightshift.records import DatasetVersion
 from nightshift.settings import Settings
 from nightshift.sources.config import SourceSpec, load_sources, open_source, source_from_uri
@@ -53,13 +53,18 @@ def dataset_repository(settings: Settings) -> DatasetRepository:
 
 
 def plan_sources(source: str | None, sources_file: Path, allowed_roots: tuple[str, ...],
-                 run_dir: Path) -> list[dict[str, Any]]:
+                 run_dir: Path, profiles: Collection[str] | None = None) -> list[dict[str, Any]]:
     """Return (and record in the run folder) the sources of this run: the one the ``source`` Param names,
-    else those of sources.yaml."""
+    else those of sources.yaml. A source naming a preparation profile outside ``profiles`` is refused."""
     if source and source.strip():
-        specs = [source_from_uri(source, allowed_roots).to_dict()]
+        specs = [source_from_uri(source, allowed_roots).to_dict()]  # no `prep`: the default profile
     else:
         specs = [spec.to_dict() for spec in load_sources(sources_file)]
+    if profiles is not None:
+        for spec in specs:
+            if spec.get("prep") is not None and spec["prep"] not in profiles:
+                raise ValueError(f"source {spec['name']}: no preparation profile {spec['prep']!r}; known profiles: "
+                                 f"{', '.join(sorted(profiles))} (include/configs/prep/<name>.yaml)")
     _write_json(run_dir / PLAN, specs)
     return specs
 
@@ -169,7 +174,13 @@ def prepare_corpus(run_dir: Path, recipe: PrepRecipe, cache_path: Path | None,
     """Run the preparation recipe over raw.jsonl into corpus.jsonl; write prep.json; return the counts."""
     from nightshift.prep.curate import curate
 
-    report = curate(run_dir / RAW, run_dir / CORPUS, run_dir / "prep", recipe, cache_path, log, cache_days)
+    profiles = {s["name"]: s["prep"] for s in planned_sources(run_dir) or [] if s.get("prep")}
+    unknown = sorted(f"{name} ({profile})" for name, profile in profiles.items() if profile not in recipe.profiles)
+    if unknown:
+        raise ValueError(f"sources name preparation profiles the recipe lacks: {', '.join(unknown)}; known profiles: "
+                         f"{', '.join(sorted(recipe.profiles))}")
+    report = curate(run_dir / RAW, run_dir / CORPUS, run_dir / "prep", recipe, cache_path, log, cache_days,
+                    profiles)
     _write_json(run_dir / PREP_REPORT, report.to_dict())
     # Built from collect's own record each time, so a retried step writes the same list, not a longer one.
     skipped = json.loads((run_dir / COLLECT_SKIPPED).read_text()) + [
@@ -373,3 +384,93 @@ def profile_corpus(run_dir: Path, settings: Settings, policy: Any, run: RunRef,
     return {"status": status, "drifted": drifted, "possibly_drifted": possibly, "alert": alert,
             "documents": summary["documents"], "seconds": drift["seconds"],
             "references": {c["reference"]: c["reference_tag"] for c in comparisons if c["reference_tag"]}}
+
+
+DROPPED = "dropped.jsonl"
+"""Written by preparation beside the corpus: one line per dropped document (id, step, reason)."""
+DROP_BUDGET = "drop_budget.json"
+DROP_EXAMPLES = 5
+DUPLICATE_REASONS = ("exact_duplicate", "near_duplicate")
+"""Deduplication reasons carry the kept copy's id after a colon; they are counted without it."""
+
+
+class DropBudgetExceeded(Exception):
+    """A preparation step dropped more of one source than quality.yaml's drop_budget allows, and the budget blocks."""
+
+
+def drop_budget(run_dir: Path, budget: DropBudget, run: RunRef | None = None) -> dict[str, Any]:
+    """Judge what each preparation step dropped of each source against the budget; return the verdict.
+
+    A source's documents are counted as they entered preparation (collection.json); its drops are read from
+    dropped.jsonl by id prefix. The verdict is written to drop_budget.json and published into the run's report
+    (shown first on the page when a step is over budget). Raises DropBudgetExceeded afterwards when the budget
+    blocks. Only ids (scrubbed at collection), step names, reasons and counts appear, never document text.
+    """
+    entered = _documents_entering(run_dir)
+    drops = _drops_by_source(run_dir / DROPPED)
+    checked: dict[str, dict[str, Any]] = {}
+    exceeded: list[dict[str, Any]] = []
+    for source in sorted(set(entered) | set(drops)):
+        documents = entered.get(source, 0)
+        steps = drops.get(source, {})
+        judged = documents >= budget.min_documents
+        checked[source] = {"documents": documents, "judged": judged,
+                           "dropped": {step: d["dropped"] for step, d in steps.items()}}
+        if not judged:
+            continue
+        for step, d in steps.items():
+            share = d["dropped"] / documents
+            if share > budget.max_share:
+                exceeded.append({"source": source, "step": step, "dropped": d["dropped"], "documents": documents,
+                                 "share": round(share, 4), "reasons": dict(d["reasons"].most_common()),
+                                 "examples": d["examples"]})
+    exceeded.sort(key=lambda e: (-e["share"], e["source"], e["step"]))
+    blocked = bool(exceeded) and budget.block
+    verdict = {"exceeded": exceeded, "checked": checked, "max_share": budget.max_share,
+               "min_documents": budget.min_documents, "block": budget.block, "blocked": blocked,
+               "summary": drop_budget_summary(exceeded, budget.max_share)}
+    _write_json(run_dir / DROP_BUDGET, verdict)
+    if run:
+        run.publish({"drop_budget": verdict})
+    if exceeded:
+        log.warning("drop budget: %s", verdict["summary"].replace("\n", "; "))
+    if blocked:
+        raise DropBudgetExceeded(f"{verdict['summary']}\nquality.yaml's drop_budget blocks: no dataset version")
+    return verdict
+
+
+def drop_budget_summary(exceeded: list[dict[str, Any]], max_share: float, reasons: int = 3) -> str:
+    """Return one line per step over budget: source, step, share, top reasons with counts, example ids."""
+    lines = []
+    for e in exceeded:
+        top = ", ".join(f"{reason} {n}" for reason, n in list(e["reasons"].items())[:reasons])
+        lines.append(f"{e['source']}: {e['step']} dropped {e['dropped']} of {e['documents']} documents "
+                     f"({e['share']:.0%}, budget {max_share:.0%}); reasons: {top}; e.g. {', '.join(e['examples'])}")
+    return "\n".join(lines)
+
+
+def _documents_entering(run_dir: Path) -> dict[str, int]:
+    """Return each collected source's documents as they entered preparation (raw.jsonl is their concatenation)."""
+    collection = json.loads((run_dir / "collection.json").read_text())
+    return {name: int(s["documents"]) for name, s in collection.get("sources", {}).items()}
+
+
+def _drops_by_source(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """Return source -> step -> {dropped, reasons (Counter), examples} from dropped.jsonl, streamed."""
+    drops: dict[str, dict[str, dict[str, Any]]] = {}
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            # Ids are "<source>/<id in the source>" and source names hold no slash (sources.config.NAME).
+            source = str(row["id"]).split("/", 1)[0]
+            reason = str(row["reason"])
+            head = reason.split(":", 1)[0]
+            entry = drops.setdefault(source, {}).setdefault(
+                row["step"], {"dropped": 0, "reasons": Counter(), "examples": []})
+            entry["dropped"] += 1
+            entry["reasons"][head if head in DUPLICATE_REASONS else reason] += 1
+            if len(entry["examples"]) < DROP_EXAMPLES:
+                entry["examples"].append(str(row["id"]))
+    return drops

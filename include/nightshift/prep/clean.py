@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nightshift.extraction import html_to_text
 from nightshift.sources.document_store import RawDocument
 
 log = logging.getLogger(__name__)
@@ -35,14 +36,10 @@ class Document:
 
 
 def extract_text(doc: RawDocument) -> str:
-    """Return the readable text of a document: main content for HTML, the text itself otherwise."""
+    """Return the readable text of a document: main content as markdown for HTML, the text itself otherwise."""
     if doc.format != "html":
         return doc.content
-    import trafilatura
-
-    text = trafilatura.extract(doc.content, include_comments=False, include_tables=True, favor_recall=True)
-    # Short pages fall under trafilatura's main-content thresholds; its plain-text pass still strips markup.
-    return text if text else trafilatura.html2txt(doc.content)
+    return html_to_text(doc.content)
 
 
 def normalize_text(text: str) -> str:

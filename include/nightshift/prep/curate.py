@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,7 @@ STEP_LIBRARIES = ("trafilatura", "lxml", "justext", "ftfy", "datatrove", "py3lan
                   "numpy", "regex")
 """Distributions whose code decides outcomes (extraction, normalisation, filters, language, secrets, hashing);
 what they depend on at run time counts too."""
-STEP_MODULES: tuple[str, ...] = ()
+STEP_MODULES: tuple[str, ...] = ("nightshift.extraction",)
 """Modules outside nightshift.prep that decide outcomes; every module of nightshift.prep is included anyway."""
 
 
@@ -139,18 +139,83 @@ def content_key(fmt: str, content: str, recipe_digest: str) -> str:
     return h.hexdigest()
 
 
-class DocumentCurator:
-    """Applies the recipe's limits and per-document steps, in order, to one document at a time."""
+DESCRIPTION_WORDS = 3
+"""Prose words that make a page of code or tables a reference page (its one-line description) rather than junk."""
 
-    def __init__(self, recipe: PrepRecipe) -> None:
+
+class DocumentCurator:
+    """Applies the recipe's limits and each document's profile of per-document steps, in order.
+
+    A document's profile is its source's: document ids start with the source's name (``<source>/...``) and
+    ``sources`` maps source names to profile names; a source it does not name gets the default profile.
+
+    A step with ``measure: prose`` judges the prose part of the text (nightshift.prep.prose: fenced and indented
+    code, markdown tables and signature lines left out), computed once per document, and never changes the text:
+    the kept text is the whole document, code and tables included. A document whose prose has fewer than the
+    step's ``min_prose_words`` (whitespace) words is judged by its size instead:
+
+    - a reference page, with a line of description (at least ``DESCRIPTION_WORDS`` prose words) and at least
+      ``min_prose_words`` words as a whole (a function's signature, its parameter table and examples around a
+      one-line description), passes the step: code and tables hold no prose for a ratio to measure, and a docs
+      profile exists to keep such pages;
+    - any other (a navigation stub, a page of numbers or symbols with no sentence at all) is judged on its whole
+      text, as ``measure: all`` would, so the steps' length and ratio rules drop it.
+
+    Gibberish, boilerplate and spam are prose to the prose splitter (they hold no fenced code or tables), so the
+    steps judge them in full, as they do web pages.
+    """
+
+    def __init__(self, recipe: PrepRecipe, sources: Mapping[str, str] | None = None) -> None:
+        self.recipe = recipe
+        self.sources = dict(sources or {})
+        """source name -> profile name."""
+        unknown = sorted({p for p in self.sources.values() if p not in recipe.profiles})
+        if unknown:
+            raise ValueError(f"no preparation profile {unknown}; known profiles: {sorted(recipe.profiles)}")
+        self.seconds: Counter[str] = Counter()
+        """Time spent per step in this process, for the task log."""
+        self._profiles: dict[str, _ProfileSteps] = {}
+
+    def profile_of(self, doc_id: str) -> str:
+        """Return the name of the profile that judges the document: its source's, else the default."""
+        return self.sources.get(_source_of(doc_id), self.recipe.default_profile)
+
+    def steps_of(self, profile: str) -> _ProfileSteps:
+        """Return one profile's steps, built on first use (a profile no document uses costs nothing)."""
+        if profile not in self._profiles:
+            self._profiles[profile] = _ProfileSteps(self.recipe.profile(profile), self.seconds)
+        return self._profiles[profile]
+
+    def process(self, doc_id: str, fmt: str, content: str) -> Outcome:
+        """Return the outcome of one raw document; a step that raises drops the document with its reason."""
+        return self.process_batch([(doc_id, fmt, content)])[0]
+
+    def process_batch(self, docs: list[tuple[str, str, str]]) -> list[Outcome]:
+        """Return the outcomes of a few raw documents (id, format, content), each decided by its profile."""
+        groups: dict[str, list[int]] = {}
+        for i, (doc_id, _, _) in enumerate(docs):
+            groups.setdefault(self.profile_of(doc_id), []).append(i)
+        outcomes: list[Outcome] = [Outcome()] * len(docs)
+        for profile, members in groups.items():
+            decided = self.steps_of(profile).process_batch([docs[i] for i in members])
+            for i, outcome in zip(members, decided, strict=True):
+                outcomes[i] = outcome
+        return outcomes
+
+
+class _ProfileSteps:
+    """One profile's per-document steps, with the filters, scrubber and evaluation index they need."""
+
+    def __init__(self, recipe: PrepRecipe, seconds: Counter[str]) -> None:
         from nightshift.prep.heuristics import QUALITY_STEPS, build_filter
 
         self.recipe = recipe
-        self.seconds: Counter[str] = Counter()
-        """Time spent per step in this process, for the task log."""
+        self.seconds = seconds
         self._filters = {s.name: build_filter(s.name, s.config) for s in recipe.steps if s.name in QUALITY_STEPS}
         self._scrubber = None
         self._eval_index = None
+        self._prose: dict[int, tuple[str, str, int]] = {}
+        """Batch index -> (text, its prose part, prose words), for the text the steps see now."""
         pii = recipe.step("pii")
         if pii is not None:
             from nightshift.prep.pii import Scrubber
@@ -162,10 +227,6 @@ class DocumentCurator:
 
             self._eval_index = EvalIndex.build(decon)
 
-    def process(self, doc_id: str, fmt: str, content: str) -> Outcome:
-        """Return the outcome of one raw document; a step that raises drops the document with its reason."""
-        return self.process_batch([(doc_id, fmt, content)])[0]
-
     def process_batch(self, docs: list[tuple[str, str, str]]) -> list[Outcome]:
         """Return the outcomes of a few raw documents (id, format, content), each decided on its own.
 
@@ -174,6 +235,7 @@ class DocumentCurator:
         """
         outcomes = [Outcome() for _ in docs]
         texts: dict[int, str] = {}
+        self._prose = {}
         limits = self.recipe.limits
         started = time.perf_counter()
         for i, (_, fmt, content) in enumerate(docs):
@@ -207,6 +269,7 @@ class DocumentCurator:
             self.seconds[step.name] += time.perf_counter() - started
         for i, text in texts.items():
             outcomes[i].text = text
+        self._prose = {}
         return outcomes
 
     def _run_batch(self, name: str, config: Any, docs: list[tuple[str, str, str]], texts: dict[int, str],
@@ -226,10 +289,34 @@ class DocumentCurator:
         results = {}
         for i in list(texts):
             try:
-                results[i] = self._run_step(name, config, docs[i][0], texts[i], outcomes[i])
+                results[i] = self._run_measured(name, config, i, docs[i][0], texts[i], outcomes[i])
             except Exception as exc:  # noqa: BLE001 - one document's failure is its own drop reason
                 results[i] = (f"step_failed:{type(exc).__name__}", texts[i])
         return results
+
+    def _run_measured(self, name: str, config: Any, i: int, doc_id: str, text: str,
+                      outcome: Outcome) -> tuple[str | None, str]:
+        """Return the step's verdict on the text it measures (see DocumentCurator); prose judging keeps the text."""
+        if getattr(config, "measure", "all") != "prose":
+            return self._run_step(name, config, doc_id, text, outcome)
+        prose, prose_words = self._prose_of(i, text)
+        if prose_words >= config.min_prose_words:
+            reason, _ = self._run_step(name, config, doc_id, prose, outcome)
+        elif prose_words >= DESCRIPTION_WORDS and len(text.split()) >= config.min_prose_words:
+            return None, text  # a reference page: nothing of prose to judge
+        else:
+            reason, _ = self._run_step(name, config, doc_id, text, outcome)
+        return reason, text
+
+    def _prose_of(self, i: int, text: str) -> tuple[str, int]:
+        """Return the prose part of document ``i``'s current text and its word count, computed once per text."""
+        cached = self._prose.get(i)
+        if cached is None or cached[0] is not text:
+            from nightshift.prep.prose import prose_part
+
+            prose = prose_part(text)
+            cached = self._prose[i] = (text, prose, len(prose.split()))
+        return cached[1], cached[2]
 
     def _run_step(self, name: str, config: Any, doc_id: str, text: str, outcome: Outcome) -> tuple[str | None, str]:
         if name == "language":
@@ -276,11 +363,13 @@ class CurateShard(PipelineStep):
     name = "nightshift curate"
     type = "🧹 - PREP"
 
-    def __init__(self, recipe: dict, work_dir: str, cache_path: str | None) -> None:
+    def __init__(self, recipe: dict, work_dir: str, cache_path: str | None,
+                 sources: dict[str, str] | None = None) -> None:
         super().__init__()
         self.recipe_data = recipe
         self.work_dir = work_dir
         self.cache_path = cache_path
+        self.sources = dict(sources or {})
 
     def run(self, data, rank: int = 0, world_size: int = 1) -> Iterator:
         from datatrove.utils.logging import logger
@@ -288,9 +377,11 @@ class CurateShard(PipelineStep):
         from nightshift.prep.cache import OutcomeCache
         from nightshift.prep.near_dup import MinHasher
 
-        recipe = PrepRecipe.from_dict(self.recipe_data)
+        recipe = PrepRecipe.from_dict(self.recipe_data, folder=None)
         digest = outcome_digest(recipe)
-        curator = DocumentCurator(recipe)
+        curator = DocumentCurator(recipe, self.sources)
+        # A document's outcome depends on its profile only: a profile changed or added elsewhere keeps this cache.
+        digests = {name: outcome_digest(recipe.profile(name)) for name in recipe.profiles}
         hasher = MinHasher(recipe.dedup.num_perm, recipe.dedup.ngram, recipe.dedup.seed)
         cache = OutcomeCache(Path(self.cache_path), digest) if self.cache_path else None
         files = shard_files(Path(self.work_dir), rank)
@@ -344,7 +435,8 @@ class CurateShard(PipelineStep):
 
             def write(doc, fmt, source, raw_meta, key, was_cached, outcome, signature) -> None:
                 nonlocal pending_bytes
-                record = {"id": doc.id, "key": key, "cached": was_cached, **asdict(outcome)}
+                record = {"id": doc.id, "key": key, "cached": was_cached, "profile": curator.profile_of(doc.id),
+                          **asdict(outcome)}
                 record.pop("text")
                 handles["outcomes"].write(json.dumps(record, ensure_ascii=False) + "\n")
                 if outcome.text is not None:
@@ -370,7 +462,7 @@ class CurateShard(PipelineStep):
                 fmt = str(meta.pop("format", "text"))
                 source = str(meta.pop("source", ""))
                 raw_meta = meta.pop("meta", {}) or {}
-                key = content_key(fmt, doc.text, digest)
+                key = content_key(fmt, doc.text, digests[curator.profile_of(doc.id)])
                 batch.append((doc, fmt, source, raw_meta, key, cache.get(key) if cache else None))
                 batch_chars += len(doc.text)
                 if len(batch) >= 64 or batch_chars >= DECIDE_BATCH_CHARS:
@@ -414,6 +506,9 @@ class PrepReport:
     characters: int = 0
     seconds: float = 0.0
     executor: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per source (the prefix of document ids): {"profile", "in", "out" (in the corpus), "dropped": {step:
+    {reason: n}}}, the deduplication steps included; dropped.jsonl lists the ids."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -427,6 +522,11 @@ class PrepReport:
                                                for k, v in self.contamination.items()},
             "near_duplicate_clusters": self.near_duplicates.get("clusters", 0),
         }
+
+
+def _source_of(doc_id: str) -> str:
+    """Return the source of a document: the prefix of its id (collect_source names ids ``<source>/...``)."""
+    return doc_id.split("/", 1)[0] if "/" in doc_id else ""
 
 
 class _StepCounter:
@@ -500,13 +600,14 @@ def plan_tasks(recipe: PrepRecipe, raw_bytes: int) -> tuple[int, int]:
     return tasks, min(workers, tasks)
 
 
-def build_pipeline(recipe: PrepRecipe, shards: Path, out: Path, cache_path: Path | None) -> list:
-    """Return the datatrove pipeline every task runs: read its shard, curate it."""
+def build_pipeline(recipe: PrepRecipe, shards: Path, out: Path, cache_path: Path | None,
+                   sources: Mapping[str, str] | None = None) -> list:
+    """Return the datatrove pipeline every task runs: read its shard, curate it (``sources``: source -> profile)."""
     from datatrove.pipeline.readers import JsonlReader
 
     return [
         JsonlReader(str(shards), text_key="content", id_key="id", add_file_path=False, glob_pattern="raw-*.jsonl"),
-        CurateShard(recipe.to_dict(), str(out), str(cache_path) if cache_path else None),
+        CurateShard(recipe.to_dict(), str(out), str(cache_path) if cache_path else None, dict(sources or {})),
     ]
 
 
@@ -725,23 +826,30 @@ def _stop_run(watched: list, before: set, error: BaseException, done) -> None:
 
 
 def curate(raw: Path, corpus: Path, work: Path, recipe: PrepRecipe, cache_path: Path | None = None,
-           log=None, cache_days: float = 7.0) -> PrepReport:
-    """Prepare raw.jsonl into corpus.jsonl under a recipe; return the report. Re-running resumes finished tasks."""
+           log=None, cache_days: float = 7.0, sources: Mapping[str, str] | None = None) -> PrepReport:
+    """Prepare raw.jsonl into corpus.jsonl under a recipe; return the report. Re-running resumes finished tasks.
+
+    ``sources`` maps source names (the prefix of document ids) to the profile that judges their documents;
+    the others get the recipe's default profile.
+    """
     import logging
 
     log = log or logging.getLogger(__name__)
     started = time.monotonic()
     raw_bytes = raw.stat().st_size
+    sources = dict(sorted((sources or {}).items()))
+    DocumentCurator(recipe, sources)  # an unknown profile fails here, before any work
     tasks, workers = plan_tasks(recipe, raw_bytes)
     # Outputs are named by what decides them, so a retry resumes finished tasks and a changed input starts anew.
-    digest = hashlib.sha256(f"{outcome_digest(recipe)}|{file_sha256(raw)}|{tasks}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{outcome_digest(recipe)}|{file_sha256(raw)}|{tasks}|{json.dumps(sources)}"
+                            .encode()).hexdigest()[:16]
     run = work / digest
     shards = run / "raw"
     if not all((shards / f"raw-{i:05d}.jsonl").is_file() for i in range(tasks)):
         shard_raw(raw, shards, tasks)
     out = run / "out"
     out.mkdir(parents=True, exist_ok=True)
-    pipeline = build_pipeline(recipe, shards, out, cache_path)
+    pipeline = build_pipeline(recipe, shards, out, cache_path, sources)
     log.info("preparing %d bytes of raw documents in %d task(s) on %d worker(s) (%s executor)",
              raw_bytes, tasks, workers, recipe.executor.kind)
     executor = build_executor(recipe, pipeline, tasks, workers, run / "logs")
@@ -784,9 +892,22 @@ def _finish(out: Path, tasks: int, corpus: Path, recipe: PrepRecipe, empty: list
 
     report = PrepReport()
     counters = {"limits": _StepCounter("limits")}
-    for step in recipe.steps:
-        counters[step.name] = _StepCounter(step.name)
+    for steps in (recipe.steps, *recipe.profiles.values()):  # the default profile's order first
+        for step in steps:
+            counters.setdefault(step.name, _StepCounter(step.name))
     order = list(counters)
+    orders = {name: ["limits", *(s.name for s in steps)] for name, steps in recipe.profiles.items()}
+    by_source: dict[str, dict[str, Any]] = {}
+
+    def count_source(doc_id: str, profile: str | None, step: str | None = None, reason: str | None = None) -> None:
+        entry = by_source.setdefault(_source_of(doc_id), {"profile": profile, "in": 0, "out": 0, "dropped": {}})
+        if profile is not None:
+            entry["in"] += 1
+            entry["out"] += 1
+        if step is not None:
+            entry["out"] -= 1
+            reasons = entry["dropped"].setdefault(step, {})
+            reasons[reason] = reasons.get(reason, 0) + 1
     contaminated: Counter[str] = Counter()
     checked = 0
     dropped_path = corpus.with_name("dropped.jsonl")
@@ -801,6 +922,7 @@ def _finish(out: Path, tasks: int, corpus: Path, recipe: PrepRecipe, empty: list
         counters["limits"].seen += 1
         counters["limits"].drop("empty", doc_id)
         record(doc_id, "limits", "empty")
+        count_source(doc_id, recipe.default_profile, "limits", "empty")
     for rank in range(tasks):
         with shard_files(out, rank)["outcomes"].open(encoding="utf-8") as fh:
             for line in fh:
@@ -808,13 +930,17 @@ def _finish(out: Path, tasks: int, corpus: Path, recipe: PrepRecipe, empty: list
                 report.documents_in += 1
                 report.cached += bool(o["cached"])
                 stop = o["step"]
-                for name in order:
+                profile_order = orders[o.get("profile", recipe.default_profile)]
+                count_source(o["id"], o.get("profile", recipe.default_profile))
+                for name in profile_order:
                     counters[name].seen += 1
                     if name == stop:
                         counters[name].drop(o["reason"], o["id"])
                         record(o["id"], name, o["reason"])
+                        count_source(o["id"], None, name, o["reason"])
                         break
-                if "decontaminate" in counters and (stop is None or order.index(stop) >= order.index("decontaminate")):
+                if "decontaminate" in profile_order and (
+                        stop is None or profile_order.index(stop) >= profile_order.index("decontaminate")):
                     checked += 1
                 for name in o["contaminated"]:
                     contaminated[name] += 1
@@ -839,6 +965,7 @@ def _finish(out: Path, tasks: int, corpus: Path, recipe: PrepRecipe, empty: list
             if digest in first:
                 drop[i] = "exact_duplicate"
                 exact.drop("exact_duplicate", ids[i])
+                count_source(ids[i], None, "exact_dedup", "exact_duplicate")
                 record(ids[i], "exact_dedup", f"exact_duplicate:{ids[first[digest]]}")
             else:
                 first[digest] = i
@@ -865,11 +992,13 @@ def _finish(out: Path, tasks: int, corpus: Path, recipe: PrepRecipe, empty: list
             i = int(remaining[local])
             drop[i] = "near_duplicate"
             near.drop("near_duplicate", ids[i])
+            count_source(ids[i], None, "near_dedup", "near_duplicate")
             record(ids[i], "near_dedup", f"near_duplicate:{ids[int(remaining[keep])]}")
         report.near_duplicates = {"clusters": clusters.clusters, "removed": len(clusters.duplicate_of),
                                   "candidate_pairs": clusters.candidate_pairs,
                                   "verified_pairs": clusters.verified_pairs, "threshold": recipe.dedup.threshold}
     report.steps = [counters[n].to_dict() for n in order] + [exact.to_dict(), near.to_dict()]
+    report.sources = dict(sorted(by_source.items()))
     dropped_log.close()
 
     pii: Counter[str] = Counter()

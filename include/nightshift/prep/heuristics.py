@@ -107,7 +107,16 @@ _KINDS = _TokenKinds()
 
 
 class FastGopherQualityFilter(GopherQualityFilter):
-    """datatrove's GopherQualityFilter with per-token character tests memoised."""
+    """datatrove's GopherQualityFilter with per-token character tests memoised.
+
+    ``alpha_words="whitespace"`` counts the alpha ratio over whitespace-separated words, the Gopher paper's
+    definition ("80% of words contain at least one alphabetic character"): datatrove counts every punctuation
+    mark as a word, so ``git-log(1)`` or ``pg_dump --schema=name`` fail it although every word holds a letter.
+    """
+
+    def __init__(self, *args: Any, alpha_words: str = "tokens", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.alpha_words = alpha_words
 
     def filter(self, doc: DtDocument) -> bool | tuple[bool, str]:
         text = doc.text
@@ -136,12 +145,20 @@ class FastGopherQualityFilter(GopherQualityFilter):
         if self.max_ellipsis_lines_ratio and sum(
                 s.rstrip().endswith(("...", "…")) for s in lines) / len(lines) > self.max_ellipsis_lines_ratio:
             return False, "gopher_too_many_end_ellipsis"
-        if self.max_non_alpha_words_ratio and sum(alpha for _, alpha in kinds) / n_words < \
+        if self.max_non_alpha_words_ratio and _alpha_share(text, kinds, self.alpha_words) < \
                 self.max_non_alpha_words_ratio:
             return False, "gopher_below_alpha_threshold"
         if self.min_stop_words and len(self.stop_words.intersection(words)) < self.min_stop_words:
             return False, "gopher_enough_stop_words"
         return True
+
+
+def _alpha_share(text: str, kinds: list[tuple[bool, bool]], alpha_words: str) -> float:
+    """Return the share of words holding a letter: of tokens, or of whitespace-separated words."""
+    if alpha_words == "whitespace":
+        words = text.split()
+        return sum(_KINDS[w][1] for w in words) / len(words) if words else 0.0
+    return sum(alpha for _, alpha in kinds) / len(kinds) if kinds else 0.0
 
 
 class FastC4QualityFilter(C4QualityFilter):
@@ -282,10 +299,14 @@ def build_filter(step: str, config: Any):
     raise ValueError(f"not a quality step: {step}")
 
 
+MEASURE_SETTINGS = ("measure", "min_prose_words")
+"""Settings that say what text a step judges (nightshift.prep.curate), not how datatrove's filter judges it."""
+
+
 def _kwargs(config: Any) -> dict[str, Any]:
     import dataclasses
 
-    return dataclasses.asdict(config)
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in MEASURE_SETTINGS}
 
 
 QUALITY_STEPS = ("gopher_quality", "gopher_repetition", "c4_quality", "fineweb_quality")

@@ -1,7 +1,12 @@
-"""The preparation recipe (include/configs/prep.yaml): ordered per-document steps, deduplication, executor.
+"""The preparation recipe (include/configs/prep.yaml): profiles of per-document steps, deduplication, executor.
 
-Every field is checked when the recipe is read; an error names the field by its path in the file
-(``steps[2].gopher_quality.min_doc_words``) and says what it must be.
+A profile is an ordered list of per-document steps for one kind of content, in its own file
+(include/configs/prep/<name>.yaml, holding ``steps:``): ``docs`` for technical documentation, ``web`` for web
+prose, and any file a team adds. A source picks one with ``prep: <name>`` in sources.yaml; prep.yaml names the
+default (``default_profile``). A prep.yaml with its own ``steps:`` still loads: they are the profile "default".
+
+Every field is checked when the recipe is read; an error names the file and the field by its path in the file
+(``prep/docs.yaml: steps[2].gopher_quality.min_doc_words``) and says what it must be.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +24,12 @@ from nightshift.configs import _type_problem, read_yaml_mapping
 from nightshift.settings import CONFIG_DIR, SAMPLES_DIR
 
 DEFAULT_RECIPE = CONFIG_DIR / "prep.yaml"
+PROFILE_DIR = CONFIG_DIR / "prep"
+"""Profile files, one per kind of content; each <name>.yaml is selectable by its name."""
+LEGACY_PROFILE = "default"
+"""The profile name of the steps a prep.yaml lists itself."""
+PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
+MEASURES = ("all", "prose")
 
 
 class RecipeError(ValueError):
@@ -51,10 +63,22 @@ class Language:
     min_confidence: float = 0.5
     """Documents whose most likely kept language has a lower probability are dropped."""
     sample_chars: int = 400
-    """Characters read from the start of each document: enough to tell a language (py3langid reads them
-    byte by byte in Python, so this bounds the step's cost per document)."""
+    """Characters read from each document: enough to tell a language (py3langid reads them byte by byte in
+    Python, so this bounds the step's cost per document)."""
+    sample: str = "start"
+    """start: the first ``sample_chars``; spread: sentence lines taken evenly from the whole document (the start
+    of a manual page is often a synopsis or a title)."""
+    measure: str = "all"
+    """all: judge the whole text; prose: judge its prose only (code blocks, tables and signature lines left out,
+    see nightshift.prep.prose). The kept text is the whole document either way."""
+    min_prose_words: int = 20
+    """With measure: prose, a document with fewer prose words is judged as a reference page (see
+    nightshift.prep.curate.DocumentCurator)."""
 
     def check(self, where: str) -> None:
+        _measure(where, self)
+        if self.sample not in ("start", "spread"):
+            raise RecipeError(f"{where}.sample must be start or spread, got {self.sample!r}")
         if not self.keep:
             raise RecipeError(f"{where}.keep must list at least one language code")
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
@@ -80,8 +104,20 @@ class GopherQuality:
     max_ellipsis_lines_ratio: float | None = 0.3
     max_non_alpha_words_ratio: float | None = 0.8
     min_stop_words: int | None = 2
+    alpha_words: str = "tokens"
+    """What max_non_alpha_words_ratio counts: tokens (datatrove's: every punctuation mark is a word) or
+    whitespace (the Gopher paper's whitespace-separated words, so ``git-log(1)`` is one word with a letter)."""
+    measure: str = "all"
+    """all: judge the whole text; prose: judge its prose only (code blocks, tables and signature lines left out,
+    see nightshift.prep.prose). The kept text is the whole document either way."""
+    min_prose_words: int = 20
+    """With measure: prose, a document with fewer prose words is judged as a reference page (see
+    nightshift.prep.curate.DocumentCurator)."""
 
     def check(self, where: str) -> None:
+        _measure(where, self)
+        if self.alpha_words not in ("tokens", "whitespace"):
+            raise RecipeError(f"{where}.alpha_words must be tokens or whitespace, got {self.alpha_words!r}")
         _fractions(where, self, "max_symbol_word_ratio", "max_bullet_lines_ratio", "max_ellipsis_lines_ratio",
                    "max_non_alpha_words_ratio")
 
@@ -99,8 +135,15 @@ class GopherRepetition:
     dup_n_grams: dict[int, float] = field(
         default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
     """n -> largest share of characters that repeated n-grams may cover."""
+    measure: str = "all"
+    """all: judge the whole text; prose: judge its prose only (code blocks, tables and signature lines left out,
+    see nightshift.prep.prose). The kept text is the whole document either way."""
+    min_prose_words: int = 20
+    """With measure: prose, a document with fewer prose words is judged as a reference page (see
+    nightshift.prep.curate.DocumentCurator)."""
 
     def check(self, where: str) -> None:
+        _measure(where, self)
         _fractions(where, self, "dup_line_frac", "dup_para_frac", "dup_line_char_frac", "dup_para_char_frac")
         for name in ("top_n_grams", "dup_n_grams"):
             table = getattr(self, name)
@@ -126,8 +169,15 @@ class C4Quality:
     filter_javascript: bool = True
     filter_curly_bracket: bool = True
     filter_policy: bool = True
+    measure: str = "all"
+    """all: judge the whole text; prose: judge its prose only (code blocks, tables and signature lines left out,
+    see nightshift.prep.prose). The kept text is the whole document either way."""
+    min_prose_words: int = 20
+    """With measure: prose, a document with fewer prose words is judged as a reference page (see
+    nightshift.prep.curate.DocumentCurator)."""
 
     def check(self, where: str) -> None:
+        _measure(where, self)
         _positive(where, "max_word_length", self.max_word_length)
 
 
@@ -141,8 +191,15 @@ class FineWebQuality:
     short_line_length: int = 30
     char_duplicates_ratio: float = 0.01
     new_line_ratio: float = 0.3
+    measure: str = "all"
+    """all: judge the whole text; prose: judge its prose only (code blocks, tables and signature lines left out,
+    see nightshift.prep.prose). The kept text is the whole document either way."""
+    min_prose_words: int = 20
+    """With measure: prose, a document with fewer prose words is judged as a reference page (see
+    nightshift.prep.curate.DocumentCurator)."""
 
     def check(self, where: str) -> None:
+        _measure(where, self)
         _fractions(where, self, "line_punct_thr", "short_line_thr", "char_duplicates_ratio", "new_line_ratio")
 
 
@@ -265,74 +322,162 @@ class Step:
 
 @dataclass(frozen=True)
 class PrepRecipe:
-    """The whole preparation recipe."""
+    """The whole preparation recipe: shared limits, deduplication and executor, and the profiles of steps."""
 
     limits: Limits = field(default_factory=Limits)
     steps: tuple[Step, ...] = ()
+    """The default profile's steps."""
     dedup: Dedup = field(default_factory=Dedup)
     executor: Executor = field(default_factory=Executor)
+    default_profile: str = LEGACY_PROFILE
+    """The profile of a source that names none, and of the ``source`` Param's one-off source."""
+    profiles: dict[str, tuple[Step, ...]] = field(default_factory=dict)
+    """Every selectable profile: name -> its steps (the default profile's included)."""
+
+    def __post_init__(self) -> None:
+        if self.default_profile not in self.profiles:  # built from steps alone: they are the only profile
+            object.__setattr__(self, "profiles", {**self.profiles, self.default_profile: self.steps})
 
     def step(self, name: str) -> Any | None:
-        """Return the configuration of the named step, or None when the recipe does not run it."""
+        """Return the configuration of the named step in the default profile, or None when it does not run it."""
         return next((s.config for s in self.steps if s.name == name), None)
 
+    def profile(self, name: str) -> PrepRecipe:
+        """Return the recipe that runs the named profile's steps (and holds only that profile)."""
+        if name not in self.profiles:
+            raise RecipeError(f"no preparation profile {name!r}; known profiles: {sorted(self.profiles)}")
+        steps = self.profiles[name]
+        return dataclasses.replace(self, steps=steps, default_profile=name, profiles={name: steps})
+
     def to_dict(self) -> dict[str, Any]:
+        """Return the recipe as data (every profile's steps inline): ``from_dict`` rebuilds it without files."""
         return {
             "limits": dataclasses.asdict(self.limits),
-            "steps": [{s.name: dataclasses.asdict(s.config)} for s in self.steps],
+            "default_profile": self.default_profile,
+            "profiles": {name: _steps_dict(steps) for name, steps in sorted(self.profiles.items())},
             "dedup": dataclasses.asdict(self.dedup),
             "executor": dataclasses.asdict(self.executor),
         }
 
     def digest(self) -> str:
-        """Return a hash of everything that decides a document's verdict (not where the steps run)."""
+        """Return a hash of everything that decides a document's verdict, in every profile (not where steps run)."""
         data = self.to_dict()
         data.pop("executor")
-        decon = self.step("decontaminate")
-        if decon is not None:
-            data["eval_sets"] = {n: hashlib.sha256(decon.set_path(n).read_bytes()).hexdigest() for n in decon.sets}
+        sets: dict[str, str] = {}
+        for steps in self.profiles.values():
+            decon = next((s.config for s in steps if s.name == "decontaminate"), None)
+            if decon is not None:
+                for n in decon.sets:
+                    path = decon.set_path(n)
+                    sets[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        if sets:
+            data["eval_sets"] = sets
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
     @classmethod
     def load(cls, path: Path = DEFAULT_RECIPE) -> PrepRecipe:
+        """Return the recipe in ``path`` with every profile file of the prep/ folder beside it."""
         path = Path(path)
         try:
             data = read_yaml_mapping(path)
         except ValueError as exc:
             raise RecipeError(str(exc)) from None
-        return cls.from_dict(data, path.name)
+        return cls.from_dict(data, path.name, path.parent / "prep")
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "prep.yaml") -> PrepRecipe:
+    def from_dict(cls, data: Any, source: str = "prep.yaml", folder: Path | None = PROFILE_DIR) -> PrepRecipe:
+        """Return the recipe ``data`` describes; profiles named by file, or found in ``folder``, are read."""
         if not isinstance(data, dict):
-            raise RecipeError(f"{source}: expected a mapping with limits, steps, dedup and executor")
-        unknown = sorted(set(data) - {"limits", "steps", "dedup", "executor"})
+            raise RecipeError(f"{source}: expected a mapping with limits, default_profile, dedup and executor")
+        unknown = sorted(set(data) - set(SECTIONS))
         if unknown:
-            raise RecipeError(f"{source}: unknown sections {unknown}; expected limits, steps, dedup, executor")
-        raw_steps = data.get("steps") or []
-        if not isinstance(raw_steps, list):
-            raise RecipeError(f"{source}: steps must be a list of one-key mappings, e.g. '- language: {{keep: [en]}}'")
-        steps, seen = [], set()
-        for i, entry in enumerate(raw_steps):
-            where = f"{source}: steps[{i}]"
+            raise RecipeError(f"{source}: unknown sections {unknown}; expected {', '.join(SECTIONS)}")
+        profiles: dict[str, tuple[Step, ...]] = {}
+        if "steps" in data or "default_profile" not in data:  # the recipe's own steps, as before profiles
+            profiles[LEGACY_PROFILE] = _parse_steps(data.get("steps"), source)
+        default = data.get("default_profile", LEGACY_PROFILE)
+        if not isinstance(default, str) or not PROFILE_NAME.fullmatch(default):
+            raise RecipeError(f"{source}: default_profile must be a profile name (lower-case letters, digits, "
+                              f"'-', '_'), got {str(default)[:60]!r}")
+        named = data.get("profiles") or {}
+        if not isinstance(named, dict):
+            raise RecipeError(f"{source}: profiles must map profile names to files (docs: prep/docs.yaml)")
+        for name, entry in named.items():
+            where = f"{source}: profiles.{name}"
+            if not isinstance(name, str) or not PROFILE_NAME.fullmatch(name):
+                raise RecipeError(f"{source}: profiles: {str(name)[:60]!r} is not a profile name (lower-case "
+                                  "letters, digits, '-', '_')")
             if isinstance(entry, str):
-                entry = {entry: {}}
-            if not isinstance(entry, dict) or len(entry) != 1:
-                raise RecipeError(f"{where} must be one step name with its settings, e.g. '- pii: {{}}'")
-            (name, settings), = entry.items()
-            if name not in STEPS:
-                raise RecipeError(f"{where}: unknown step {name!r}; known steps: {sorted(STEPS)}")
-            if name in seen:
-                raise RecipeError(f"{where}: step {name!r} appears twice")
-            seen.add(name)
-            steps.append(Step(name, _build(STEPS[name], settings, f"{where}.{name}")))
-        recipe = cls(
+                profiles[name] = _read_profile(_profile_path(entry), where)
+            elif isinstance(entry, list):
+                profiles[name] = _parse_steps(entry, where)
+            else:
+                raise RecipeError(f"{where} must be a profile file (prep/{name}.yaml) or a list of steps")
+        found = sorted(folder.glob("*.yaml")) if folder is not None and folder.is_dir() else []
+        if default not in profiles and not any(f.stem == default for f in found):
+            found.append((folder or PROFILE_DIR) / f"{default}.yaml")
+        for path in found:
+            if path.stem not in profiles and PROFILE_NAME.fullmatch(path.stem):
+                if not path.is_file():
+                    raise RecipeError(f"{source}: default_profile {default!r} has no file {path.parent.name}/"
+                                      f"{path.name}; known profiles: {sorted(profiles)}")
+                profiles[path.stem] = _read_profile(path, f"{path.parent.name}/{path.name}")
+        return cls(
             limits=_build(Limits, data.get("limits"), f"{source}: limits"),
-            steps=tuple(steps),
+            steps=profiles[default],
             dedup=_build(Dedup, data.get("dedup"), f"{source}: dedup"),
             executor=_build(Executor, data.get("executor"), f"{source}: executor"),
+            default_profile=default,
+            profiles=profiles,
         )
-        return recipe
+
+
+SECTIONS = ("limits", "steps", "default_profile", "profiles", "dedup", "executor")
+
+
+def _steps_dict(steps: tuple[Step, ...]) -> list[dict[str, Any]]:
+    return [{s.name: dataclasses.asdict(s.config)} for s in steps]
+
+
+def _profile_path(entry: str) -> Path:
+    path = Path(entry).expanduser()
+    return path if path.is_absolute() else CONFIG_DIR / path
+
+
+def _read_profile(path: Path, where: str) -> tuple[Step, ...]:
+    """Return the steps of one profile file, which holds ``steps:`` and nothing else."""
+    try:
+        data = read_yaml_mapping(path)
+    except FileNotFoundError:
+        raise RecipeError(f"{where}: no profile file at {str(path)[:200]!r}") from None
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+    unknown = sorted(str(k) for k in set(data) - {"steps"})
+    if unknown:
+        raise RecipeError(f"{where}: unknown sections {unknown}; a profile file holds only steps")
+    return _parse_steps(data.get("steps"), where)
+
+
+def _parse_steps(raw_steps: Any, source: str) -> tuple[Step, ...]:
+    """Return the validated steps of one profile; errors name ``source`` and the step's position."""
+    raw_steps = raw_steps or []
+    if not isinstance(raw_steps, list):
+        raise RecipeError(f"{source}: steps must be a list of one-key mappings, e.g. '- language: {{keep: [en]}}'")
+    steps, seen = [], set()
+    for i, entry in enumerate(raw_steps):
+        where = f"{source}: steps[{i}]"
+        if isinstance(entry, str):
+            entry = {entry: {}}
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise RecipeError(f"{where} must be one step name with its settings, e.g. '- pii: {{}}'")
+        (name, settings), = entry.items()
+        if name not in STEPS:
+            raise RecipeError(f"{where}: unknown step {name!r}; known steps: {sorted(STEPS)}")
+        if name in seen:
+            raise RecipeError(f"{where}: step {name!r} appears twice")
+        seen.add(name)
+        steps.append(Step(name, _build(STEPS[name], settings, f"{where}.{name}")))
+    return tuple(steps)
 
 
 def _build(cls: type, settings: Any, where: str) -> Any:
@@ -364,6 +509,13 @@ def _build(cls: type, settings: Any, where: str) -> Any:
     obj = cls(**values)
     obj.check(where)
     return obj
+
+
+def _measure(where: str, config: Any) -> None:
+    if config.measure not in MEASURES:
+        raise RecipeError(f"{where}.measure must be all or prose, got {config.measure!r}")
+    if not isinstance(config.min_prose_words, int) or config.min_prose_words < 0:
+        raise RecipeError(f"{where}.min_prose_words must be an integer >= 0, got {config.min_prose_words!r}")
 
 
 def _positive(where: str, name: str, value: int) -> None:

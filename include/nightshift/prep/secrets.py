@@ -51,7 +51,7 @@ _RULES: list[tuple[str, re.Pattern[str]]] = [
     # gitleaks' generic-api-key: a keyword, up to 20 more name characters, an assignment, a value in any quoting
     # (JSON-escaped quotes included); the name starts a token, so a long run of letters is not retried at each.
     ("generic_secret", re.compile(
-        r"(?i)(?<![a-z0-9_.-])[\w.-]{0,50}?(?:access|auth|api|credential|creds|key|passw(?:or)?d|passphrase|secret"
+        r"(?i)(?<![a-z0-9_.-])[\w.-]{0,50}?(?:access|auth(?!or)|api|credential|creds|key|passw(?:or)?d|passphrase|secret"
         r"|token|pwd|cookie|session|csrf|xsrf)[\w.-]{0,20}(?:\\?[\s'\"]){0,3}"
         r"(?:=|>|:{1,3}=|\|\||:|=>|\?=|\s{1,3}is\s{1,3})(?:\\?[\x60'\"\s=|>+-]){0,6}?"
         r"(\\\"(?:[^\"\\\n]|\\[^\"]){1,300}\\\"|\"(?:[^\"\\\n]|\\.){1,300}\"|'(?:[^'\\\n]|\\.){1,300}'"
@@ -104,11 +104,28 @@ def verify_many(texts: Iterable[str | None]) -> Iterator[list[SecretFinding]]:
             yield _verify(text if isinstance(text, str) else "")
 
 
+# Armoured blocks that are published on purpose (signatures, public keys, certificates): their base64 looks as
+# random as a key's but holds no secret. A PRIVATE KEY block is not among them.
+_PUBLIC_BEGIN = re.compile(r"-----BEGIN (PGP SIGNATURE|PGP PUBLIC KEY BLOCK|PGP MESSAGE|CERTIFICATE|PUBLIC KEY"
+                           r"|SSH2 PUBLIC KEY|X509 CRL|CERTIFICATE REQUEST|NEW CERTIFICATE REQUEST)-----")
+_PUBLIC_END = re.compile(r"-----END [A-Z0-9 ]{1,40}-----")
+# An SSH public key line: algorithm, base64 body (and a comment).
+_SSH_PUBLIC = re.compile(r"\b(?:ssh-(?:rsa|dss|ed25519)|ecdsa-sha2-nistp\d{3}|sk-ssh-ed25519@openssh\.com)"
+                         r" AAAA[A-Za-z0-9+/]{16,8192}={0,3}")
+
+
 def _verify(text: str) -> list[SecretFinding]:
     found: list[SecretFinding] = []
     offset = 0
+    public = False
     for raw in text.split("\n"):
         base, offset = offset, offset + len(raw) + 1
+        if public:
+            public = not _PUBLIC_END.search(raw)
+            continue
+        if _PUBLIC_BEGIN.search(raw):
+            public = not _PUBLIC_END.search(raw[_PUBLIC_BEGIN.search(raw).end():])
+            continue
         if not _CANDIDATE.search(raw):
             continue
         line, where = _visible(raw)
@@ -144,6 +161,7 @@ def _scan(line: str) -> set[tuple[str, int, int]]:
     # The scrubber's placeholders are blanked (same length, so spans hold): "<SECRET>" is no key, and a value
     # it replaced is no credential.
     blanked = _SCRUBBED.sub(lambda m: "_" * len(m.group(0)), line)
+    blanked = _SSH_PUBLIC.sub(lambda m: " " * len(m.group(0)), blanked)
     for name, rule in _RULES:
         for match in rule.finditer(blanked):
             start, end = match.span(1)
@@ -199,6 +217,8 @@ def _accept(name: str, value: str, context: str) -> bool:
         return _entropy(value) >= 4.0 and len(value) >= 20
     if password:
         return any(not ch.isalpha() for ch in value)
+    if re.search(r"[()\[\]{}]", value):
+        return False  # a call, a grammar or a template (key = 1*(ALPHA | DIGIT)), not a token
     return _entropy(value) >= 3.5 or (len(value) >= 8 and any(c.isdigit() for c in value)
                                       and any(c.isalpha() for c in value))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,42 @@ from nightshift.settings import CONFIG_DIR
 log = logging.getLogger(__name__)
 
 DEFAULT_POLICY = CONFIG_DIR / "quality.yaml"
+
+
+@dataclass(frozen=True)
+class DropBudget:
+    """How much of one source a single preparation step may drop before a person is told (quality.yaml)."""
+
+    max_share: float = 1.0
+    """Share of one source's documents (as they entered preparation) one step may drop; 1.0: no budget."""
+    min_documents: int = 5
+    """Sources with fewer documents are not judged: a share of a handful says little."""
+    block: bool = False
+    """True: a step over budget fails the night (alerted) and makes no dataset version; false: it only warns."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_share, bool) or not isinstance(self.max_share, int | float) \
+                or not 0.0 < self.max_share <= 1.0:
+            raise ValueError(f"quality policy: drop_budget.max_share must be a share in (0, 1], got {self.max_share!r}")
+        if isinstance(self.min_documents, bool) or not isinstance(self.min_documents, int) or self.min_documents < 1:
+            raise ValueError(f"quality policy: drop_budget.min_documents must be an integer >= 1, got "
+                             f"{self.min_documents!r}")
+        if not isinstance(self.block, bool):
+            raise ValueError(f"quality policy: drop_budget.block must be true or false, got {self.block!r}")
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> DropBudget:
+        """Return the budget a quality.yaml mapping describes; errors name the unknown or mistyped field."""
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):
+            raise ValueError(f"quality policy: drop_budget must be a mapping (max_share, min_documents, block), got "
+                             f"{type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in set(data) - known)
+        if unknown:
+            raise ValueError(f"quality policy: drop_budget: unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -42,8 +78,11 @@ class QualityPolicy:
     """Share of documents that must be in one of ``languages``."""
     max_near_duplicate_share: float = 1.0
     """Share of the prepared documents the near-duplicate step may remove; more means a crawl loop or a mirror."""
+    drop_budget: DropBudget = field(default_factory=DropBudget)
+    """Share of one source one preparation step may drop before the night warns (or, with block, fails)."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "drop_budget", DropBudget.from_mapping(self.drop_budget))
         if self.min_documents < 1:
             raise ValueError(f"quality policy: min_documents must be >= 1, got {self.min_documents}")
         if not 1 <= self.min_chars <= self.max_chars:

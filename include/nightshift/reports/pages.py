@@ -13,7 +13,7 @@ from typing import Any
 from nightshift.reports.store import ReportStore, write_text
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-INGEST_FILES = ("collection", "prep", "profile", "drift", "quality", "version")
+INGEST_FILES = ("drop_budget", "collection", "prep", "profile", "drift", "quality", "version")
 FINETUNE_FILES = ("training", "evaluation", "decision", "summary")
 
 

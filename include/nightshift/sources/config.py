@@ -39,12 +39,18 @@ class SourceSpec:
     """Short name: the mapped task's label in the grid, the prefix of its document ids."""
     kind: str
     settings: dict[str, Any] = field(default_factory=dict)
+    prep: str | None = None
+    """The preparation profile that judges this source's documents (include/configs/prep/<name>.yaml);
+    None: prep.yaml's default_profile. Checked against the recipe's profiles when the night is planned."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME.fullmatch(self.name):
             raise ValueError(f"source name {str(self.name)[:60]!r}: use lower-case letters, digits, '-' or '_'")
         if self.kind not in KINDS:
             raise ValueError(f"source {self.name}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.prep is not None and (not isinstance(self.prep, str) or not NAME.fullmatch(self.prep)):
+            raise ValueError(f"source {self.name}: prep must name a preparation profile (lower-case letters, "
+                             f"digits, '-' or '_'), got {str(self.prep)[:60]!r}")
         self.typed()  # validate the settings now, with the source's name in the message
 
     def typed(self):
@@ -69,7 +75,8 @@ class SourceSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SourceSpec:
-        return cls(name=data["name"], kind=data["kind"], settings=dict(data.get("settings") or {}))
+        return cls(name=data["name"], kind=data["kind"], settings=dict(data.get("settings") or {}),
+                   prep=data.get("prep"))
 
 
 def load_sources(path: Path) -> list[SourceSpec]:
@@ -85,11 +92,11 @@ def load_sources(path: Path) -> list[SourceSpec]:
     for i, entry in enumerate(entries, start=1):
         if not isinstance(entry, dict) or "name" not in entry or "kind" not in entry:
             raise ValueError(f"{path.name}: source #{i} needs a `name` and a `kind`")
-        settings = {k: v for k, v in entry.items() if k not in ("name", "kind")}
+        settings = {k: v for k, v in entry.items() if k not in ("name", "kind", "prep")}
         if entry["kind"] == "files" and isinstance(settings.get("path"), str) and "://" not in settings["path"]:
             local = Path(settings["path"]).expanduser()
             settings["path"] = str(local if local.is_absolute() else (path.parent / local).resolve())
-        specs.append(SourceSpec(name=entry["name"], kind=entry["kind"], settings=settings))
+        specs.append(SourceSpec(name=entry["name"], kind=entry["kind"], settings=settings, prep=entry.get("prep")))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"{path.name}: source names must be unique")

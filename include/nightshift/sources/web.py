@@ -29,6 +29,7 @@ import email.utils
 import hashlib
 import json
 import logging
+import re
 import sqlite3
 import time
 import zlib
@@ -213,15 +214,19 @@ class CrawlState:
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS pages (url TEXT PRIMARY KEY, etag TEXT, last_modified TEXT, "
             "content_hash TEXT, fetched_at TEXT, status INTEGER, text TEXT, links TEXT, indexable INTEGER, "
-            "reason TEXT, body_hash TEXT)"
+            "reason TEXT, body_hash TEXT, extractor TEXT)"
         )
-        # A state written before bodies and texts had hashes of their own: the next fetch fills the column in.
-        if "body_hash" not in {row[1] for row in self.db.execute("PRAGMA table_info(pages)")}:
-            self.db.execute("ALTER TABLE pages ADD COLUMN body_hash TEXT")
+        # A state written before bodies had hashes of their own, or before texts recorded their extractor: the
+        # next fetch fills the columns in.
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(pages)")}
+        for column in ("body_hash", "extractor"):
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE pages ADD COLUMN {column} TEXT")
 
     KEYS = ("etag", "last_modified", "content_hash", "fetched_at", "status", "text", "links", "indexable", "reason",
-            "body_hash")
-    """``content_hash``: sha256 of the extracted text; ``body_hash``: sha256 of the bytes it came from."""
+            "body_hash", "extractor")
+    """``content_hash``: sha256 of the extracted text; ``body_hash``: sha256 of the bytes it came from;
+    ``extractor``: the version of the HTML extraction that made the text (another one re-extracts)."""
 
     def get(self, url: str) -> dict[str, Any] | None:
         row = self.db.execute(f"SELECT {', '.join(self.KEYS)} FROM pages WHERE url = ?", (url,)).fetchone()
@@ -237,10 +242,10 @@ class CrawlState:
 
     def put(self, url: str, entry: dict[str, Any]) -> None:
         self.db.execute(
-            f"INSERT OR REPLACE INTO pages (url, {', '.join(self.KEYS)}) VALUES ({', '.join('?' * 11)})",
+            f"INSERT OR REPLACE INTO pages (url, {', '.join(self.KEYS)}) VALUES ({', '.join('?' * 12)})",
             (url, entry.get("etag"), entry.get("last_modified"), entry["content_hash"], entry["fetched_at"],
              entry["status"], entry.get("text"), json.dumps(entry.get("links", [])), int(entry["indexable"]),
-             entry.get("reason"), entry.get("body_hash")),
+             entry.get("reason"), entry.get("body_hash"), entry.get("extractor")),
         )
         self.db.commit()
 
@@ -251,6 +256,9 @@ class CrawlState:
 
     def close(self) -> None:
         self.db.close()
+
+
+_XML_DECLARATION = re.compile(r"^\s*<\?xml[^>]{0,200}\?>")
 
 
 class Skipped(Exception):
@@ -431,6 +439,9 @@ class Crawler:
         self.client = client
         self.report = CrawlReport()
         self.skips: list[Skip] = []
+        from nightshift.extraction import extractor_version
+
+        self._extractor = extractor_version()
         start = canonical_url(settings.url)
         assert start is not None
         self.start = start
@@ -781,8 +792,10 @@ class Crawler:
     def _page(self, url: str) -> tuple[RawDocument | None, list[str], str]:
         """Fetch (or revalidate) one page; return its document (or None and why) and its links."""
         stored = self.state.get(url)
+        # A text made by another extraction is not reused: the page is fetched whole and extracted again.
+        current = stored is not None and stored.get("extractor") == self._extractor
         headers = {}
-        if stored:
+        if current:
             if stored.get("etag"):
                 headers["If-None-Match"] = stored["etag"]
             if stored.get("last_modified"):
@@ -796,7 +809,7 @@ class Crawler:
                 self.report.reused_after_error += 1
                 return self._reuse(url, stored)
             raise
-        if answer.status == 304 and stored:
+        if answer.status == 304 and current:
             self.report.unchanged += 1
             return self._reuse(url, stored)
         if answer.status in GONE:
@@ -806,7 +819,7 @@ class Crawler:
         if answer.status != 200:
             raise Skipped(f"http {answer.status}")
         body_hash = hashlib.sha256(answer.body).hexdigest()
-        if stored and stored.get("body_hash") == body_hash:
+        if current and stored.get("body_hash") == body_hash:
             self.report.unchanged += 1
             return self._reuse(url, stored)
         try:
@@ -814,6 +827,7 @@ class Crawler:
         except Exception as exc:  # hostile or broken markup costs one page, never the crawl
             raise Skipped(f"extraction failed: {type(exc).__name__}") from None
         entry["body_hash"] = body_hash
+        entry["extractor"] = self._extractor
         entry["content_hash"] = hashlib.sha256((entry["text"] or "").encode("utf-8", "replace")).hexdigest()
         if stored and stored["content_hash"] == entry["content_hash"] and bool(stored["indexable"]) == \
                 entry["indexable"] and stored.get("fetched_at"):
@@ -853,7 +867,8 @@ class Crawler:
     def _extract(self, url: str, answer: Fetched) -> dict[str, Any]:
         """Parse a fetched page: robots meta, canonical, links, main text."""
         import lxml.html
-        import trafilatura
+
+        from nightshift.extraction import html_to_text
 
         charset = _charset(answer.headers.get("content-type", ""))
         text_body = answer.body.decode(charset or "utf-8", "replace")
@@ -868,7 +883,9 @@ class Crawler:
             entry["text"] = text_body
             return entry
         try:
-            tree = lxml.html.fromstring(text_body, base_url=answer.url)
+            # XHTML (DocBook, Sphinx's older builders) starts with an XML declaration naming its encoding, which
+            # lxml refuses on text that is already decoded: the declaration is dropped, the decoded text kept.
+            tree = lxml.html.fromstring(_XML_DECLARATION.sub("", text_body, count=1), base_url=answer.url)
         except (ValueError, lxml.etree.ParserError):
             entry.update(indexable=False, reason="unparsable html")
             return entry
@@ -895,8 +912,7 @@ class Crawler:
                 entry["links"] = [target, *[link for link in entry["links"] if link != target]]
                 entry.update(indexable=False, reason="not canonical: another URL is")
                 return entry
-        text = trafilatura.extract(text_body, url=url, include_comments=False, include_tables=True,
-                                   favor_recall=True) or trafilatura.html2txt(text_body)
+        text = html_to_text(text_body, url=url)
         if not text or not text.strip():
             entry.update(indexable=False, reason="no main text")
             return entry
