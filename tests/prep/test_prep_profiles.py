@@ -194,3 +194,37 @@ def test_plan_refuses_a_source_naming_an_unknown_profile_and_prepare_follows_the
     (run / ingest.COLLECT_SKIPPED).write_text("[]")
     stats = prepare_corpus(run, shipped, None)
     assert stats["documents"] == 0 and "gopher_quality" in stats["dropped"]
+
+
+def _page(body: str) -> str:
+    return (f"<!doctype html><html><head><title>Docs</title></head><body><nav><a href='/'>Home</a></nav>"
+            f"<main><h1>Docs</h1>{body}</main><footer>(c) Example</footer></body></html>")
+
+
+def test_junk_dressed_as_documentation_is_not_taken_for_a_reference_page(shipped):
+    # A line of description, then spam, gibberish or filler in a code block or a table, or link spam that the
+    # prose splitter leaves out: what is not prose does not read as code, so the page is judged whole.
+    rng = random.Random(1)
+    words = ("cheap", "best", "deal", "casino", "bonus", "free", "click", "win", "offer", "now", "pills", "loan")
+    spam = " ".join(rng.choice(words) for _ in range(400))
+    gibberish = " ".join("".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(rng.randint(3, 9)))
+                         for _ in range(300))
+    rows = "".join(f"<tr><td>{rng.choice(words)}</td><td>{' '.join(rng.choice(words) for _ in range(5))}</td></tr>"
+                   for _ in range(80))
+    seo = "\n".join(f"buy cheap viagra online {i} best casino bonus free spins" for i in range(200))
+    links = "".join(f"<p>BUY-NOW!!! $9.99 www.cheap-pills{i}.example 50%OFF +1-800-555-{i:04d} #1 "
+                    f"http://x.example/{i}</p>" for i in range(60))
+    pages = {
+        "spam in a code block": f"<p>Install the package.</p><pre>{spam}</pre>",
+        "gibberish in a code block": f"<p>Run this command.</p><pre>{gibberish}</pre>",
+        "spam in a table": f"<p>Options are below.</p><table>{rows}</table>",
+        "keywords as bash": f"<p>Get started quickly.</p><pre><code class='language-bash'>{seo}</code></pre>",
+        "one line repeated": "<p>Full log below.</p><pre>" + "\n".join(["buy now best deal"] * 400) + "</pre>",
+        "link spam": "<p>Order your pills today.</p>" + links,
+    }
+    curator = DocumentCurator(shipped, {"site": "docs"})
+    kept = [name for name, body in pages.items() if curator.process(f"site/{name}", "html", _page(body)).step is None]
+    assert kept == []
+    code = "\n".join(f"SELECT pg_stat_reset_slru('{name}');  -- resets {name}" for name in ("clog", "subtrans", "xact"))
+    reference = _page(f"<p>Resets the statistics of one SLRU cache.</p><pre>{code}\n{code}\n{code.upper()}</pre>")
+    assert curator.process("site/reference", "html", reference).step is None  # real code still passes

@@ -405,3 +405,18 @@ def test_published_signatures_public_keys_grammars_and_authors_are_not_credentia
     assert verify(text) == []
     private = text + "\n-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAAB\n"
     assert verify(private)  # a private key still counts, even after a public block
+
+
+def test_a_real_database_manual_leaves_nothing_for_the_second_pass():
+    # Lines of PostgreSQL's manual: example credentials are scrubbed; settings, prose and columns are not secrets.
+    credentials = ["user=foo password=foopass", "ALTER ROLE davide WITH PASSWORD 'hu8jmn3';",
+                   "dblink_connect('dbname=postgres password=mypasswd')", 'EXEC SQL CONNECT TO x; passwd = "secret";']
+    prose = ["password_encryption = 'scram-sha-256'", "Sort Key: t2.unique2", "password_required=false",
+             "If no password is set for the user, the entered password is correct.",
+             "method of checking the `<pwd.h>` database.", "the password is `MD5`-encrypted.", "token: budget"]
+    for line in credentials:
+        scrubbed, counts = SCRUBBER.scrub(line)
+        assert counts == {"secret": 1} and not verify(scrubbed) and not SCRUBBER.find(scrubbed), line
+    for line in prose:
+        assert SCRUBBER.scrub(line)[0] == line and verify(line) == [], line
+    assert verify("the password is hunter22.")  # a leak written as a sentence still counts

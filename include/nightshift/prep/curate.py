@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import shutil
 import sys
 import time
@@ -67,6 +68,26 @@ STEP_LIBRARIES = ("trafilatura", "lxml", "justext", "ftfy", "datatrove", "py3lan
 what they depend on at run time counts too."""
 STEP_MODULES: tuple[str, ...] = ("nightshift.extraction",)
 """Modules outside nightshift.prep that decide outcomes; every module of nightshift.prep is included anyway."""
+
+
+# Characters that code, data and markup use and sentences, keyword spam and gibberish rarely do; links do not
+# count (link spam is full of them).
+_URL = re.compile(r"\S{0,200}(?:://|www\.)\S{0,2000}")
+_CODE_MARKS = frozenset("=(){}[];<>/\\_:@*&^~`\"'")
+
+
+def _reads_as_code(text: str, prose: str) -> bool:
+    """Return whether the part of ``text`` that is not prose reads as code: most of its lines hold a mark of code
+    (``=``, brackets, ``/``, ``_``, quotes...) and at most a third of them repeat another."""
+    prose_lines = set(prose.splitlines())
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and line not in prose_lines and not line.lstrip().startswith("```")]
+    lines = [line.strip("|").strip() for line in lines if set(line) - set("|-: ")]  # table rules carry nothing
+    if not lines:
+        return False
+    marked = sum(1 for line in lines if _CODE_MARKS.intersection(_URL.sub(" ", line)))
+    repeated = len(lines) - len(set(lines))
+    return marked >= 0.5 * len(lines) and repeated <= len(lines) / 3
 
 
 def step_sources() -> list[Path]:
@@ -161,8 +182,9 @@ class DocumentCurator:
     - any other (a navigation stub, a page of numbers or symbols with no sentence at all) is judged on its whole
       text, as ``measure: all`` would, so the steps' length and ratio rules drop it.
 
-    Gibberish, boilerplate and spam are prose to the prose splitter (they hold no fenced code or tables), so the
-    steps judge them in full, as they do web pages.
+    What is not prose must read as code for the first case (``_reads_as_code``): most of its lines carry the
+    punctuation of code, data or markup and few repeat. Spam, gibberish, filler or boilerplate put in a code
+    block or a table, or pushed out of the prose by symbols, do not; they are judged on their whole text.
     """
 
     def __init__(self, recipe: PrepRecipe, sources: Mapping[str, str] | None = None) -> None:
@@ -302,7 +324,8 @@ class _ProfileSteps:
         prose, prose_words = self._prose_of(i, text)
         if prose_words >= config.min_prose_words:
             reason, _ = self._run_step(name, config, doc_id, prose, outcome)
-        elif prose_words >= DESCRIPTION_WORDS and len(text.split()) >= config.min_prose_words:
+        elif (prose_words >= DESCRIPTION_WORDS and len(text.split()) >= config.min_prose_words
+              and _reads_as_code(text, prose)):
             return None, text  # a reference page: nothing of prose to judge
         else:
             reason, _ = self._run_step(name, config, doc_id, text, outcome)

@@ -132,6 +132,8 @@ _SECRETS: list[tuple[str, str]] = [
      # A YAML or INI line under a password key: the unquoted value is the rest of the line (a passphrase).
      r"(?im)^[ \t]*[\w.-]{0,40}?(?P<key>pass(?:word|wd|phrase)|pwd)[\"']?[ \t]*[:=][ \t]*"
      r"(?P<value>[^\s\"'#|>][^\n#]{0,200}?)[ \t]*(?:#.*)?$"),
+    # SQL: CREATE/ALTER ROLE ... PASSWORD 'x', CREATE USER ... IDENTIFIED BY 'x'.
+    ("sql_password", r"(?i)\b(?:PASSWORD|IDENTIFIED\s+BY)\s+(?P<q>['\"])(?P<value>[^'\"\n]{1,200})(?P=q)"),
     ("password_assignment", rf"(?i){_KEY}{_ASSIGN}{_VALUE}"),
 ]
 
@@ -385,13 +387,14 @@ _SECRET_HINTS: dict[str, tuple[str, ...]] = {
     "mailchimp_key": ("-us",), "databricks_token": ("dapi",), "age_secret_key": ("AGE-SECRET-KEY-",),
     "jwt": ("eyJ",), "url_password": ("://",), "auth_header": ("authorization",), "bearer_token": ("earer",),
     "basic_auth": ("Basic",), "cli_password": ("mysql", "mariadb", "sshpass", "login", "helm", "htpasswd", "curl"),
-    "netrc_password": ("machine",), "xml_secret": ("</", "value"), "connection_string": ("=",),
+    "netrc_password": ("machine",), "sql_password": ("password", "identified"), "xml_secret": ("</", "value"),
+    "connection_string": ("=",),
     "url_query_secret": ("=",), "config_password": ("pass", "pwd"),
     "yaml_block_password": ("pass", "pwd", "secret", "token"), "html_attribute": ("value", "content"),
     "cookie": ("cookie",), "uuid_api_key": ("key", "token"),
     "password_assignment": ("pass", "pwd", "pw", "secret", "token", "key", "auth", "sig", "credential"),
 }
-_CASELESS_HINTS = {"yaml_block_password", "html_attribute", "cookie", "uuid_api_key", "auth_header",
+_CASELESS_HINTS = {"sql_password", "yaml_block_password", "html_attribute", "cookie", "uuid_api_key", "auth_header",
                    "netrc_password", "xml_secret", "password_assignment", "config_password"}
 
 _IMAGE_SUFFIXES = {"png", "jpg", "jpeg", "gif", "svg", "webp", "ico", "bmp", "tif", "tiff", "avif"}
@@ -431,14 +434,21 @@ def _valid(name: str, match: re.Match[str], text: str, start: int, end: int) -> 
     if name == "email":
         return _PLACEHOLDER.search(value) is None and value.rsplit(".", 1)[-1].lower() not in _IMAGE_SUFFIXES
     if name in ("password_assignment", "config_password", "html_attribute"):
-        if re.search(r"(?i)public|publishable", match.group("key")):
-            return False  # PublicKeyToken=b77a5c561934e089 is published on purpose
-        return _credential_like(value, bool(_PASSWORD_KEY.search(match.group("key"))))
+        key = match.group("key")
+        if re.search(r"(?i)public|publishable", key) or PASSWORD_SETTING.search(key):
+            return False  # PublicKeyToken=b77a5c561934e089 is published on purpose; password_encryption is a setting
+        password = bool(_PASSWORD_KEY.search(key))
+        plain = value.strip().strip("\"'")
+        if (password and re.search(r"[=:]", match.group(0)[len(key):]) and _WORDS.fullmatch(plain)
+                and len(plain) >= 4 and plain.lower() not in _NOT_PASSWORDS):
+            return True  # password=foopass, passwd = "secret": under a password key a word is a password
+        return _credential_like(value, password)
     if name in ("auth_header", "bearer_token", "url_query_secret", "xml_secret"):
         return _credential_like(value, name == "xml_secret" and bool(_PASSWORD_KEY.search(match.group(0)[:60])))
     if name == "basic_auth":
         return _basic_credentials(value)
-    if name in ("url_password", "connection_string", "cli_password", "netrc_password", "yaml_block_password", "cookie"):
+    if name in ("url_password", "connection_string", "cli_password", "netrc_password", "yaml_block_password", "cookie",
+                "sql_password"):
         # The context alone says it is a password: only what is clearly not one (a placeholder) is left alone.
         return not (_PLACEHOLDER.search(value) or _TEMPLATE.search(value) or len(set(value)) == 1)
     return True
@@ -469,6 +479,16 @@ _REFERENCE = re.compile(r"\$[A-Z_][A-Z0-9_]*$|%\w+%$|\[[^\]\s]{1,40}\]$|\{[\w.-]
                         r"|[&*][A-Za-z_][\w-]*$|[A-Za-z_][\w.]*[(\[]|[a-z][a-z0-9+.-]*://|\.{0,2}/|~/")
 _WORDS = re.compile(r"[^\W\d_]+(?:[_.:/-][^\W\d_]+)*")
 _VERSION = re.compile(r"[vV]?\d+(?:\.\d+)+(?:[-+][\w.]+)?")
+
+
+# Keys that configure passwords rather than hold one (password_encryption = 'scram-sha-256').
+PASSWORD_SETTING = re.compile(
+    r"(?i)(?:passw(?:or)?d|pwd|passphrase)[_.-]?(?:encryption|required|policy|file|length|expir\w*|method|type|hash\w*"
+    r"|algorithm|reset|prompt|check|min\w*|max\w*|format|auth\w*|change\w*|history|strength|complexity|rules?|hint"
+    r"|field|label|placeholder|command|cmd|store|manager|less|protected|enabled|disabled|set)\b")
+# Words that say something of a password field rather than being one.
+_NOT_PASSWORDS = frozenset({"true", "false", "null", "none", "nil", "yes", "no", "required", "optional", "empty",
+                            "unset", "enabled", "disabled", "hidden", "text", "string", "password"})
 
 
 def _credential_like(value: str, password: bool) -> bool:

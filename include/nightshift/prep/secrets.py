@@ -21,6 +21,8 @@ import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from nightshift.prep.pii import PASSWORD_SETTING
+
 # Left out of detect-secrets' plugins: the high-entropy ones report every unquoted word in an ad-hoc scan (they
 # are applied below to values under secret-ish keys instead); IPPublicDetector finds addresses, which are
 # personal data the scrubber's own rules count, and takes versions for addresses.
@@ -156,6 +158,8 @@ def _scan(line: str) -> set[tuple[str, int, int]]:
         if not value or _NOT_A_VALUE.search(value):
             continue
         at = line.find(value)
+        if at >= 0 and PASSWORD_SETTING.search(line[max(0, at - 60):at]):
+            continue  # password_encryption = 'scram-sha-256': a setting about passwords, not one
         start, end = (at, at + len(value)) if at >= 0 else (0, len(line))
         spans.add((f"detect_secrets:{secret.type}", start, end))
     # The scrubber's placeholders are blanked (same length, so spans hold): "<SECRET>" is no key, and a value
@@ -208,8 +212,18 @@ def _accept(name: str, value: str, context: str) -> bool:
         return (not re.fullmatch(r"[0-9a-fA-F_-]+", value) and _entropy(value) >= 4.5
                 and all(any(f(c) for c in value) for f in (str.isupper, str.islower, str.isdigit)))
     name_part = context.split(value)[0]
-    if re.search(r"(?i)public|publishable", name_part):
-        return False  # a public key token is published on purpose
+    if re.search(r"(?i)public|publishable", name_part) or PASSWORD_SETTING.search(name_part):
+        return False  # a public key token is published on purpose; password_encryption configures passwords
+    if re.search(r"\s+is\s+\W{0,3}$", name_part):
+        # prose: "the entered password is correct.", "the password is `MD5`-encrypted"; a leak written as a
+        # sentence still has a token's shape ("the password is hunter22").
+        bare = value.replace("`", "").strip("'\"").rstrip(".,;:!?)")
+        if not re.fullmatch(r"[A-Za-z0-9!@#$%^&*_+=~]{6,}", bare) or bare.isalpha() or bare.isdigit():
+            return False
+    if re.search(r"\.\w{1,4}>\W{0,3}$", name_part):
+        return False  # a header or a tag named like a key (`<pwd.h>` database), not an assignment
+    if not _PASSWORD_WORD.search(name_part) and re.fullmatch(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+", value):
+        return False  # a dotted name under a key word (Sort Key: t2.unique2) is a column, not a token
     password = name == "generic_secret" and _PASSWORD_WORD.search(name_part) is not None
     if any(ch.isspace() for ch in value):
         return password and not _PASSWORD_WORD.search(value)
