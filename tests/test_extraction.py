@@ -205,3 +205,12 @@ def test_the_extractor_version_changes_with_the_libraries_that_shape_the_text(mo
         assert extractor_version() != now
     finally:
         extractor_version.cache_clear()
+
+
+def test_a_mark_forged_with_invisible_characters_is_neither_code_nor_a_failure():
+    prose = ("<p>This page explains how the function works and why you would call it in your own programs.</p>"
+             "<p>The second paragraph describes the return value, which is always an integer, and its errors.</p>")
+    for forged in ("nightshift\u200bcodeblock5q", "nightshift\u00adcodeblock0q"):
+        text = html_to_text(f"<html><body><main>{prose}<p>See {forged} here.</p><pre>rm -rf /tmp/x</pre>"
+                            "</main></body></html>")
+        assert text.count("rm -rf /tmp/x") == 1 and "```\nrm -rf /tmp/x\n```" in text

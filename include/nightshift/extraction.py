@@ -14,6 +14,7 @@ import functools
 import hashlib
 import itertools
 import re
+import unicodedata
 from pathlib import Path
 
 _TOKEN = "nightshiftcodeblock"
@@ -46,7 +47,8 @@ def html_to_text(html: str, url: str | None = None) -> str:
     tree = trafilatura.load_html(html)
     if tree is None:
         return trafilatura.html2txt(html)
-    token = _unused_token(tree.text_content())
+    # Invisible characters (U+200B, soft hyphens) are dropped on the way out: the stem must be unused without them.
+    token = _unused_token("".join(ch for ch in tree.text_content() if unicodedata.category(ch) != "Cf"))
     codes = _set_code_aside(tree, token)
     _collapse_inline_code(tree)
     text = trafilatura.extract(tree, url=url, output_format="markdown", include_formatting=True,
@@ -132,16 +134,22 @@ def _restore_code(text: str, token: str, codes: list[str]) -> str:
         if token not in line:
             lines.append(line)
         elif line.lstrip().startswith("|"):
-            lines.append(placeholder.sub(lambda m: _inline(codes[int(m.group(1))]), line))
+            lines.append(placeholder.sub(lambda m: _inline(_code(codes, m.group(1))), line))
         else:
             for i, piece in enumerate(placeholder.split(line)):
                 if i % 2:
-                    lines.extend(["", codes[int(piece)], ""])
+                    lines.extend(["", _code(codes, piece), ""])
                 elif piece.strip(" \t-*+>#"):  # a list or quote marker alone belonged to the block
                     lines.append(piece.rstrip() if i == 0 else piece.strip())
     # Blank-line runs around the blocks are folded; those inside a block are its own and stay.
     kept = [line for at, line in enumerate(lines) if line or (at and lines[at - 1])]
     return "\n".join(kept).strip("\n")
+
+
+def _code(codes: list[str], index: str) -> str:
+    """Return the code block a mark names; a mark the page forged names none and stands for nothing."""
+    at = int(index)
+    return codes[at] if at < len(codes) else ""
 
 
 def _add_table_separators(text: str) -> str:
