@@ -31,3 +31,19 @@ def fresh(dag_id: str):
     bag = DagBag(dag_folder=str(REPO / "dags" / f"{dag_id}.py"))
     assert not bag.import_errors, bag.import_errors
     return bag.dags[dag_id]
+
+
+def files_night(tmp_path, monkeypatch, name: str, path) -> Any:
+    """Point ingest_corpus at one files source and the short prep recipe, with state under tmp_path; return the
+    settings it will run with."""
+    import yaml
+
+    from conftest import REPO
+    from nightshift.settings import load_settings
+
+    (tmp_path / "sources.yaml").write_text(yaml.safe_dump({"sources": [{"name": name, "kind": "files",
+                                                                         "path": str(path)}]}))
+    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NIGHTSHIFT_SOURCES_FILE", str(tmp_path / "sources.yaml"))
+    monkeypatch.setenv("NIGHTSHIFT_PREP_RECIPE", str(REPO / "tests" / "e2e" / "prep_recipes" / "short.yaml"))
+    return load_settings()

@@ -10,10 +10,8 @@ import json
 import random
 
 import pytest
-import yaml
 
-from cli_helpers import fresh, run
-from conftest import REPO
+from cli_helpers import files_night, fresh, run
 from planted import prose
 
 pytestmark = pytest.mark.e2e
@@ -21,7 +19,6 @@ pytestmark = pytest.mark.e2e
 
 def test_one_bad_record_and_a_large_export_cost_only_those_records(tmp_path, monkeypatch, airflow_db):
     from nightshift.pipelines.ingest import dataset_repository
-    from nightshift.settings import load_settings
     from nightshift.sources.document_store import MAX_FILE_BYTES, MAX_RECORD_BYTES, read_raw
 
     rng = random.Random(20)
@@ -40,12 +37,7 @@ def test_one_bad_record_and_a_large_export_cost_only_those_records(tmp_path, mon
             if i % 6 == 0 and i < 96:
                 fh.write(huge)
     assert (store / "crm-export.jsonl").stat().st_size > MAX_FILE_BYTES
-    (tmp_path / "sources.yaml").write_text(yaml.safe_dump(
-        {"sources": [{"name": "crm", "kind": "files", "path": str(store)}]}))
-    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("NIGHTSHIFT_SOURCES_FILE", str(tmp_path / "sources.yaml"))
-    monkeypatch.setenv("NIGHTSHIFT_PREP_RECIPE", str(REPO / "tests" / "e2e" / "prep_recipes" / "short.yaml"))
-    settings = load_settings()
+    settings = files_night(tmp_path, monkeypatch, "crm", store)
     dataset_repository(settings).ensure()
 
     dag_run, tasks = run(fresh("ingest_corpus"), {})

@@ -7,10 +7,8 @@ dropped lists, the reports or the alerts. Every byte under the installation's ho
 import json
 
 import pytest
-import yaml
 
-from cli_helpers import fresh, run
-from conftest import REPO
+from cli_helpers import files_night, fresh, run
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +21,6 @@ PLANTED = [EMAIL, FOLDER_EMAIL, ENCODED, TOKEN, "john.smith", "maria.garcia", "j
 
 def test_ids_urls_and_folder_names_reach_no_file_of_the_installation(tmp_path, monkeypatch, airflow_db):
     from nightshift.pipelines.ingest import dataset_repository
-    from nightshift.settings import load_settings
 
     store = tmp_path / "store"
     (store / "crm").mkdir(parents=True)
@@ -36,13 +33,8 @@ def test_ids_urls_and_folder_names_reach_no_file_of_the_installation(tmp_path, m
     (store / FOLDER_EMAIL).mkdir()
     (store / FOLDER_EMAIL / "notes.txt").write_text("Bring warm clothes: the terrace is cold after midnight. " * 3)
     (store / FOLDER_EMAIL / "scan.pdf").write_bytes(b"%PDF-1.4")  # skipped: unsupported extension
-    (tmp_path / "sources.yaml").write_text(yaml.safe_dump(
-        {"sources": [{"name": "crm", "kind": "files", "path": str(store)}]}))
-    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("NIGHTSHIFT_SOURCE_ROOTS", str(store))
-    monkeypatch.setenv("NIGHTSHIFT_SOURCES_FILE", str(tmp_path / "sources.yaml"))
-    monkeypatch.setenv("NIGHTSHIFT_PREP_RECIPE", str(REPO / "tests" / "e2e" / "prep_recipes" / "short.yaml"))
-    settings = load_settings()
+    settings = files_night(tmp_path, monkeypatch, "crm", store)
     dataset_repository(settings).ensure()
 
     dag_run, tasks = run(fresh("ingest_corpus"), {})

@@ -9,10 +9,8 @@ import json
 import subprocess
 
 import pytest
-import yaml
 
-from cli_helpers import fresh, run
-from conftest import REPO
+from cli_helpers import files_night, fresh, run
 from nightshift.settings import SAMPLE_STORE
 
 pytestmark = pytest.mark.e2e
@@ -26,14 +24,8 @@ def test_a_night_versions_into_a_repository_left_half_initialised(tmp_path, monk
     from dvc.repo import Repo
 
     from nightshift.pipelines.ingest import dataset_repository
-    from nightshift.settings import load_settings
 
-    (tmp_path / "sources.yaml").write_text(yaml.safe_dump(
-        {"sources": [{"name": "samples", "kind": "files", "path": str(SAMPLE_STORE)}]}))
-    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("NIGHTSHIFT_SOURCES_FILE", str(tmp_path / "sources.yaml"))
-    monkeypatch.setenv("NIGHTSHIFT_PREP_RECIPE", str(REPO / "tests" / "e2e" / "prep_recipes" / "short.yaml"))
-    settings = load_settings()
+    settings = files_night(tmp_path, monkeypatch, "samples", SAMPLE_STORE)
     repo = dataset_repository(settings)
 
     # What the race left: DVC initialised without its remote, and a corpus copy committed into git.
