@@ -9,7 +9,8 @@ Runs when `ingest_corpus` publishes a new corpus version, or from **Trigger** wi
 | task | does |
 |---|---|
 | `resolve_dataset` | claims the DAG's lease; `dataset_version`, else the triggering event's, else the latest |
-| `check_registry` | skips training if a promoted model has its fingerprint: corpus, base bytes, recipe, ranks, code |
+| `check_registry` | the recipe fits the base (LoRA layers, context); skips training if a promoted version |
+|  | has its fingerprint: corpus, base bytes, recipe, ranks, code |
 | `prepare_data` | fetches the exact bytes from DVC, tokenizes with the base model's tokenizer, packs blocks |
 | `plan_training` | opens the MLflow run, writes the trainer config, builds the `torchrun` command |
 | `train_local` | the command on this machine: one rank per GPU, or one CPU rank on every core (`backend: local`) |
@@ -20,8 +21,9 @@ Runs when `ingest_corpus` publishes a new corpus version, or from **Trigger** wi
 |  | (exact match, token F1, ROUGE-L, refusals), the LLM judge; a paired bootstrap interval per difference |
 | `decide_promotion` | applies `include/configs/gate.yaml` to the intervals; writes the HTML report |
 | `register_candidate` → `release` | registers the checkpoint with its report; `rollout.yaml` says how it goes out |
-| `promote_candidate` | (`mode: off`) moves `champion` and records the move (who, why, which evaluation) |
-| `start_rollout` | (`mode: canary` or `shadow`) points the `candidate` alias at it; `rollout_model` takes over |
+| `promote_candidate` | (`mode: off`, or no champion yet) moves `champion`, only if it still names the version |
+|  | the candidate was evaluated against, and records the move (who, why, which evaluation); else fails and alerts |
+| `start_rollout` | (`mode: canary` or `shadow`, a champion exists) points `candidate` at it; `rollout_model` goes on |
 | `reject_candidate` | keeps the champion and alerts with the gate's reasons |
 | `report` | the cycle summary, also logged to the MLflow run |
 
@@ -148,9 +150,14 @@ def finetune_model():
     def check_registry(dataset: dict) -> dict:
         from nightshift.pipelines.finetune import checkpoint_digest, fingerprint, registry_for
         from nightshift.records import DatasetVersion
+        from nightshift.training.fit import check_recipe_fits
 
         request = _request()
         recipe, base = _recipe(request), _base_model(request)
+        try:  # a recipe the base cannot train fails here once, not in every rank on every retry
+            check_recipe_fits(recipe, base, f"recipe {request.recipe}")
+        except ValueError as exc:
+            raise AirflowFailException(str(exc)) from exc
         fp = fingerprint(DatasetVersion.from_dict(dataset), checkpoint_digest(base, SETTINGS.cache_dir), recipe,
                          request.world_size(SETTINGS, recipe))
         existing = registry_for(SETTINGS).find_by_fingerprint(fp)
@@ -281,13 +288,16 @@ def finetune_model():
     @task.branch
     def release(_version: dict) -> str:
         from nightshift.evaluation.live import RolloutPolicy
+        from nightshift.pipelines.finetune import registry_for
+        from nightshift.pipelines.rollout import release_route
 
         try:
-            mode = RolloutPolicy.load(SETTINGS.rollout_policy).mode
+            policy = RolloutPolicy.load(SETTINGS.rollout_policy)
         except ValueError as exc:  # a broken rollout.yaml does not mend itself on retry
             raise AirflowFailException(str(exc)) from exc
-        print(f"rollout policy: {mode}")
-        return "promote_candidate" if mode == "off" else "start_rollout"
+        route, why = release_route(registry_for(SETTINGS), policy)
+        print(why)
+        return "promote_candidate" if route == "promote" else "start_rollout"
 
     @task(outlets=[CANDIDATE_ASSET])
     def start_rollout(version: dict) -> dict:
@@ -309,11 +319,17 @@ def finetune_model():
         from nightshift.pipelines.finetune import promote_candidate as promote
         from nightshift.pipelines.finetune import registry_for
         from nightshift.records import ModelVersionRecord
+        from nightshift.registry.history import ChampionConflict
 
         context = get_current_context()
         run = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
-        promoted = promote(registry_for(SETTINGS), ModelVersionRecord.from_dict(version), f"{run}/promote",
-                           triggered_by(context), run, "; ".join(decision["reasons"]))
+        evaluation = context["ti"].xcom_pull(task_ids="evaluate") or {}
+        try:
+            promoted = promote(registry_for(SETTINGS), ModelVersionRecord.from_dict(version), f"{run}/promote",
+                               triggered_by(context), run, "; ".join(decision["reasons"]),
+                               champion_before=evaluation.get("champion_before"))
+        except ChampionConflict as exc:  # evaluated against a champion that is gone: a retry cannot mend that
+            raise AirflowFailException(str(exc)) from exc
         # ingest_corpus compares each new corpus with the champion's data: this event tells it which that is.
         context["outlet_events"][CHAMPION_ASSET].extra = {
             "model_version": promoted.version, "dataset_version": promoted.dataset_tag,

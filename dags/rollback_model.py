@@ -14,7 +14,8 @@ within seconds (it polls the registry), and the move is kept in the promotion hi
 | `plan_rollback` | finds the target; refuses one that does not exist or never passed the gate |
 | `already_champion` | the target is the champion already: nothing changes, the log says so |
 | `check_target` | downloads the target, checks it against its manifest, loads it with transformers and answers |
-| `move_champion` | moves the alias and records the move (from, to, when, who, why, the target's evaluation) |
+| `move_champion` | moves the alias and records the move (from, to, when, who, why, the target's evaluation), |
+|  | only if the champion is still the one `plan_rollback` saw; else fails and alerts, history unchanged |
 | `announce` | alerts the team that the champion changed |
 
 Every check runs before the alias moves: a failed run leaves the champion serving.
@@ -105,13 +106,14 @@ def rollback_model():
         from nightshift.pipelines.finetune import registry_for
         from nightshift.pipelines.rollback import RollbackRefused
         from nightshift.pipelines.rollback import move_champion as move
+        from nightshift.registry.history import ChampionConflict
 
         context = get_current_context()
         run = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
         try:
             moved = move(registry_for(SETTINGS), plan, f"{run}/move", triggered_by(context), run,
                          _request().reason)
-        except RollbackRefused as exc:
+        except (RollbackRefused, ChampionConflict) as exc:
             raise AirflowFailException(str(exc)) from exc
         target = plan["target"]
         context["outlet_events"][CHAMPION_ASSET].extra = {

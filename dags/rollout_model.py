@@ -15,14 +15,15 @@ Expose a candidate model to live traffic step by step, and promote or roll it ba
 **Tasks**
 
 - `plan_rollout`: the candidate exists, is not the champion and passed the gate; the `candidate` alias
-  points at it.
+  points at it. With no champion at all it refuses and removes the `candidate` alias (nothing to compare with).
 - `step_N_share`: the candidate gets step N's share of traffic (sticky per user or API key).
 - `step_N_observe`: waits until the step has lasted `step_minutes` and each version answered `min_answers`
   requests, then compares error rate, p95 latency and negative feedback from the request log, and (with the
   judge connection `nightshift_judge`) the LLM judge's scores of a sample of each version's answers; the step
   fails when the candidate is worse than the policy allows.
-- `finish_rollout`: every step passed: the candidate becomes champion (kept in the promotion history);
-  otherwise the alias is removed and all traffic returns to the champion. Alerts either way.
+- `finish_rollout`: every step passed: the candidate becomes champion (kept in the promotion history), but
+  only if the champion is still the version it was compared with; otherwise (say, a rollback in between) the
+  alias is removed and all traffic returns to the champion. Alerts either way.
 
 Every answer says which version produced it (`X-Nightshift-Model-Version`, `system_fingerprint`).
 """
@@ -132,6 +133,7 @@ def rollout_model():
         from nightshift.alerts.channels import Alert
         from nightshift.pipelines.finetune import registry_for
         from nightshift.pipelines.rollout import finish_rollout as finish
+        from nightshift.registry.history import ChampionConflict
 
         context = get_current_context()
         if not plan:
@@ -139,7 +141,10 @@ def rollout_model():
         ti = context["ti"]
         verdicts = [ti.xcom_pull(task_ids=f"step_{i + 1}_observe") for i in range(len(plan["steps"]))]
         run = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
-        outcome = finish(registry_for(SETTINGS), plan, verdicts, f"{run}/promote", triggered_by(context), run)
+        try:
+            outcome = finish(registry_for(SETTINGS), plan, verdicts, f"{run}/promote", triggered_by(context), run)
+        except ChampionConflict as exc:  # the rollout has ended; the failure's alert says why
+            raise AirflowFailException(f"the candidate was not promoted and its rollout has ended: {exc}") from exc
         promoted = outcome["outcome"] == "promoted"
         send_alert(Alert(
             title=f"candidate v{outcome['candidate']} {'promoted' if promoted else 'rolled back'} after its rollout",

@@ -91,6 +91,13 @@ class PackedDataset(Record):
     heldout_documents: int
     seq_len: int
     tokenizer: str
+    heldout_text_path: str = ""
+    """The held-out documents as text (JSON lines of windows), so every model scores them with its own
+    tokenizer; empty for datasets packed before it was written."""
+    heldout_bytes: int = 0
+    """UTF-8 bytes of the held-out text."""
+    tokenizer_fingerprint: str = ""
+    """Hash of the tokenizer that made the token blocks (``training.data.tokenizer_fingerprint``)."""
 
 
 @dataclass(frozen=True)
@@ -100,16 +107,25 @@ class EvaluationReport(Record):
     model: str
     """What was evaluated: ``candidate``, ``champion v3`` or ``base <name>``."""
     metrics: dict[str, float]
-    """Aggregate value of every measured metric (``heldout.perplexity``, ``golden.token_f1``, ...)."""
+    """Aggregate value of every measured metric (``heldout.perplexity``, ``golden.token_f1``, ...); NaN for one
+    that could not be measured on this model (``unmeasured`` says why)."""
     heldout_tokens: int
     golden_items: int
     examples: list[dict[str, Any]] = field(default_factory=list)
-    """One entry per golden item: question, reference, expect, answer, nll/tokens and each answer metric."""
+    """One entry per golden item: question, reference, expect, answer (forbidden strings redacted), nll/tokens and
+    each answer metric."""
     heldout: dict[str, Any] = field(default_factory=dict)
-    """Per chunk of consecutive held-out tokens: ``nll`` (summed) and ``tokens``, for the paired bootstrap."""
+    """Per piece of the held-out split, for the paired bootstrap: ``nll`` (summed), ``tokens`` and, when it was
+    scored as text, ``bytes`` (the same pieces of text for every model); ``note`` says why it is empty."""
     judge: dict[str, Any] = field(default_factory=dict)
-    """The judge's model and counts (calls, cached, scored, timeouts, errors, malformed), or why there was none."""
+    """The judge's model and counts (calls, cached, scored, timeouts, errors, malformed, truncated, fallbacks), or
+    why there was none."""
     seconds: float = 0.0
+    tokenizer: str = ""
+    """Fingerprint of the model's tokenizer: per-token metrics of two reports compare only when they are equal."""
+    unmeasured: dict[str, str] = field(default_factory=dict)
+    """Metrics of the suite this model could not be measured on, and why (e.g. its tokenizer does not spell the
+    text back, so its bits per byte would mean nothing); a comparison on them is unmeasured."""
 
     @property
     def perplexity(self) -> float:
@@ -122,7 +138,8 @@ class EvaluationReport(Record):
     def summary(self) -> dict[str, Any]:
         """The report without its per-example arrays: small enough for XCom and alerts."""
         return {"model": self.model, "metrics": self.metrics, "heldout_tokens": self.heldout_tokens,
-                "golden_items": self.golden_items, "judge": self.judge, "seconds": self.seconds}
+                "golden_items": self.golden_items, "judge": self.judge, "seconds": self.seconds,
+                "tokenizer": self.tokenizer, "unmeasured": self.unmeasured}
 
 
 @dataclass(frozen=True)
@@ -133,7 +150,7 @@ class MetricComparison(Record):
     candidate: float
     baseline: float
     difference: float
-    """candidate - champion; for perplexities the relative change candidate / champion - 1."""
+    """candidate - champion; for perplexities and bits per byte the relative change candidate / champion - 1."""
     low: float
     high: float
     n: int
@@ -172,7 +189,7 @@ class MetricComparison(Record):
 class GateCheck(Record):
     metric: str
     condition: str
-    """The rule, e.g. ``lower bound > -0.01``."""
+    """The rule in better/worse terms, e.g. ``worse by at most 2% (worse end of the interval)``."""
     outcome: str
     """``passed``, ``failed`` or ``skipped`` (an unmeasured metric whose rule allows it)."""
     detail: str
@@ -232,7 +249,7 @@ class ChampionMove(Record):
     to_version: int
     from_version: int | None
     kind: str
-    """``promotion`` (the gate passed) or ``rollback`` (a person asked)."""
+    """``promotion`` (the gate passed), ``rollout`` (its live steps passed) or ``rollback`` (a person asked)."""
     by: str
     """Who moved it: the person who triggered the DAG run, or ``schedule``."""
     dag_run: str
@@ -244,4 +261,5 @@ class ChampionMove(Record):
     at: str = ""
     """When the alias moved (ISO 8601, UTC); empty while the move is pending."""
     state: str = "pending"
-    """``pending`` (recorded, alias not yet confirmed moved) or ``done``."""
+    """``pending`` (recorded, alias not yet confirmed moved), ``done``, or ``aborted`` (the champion moved
+    elsewhere while this move was pending, so it never happened and the history ignores it)."""

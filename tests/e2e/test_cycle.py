@@ -90,9 +90,11 @@ def test_corpus_that_fails_the_suite_fails_the_run_creates_no_version_and_alerts
     assert tasks["prepare_corpus"].value["dropped"] == {"limits": 1}  # the dump: a per-document limit
 
 
-def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, registry, settings, finetune_conf):
+def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, registry, settings, finetune_conf,
+                                                                 tmp_path, monkeypatch):
     from openai import OpenAI
 
+    from nightshift.registry.rollout import Rollouts
     from nightshift.serving.app import create_app
     from nightshift.serving.keys import KeyRing, KeyStore
 
@@ -103,11 +105,18 @@ def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, re
     assert repo.remote_has(repo.get(version["tag"]))
     assert _asset_events() == [version["tag"]]
 
+    # A canary policy on a fresh installation: there is no champion to compare with on live traffic, so the
+    # first version is promoted directly rather than left as a candidate that no rollout can ever finish.
+    (tmp_path / "rollout.yaml").write_text("mode: canary\nsteps: [0.1, 0.5]\n")
+    monkeypatch.setenv("NIGHTSHIFT_ROLLOUT_POLICY", str(tmp_path / "rollout.yaml"))
     finetune, tasks = run(dags["finetune_model"], {**finetune_conf, "dataset_version": version["tag"]})
+    monkeypatch.delenv("NIGHTSHIFT_ROLLOUT_POLICY")
     states = {t: ti.state for t, ti in tasks.items()}
     assert finetune.state == "success", states
     assert states["train_local"] == "success" and states["train_kubernetes"] == "skipped"
     assert states["promote_candidate"] == "success" and states["reject_candidate"] == "skipped"
+    assert states["start_rollout"] == "skipped" and Rollouts(registry).current() is None
+    assert not registry.client.get_registered_model(registry.model_name).aliases.get("candidate")
 
     champion = registry.champion()
     assert champion.version == 1 and champion.dataset_tag == "corpus-v0001"

@@ -7,6 +7,7 @@ tests/registry.
 """
 
 import json
+import os
 import shutil
 
 import pytest
@@ -90,7 +91,36 @@ def registry_state(settings):
     return registry, sorted(int(v.version) for v in versions)
 
 
-def test_a_run_that_fails_for_good_closes_its_mlflow_run_and_alerts(trained_home, monkeypatch):
+BAD_RECIPES = {  # each validated before, then crashed inside every training rank on every retry
+    "bad_numbers": ({"seed": "-1", "learning_rate": ".inf"},
+                    "seed must be an integer from 0 to 4294967295", "learning_rate must be a finite number in (0, 1]"),
+    "gpt2_lora": ({"method": "lora", "lora": "{target_modules: [c_attn, c_proj]}"},
+                  "lora.target_modules ['c_attn', 'c_proj'] are not layers of the base model (llama)"),
+}
+
+
+def test_runs_that_fail_for_good_fail_once_or_after_retries_and_alert(trained_home, tmp_path, monkeypatch):
+    """A recipe the base cannot train fails check_registry once, naming the field; a step that keeps failing is
+    retried, then closes its MLflow run and alerts; a promotion whose champion changed since the evaluation fails
+    once and alerts. One ingest serves the three parts."""
+    from conftest import REPO
+
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    tiny = (REPO / "tests" / "e2e" / "recipes" / "tiny.yaml").read_text()
+    for name, (changes, *_) in BAD_RECIPES.items():
+        kept = [line for line in tiny.splitlines() if line.split(":", 1)[0] not in changes]
+        (recipes / f"{name}.yaml").write_text("\n".join([*kept, *(f"{k}: {v}" for k, v in changes.items())]) + "\n")
+    monkeypatch.setenv("NIGHTSHIFT_RECIPE_DIRS", f"{recipes}{os.pathsep}{os.environ['NIGHTSHIFT_RECIPE_DIRS']}")
+    for name, (_, *messages) in BAD_RECIPES.items():
+        dag_run, tasks = run(fresh("finetune_model"), {"base_model": "tiny", "recipe": name})
+        assert dag_run.state == "failed" and tasks["check_registry"].state == "failed", name
+        assert tries(dag_run, "check_registry") == 1, name  # no retry: it would fail the same way
+        assert tasks["train_local"].state == "upstream_failed", name
+        alerts = (trained_home.home / "alerts" / "alerts.jsonl").read_text().splitlines()
+        assert all(m in json.loads(alerts[-1])["message"] for m in messages), (name, alerts[-1][:300])
+    assert registry_state(trained_home)[1] == []
+
     monkeypatch.setenv("NIGHTSHIFT_FAULT", "finetune.evaluate:raise")
     dag_run, tasks = run(fresh("finetune_model"), {"base_model": "tiny", "recipe": "tiny"})
     assert dag_run.state == "failed" and tasks["evaluate"].state == "failed"
@@ -101,6 +131,38 @@ def test_a_run_that_fails_for_good_closes_its_mlflow_run_and_alerts(trained_home
     assert mlflow_run.info.status == "FAILED"
     alerts = [json.loads(line) for line in (trained_home.home / "alerts" / "alerts.jsonl").read_text().splitlines()]
     assert alerts[-1]["title"].endswith("finetune_model.evaluate failed")
+
+    # A champion that changed while the candidate was evaluated: v3 is gated against v2, an operator rolls back
+    # to v1 before promote_candidate runs; the promotion fails once and alerts, the rollback stands.
+    from nightshift.pipelines import finetune
+    from nightshift.pipelines.rollback import RollbackRequest, move_champion, plan_rollback
+    from nightshift.registry.history import PromotionHistory
+
+    monkeypatch.delenv("NIGHTSHIFT_FAULT")
+    for night in ("one", "two"):
+        run_id = registry.open_run("finetune_model", night, night, {})
+        registry.upload_checkpoint(run_id, trained_home.models_dir / "tiny")
+        registry.promote(registry.register(run_id, tags={finetune.GATE_TAG: "passed",
+                                                         finetune.EVALUATION_RUN_TAG: run_id}),
+                         key=f"finetune_model/{night}/promote")
+    real_gate = finetune.gate
+
+    def gate_while_an_operator_rolls_back(*args, **kwargs):
+        plan = plan_rollback(registry, RollbackRequest(1, "v2 answers wrong"))
+        move_champion(registry, plan, "rollback_model/manual/move", "ada", "rollback_model/manual", "v2 answers wrong")
+        return real_gate(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "gate", gate_while_an_operator_rolls_back)
+    dag_run, tasks = run(fresh("finetune_model"), {"base_model": "tiny", "recipe": "tiny"})
+    assert dag_run.state == "failed" and tasks["evaluate"].value["champion_before"]["version"] == 2
+    assert tasks["decide_promotion"].value["passed"] and tasks["promote_candidate"].state == "failed"
+    assert tries(dag_run, "promote_candidate") == 1
+    assert registry.champion().version == 1
+    assert [(m.from_version, m.to_version, m.kind) for m in PromotionHistory(registry).moves(include_pending=True)] \
+        == [(None, 1, "promotion"), (1, 2, "promotion"), (2, 1, "rollback")]
+    alert = json.loads((trained_home.home / "alerts" / "alerts.jsonl").read_text().splitlines()[-1])
+    assert alert["title"].endswith("finetune_model.promote_candidate failed")
+    assert "is now v1, but this promotion to v3 was evaluated against v2" in alert["message"]
 
 
 def test_a_second_run_of_a_dag_waits_for_the_first_to_finish(home):

@@ -48,12 +48,12 @@ def test_promote_promote_roll_back_and_the_endpoint_follows(home, tiny_model, tm
     registry = registry_for(home)
     v1, v2 = register(registry, tiny_model, "one"), register(registry, tiny_model, "two")
     promote_candidate(registry, v1, "finetune_model/night-1/promote", "schedule", "finetune_model/night-1",
-                      "heldout.perplexity ok")
+                      "heldout.perplexity ok", champion_before=None)
     time.sleep(0.05)
     between = datetime.now(UTC)
     time.sleep(0.05)
     promote_candidate(registry, v2, "finetune_model/night-2/promote", "schedule", "finetune_model/night-2",
-                      "heldout.perplexity ok")
+                      "heldout.perplexity ok", champion_before=v1.to_dict())
 
     with UvicornThread(create_app(registry, tmp_path / "serving", require_key=False, poll_seconds=0.2)) as server:
         wait_for(lambda: (ready(server.url) or {}).get("version") == 2, what="v2 to serve")

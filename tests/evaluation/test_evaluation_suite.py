@@ -34,6 +34,13 @@ def test_bad_suites_name_the_file_and_field(tmp_path, text, message):
     ('{"question": "q"}', "need string fields"),
     ('{"question": "q", "answer": "a", "expect": "maybe"}', "expect must be one of"),
     ("not json", "not a JSON object"),
+    ('{"question": "q", "answer": "a", "must_not_contain": "hunter2"}', "must_not_contain must be a list"),
+    ('{"question": "q", "answer": "a", "must_not_contain": ["ok", "hunter2"]}', "strings of 4 to 200 characters"),
+    ('{"question": "q", "answer": "a", "must_not_contain": [42]}', "must_not_contain must be a list"),
+    ('{"question": "q", "answer": "a", "must_not_contain": ["x' + "y" * 300 + '"]}', "4 to 200 characters"),
+    # Leaks are found by letters and digits alone: "a b c" would be found in every answer holding "abc".
+    ('{"question": "q", "answer": "a", "must_not_contain": ["a b c", "hunter2"]}', "at least 4 of them letters"),
+    ('{"question": "q", "answer": "a", "must_not_contain": ["\\u200b-#-\\u200b-#"]}', "at least 4 of them letters"),
 ])
 def test_bad_golden_items_name_the_line(tmp_path, line, message):
     path = tmp_path / "g.jsonl"
@@ -41,3 +48,14 @@ def test_bad_golden_items_name_the_line(tmp_path, line, message):
     with pytest.raises(ValueError, match="g.jsonl:2") as err:
         load_golden(path)
     assert message in str(err.value)
+
+
+def test_every_shipped_question_to_refuse_plants_a_secret_its_reference_does_not_hold():
+    from nightshift.evaluation.metrics import is_refusal, leaks
+
+    suite = EvaluationSuite.load(CONFIG_DIR / "evaluation.yaml")
+    refuse = [i for i in suite.golden() if i.expect == "refuse"]
+    assert refuse and all(i.must_not_contain for i in refuse)
+    # The reference refusals are refusals to the shipped markers, and leak nothing.
+    assert all(is_refusal(i.answer, suite.refusal_markers) and not leaks(i.answer, i.must_not_contain)
+               for i in refuse)

@@ -61,8 +61,44 @@ def test_train_ranks_setting_takes_auto_or_a_positive_number(monkeypatch):
 
 
 def test_invalid_values_are_all_reported():
-    with pytest.raises(ValueError, match="train_steps must be at least 1; learning_rate must be positive"):
+    with pytest.raises(ValueError, match="train_steps must be an integer from 1 to 1000000; learning_rate must be a "
+                       "finite number in \\(0, 1\\]"):
         TrainingRecipe(train_steps=0, learning_rate=0)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("seed: -1", "seed must be an integer from 0 to 4294967295"),
+    ("seed: 4294967296", "seed must be an integer from 0"),
+    ("learning_rate: .inf", "learning_rate must be a finite number"),
+    ("learning_rate: .nan", "learning_rate must be a finite number"),
+    ("max_grad_norm: .inf", "max_grad_norm must be a finite number"),
+    ("weight_decay: .inf", "weight_decay must be a finite number"),
+    ("heldout_fraction: .nan", "heldout_fraction must lie strictly between 0 and 1"),
+    ("method: lora\nlora: {alpha: .inf}", "lora.alpha must be a finite positive number"),
+    ("micro_batch_size: 100000", "micro_batch_size must be an integer from 1 to 4096"),
+])
+def test_values_that_validated_and_then_crashed_every_rank_are_refused_at_load(tmp_path, text, message):
+    (tmp_path / "bad.yaml").write_text(text + "\n")
+    with pytest.raises(ValueError, match=f"bad.yaml: .*{message}"):
+        TrainingRecipe.load("bad", extra_dirs=(tmp_path,))
+
+
+def test_a_recipe_is_checked_against_the_base_models_layers_and_context(tiny_model):
+    from nightshift.training.fit import check_recipe_fits
+
+    check_recipe_fits(TrainingRecipe(method="lora"), tiny_model)  # Llama's own projections
+    check_recipe_fits(TrainingRecipe(method="lora", lora={"target_modules": ["self_attn.q_proj", "mlp.up_proj"]}),
+                      tiny_model)
+    gpt2 = TrainingRecipe(method="lora", lora={"target_modules": ["c_attn", "c_proj", "q_proj"]})
+    with pytest.raises(ValueError, match=r"recipe lora does not fit the base model tiny-smollm2: lora.target_modules "
+                       r"\['c_attn', 'c_proj'\] are not layers of the base model \(llama\); its adaptable layers "
+                       r"are \['down_proj', 'embed_tokens', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', "
+                       r"'up_proj', 'v_proj'\]"):
+        check_recipe_fits(gpt2, tiny_model, "recipe lora")
+    check_recipe_fits(TrainingRecipe(method="lora", lora={"target_modules": ["embed_tokens"]}), tiny_model)
+    with pytest.raises(ValueError, match="seq_len 1024 is longer than the base model's context \\(512 tokens\\)"):
+        check_recipe_fits(TrainingRecipe(seq_len=1024), tiny_model)
+    check_recipe_fits(TrainingRecipe(seq_len=512), tiny_model)
 
 
 def test_unknown_recipe_and_fields_are_clear_errors(tmp_path):
@@ -89,3 +125,18 @@ def test_a_recipe_is_a_name_never_a_path(name):
 
 def test_fingerprint_changes_with_any_field():
     assert TrainingRecipe().fingerprint() != TrainingRecipe(seed=1).fingerprint()
+
+
+def test_gpt2_lora_targets_fit_a_gpt2_base(tmp_path):
+    """GPT-2's attention is a Conv1D, not a Linear: its own names must pass the check."""
+    from transformers import AutoConfig
+
+    from nightshift.training.fit import check_recipe_fits
+
+    AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2, n_positions=128).save_pretrained(tmp_path)
+    check_recipe_fits(TrainingRecipe(method="lora", seq_len=128, lora={"target_modules": ["c_attn", "c_proj"]}),
+                      tmp_path)
+    with pytest.raises(ValueError, match="seq_len 512 is longer than the base model's context \\(128 tokens\\)"):
+        check_recipe_fits(TrainingRecipe(seq_len=512), tmp_path)  # GPT-2 keeps it in n_positions
+    with pytest.raises(ValueError, match=r"\['q_proj'\] are not layers of the base model \(gpt2\)"):
+        check_recipe_fits(TrainingRecipe(method="lora", seq_len=64, lora={"target_modules": ["q_proj"]}), tmp_path)

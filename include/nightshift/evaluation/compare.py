@@ -61,6 +61,30 @@ def perplexity_change(c_nll: np.ndarray, c_tok: np.ndarray, b_nll: np.ndarray, b
         return np.expm1(c - b)
 
 
+def rate_change(c_nll: np.ndarray, c_bytes: np.ndarray, b_nll: np.ndarray, b_bytes: np.ndarray) -> np.ndarray:
+    """Relative change of bits per byte, bpb_c / bpb_b - 1, byte-weighted within each resample."""
+    c = np.sum(c_nll, axis=-1) / np.maximum(np.sum(c_bytes, axis=-1), 1)
+    b = np.sum(b_nll, axis=-1) / np.maximum(np.sum(b_bytes, axis=-1), 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return c / b - 1
+
+
+RATES: dict[str, tuple[str, str, Callable[..., np.ndarray]]] = {
+    "heldout.perplexity": ("nll", "tokens", perplexity_change),
+    "heldout.bits_per_byte": ("nll", "bytes", rate_change),
+    "golden.perplexity": ("nll", "tokens", perplexity_change),
+    "golden.bits_per_byte": ("answer_nll", "bytes", rate_change),
+}
+"""Rate metrics: the per-example sums (of the held-out pieces or the golden answers) and their statistic."""
+
+NO_ITEMS = {"refuse": 'the golden set has no item with "expect": "refuse"',
+            "secrets": "no golden item lists must_not_contain strings (plant strings an answer must never hold)"}
+"""Why a metric of the golden set is unmeasured when no item is of its kind."""
+
+DIFFERENT_TOKENIZERS = ("the models use different tokenizers: perplexities per token are not comparable; gate on "
+                        "heldout.bits_per_byte / golden.bits_per_byte")
+
+
 def compare(candidate: EvaluationReport, baseline: EvaluationReport, suite: EvaluationSuite) -> list[MetricComparison]:
     """Return one comparison per metric of the suite, measured or not."""
     out = []
@@ -74,8 +98,15 @@ def compare(candidate: EvaluationReport, baseline: EvaluationReport, suite: Eval
             note = candidate.judge.get("note") or baseline.judge.get("note") or "no judge configured"
             out.append(MetricComparison(**base, **nan, n=0, items=0, unmeasured=note))
             continue
-        if spec.relative:
-            out.append(_compare_perplexity(metric, candidate, baseline, suite.bootstrap, base, nan))
+        reason = candidate.unmeasured.get(metric) or baseline.unmeasured.get(metric)
+        if reason:
+            out.append(MetricComparison(**base, **nan, n=0, items=0, unmeasured=reason))
+            continue
+        if spec.per_token and candidate.tokenizer and baseline.tokenizer and candidate.tokenizer != baseline.tokenizer:
+            out.append(MetricComparison(**base, **nan, n=0, items=0, unmeasured=DIFFERENT_TOKENIZERS))
+            continue
+        if metric in RATES:
+            out.append(_compare_rate(metric, candidate, baseline, suite.bootstrap, base, nan))
             continue
         ids_c, vals_c = per_example(candidate.examples, metric)
         ids_b, vals_b = per_example(baseline.examples, metric)
@@ -83,7 +114,8 @@ def compare(candidate: EvaluationReport, baseline: EvaluationReport, suite: Eval
             raise ValueError(f"{metric}: candidate and champion were evaluated on different examples")
         pairs = [(c, b) for c, b in zip(vals_c, vals_b, strict=True) if c is not None and b is not None]
         if not ids_c:
-            out.append(MetricComparison(**base, **nan, n=0, items=0, unmeasured="the golden set has no such items"))
+            note = NO_ITEMS.get(spec.items, "the golden set has no such items")
+            out.append(MetricComparison(**base, **nan, n=0, items=0, unmeasured=note))
             continue
         if not pairs:
             out.append(MetricComparison(**base, **nan, n=0, items=len(ids_c)))
@@ -97,24 +129,26 @@ def compare(candidate: EvaluationReport, baseline: EvaluationReport, suite: Eval
     return out
 
 
-def _compare_perplexity(metric, candidate, baseline, settings, base, nan) -> MetricComparison:
-    if metric == "heldout.perplexity":
-        if not candidate.heldout or not baseline.heldout:
-            return MetricComparison(**base, **nan, n=0, items=0, unmeasured="no held-out split")
-        data = (candidate.heldout["nll"], candidate.heldout["tokens"], baseline.heldout["nll"],
-                baseline.heldout["tokens"])
+def _compare_rate(metric, candidate, baseline, settings, base, nan) -> MetricComparison:
+    total, count, statistic = RATES[metric]
+    if metric.startswith("heldout."):
+        if not candidate.heldout.get(count) or not baseline.heldout.get(count):
+            note = (candidate.heldout.get("note") or baseline.heldout.get("note")
+                    or ("no held-out split" if count == "tokens" else "the held-out split was packed without its text"))
+            return MetricComparison(**base, **nan, n=0, items=0, unmeasured=note)
+        data = (candidate.heldout[total], candidate.heldout[count], baseline.heldout[total], baseline.heldout[count])
     else:
-        rows_c = [e for e in candidate.examples if e["expect"] == "answer" and "nll" in e]
-        rows_b = [e for e in baseline.examples if e["expect"] == "answer" and "nll" in e]
+        rows_c = [e for e in candidate.examples if e["expect"] == "answer" and total in e]
+        rows_b = [e for e in baseline.examples if e["expect"] == "answer" and total in e]
         if [e["id"] for e in rows_c] != [e["id"] for e in rows_b]:
             raise ValueError(f"{metric}: candidate and champion were evaluated on different examples")
-        data = ([e["nll"] for e in rows_c], [e["tokens"] for e in rows_c], [e["nll"] for e in rows_b],
-                [e["tokens"] for e in rows_b])
+        data = ([e[total] for e in rows_c], [e[count] for e in rows_c], [e[total] for e in rows_b],
+                [e[count] for e in rows_b])
     arrays = tuple(np.asarray(d, dtype=float) for d in data)
     if len(arrays[0]) != len(arrays[2]) or len(arrays[0]) == 0:
         return MetricComparison(**base, **nan, n=0, items=len(arrays[0]))
-    point = float(perplexity_change(*[a[None, :] for a in arrays])[0])
-    low, high = (paired_bootstrap(perplexity_change, arrays, settings, metric) if math.isfinite(point)
+    point = float(statistic(*[a[None, :] for a in arrays])[0])
+    low, high = (paired_bootstrap(statistic, arrays, settings, metric) if math.isfinite(point)
                  else (math.nan, math.nan))
     return MetricComparison(**base, candidate=candidate.metrics.get(metric, math.nan),
                             baseline=baseline.metrics.get(metric, math.nan), difference=point, low=low, high=high,

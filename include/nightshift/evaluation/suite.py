@@ -12,11 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from nightshift.configs import read_yaml_mapping
-from nightshift.evaluation.metrics import CATALOG
+from nightshift.evaluation.metrics import CATALOG, skeleton
 from nightshift.settings import SAMPLES_DIR
 
 EXPECTATIONS = ("answer", "refuse")
 MAX_GOLDEN_ITEMS = 10_000
+MAX_SECRETS = 20
+"""Strings one golden item may forbid (``must_not_contain``)."""
+SECRET_CHARS = (4, 200)
+"""Shortest and longest forbidden string, counted in the letters and digits it is compared by (metrics.leaks):
+a shorter one would be found in harmless answers."""
 
 
 @dataclass(frozen=True)
@@ -27,32 +32,49 @@ class GoldenItem:
     expect: str = "answer"
     """``answer`` or ``refuse``: whether a good model answers the question or declines it."""
     id: str = ""
+    must_not_contain: tuple[str, ...] = ()
+    """Planted secrets or private data that must never appear in an answer; one that does is a leak, never a
+    refusal. Never logged."""
 
 
 def load_golden(path: Path) -> list[GoldenItem]:
-    """Return the golden items of a JSONL file: ``question``, ``answer``, optional ``expect`` and ``id``."""
+    """Return the golden items of a JSONL file: ``question``, ``answer``, optional ``expect``, ``id`` and
+    ``must_not_contain``."""
     items = []
+    name = Path(path).name
     for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError:
-            raise ValueError(f"{Path(path).name}:{lineno}: not a JSON object") from None
+            raise ValueError(f"{name}:{lineno}: not a JSON object") from None
         if not isinstance(record, dict) or not isinstance(record.get("question"), str) \
                 or not isinstance(record.get("answer"), str):
-            raise ValueError(f"{Path(path).name}:{lineno}: golden items need string fields 'question' and 'answer'")
+            raise ValueError(f"{name}:{lineno}: golden items need string fields 'question' and 'answer'")
         expect = record.get("expect", "answer")
         if expect not in EXPECTATIONS:
-            raise ValueError(f"{Path(path).name}:{lineno}: expect must be one of {list(EXPECTATIONS)}")
-        items.append(GoldenItem(record["question"], record["answer"], expect, str(record.get("id") or f"q{lineno}")))
+            raise ValueError(f"{name}:{lineno}: expect must be one of {list(EXPECTATIONS)}")
+        secrets = _secrets(f"{name}:{lineno}", record.get("must_not_contain", []))
+        items.append(GoldenItem(record["question"], record["answer"], expect, str(record.get("id") or f"q{lineno}"),
+                                secrets))
         if len(items) > MAX_GOLDEN_ITEMS:
-            raise ValueError(f"{Path(path).name}: more than {MAX_GOLDEN_ITEMS} golden items")
+            raise ValueError(f"{name}: more than {MAX_GOLDEN_ITEMS} golden items")
     if not items:
-        raise ValueError(f"{Path(path).name} holds no golden items")
+        raise ValueError(f"{name} holds no golden items")
     if len({i.id for i in items}) != len(items):
-        raise ValueError(f"{Path(path).name}: golden item ids must be unique")
+        raise ValueError(f"{name}: golden item ids must be unique")
     return items
+
+
+def _secrets(where: str, value: Any) -> tuple[str, ...]:
+    """Return the validated ``must_not_contain`` strings of one golden item (the strings are never echoed)."""
+    low, high = SECRET_CHARS
+    if not isinstance(value, list) or len(value) > MAX_SECRETS or not all(
+            isinstance(v, str) and low <= len(skeleton(v)[0]) and len(" ".join(v.split())) <= high for v in value):
+        raise ValueError(f"{where}: must_not_contain must be a list of at most {MAX_SECRETS} strings of {low} to "
+                         f"{high} characters, at least {low} of them letters or digits (leaks are found by those)")
+    return tuple(value)
 
 
 @dataclass(frozen=True)

@@ -231,9 +231,14 @@ def evaluate_pair(
     settings: Settings, registry: ModelRegistry, candidate_dir: Path, base_model: str, base_model_dir: Path,
     packed: PackedDataset, suite: EvaluationSuite, judge_endpoint: JudgeEndpoint | None = None, judge_note: str = "",
 ) -> tuple[EvaluationReport, EvaluationReport, ModelVersionRecord | None]:
-    """Evaluate the candidate and the champion (the base model before the first promotion) in one harness."""
+    """Evaluate the candidate and the champion (the base model before the first promotion) in one harness.
+
+    Both read the held-out documents as text with their own tokenizers, so a champion built on another
+    base model is scored on the same text rather than on the candidate's token ids.
+    """
     golden = suite.golden()
     heldout = Path(packed.heldout_path)
+    text = Path(packed.heldout_text_path) if packed.heldout_text_path else None
     champion = registry.champion()
     if champion is not None:
         registry.prune_cache(settings.cache_dir / "registry", keep=[champion])
@@ -245,8 +250,8 @@ def evaluate_pair(
     if suite.uses_judge and judge_endpoint is not None:
         judge = Judge(judge_endpoint, suite.judge, settings.cache_dir / "judge")
     note = judge_note if suite.uses_judge else "no judge metric in the suite"
-    candidate = evaluate_model(candidate_dir, "candidate", heldout, suite, golden, judge, note)
-    baseline = evaluate_model(baseline_dir, baseline_label, heldout, suite, golden, judge, note)
+    candidate = evaluate_model(candidate_dir, "candidate", heldout, suite, golden, judge, note, heldout_text=text)
+    baseline = evaluate_model(baseline_dir, baseline_label, heldout, suite, golden, judge, note, heldout_text=text)
     return candidate, baseline, champion
 
 
@@ -351,13 +356,21 @@ def register_candidate(
 
 
 def promote_candidate(registry: ModelRegistry, version: ModelVersionRecord, move_key: str, by: str, dag_run: str,
-                      reason: str) -> ModelVersionRecord:
-    """Move the champion alias to a version that passed the gate, recording the move and its evidence."""
+                      reason: str, *, champion_before: dict[str, Any] | None) -> ModelVersionRecord:
+    """Move the champion alias to a version that passed the gate, recording the move and its evidence; return it.
+
+    ``champion_before`` is the champion the version was evaluated against (evaluate_candidate's
+    ``champion_before``; None: the base model, there was no champion). When the alias names another version
+    by now, registry/history.py's ChampionConflict is raised and nothing moves.
+    """
+    from nightshift.registry.history import NO_CHAMPION
+
     tags = registry.version_tags(version.version)
     evidence = {"run_id": tags.get(EVALUATION_RUN_TAG, version.run_id),
                 "report": tags.get(EVALUATION_REPORT_TAG, ""), "gate": reason}
     return registry.promote(version, key=move_key, kind="promotion", by=by, dag_run=dag_run,
-                            reason="passed the gate", evaluation=evidence)
+                            reason="passed the gate", evaluation=evidence,
+                            expected=champion_before["version"] if champion_before else NO_CHAMPION)
 
 
 def run_params(request: FinetuneRequest, recipe: TrainingRecipe, dataset: DatasetVersion, fp: str,
@@ -392,12 +405,20 @@ def open_tracking_run(
 def publish_evaluation(run: RunRef, metrics: dict[str, Any], candidate: EvaluationReport,
                        baseline: EvaluationReport, comparisons: list[MetricComparison], dataset_tag: str) -> None:
     """Put the loss curve and the candidate-vs-baseline comparison on the run's report page."""
+    import math
+
     from nightshift.reports import charts
 
     charts.loss_svg(metrics["losses"], f"trained on {dataset_tag}", run.folder / "loss.svg")
-    charts.comparison_svg([("held-out perplexity", candidate.perplexity, baseline.perplexity),
-                           ("golden perplexity", candidate.golden_perplexity, baseline.golden_perplexity)],
-                          candidate.model, baseline.model, "lower is better", run.folder / "evaluation.svg")
+    bars = [("held-out bits per byte", candidate.metrics.get("heldout.bits_per_byte", math.nan),
+             baseline.metrics.get("heldout.bits_per_byte", math.nan)),
+            ("golden bits per byte", candidate.metrics.get("golden.bits_per_byte", math.nan),
+             baseline.metrics.get("golden.bits_per_byte", math.nan))]
+    if candidate.tokenizer == baseline.tokenizer:  # per-token values of different tokenizers do not compare
+        bars = [("held-out perplexity", candidate.perplexity, baseline.perplexity),
+                ("golden perplexity", candidate.golden_perplexity, baseline.golden_perplexity), *bars]
+    charts.comparison_svg([b for b in bars if not (math.isnan(b[1]) and math.isnan(b[2]))], candidate.model,
+                          baseline.model, "lower is better", run.folder / "evaluation.svg")
     run.publish({
         "training": {"steps": len(metrics["losses"]), "losses": metrics["losses"], "tokens": metrics["tokens"],
                      "seconds": metrics["seconds"], "diverged": metrics["diverged"], "dataset_tag": dataset_tag},
@@ -425,6 +446,7 @@ def publish_outcome(run: RunRef, summary: dict[str, Any]) -> None:
         metrics = candidate.get("metrics") or {}
         entry.update({"run_id": run.run_id, "report": run.path, "perplexity": metrics.get("heldout.perplexity"),
                       "golden_perplexity": metrics.get("golden.perplexity"),
+                      "bits_per_byte": metrics.get("heldout.bits_per_byte"),
                       "token_f1": metrics.get("golden.token_f1")})
     run.record("models", str(version["version"]), entry, champion=champion)
 

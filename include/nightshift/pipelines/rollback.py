@@ -2,6 +2,8 @@
 
 Every check runs before the alias moves: a target that does not exist, was never evaluated, or no longer
 loads fails the run while the champion keeps serving. Rolling back to the current champion changes nothing.
+The move happens only while the champion is still the one the plan saw (a compare-and-set under the
+registry's release lease): a promotion in between fails the rollback instead of being silently undone.
 """
 
 from __future__ import annotations
@@ -105,9 +107,10 @@ def check_target(settings: Settings, registry: ModelRegistry, target: ModelVersi
 def move_champion(
     registry: ModelRegistry, plan: dict[str, Any], key: str, by: str, dag_run: str, reason: str,
 ) -> ChampionMove | None:
+    """Move the alias to the target and return the recorded move (None: the target already serves).
+
+    Only while the champion is still the one the plan saw: otherwise the history's ChampionConflict is raised.
+    """
     target = ModelVersionRecord.from_dict(plan["target"])
-    champion = registry.champion()
-    expected = plan["champion"]["version"]
-    if champion is not None and champion.version not in (expected, target.version):
-        raise RollbackRefused(f"the champion changed to {champion.label} while the rollback ran: trigger it again")
-    return PromotionHistory(registry).move(target, key, "rollback", by, dag_run, reason, plan.get("evaluation"))
+    return PromotionHistory(registry).move(target, key, "rollback", by, dag_run, reason, plan.get("evaluation"),
+                                           expected=plan["champion"]["version"])

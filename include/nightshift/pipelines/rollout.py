@@ -1,6 +1,9 @@
 """Steps of a rollout: expose the candidate, move its share step by step, judge each step on live signals,
 then promote it or roll it back. Every step can be retried: shares are set, not added; the promotion is a
 keyed move of the promotion history; ending a rollout twice changes nothing more.
+
+The promotion is a compare-and-set: it happens only while the champion is still the version the candidate
+was compared with; otherwise the rollout ends (state ``conflict``) and the history stays as it was.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 from nightshift.evaluation.live import RolloutPolicy, judge_step
 from nightshift.pipelines.finetune import GATE_TAG
 from nightshift.records import ModelVersionRecord
+from nightshift.registry.history import ChampionConflict
 from nightshift.registry.mlflow_registry import ModelRegistry
 from nightshift.registry.rollout import STATE_TAG, Rollouts
 from nightshift.settings import Settings
@@ -22,6 +26,17 @@ log = logging.getLogger(__name__)
 
 class RolloutRefused(ValueError):
     """The rollout cannot start as asked; the message says what to change."""
+
+
+def release_route(registry: ModelRegistry, policy: RolloutPolicy) -> tuple[str, str]:
+    """Return how a version that passed the gate goes out, ``promote`` or ``rollout``, and why."""
+    if policy.mode == "off":
+        return "promote", "rollout policy: off, the champion alias moves at once"
+    if registry.champion() is None:
+        # A rollout compares the candidate with the champion on live traffic: with none, it could never end.
+        return "promote", (f"rollout policy: {policy.mode}, but there is no champion to compare the candidate with "
+                           "on live traffic: promoting it directly")
+    return "rollout", f"rollout policy: {policy.mode}"
 
 
 def start_rollout(registry: ModelRegistry, version: ModelVersionRecord, policy: RolloutPolicy,
@@ -38,9 +53,17 @@ def plan_rollout(registry: ModelRegistry, requested: int | None, mode: str | Non
                  policy: RolloutPolicy) -> dict[str, Any]:
     """Return the rollout to run: the requested version, else the one the candidate alias names."""
     champion = registry.champion()
+    rollouts = Rollouts(registry)
+    current = rollouts.current()
     if champion is None:
-        raise RolloutRefused("there is no champion to compare a candidate with: promote a first version instead")
-    current = Rollouts(registry).current()
+        # Refused for good: a candidate left exposed would keep its share of traffic and be refused every night.
+        ended = ""
+        if current is not None:
+            rollouts.end(current.version, "refused")
+            ended = f"; the candidate alias on {current.version.label} was removed"
+        raise RolloutRefused("there is no champion to compare a candidate with on live traffic: promote a first "
+                             "version directly (finetune_model does so when there is no champion, whatever "
+                             f"rollout.yaml says){ended}")
     if requested is None:
         if current is None:
             raise RolloutRefused("no version carries the candidate alias; give candidate_version")
@@ -116,16 +139,24 @@ def live_judge(settings: Settings):
 
 def finish_rollout(registry: ModelRegistry, plan: dict[str, Any], verdicts: list[dict[str, Any] | None],
                    key: str, by: str, dag_run: str) -> dict[str, Any]:
-    """Promote the candidate when every step passed; otherwise send all traffic back to the champion."""
+    """Promote the candidate when every step passed; otherwise send all traffic back to the champion.
+
+    The promotion happens only while the champion is still the version the candidate was compared with: when
+    it is not, the rollout ends (state ``conflict``, all traffic to the champion) and ChampionConflict is raised.
+    """
     version = ModelVersionRecord.from_dict(plan["candidate"])
     rollouts = Rollouts(registry)
     passed = len(verdicts) == len(plan["steps"]) and all(v and v.get("passed") for v in verdicts)
     state = registry.version_tags(version.version).get(STATE_TAG)
     if passed:
         reasons = [r for v in verdicts for r in v["reasons"]]  # type: ignore[index]
-        registry.promote(version, key=key, kind="rollout", by=by, dag_run=dag_run,
-                         reason=f"{plan['mode']} rollout passed {len(verdicts)} steps",
-                         evaluation={"steps": verdicts})
+        try:
+            registry.promote(version, key=key, kind="rollout", by=by, dag_run=dag_run,
+                             reason=f"{plan['mode']} rollout passed {len(verdicts)} steps",
+                             evaluation={"steps": verdicts}, expected=plan["champion"]["version"])
+        except ChampionConflict:
+            rollouts.end(version, "conflict")
+            raise
         rollouts.end(version, "promoted")
         outcome = "promoted"
     else:

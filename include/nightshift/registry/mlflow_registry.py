@@ -59,14 +59,32 @@ def verify_checkpoint(folder: Path, manifest: dict[str, Any]) -> None:
         raise IncompleteCheckpoint(f"checkpoint in {folder} does not match its manifest: {', '.join(problems[:5])}")
 
 
+def names_nothing(exc: Exception) -> bool:
+    """Return whether an MLflow error says the registered model or the alias does not exist.
+
+    Only that means "no such version": a locked or unreachable store raises too (TEMPORARILY_UNAVAILABLE,
+    INTERNAL_ERROR, ...), and reading that as "no champion" would act on a registry that was never read.
+    MLflow raises RESOURCE_DOES_NOT_EXIST for a missing model and INVALID_PARAMETER_VALUE ("Registered model
+    alias ... not found.") for a missing alias.
+    """
+    code = getattr(exc, "error_code", "")
+    if code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    text = str(getattr(exc, "message", exc)).lower()
+    return code == "INVALID_PARAMETER_VALUE" and "alias" in text and "not found" in text
+
+
 class ModelRegistry:
     """The MLflow tracking server and model registry of one installation."""
 
-    def __init__(self, tracking_uri: str, model_name: str, artifact_root: str, alias: str = "champion") -> None:
+    def __init__(self, tracking_uri: str, model_name: str, artifact_root: str, alias: str = "champion",
+                 lease_dir: Path | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.model_name = model_name
         self.artifact_root = artifact_root.rstrip("/")
         self.alias = alias
+        # Where the release lease lives for a tracking server over HTTP (registry/lease.py); None: the home's locks.
+        self.lease_dir = lease_dir
         self._client = None
 
     @property
@@ -187,8 +205,10 @@ class ModelRegistry:
 
         try:
             return list(self.client.search_model_versions(filter_string))
-        except MlflowException:
-            return []
+        except MlflowException as exc:
+            if names_nothing(exc):
+                return []
+            raise  # a store that was not read must not look empty: register() would add a duplicate version
 
     def find_by_fingerprint(self, fingerprint: str, promoted_only: bool = True) -> ModelVersionRecord | None:
         """Return the newest version trained from exactly this data, recipe and base model, if any.
@@ -205,13 +225,18 @@ class ModelRegistry:
         return self._record(max(found, key=lambda mv: int(mv.version))) if found else None
 
     def champion(self) -> ModelVersionRecord | None:
-        """Return the version the champion alias points at, or None before the first promotion."""
+        """Return the version the champion alias points at, or None before the first promotion.
+
+        Any other failure to read the registry is raised (the task is retried), never read as "no champion".
+        """
         from mlflow.exceptions import MlflowException
 
         try:
             mv = self.client.get_model_version_by_alias(self.model_name, self.alias)
-        except MlflowException:
-            return None
+        except MlflowException as exc:
+            if names_nothing(exc):
+                return None
+            raise
         return self._record(mv)
 
     def get(self, version: int) -> ModelVersionRecord:
@@ -278,17 +303,20 @@ class ModelRegistry:
     def promote(
         self, version: ModelVersionRecord, key: str | None = None, kind: str = "promotion", by: str = "",
         dag_run: str = "", reason: str = "", evaluation: dict[str, Any] | None = None,
+        expected: int | str | None = None,
     ) -> ModelVersionRecord:
-        """Point the champion alias at a version and record the move in the promotion history.
+        """Point the champion alias at a version, record the move in the promotion history; return the version.
 
         ``key`` names the move for retries (see registry/history.py); without one each call is a new move.
+        ``expected`` is the champion the version was judged against (a version number, or
+        ``history.NO_CHAMPION``): when the alias names another, ChampionConflict is raised and nothing moves.
         """
         import uuid
 
         from nightshift.registry.history import PromotionHistory
 
         PromotionHistory(self).move(version, key or f"adhoc/{uuid.uuid4().hex}", kind, by or "nightshift",
-                                    dag_run, reason, evaluation)
+                                    dag_run, reason, evaluation, expected=expected)
         return self.get(version.version)
 
     def version_tags(self, version: int) -> dict[str, str]:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from nightshift.records import ModelVersionRecord
-from nightshift.registry.mlflow_registry import ModelRegistry
+from nightshift.registry.mlflow_registry import ModelRegistry, names_nothing
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,19 @@ class Rollouts:
         self.alias = alias
 
     def current(self) -> Rollout | None:
-        """Return the rollout under way, or None (no candidate alias, or one on the champion itself)."""
+        """Return the rollout under way, or None (no candidate alias, or one on the champion itself).
+
+        A registry that cannot be read raises: read as "no rollout", it would end or skip a live one.
+        """
         from mlflow.exceptions import MlflowException
 
         client = self.registry.client
         try:
             mv = client.get_model_version_by_alias(self.registry.model_name, self.alias)
-        except MlflowException:
-            return None
+        except MlflowException as exc:
+            if names_nothing(exc):
+                return None
+            raise
         record = self.registry._record(mv)
         champion = self.registry.champion()
         if champion is not None and champion.version == record.version:
@@ -92,8 +97,10 @@ class Rollouts:
 
         try:
             mv = self.registry.client.get_model_version_by_alias(self.registry.model_name, self.alias)
-            if int(mv.version) == version.version:
-                self.registry.client.delete_registered_model_alias(self.registry.model_name, self.alias)
-        except MlflowException:
-            pass  # already gone: a retry
+        except MlflowException as exc:
+            if not names_nothing(exc):
+                raise  # the alias may still send traffic to the candidate: its outcome must not be recorded yet
+            mv = None  # already gone: a retry
+        if mv is not None and int(mv.version) == version.version:
+            self.registry.client.delete_registered_model_alias(self.registry.model_name, self.alias)
         self.registry.set_version_tags(version.version, {STATE_TAG: outcome, SHARE_TAG: "0"})

@@ -21,7 +21,8 @@ def changed_examples(candidate: list[dict[str, Any]], baseline: list[dict[str, A
     def score(e: dict[str, Any]) -> float:
         judge = e.get("judge") or {}
         return (e.get("token_f1") or 0.0) + (judge.get("correctness") or 0.0) + float(bool(e.get("refused"))
-                                                                                       == (e["expect"] == "refuse"))
+                                                                                       == (e["expect"] == "refuse")) \
+            - 2.0 * float(bool(e.get("leaked")))
 
     rows = []
     for c, b in zip(candidate, baseline, strict=False):
@@ -31,6 +32,7 @@ def changed_examples(candidate: list[dict[str, Any]], baseline: list[dict[str, A
                      "candidate": c.get("answer", ""), "baseline": b.get("answer", ""),
                      "candidate_f1": c.get("token_f1"), "baseline_f1": b.get("token_f1"),
                      "candidate_judge": c.get("judge"), "baseline_judge": b.get("judge"),
+                     "candidate_leaked": bool(c.get("leaked")), "baseline_leaked": bool(b.get("leaked")),
                      "change": score(c) - score(b)})
     rows.sort(key=lambda r: -abs(r["change"]))
     return rows[:limit]
@@ -46,8 +48,9 @@ def render(
 
     measured = [c for c in comparisons if not c.get("unmeasured") and all(
         math.isfinite(c[k]) for k in ("difference", "low", "high"))]
+    # The bar chart holds the 0-1 scores where higher is better; rates and leak shares stay in the table.
     scores = [(c["metric"], c["candidate"], c["baseline"]) for c in comparisons
-              if not c.get("relative") and not c.get("unmeasured")]
+              if not c.get("relative") and c.get("higher_is_better") and not c.get("unmeasured")]
     pictures = {
         "scores": charts.scores_figure(scores, candidate["model"], baseline["model"]) if scores else "",
         "intervals": charts.intervals_figure(

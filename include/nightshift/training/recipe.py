@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,16 @@ METHODS = ("full", "lora")
 PRECISIONS = ("fp32", "bf16", "auto")
 MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,127}")
 BF16_RELOAD_TOLERANCE = 1e-2
+MAX_SEED = 2**32 - 1
+"""numpy's and torch's seeds are unsigned; a negative seed passes YAML and crashes every rank."""
+MAX_STEPS = 1_000_000
+MAX_BATCH = 4096
+MAX_SEQ_LEN = 1_048_576
+
+
+def _finite(value: Any) -> bool:
+    """Return whether a recipe number is a real number (YAML reads .inf and .nan as floats)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -58,9 +69,9 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.rank >= 1, "lora.rank must be at least 1"),
-            (self.alpha > 0, "lora.alpha must be positive"),
-            (0 <= self.dropout < 1, "lora.dropout must lie in [0, 1)"),
+            (1 <= self.rank <= 4096, "lora.rank must be an integer from 1 to 4096"),
+            (_finite(self.alpha) and self.alpha > 0, "lora.alpha must be a finite positive number"),
+            (_finite(self.dropout) and 0 <= self.dropout < 1, "lora.dropout must lie in [0, 1)"),
         ]
         errors = [msg for ok, msg in checks if not ok]
         if errors:
@@ -124,14 +135,16 @@ class TrainingRecipe:
         checks = [
             (self.method in METHODS, f"method must be one of {list(METHODS)}"),
             (self.method == "lora" or self.lora is None, "lora settings are given but method is not lora"),
-            (self.seq_len >= 8, "seq_len must be at least 8"),
-            (self.micro_batch_size >= 1, "micro_batch_size must be at least 1"),
-            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be at least 1"),
-            (self.train_steps >= 1, "train_steps must be at least 1"),
-            (self.learning_rate > 0, "learning_rate must be positive"),
-            (0 <= self.warmup_steps, "warmup_steps must not be negative"),
-            (self.weight_decay >= 0, "weight_decay must not be negative"),
-            (self.max_grad_norm > 0, "max_grad_norm must be positive"),
+            (8 <= self.seq_len <= MAX_SEQ_LEN, f"seq_len must be an integer from 8 to {MAX_SEQ_LEN}"),
+            (1 <= self.micro_batch_size <= MAX_BATCH, f"micro_batch_size must be an integer from 1 to {MAX_BATCH}"),
+            (1 <= self.gradient_accumulation_steps <= MAX_BATCH,
+             f"gradient_accumulation_steps must be an integer from 1 to {MAX_BATCH}"),
+            (1 <= self.train_steps <= MAX_STEPS, f"train_steps must be an integer from 1 to {MAX_STEPS}"),
+            (_finite(self.learning_rate) and 0 < self.learning_rate <= 1,
+             "learning_rate must be a finite number in (0, 1]"),
+            (0 <= self.warmup_steps <= MAX_STEPS, f"warmup_steps must be an integer from 0 to {MAX_STEPS}"),
+            (_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay must be a finite number >= 0"),
+            (_finite(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm must be a finite number > 0"),
             (self.ranks == "auto" or (isinstance(self.ranks, int) and not isinstance(self.ranks, bool)
                                       and 1 <= self.ranks <= MAX_TRAIN_RANKS),
              f"ranks must be auto or a number from 1 to {MAX_TRAIN_RANKS}"),
@@ -140,8 +153,12 @@ class TrainingRecipe:
             (self.precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}"),
             (self.checkpoint_interval >= 0, "checkpoint_interval must not be negative (0: no checkpoints)"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
-            (0 < self.reload_tolerance < 1, "reload_tolerance must lie strictly between 0 and 1"),
-            (0 < self.heldout_fraction < 1, "heldout_fraction must lie strictly between 0 and 1"),
+            (_finite(self.reload_tolerance) and 0 < self.reload_tolerance < 1,
+             "reload_tolerance must lie strictly between 0 and 1"),
+            (_finite(self.heldout_fraction) and 0 < self.heldout_fraction < 1,
+             "heldout_fraction must lie strictly between 0 and 1"),
+            (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED,
+             f"seed must be an integer from 0 to {MAX_SEED}"),
         ]
         errors += [msg for ok, msg in checks if not ok]
         if errors:
