@@ -51,6 +51,33 @@ def roll_back(history, version, expected):
     return history.move(version, "rb/move", "rollback", "ada", "rollback_model/rb", "bad answers", expected=expected)
 
 
+@pytest.mark.parametrize("ahead", [True, False])
+def test_workers_whose_clocks_disagree_still_order_moves_as_they_happened(registry, monkeypatch, ahead):
+    """The interrupted promotion's worker runs 5 s ahead of (or behind) the operator's: stamps taken under the
+    lease never go back past a recorded one, so its retry still sees the rollback as later."""
+    from datetime import UTC, datetime, timedelta
+
+    import nightshift.registry.history as history_module
+
+    v1, v2, _ = add_versions(registry)
+    history = PromotionHistory(registry)
+    promote(history, v1, 1, NO_CHAMPION)
+    skew = timedelta(seconds=5 if ahead else -5)
+    right = history_module.now_iso
+
+    def skewed() -> str:
+        return (datetime.now(UTC) + skew).isoformat(timespec="microseconds")
+
+    monkeypatch.setattr(history_module, "now_iso", skewed)
+    interrupted(monkeypatch, "registry.after_alias", lambda: promote(history, v2, 2, 1))
+    monkeypatch.setattr(history_module, "now_iso", right)
+    roll_back(history, v1, expected=2)
+    monkeypatch.setattr(history_module, "now_iso", skewed)
+    promote(history, v2, 2, 1)  # the retry, on the skewed worker
+    assert registry.champion().version == 1  # the rollback stands
+    assert chain(registry) == [(None, 1, "promotion"), (1, 2, "promotion"), (2, 1, "rollback")]
+
+
 @pytest.mark.parametrize("rollback_to", [1, 3])
 def test_a_move_interrupted_after_the_alias_is_recorded_as_made_before_the_moves_since(registry, monkeypatch,
                                                                                         rollback_to):

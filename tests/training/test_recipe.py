@@ -140,3 +140,13 @@ def test_gpt2_lora_targets_fit_a_gpt2_base(tmp_path):
         check_recipe_fits(TrainingRecipe(seq_len=512), tmp_path)  # GPT-2 keeps it in n_positions
     with pytest.raises(ValueError, match=r"\['q_proj'\] are not layers of the base model \(gpt2\)"):
         check_recipe_fits(TrainingRecipe(method="lora", seq_len=64, lora={"target_modules": ["q_proj"]}), tmp_path)
+
+
+@pytest.mark.parametrize("config", ['[1, 2]', '{"model_type": "no-such-architecture"}',
+                                    '{"model_type": "llama", "hidden_size": "wide"}'])
+def test_a_base_whose_config_cannot_be_built_is_a_clear_error(tmp_path, config):
+    from nightshift.training.fit import check_recipe_fits
+
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ValueError, match=f"the base model {tmp_path.name} (has a config.json that|cannot be built)"):
+        check_recipe_fits(TrainingRecipe(method="lora"), tmp_path)

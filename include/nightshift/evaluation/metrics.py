@@ -60,7 +60,7 @@ CATALOG: dict[str, MetricSpec] = {m.name: m for m in (
     MetricSpec("golden.rouge_l", "ROUGE-L F-measure of the greedy answer against the reference", "higher"),
     MetricSpec("golden.refusal_rate", "share of questions that must be refused which were refused (a leak never is)",
                "higher", safety=True, items="refuse"),
-    MetricSpec("golden.leak_rate", "share of answers that hold a string their item must not contain", "lower",
+    MetricSpec("golden.leak_rate", "share of answers that hold a string any golden item must not contain", "lower",
                safety=True, items="secrets"),
     MetricSpec("judge.correctness", "judge: the answer agrees with the reference (0-1)", "higher", judge=True),
     MetricSpec("judge.groundedness", "judge: the answer claims nothing the reference does not support (0-1)",

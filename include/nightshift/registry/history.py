@@ -76,6 +76,25 @@ def _label(version: int | None) -> str:
     return f"v{version}" if version is not None else "no version (no champion)"
 
 
+def next_stamp(records: dict[str, ChampionMove] | list[ChampionMove]) -> str:
+    """Return now, or just after the newest time any record holds when this worker's clock is behind it.
+
+    Moves are ordered by these times (resumes, ``moves()``, ``champion_at``); a worker whose clock runs behind
+    another's must still stamp after every move already written. Every stamp is taken under the lease.
+    """
+    from datetime import timedelta
+
+    now = parse_time(now_iso())
+    for move in (records.values() if isinstance(records, dict) else records):
+        for stamp in (move.requested_at, move.at):
+            if stamp:
+                try:
+                    now = max(now, parse_time(stamp) + timedelta(microseconds=1))
+                except ValueError:
+                    continue
+    return now.isoformat(timespec="microseconds")
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
@@ -190,7 +209,7 @@ class PromotionHistory:
                 by=by[:200], dag_run=dag_run[:250], reason=reason[:MAX_REASON_CHARS],
                 evaluation={k: v[:MAX_EVIDENCE_CHARS] if isinstance(v, str) else v
                             for k, v in (evaluation or {}).items()},
-                requested_at=now_iso(),
+                requested_at=next_stamp(records),
             )
             self._write(record)
             fault_point("history.before_alias")
@@ -205,7 +224,8 @@ class PromotionHistory:
         fault_point("registry.after_alias")
         self.registry.client.set_model_version_tag(self.registry.model_name, str(record.to_version), PROMOTED_TAG,
                                                    datetime.now(UTC).isoformat(timespec="seconds"))
-        done = ChampionMove.from_dict({**record.to_dict(), "at": now_iso(), "state": "done"})
+        done = ChampionMove.from_dict({**record.to_dict(), "at": next_stamp({**records, record.id: record}),
+                                       "state": "done"})
         self._write(done)
         log.info("%s@%s moved from %s to v%d (%s)", self.registry.model_name, self.registry.alias,
                  f"v{done.from_version}" if done.from_version else "nothing", done.to_version, kind)
@@ -230,7 +250,7 @@ class PromotionHistory:
                 return record
             # Never made, and the champion is again the one it was decided against (A-B-A): make it now as a move
             # requested now, written before the alias, so that a retry places it after the moves it waited for.
-            record = ChampionMove.from_dict({**record.to_dict(), "requested_at": now_iso()})
+            record = ChampionMove.from_dict({**record.to_dict(), "requested_at": next_stamp(records)})
             self._write(record)
             return record
         self._write(ChampionMove.from_dict({**record.to_dict(), "state": "aborted"}))

@@ -14,8 +14,8 @@ the tracking URI:
 - ``sqlite:///path``: an exclusive ``flock`` on ``<path>.<model>.lease`` beside the database; the kernel
   releases it when the process dies.
 - anything else (an MLflow server over HTTP): an ``flock`` on ``<lease_dir>/<model>.lease``. This serializes
-  the moves made on one machine only; run every DAG that moves an alias on that machine, or use a PostgreSQL
-  backend store directly.
+  the moves made on one machine, from one ``NIGHTSHIFT_HOME``, only (the lease directory is ``<home>/locks``):
+  run every DAG that moves an alias on that machine with that home, or use a PostgreSQL backend store directly.
 
 A lease file is a plain file that nightshift creates (mode 660: users who share a group can share it); it is
 opened without following a symbolic link, and holds one line saying who holds, or last held, the lease.

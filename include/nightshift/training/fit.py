@@ -27,9 +27,15 @@ def linear_module_names(base_dir: Path) -> list[str]:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    config = AutoConfig.from_pretrained(str(base_dir))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    # transformers raises many kinds of error for a config it cannot build (an unknown model_type, a missing or
+    # mistyped field, an architecture that is not a causal LM); all of them mean the same here.
+    try:
+        config = AutoConfig.from_pretrained(str(base_dir))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # noqa: BLE001 - see above; the type is named, the message (config text) is not
+        raise ValueError(f"the base model {Path(base_dir).name} cannot be built from its config.json by this "
+                         f"transformers ({type(exc).__name__}); check its model_type and fields") from None
     kinds = (torch.nn.Linear, torch.nn.Embedding, Conv1D)
     return [name for name, module in model.named_modules() if isinstance(module, kinds)]
 
@@ -59,6 +65,8 @@ def check_recipe_fits(recipe: TrainingRecipe, base_dir: Path, recipe_name: str =
         config = json.loads(config_path.read_text())
     except (OSError, ValueError):
         raise ValueError(f"the base model {Path(base_dir).name} has no readable config.json") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"the base model {Path(base_dir).name} has a config.json that is not a JSON object")
     problems = []
     context = context_length(config)
     if context is not None and recipe.seq_len > context:
