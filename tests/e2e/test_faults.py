@@ -50,16 +50,21 @@ def tries(dag_run, task_id):
     return dag_run.get_task_instance(task_id).try_number
 
 
-@pytest.mark.parametrize("point", ["versioning.after_stage", "versioning.after_commit", "versioning.after_tag",
-                                   "ingest.after_prepare"])
-def test_ingest_survives_a_failed_step_and_publishes_exactly_once(home, monkeypatch, point):
+# Each run meets two faults, each once: version_dataset resumes after the stage and then after the tag in
+# successive tries (three in all, Airflow's retries=2); or preparation fails once and then versioning once after
+# its commit. Each retry starts from what the interrupted try left.
+@pytest.mark.parametrize("points, expected_tries", [
+    (("versioning.after_stage", "versioning.after_tag"), {"prepare_corpus": 1, "version_dataset": 3}),
+    (("ingest.after_prepare", "versioning.after_commit"), {"prepare_corpus": 2, "version_dataset": 2}),
+], ids=["stage-then-tag", "prepare-then-commit"])
+def test_ingest_survives_failed_steps_and_publishes_exactly_once(home, monkeypatch, points, expected_tries):
     from nightshift.pipelines.ingest import dataset_repository
 
-    monkeypatch.setenv("NIGHTSHIFT_FAULT", f"{point}:once")
+    monkeypatch.setenv("NIGHTSHIFT_FAULT", ",".join(f"{point}:once" for point in points))
     dag_run, tasks = run(fresh("ingest_corpus"), {})
     assert dag_run.state == "success", {t: r.state for t, r in tasks.items()}
-    failed_task = "prepare_corpus" if point.startswith("ingest") else "version_dataset"
-    assert tries(dag_run, failed_task) == 2  # the fault, then Airflow's retry
+    assert {task: tries(dag_run, task) for task in expected_tries} == expected_tries
+    assert all((home.home.parent / f"fault-{point}").exists() for point in points)  # every fault was met
     repo = dataset_repository(home)
     version = repo.get("corpus-v0001")
     assert repo.versions() == ["corpus-v0001"] and repo.remote_has(version)

@@ -131,6 +131,34 @@ def test_malformed_and_mistyped_requests_get_400s_that_name_the_parameter(server
     ordinary(server)
 
 
+def test_inputs_that_once_crashed_are_answered_or_refused_on_one_kept_alive_connection(server):
+    """Each of these was a 500, and a 500 closed the connection under the client's next request."""
+    url = f"{server.url}/v1/chat/completions"
+    with httpx.Client(headers=headers(server), timeout=120) as client:
+        def post(**extra):
+            body = {"model": "nightshift-llm", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+                    **extra}
+            return client.post(url, json=body)
+
+        greedy = post(temperature=0).json()["choices"][0]["message"]["content"]
+        tiny = post(temperature=1e-40)
+        assert tiny.status_code == 200 and tiny.json()["choices"][0]["message"]["content"] == greedy
+        for key in ("²", "7" * 5000):
+            assert error(post(logit_bias={key: 1}), 400)["param"] == "logit_bias"
+        raw = ('{"model": "nightshift-llm", "max_tokens": 4, "messages": [{"role": "user", "content": "a\\ud800b"}]}')
+        assert error(client.post(url, content=raw.encode(), headers={"Content-Type": "application/json"}),
+                     400)["code"] == "invalid_unicode"
+        padded = post(messages=[{"role": "user", "content": "Hi", "padding": "x" * 100_000}])
+        assert error(padded, 400)["message"] == "Unrecognized request argument supplied: messages[0].padding"
+        empty_stop = post(stop="", temperature=0, max_tokens=6).json()["choices"][0]
+        assert len(empty_stop["message"]["content"]) > 1 and empty_stop["finish_reason"] == "length"
+        assert post(temperature=0).status_code == 200
+    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        assert httpx.get(f"{server.url}{path}").status_code in (401, 404)
+        assert httpx.get(f"{server.url}{path}", headers=headers(server)).status_code == 404
+    ordinary(server)
+
+
 def test_unknown_model_and_unsupported_options(server):
     assert error(chat(server, model="gpt-4o"), 404)["code"] == "model_not_found"
     body = error(chat(server, n=3, tools=[{"type": "function", "function": {"name": "f"}}]), 400)

@@ -39,10 +39,10 @@ def request_log(request, tmp_path):
 
 def answer(rid: str, key: str = "key-a", version: int = 3, text: str = "The tide turns at six.",
            finish: str = "stop", seconds: float = 0.4, **kw) -> LoggedAnswer:
+    kw.setdefault("request", [{"role": "user", "content": f"Mail me at {EMAIL}, card {CARD}"}])
     return LoggedAnswer(
         response_id=rid, key_id=key, route="chat", model_name="nightshift-llm", model_version=version,
-        model_role="champion", run_id="run-1", dataset_tag="corpus-v0001",
-        request=[{"role": "user", "content": f"Mail me at {EMAIL}, card {CARD}"}], answer=[text], finish=finish,
+        model_role="champion", run_id="run-1", dataset_tag="corpus-v0001", answer=[text], finish=finish,
         prompt_tokens=12, completion_tokens=6, seconds=seconds, **kw)
 
 
@@ -146,3 +146,22 @@ def test_window_stats_count_errors_latency_and_ratings_per_version_since_a_time(
     assert stats[2]["p95_seconds"] == pytest.approx(1.8)  # the 19th of 20 sorted latencies
     assert stats[2]["ratings"] == 2 and stats[2]["negative_share"] == 0.5
     assert stats[1]["answers"] == 20 and stats[1]["errors"] == 0 and stats[1]["ratings"] == 0
+
+
+def test_one_answer_that_cannot_be_stored_costs_no_other_and_is_counted(request_log):
+    postgres = request_log.engine.dialect.name == "postgresql"
+    request_log.record(answer("chatcmpl-ok-0", text="lone \ud800 surrogate and a NUL \x00 byte"))
+    for i in range(1, 11):
+        request_log.record(answer(f"chatcmpl-ok-{i}", text=f"Answer {i}."))
+    request_log.record(answer("chatcmpl-bad-json", request=[{"role": "user", "content": object()}]))
+    if postgres:  # a value PostgreSQL refuses (longer than the column) fails that row only
+        request_log.record(answer("chatcmpl-bad-row", key="k" * 100))
+    request_log.flush()
+    with request_log.engine.connect() as conn:
+        ids = set(conn.execute(sa.select(responses.c.response_id)).scalars())
+    assert ids == {f"chatcmpl-ok-{i}" for i in range(11)}
+    assert request_log.failed == (2 if postgres else 1) and request_log.written == 11
+    first = request_log.answer("chatcmpl-ok-0")
+    assert first["answer"] == ["lone \ufffd surrogate and a NUL \ufffd byte"]
+    assert first["scrubbed"] == {"credit_card": 1, "email": 1, "invalid_text": 2}
+    request_log.add_feedback("chatcmpl-ok-7", "key-a", 1, None, None)  # feedback on another answer finds it

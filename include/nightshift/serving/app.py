@@ -32,7 +32,7 @@ from nightshift.serving.engine import ChampionWatcher
 from nightshift.serving.keys import ApiKeyMiddleware, KeyRing
 from nightshift.serving.limits import BodyLimitMiddleware, ServingLimits
 from nightshift.serving.metrics import ServingMetrics, log_access, route_of
-from nightshift.serving.protocol import OpenAIError, error_body, error_type, validation_message
+from nightshift.serving.protocol import OpenAIError, error_body, error_type, send_error, validation_message
 from nightshift.serving.requestlog import RequestLog
 from nightshift.serving.rollout import CandidateWatcher
 from nightshift.serving.routes import Server, router
@@ -68,6 +68,14 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            # Answered here rather than by Starlette's ServerErrorMiddleware, which re-raises after its 500 so
+            # that uvicorn closes the connection and resets the client's next request on it. Once a response
+            # has started (a stream) there is nothing to answer with, and the connection must close.
+            if status["code"]:
+                raise
+            log.error("request %s failed: %s", request_id, type(exc).__name__, exc_info=exc)
+            await send_error(send_with_id, 500, "The server had an error while processing your request.", None, {})
         finally:
             seconds = time.monotonic() - started
             route = route_of(scope)
@@ -118,7 +126,10 @@ def create_app(
         await server.close()
         server.stop()
 
-    app = FastAPI(title="nightshift serving", version="1", lifespan=lifespan)
+    # No /docs, /redoc or /openapi.json: they would answer without a key, and /docs loads its scripts from a CDN.
+    # The routes are described in the module docstring above and in the README.
+    app = FastAPI(title="nightshift serving", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.server = server
     app.include_router(router)
 
@@ -139,13 +150,6 @@ def create_app(
             message = "Unknown route: see /v1/models, /v1/chat/completions, /v1/completions and /v1/champion/history."
         return JSONResponse(error_body(message, error_type(exc.status_code)), exc.status_code,
                             headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        log.error("request %s failed: %s", request.scope.get("state", {}).get("request_id"), type(exc).__name__,
-                  exc_info=exc)
-        return JSONResponse(error_body("The server had an error while processing your request.", "server_error"),
-                            500)
 
     # add_middleware wraps: the last added runs first.
     app.add_middleware(ApiKeyMiddleware, keyring=keyring or KeyRing(), required=require_key)

@@ -7,6 +7,7 @@ silently ignored: a request either means what the caller asked or is refused.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -15,6 +16,9 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS = 300
 MAX_PROMPTS = 32
+GREEDY_BELOW = 1e-5
+"""Temperatures below this are greedy decoding, as in vLLM (dividing logits by 1e-40 overflows them)."""
+_TOKEN_ID = re.compile(r"[0-9]{1,9}")
 
 
 class OpenAIError(Exception):
@@ -97,15 +101,23 @@ class _Request(BaseModel):
         if len(value) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased, got {len(value)}")
         for token, bias in value.items():
-            if not token.isdigit():
-                raise ValueError("logit_bias keys must be token ids (digits)")
+            # ASCII digits only, at most nine: str.isdigit() also takes superscripts ("²"), which int() refuses,
+            # and int() refuses strings of more than 4,300 digits.
+            if not _TOKEN_ID.fullmatch(token):
+                raise ValueError("logit_bias keys must be token ids (1 to 9 ASCII digits)")
             if not -100 <= bias <= 100:
                 raise ValueError("logit_bias values must be between -100 and 100")
         return value
 
     @property
     def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else [s for s in (self.stop or []) if s]
+        """The stop strings, empty ones left out (an empty string would stop every answer at once)."""
+        return [s for s in ([self.stop] if isinstance(self.stop, str) else (self.stop or [])) if s]
+
+    @property
+    def sampling_temperature(self) -> float:
+        """The temperature to sample at: 0 (greedy) below ``GREEDY_BELOW``."""
+        return 0.0 if self.temperature < GREEDY_BELOW else self.temperature
 
     @property
     def include_usage(self) -> bool:
@@ -177,8 +189,57 @@ _NEUTRAL: dict[str, Any] = {
 }
 
 
+# What a chat message may carry besides role, content and name, with the values that mean "nothing"
+# (clients echo a previous assistant turn back whole); anything else in a message is refused by name.
+_MESSAGE_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "tool_calls": ([], None), "function_call": (None,), "refusal": (None,), "audio": (None,), "annotations": ([], None),
+}
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """Return the path of the first string (or key) in ``value`` holding a lone surrogate, which is no text."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate(key, path) or _lone_surrogate(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            if found := _lone_surrogate(item, f"{path}[{i}]"):
+                return found
+    return None
+
+
+def _nested_unknown(req: _Request) -> list[str]:
+    """Return the dotted names of fields inside messages and content parts that this endpoint does not know."""
+    if not isinstance(req, ChatRequest):
+        return []
+    unknown = []
+    for i, message in enumerate(req.messages):
+        for name, value in (message.model_extra or {}).items():
+            if name == "tool_call_id" and message.role == "tool" and isinstance(value, str) and len(value) <= 256:
+                continue
+            if value not in _MESSAGE_NEUTRAL.get(name, ()):
+                unknown.append(f"messages[{i}].{name}")
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                unknown += [f"messages[{i}].content[{j}].{name}" for name in (part.model_extra or {})]
+    return unknown
+
+
 def check_supported(req: _Request) -> None:
     """Raise a 400 naming every option this endpoint cannot honour."""
+    if where := _lone_surrogate(req.model_dump(mode="python"), ""):
+        where = where[:120]
+        raise OpenAIError(400, f"Invalid value for '{where}': a string holds a lone surrogate (\\ud800-\\udfff "
+                          "escape without its pair), which is not text. Send valid UTF-16 pairs or UTF-8.",
+                          param=where, code="invalid_unicode")
     unsupported: list[str] = []
     unknown: list[str] = []
     for name, value in (req.model_extra or {}).items():
@@ -203,6 +264,7 @@ def check_supported(req: _Request) -> None:
             )
         if req.top_logprobs and not req.logprobs:
             raise OpenAIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
+    unknown += _nested_unknown(req)
     if unknown:
         raise OpenAIError(400, f"Unrecognized request argument supplied: {', '.join(sorted(unknown))}",
                           param=sorted(unknown)[0], code="unrecognized_argument")

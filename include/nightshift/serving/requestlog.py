@@ -191,7 +191,15 @@ class RequestLog:
                     self._queue.task_done()
 
     def _write(self, batch: list[LoggedAnswer]) -> None:
-        rows = [self._row(e) for e in batch]
+        rows = []
+        for entry in batch:
+            try:
+                rows.append(self._row(entry))
+            except Exception as exc:  # noqa: BLE001 - one answer that cannot be stored never costs the others
+                self.failed += 1
+                log.error("request log: answer %s could not be prepared (%s)", entry.response_id, type(exc).__name__)
+        if not rows:
+            return
         for attempt in range(3):
             try:
                 if not self._ready:
@@ -200,12 +208,12 @@ class RequestLog:
                     conn.execute(responses.insert(), rows)
                 self.written += len(rows)
                 return
-            except sa.exc.IntegrityError:  # a retried id: write the others one by one
-                break
             except sa.exc.OperationalError as exc:
                 log.warning("request log: database unavailable (%s), attempt %d of 3", type(exc).__name__,
                             attempt + 1)
                 time.sleep(0.5 * (attempt + 1))
+            except Exception:  # noqa: BLE001 - a retried id, or one row the database refuses: write them one by one
+                break
         else:
             self.failed += len(rows)
             log.error("request log: %d answers could not be written", len(rows))
@@ -217,10 +225,14 @@ class RequestLog:
                 self.written += 1
             except sa.exc.IntegrityError:
                 log.warning("request log: answer %s already logged", row["response_id"])
+            except Exception as exc:  # noqa: BLE001 - counted, and the rest of the batch is still written
+                self.failed += 1
+                log.error("request log: answer %s could not be written (%s)", row["response_id"], type(exc).__name__)
 
     def _scrub(self, text: str, counts: dict[str, int]) -> tuple[str, bool]:
         cut = len(text) > self.max_chars
-        clean, found = self.scrubber.scrub(text[: self.max_chars])
+        text = _storable(text[: self.max_chars], counts)
+        clean, found = self.scrubber.scrub(text)
         for kind, n in found.items():
             counts[kind] = counts.get(kind, 0) + n
         return clean, cut
@@ -234,7 +246,7 @@ class RequestLog:
         if isinstance(value, list):
             return [self._scrub_tree(v, counts, cut) for v in value]
         if isinstance(value, dict):
-            return {k: self._scrub_tree(v, counts, cut) for k, v in value.items()}
+            return {_storable(str(k)[:200], counts): self._scrub_tree(v, counts, cut) for k, v in value.items()}
         return value
 
     def _row(self, e: LoggedAnswer) -> dict[str, Any]:
@@ -366,6 +378,23 @@ class RequestLog:
         if deleted:
             log.info("request log: %d answers older than %s deleted (retention)", deleted, self.retention)
         return deleted
+
+
+def _storable(text: str, counts: dict[str, int]) -> str:
+    """Return ``text`` as every database stores it: a lone surrogate (no text, refused by UTF-8) and NUL (refused
+    by PostgreSQL) become U+FFFD, counted as ``invalid_text``; valid surrogate pairs become their character."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        fixed = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        lone = fixed.count("\ufffd") - text.count("\ufffd")
+        if lone:
+            counts["invalid_text"] = counts.get("invalid_text", 0) + lone
+        text = fixed
+    if "\x00" in text:
+        counts["invalid_text"] = counts.get("invalid_text", 0) + text.count("\x00")
+        text = text.replace("\x00", "\ufffd")
+    return text
 
 
 def _aware(value: datetime) -> datetime:

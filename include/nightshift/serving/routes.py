@@ -311,7 +311,8 @@ def _plan(server: Server, loaded: LoadedModel, prompts: list[list[int]], req, ch
     if not chat and max_tokens == 0 and not echo:
         raise OpenAIError(400, "max_tokens 0 only makes sense with echo (to score the prompt).", param="max_tokens")
     params = SamplingParams(
-        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=tuple(req.stops),
+        max_tokens=max_tokens, temperature=req.sampling_temperature, top_p=req.top_p, seed=req.seed,
+        stop=tuple(req.stops),
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, logit_bias=bias,
         logprobs=logprobs, echo=echo,
     )
