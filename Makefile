@@ -6,9 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 NS     := $(BIN)/nightshift
 STAMP  := $(VENV)/.installed
-# --no-compile: Python compiles each module the first time it is imported; compiling all 33,000 files of the
-# environment up front takes a minute, most of it for modules nothing here imports.
-PIP    := $(BIN)/pip install --no-input --progress-bar off --no-compile
+PIP    := $(BIN)/pip install --no-input --progress-bar off
 
 .PHONY: help setup model run test test-fast lint up serve clean browser
 

@@ -326,9 +326,12 @@ def cmd_serve(settings: Settings, args) -> int:
                 else "API keys: `nightshift keys create`")
     print(f"serving {settings.registered_model}@{settings.champion_alias} on http://{args.host}:{args.port}/v1 "
           f"({key_note})", flush=True)
-    # Open connections are bounded too: beyond this uvicorn answers 503 without reading the request.
-    connections = max(64, 4 * (limits.max_concurrent + limits.max_queue))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", limit_concurrency=connections,
+    # Requests in flight are bounded in the application (connections.InFlightMiddleware), not sockets: uvicorn's
+    # limit_concurrency counts idle connections too, and would refuse the probes. A connection gets
+    # header_timeout_s to send its request's headers (connections.HeaderTimeoutProtocol).
+    from nightshift.serving.connections import protocol_class
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=protocol_class(limits.header_timeout_s),
                 timeout_graceful_shutdown=10)
     return 0
 

@@ -357,6 +357,8 @@ def load_serving_limits() -> ServingLimits:
         default_max_tokens=_env_int("NIGHTSHIFT_SERVE_DEFAULT_MAX_TOKENS", d.default_max_tokens),
         prefill_chunk=_env_int("NIGHTSHIFT_SERVE_PREFILL_CHUNK", d.prefill_chunk),
         batch_wait_ms=_env_float("NIGHTSHIFT_SERVE_BATCH_WAIT_MS", d.batch_wait_ms),
+        header_timeout_s=_env_float("NIGHTSHIFT_SERVE_HEADER_TIMEOUT_S", d.header_timeout_s),
+        max_in_flight=_env_int("NIGHTSHIFT_SERVE_MAX_IN_FLIGHT", d.max_in_flight),
     )
 
 

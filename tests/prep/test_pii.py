@@ -85,3 +85,16 @@ def test_placeholders_themselves_are_never_found_again():
 ])
 def test_an_ipv4_address_is_told_from_a_version_by_its_context(line, found):
     assert bool([f for f in SCRUBBER.find(line) if f.kind == "ip_address"]) is found
+
+
+@pytest.mark.parametrize("text, kept", [
+    ("Authorization: Bearer shorttok", False), ("authorization: basic abc123", False),
+    ('curl -H "Proxy-Authorization: Bearer hunter22" https://example.org', False),
+    ("Authorization: Bearer $TOKEN", True), ("Authorization: Bearer <token>", True),
+    ("Authorization: Bearer YOUR_API_KEY", True), ("Authorization: Bearer {token}", True),
+])
+def test_an_authorization_header_value_is_a_credential_by_its_place_unless_a_placeholder(text, kept):
+    from nightshift.prep.pii import Scrubber
+
+    clean, found = Scrubber().scrub(text)
+    assert (clean == text) is kept and (not found) is kept, clean

@@ -182,3 +182,26 @@ def test_readiness_is_false_while_loading_or_swapping(tiny_model, tmp_path):
     watcher.refresh()
     assert states == ["loading", "swapping"]
     assert watcher.state == "ready" and watcher.current.record.version == 2
+
+
+def test_the_app_resolves_every_transformers_name_it_uses_before_any_watcher_thread_starts(tmp_path):
+    """Two watcher threads resolving transformers' lazy names at once could raise ImportError and mark a healthy
+    champion failed; the names are resolved in the thread that builds the application."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, threading\n"
+        "from pathlib import Path\n"
+        "from nightshift.registry.mlflow_registry import ModelRegistry\n"
+        "from nightshift.serving.app import create_app\n"
+        "create_app(ModelRegistry(sys.argv[1], 'm', sys.argv[2]), Path(sys.argv[3]))\n"
+        "resolved = vars(sys.modules['transformers'])\n"
+        "names = ('AutoConfig', 'AutoModelForCausalLM', 'AutoTokenizer', 'DynamicCache', 'TemperatureLogitsWarper',"
+        " 'TopPLogitsWarper')\n"
+        "print(sorted(n for n in names if n not in resolved), threading.active_count())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, f"sqlite:///{tmp_path / 'm.db'}", tmp_path.as_uri(),
+                          str(tmp_path / "cache")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["[]", "1"], out.stdout

@@ -98,3 +98,63 @@ def test_feedback_on_an_answer_is_stored_with_its_version_and_traces_to_the_data
     text = capsys.readouterr().out
     assert f"md5 {dataset.md5}" in text and "rating -1 with a correction" in text
     assert main(["trace", "chatcmpl-nothing"]) == 1
+
+
+def test_a_locked_request_log_delays_neither_answers_nor_probes_and_a_key_rates_an_answer_once(served):
+    """Forty feedback posts wait on a request-log database held locked: chat and /healthz answer as usual, the
+    posts beyond what the log's own threads take are told to retry, and the ratings of one answer by one key
+    end as one rating."""
+    import asyncio
+    import sqlite3
+    import threading
+    import time
+
+    server, (alice, bob), settings, _ = served
+    auth = {"Authorization": f"Bearer {alice}"}
+    client = OpenAI(base_url=f"{server.url}/v1", api_key=alice, max_retries=0)
+    answer = client.chat.completions.create(model="nightshift-llm", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=3, temperature=0)
+    first = httpx.post(f"{server.url}/v1/feedback", headers=auth, json={"response_id": answer.id, "rating": 1})
+    again = httpx.post(f"{server.url}/v1/feedback", headers=auth, json={"response_id": answer.id, "rating": -1})
+    assert (first.status_code, first.json()["replaced"]) == (201, False)
+    assert (again.status_code, again.json()["replaced"], again.json()["id"]) == (201, True, first.json()["id"])
+
+    database = settings.request_log_url.removeprefix("sqlite:///")
+    lock = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
+    lock.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(8, lock.rollback)
+    release.start()
+
+    async def meanwhile():
+        async with httpx.AsyncClient(base_url=server.url, headers=auth, timeout=60) as http:
+            posts = [asyncio.ensure_future(http.post("/v1/feedback", json={"response_id": answer.id, "rating": -1}))
+                     for _ in range(40)]
+            await asyncio.sleep(1)
+            started = time.monotonic()
+            probe = await http.get("/healthz")
+            probed = time.monotonic() - started
+            chat = await http.post("/v1/chat/completions", json={
+                "model": "nightshift-llm", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3})
+            answered = time.monotonic() - started - probed
+            return probe, probed, chat, answered, await asyncio.gather(*posts)
+
+    try:
+        probe, probed, chat, answered, posts = asyncio.run(meanwhile())
+    finally:
+        release.join()
+        lock.close()
+    assert probe.status_code == 200 and chat.status_code == 200
+    assert probed < 2 and answered < 2, (probed, answered)  # both took seconds while posts held every thread
+    statuses = [p.status_code for p in posts]
+    assert set(statuses) <= {201, 503} and statuses.count(503) >= 24
+    assert all(p.headers["retry-after"] and p.json()["error"]["code"] == "request_log_busy"
+               for p in posts if p.status_code == 503)
+
+    def rated_again():  # as a client that honours Retry-After would, once the database is free
+        r = httpx.post(f"{server.url}/v1/feedback", headers=auth, json={"response_id": answer.id, "rating": 0})
+        return r if r.status_code == 201 else None
+
+    assert wait_for(rated_again, timeout=60, what="feedback after the lock", every=0.5).json()["replaced"]
+    with sqlite3.connect(database) as conn:
+        assert conn.execute("SELECT rating FROM nightshift_feedback WHERE response_id = ?",
+                            (answer.id,)).fetchall() == [(0,)]

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.e2e
 
 BUDGET_MB = 3072
 TIMEOUT_S = 20  # generous: two 2,000-token prefills (about 8 s here) must fit in it on a loaded 2-core machine
+HEADER_TIMEOUT_S = 3
 EOS = 2  # SmolLM2's <|im_end|>; a bias of -100 keeps the model talking
 
 
@@ -40,6 +41,7 @@ def server(smollm2, tmp_path_factory):
     env.update({
         "NIGHTSHIFT_SERVE_MEMORY_MB": str(BUDGET_MB), "NIGHTSHIFT_SERVE_MAX_CONCURRENT": "2",
         "NIGHTSHIFT_SERVE_MAX_QUEUE": "2", "NIGHTSHIFT_SERVE_TIMEOUT_S": str(TIMEOUT_S),
+        "NIGHTSHIFT_SERVE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
         "NIGHTSHIFT_API_KEYS": key_hash(env_key),
         "AIRFLOW_CONN_NIGHTSHIFT_SERVING": json.dumps({"conn_type": "generic", "password": conn_key}),
     })
@@ -156,6 +158,30 @@ def test_inputs_that_once_crashed_are_answered_or_refused_on_one_kept_alive_conn
     for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
         assert httpx.get(f"{server.url}{path}").status_code in (401, 404)
         assert httpx.get(f"{server.url}{path}", headers=headers(server)).status_code == 404
+    ordinary(server)
+
+
+def test_idle_and_dripping_sockets_hold_neither_probes_nor_answers_and_are_closed(server):
+    """Two hundred sockets opened without a key and left idle (and one dripping its headers) once made every
+    route, the liveness probe too, answer 503 for as long as they stayed open."""
+    import socket
+
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(200)]
+    drip = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        drip.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
+        for probe in ("/livez", "/healthz"):
+            r = httpx.get(f"{server.url}{probe}", timeout=5)
+            assert r.status_code == 200, (probe, r.status_code)
+        ordinary(server)
+        opened = time.monotonic()
+        for sock in [*idle, drip]:
+            sock.settimeout(HEADER_TIMEOUT_S + 10)
+            assert sock.recv(1) == b""  # closed by the server, not by the test
+        assert time.monotonic() - opened < HEADER_TIMEOUT_S + 10
+    finally:
+        for sock in [*idle, drip]:
+            sock.close()
     ordinary(server)
 
 

@@ -95,3 +95,45 @@ def test_limits_name_the_setting_to_change():
         ServingLimits(max_concurrent=0)
     with pytest.raises(ValueError, match="NIGHTSHIFT_SERVE_MEMORY_MB"):
         ServingLimits(memory_budget_mb=10)
+
+
+def test_requests_in_flight_are_bounded_and_probes_are_answered_outside_the_bound():
+    import asyncio
+
+    from nightshift.serving.connections import InFlightMiddleware
+
+    release = asyncio.Event()
+
+    async def app(scope, receive, send):
+        if scope["path"] == "/v1/chat/completions":
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def call(middleware, path):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        await middleware({"type": "http", "method": "POST", "path": path, "headers": []}, receive, send)
+        return sent[0]["status"], dict(sent[0]["headers"])
+
+    async def scenario():
+        middleware = InFlightMiddleware(app, bound=2)
+        held = [asyncio.ensure_future(call(middleware, "/v1/chat/completions")) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        refused = await call(middleware, "/v1/chat/completions")
+        probes = [await call(middleware, path) for path in ("/livez", "/healthz", "/metrics")]
+        release.set()
+        done = await asyncio.gather(*held)
+        again = await call(middleware, "/v1/chat/completions")
+        return refused, probes, done, again, middleware.in_flight
+
+    refused, probes, done, again, in_flight = asyncio.run(scenario())
+    assert refused[0] == 503 and refused[1][b"retry-after"] == b"1"
+    assert [status for status, _ in probes] == [200, 200, 200]
+    assert [status for status, _ in done] == [200, 200] and again[0] == 200 and in_flight == 0

@@ -40,9 +40,10 @@ def request_log(request, tmp_path):
 def answer(rid: str, key: str = "key-a", version: int = 3, text: str = "The tide turns at six.",
            finish: str = "stop", seconds: float = 0.4, **kw) -> LoggedAnswer:
     kw.setdefault("request", [{"role": "user", "content": f"Mail me at {EMAIL}, card {CARD}"}])
+    kw.setdefault("model_role", "champion")
     return LoggedAnswer(
         response_id=rid, key_id=key, route="chat", model_name="nightshift-llm", model_version=version,
-        model_role="champion", run_id="run-1", dataset_tag="corpus-v0001", answer=[text], finish=finish,
+        run_id="run-1", dataset_tag="corpus-v0001", answer=[text], finish=finish,
         prompt_tokens=12, completion_tokens=6, seconds=seconds, **kw)
 
 
@@ -110,10 +111,10 @@ def test_retention_deletes_old_answers_with_their_feedback(request_log):
 
 def test_feedback_summary_per_version(request_log):
     for i, version in enumerate([1, 1, 2, 2, 2]):
-        request_log.record(answer(f"chatcmpl-s{i}", version=version))
-    request_log.add_feedback("chatcmpl-s0", "key-a", 1, None, None)
-    request_log.add_feedback("chatcmpl-s2", "key-a", -1, None, None)
-    request_log.add_feedback("chatcmpl-s3", "key-a", 1, None, None)
+        request_log.record(answer(f"chatcmpl-s{i}", key=f"key-{i}", version=version))
+    request_log.add_feedback("chatcmpl-s0", "key-0", 1, None, None)
+    request_log.add_feedback("chatcmpl-s2", "key-2", -1, None, None)
+    request_log.add_feedback("chatcmpl-s3", "key-3", 1, None, None)
     summary = request_log.feedback_summary()
     assert summary[1]["answers"] == 2 and summary[1]["ratings"] == 1 and summary[1]["mean_rating"] == 1
     assert summary[2]["answers"] == 3 and summary[2]["negative_share"] == pytest.approx(0.5)
@@ -137,10 +138,11 @@ def test_window_stats_count_errors_latency_and_ratings_per_version_since_a_time(
     start = datetime.now(UTC)
     request_log.record(answer("old", version=2, created_at=start - timedelta(minutes=5)))
     for i in range(20):
-        request_log.record(answer(f"c{i}", version=2, finish="timeout" if i < 2 else "stop", seconds=i / 10))
+        request_log.record(answer(f"c{i}", key=f"key-{i % 2}", version=2, finish="timeout" if i < 2 else "stop",
+                                  seconds=i / 10))
         request_log.record(answer(f"p{i}", version=1, seconds=0.5))
-    request_log.add_feedback("c0", "key-a", -1, None, None)
-    request_log.add_feedback("c1", "key-a", 1, None, None)
+    request_log.add_feedback("c0", "key-0", -1, None, None)
+    request_log.add_feedback("c1", "key-1", 1, None, None)
     stats = request_log.window_stats(start - timedelta(seconds=1), [1, 2])
     assert stats[2]["answers"] == 20 and stats[2]["errors"] == 2
     assert stats[2]["p95_seconds"] == pytest.approx(1.8)  # the 19th of 20 sorted latencies
@@ -165,3 +167,34 @@ def test_one_answer_that_cannot_be_stored_costs_no_other_and_is_counted(request_
     assert first["answer"] == ["lone \ufffd surrogate and a NUL \ufffd byte"]
     assert first["scrubbed"] == {"credit_card": 1, "email": 1, "invalid_text": 2}
     request_log.add_feedback("chatcmpl-ok-7", "key-a", 1, None, None)  # feedback on another answer finds it
+
+
+def test_one_key_is_one_voter_however_often_it_rates_and_shadow_answers_are_not_rated(request_log):
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    for i in range(20):
+        request_log.record(answer(f"stuffed-{i}", key="key-loud", version=2))
+    request_log.record(answer("quiet", key="key-quiet", version=2))
+    request_log.record(answer("stuffed-0-shadow", key="key-loud", version=3, model_role="shadow"))
+    for _ in range(20):  # the same answer, twenty times: one rating, the newest
+        request_log.add_feedback("stuffed-0", "key-loud", -1, None, "again")
+    stored = request_log.add_feedback("stuffed-0", "key-loud", 1, None, "changed my mind")
+    assert stored["replaced"] and [f["rating"] for f in request_log.answer("stuffed-0")["feedback"]] == [1]
+    for i in range(1, 20):  # twenty answers: still one voter
+        request_log.add_feedback(f"stuffed-{i}", "key-loud", -1, None, None)
+    request_log.add_feedback("quiet", "key-quiet", 1, None, None)
+    with pytest.raises(UnknownResponse):
+        request_log.add_feedback("stuffed-0-shadow", "key-loud", -1, None, None)
+    stats = request_log.window_stats(start, [2, 3])
+    assert stats[2]["ratings"] == 2 and stats[2]["negative_share"] == 0.5  # loud's mean vote is negative
+    assert stats[3]["ratings"] == 0
+    summary = request_log.feedback_summary()
+    assert summary[2]["ratings"] == 2 and summary[2]["answers"] == 21 and 3 not in summary
+
+
+def test_a_rating_sent_earlier_but_written_later_does_not_replace_a_newer_one(request_log):
+    request_log.record(answer("late", key="key-a"))
+    now = datetime.now(UTC)
+    request_log.add_feedback("late", "key-a", 1, None, None, at=now)
+    stale = request_log.add_feedback("late", "key-a", -1, None, None, at=now - timedelta(seconds=3))
+    assert stale["rating"] == 1 and not stale["replaced"]
+    assert [f["rating"] for f in request_log.answer("late")["feedback"]] == [1]

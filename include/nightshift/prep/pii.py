@@ -443,7 +443,13 @@ def _valid(name: str, match: re.Match[str], text: str, start: int, end: int) -> 
                 and len(plain) >= 4 and plain.lower() not in _NOT_PASSWORDS):
             return True  # password=foopass, passwd = "secret": under a password key a word is a password
         return _credential_like(value, password)
-    if name in ("auth_header", "bearer_token", "url_query_secret", "xml_secret"):
+    if name == "auth_header":
+        # After "Authorization: Bearer" (or Basic, Token, ...) the value is a credential by its place, however
+        # plain it looks ("shorttok"); only a reference or a placeholder is left: $TOKEN, <token>, YOUR_API_KEY.
+        return not (_PLACEHOLDER.search(value) or _TEMPLATE.search(value) or _REFERENCE.search(value)
+                    or len(set(value)) == 1 or re.fullmatch(r"[A-Z][A-Z0-9_]*|(?i:token|secret|key|apikey|api_key"
+                                                              r"|password|redacted|x+|\.+)", value))
+    if name in ("bearer_token", "url_query_secret", "xml_secret"):
         return _credential_like(value, name == "xml_secret" and bool(_PASSWORD_KEY.search(match.group(0)[:60])))
     if name == "basic_auth":
         return _basic_credentials(value)

@@ -8,7 +8,8 @@ key. The answering version is in ``system_fingerprint`` (``v<N>``) and the ``X-N
 header; every response carries an ``X-Request-Id``, and one JSON access-log line per request records it with
 the key id, the route, the model version, token counts and timings, never the content.
 
-The pieces, outermost first: request id and access log, body-size limit, API key, then the FastAPI routes
+The pieces, outermost first: request id and access log, the bound on requests in flight (probes excepted,
+``connections.py``), body-size limit, API key, then the FastAPI routes
 (``routes.py``) over the admission controller (``limits.py``), the continuous batch (``batching.py``) and
 the engine (``engine.py``); ``metrics.py`` counts and logs every request.
 """
@@ -28,7 +29,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nightshift.registry.mlflow_registry import ModelRegistry
-from nightshift.serving.engine import ChampionWatcher
+from nightshift.serving.connections import InFlightMiddleware
+from nightshift.serving.engine import ChampionWatcher, import_libraries
 from nightshift.serving.keys import ApiKeyMiddleware, KeyRing
 from nightshift.serving.limits import BodyLimitMiddleware, ServingLimits
 from nightshift.serving.metrics import ServingMetrics, log_access, route_of
@@ -106,6 +108,7 @@ def create_app(
         candidate = (UpstreamCandidateWatcher(upstreams["candidate"], registry, cache_dir / "candidate", limits,
                                               poll_seconds, on_alert) if upstreams.get("candidate") else None)
     else:
+        import_libraries()  # here, before the watchers' threads, never lazily in two of them at once
         watcher = ChampionWatcher(registry, cache_dir, limits, poll_seconds, on_alert)
         candidate = CandidateWatcher(registry, cache_dir / "candidate", limits, poll_seconds, on_alert)
         watcher.donor, candidate.taker = candidate, watcher  # a promoted candidate is served at once, not reloaded
@@ -154,5 +157,6 @@ def create_app(
     # add_middleware wraps: the last added runs first.
     app.add_middleware(ApiKeyMiddleware, keyring=keyring or KeyRing(), required=require_key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+    app.add_middleware(InFlightMiddleware, bound=limits.in_flight_bound)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

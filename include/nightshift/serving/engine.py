@@ -63,10 +63,37 @@ class LoadedModel:
         return self.shape.request_bytes(total_tokens, chunk, all_logits)
 
 
+_LOADING = threading.Lock()
+"""One model load at a time in a process: the champion's and the candidate's watchers may both load at once."""
+
+
+def import_libraries() -> None:
+    """Import torch and every name this engine takes from transformers, once, in the calling thread.
+
+    transformers hands out its names through a lazy module that imports on first use; two watcher threads
+    resolving them at the same moment can meet a half-imported module and raise ImportError, which would mark a
+    healthy champion as failed. The application calls this before any watcher thread starts.
+    """
+    import torch  # noqa: F401
+    from transformers import (  # noqa: F401
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DynamicCache,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+
 def load_model(
     record: ModelVersionRecord, folder: Path, limits: ServingLimits, runtime_bytes: int
 ) -> LoadedModel:
     """Load a checkpoint and fit its context window to the memory budget; raise ModelTooLarge if it cannot fit."""
+    with _LOADING:
+        return _load_model(record, folder, limits, runtime_bytes)
+
+
+def _load_model(record: ModelVersionRecord, folder: Path, limits: ServingLimits, runtime_bytes: int) -> LoadedModel:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -40,6 +40,16 @@ class ServingLimits:
     """Prompt tokens processed per forward pass; bounds the attention memory of long prompts."""
     batch_wait_ms: float = 5.0
     """How long an idle engine waits after a request arrives for others to batch with it."""
+    header_timeout_s: float = 10.0
+    """Time a connection has to send a request's headers: a socket opened and left idle, or dripping its
+    headers, is closed after it, so idle sockets cannot pile up."""
+    max_in_flight: int = 0
+    """Requests being handled at once, probes (/livez, /healthz, /metrics) not counted; more get 503 with
+    Retry-After. 0: four times (max_concurrent + max_queue), at least 64."""
+
+    @property
+    def in_flight_bound(self) -> int:
+        return self.max_in_flight or max(64, 4 * (self.max_concurrent + self.max_queue))
 
     def __post_init__(self) -> None:
         checks = {
@@ -52,6 +62,8 @@ class ServingLimits:
             "NIGHTSHIFT_SERVE_DEFAULT_MAX_TOKENS": self.default_max_tokens >= 1,
             "NIGHTSHIFT_SERVE_PREFILL_CHUNK": self.prefill_chunk >= 16,
             "NIGHTSHIFT_SERVE_BATCH_WAIT_MS": 0 <= self.batch_wait_ms <= 1000,
+            "NIGHTSHIFT_SERVE_HEADER_TIMEOUT_S": 0 < self.header_timeout_s <= 300,
+            "NIGHTSHIFT_SERVE_MAX_IN_FLIGHT": self.max_in_flight >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

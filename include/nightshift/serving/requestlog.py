@@ -112,6 +112,7 @@ class RequestLog:
         self.written = 0
         self.dropped = 0
         self.failed = 0
+        self._feedback_lock = threading.Lock()
 
     # -- lifecycle
 
@@ -263,24 +264,45 @@ class RequestLog:
     # -- feedback
 
     def add_feedback(self, response_id: str, key_id: str | None, rating: int, correction: str | None,
-                     comment: str | None) -> dict[str, Any]:
-        """Store feedback on one of ``key_id``'s answers; raise UnknownResponse if there is none with that id."""
+                     comment: str | None, at: datetime | None = None) -> dict[str, Any]:
+        """Store ``key_id``'s feedback on one of its answers; a second rating of the same answer replaces the first.
+
+        Raise UnknownResponse when this key was given no answer with that id, or the id is a shadow answer's (a
+        candidate's answer kept for the log, never shown to anyone, so never rated). ``at``: when the rating was
+        sent (default now); a rating sent before the stored one, written late, does not replace it.
+        """
         self.flush()
         counts: dict[str, int] = {}
         correction = self._scrub(correction, counts)[0] if correction else None
         comment = self._scrub(comment, counts)[0] if comment else None
-        with self.engine.begin() as conn:
-            answer = conn.execute(sa.select(responses.c.model_version, responses.c.key_id)
+        created = at or datetime.now(UTC)
+        values = {"created_at": created, "rating": rating, "correction": correction, "comment": comment}
+        # One writer per process: a read-then-write under it cannot interleave with another post of this server.
+        # Replicas sharing a database may still both insert; the statistics read one rating per answer and key.
+        with self._feedback_lock, self.engine.begin() as conn:
+            answer = conn.execute(sa.select(responses.c.model_version, responses.c.key_id, responses.c.model_role)
                                   .where(responses.c.response_id == response_id)).first()
-            if answer is None or answer.key_id != key_id:
+            if answer is None or answer.key_id != key_id or answer.model_role == "shadow":
                 raise UnknownResponse(response_id)
-            created = datetime.now(UTC)
-            feedback_id = conn.execute(feedback.insert().values(
-                response_id=response_id, created_at=created, key_id=key_id, rating=rating, correction=correction,
-                comment=comment, model_version=answer.model_version)).inserted_primary_key[0]
+            mine = feedback.c.key_id.is_(None) if key_id is None else feedback.c.key_id == key_id
+            earlier = conn.execute(sa.select(feedback.c.feedback_id, feedback.c.created_at, feedback.c.rating)
+                                   .where(feedback.c.response_id == response_id, mine)
+                                   .order_by(feedback.c.feedback_id.desc())).first()
+            replaced = False
+            if earlier is not None:
+                feedback_id = earlier.feedback_id
+                replaced = _aware(earlier.created_at) <= created
+                if replaced:
+                    conn.execute(feedback.update().where(feedback.c.feedback_id == feedback_id).values(**values))
+                else:  # a newer rating is stored already: this one, sent earlier, arrived late
+                    rating, created = earlier.rating, _aware(earlier.created_at)
+            else:
+                feedback_id = conn.execute(feedback.insert().values(
+                    response_id=response_id, key_id=key_id, model_version=answer.model_version, **values,
+                )).inserted_primary_key[0]
         return {"id": f"fb-{feedback_id}", "object": "feedback", "response_id": response_id,
                 "model_version": answer.model_version, "rating": rating, "created": int(created.timestamp()),
-                "scrubbed": counts}
+                "replaced": replaced, "scrubbed": counts}
 
     # -- reading
 
@@ -301,28 +323,53 @@ class RequestLog:
         out["feedback"] = [{**dict(n), "created_at": _aware(n["created_at"]).isoformat()} for n in notes]
         return out
 
+    def _votes(self, conn, since: datetime, versions: list[int] | None = None) -> dict[int, list[float]]:
+        """Return per model version one vote per rater: the mean of that key's ratings of its answers (the
+        newest rating of each answer). A key that rates twenty answers, or one answer twenty times, is one voter;
+        answers given without a key are each a voter of their own. Shadow answers never count."""
+        query = (sa.select(feedback.c.feedback_id, feedback.c.response_id, feedback.c.key_id, feedback.c.rating,
+                           feedback.c.model_version)
+                 .join(responses, responses.c.response_id == feedback.c.response_id)
+                 .where(feedback.c.created_at >= since, responses.c.model_role != "shadow"))
+        if versions is not None:
+            query = query.where(feedback.c.model_version.in_(versions))
+        newest: dict[tuple[str, str | None], tuple[int, int, float]] = {}
+        for row in conn.execute(query):
+            key = (row.response_id, row.key_id)
+            if key not in newest or row.feedback_id > newest[key][0]:
+                newest[key] = (row.feedback_id, int(row.model_version), float(row.rating))
+        raters: dict[tuple[int, str], list[float]] = {}
+        for (response_id, key_id), (_id, version, rating) in newest.items():
+            voter = f"key:{key_id}" if key_id is not None else f"answer:{response_id}"
+            raters.setdefault((version, voter), []).append(rating)
+        votes: dict[int, list[float]] = {}
+        for (version, _voter), ratings in raters.items():
+            votes.setdefault(version, []).append(sum(ratings) / len(ratings))
+        return votes
+
     def feedback_summary(self, since: datetime | None = None) -> dict[int, dict[str, float]]:
-        """Return per model version: answers, ratings given, mean rating and share of negative ratings."""
+        """Return per model version: answers, raters (``ratings``: distinct keys, see ``_votes``), their mean
+        vote and the share of raters whose vote is negative."""
         since = since or datetime(1970, 1, 1, tzinfo=UTC)
         with self.engine.connect() as conn:
             answered = dict(conn.execute(
                 sa.select(responses.c.model_version, sa.func.count())
-                .where(responses.c.created_at >= since).group_by(responses.c.model_version)).all())
-            rated = conn.execute(
-                sa.select(feedback.c.model_version, sa.func.count(), sa.func.avg(feedback.c.rating),
-                          sa.func.sum(sa.case((feedback.c.rating < 0, 1), else_=0)))
-                .where(feedback.c.created_at >= since).group_by(feedback.c.model_version)).all()
+                .where(responses.c.created_at >= since, responses.c.model_role != "shadow")
+                .group_by(responses.c.model_version)).all())
+            votes = self._votes(conn, since)
         nan = float("nan")
         out = {int(v): {"answers": float(n), "ratings": 0.0, "mean_rating": nan, "negative_share": nan}
                for v, n in answered.items()}
-        for version, n, mean, negative in rated:
-            out.setdefault(int(version), {"answers": 0.0}).update(
-                ratings=float(n), mean_rating=float(mean), negative_share=float(negative or 0) / n)
+        for version, cast in votes.items():
+            out.setdefault(version, {"answers": 0.0}).update(
+                ratings=float(len(cast)), mean_rating=sum(cast) / len(cast),
+                negative_share=sum(1 for v in cast if v < 0) / len(cast))
         return out
 
     def window_stats(self, since: datetime, versions: list[int]) -> dict[int, dict[str, float]]:
         """Return per version, for answers since ``since``: answers, errors (timeouts, failures), p95 seconds,
-        ratings and the share of negative ratings (the live signals of a rollout step)."""
+        raters and the share of them whose vote is negative (the live signals of a rollout step; one vote per
+        key, see ``_votes``, so that one user cannot decide a rollout)."""
         self.flush()
         out = {}
         with self.engine.connect() as conn:
@@ -331,8 +378,7 @@ class RequestLog:
                     responses.c.model_version == version, responses.c.created_at >= since)).all()
                 seconds = sorted(r.seconds for r in rows if r.seconds is not None)
                 errors = sum(1 for r in rows if any(f in ("timeout", "error") for f in (r.finish or "").split(",")))
-                ratings = conn.execute(sa.select(feedback.c.rating).where(
-                    feedback.c.model_version == version, feedback.c.created_at >= since)).scalars().all()
+                ratings = self._votes(conn, since, [version]).get(version, [])
                 p95 = seconds[min(len(seconds) - 1, math.ceil(0.95 * len(seconds)) - 1)] if seconds else math.nan
                 out[version] = {
                     "answers": float(len(rows)), "errors": float(errors), "p95_seconds": float(p95),

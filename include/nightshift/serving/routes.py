@@ -14,7 +14,9 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -49,6 +51,10 @@ log = logging.getLogger(__name__)
 
 router = APIRouter()
 
+DATABASE_THREADS = 2
+DATABASE_PENDING = 16
+DATABASE_TIMEOUT_S = 5.0
+
 
 @dataclass
 class Server:
@@ -75,6 +81,9 @@ class Server:
         return self._client
     admission: Admission | None = None
     scheduler: BatchScheduler | None = None
+    database: ThreadPoolExecutor | None = None
+    """The request log's own threads: a slow or locked database delays feedback, never answers or probes."""
+    database_pending: int = 0
 
     def start(self) -> None:
         self.admission = Admission(self.limits.max_concurrent, self.limits.max_queue)
@@ -85,7 +94,37 @@ class Server:
         self.scheduler.start()
 
         if self.request_log is not None:
+            self.database = ThreadPoolExecutor(DATABASE_THREADS, thread_name_prefix="request-log-db")
             self.request_log.start()
+
+    async def on_database(self, call, *args) -> Any:
+        """Run ``call(*args)`` on the request log's threads within ``DATABASE_TIMEOUT_S``; answer 503 when the
+        database is that slow or ``DATABASE_PENDING`` calls already wait (the call itself still finishes)."""
+        assert self.database is not None
+        if self.database_pending >= DATABASE_PENDING:
+            raise OpenAIError(503, "The request log is busy; retry in a few seconds.", code="request_log_busy",
+                              headers={"Retry-After": "2"})
+        self.database_pending += 1
+        given_up = threading.Event()
+
+        def run() -> Any:
+            if given_up.is_set():  # its request was already answered 503: the client will send it again
+                return None
+            return call(*args)
+
+        future = asyncio.get_running_loop().run_in_executor(self.database, run)
+
+        def done(_future) -> None:
+            self.database_pending -= 1
+
+        future.add_done_callback(done)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), DATABASE_TIMEOUT_S)
+        except TimeoutError:
+            given_up.set()
+            raise OpenAIError(503, f"The request log did not answer within {DATABASE_TIMEOUT_S:.0f} s; retry "
+                              "later (a rating sent again replaces the first).", code="request_log_busy",
+                              headers={"Retry-After": "5"}) from None
 
     async def close(self) -> None:
         if self._client is not None:
@@ -96,6 +135,8 @@ class Server:
             self.scheduler.stop()
         if self.request_log is not None:
             self.request_log.stop()
+        if self.database is not None:
+            self.database.shutdown(wait=False, cancel_futures=True)
 
     @property
     def accepted_names(self) -> set[str]:
@@ -168,6 +209,8 @@ def healthz(request: Request) -> JSONResponse:
         "loading": watcher.loading, "detail": watcher.detail,
         "active": admission.active if admission else 0, "waiting": admission.waiting if admission else 0,
         "rollout": _rollout_info(server),
+        "request_log": ({"written": server.request_log.written, "failed": server.request_log.failed,
+                         "dropped": server.request_log.dropped} if server.request_log is not None else None),
     }
     return JSONResponse(body, 200 if state == "ready" else 503)
 
@@ -361,8 +404,8 @@ async def post_feedback(request: Request, body: FeedbackRequest) -> JSONResponse
                           "(NIGHTSHIFT_SERVE_REQUEST_LOG).", code="feedback_disabled")
     key_id = request.scope.get("state", {}).get("key_id")
     try:
-        stored = await run_in_threadpool(server.request_log.add_feedback, body.response_id, key_id, body.rating,
-                                         body.correction, body.comment)
+        stored = await server.on_database(server.request_log.add_feedback, body.response_id, key_id, body.rating,
+                                          body.correction, body.comment, datetime.now(UTC))
     except UnknownResponse:
         raise OpenAIError(404, "No answer with this response_id was given to this API key (or it is older than the "
                           "log's retention).", param="response_id", code="response_not_found") from None
