@@ -174,8 +174,12 @@ def test_completions_score_token_id_prompts_like_lm_eval_sends_them(champion, ti
     import torch
     from transformers import AutoModelForCausalLM
 
+    from transformers import AutoTokenizer
+
     registry = champion
-    ids = [[1, 504, 2618, 314, 253, 1345], [1, 504, 2618]]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    mixed = [1, *tokenizer("Café 🌍 at nine", add_special_tokens=False)["input_ids"], 2]  # 🌍 spans tokens
+    ids = [[1, 504, 2618, 314, 253, 1345], [1, 504, 2618], [1, 2, 1], mixed]
     with serve(registry, tmp_path, store) as server:
         wait_for(lambda: ready(server.url), what="the model")
         r = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {key}"}, json={
@@ -186,7 +190,7 @@ def test_completions_score_token_id_prompts_like_lm_eval_sends_them(champion, ti
             "model": "nightshift-llm", "prompt": [[1, 10**9]], "max_tokens": 0, "echo": True})
         assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]
     choices = r.json()["choices"]
-    assert [c["index"] for c in choices] == [0, 1]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     for prompt, choice in zip(ids, choices, strict=True):
         logprobs = choice["logprobs"]
@@ -196,3 +200,7 @@ def test_completions_score_token_id_prompts_like_lm_eval_sends_them(champion, ti
         expected = [float(rows[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
         assert logprobs["token_logprobs"][1:] == pytest.approx(expected, abs=1e-4)
         assert logprobs["text_offset"] == sorted(logprobs["text_offset"])
+        # The entries join to the echoed prompt exactly, its control tokens included, and each starts where
+        # the text before it ends.
+        assert "".join(logprobs["tokens"]) == choice["text"] == tokenizer.decode(prompt)
+        assert logprobs["text_offset"] == [len("".join(logprobs["tokens"][:i])) for i in range(len(prompt))]

@@ -312,8 +312,10 @@ class GenerationResult:
 class Detokenizer:
     """Turns token ids into text incrementally, holding back bytes that do not yet form a character."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        """False for an echoed prompt: its control tokens are part of what the client sent."""
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
@@ -321,9 +323,9 @@ class Detokenizer:
 
     def _tail(self) -> tuple[str, str]:
         """Return the text of the last emitted context alone, and with the tokens not yet emitted."""
-        decode = self.tokenizer.decode
-        return (decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True),
-                decode(self.ids[self.prefix_offset :], skip_special_tokens=True))
+        decode, skip = self.tokenizer.decode, self.skip_special_tokens
+        return (decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=skip),
+                decode(self.ids[self.prefix_offset :], skip_special_tokens=skip))
 
     def push(self, token_id: int) -> str:
         """Add a token; return the text it completes (may be empty)."""
@@ -448,7 +450,8 @@ class Sequence:
         if time.monotonic() > self.deadline:
             raise Stopped("timeout")
 
-    def _entry(self, lp_row, token_id: int, offset: int) -> TokenLogprob:
+    def _entry(self, lp_row, token_id: int, offset: int, text: str | None = None) -> TokenLogprob:
+        """The log-probability entry of ``token_id``; ``text``: its stretch of the echoed prompt, when echoed."""
         import torch
 
         tokenizer = self.loaded.tokenizer
@@ -456,7 +459,8 @@ class Sequence:
         if self.params.logprobs:
             values, indices = torch.topk(lp_row, self.params.logprobs)
             top = [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, indices, strict=True)]
-        return TokenLogprob(token_id, tokenizer.decode([token_id]), float(lp_row[token_id]), top, offset)
+        return TokenLogprob(token_id, tokenizer.decode([token_id]) if text is None else text,
+                            float(lp_row[token_id]), top, offset)
 
     def prefill(self, chunk: int):
         """Run the prompt through a fresh cache; return ``(cache, logits of the next token)``.
@@ -469,16 +473,20 @@ class Sequence:
         params, prompt_ids, model = self.params, self.prompt_ids, self.loaded.model
         score_prompt = params.echo and params.logprobs is not None
         if params.echo:
-            prompt_detok = Detokenizer(self.loaded.tokenizer)
+            # The echo keeps the prompt's control tokens (they are what the client sent), and each prompt token's
+            # entry holds exactly its stretch of that text (a token that ends inside a character holds "", the
+            # one completing it the whole character), so that the entries join to the echoed prompt.
+            prompt_detok = Detokenizer(self.loaded.tokenizer, skip_special_tokens=False)
             offsets = []
             for token_id in prompt_ids:
                 offsets.append(len(prompt_detok.text))
                 prompt_detok.push(token_id)
             prompt_detok.flush()
-            self.result.prompt_text = prompt_detok.text
+            self.result.prompt_text = text = prompt_detok.text
+            ends = [*offsets[1:], len(text)]
+            pieces = [text[start:end] for start, end in zip(offsets, ends, strict=True)]
             if score_prompt:
-                self.result.prompt_logprobs.append(
-                    TokenLogprob(prompt_ids[0], self.loaded.tokenizer.decode([prompt_ids[0]]), None, [], 0))
+                self.result.prompt_logprobs.append(TokenLogprob(prompt_ids[0], pieces[0], None, [], 0))
         try:
             with torch.inference_mode():
                 cache = DynamicCache(config=model.config)
@@ -498,7 +506,7 @@ class Sequence:
                             target = start + i + 1
                             if target < len(prompt_ids):
                                 self.result.prompt_logprobs.append(
-                                    self._entry(rows[i], prompt_ids[target], offsets[target]))
+                                    self._entry(rows[i], prompt_ids[target], offsets[target], pieces[target]))
                     logits = chunk_logits[-1]
                     del out, chunk_logits
         except Stopped as stopped:

@@ -670,7 +670,7 @@ def _chat_logprobs(logprobs: list[TokenLogprob]) -> dict[str, Any]:
 
 
 def _completion_logprobs(r: GenerationResult) -> dict[str, Any] | None:
-    entries = list(r.prompt_logprobs) if r.prompt_text else []
+    entries = list(r.prompt_logprobs)
     if not entries and not r.logprobs:
         return None
     shift = len(r.prompt_text)
