@@ -172,9 +172,7 @@ def test_chat_logprobs_are_the_model_log_probabilities(champion, tiny_model, tmp
 
 def test_completions_score_token_id_prompts_like_lm_eval_sends_them(champion, tiny_model, tmp_path, store, key):
     import torch
-    from transformers import AutoModelForCausalLM
-
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     registry = champion
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

@@ -113,6 +113,22 @@ def test_shadow_never_returns_the_candidates_answer_and_logs_it_beside_the_champ
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'nightshift_shadow_requests_total{outcome="answered"} 12.0' in metrics
 
+    # A shadow answer holds a slot and its memory like any request (it once went straight to the batch while
+    # admission showed nothing in use).
+    state = server.app_state.server
+    many = httpx.post(f"{server.url}/v1/completions", timeout=120, json={
+        "model": "nightshift-llm", "prompt": [PROMPTS[0]] * 32, "max_tokens": MAX_TOKENS, "temperature": 0})
+    assert many.status_code == 200
+    seen = []
+
+    def logged():
+        seen.append((state.shadows, state.admission.active, state.admission.bytes_in_use))
+        return request_log.answer(f"{many.json()['id']}-shadow")
+
+    assert len(wait_for(logged, what="the 32-prompt shadow answer", every=0.005)["answer"]) == 32
+    assert any(shadows and active and used > 0 for shadows, active, used in seen), seen[:5]
+    assert state.admission.active == 0 and state.admission.bytes_in_use == 0
+
 
 def test_a_promoted_candidate_is_served_at_once_without_reloading(setup):
     server, registry, v1, v2, expected, _log = setup

@@ -224,6 +224,13 @@ class Admission:
         # A lone request always runs: the window was fitted to the budget when the model was loaded.
         return self.active < self.slots and (self.active == 0 or self.bytes_in_use + cost <= capacity)
 
+    def try_acquire(self, cost: int, capacity: int) -> Ticket | None:
+        """Return a ticket at once when a slot and the memory are free and nobody waits; None otherwise (for
+        work that is skipped rather than queued, such as a shadow answer)."""
+        if not self._waiters and self.active < self.slots and self.bytes_in_use + cost <= capacity:
+            return self._admit(cost)
+        return None
+
     async def acquire(self, cost: int, capacity: int, deadline: float) -> Ticket:
         if not self._waiters and self._fits(cost, capacity):
             return self._admit(cost)

@@ -507,20 +507,28 @@ def _shadow(request: Request, server: Server, req, answer: Answer, role: str) ->
         return
     try:
         prompts = [_chat_prompt(candidate, req)] if answer.chat else _completion_prompts(candidate, req)
-        params, _cost = _plan(server, candidate, prompts, req, answer.chat)
+        params, cost = _plan(server, candidate, prompts, req, answer.chat)
     except OpenAIError:  # the candidate's window cannot hold this request
         server.metrics.shadows.labels("skipped").inc()
         return
-    assert server.scheduler is not None
-    scheduler = server.scheduler
+    # A shadow answer is charged like any request, its prompts side by side as memory allows, and is skipped
+    # (never queued) when the slot or the memory is not free now.
+    assert server.admission is not None
+    parallel = max(1, min(len(prompts), candidate.capacity_bytes // max(cost, 1)))
+    ticket = server.admission.try_acquire(cost * parallel, candidate.capacity_bytes)
+    if ticket is None:
+        server.metrics.shadows.labels("skipped").inc()
+        return
     deadline = time.monotonic() + server.limits.request_timeout_s
     shadow_answer = Answer(answer.model, f"{answer.id}-shadow", answer.created, answer.fingerprint, answer.chat)
 
     async def run(started: float) -> None:
-        cancel = threading.Event()
-        futures = [asyncio.wrap_future(scheduler.submit(Sequence(candidate, p, params, cancel, deadline)))
-                   for p in prompts]
-        results = list(await asyncio.gather(*futures))
+        try:
+            work = _start(server, candidate, prompts, params, threading.Event(), deadline, ticket, parallel)
+        except BaseException:
+            ticket.release()
+            raise
+        results = await work
         _log_answer(request, server, candidate, req, shadow_answer, prompts, results, "shadow",
                     started=time.monotonic() - started)
 
