@@ -147,3 +147,33 @@ def test_stopping_fails_what_is_still_running(loaded):
                                      FOREVER))
     with pytest.raises(RuntimeError, match="stopped"):
         late.result(timeout=5)
+
+
+def test_a_long_scoring_prompt_is_prefilled_between_the_decode_steps_of_a_running_stream(loaded):
+    """A scoring request's prompt (echo + logprobs, what lm-eval sends) once ran whole before the next decode
+    step, and a running stream went silent for as long; now a running stream gets a token per chunk."""
+    scheduler = BatchScheduler(prefill_chunk=16, wait_s=0)
+    scheduler.start()
+    try:
+        text = " ".join(PROMPTS) * 8
+        prompt = ids(loaded, text)[:200]
+        scoring = SamplingParams(max_tokens=0, temperature=0, logprobs=1, echo=True)
+        expected = Sequence(loaded, prompt, scoring, threading.Event(), FOREVER)
+        expected.prefill(512)  # the same prompt scored in one piece, alone
+        long = Sequence(loaded, prompt, scoring, threading.Event(), FOREVER)
+        seen: list[int] = []  # how far the long prompt had got each time the stream produced text
+        never_ending = SamplingParams(max_tokens=80, temperature=0, logit_bias={e: -100.0 for e in loaded.eos_ids})
+        stream = scheduler.submit(Sequence(loaded, ids(loaded, PROMPTS[0]), never_ending, threading.Event(), FOREVER,
+                                           on_delta=lambda _text, _lps: seen.append(long.prefilled)))
+        deadline = time.monotonic() + 30
+        while len(seen) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        scored = scheduler.submit(long).result(timeout=60)
+        stream.result(timeout=60)
+    finally:
+        scheduler.stop()
+    during = {p for p in seen if 0 < p < len(prompt)}
+    assert len(during) >= 5, seen  # 13 chunks: the stream kept producing between them
+    assert [t.token_id for t in scored.prompt_logprobs] == prompt
+    assert [t.logprob for t in scored.prompt_logprobs[1:]] == pytest.approx(
+        [t.logprob for t in expected.result.prompt_logprobs[1:]], abs=1e-4)

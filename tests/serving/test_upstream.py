@@ -31,13 +31,16 @@ def stack(tmp_path, tiny_model):
     v2 = publish(registry, perturbed_copy(tiny_model, tmp_path / "v2"), "v2", promote=False)
     store = KeyStore(tmp_path / "keys.json")
     key = store.create("front")[1]
-    engine = UvicornThread(create_app(registry, tmp_path / "engine-cache", require_key=False, poll_seconds=0.2))
+    engine_app = create_app(registry, tmp_path / "engine-cache", require_key=False, poll_seconds=0.2)
+    engine = UvicornThread(engine_app)
+    engine.app_state = engine_app.state
     request_log = RequestLog(f"sqlite:///{tmp_path / 'requests.db'}")
     with engine:
         wait_for(lambda: ready(engine.url), what="the engine")
-        front = UvicornThread(create_app(registry, tmp_path / "front-cache", keyring=KeyRing(store, recheck_seconds=0),
-                                         poll_seconds=0.2, request_log=request_log,
-                                         upstreams={"champion": f"{engine.url}/v1"}))
+        front_app = create_app(registry, tmp_path / "front-cache", keyring=KeyRing(store, recheck_seconds=0),
+                               poll_seconds=0.2, request_log=request_log, upstreams={"champion": f"{engine.url}/v1"})
+        front = UvicornThread(front_app)
+        front.app_state = front_app.state
         with front:
             wait_for(lambda: ready(front.url), what="the front to find the engine")
             yield front, engine, registry, v2, key, request_log
@@ -142,3 +145,32 @@ def test_canary_and_shadow_route_to_the_candidates_engine(tmp_path, tiny_model):
             wait_for(lambda: request_log.answer(f"{rid}-shadow"), what="the shadow answer in the log")
             shadow = request_log.answer(f"{rid}-shadow")
             assert (shadow["model_version"], shadow["model_role"], shadow["answer"]) == (2, "shadow", [expected["2"]])
+
+
+def test_a_plain_request_the_client_abandons_is_aborted_on_the_engine(stack):
+    """The front closes its request to the engine when the client leaves, which is how vLLM aborts generation;
+    the engine here frees its slot at once, as vLLM does on a closed connection."""
+    import time
+
+    front, engine, _registry, _v2, key, request_log = stack
+    engine_server = engine.app_state.server
+    model = engine_server.watcher.current.model
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):  # a GPU engine's long answer: 400 tokens take about 10 s here
+        time.sleep(0.025)
+        return forward(*args, **kwargs)
+
+    model.forward = slow_forward
+    eos = engine_server.watcher.current.eos_ids
+    body = {"model": "nightshift-llm", "prompt": "The tide", "max_tokens": 400, "temperature": 0,
+            "logit_bias": {str(e): -100 for e in eos}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{front.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"},
+                   timeout=httpx.Timeout(60, read=1.0))
+    left = time.monotonic()
+    wait_for(lambda: engine_server.admission.active == 0 and engine_server.scheduler.running == 0, timeout=10,
+             what="the engine to stop generating", every=0.05)
+    assert time.monotonic() - left < 3
+    wait_for(lambda: front.app_state.server.admission.active == 0, timeout=5, what="the front's slot")
+    model.forward = forward

@@ -2,12 +2,14 @@
 
 One scheduler thread owns the forward passes. A request's prompts arrive as ``Sequence`` objects
 (``engine.py``); the scheduler waits a short window (``NIGHTSHIFT_SERVE_BATCH_WAIT_MS``) after the first
-arrival for others, runs each new prompt through its own cache (chunked prefill), then merges it into the
-running batch of its model: the key/value caches are left-padded to a common length and an attention mask
-hides the padding, so sequences of different lengths, started at different times, decode together. A
-sequence that finishes, is cancelled or runs out of time leaves the batch at the next step, and the
-columns only padding needs are trimmed. Sequences of different models (a champion and a canary, or the
-old and new champion during a swap) form separate batches, stepped in turn.
+arrival for others, runs each new prompt through its own cache in chunks of ``prefill_chunk`` tokens, one
+chunk per step between the decode steps of the running batches (chunked prefill: a long prompt, or a scoring
+request's, delays running streams by one chunk, not by its whole length), then merges it into the running
+batch of its model: the key/value caches are left-padded to a common length and an attention mask hides the
+padding, so sequences of different lengths, started at different times, decode together. A sequence that
+finishes, is cancelled or runs out of time leaves the batch at the next step, and the columns only padding
+needs are trimmed. Sequences of different models (a champion and a canary, or the old and new champion
+during a swap) form separate batches, stepped in turn.
 
 Written here rather than using transformers' continuous-batching manager (``generate_batch``): that one
 applies one generation config to every request, while each OpenAI request brings its own temperature,
@@ -21,8 +23,10 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
 from nightshift.serving.engine import LoadedModel, Sequence
 
@@ -149,6 +153,8 @@ class BatchScheduler:
         self.on_step = on_step
         self._inbox: queue.SimpleQueue[tuple[Sequence, Future] | None] = queue.SimpleQueue()
         self._batches: dict[int, Batch] = {}
+        self._prefilling: deque[tuple[Sequence, Future, Any]] = deque()
+        """Sequences whose prompts are being run through, one chunk per scheduler step (chunked prefill)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.running = 0
@@ -175,7 +181,7 @@ class BatchScheduler:
     def _take(self) -> list[tuple[Sequence, Future]]:
         """Return the sequences that arrived; when idle, block for the first and wait the window for others."""
         arrived: list[tuple[Sequence, Future]] = []
-        if not self._batches:
+        if not self._batches and not self._prefilling:
             item = self._inbox.get()
             if item is None:
                 return arrived
@@ -194,7 +200,10 @@ class BatchScheduler:
         while not self._stop.is_set():
             try:
                 for sequence, future in self._take():
-                    self._prefill(sequence, future)
+                    self._start_prefill(sequence, future)
+                # One chunk of one prompt, then one token for every running sequence: a long prompt (or a
+                # scoring request's) delays the streams already running by one chunk's forward pass at most.
+                self._prefill_chunk()
                 for key, batch in list(self._batches.items()):
                     rows = len(batch)
                     try:
@@ -209,20 +218,38 @@ class BatchScheduler:
                         del self._batches[key]
                     if self.on_step is not None:
                         self.on_step(rows)
-                self.running = sum(len(b) for b in self._batches.values())
+                self.running = sum(len(b) for b in self._batches.values()) + len(self._prefilling)
             except Exception:  # the loop itself must survive anything
                 log.exception("batch scheduler error")
         self._drain()
 
-    def _prefill(self, sequence: Sequence, future: Future) -> None:
-        if not future.set_running_or_notify_cancel():
-            return
+    def _start_prefill(self, sequence: Sequence, future: Future) -> None:
+        if future.set_running_or_notify_cancel():
+            self._prefilling.append((sequence, future, sequence.prefill_steps(self.prefill_chunk)))
+
+    def _prefill_chunk(self) -> None:
+        """Prefill up to ``prefill_chunk`` prompt tokens, oldest prompt first (several short prompts share one
+        step); a prompt done joins its model's batch."""
+        budget = self.prefill_chunk
+        while self._prefilling and budget > 0:
+            sequence = self._prefilling[0][0]
+            before = sequence.prefilled
+            self._advance_prefill()
+            budget -= max(1, sequence.prefilled - before)
+
+    def _advance_prefill(self) -> None:
+        sequence, future, steps = self._prefilling[0]
         try:
-            cache, logits = sequence.prefill(self.prefill_chunk)
+            next(steps)
+            return
+        except StopIteration as done:
+            cache, logits = done.value
         except Exception as exc:
             log.exception("prefill failed")
+            self._prefilling.popleft()
             future.set_exception(exc)
             return
+        self._prefilling.popleft()
         if logits is None:
             future.set_result(sequence.result)
             return
@@ -237,6 +264,11 @@ class BatchScheduler:
         for batch in self._batches.values():
             batch.fail(error)
         self._batches.clear()
+        while self._prefilling:
+            _sequence, future, steps = self._prefilling.popleft()
+            steps.close()
+            if not future.done():
+                future.set_exception(error)
         while True:
             try:
                 item = self._inbox.get_nowait()

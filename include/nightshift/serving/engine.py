@@ -443,6 +443,8 @@ class Sequence:
         self.emitted = 0
         self.cut_at_stop = False
         self.finished = False
+        self.prefilled = 0
+        """Prompt tokens run through the cache so far."""
 
     def check(self) -> None:
         if self.cancel.is_set():
@@ -467,6 +469,16 @@ class Sequence:
 
         Returns ``(None, None)`` when the sequence is already finished (nothing to generate, or stopped).
         """
+        steps = self.prefill_steps(chunk)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def prefill_steps(self, chunk: int):
+        """``prefill`` one chunk at a time: a generator that yields after each chunk's forward pass and returns
+        what ``prefill`` returns, so that the scheduler can decode running sequences between chunks."""
         import torch
         from transformers import DynamicCache
 
@@ -488,14 +500,15 @@ class Sequence:
             if score_prompt:
                 self.result.prompt_logprobs.append(TokenLogprob(prompt_ids[0], pieces[0], None, [], 0))
         try:
-            with torch.inference_mode():
-                cache = DynamicCache(config=model.config)
-                ids = torch.tensor([prompt_ids], dtype=torch.long)
-                logits = None
-                # With nothing to generate and no prompt log-probabilities asked for, no forward pass is needed.
-                prefill_len = len(prompt_ids) if (params.max_tokens > 0 or score_prompt) else 0
-                for start in range(0, prefill_len, chunk):
-                    self.check()
+            cache = DynamicCache(config=model.config)
+            ids = torch.tensor([prompt_ids], dtype=torch.long)
+            logits = None
+            # With nothing to generate and no prompt log-probabilities asked for, no forward pass is needed.
+            prefill_len = len(prompt_ids) if (params.max_tokens > 0 or score_prompt) else 0
+            for start in range(0, prefill_len, chunk):
+                self.check()
+                # inference_mode per chunk, never across a yield: the scheduler runs other work between chunks.
+                with torch.inference_mode():
                     piece = ids[:, start : start + chunk]
                     out = model(input_ids=piece, past_key_values=cache, use_cache=True,
                                 logits_to_keep=0 if score_prompt else 1)
@@ -509,6 +522,9 @@ class Sequence:
                                     self._entry(rows[i], prompt_ids[target], offsets[target], pieces[target]))
                     logits = chunk_logits[-1]
                     del out, chunk_logits
+                self.prefilled = start + piece.shape[1]
+                if start + chunk < prefill_len:
+                    yield
         except Stopped as stopped:
             self.finish(stopped.reason)
             return None, None

@@ -766,7 +766,16 @@ async def _forward(request: Request, server: Server, target: UpstreamModel, req,
     client = server.upstream_client()
     timeout = httpx.Timeout(max(1.0, deadline - time.monotonic()), connect=5.0)
     try:
-        upstream = await client.send(client.build_request("POST", url, json=body, timeout=timeout), stream=True)
+        # An engine answering a plain request sends nothing until the whole answer is ready: the client is
+        # watched from the start, and one that leaves closes the engine's request, which is how vLLM learns to
+        # abort it and free its slot (it generated the whole answer for nobody otherwise).
+        upstream = await _unless_client_leaves(
+            request, client.send(client.build_request("POST", url, json=body, timeout=timeout), stream=True))
+    except _ClientGone:
+        ticket.release()
+        _note(request, finish="cancelled")
+        _record_answer(request, server, target.record, req, answer, [""], "cancelled", 0, 0, role)
+        return Response(status_code=499)  # nobody reads it: the client has gone
     except httpx.HTTPError as exc:
         ticket.release()
         raise OpenAIError(502, f"The model engine for v{version} is unreachable ({type(exc).__name__}); retry "
@@ -783,7 +792,11 @@ async def _forward(request: Request, server: Server, target: UpstreamModel, req,
                           [:2000], param=error.get("param"), code=error.get("code"), headers=headers)
     if not req.stream:
         try:
-            data = json.loads(await upstream.aread())
+            data = json.loads(await _unless_client_leaves(request, upstream.aread()))
+        except _ClientGone:
+            _note(request, finish="cancelled")
+            _record_answer(request, server, target.record, req, answer, [""], "cancelled", 0, 0, role)
+            return Response(status_code=499)
         finally:
             await upstream.aclose()
             ticket.release()
@@ -834,6 +847,26 @@ async def _forward(request: Request, server: Server, target: UpstreamModel, req,
             _shadow(request, server, req, answer, role)
 
     return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
+
+
+class _ClientGone(Exception):
+    """The client closed its connection while its answer was being made."""
+
+
+async def _unless_client_leaves(request: Request, awaitable):
+    """Return what ``awaitable`` returns; cancel it and raise _ClientGone when the client disconnects first."""
+    work = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=0.25)
+            if done:
+                return work.result()
+            if await request.is_disconnected():
+                work.cancel()
+                raise _ClientGone
+    except BaseException:
+        work.cancel()
+        raise
 
 
 def _event_error(message: str, code: str | None) -> str:
