@@ -12,7 +12,7 @@ PIP    := $(BIN)/pip install --no-input --progress-bar off
 
 help:
 	@echo "make run    set-up, then one full cycle (ingest_corpus -> finetune_model) on SmolLM2, with a summary"
-	@echo "make test   set-up, then the whole test suite (under 20 minutes from a fresh clone)"
+	@echo "make test   set-up, then the whole test suite (its budget: 20 minutes from a fresh clone)"
 	@echo "make test-fast  everything but the end-to-end tests (under 5 minutes once set up)"
 	@echo "make up     Airflow UI on http://localhost:8080 and the endpoint on http://127.0.0.1:8000/v1"
 	@echo "make serve  only the OpenAI-compatible endpoint"
