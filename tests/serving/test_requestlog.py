@@ -198,3 +198,15 @@ def test_a_rating_sent_earlier_but_written_later_does_not_replace_a_newer_one(re
     stale = request_log.add_feedback("late", "key-a", -1, None, None, at=now - timedelta(seconds=3))
     assert stale["rating"] == 1 and not stale["replaced"]
     assert [f["rating"] for f in request_log.answer("late")["feedback"]] == [1]
+
+
+def test_the_queue_is_bounded_by_the_text_it_holds_not_only_by_its_count(tmp_path):
+    log = RequestLog(f"sqlite:///{tmp_path / 'r.db'}", queue_bytes=2_000)  # not started: nothing drains it yet
+    assert log.record(answer("small-1", text="short"))
+    assert not log.record(answer("huge", text="x" * 5_000))  # one request's text would not fit: dropped, counted
+    assert log.record(answer("small-2", text="short"))
+    assert log.dropped == 1
+    log.start()
+    assert log.flush()
+    log.stop()
+    assert log.written == 2 and log._queued_bytes == 0

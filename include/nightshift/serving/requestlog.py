@@ -6,8 +6,9 @@ Prompts, answers, corrections and comments are scrubbed with the preparation ste
 (``prep.pii.Scrubber``: e-mail addresses, phone numbers, IP addresses, payment cards, IBANs, credentials)
 before they are written, and cut at ``max_chars``. Rows older than the retention are deleted.
 
-Answers are written by a background thread from a bounded queue, so the database never slows an answer; a
-full queue drops the entry and counts it (``dropped``). Feedback is written before ``POST /v1/feedback``
+Answers are written by a background thread from a queue bounded by count and by the text it holds
+(``queue_bytes``), so the database never slows an answer; a full queue drops the entry and counts it
+(``dropped``). Feedback is written before ``POST /v1/feedback``
 answers, after the pending answers are flushed, so feedback on an answer just received finds it. A key sees
 and rates only its own answers.
 """
@@ -97,7 +98,7 @@ class RequestLog:
     """Writes answers and feedback to ``url`` (any SQLAlchemy URL); ``start`` before use, ``stop`` to flush."""
 
     def __init__(self, url: str, retention_days: float = 30.0, max_chars: int = 32_000, queue_size: int = 10_000,
-                 purge_every_s: float = 3600.0) -> None:
+                 purge_every_s: float = 3600.0, queue_bytes: int = 64 * 1024 * 1024) -> None:
         self.url = url
         self.retention = timedelta(days=retention_days)
         self.max_chars = max_chars
@@ -113,6 +114,10 @@ class RequestLog:
         self.dropped = 0
         self.failed = 0
         self._feedback_lock = threading.Lock()
+        self.queue_bytes = queue_bytes
+        """The most text the queue holds (answers waiting to be written), whatever their count."""
+        self._queued_bytes = 0
+        self._bytes_lock = threading.Lock()
 
     # -- lifecycle
 
@@ -144,15 +149,28 @@ class RequestLog:
     # -- answers
 
     def record(self, entry: LoggedAnswer) -> bool:
-        """Queue an answer for writing; return False (and count it) when the queue is full."""
-        try:
-            self._queue.put_nowait(entry)
-            return True
-        except queue.Full:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 1000 == 0:
-                log.error("request log queue full: %d answers not logged so far", self.dropped)
-            return False
+        """Queue an answer for writing; return False (and count it) when the queue is full, by count or by the
+        bytes of text it holds (``queue_bytes``)."""
+        size = _text_bytes(entry.request) + _text_bytes(entry.answer)
+        with self._bytes_lock:
+            fits = self._queued_bytes + size <= self.queue_bytes
+            if fits:
+                self._queued_bytes += size
+        if fits:
+            try:
+                self._queue.put_nowait(entry)
+                return True
+            except queue.Full:
+                with self._bytes_lock:
+                    self._queued_bytes -= size
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 1000 == 0:
+            log.error("request log queue full: %d answers not logged so far", self.dropped)
+        return False
+
+    def _taken(self, entry: LoggedAnswer) -> None:
+        with self._bytes_lock:
+            self._queued_bytes -= _text_bytes(entry.request) + _text_bytes(entry.answer)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued answer is written; return False if that took longer than ``timeout``."""
@@ -179,6 +197,8 @@ class RequestLog:
                     stopping = True
                 else:
                     batch.append(more)
+            for entry in batch:
+                self._taken(entry)
             try:
                 if batch:
                     self._write(batch)
@@ -424,6 +444,17 @@ class RequestLog:
         if deleted:
             log.info("request log: %d answers older than %s deleted (retention)", deleted, self.retention)
         return deleted
+
+
+def _text_bytes(value: Any) -> int:
+    """Return about how many bytes the strings of a JSON-like value take (characters counted, as queued)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(str(k)) + _text_bytes(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sum(_text_bytes(v) for v in value)
+    return 8
 
 
 def _storable(text: str, counts: dict[str, int]) -> str:
