@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nightshift.faults import fault_point
@@ -82,9 +82,7 @@ def next_stamp(records: dict[str, ChampionMove] | list[ChampionMove]) -> str:
     Moves are ordered by these times (resumes, ``moves()``, ``champion_at``); a worker whose clock runs behind
     another's must still stamp after every move already written. Every stamp is taken under the lease.
     """
-    from datetime import timedelta
-
-    now = parse_time(now_iso())
+    now = datetime.now(UTC)
     for move in (records.values() if isinstance(records, dict) else records):
         for stamp in (move.requested_at, move.at):
             if stamp:

@@ -227,7 +227,7 @@ class Admission:
     def try_acquire(self, cost: int, capacity: int) -> Ticket | None:
         """Return a ticket at once when a slot and the memory are free and nobody waits; None otherwise (for
         work that is skipped rather than queued, such as a shadow answer)."""
-        if not self._waiters and self.active < self.slots and self.bytes_in_use + cost <= capacity:
+        if not self._waiters and self._fits(cost, capacity):
             return self._admit(cost)
         return None
 

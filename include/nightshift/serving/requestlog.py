@@ -393,12 +393,13 @@ class RequestLog:
         self.flush()
         out = {}
         with self.engine.connect() as conn:
+            votes = self._votes(conn, since, versions)
             for version in versions:
                 rows = conn.execute(sa.select(responses.c.seconds, responses.c.finish).where(
                     responses.c.model_version == version, responses.c.created_at >= since)).all()
                 seconds = sorted(r.seconds for r in rows if r.seconds is not None)
                 errors = sum(1 for r in rows if any(f in ("timeout", "error") for f in (r.finish or "").split(",")))
-                ratings = self._votes(conn, since, [version]).get(version, [])
+                ratings = votes.get(version, [])
                 p95 = seconds[min(len(seconds) - 1, math.ceil(0.95 * len(seconds)) - 1)] if seconds else math.nan
                 out[version] = {
                     "answers": float(len(rows)), "errors": float(errors), "p95_seconds": float(p95),

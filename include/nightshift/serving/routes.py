@@ -364,6 +364,11 @@ def _plan(server: Server, loaded: LoadedModel, prompts: list[list[int]], req, ch
     return params, cost
 
 
+def _parallel(loaded: LoadedModel, prompts: list[list[int]], cost: int) -> int:
+    """Return how many of a request's prompts decode side by side: as many as the memory for requests holds."""
+    return max(1, min(len(prompts), loaded.capacity_bytes // max(cost, 1)))
+
+
 async def _admit(request: Request, server: Server, loaded: LoadedModel, cost: int, deadline: float) -> Ticket:
     assert server.admission is not None
     ticket = await server.admission.acquire(cost, loaded.capacity_bytes, deadline)
@@ -439,8 +444,7 @@ async def completions(request: Request, req: CompletionRequest):
 async def _serve(request: Request, server: Server, loaded: LoadedModel, prompts, req, chat: bool,
                  role: str = "champion"):
     params, cost = _plan(server, loaded, prompts, req, chat)
-    # A request's prompts decode side by side, as many at once as the memory left for requests holds.
-    parallel = max(1, min(len(prompts), loaded.capacity_bytes // max(cost, 1)))
+    parallel = _parallel(loaded, prompts, cost)
     deadline = request.scope["state"]["started"] + server.limits.request_timeout_s
     version = loaded.record.version
     rid = ("chatcmpl-" if chat else "cmpl-") + request.scope["state"]["request_id"]
@@ -514,7 +518,7 @@ def _shadow(request: Request, server: Server, req, answer: Answer, role: str) ->
     # A shadow answer is charged like any request, its prompts side by side as memory allows, and is skipped
     # (never queued) when the slot or the memory is not free now.
     assert server.admission is not None
-    parallel = max(1, min(len(prompts), candidate.capacity_bytes // max(cost, 1)))
+    parallel = _parallel(candidate, prompts, cost)
     ticket = server.admission.try_acquire(cost * parallel, candidate.capacity_bytes)
     if ticket is None:
         server.metrics.shadows.labels("skipped").inc()
@@ -773,9 +777,7 @@ async def _forward(request: Request, server: Server, target: UpstreamModel, req,
             request, client.send(client.build_request("POST", url, json=body, timeout=timeout), stream=True))
     except _ClientGone:
         ticket.release()
-        _note(request, finish="cancelled")
-        _record_answer(request, server, target.record, req, answer, [""], "cancelled", 0, 0, role)
-        return Response(status_code=499)  # nobody reads it: the client has gone
+        return _abandoned(request, server, target, req, answer, role)
     except httpx.HTTPError as exc:
         ticket.release()
         raise OpenAIError(502, f"The model engine for v{version} is unreachable ({type(exc).__name__}); retry "
@@ -794,9 +796,7 @@ async def _forward(request: Request, server: Server, target: UpstreamModel, req,
         try:
             data = json.loads(await _unless_client_leaves(request, upstream.aread()))
         except _ClientGone:
-            _note(request, finish="cancelled")
-            _record_answer(request, server, target.record, req, answer, [""], "cancelled", 0, 0, role)
-            return Response(status_code=499)
+            return _abandoned(request, server, target, req, answer, role)
         finally:
             await upstream.aclose()
             ticket.release()
@@ -847,6 +847,13 @@ async def _forward(request: Request, server: Server, target: UpstreamModel, req,
             _shadow(request, server, req, answer, role)
 
     return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
+
+
+def _abandoned(request: Request, server: Server, target: UpstreamModel, req, answer: Answer, role: str) -> Response:
+    """Log an answer whose client left (``cancelled``) and return the response nobody will read."""
+    _note(request, finish="cancelled")
+    _record_answer(request, server, target.record, req, answer, [""], "cancelled", 0, 0, role)
+    return Response(status_code=499)
 
 
 class _ClientGone(Exception):
