@@ -50,9 +50,12 @@ browser:
 	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; } \
 	    || echo "chromium could not be installed: tests/e2e/test_up.py will skip"; }
 
-# Both print their slowest tests at the end, so the time budget stays in view.
+# Both print their slowest tests at the end, so the time budget stays in view. The suite runs on two workers
+# (pytest-xdist, a test file stays on one worker so that its module fixtures are built once), then the tests
+# that assert on wall-clock time run alone (marked serial in tests/conftest.py).
 test: setup browser
-	$(BIN)/pytest --durations=20
+	$(BIN)/pytest -n 2 --dist loadfile -m "not serial" --durations=20
+	$(BIN)/pytest -m serial --durations=10
 
 test-fast: setup
 	$(BIN)/pytest -m "not e2e" --durations=10

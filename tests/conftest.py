@@ -42,6 +42,18 @@ os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 REPO = repo_root()
 TESTS = Path(__file__).resolve().parent
 
+SERIAL = frozenset({
+    "serving/test_hostile.py", "serving/test_soak.py", "serving/test_feedback.py", "serving/test_load.py",
+    "serving/test_upstream.py", "sources/test_web.py", "dags/test_dag_integrity.py",
+})
+"""Modules whose tests assert on wall-clock time: marked ``serial``, run by ``make test`` after the others, alone."""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if Path(str(item.fspath)).resolve().relative_to(TESTS).as_posix() in SERIAL:
+            item.add_marker(pytest.mark.serial)
+
 
 @pytest.fixture(scope="session")
 def settings():

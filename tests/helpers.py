@@ -284,8 +284,9 @@ def greedy_answers(folder: Path, prompts: list[str], max_tokens: int) -> dict[st
     import threading
 
     from nightshift.records import ModelVersionRecord
-    from nightshift.serving.engine import SamplingParams, generate, load_model
+    from nightshift.serving.decoding import SamplingParams, generate
     from nightshift.serving.limits import ServingLimits
+    from nightshift.serving.loading import load_model
 
     loaded = load_model(ModelVersionRecord(name="m", version=0, run_id="", source=""), folder, ServingLimits(), 0)
     out = {}

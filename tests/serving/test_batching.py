@@ -7,8 +7,9 @@ import pytest
 
 from nightshift.records import ModelVersionRecord
 from nightshift.serving.batching import BatchScheduler
-from nightshift.serving.engine import SamplingParams, Sequence, generate, load_model
+from nightshift.serving.decoding import SamplingParams, Sequence, generate
 from nightshift.serving.limits import ServingLimits
+from nightshift.serving.loading import load_model
 
 RECORD = ModelVersionRecord(name="nightshift-llm", version=1, run_id="r", source="s", dataset_tag="d", fingerprint="")
 FOREVER = float("inf")
@@ -177,3 +178,58 @@ def test_a_long_scoring_prompt_is_prefilled_between_the_decode_steps_of_a_runnin
     assert [t.token_id for t in scored.prompt_logprobs] == prompt
     assert [t.logprob for t in scored.prompt_logprobs[1:]] == pytest.approx(
         [t.logprob for t in expected.result.prompt_logprobs[1:]], abs=1e-4)
+
+
+@pytest.mark.parametrize("budgeted", [True, False])
+def test_short_rows_never_hold_a_long_rows_width_beyond_the_budget(loaded, budgeted):
+    """One near-window request and seven short ones once formed one 8-row batch, every row padded to the long
+    one's width: the caches held several times what admission had charged. The padding is now charged to the
+    budget, and rows it cannot pay for decode in a batch of their own (``budgeted=False`` is the old rule, to show
+    the measure sees the difference)."""
+    kv = loaded.shape.kv_bytes_per_token
+    capacity = 2 * kv * 1000  # room for the eight requests' own tokens (charged twice, as admission does)
+    charged: list[int] = []  # what admission would hold: the requests' own tokens
+
+    def free(_loaded):
+        return capacity - sum(charged) - scheduler.padding_bytes
+
+    rows: list[int] = []
+    scheduler = BatchScheduler(prefill_chunk=512, wait_s=0, on_step=rows.append,
+                               free=free if budgeted else None)
+    scheduler.start()
+    never_ending = {e: -100.0 for e in loaded.eos_ids}
+    short = SamplingParams(max_tokens=40, temperature=0, logit_bias=never_ending)
+    futures = []
+
+    def submit_short():
+        sequence = Sequence(loaded, ids(loaded, PROMPTS[3]), short, threading.Event(), FOREVER)
+        charged.append(2 * kv * sequence.bound)
+        futures.append(scheduler.submit(sequence))
+
+    class Long(Sequence):
+        def step(self, logits):
+            token = super().step(logits)
+            if len(self.result.token_ids) == 5 and token is not None:
+                for _ in range(7):
+                    submit_short()
+            return token
+
+    prompt = (ids(loaded, " ".join(PROMPTS) * 30))[:400]
+    long_params = SamplingParams(max_tokens=80, temperature=0, logit_bias=never_ending)
+    try:
+        long = Long(loaded, prompt, long_params, threading.Event(), FOREVER)
+        charged.append(2 * kv * long.bound)
+        first = scheduler.submit(long)
+        got = [first.result(timeout=60)] + [f.result(timeout=60) for f in futures]
+    finally:
+        scheduler.stop()
+    assert [len(g.token_ids) for g in got] == [80] + [40] * 7
+    expected = alone(loaded, PROMPTS[3], short).token_ids
+    assert all(g.token_ids == expected for g in got[1:])
+    held = scheduler.kv_held_peak_bytes
+    if budgeted:
+        assert held <= capacity // 2, (held, capacity)  # the caches never held more than their tokens' charge
+        assert scheduler.over_charge_peak_bytes <= 0
+        assert max(rows) == 7  # the short ones batched together, apart from the long one
+    else:
+        assert held > capacity // 2 and max(rows) == 8

@@ -184,6 +184,34 @@ def test_idle_and_dripping_sockets_hold_neither_probes_nor_answers_and_are_close
             sock.close()
     ordinary(server)
 
+    # Headers in time, then a body dripped one byte a second: it once held an in-flight slot for as long as the
+    # client liked; the whole body must now arrive within the same time as the headers.
+    body = json.dumps({"model": "nightshift-llm", "prompt": "Hi", "max_tokens": 1}).encode()
+    slow = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + server.keys["cli"].encode() +
+                     f"\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        opened = time.monotonic()
+        slow.settimeout(1)
+        reply = b""
+        for byte in body:
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:
+                break
+            try:
+                reply += slow.recv(65536)
+            except TimeoutError:
+                continue
+            if reply:
+                break
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert time.monotonic() - opened < HEADER_TIMEOUT_S + 5
+    finally:
+        slow.close()
+    ordinary(server)
+
 
 def test_unknown_model_and_unsupported_options(server):
     assert error(chat(server, model="gpt-4o"), 404)["code"] == "model_not_found"

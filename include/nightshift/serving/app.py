@@ -9,9 +9,12 @@ header; every response carries an ``X-Request-Id``, and one JSON access-log line
 the key id, the route, the model version, token counts and timings, never the content.
 
 The pieces, outermost first: request id and access log, the bound on requests in flight (probes excepted,
-``connections.py``), body-size limit, API key, then the FastAPI routes
-(``routes.py``) over the admission controller (``limits.py``), the continuous batch (``batching.py``) and
-the engine (``engine.py``); ``metrics.py`` counts and logs every request.
+``connections.py``), body-size limit and time, API key, then thin route handlers (``routes.py``) that pick a
+target (``server.py``) and await its answer: ``local.py`` (prompts, plan, admission in ``limits.py``, the
+continuous batch in ``batching.py``, decoding in ``decoding.py``, streaming) or ``relay.py`` (an
+OpenAI-compatible engine upstream). Response shapes are in ``responses.py``; what follows every answer
+(request log, shadow, metrics) in ``afterwork.py``; models are loaded by ``loading.py`` and kept current by
+``watching.py``; ``metrics.py`` counts and logs every request.
 """
 
 from __future__ import annotations
@@ -30,14 +33,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nightshift.registry.mlflow_registry import ModelRegistry
 from nightshift.serving.connections import InFlightMiddleware
-from nightshift.serving.engine import ChampionWatcher, import_libraries
 from nightshift.serving.keys import ApiKeyMiddleware, KeyRing
 from nightshift.serving.limits import BodyLimitMiddleware, ServingLimits
+from nightshift.serving.loading import import_libraries
 from nightshift.serving.metrics import ServingMetrics, log_access, route_of
 from nightshift.serving.protocol import OpenAIError, error_body, error_type, send_error, validation_message
 from nightshift.serving.requestlog import RequestLog
 from nightshift.serving.rollout import CandidateWatcher
-from nightshift.serving.routes import Server, router
+from nightshift.serving.routes import router
+from nightshift.serving.server import Server
+from nightshift.serving.watching import ChampionWatcher
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +161,7 @@ def create_app(
 
     # add_middleware wraps: the last added runs first.
     app.add_middleware(ApiKeyMiddleware, keyring=keyring or KeyRing(), required=require_key)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes, body_timeout_s=limits.header_timeout_s)
     app.add_middleware(InFlightMiddleware, bound=limits.in_flight_bound)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

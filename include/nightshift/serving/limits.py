@@ -11,6 +11,7 @@ import asyncio
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nightshift.serving.protocol import OpenAIError, send_error
@@ -138,10 +139,13 @@ class BodyLimitMiddleware:
     writing its request reads the 413 instead of a reset connection; beyond that the connection is closed.
     """
 
-    def __init__(self, app, max_bytes: int, drain_factor: int = 16) -> None:
+    def __init__(self, app, max_bytes: int, drain_factor: int = 16, body_timeout_s: float = 10.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.drain_bytes = max_bytes * drain_factor
+        self.body_timeout_s = body_timeout_s
+        """The whole body must arrive within this time of the headers: a client dripping it would otherwise hold
+        an in-flight slot for as long as it likes."""
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
@@ -154,8 +158,16 @@ class BodyLimitMiddleware:
         body = bytearray()
         seen = 0
         more = True
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
         while more:
-            message = await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                await send_error(send, 408, f"The request body did not arrive within {self.body_timeout_s:.0f} s "
+                                 "of its headers (NIGHTSHIFT_SERVE_HEADER_TIMEOUT_S).", "request_timeout",
+                                 {"Connection": "close"})
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -203,9 +215,11 @@ class Admission:
     a 429 (with ``Retry-After``) when the queue is full or the request's deadline passes while it waits.
     """
 
-    def __init__(self, slots: int, queue: int) -> None:
+    def __init__(self, slots: int, queue: int, reserved: Callable[[], int] = lambda: 0) -> None:
         self.slots = slots
         self.queue = queue
+        self.reserved = reserved
+        """Bytes charged outside the tickets (the padding of running batches, batching.BatchScheduler)."""
         self.active = 0
         self.bytes_in_use = 0
         self._waiters: deque[tuple[asyncio.Future, int, int]] = deque()
@@ -222,7 +236,11 @@ class Admission:
 
     def _fits(self, cost: int, capacity: int) -> bool:
         # A lone request always runs: the window was fitted to the budget when the model was loaded.
-        return self.active < self.slots and (self.active == 0 or self.bytes_in_use + cost <= capacity)
+        return self.active < self.slots and (self.active == 0 or self.bytes_in_use + self.reserved() + cost <= capacity)
+
+    def free(self, capacity: int) -> int:
+        """Return the bytes of ``capacity`` not charged to tickets or padding."""
+        return capacity - self.bytes_in_use - self.reserved()
 
     def try_acquire(self, cost: int, capacity: int) -> Ticket | None:
         """Return a ticket at once when a slot and the memory are free and nobody waits; None otherwise (for
@@ -268,6 +286,10 @@ class Admission:
         self.active -= 1
         self.bytes_in_use -= ticket.cost
         self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * (time.monotonic() - ticket.started)
+        self.wake()
+
+    def wake(self) -> None:
+        """Admit the waiters at the head of the queue that fit now."""
         while self._waiters:
             future, cost, capacity = self._waiters[0]
             if future.done():

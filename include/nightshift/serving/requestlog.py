@@ -118,6 +118,8 @@ class RequestLog:
         """The most text the queue holds (answers waiting to be written), whatever their count."""
         self._queued_bytes = 0
         self._bytes_lock = threading.Lock()
+        self._stopping = threading.Event()
+        """Set once ``stop`` has waited its time: the writer then stops retrying an unavailable database."""
 
     # -- lifecycle
 
@@ -138,11 +140,15 @@ class RequestLog:
     def stop(self, timeout: float = 30.0) -> None:
         if self._thread is None:
             return
+        end = time.monotonic() + timeout
         try:
             self._queue.put(None, timeout=timeout)
         except queue.Full:
             log.error("request log: %d answers not written at shutdown", self._queue.qsize())
-        self._thread.join(timeout)
+        self._thread.join(max(0.0, end - time.monotonic()))
+        if self._thread.is_alive():  # still retrying an unavailable database: give up, counting what is lost
+            self._stopping.set()
+            self._thread.join(5)
         self._thread = None
         self.engine.dispose()
 
@@ -221,7 +227,8 @@ class RequestLog:
                 log.error("request log: answer %s could not be prepared (%s)", entry.response_id, type(exc).__name__)
         if not rows:
             return
-        for attempt in range(3):
+        attempt = 0
+        while True:
             try:
                 if not self._ready:
                     self.open()
@@ -230,15 +237,18 @@ class RequestLog:
                 self.written += len(rows)
                 return
             except sa.exc.OperationalError as exc:
-                log.warning("request log: database unavailable (%s), attempt %d of 3", type(exc).__name__,
-                            attempt + 1)
-                time.sleep(0.5 * (attempt + 1))
+                # Locked or unreachable: wait and try again for as long as the endpoint runs (answers pile up in
+                # the bounded queue meanwhile, and what does not fit there is counted as dropped).
+                attempt += 1
+                if self._stopping.is_set():
+                    self.failed += len(rows)
+                    log.error("request log: %d answers could not be written before shutdown", len(rows))
+                    return
+                log.warning("request log: database unavailable (%s), attempt %d; retrying", type(exc).__name__,
+                            attempt)
+                self._stopping.wait(min(30.0, 0.5 * attempt))
             except Exception:  # noqa: BLE001 - a retried id, or one row the database refuses: write them one by one
                 break
-        else:
-            self.failed += len(rows)
-            log.error("request log: %d answers could not be written", len(rows))
-            return
         for row in rows:
             try:
                 with self.engine.begin() as conn:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from nightshift.records import ModelVersionRecord
 from nightshift.registry.rollout import Rollout, Rollouts
-from nightshift.serving.engine import ChampionWatcher, LoadedModel
 from nightshift.serving.limits import ServingLimits
+from nightshift.serving.loading import LoadedModel
+from nightshift.serving.watching import ChampionWatcher
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nightshift.records import ModelVersionRecord
-from nightshift.serving.engine import ChampionWatcher
 from nightshift.serving.rollout import CandidateWatcher
+from nightshift.serving.watching import ChampionWatcher
 
 log = logging.getLogger(__name__)
 

@@ -1,273 +1,22 @@
-"""The engine: the champion loaded within a memory budget, hot-swapped, and a decode loop that can be stopped.
+"""Decoding: a prompt continued token by token, stoppable within one token.
 
 The decode loop is written here rather than calling ``model.generate()``: generation must stop within one
 token when the client disconnects, a stop sequence appears or the deadline passes; seeded sampling must not
 share torch's global random generator with concurrent requests; and log-probabilities must come from the
 raw model output without keeping every step's logits. It is transformers' own forward pass, cache
 (``DynamicCache``) and logits warpers, driven one token at a time; greedy output is tested to equal
-``generate()``'s.
+``generate()``'s. ``batching.py`` runs many sequences through one batched forward pass.
 """
 
 from __future__ import annotations
 
-import logging
 import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from nightshift.records import ModelVersionRecord
-from nightshift.serving.limits import MIB, ModelShape, ServingLimits, fit_window
-
-log = logging.getLogger(__name__)
-
-MIN_WINDOW = 256
-
-
-def process_rss() -> int:
-    """Return the resident memory of this process in bytes."""
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def checkpoint_bytes(folder: Path) -> int:
-    """Return the size of the weight files of a Hugging Face checkpoint folder."""
-    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
-
-
-class ModelTooLarge(RuntimeError):
-    """The memory budget cannot hold this model and one request."""
-
-
-@dataclass
-class LoadedModel:
-    """A model version in memory, with the window and memory capacity it was fitted to."""
-
-    record: ModelVersionRecord
-    model: Any
-    tokenizer: Any
-    window: int
-    """Context window: prompt plus completion tokens."""
-    shape: ModelShape
-    model_bytes: int
-    capacity_bytes: int
-    """Memory left for in-flight requests."""
-    eos_ids: frozenset[int]
-    loaded_at: float = field(default_factory=time.time)
-
-    def cost(self, total_tokens: int, chunk: int, all_logits: bool = False) -> int:
-        return self.shape.request_bytes(total_tokens, chunk, all_logits)
-
-
-_LOADING = threading.Lock()
-"""One model load at a time in a process: the champion's and the candidate's watchers may both load at once."""
-
-
-def import_libraries() -> None:
-    """Import torch and every name this engine takes from transformers, once, in the calling thread.
-
-    transformers hands out its names through a lazy module that imports on first use; two watcher threads
-    resolving them at the same moment can meet a half-imported module and raise ImportError, which would mark a
-    healthy champion as failed. The application calls this before any watcher thread starts.
-    """
-    import torch  # noqa: F401
-    from transformers import (  # noqa: F401
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DynamicCache,
-        TemperatureLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-
-def load_model(
-    record: ModelVersionRecord, folder: Path, limits: ServingLimits, runtime_bytes: int
-) -> LoadedModel:
-    """Load a checkpoint and fit its context window to the memory budget; raise ModelTooLarge if it cannot fit."""
-    with _LOADING:
-        return _load_model(record, folder, limits, runtime_bytes)
-
-
-def _load_model(record: ModelVersionRecord, folder: Path, limits: ServingLimits, runtime_bytes: int) -> LoadedModel:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(str(folder))
-    shape = ModelShape.of(config)
-    model_bytes = checkpoint_bytes(folder)
-    budget = limits.memory_budget_mb * MIB
-    # Room for two models: during a swap the old one serves while the new one loads.
-    capacity = budget - runtime_bytes - 2 * model_bytes
-    native = int(getattr(config, "max_position_embeddings", 0) or 2048)
-    configured = min(native, limits.max_model_len or native)
-    window = fit_window(shape, configured, limits.prefill_chunk, capacity)
-    if window < min(MIN_WINDOW, configured):
-        need = (runtime_bytes + 2 * model_bytes + shape.request_bytes(MIN_WINDOW, limits.prefill_chunk, True)) // MIB
-        raise ModelTooLarge(
-            f"{record.label} needs about {need} MiB for the runtime, two copies of its {model_bytes // MIB} MiB of "
-            f"weights and one {MIN_WINDOW}-token request; the budget is {limits.memory_budget_mb} MiB "
-            "(raise NIGHTSHIFT_SERVE_MEMORY_MB)"
-        )
-    if window < configured:
-        log.warning("%s: context window limited to %d tokens (configured: %d) by the memory budget "
-                    "(NIGHTSHIFT_SERVE_MEMORY_MB)", record.label, window, configured)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    eos: set[int] = set()
-    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(source, int):
-            eos.add(source)
-        elif source:
-            eos.update(int(t) for t in source)
-    return LoadedModel(
-        record=record, model=model, tokenizer=tokenizer, window=window, shape=shape, model_bytes=model_bytes,
-        capacity_bytes=max(0, capacity), eos_ids=frozenset(eos),
-    )
-
-
-class ChampionWatcher:
-    """Keeps the champion loaded and swaps in a new one when the registry alias moves.
-
-    Loading never blocks the server: it runs in the watcher's thread while the previous model (if any) keeps
-    answering. A version that fails to load is reported once through ``on_alert``, retried with back-off,
-    and leaves the previous model serving.
-    """
-
-    RETRY_FIRST_S = 60.0
-    RETRY_MAX_S = 900.0
-
-    role = "champion"
-
-    def __init__(
-        self, registry, cache_dir: Path, limits: ServingLimits, poll_seconds: float = 5.0,
-        on_alert: Callable[[str, str, str], None] | None = None,
-    ) -> None:
-        self.registry = registry
-        self.donor: ChampionWatcher | None = None
-        """Another watcher whose loaded model may be taken over (the candidate, when it is promoted)."""
-        self.cache_dir = cache_dir
-        self.limits = limits
-        self.poll_seconds = poll_seconds
-        self.on_alert = on_alert
-        self.current: LoadedModel | None = None
-        self.detail: str | None = "starting"
-        self.loading: int | None = None
-        self.failures: dict[int, tuple[str, float, float]] = {}
-        """version -> (error, next attempt at, back-off)"""
-        self._runtime_bytes: int | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def state(self) -> str:
-        """``ready``, ``loading`` (first model), ``swapping`` (a new one loads), ``no_model`` or ``failed``."""
-        if self.loading is not None:
-            return "swapping" if self.current else "loading"
-        if self.current is not None:
-            return "ready"
-        return "failed" if self.failures else ("loading" if self.detail == "starting" else "no_model")
-
-    def resolve(self) -> ModelVersionRecord | None:
-        """Return the version this watcher should serve."""
-        return self.registry.champion()
-
-    def refresh(self) -> bool:
-        """Load the champion if the alias points somewhere new; return True when the served model changed."""
-        try:
-            record = self.resolve()
-        except Exception as exc:  # the registry may be briefly unavailable; keep serving what we have
-            self.detail = f"registry unavailable: {type(exc).__name__}"
-            log.warning("registry unavailable, still serving %s: %s",
-                        self.current.record.label if self.current else "nothing", exc)
-            return False
-        if record is None:
-            return self.nothing_to_serve()
-        if self.current and self.current.record.version == record.version:
-            self.detail = None
-            return False
-        donor = self.donor.current if self.donor else None
-        if donor is not None and donor.record.version == record.version:
-            previous = self.current.record.label if self.current else "nothing"
-            self.current = donor
-            self.detail = None
-            log.info("serving %s as %s (was %s), taken over from the %s without reloading", record.label,
-                     self.role, previous, self.donor.role)
-            return True
-        failed = self.failures.get(record.version)
-        if failed and time.monotonic() < failed[1]:
-            return False
-        return self._load(record, failed)
-
-    def nothing_to_serve(self) -> bool:
-        self.detail = f"no model carries the alias {self.registry.alias!r} yet"
-        return False
-
-    def _load(self, record: ModelVersionRecord, failed: tuple[str, float, float] | None) -> bool:
-        import gc
-
-        if self._runtime_bytes is None:
-            self._runtime_bytes = process_rss()
-        self.loading = record.version
-        started = time.monotonic()
-        try:
-            folder = self.registry.download(record, self.cache_dir)
-            loaded = load_model(record, folder, self.limits, self._runtime_bytes)
-        except Exception as exc:
-            backoff = min(self.RETRY_MAX_S, failed[2] * 2) if failed else self.RETRY_FIRST_S
-            error = f"{type(exc).__name__}: {exc}"
-            self.failures[record.version] = (error, time.monotonic() + backoff, backoff)
-            serving = self.current.record.label if self.current else "nothing"
-            self.detail = f"{record.label} failed to load ({error}); serving {serving}"
-            log.error("could not load %s; still serving %s; next try in %.0fs", record.label, serving, backoff,
-                      exc_info=True)
-            if failed is None and self.on_alert:
-                self._alert(record, error, serving)
-            return False
-        finally:
-            self.loading = None
-        previous = self.current.record.label if self.current else "nothing"
-        self.current = loaded
-        self.failures.pop(record.version, None)
-        self.detail = None
-        gc.collect()
-        try:  # only the model being served needs its files on disk
-            self.registry.prune_cache(self.cache_dir, keep=[record])
-        except OSError:
-            log.warning("could not prune %s", self.cache_dir, exc_info=True)
-        log.info("serving %s as %s (was %s), loaded in %.1fs: window %d tokens, %d MiB of weights, %d MiB for "
-                 "requests", record.label, self.role, previous, time.monotonic() - started, loaded.window,
-                 loaded.model_bytes // MIB, loaded.capacity_bytes // MIB)
-        return True
-
-    def _alert(self, record: ModelVersionRecord, error: str, serving: str) -> None:
-        try:
-            self.on_alert(  # type: ignore[misc]
-                f"endpoint could not load {record.label}",
-                f"The {self.role} alias points at {record.label}, which failed to load: {error}. "
-                f"The endpoint keeps serving {serving} as {self.role}.", "error",
-            )
-        except Exception:
-            log.exception("could not send the alert about %s", record.label)
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=f"{self.role}-watcher", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.refresh()
-            except Exception:
-                log.exception("champion watcher error; still serving the previous model")
-            self._stop.wait(self.poll_seconds)
+from nightshift.serving.loading import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -445,6 +194,11 @@ class Sequence:
         self.finished = False
         self.prefilled = 0
         """Prompt tokens run through the cache so far."""
+
+    @property
+    def bound(self) -> int:
+        """The most tokens this sequence can hold in its cache: its prompt and max_tokens (what it is charged)."""
+        return len(self.prompt_ids) + self.params.max_tokens
 
     def check(self) -> None:
         if self.cancel.is_set():

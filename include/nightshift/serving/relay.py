@@ -1,0 +1,171 @@
+"""The upstream target: a request answered by an OpenAI-compatible engine (vLLM) that serves the version.
+
+Keys, limits, rollouts, ids, the request log and metrics stay nightshift's; the engine generates. A client
+that leaves closes the engine's request, which is how vLLM learns to abort it and free its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from nightshift.serving.afterwork import Ended, answered
+from nightshift.serving.context import note
+from nightshift.serving.protocol import OpenAIError
+from nightshift.serving.responses import DONE, Answer, choice_texts
+from nightshift.serving.upstream import UpstreamModel
+
+if TYPE_CHECKING:
+    from nightshift.serving.server import Server
+
+
+class ClientGone(Exception):
+    """The client closed its connection while its answer was being made."""
+
+
+async def unless_client_leaves(request: Request, awaitable):
+    """Return what ``awaitable`` returns; cancel it and raise ClientGone when the client disconnects first."""
+    work = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=0.25)
+            if done:
+                return work.result()
+            if await request.is_disconnected():
+                work.cancel()
+                raise ClientGone
+    except BaseException:
+        work.cancel()
+        raise
+
+
+def _ended(data: dict, chat: bool) -> Ended:
+    texts, finish = choice_texts(data, chat)
+    usage = data.get("usage") or {}
+    return Ended(texts, finish.split(","), int(usage.get("prompt_tokens") or 0),
+                 int(usage.get("completion_tokens") or 0))
+
+
+class UpstreamTarget:
+    """Answers through the engine serving ``model``."""
+
+    def __init__(self, server: Server, model: UpstreamModel) -> None:
+        self.server = server
+        self.model = model
+        self.record = model.record
+
+    def _url(self, chat: bool) -> str:
+        return f"{self.model.base_url}{'/chat/completions' if chat else '/completions'}"
+
+    async def answer(self, request: Request, req, chat: bool, role: str) -> Response:
+        """Send an admitted request to the engine; relay its answer under nightshift's ids."""
+        import httpx
+
+        server = self.server
+        state = request.scope["state"]
+        deadline = state["started"] + server.limits.request_timeout_s
+        version = self.record.version
+        rid = ("chatcmpl-" if chat else "cmpl-") + state["request_id"]
+        note(request, response_id=rid, model_version=version, model_role=role)
+        assert server.admission is not None
+        ticket = await server.admission.acquire(0, 1 << 62, deadline)  # the engine manages its own memory
+        note(request, waited_s=round(time.monotonic() - state["started"], 3))
+        body = req.model_dump(exclude_unset=True)
+        body["model"] = self.model.served_name
+        headers = {"X-Nightshift-Model-Version": str(version), "X-Nightshift-Model-Role": role}
+        answer = Answer(server.model_name, rid, int(time.time()), f"v{version}", chat)
+        client = server.upstream_client()
+        timeout = httpx.Timeout(max(1.0, deadline - time.monotonic()), connect=5.0)
+        try:
+            # An engine answering a plain request sends nothing until the whole answer is ready: the client is
+            # watched from the start, and one that leaves closes the engine's request.
+            upstream = await unless_client_leaves(
+                request, client.send(client.build_request("POST", self._url(chat), json=body, timeout=timeout),
+                                     stream=True))
+        except ClientGone:
+            ticket.release()
+            return self._abandoned(request, req, answer, role)
+        except httpx.HTTPError as exc:
+            ticket.release()
+            raise OpenAIError(502, f"The model engine for v{version} is unreachable ({type(exc).__name__}); "
+                              "retry later.", code="engine_unavailable", headers={"Retry-After": "5"}) from None
+        if upstream.status_code != 200:
+            try:
+                error = json.loads(await upstream.aread()).get("error") or {}
+            except ValueError:
+                error = {}
+            finally:
+                await upstream.aclose()
+                ticket.release()
+            raise OpenAIError(upstream.status_code, str(error.get("message") or "The model engine refused the "
+                              "request.")[:2000], param=error.get("param"), code=error.get("code"), headers=headers)
+        if not req.stream:
+            try:
+                data = json.loads(await unless_client_leaves(request, upstream.aread()))
+            except ClientGone:
+                return self._abandoned(request, req, answer, role)
+            finally:
+                await upstream.aclose()
+                ticket.release()
+            data.update(id=rid, model=server.model_name, system_fingerprint=f"v{version}")
+            answered(request, server, self.record, req, answer, _ended(data, chat), role)
+            return JSONResponse(data, headers=headers)
+        return StreamingResponse(self._relay(request, req, answer, upstream, ticket, role),
+                                 media_type="text/event-stream", headers=headers)
+
+    async def _relay(self, request: Request, req, answer: Answer, upstream, ticket, role: str) -> AsyncIterator[str]:
+        chat, server = answer.chat, self.server
+        texts: dict[int, list[str]] = {}
+        finish: dict[int, str] = {}
+        usage: dict[str, int] = {}
+        try:
+            async for line in upstream.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                payload = line[6:]
+                if payload.strip() == "[DONE]":
+                    break
+                try:
+                    chunk = json.loads(payload)
+                except ValueError:
+                    continue
+                chunk.update(id=answer.id, model=server.model_name, system_fingerprint=answer.fingerprint)
+                for c in chunk.get("choices", []):
+                    piece = (c.get("delta") or {}).get("content") if chat else c.get("text")
+                    texts.setdefault(c.get("index", 0), []).append(piece or "")
+                    if c.get("finish_reason"):
+                        finish[c.get("index", 0)] = c["finish_reason"]
+                usage = chunk.get("usage") or usage
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield DONE
+        finally:
+            await upstream.aclose()
+            ticket.release()
+            indexes = sorted(texts) or [0]
+            ended = Ended(["".join(texts.get(i, [])) for i in indexes], [finish.get(i, "cancelled") for i in indexes],
+                          int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+            answered(request, server, self.record, req, answer, ended, role)
+
+    def _abandoned(self, request: Request, req, answer: Answer, role: str) -> Response:
+        """Log an answer whose client left (``cancelled``) and return the response nobody will read."""
+        answered(request, self.server, self.record, req, answer, Ended([""], ["cancelled"], 0, 0), role)
+        return Response(status_code=499)
+
+    def shadow(self, request: Request, req, answer: Answer):
+        body = req.model_dump(exclude_unset=True)
+        body.update(model=self.model.served_name, stream=False)
+        body.pop("stream_options", None)
+        url, server = self._url(answer.chat), self.server
+
+        async def work() -> Ended:
+            r = await server.upstream_client().post(url, json=body, timeout=server.limits.request_timeout_s)
+            r.raise_for_status()
+            return _ended(r.json(), answer.chat)
+
+        return work
