@@ -133,3 +133,23 @@ def champion(tmp_path_factory, tiny_model):
     registry = local_registry(tmp_path_factory.mktemp("champion"))
     publish(registry, tiny_model, "one")
     return registry
+
+
+@pytest.fixture(scope="session")
+def long_window_model(tmp_path_factory, tokenizer_dir):
+    """A random model of SmolLM2's architecture with a 2,048-token window, for a long scoring prompt."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dest = tmp_path_factory.mktemp("long-window")
+    config = AutoConfig.for_model(
+        "llama", vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(dest)
+    for item in tokenizer_dir.iterdir():
+        shutil.copy2(item, dest / item.name)
+    return dest

@@ -1,6 +1,6 @@
 """Real DAG runs with dag.test(): Airflow, GX, DVC, DeepSpeed (2 CPU ranks), MLflow and the endpoint.
 
-The tests share one NIGHTSHIFT_HOME and run in order: a corpus that fails its checks, a full cycle,
+The tests share one NIGHTSHIFT_HOME of their own and run in order: a corpus that fails its checks, a full cycle,
 a clearly worse candidate, and a rerun on unchanged documents.
 """
 
@@ -19,12 +19,24 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def dags(airflow_db):
+def home(airflow_db, tmp_path_factory):
+    """The module's own NIGHTSHIFT_HOME (the session's metadata DB is shared; its asset events are filtered)."""
+    from nightshift.settings import load_settings
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NIGHTSHIFT_HOME", str(tmp_path_factory.mktemp("cycle-home")))
+        yield load_settings()
+
+
+@pytest.fixture(scope="module")
+def dags(home):
     """DAGs by id, each parsed anew for every run (cli_helpers.fresh)."""
     from nightshift.pipelines.ingest import dataset_repository
 
-    dataset_repository(airflow_db).ensure()  # as `make setup` does
-    mlflow_store(airflow_db.mlflow_dir / "mlflow.db")
+    dataset_repository(home).ensure()  # as `make setup` does
+    mlflow_store(home.mlflow_dir / "mlflow.db")
+    global _FIRST_EVENT
+    _FIRST_EVENT = _last_event_id() + 1  # the session's metadata DB may hold other modules' events
 
     class FreshDags:
         def __getitem__(self, dag_id: str):
@@ -34,25 +46,26 @@ def dags(airflow_db):
 
 
 @pytest.fixture(scope="module")
-def repo(settings):
+def repo(home):
     from nightshift.pipelines.ingest import dataset_repository
 
-    return dataset_repository(settings)
+    return dataset_repository(home)
 
 
 @pytest.fixture(scope="module")
-def registry(settings):
+def registry(home):
     from nightshift.pipelines.finetune import registry_for
 
-    return registry_for(settings)
+    return registry_for(home)
 
 
 @pytest.fixture(scope="module")
-def finetune_conf(tiny_model):
-    return {"base_model": str(tiny_model), "recipe": "tiny"}
+def finetune_conf(home, tiny_model):
+    base = shutil.copytree(tiny_model, home.models_dir / tiny_model.name)  # bases live under the home's models
+    return {"base_model": str(base), "recipe": "tiny"}
 
 
-def test_corpus_that_fails_the_suite_fails_the_run_creates_no_version_and_alerts(dags, repo, settings, tmp_path,
+def test_corpus_that_fails_the_suite_fails_the_run_creates_no_version_and_alerts(dags, repo, home, tmp_path,
                                                                                  monkeypatch):
     store = tmp_path / "bad-store"
     store.mkdir()
@@ -83,14 +96,14 @@ def test_corpus_that_fails_the_suite_fails_the_run_creates_no_version_and_alerts
     body = mail.get_payload(decode=True).decode()
     assert "expect_column_values_to_be_unique" in body  # two documents with one id: an aggregate check
     # The alert links to the run's page, which holds the Data Docs of the failed validation.
-    page = settings.reports_dir / "runs" / "ingest_corpus" / safe_name(dag_run.run_id) / "index.html"
-    assert f"report: {settings.report_url(f'runs/ingest_corpus/{safe_name(dag_run.run_id)}/index.html')}" in body
+    page = home.reports_dir / "runs" / "ingest_corpus" / safe_name(dag_run.run_id) / "index.html"
+    assert f"report: {home.report_url(f'runs/ingest_corpus/{safe_name(dag_run.run_id)}/index.html')}" in body
     docs = [p.read_text() for p in page.parent.glob("datadocs/validations/documents/**/*.html")]
     assert page.is_file() and docs and re.search(r"id=[^<\s]*q1", docs[0]) and "Where do I park" not in docs[0]
     assert tasks["prepare_corpus"].value["dropped"] == {"limits": 1}  # the dump: a per-document limit
 
 
-def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, registry, settings, finetune_conf,
+def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, registry, home, finetune_conf,
                                                                  tmp_path, monkeypatch):
     from openai import OpenAI
 
@@ -148,17 +161,17 @@ def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, re
     # The promotion tells ingest_corpus which data the champion saw (its drift reference).
     assert _asset_events("nightshift://models/champion") == ["corpus-v0001"]
     # The run's page: loss curve, candidate against the base model, the gate; the overview marks the champion.
-    folder = settings.reports_dir / "runs" / "finetune_model" / safe_name(finetune.run_id)
+    folder = home.reports_dir / "runs" / "finetune_model" / safe_name(finetune.run_id)
     page = (folder / "index.html").read_text()
     assert (folder / "loss.svg").is_file() and (folder / "evaluation.svg").is_file()
     assert "golden.token_f1" in (folder / "evaluation.html").read_text() and "evaluation.html" in page
     assert "loss.svg" in page and "golden-answer perplexity" in page and "passed" in page
-    overview = (settings.reports_dir / "index.html").read_text()
+    overview = (home.reports_dir / "index.html").read_text()
     assert "v1" in overview and "champion" in overview and "corpus-v0001" in overview
 
-    store = KeyStore(settings.key_file)
+    store = KeyStore(home.key_file)
     _record, key = store.create("e2e")
-    app = create_app(registry, settings.cache_dir / "serving-test", keyring=KeyRing(store), poll_seconds=0.5)
+    app = create_app(registry, home.cache_dir / "serving-test", keyring=KeyRing(store), poll_seconds=0.5)
     with UvicornThread(app) as server:
         wait_for(lambda: ready(server.url), what="the champion to load")
         client = OpenAI(base_url=f"{server.url}/v1", api_key=key)
@@ -170,7 +183,7 @@ def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, re
     assert answer.choices[0].message.content is not None
 
 
-def test_clearly_worse_candidate_is_not_promoted_and_alerts(dags, registry, settings, finetune_conf):
+def test_clearly_worse_candidate_is_not_promoted_and_alerts(dags, registry, home, finetune_conf):
     finetune, tasks = run(dags["finetune_model"], {**finetune_conf, "learning_rate": 0.5})
     states = {t: ti.state for t, ti in tasks.items()}
     assert finetune.state == "success", states
@@ -180,7 +193,7 @@ def test_clearly_worse_candidate_is_not_promoted_and_alerts(dags, registry, sett
     assert not decision["passed"] and decision["baseline"] == "champion nightshift-llm v1"
     assert registry.champion().version == 1
     assert [int(v.version) for v in registry.client.search_model_versions(f"name = '{registry.model_name}'")] == [1]
-    alerts = [json.loads(line) for line in (settings.home / "alerts" / "alerts.jsonl").read_text().splitlines()]
+    alerts = [json.loads(line) for line in (home.home / "alerts" / "alerts.jsonl").read_text().splitlines()]
     assert alerts[-1]["severity"] == "warning" and "not promoted" in alerts[-1]["title"]
     assert "perplexity" in alerts[-1]["message"]
 
@@ -208,11 +221,24 @@ def test_rerun_on_unchanged_store_creates_no_version_and_no_duplicate_model(
     assert [int(v.version) for v in registry.client.search_model_versions(f"name = '{registry.model_name}'")] == [1]
 
 
+_FIRST_EVENT = 0
+
+
+def _last_event_id() -> int:
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from sqlalchemy import func
+
+    with create_session() as session:
+        return session.query(func.max(AssetEvent.id)).scalar() or 0
+
+
 def _asset_events(uri: str = "nightshift://datasets/corpus") -> list[str]:
+    """The dataset versions announced on ``uri`` by this module's runs."""
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
         events = (session.query(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
-                  .filter(AssetModel.uri == uri).order_by(AssetEvent.id).all())
+                  .filter(AssetModel.uri == uri, AssetEvent.id >= _FIRST_EVENT).order_by(AssetEvent.id).all())
         return [e.extra.get("dataset_version") for e in events]

@@ -17,12 +17,22 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def ingest(airflow_db):
+def home(airflow_db, tmp_path_factory):
+    """The module's own NIGHTSHIFT_HOME, so that its dataset versions are its own whatever ran before."""
+    from nightshift.settings import load_settings
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NIGHTSHIFT_HOME", str(tmp_path_factory.mktemp("reports-home")))
+        yield load_settings()
+
+
+@pytest.fixture(scope="module")
+def ingest(home):
     from airflow.dag_processing.dagbag import DagBag
 
     from nightshift.pipelines.ingest import dataset_repository
 
-    dataset_repository(airflow_db).ensure()
+    dataset_repository(home).ensure()
 
     def dag():
         bag = DagBag(dag_folder=str(REPO / "dags" / "ingest_corpus.py"))
@@ -40,31 +50,31 @@ def store(root, seed, paragraphs):
     return root
 
 
-def alerts(settings):
-    path = settings.home / "alerts" / "alerts.jsonl"
+def alerts(home):
+    path = home.home / "alerts" / "alerts.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def test_drift_warns_with_the_report_link_and_blocks_only_when_the_policy_says(ingest, settings, tmp_path,
+def test_drift_warns_with_the_report_link_and_blocks_only_when_the_policy_says(ingest, home, tmp_path,
                                                                               monkeypatch):
     from nightshift.pipelines.ingest import dataset_repository
 
-    repo = dataset_repository(settings)
+    repo = dataset_repository(home)
     short, long = store(tmp_path / "short", 1, 2), store(tmp_path / "long", 2, 9)
     first, tasks = run(ingest(), {"source": str(short)})
     assert first.state == "success", {k: t.state for k, t in tasks.items()}
     short_tag = tasks["version_dataset"].value["tag"]
-    before = len(alerts(settings))
+    before = len(alerts(home))
 
     second, tasks = run(ingest(), {"source": str(long)})
     assert second.state == "success"  # drift warns; the shipped policy does not block
     drift = tasks["profile_corpus"].value
     assert drift["status"] == "drift" and {"chars", "words"} <= set(drift["drifted"])
     assert drift["references"]["previous"] == short_tag
-    [warning] = alerts(settings)[before:]
+    [warning] = alerts(home)[before:]
     assert warning["severity"] == "warning" and "chars" in warning["title"]
-    run_folder = settings.reports_dir / "runs" / "ingest_corpus" / safe_name(second.run_id)
-    assert warning["report_url"] == settings.report_url(f"runs/ingest_corpus/{run_folder.name}/index.html")
+    run_folder = home.reports_dir / "runs" / "ingest_corpus" / safe_name(second.run_id)
+    assert warning["report_url"] == home.report_url(f"runs/ingest_corpus/{run_folder.name}/index.html")
 
     # The page, its charts and Data Docs are in the report folder; the profile is versioned with the corpus.
     page = (run_folder / "index.html").read_text()
@@ -74,7 +84,7 @@ def test_drift_warns_with_the_report_link_and_blocks_only_when_the_policy_says(i
     assert repo.read_companion(tag, "profile.bin") == (run_folder / "profile.bin").read_bytes()
     meta = json.loads(repo._git("show", f"{tag}:corpus/meta.json"))
     assert meta["drift"]["status"] == "drift" and "chars" in meta["drift"]["drifted"]
-    overview = (settings.reports_dir / "index.html").read_text()
+    overview = (home.reports_dir / "index.html").read_text()
     assert tag in overview and "corpus drift" in overview
     # Any version's profile comes back by its tag, from the command line too.
     shown = subprocess.run([sys.executable, "-m", "nightshift.cli", "profile", tag, "--out", str(tmp_path / "p.bin")],
@@ -91,7 +101,7 @@ def test_drift_warns_with_the_report_link_and_blocks_only_when_the_policy_says(i
     third, tasks = run(ingest(), {"source": str(short)})
     assert third.state == "failed" and tasks["profile_corpus"].state == "failed"
     assert tasks["version_dataset"].state == "upstream_failed" and repo.versions() == versions
-    blocked = alerts(settings)[-1]
+    blocked = alerts(home)[-1]
     assert blocked["severity"] == "error" and "profile_corpus" in blocked["title"]
     assert blocked["report_url"].endswith("/index.html") and "/nightshift/reports/runs/ingest_corpus/" in \
         blocked["report_url"]

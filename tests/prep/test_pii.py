@@ -92,6 +92,8 @@ def test_an_ipv4_address_is_told_from_a_version_by_its_context(line, found):
     ('curl -H "Proxy-Authorization: Bearer hunter22" https://example.org', False),
     ("Authorization: Bearer $TOKEN", True), ("Authorization: Bearer <token>", True),
     ("Authorization: Bearer YOUR_API_KEY", True), ("Authorization: Bearer {token}", True),
+    ("Authorization: Bearer q8Zr/7TpXw9Ld", False), ("Authorization: Basic a1b2/c3d4e5f6", False),
+    ("Authorization: Bearer EwB4A%2Fl6BAAU/j7eRxyz123456", False), ("Authorization: Bearer $API_TOKEN", True),
 ])
 def test_an_authorization_header_value_is_a_credential_by_its_place_unless_a_placeholder(text, kept):
     from nightshift.prep.pii import Scrubber

@@ -150,15 +150,17 @@ def test_stopping_fails_what_is_still_running(loaded):
         late.result(timeout=5)
 
 
-def test_a_long_scoring_prompt_is_prefilled_between_the_decode_steps_of_a_running_stream(loaded):
+@pytest.mark.parametrize("logprobs", [1, None], ids=["scoring", "echo-only"])
+def test_a_long_scoring_prompt_is_prefilled_between_the_decode_steps_of_a_running_stream(loaded, logprobs):
     """A scoring request's prompt (echo + logprobs, what lm-eval sends) once ran whole before the next decode
-    step, and a running stream went silent for as long; now a running stream gets a token per chunk."""
+    step, and a running stream went silent for as long; now a running stream gets a token per chunk. An echo
+    without logprobs (no forward pass at all) once read its whole text in one step too."""
     scheduler = BatchScheduler(prefill_chunk=16, wait_s=0)
     scheduler.start()
     try:
         text = " ".join(PROMPTS) * 8
         prompt = ids(loaded, text)[:200]
-        scoring = SamplingParams(max_tokens=0, temperature=0, logprobs=1, echo=True)
+        scoring = SamplingParams(max_tokens=0, temperature=0, logprobs=logprobs, echo=True)
         expected = Sequence(loaded, prompt, scoring, threading.Event(), FOREVER)
         expected.prefill(512)  # the same prompt scored in one piece, alone
         long = Sequence(loaded, prompt, scoring, threading.Event(), FOREVER)
@@ -175,6 +177,10 @@ def test_a_long_scoring_prompt_is_prefilled_between_the_decode_steps_of_a_runnin
         scheduler.stop()
     during = {p for p in seen if 0 < p < len(prompt)}
     assert len(during) >= 5, seen  # 13 chunks: the stream kept producing between them
+    assert scored.prompt_text == expected.result.prompt_text and scored.prompt_text
+    if logprobs is None:
+        assert scored.prompt_logprobs == []
+        return
     assert [t.token_id for t in scored.prompt_logprobs] == prompt
     assert [t.logprob for t in scored.prompt_logprobs[1:]] == pytest.approx(
         [t.logprob for t in expected.result.prompt_logprobs[1:]], abs=1e-4)

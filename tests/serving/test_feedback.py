@@ -158,3 +158,31 @@ def test_a_locked_request_log_delays_neither_answers_nor_probes_and_a_key_rates_
     with sqlite3.connect(database) as conn:
         assert conn.execute("SELECT rating FROM nightshift_feedback WHERE response_id = ?",
                             (answer.id,)).fetchall() == [(0,)]
+
+
+def test_a_stream_its_client_leaves_is_logged_as_cancelled(served):
+    """A streamed answer whose client closed the connection mid-way was never logged (and counted nowhere),
+    while a plain one was; both are now logged, with finish ``cancelled`` and the text generated so far."""
+    import socket
+    import sqlite3
+
+    server, (alice, _bob), settings, _ = served
+    body = json.dumps({"model": "nightshift-llm", "prompt": "The harbour", "max_tokens": 400, "stream": True,
+                       "logit_bias": {"2": -100}}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {alice}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = sock.recv(65536).decode(errors="replace")
+        assert head.startswith("HTTP/1.1 200"), head[:200]
+        request_id = next(line.split(":", 1)[1].strip() for line in head.splitlines()
+                          if line.lower().startswith("x-request-id:"))
+    database = settings.request_log_url.removeprefix("sqlite:///")
+
+    def logged():
+        with sqlite3.connect(database) as conn:
+            return conn.execute("SELECT finish, completion_tokens FROM nightshift_responses WHERE response_id = ?",
+                                (f"cmpl-{request_id}",)).fetchone()
+
+    finish, tokens = wait_for(logged, timeout=30, what="the abandoned stream in the request log")
+    assert finish == "cancelled" and tokens < 400
+    wait_for(lambda: httpx.get(f"{server.url}/healthz").json()["active"] == 0, timeout=10, what="the slot")

@@ -326,3 +326,63 @@ def test_long_requests_wait_for_memory_and_the_process_stays_within_its_budget(s
     assert (1, 1) in seen and max(active for active, _ in seen) == 1
     ordinary(server)
     assert server.peak_rss_mb() < BUDGET_MB
+
+
+def test_a_client_that_stops_reading_its_stream_loses_its_place(tmp_path, long_window_model):
+    """A streamed answer whose client never reads kept its request in flight for ever (each write waiting on a
+    full socket buffer): two such clients held a bound of two, and everyone else got 503. A write that waits
+    longer than the header timeout now closes the connection."""
+    import socket
+    import threading
+
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    from conftest import free_port
+    from helpers import local_registry, ready
+    from nightshift.serving.app import create_app
+    from nightshift.serving.connections import protocol_class
+    from nightshift.serving.limits import ServingLimits
+
+    registry = local_registry(tmp_path)
+    publish(registry, long_window_model, "v1")
+    limits = ServingLimits(max_in_flight=2, header_timeout_s=2, max_concurrent=8)
+    app = create_app(registry, tmp_path / "cache", limits=limits, require_key=False, poll_seconds=0.5)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical",
+                                           http=protocol_class(limits.header_timeout_s)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: ready(url), what="the endpoint")
+        tokenizer = AutoTokenizer.from_pretrained(str(long_window_model))
+        # The token whose text is longest once escaped as JSON: megabytes of answer for a small body.
+        wide = max(range(3, tokenizer.vocab_size), key=lambda i: len(json.dumps(tokenizer.decode([i]))))
+        body = json.dumps({"model": "nightshift-llm", "prompt": [[wide] * 2000] * 32, "max_tokens": 1, "echo": True,
+                           "stream": True}).encode()
+        readers = []
+        for _ in range(2):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            readers.append(sock)  # never read
+        time.sleep(1)
+        ask = {"model": "nightshift-llm", "prompt": "Hi", "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/completions", json=ask, timeout=10).status_code == 503  # both places held
+
+        def answered():
+            return httpx.post(f"{url}/v1/completions", json=ask, timeout=10).status_code == 200
+
+        wait_for(answered, timeout=limits.header_timeout_s + 10, what="the stalled streams to lose their places",
+                 every=0.5)
+        for sock in readers:  # what was written before is still delivered, then the connection ends
+            sock.settimeout(10)
+            while sock.recv(1 << 20):
+                pass
+            sock.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -134,6 +134,25 @@ def test_an_unreachable_database_never_stops_the_endpoint_from_starting(tmp_path
     assert log.written == 0 and log.failed == 1
 
 
+def test_a_database_unavailable_for_longer_than_a_few_retries_loses_nothing(tmp_path):
+    """The writer once gave up after three tries (about 3 s of waiting) and counted the batch as failed; it now
+    retries until the database answers, the answers waiting in the queue."""
+    import time
+
+    folder = tmp_path / "not-yet"
+    log = RequestLog(f"sqlite:///{folder / 'requests.db'}")
+    log.start()  # the folder does not exist: the database cannot be opened
+    try:
+        assert all(log.record(answer(f"c-{i}")) for i in range(3))
+        time.sleep(6)
+        assert log.written == 0 and log.failed == 0  # still waiting, nothing given up
+        folder.mkdir()
+        assert log.flush(timeout=30)
+        assert log.written == 3 and log.failed == 0 and log.answer("c-2")["finish"] == "stop"
+    finally:
+        log.stop()
+
+
 def test_window_stats_count_errors_latency_and_ratings_per_version_since_a_time(request_log):
     start = datetime.now(UTC)
     request_log.record(answer("old", version=2, created_at=start - timedelta(minutes=5)))
@@ -141,6 +160,8 @@ def test_window_stats_count_errors_latency_and_ratings_per_version_since_a_time(
         request_log.record(answer(f"c{i}", key=f"key-{i % 2}", version=2, finish="timeout" if i < 2 else "stop",
                                   seconds=i / 10))
         request_log.record(answer(f"p{i}", version=1, seconds=0.5))
+    for i in range(5):  # abandoned by their clients: logged, but neither answers, errors nor latencies
+        request_log.record(answer(f"gone{i}", version=2, finish="cancelled", seconds=30.0, text=""))
     request_log.add_feedback("c0", "key-0", -1, None, None)
     request_log.add_feedback("c1", "key-1", 1, None, None)
     stats = request_log.window_stats(start - timedelta(seconds=1), [1, 2])
@@ -148,6 +169,8 @@ def test_window_stats_count_errors_latency_and_ratings_per_version_since_a_time(
     assert stats[2]["p95_seconds"] == pytest.approx(1.8)  # the 19th of 20 sorted latencies
     assert stats[2]["ratings"] == 2 and stats[2]["negative_share"] == 0.5
     assert stats[1]["answers"] == 20 and stats[1]["errors"] == 0 and stats[1]["ratings"] == 0
+    assert request_log.answer("gone0")["finish"] == "cancelled"
+    assert not any(rid.startswith("gone") for rid, _, _ in request_log.sample_answers(start, 2, 50))
 
 
 def test_one_answer_that_cannot_be_stored_costs_no_other_and_is_counted(request_log):

@@ -8,7 +8,6 @@ is in the request log.
 
 import asyncio
 import json
-import shutil
 import socket
 import sqlite3
 import threading
@@ -24,24 +23,6 @@ STREAMS = 8
 IDLE_SOCKETS = 200
 SCORING_TOKENS = 1900
 LOCK_S = 6
-
-
-@pytest.fixture(scope="module")
-def long_window_model(tmp_path_factory, tokenizer_dir):
-    """A random model of SmolLM2's architecture with a 2,048-token window, for a long scoring prompt."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    dest = tmp_path_factory.mktemp("long-window")
-    config = AutoConfig.for_model(
-        "llama", vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(dest)
-    for item in tokenizer_dir.iterdir():
-        shutil.copy2(item, dest / item.name)
-    return dest
 
 
 @pytest.mark.e2e

@@ -174,3 +174,101 @@ def test_a_plain_request_the_client_abandons_is_aborted_on_the_engine(stack):
     assert time.monotonic() - left < 3
     wait_for(lambda: front.app_state.server.admission.active == 0, timeout=5, what="the front's slot")
     model.forward = forward
+
+
+def vllm_like_engine(version: int, delay: float):
+    """An OpenAI-compatible stand-in that checks requests as vLLM does (an empty stop string is refused), counts
+    the generations it runs at once, and can be told to fail."""
+    import asyncio
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI()
+    state = app.state
+    state.bodies, state.active, state.peak, state.fail = [], 0, 0, False
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": f"nightshift-llm-v{version}", "max_model_len": 2048}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        state.bodies.append(body)
+        if state.fail:
+            return JSONResponse({"error": {"message": "CUDA error: an illegal memory access"}}, 500)
+        stops = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
+        if "" in stops:
+            return JSONResponse({"error": {"message": "stop cannot contain an empty string."}}, 400)
+        state.active += 1
+        state.peak = max(state.peak, state.active)
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            state.active -= 1
+        return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": f"v{version} says hi"},
+                             "finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+
+    return app
+
+
+def test_shadows_take_a_slot_empty_stops_stay_home_and_engine_failures_are_logged(tmp_path, tiny_model):
+    """Three slips of the engine path: a shadow answer went to the candidate's engine without a generation slot
+    (two generations at once with one slot), an empty stop string reached vLLM (which refuses it: a 400 for a
+    request the built-in path answers), and an answer the engine failed was never logged."""
+    import threading
+    import time
+
+    from nightshift.registry.rollout import Rollouts
+    from nightshift.serving.limits import ServingLimits
+
+    registry = local_registry(tmp_path)
+    publish(registry, tiny_model, "v1")
+    v2 = publish(registry, tiny_model, "v2", promote=False)
+    champion, candidate = vllm_like_engine(1, 0.4), vllm_like_engine(2, 0.4)
+    request_log = RequestLog(f"sqlite:///{tmp_path / 'requests.db'}")
+    with UvicornThread(champion) as e1, UvicornThread(candidate) as e2:
+        app = create_app(registry, tmp_path / "front", limits=ServingLimits(max_concurrent=1, max_queue=8),
+                         require_key=False, poll_seconds=0.2, request_log=request_log,
+                         upstreams={"champion": f"{e1.url}/v1", "candidate": f"{e2.url}/v1"})
+        with UvicornThread(app) as front:
+            wait_for(lambda: ready(front.url), what="the front")
+            Rollouts(registry).start(v2, "shadow", 0)
+            wait_for(lambda: (httpx.get(f"{front.url}/healthz").json()["rollout"] or {}).get("mode") == "shadow",
+                     what="shadow mode")
+            both, done = [0], threading.Event()
+
+            def watch():
+                while not done.is_set():
+                    both[0] = max(both[0], champion.state.active + candidate.state.active)
+                    time.sleep(0.005)
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            try:
+                for i in range(4):
+                    r = httpx.post(f"{front.url}/v1/chat/completions", timeout=30, json={
+                        "model": "nightshift-llm", "messages": [{"role": "user", "content": f"q{i}"}]})
+                    assert r.status_code == 200 and r.headers["x-nightshift-model-role"] == "champion"
+                time.sleep(1)
+            finally:
+                done.set()
+                watcher.join()
+            assert both[0] == 1, both  # one slot: a shadow runs only while no answer does, or is skipped
+            assert 1 <= len(candidate.state.bodies) <= 4
+
+            r = httpx.post(f"{front.url}/v1/chat/completions", timeout=30, json={
+                "model": "nightshift-llm", "messages": QUESTION, "stop": ["", "\n\n"]})
+            assert r.status_code == 200, r.text
+            assert champion.state.bodies[-1]["stop"] == ["\n\n"]
+
+            champion.state.fail = True
+            r = httpx.post(f"{front.url}/v1/chat/completions", timeout=30, json={
+                "model": "nightshift-llm", "messages": QUESTION})
+            assert r.status_code == 500
+            failed = wait_for(lambda: request_log.answer(f"chatcmpl-{r.headers['x-request-id']}"),
+                              what="the failed answer in the log")
+            assert failed["finish"] == "error" and failed["model_version"] == 1
+            assert httpx.get(f"{front.url}/healthz").json()["active"] == 0

@@ -446,7 +446,9 @@ def _valid(name: str, match: re.Match[str], text: str, start: int, end: int) -> 
     if name == "auth_header":
         # After "Authorization: Bearer" (or Basic, Token, ...) the value is a credential by its place, however
         # plain it looks ("shorttok"); only a reference or a placeholder is left: $TOKEN, <token>, YOUR_API_KEY.
-        return not (_PLACEHOLDER.search(value) or _TEMPLATE.search(value) or _REFERENCE.search(value)
+        # A reference is one by how it begins ($TOKEN, ~/token.txt, https://...): a "/" inside a token
+        # (base64 has them) does not make it one.
+        return not (_PLACEHOLDER.search(value) or _TEMPLATE.search(value) or _REFERENCE.match(value)
                     or len(set(value)) == 1 or re.fullmatch(r"[A-Z][A-Z0-9_]*|(?i:token|secret|key|apikey|api_key"
                                                               r"|password|redacted|x+|\.+)", value))
     if name in ("bearer_token", "url_query_secret", "xml_secret"):

@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nightshift.registry.mlflow_registry import ModelRegistry
-from nightshift.serving.connections import InFlightMiddleware
+from nightshift.serving.connections import ClientStopsReading, InFlightMiddleware
 from nightshift.serving.keys import ApiKeyMiddleware, KeyRing
 from nightshift.serving.limits import BodyLimitMiddleware, ServingLimits
 from nightshift.serving.loading import import_libraries
@@ -75,6 +75,8 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientStopsReading:  # counted and logged where it happened; uvicorn closes the connection
+            state["error"] = "client_stopped_reading"
         except Exception as exc:
             # Answered here rather than by Starlette's ServerErrorMiddleware, which re-raises after its 500 so
             # that uvicorn closes the connection and resets the client's next request on it. Once a response
@@ -162,6 +164,6 @@ def create_app(
     # add_middleware wraps: the last added runs first.
     app.add_middleware(ApiKeyMiddleware, keyring=keyring or KeyRing(), required=require_key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes, body_timeout_s=limits.header_timeout_s)
-    app.add_middleware(InFlightMiddleware, bound=limits.in_flight_bound)
+    app.add_middleware(InFlightMiddleware, bound=limits.in_flight_bound, send_timeout_s=limits.header_timeout_s)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

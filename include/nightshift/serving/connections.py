@@ -9,11 +9,14 @@ the liveness probe too. Here instead:
   its next request began); between requests uvicorn's keep-alive timeout applies as before.
 - ``InFlightMiddleware``: a bound on requests being handled, not on sockets. Beyond it a request gets 503 with
   Retry-After; the probes (``/livez``, ``/healthz``, ``/metrics``) are answered outside the bound, so an
-  orchestrator never restarts a healthy pod because clients are many.
+  orchestrator never restarts a healthy pod because clients are many. A client that stops reading its answer
+  (its socket buffer full, every write waiting) keeps its place only ``send_timeout_s`` per write; then its
+  connection is closed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from asyncio import TimerHandle
 
@@ -71,14 +74,21 @@ def protocol_class(header_timeout_s: float) -> type[HeaderTimeoutProtocol]:
     return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout_s": header_timeout_s})
 
 
+class ClientStopsReading(Exception):
+    """A write to the client waited longer than the send timeout: its connection is closed."""
+
+
 class InFlightMiddleware:
     """Answer 503 (Retry-After) to requests beyond ``bound`` being handled at once; probes are never counted."""
 
-    def __init__(self, app, bound: int) -> None:
+    def __init__(self, app, bound: int, send_timeout_s: float = 10.0) -> None:
         self.app = app
         self.bound = bound
+        self.send_timeout_s = send_timeout_s
         self.in_flight = 0
         self.refused = 0
+        self.stalled = 0
+        """Connections closed because their client stopped reading."""
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope.get("path") in PROBES:
@@ -93,7 +103,19 @@ class InFlightMiddleware:
                              "server_busy", {"Retry-After": "1"})
             return
         self.in_flight += 1
+
+        async def send_in_time(message) -> None:
+            try:
+                async with asyncio.timeout(self.send_timeout_s):
+                    await send(message)
+            except TimeoutError:
+                self.stalled += 1
+                if self.stalled == 1 or self.stalled % 100 == 0:
+                    log.warning("%d connections closed so far: their clients stopped reading for %.0f s",
+                                self.stalled, self.send_timeout_s)
+                raise ClientStopsReading from None
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_in_time)
         finally:
             self.in_flight -= 1

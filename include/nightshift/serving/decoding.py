@@ -96,6 +96,39 @@ class Detokenizer:
         return delta
 
 
+class _EchoText:
+    """An echoed prompt's text, read token by token as the prompt is prefilled.
+
+    The echo keeps the prompt's control tokens (they are what the client sent), and each token's stretch of the
+    text is exact (a token that ends inside a character holds "", the one completing it the whole character), so
+    that the log-probability entries join to the echoed prompt.
+    """
+
+    def __init__(self, tokenizer, ids: list[int]) -> None:
+        self.detok = Detokenizer(tokenizer, skip_special_tokens=False)
+        self.ids = ids
+        self.offsets: list[int] = []
+        """Where each token read so far begins in the text."""
+
+    @property
+    def text(self) -> str:
+        return self.detok.text
+
+    def read(self, upto: int) -> None:
+        """Read the tokens before ``upto``; at the end of the prompt, what is left undecoded too."""
+        upto = min(upto, len(self.ids))
+        while len(self.offsets) < upto:
+            self.offsets.append(len(self.detok.text))
+            self.detok.push(self.ids[len(self.offsets) - 1])
+        if upto == len(self.ids) and self.detok.read_offset < len(self.ids):
+            self.detok.flush()
+
+    def piece(self, index: int) -> str:
+        """Token ``index``'s stretch of the text (read up to the token after it, or to the end)."""
+        end = self.offsets[index + 1] if index + 1 < len(self.offsets) else len(self.detok.text)
+        return self.detok.text[self.offsets[index]:end]
+
+
 def _stop_position(text: str, stops: tuple[str, ...], searched_from: int) -> int:
     """Return where the earliest stop sequence starts in ``text`` (looking from ``searched_from``), or -1."""
     found = [p for s in stops if (p := text.find(s, max(0, searched_from - len(s) + 1))) >= 0]
@@ -237,48 +270,44 @@ class Sequence:
         from transformers import DynamicCache
 
         params, prompt_ids, model = self.params, self.prompt_ids, self.loaded.model
+        n = len(prompt_ids)
         score_prompt = params.echo and params.logprobs is not None
-        if params.echo:
-            # The echo keeps the prompt's control tokens (they are what the client sent), and each prompt token's
-            # entry holds exactly its stretch of that text (a token that ends inside a character holds "", the
-            # one completing it the whole character), so that the entries join to the echoed prompt.
-            prompt_detok = Detokenizer(self.loaded.tokenizer, skip_special_tokens=False)
-            offsets = []
-            for token_id in prompt_ids:
-                offsets.append(len(prompt_detok.text))
-                prompt_detok.push(token_id)
-            prompt_detok.flush()
-            self.result.prompt_text = text = prompt_detok.text
-            ends = [*offsets[1:], len(text)]
-            pieces = [text[start:end] for start, end in zip(offsets, ends, strict=True)]
-            if score_prompt:
-                self.result.prompt_logprobs.append(TokenLogprob(prompt_ids[0], pieces[0], None, [], 0))
+        # With nothing to generate and no prompt log-probabilities asked for, no forward pass is needed.
+        run_model = params.max_tokens > 0 or score_prompt
+        echo = _EchoText(self.loaded.tokenizer, prompt_ids) if params.echo else None
         try:
-            cache = DynamicCache(config=model.config)
+            cache = DynamicCache(config=model.config) if run_model else None
             ids = torch.tensor([prompt_ids], dtype=torch.long)
             logits = None
-            # With nothing to generate and no prompt log-probabilities asked for, no forward pass is needed.
-            prefill_len = len(prompt_ids) if (params.max_tokens > 0 or score_prompt) else 0
-            for start in range(0, prefill_len, chunk):
+            # Chunk by chunk, the echoed text too: a long echoed prompt costs a running stream one chunk at a time.
+            for start in range(0, n, chunk):
                 self.check()
-                # inference_mode per chunk, never across a yield: the scheduler runs other work between chunks.
-                with torch.inference_mode():
-                    piece = ids[:, start : start + chunk]
-                    out = model(input_ids=piece, past_key_values=cache, use_cache=True,
-                                logits_to_keep=0 if score_prompt else 1)
-                    chunk_logits = out.logits[0].float()
-                    if score_prompt:
-                        rows = torch.log_softmax(chunk_logits, dim=-1)
-                        for i in range(piece.shape[1]):
-                            target = start + i + 1
-                            if target < len(prompt_ids):
-                                self.result.prompt_logprobs.append(
-                                    self._entry(rows[i], prompt_ids[target], offsets[target], pieces[target]))
-                    logits = chunk_logits[-1]
-                    del out, chunk_logits
-                self.prefilled = start + piece.shape[1]
-                if start + chunk < prefill_len:
+                end = min(n, start + chunk)
+                if echo is not None:
+                    # The chunk's entries reach token `end`, whose stretch ends where the next token begins.
+                    echo.read(end + 2)
+                    if start == 0 and score_prompt:
+                        self.result.prompt_logprobs.append(TokenLogprob(prompt_ids[0], echo.piece(0), None, [], 0))
+                if run_model:
+                    # inference_mode per chunk, never across a yield: the scheduler runs other work between chunks.
+                    with torch.inference_mode():
+                        out = model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True,
+                                    logits_to_keep=0 if score_prompt else 1)
+                        chunk_logits = out.logits[0].float()
+                        if score_prompt:
+                            rows = torch.log_softmax(chunk_logits, dim=-1)
+                            for i in range(end - start):
+                                target = start + i + 1
+                                if target < n:
+                                    self.result.prompt_logprobs.append(self._entry(
+                                        rows[i], prompt_ids[target], echo.offsets[target], echo.piece(target)))
+                        logits = chunk_logits[-1]
+                        del out, chunk_logits
+                self.prefilled = end
+                if end < n:
                     yield
+            if echo is not None:
+                self.result.prompt_text = echo.text
         except Stopped as stopped:
             self.finish(stopped.reason)
             return None, None

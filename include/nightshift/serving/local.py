@@ -227,34 +227,49 @@ class LocalTarget:
     async def _stream(self, request: Request, prompts, req, params: SamplingParams, future: asyncio.Future,
                       queue: asyncio.Queue, answer: Answer, role: str) -> AsyncIterator[str]:
         server = self.server
-        if answer.chat:
-            yield answer.chunk(0, None, None, None, first=True)
-        elif params.echo:
-            for i, prompt in enumerate(prompts):
-                yield answer.chunk(i, self.loaded.tokenizer.decode(prompt, skip_special_tokens=True), None, None)
-        while True:
-            kind, index, text, logprobs = await queue.get()
-            if kind == "end":
-                break
-            yield answer.chunk(index, text, None, logprobs if params.logprobs is not None else None)
+        logged = False
         try:
-            results = future.result()
-        except Exception as exc:
-            log.exception("generation failed for %s", answer.id)
-            answered(request, server, self.record, req, answer, _failed(prompts), role)
-            yield event_error(f"generation failed: {type(exc).__name__}", None)
+            if answer.chat:
+                yield answer.chunk(0, None, None, None, first=True)
+            elif params.echo:
+                for i, prompt in enumerate(prompts):
+                    yield answer.chunk(i, self.loaded.tokenizer.decode(prompt, skip_special_tokens=True), None, None)
+            while True:
+                kind, index, text, logprobs = await queue.get()
+                if kind == "end":
+                    break
+                yield answer.chunk(index, text, None, logprobs if params.logprobs is not None else None)
+            try:
+                results = future.result()
+            except Exception as exc:
+                log.exception("generation failed for %s", answer.id)
+                logged = True
+                answered(request, server, self.record, req, answer, _failed(prompts), role)
+                yield event_error(f"generation failed: {type(exc).__name__}", None)
+                yield DONE
+                return
+            ended = _ended(prompts, results)
+            for i, r in enumerate(results):
+                if r.finish_reason == "timeout":
+                    yield event_error(f"Generation timed out after {server.limits.request_timeout_s:.0f} s.",
+                                      "timeout")
+                else:
+                    yield answer.chunk(i, None, r.finish_reason, None)
+            if req.include_usage:
+                yield answer.usage_chunk(ended.prompt_tokens, ended.completion_tokens)
             yield DONE
-            return
-        ended = _ended(prompts, results)
-        for i, r in enumerate(results):
-            if r.finish_reason == "timeout":
-                yield event_error(f"Generation timed out after {server.limits.request_timeout_s:.0f} s.", "timeout")
-            else:
-                yield answer.chunk(i, None, r.finish_reason, None)
-        if req.include_usage:
-            yield answer.usage_chunk(ended.prompt_tokens, ended.completion_tokens)
-        yield DONE
-        answered(request, server, self.record, req, answer, ended, role)
+            logged = True
+            answered(request, server, self.record, req, answer, ended, role)
+        finally:
+            if not logged:  # the client left mid-stream: logged once its sequences have stopped (within a token)
+                future.add_done_callback(lambda f: self._left(request, req, answer, role, prompts, f))
+
+    def _left(self, request: Request, req, answer: Answer, role: str, prompts, future: asyncio.Future) -> None:
+        try:
+            ended = _ended(prompts, future.result())
+        except BaseException:  # noqa: BLE001 - cancelled or failed: logged as such either way
+            ended = _failed(prompts)
+        answered(request, self.server, self.record, req, answer, ended, role)
 
     # -- shadow ---------------------------------------------------------------------------------------------
 

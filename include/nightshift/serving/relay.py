@@ -76,8 +76,7 @@ class UpstreamTarget:
         assert server.admission is not None
         ticket = await server.admission.acquire(0, 1 << 62, deadline)  # the engine manages its own memory
         note(request, waited_s=round(time.monotonic() - state["started"], 3))
-        body = req.model_dump(exclude_unset=True)
-        body["model"] = self.model.served_name
+        body = self._body(req, stream=bool(req.stream))
         headers = {"X-Nightshift-Model-Version": str(version), "X-Nightshift-Model-Role": role}
         answer = Answer(server.model_name, rid, int(time.time()), f"v{version}", chat)
         client = server.upstream_client()
@@ -93,23 +92,34 @@ class UpstreamTarget:
             return self._abandoned(request, req, answer, role)
         except httpx.HTTPError as exc:
             ticket.release()
+            self._failed(request, req, answer, role)
             raise OpenAIError(502, f"The model engine for v{version} is unreachable ({type(exc).__name__}); "
                               "retry later.", code="engine_unavailable", headers={"Retry-After": "5"}) from None
         if upstream.status_code != 200:
             try:
                 error = json.loads(await upstream.aread()).get("error") or {}
-            except ValueError:
+            except (ValueError, AttributeError, httpx.HTTPError):
                 error = {}
             finally:
                 await upstream.aclose()
                 ticket.release()
+            if upstream.status_code >= 500:  # the engine failed; a 4xx is the request's fault, not an answer
+                self._failed(request, req, answer, role)
+            error = error if isinstance(error, dict) else {}
             raise OpenAIError(upstream.status_code, str(error.get("message") or "The model engine refused the "
                               "request.")[:2000], param=error.get("param"), code=error.get("code"), headers=headers)
         if not req.stream:
             try:
                 data = json.loads(await unless_client_leaves(request, upstream.aread()))
+                if not isinstance(data, dict):
+                    raise ValueError("not an object")
             except ClientGone:
                 return self._abandoned(request, req, answer, role)
+            except (ValueError, httpx.HTTPError) as exc:
+                self._failed(request, req, answer, role)
+                raise OpenAIError(502, f"The model engine for v{version} sent an answer that could not be read "
+                                  f"({type(exc).__name__}); retry later.", code="engine_unavailable",
+                                  headers={"Retry-After": "5"}) from None
             finally:
                 await upstream.aclose()
                 ticket.release()
@@ -152,20 +162,43 @@ class UpstreamTarget:
                           int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
             answered(request, server, self.record, req, answer, ended, role)
 
+    def _body(self, req, stream: bool) -> dict:
+        """The request as the engine gets it: its own model name, and the stop strings as nightshift reads them
+        (an empty one is ignored here; vLLM would refuse it)."""
+        body = req.model_dump(exclude_unset=True)
+        body.update(model=self.model.served_name, stream=stream)
+        if "stop" in body:
+            body.pop("stop")
+            if req.stops:
+                body["stop"] = list(req.stops)
+        if not stream:
+            body.pop("stream_options", None)
+        return body
+
+    def _failed(self, request: Request, req, answer: Answer, role: str) -> None:
+        answered(request, self.server, self.record, req, answer, Ended([""], ["error"], 0, 0), role)
+
     def _abandoned(self, request: Request, req, answer: Answer, role: str) -> Response:
         """Log an answer whose client left (``cancelled``) and return the response nobody will read."""
         answered(request, self.server, self.record, req, answer, Ended([""], ["cancelled"], 0, 0), role)
         return Response(status_code=499)
 
     def shadow(self, request: Request, req, answer: Answer):
-        body = req.model_dump(exclude_unset=True)
-        body.update(model=self.model.served_name, stream=False)
-        body.pop("stream_options", None)
-        url, server = self._url(answer.chat), self.server
+        """The candidate engine answers too, holding a generation slot like any request (the engine manages its
+        own memory); None when no slot is free now."""
+        server = self.server
+        assert server.admission is not None
+        ticket = server.admission.try_acquire(0, 1 << 62)
+        if ticket is None:
+            return None
+        body, url = self._body(req, stream=False), self._url(answer.chat)
 
         async def work() -> Ended:
-            r = await server.upstream_client().post(url, json=body, timeout=server.limits.request_timeout_s)
-            r.raise_for_status()
-            return _ended(r.json(), answer.chat)
+            try:
+                r = await server.upstream_client().post(url, json=body, timeout=server.limits.request_timeout_s)
+                r.raise_for_status()
+                return _ended(r.json(), answer.chat)
+            finally:
+                ticket.release()
 
         return work

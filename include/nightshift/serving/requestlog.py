@@ -397,7 +397,8 @@ class RequestLog:
         return out
 
     def window_stats(self, since: datetime, versions: list[int]) -> dict[int, dict[str, float]]:
-        """Return per version, for answers since ``since``: answers, errors (timeouts, failures), p95 seconds,
+        """Return per version, for answers since ``since`` (abandoned ones left out): answers, errors (timeouts,
+        failures), p95 seconds,
         raters and the share of them whose vote is negative (the live signals of a rollout step; one vote per
         key, see ``_votes``, so that one user cannot decide a rollout)."""
         self.flush()
@@ -407,6 +408,8 @@ class RequestLog:
             for version in versions:
                 rows = conn.execute(sa.select(responses.c.seconds, responses.c.finish).where(
                     responses.c.model_version == version, responses.c.created_at >= since)).all()
+                # An answer its client abandoned says nothing of latency or errors, and is not counted as one.
+                rows = [r for r in rows if "cancelled" not in (r.finish or "").split(",")]
                 seconds = sorted(r.seconds for r in rows if r.seconds is not None)
                 errors = sum(1 for r in rows if any(f in ("timeout", "error") for f in (r.finish or "").split(",")))
                 ratings = votes.get(version, [])
@@ -420,7 +423,8 @@ class RequestLog:
 
     def sample_answers(self, since: datetime, version: int, limit: int) -> list[tuple[str, str, str]]:
         """Return up to ``limit`` answered (question, answer) pairs of a version since a time, as
-        ``(response_id, question, answer)``: the newest first, errors left out; all text already scrubbed."""
+        ``(response_id, question, answer)``: the newest first, errors and abandoned answers left out; all text already
+        scrubbed."""
         self.flush()
         with self.engine.connect() as conn:
             rows = conn.execute(
@@ -429,7 +433,7 @@ class RequestLog:
                 .order_by(responses.c.created_at.desc()).limit(limit * 2)).all()
         out = []
         for row in rows:
-            if any(f in ("timeout", "error") for f in (row.finish or "").split(",")):
+            if any(f in ("timeout", "error", "cancelled") for f in (row.finish or "").split(",")):
                 continue
             request, answers = json.loads(row.request), json.loads(row.answer)
             if isinstance(request, list) and request and isinstance(request[0], dict):  # chat: the last user turn
