@@ -631,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     history.add_argument("--json", action="store_true", help="print JSON")
     history.set_defaults(func=cmd_history)
     trace = sub.add_parser("trace", help="trace an answer of the endpoint to its model, run, dataset and bytes")
-    trace.add_argument("response_id", help="the answer's id (chatcmpl-... or cmpl-...)")
+    trace.add_argument("response_id", help="the answer's id (chatcmpl-... or cmpl-...) or its response's "
+                       "X-Request-Id")
     trace.add_argument("--json", action="store_true", help="print JSON (with the scrubbed request and answer)")
     trace.set_defaults(func=cmd_trace)
     fetch = sub.add_parser("fetch-model", help="download the version a registry alias names (an engine pod's init)")

@@ -60,9 +60,10 @@ def test_feedback_on_an_answer_is_stored_with_its_version_and_traces_to_the_data
 
     server, (alice, bob), settings, dataset = served
     client = OpenAI(base_url=f"{server.url}/v1", api_key=alice, max_retries=0)
-    answer = client.chat.completions.create(
+    raw = client.chat.completions.with_raw_response.create(
         model="nightshift-llm", messages=[{"role": "user", "content": f"Call me on {PHONE} about the tide"}],
         max_tokens=5, temperature=0)
+    answer, request_id = raw.parse(), raw.headers["x-request-id"]
     streamed = list(client.chat.completions.create(
         model="nightshift-llm", messages=[{"role": "user", "content": "And the ferry?"}], max_tokens=5,
         temperature=0, stream=True))
@@ -98,6 +99,10 @@ def test_feedback_on_an_answer_is_stored_with_its_version_and_traces_to_the_data
     text = capsys.readouterr().out
     assert f"md5 {dataset.md5}" in text and "rating -1 with a correction" in text
     assert main(["trace", "chatcmpl-nothing"]) == 1
+    capsys.readouterr()
+    # The X-Request-Id the README also names finds the same answer (it once found nothing).
+    assert main(["trace", request_id, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["answer"]["response_id"] == answer.id
 
 
 def test_a_locked_request_log_delays_neither_answers_nor_probes_and_a_key_rates_an_answer_once(served):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from nightshift.pipelines.finetune import registry_for
@@ -11,6 +12,8 @@ from nightshift.serving.requestlog import RequestLog
 from nightshift.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class NotTraceable(LookupError):
@@ -22,9 +25,13 @@ def trace_answer(settings: Settings, response_id: str) -> dict[str, Any]:
     if not settings.request_log_url:
         raise NotTraceable("the request log is off (NIGHTSHIFT_SERVE_REQUEST_LOG=off)")
     request_log = RequestLog(settings.request_log_url, settings.request_log_retention_days)
+    # The answer's id (chatcmpl-..., cmpl-...), or the X-Request-Id its response carried (the same hex id).
+    candidates = [response_id]
+    if _REQUEST_ID.fullmatch(response_id):
+        candidates = [f"chatcmpl-{response_id}", f"cmpl-{response_id}"]
     try:
         request_log.open()
-        answer = request_log.answer(response_id)
+        answer = next((a for c in candidates if (a := request_log.answer(c)) is not None), None)
     finally:
         request_log.engine.dispose()
     if answer is None:
