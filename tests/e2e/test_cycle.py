@@ -199,7 +199,7 @@ def test_clearly_worse_candidate_is_not_promoted_and_alerts(dags, registry, home
 
 
 def test_rerun_on_unchanged_store_creates_no_version_and_no_duplicate_model(
-    dags, repo, registry, finetune_conf, tmp_path, monkeypatch
+    dags, repo, registry, home, finetune_conf, tmp_path, monkeypatch
 ):
     ingest, tasks = run(dags["ingest_corpus"], {})
     assert ingest.state == "success"
@@ -219,6 +219,12 @@ def test_rerun_on_unchanged_store_creates_no_version_and_no_duplicate_model(
     assert finetune.state == "success"
     assert tasks["reuse_existing"].state == "success" and tasks["prepare_data"].state == "skipped"
     assert [int(v.version) for v in registry.client.search_model_versions(f"name = '{registry.model_name}'")] == [1]
+    # The reusing run's page says what happened rather than "(yet)", and version 1 keeps its own verdict in the
+    # nightshift page's model table (a reuse once overwrote it with "reused").
+    page = (home.reports_dir / "runs" / "finetune_model" / safe_name(finetune.run_id) / "index.html").read_text()
+    assert "(yet)" not in page and "Not evaluated again: version 1" in page
+    overview = (home.reports_dir / "index.html").read_text()
+    assert 'badge reused' not in overview and '<span class="badge passed">passed</span>' in overview
 
 
 _FIRST_EVENT = 0

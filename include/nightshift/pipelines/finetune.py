@@ -440,9 +440,13 @@ def publish_outcome(run: RunRef, summary: dict[str, Any]) -> None:
             run.record("models", str(champion), {"version": champion}, champion=champion)
         return
     candidate = ((summary.get("evaluation") or {}).get("candidate")) or {}
-    entry = {"version": version["version"], "dataset_tag": version.get("dataset_tag", ""),
-             "gate": "passed" if summary.get("promoted") else "reused"}
-    if summary.get("promoted") or not run.has_catalog("models", str(version["version"])):
+    entry = {"version": version["version"], "dataset_tag": version.get("dataset_tag", "")}
+    listed = run.has_catalog("models", str(version["version"]))
+    if summary.get("promoted") or not listed:
+        # A reused version keeps its own verdict: it passed the gate when it was registered (a run that reuses it
+        # decides nothing about it).
+        entry["gate"] = "passed"
+    if summary.get("promoted") or not listed:
         metrics = candidate.get("metrics") or {}
         entry.update({"run_id": run.run_id, "report": run.path, "perplexity": metrics.get("heldout.perplexity"),
                       "golden_perplexity": metrics.get("golden.perplexity"),
