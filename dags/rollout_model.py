@@ -107,11 +107,12 @@ def rollout_model():
     @task.sensor(poke_interval=POLICY.poke_seconds, timeout=POLICY.max_step_minutes * 60,
                  mode="reschedule" if POLICY.poke_seconds >= 60 else "poke")
     def observe(plan: dict, step: dict) -> PokeReturnValue:
+        from nightshift.airflow.connections import judge_endpoint
         from nightshift.pipelines.rollout import live_judge, observe_step, request_log_for
 
         policy = _policy()
         try:  # a broken suite or judge connection does not mend itself on a later poke
-            judge, note = live_judge(SETTINGS) if policy.judge_sample else (None, "judge_sample is 0")
+            judge, note = live_judge(SETTINGS, judge_endpoint) if policy.judge_sample else (None, "judge_sample is 0")
         except ValueError as exc:
             raise AirflowFailException(str(exc)) from exc
         request_log = request_log_for(SETTINGS)

@@ -285,8 +285,8 @@ def greedy_answers(folder: Path, prompts: list[str], max_tokens: int) -> dict[st
 
     from nightshift.records import ModelVersionRecord
     from nightshift.serving.decoding import SamplingParams, generate
-    from nightshift.serving.limits import ServingLimits
     from nightshift.serving.loading import load_model
+    from nightshift.settings import ServingLimits
 
     loaded = load_model(ModelVersionRecord(name="m", version=0, run_id="", source=""), folder, ServingLimits(), 0)
     out = {}

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from nightshift.serving.limits import ServingLimits
-
 PACKAGE_DIR = Path(__file__).resolve().parent
 INCLUDE_DIR = PACKAGE_DIR.parent
 # A checkout reads include/configs and include/samples; an installed wheel carries them as package data.
@@ -108,6 +106,58 @@ class KubernetesSettings:
         default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     )
 
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """Bounds of the endpoint (``serving/``); each field is set by a ``NIGHTSHIFT_SERVE_*`` variable."""
+
+    max_body_bytes: int = 1024 * 1024
+    """Largest request body accepted (413 above it). 1 MiB holds about 250,000 tokens of text."""
+    max_concurrent: int = 8
+    """Requests generating at once, decoded together in one continuous batch; more wait in the queue."""
+    max_queue: int = 32
+    """Requests waiting for a slot; more get 429 with Retry-After."""
+    request_timeout_s: float = 120.0
+    """Wall time a request may take, waiting and generating; generation stops when it runs out."""
+    memory_budget_mb: int = 4096
+    """Resident memory the process may use: runtime, the model (twice, during a swap) and in-flight requests."""
+    max_model_len: int | None = None
+    """Upper bound on the context window (prompt + completion tokens); default: the model's own window."""
+    default_max_tokens: int = 256
+    """Completion length when a request sets no max_tokens (bounded by what remains of the window)."""
+    prefill_chunk: int = 512
+    """Prompt tokens processed per forward pass; bounds the attention memory of long prompts."""
+    batch_wait_ms: float = 5.0
+    """How long an idle engine waits after a request arrives for others to batch with it."""
+    header_timeout_s: float = 10.0
+    """Time a connection has to send a request's headers, then its body, and the longest a client may leave its
+    answer unread: idle, dripping or never-reading sockets are closed after it and cannot pile up."""
+    max_in_flight: int = 0
+    """Requests being handled at once, probes (/livez, /healthz, /metrics) not counted; more get 503 with
+    Retry-After. 0: four times (max_concurrent + max_queue), at least 64."""
+
+    @property
+    def in_flight_bound(self) -> int:
+        return self.max_in_flight or max(64, 4 * (self.max_concurrent + self.max_queue))
+
+    def __post_init__(self) -> None:
+        checks = {
+            "NIGHTSHIFT_SERVE_MAX_BODY_BYTES": self.max_body_bytes >= 1024,
+            "NIGHTSHIFT_SERVE_MAX_CONCURRENT": self.max_concurrent >= 1,
+            "NIGHTSHIFT_SERVE_MAX_QUEUE": self.max_queue >= 0,
+            "NIGHTSHIFT_SERVE_TIMEOUT_S": self.request_timeout_s > 0,
+            "NIGHTSHIFT_SERVE_MEMORY_MB": self.memory_budget_mb >= 256,
+            "NIGHTSHIFT_SERVE_MAX_MODEL_LEN": self.max_model_len is None or self.max_model_len >= 16,
+            "NIGHTSHIFT_SERVE_DEFAULT_MAX_TOKENS": self.default_max_tokens >= 1,
+            "NIGHTSHIFT_SERVE_PREFILL_CHUNK": self.prefill_chunk >= 16,
+            "NIGHTSHIFT_SERVE_BATCH_WAIT_MS": 0 <= self.batch_wait_ms <= 1000,
+            "NIGHTSHIFT_SERVE_HEADER_TIMEOUT_S": 0 < self.header_timeout_s <= 300,
+            "NIGHTSHIFT_SERVE_MAX_IN_FLIGHT": self.max_in_flight >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"serving limits out of range: {', '.join(bad)} (see the README's limits table)")
 
 @dataclass(frozen=True)
 class Settings:

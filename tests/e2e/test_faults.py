@@ -244,7 +244,8 @@ def test_a_killed_rank_and_failures_at_every_registry_step_are_retried_to_one_pr
     its manifest, registration fails, the move of the alias is lost. Every step retries to the state an
     uninterrupted night leaves: one version, promoted, its files verified, the training curve whole."""
     from nightshift.provenance import safe_name
-    from nightshift.registry.mlflow_registry import MANIFEST, PROMOTED_TAG
+    from nightshift.registry.common import PROMOTED_TAG
+    from nightshift.registry.mlflow_registry import MANIFEST
 
     monkeypatch.setenv("NIGHTSHIFT_TRAIN_RANKS", "2")  # two ranks on one machine, so that one can die alone
     monkeypatch.setenv("NIGHTSHIFT_FAULT", "trainer.rank1.step6:kill-once,"  # the tiny recipe checkpoints at 4

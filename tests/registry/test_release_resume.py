@@ -12,8 +12,9 @@ from mlflow.exceptions import MlflowException
 from helpers import mlflow_store
 from nightshift.faults import InjectedFault
 from nightshift.pipelines.rollback import previous_champion
+from nightshift.registry.common import PROMOTED_TAG
 from nightshift.registry.history import NO_CHAMPION, ChampionConflict, PromotionHistory, parse_time
-from nightshift.registry.mlflow_registry import PROMOTED_TAG, ModelRegistry
+from nightshift.registry.mlflow_registry import ModelRegistry
 from nightshift.registry.rollout import Rollouts
 
 

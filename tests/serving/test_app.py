@@ -10,7 +10,7 @@ from openai import AsyncOpenAI, AuthenticationError, BadRequestError, NotFoundEr
 from helpers import UvicornThread, local_registry, publish, ready, wait_for
 from nightshift.serving.app import create_app
 from nightshift.serving.keys import KeyRing, KeyStore, key_hash, new_key
-from nightshift.serving.limits import ServingLimits
+from nightshift.settings import ServingLimits
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import pytest
 from nightshift.records import ModelVersionRecord
 from nightshift.serving.batching import BatchScheduler
 from nightshift.serving.decoding import SamplingParams, Sequence, generate
-from nightshift.serving.limits import ServingLimits
 from nightshift.serving.loading import load_model
+from nightshift.settings import ServingLimits
 
 RECORD = ModelVersionRecord(name="nightshift-llm", version=1, run_id="r", source="s", dataset_tag="d", fingerprint="")
 FOREVER = float("inf")

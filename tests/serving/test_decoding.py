@@ -8,9 +8,9 @@ import pytest
 from helpers import local_registry, publish
 from nightshift.records import ModelVersionRecord
 from nightshift.serving.decoding import Detokenizer, SamplingParams, generate
-from nightshift.serving.limits import ServingLimits
 from nightshift.serving.loading import ModelTooLarge, load_model
 from nightshift.serving.watching import ChampionWatcher
+from nightshift.settings import ServingLimits
 
 RECORD = ModelVersionRecord(name="nightshift-llm", version=1, run_id="r", source="s", dataset_tag="d", fingerprint="")
 FOREVER = float("inf")

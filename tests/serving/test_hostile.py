@@ -342,7 +342,7 @@ def test_a_client_that_stops_reading_its_stream_loses_its_place(tmp_path, long_w
     from helpers import local_registry, ready
     from nightshift.serving.app import create_app
     from nightshift.serving.connections import protocol_class
-    from nightshift.serving.limits import ServingLimits
+    from nightshift.settings import ServingLimits
 
     registry = local_registry(tmp_path)
     publish(registry, long_window_model, "v1")

@@ -5,8 +5,9 @@ import time
 
 import pytest
 
-from nightshift.serving.limits import MIB, Admission, ModelShape, ServingLimits, fit_window
+from nightshift.serving.limits import MIB, Admission, ModelShape, fit_window
 from nightshift.serving.protocol import OpenAIError
+from nightshift.settings import ServingLimits
 
 SMOLLM2 = ModelShape(layers=30, heads=9, kv_heads=3, head_dim=64, hidden=576, intermediate=1536, vocab=49152)
 

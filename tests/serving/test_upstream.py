@@ -222,7 +222,7 @@ def test_shadows_take_a_slot_empty_stops_stay_home_and_engine_failures_are_logge
     import time
 
     from nightshift.registry.rollout import Rollouts
-    from nightshift.serving.limits import ServingLimits
+    from nightshift.settings import ServingLimits
 
     registry = local_registry(tmp_path)
     publish(registry, tiny_model, "v1")

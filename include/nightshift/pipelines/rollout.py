@@ -124,14 +124,17 @@ def observe_step(request_log, plan: dict[str, Any], step: dict[str, Any], policy
     return verdict.to_dict()
 
 
-def live_judge(settings: Settings):
-    """Return (Judge, "") when the evaluation suite's judge connection exists, else (None, why)."""
-    from nightshift.airflow.connections import judge_endpoint
+def live_judge(settings: Settings, resolve_endpoint):
+    """Return (Judge, "") when the evaluation suite's judge endpoint resolves, else (None, why).
+
+    ``resolve_endpoint(connection, model)`` returns ``(JudgeEndpoint, "")`` or ``(None, why)``: in a DAG, the
+    Airflow adapter's ``airflow.connections.judge_endpoint`` (pipelines know nothing of Airflow).
+    """
     from nightshift.evaluation.judge import Judge
     from nightshift.evaluation.suite import EvaluationSuite
 
     suite = EvaluationSuite.load(settings.evaluation_suite)
-    endpoint, note = judge_endpoint(suite.judge.connection, suite.judge.model)
+    endpoint, note = resolve_endpoint(suite.judge.connection, suite.judge.model)
     if endpoint is None:
         return None, note
     return Judge(endpoint, suite.judge, settings.cache_dir / "judge"), ""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nightshift.prep.curate import Outcome, shard_files
+from nightshift.prep.shards import Outcome, shard_files
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS outcomes (
     key TEXT PRIMARY KEY, outcome TEXT NOT NULL, signature BLOB, used REAL NOT NULL)"""

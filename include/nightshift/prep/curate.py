@@ -28,8 +28,10 @@ import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
 from nightshift.faults import fault_point
+from nightshift.prep.cache import OutcomeCache
 from nightshift.prep.clean import Document, extract_text, normalize_text
 from nightshift.prep.recipe import PrepRecipe
+from nightshift.prep.shards import Outcome, shard_files, shard_raw
 from nightshift.provenance import file_sha256
 
 EXAMPLES = 5
@@ -38,28 +40,6 @@ SIGNATURE_BATCH_BYTES = 192 * 1024
 DECIDE_BATCH_CHARS = 256 * 1024
 """Documents go through the steps in small batches (at most 64 documents or about this many characters)."""
 """Kept documents are hashed for near-duplicate detection in batches of about this many bytes."""
-
-
-@dataclass
-class Outcome:
-    """What the per-document steps decided for one document."""
-
-    step: str | None = None
-    """The step that dropped the document; None when it was kept."""
-    reason: str | None = None
-    text: str | None = None
-    """Final text of a kept document."""
-    language: str | None = None
-    language_score: float | None = None
-    pii: dict[str, int] = field(default_factory=dict)
-    contaminated: list[str] = field(default_factory=list)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, data: str) -> Outcome:
-        return cls(**json.loads(data))
 
 
 STEP_LIBRARIES = ("trafilatura", "lxml", "justext", "ftfy", "datatrove", "py3langid", "detect-secrets", "rensa",
@@ -369,17 +349,6 @@ def extract_text_of(fmt: str, content: str) -> str:
 # One shard: the datatrove pipeline step every task runs.
 
 
-def shard_files(work: Path, rank: int) -> dict[str, Path]:
-    """Return the files one task publishes (all renamed into place when the task ends)."""
-    return {
-        "kept": work / f"kept-{rank:05d}.jsonl",
-        "index": work / f"index-{rank:05d}.jsonl",
-        "signatures": work / f"signatures-{rank:05d}.npy",
-        "outcomes": work / f"outcomes-{rank:05d}.jsonl",
-        "new_cache": work / f"cache-{rank:05d}.jsonl",
-    }
-
-
 class CurateShard(PipelineStep):
     """datatrove step: run the per-document steps on one shard and publish its files."""
 
@@ -397,7 +366,6 @@ class CurateShard(PipelineStep):
     def run(self, data, rank: int = 0, world_size: int = 1) -> Iterator:
         from datatrove.utils.logging import logger
 
-        from nightshift.prep.cache import OutcomeCache
         from nightshift.prep.near_dup import MinHasher
 
         recipe = PrepRecipe.from_dict(self.recipe_data, folder=None)
@@ -569,49 +537,6 @@ class _StepCounter:
         total = sum(self.dropped.values())
         return {"step": self.name, "in": self.seen, "out": self.seen - total,
                 "dropped": dict(self.dropped.most_common()), "examples": self.examples}
-
-
-def shard_raw(raw: Path, out_dir: Path, shards: int) -> list[Path]:
-    """Split raw.jsonl into ``shards`` files of about equal bytes, with documents sorted by id.
-
-    Only (id, offset, length) per document is held in memory; documents are copied by seeking.
-    """
-    import orjson
-
-    entries: list[tuple[str, int, int]] = []
-    empty: list[str] = []
-    with raw.open("rb") as fh:
-        offset = 0
-        for line in fh:
-            if line.strip():
-                record = orjson.loads(line)
-                if isinstance(record.get("content"), str) and record["content"]:
-                    entries.append((str(record["id"]), offset, len(line)))
-                else:  # datatrove's readers skip documents without text; they are counted here instead
-                    empty.append(str(record.get("id")))
-            offset += len(line)
-    entries.sort()
-    total = sum(e[2] for e in entries) or 1
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"raw-{i:05d}.jsonl" for i in range(shards)]
-    with raw.open("rb") as src:
-        written, shard = 0, 0
-        outs = [p.with_name(p.name + ".tmp").open("wb") for p in paths]
-        try:
-            for _, off, length in entries:
-                while shard < shards - 1 and written >= total * (shard + 1) / shards:
-                    shard += 1
-                src.seek(off)
-                line = src.read(length)
-                outs[shard].write(line if line.endswith(b"\n") else line + b"\n")
-                written += length
-        finally:
-            for fh in outs:
-                fh.close()
-    (out_dir / "empty.json").write_text(json.dumps(sorted(empty)))
-    for p in paths:
-        p.with_name(p.name + ".tmp").replace(p)
-    return paths
 
 
 def plan_tasks(recipe: PrepRecipe, raw_bytes: int) -> tuple[int, int]:
@@ -892,7 +817,6 @@ def curate(raw: Path, corpus: Path, work: Path, recipe: PrepRecipe, cache_path: 
     report.seconds = round(time.monotonic() - started, 2)
     report.executor = {"kind": recipe.executor.kind, "tasks": tasks, "workers": workers}
     if cache_path is not None:
-        from nightshift.prep.cache import OutcomeCache
 
         cache = OutcomeCache(cache_path, outcome_digest(recipe))
         cache.absorb(out, tasks)

@@ -36,12 +36,15 @@ import hashlib
 import json
 import logging
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nightshift.faults import fault_point
 from nightshift.records import ChampionMove, ModelVersionRecord
+from nightshift.registry.common import PROMOTED_TAG, names_nothing
 from nightshift.registry.lease import DEFAULT_TIMEOUT_S, Lease, registry_lease
-from nightshift.registry.mlflow_registry import PROMOTED_TAG, ModelRegistry, names_nothing
+
+if TYPE_CHECKING:
+    from nightshift.registry.mlflow_registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 

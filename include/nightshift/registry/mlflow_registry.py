@@ -22,6 +22,8 @@ from typing import Any
 from nightshift.faults import fault_point
 from nightshift.provenance import file_sha256
 from nightshift.records import ModelVersionRecord
+from nightshift.registry.common import PROMOTED_TAG, names_nothing
+from nightshift.registry.history import PromotionHistory
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,6 @@ MANIFEST = "MANIFEST.json"
 RUN_KEY_TAG = "nightshift.run_key"
 FINGERPRINT_TAG = "nightshift.fingerprint"
 DATASET_TAG = "nightshift.dataset_tag"
-PROMOTED_TAG = "nightshift.promoted_at"
 
 
 class IncompleteCheckpoint(RuntimeError):
@@ -57,21 +58,6 @@ def verify_checkpoint(folder: Path, manifest: dict[str, Any]) -> None:
         problems.append("the manifest lists no files")
     if problems:
         raise IncompleteCheckpoint(f"checkpoint in {folder} does not match its manifest: {', '.join(problems[:5])}")
-
-
-def names_nothing(exc: Exception) -> bool:
-    """Return whether an MLflow error says the registered model or the alias does not exist.
-
-    Only that means "no such version": a locked or unreachable store raises too (TEMPORARILY_UNAVAILABLE,
-    INTERNAL_ERROR, ...), and reading that as "no champion" would act on a registry that was never read.
-    MLflow raises RESOURCE_DOES_NOT_EXIST for a missing model and INVALID_PARAMETER_VALUE ("Registered model
-    alias ... not found.") for a missing alias.
-    """
-    code = getattr(exc, "error_code", "")
-    if code == "RESOURCE_DOES_NOT_EXIST":
-        return True
-    text = str(getattr(exc, "message", exc)).lower()
-    return code == "INVALID_PARAMETER_VALUE" and "alias" in text and "not found" in text
 
 
 class ModelRegistry:
@@ -312,8 +298,6 @@ class ModelRegistry:
         ``history.NO_CHAMPION``): when the alias names another, ChampionConflict is raised and nothing moves.
         """
         import uuid
-
-        from nightshift.registry.history import PromotionHistory
 
         PromotionHistory(self).move(version, key or f"adhoc/{uuid.uuid4().hex}", kind, by or "nightshift",
                                     dag_run, reason, evaluation, expected=expected)

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 
 from nightshift.records import ModelVersionRecord
-from nightshift.registry.mlflow_registry import ModelRegistry, names_nothing
+from nightshift.registry.common import names_nothing
+from nightshift.registry.mlflow_registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 

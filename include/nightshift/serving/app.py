@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nightshift.registry.mlflow_registry import ModelRegistry
 from nightshift.serving.connections import ClientStopsReading, InFlightMiddleware
 from nightshift.serving.keys import ApiKeyMiddleware, KeyRing
-from nightshift.serving.limits import BodyLimitMiddleware, ServingLimits
+from nightshift.serving.limits import BodyLimitMiddleware
 from nightshift.serving.loading import import_libraries
 from nightshift.serving.metrics import ServingMetrics, log_access, route_of
 from nightshift.serving.protocol import OpenAIError, error_body, error_type, send_error, validation_message
@@ -43,6 +43,7 @@ from nightshift.serving.rollout import CandidateWatcher
 from nightshift.serving.routes import router
 from nightshift.serving.server import Server
 from nightshift.serving.watching import ChampionWatcher
+from nightshift.settings import ServingLimits
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from nightshift.records import ModelVersionRecord
-from nightshift.serving.limits import MIB, ModelShape, ServingLimits, fit_window
+from nightshift.serving.limits import MIB, ModelShape, fit_window
+from nightshift.settings import ServingLimits
 
 log = logging.getLogger(__name__)
 

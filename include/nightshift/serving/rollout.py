@@ -16,9 +16,9 @@ from pathlib import Path
 
 from nightshift.records import ModelVersionRecord
 from nightshift.registry.rollout import Rollout, Rollouts
-from nightshift.serving.limits import ServingLimits
 from nightshift.serving.loading import LoadedModel
 from nightshift.serving.watching import ChampionWatcher
+from nightshift.settings import ServingLimits
 
 log = logging.getLogger(__name__)
 

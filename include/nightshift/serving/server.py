@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from nightshift.records import ModelVersionRecord
 from nightshift.registry.rollout import CANDIDATE_ALIAS
 from nightshift.serving.batching import BatchScheduler
-from nightshift.serving.limits import Admission, ServingLimits
+from nightshift.serving.limits import Admission
 from nightshift.serving.loading import LoadedModel
 from nightshift.serving.local import LocalTarget
 from nightshift.serving.metrics import ServingMetrics
@@ -29,6 +29,7 @@ from nightshift.serving.requestlog import RequestLog
 from nightshift.serving.rollout import CandidateWatcher, routes_to_candidate
 from nightshift.serving.upstream import UpstreamModel
 from nightshift.serving.watching import ChampionWatcher
+from nightshift.settings import ServingLimits
 
 DATABASE_THREADS = 2
 DATABASE_PENDING = 16

@@ -9,8 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nightshift.records import ModelVersionRecord
-from nightshift.serving.limits import MIB, ServingLimits
+from nightshift.serving.limits import MIB
 from nightshift.serving.loading import LoadedModel, load_model, process_rss
+from nightshift.settings import ServingLimits
 
 log = logging.getLogger(__name__)
 
