@@ -295,3 +295,15 @@ def greedy_answers(folder: Path, prompts: list[str], max_tokens: int) -> dict[st
         out[prompt] = generate(loaded, ids, SamplingParams(max_tokens=max_tokens, temperature=0), threading.Event(),
                                float("inf")).text
     return out
+
+
+def own_home(tmp_path_factory, name: str):
+    """Yield the settings of a NIGHTSHIFT_HOME of a module's own (for a module-scoped fixture): the session's
+    metadata DB is shared, its home is not, whatever ran before on this worker."""
+    import pytest
+
+    from nightshift.settings import load_settings
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NIGHTSHIFT_HOME", str(tmp_path_factory.mktemp(name)))
+        yield load_settings()

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from cli_helpers import fresh, run
-from helpers import SmtpSink, UvicornThread, mlflow_store, ready, wait_for
+from helpers import SmtpSink, UvicornThread, mlflow_store, own_home, ready, wait_for
 from nightshift.provenance import safe_name
 from nightshift.settings import SAMPLE_STORE
 
@@ -21,11 +21,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def home(airflow_db, tmp_path_factory):
     """The module's own NIGHTSHIFT_HOME (the session's metadata DB is shared; its asset events are filtered)."""
-    from nightshift.settings import load_settings
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NIGHTSHIFT_HOME", str(tmp_path_factory.mktemp("cycle-home")))
-        yield load_settings()
+    yield from own_home(tmp_path_factory, "cycle-home")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 
 from cli_helpers import run
 from conftest import REPO
+from helpers import own_home
 from nightshift.provenance import safe_name
 from planted import prose
 
@@ -19,11 +20,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def home(airflow_db, tmp_path_factory):
     """The module's own NIGHTSHIFT_HOME, so that its dataset versions are its own whatever ran before."""
-    from nightshift.settings import load_settings
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NIGHTSHIFT_HOME", str(tmp_path_factory.mktemp("reports-home")))
-        yield load_settings()
+    yield from own_home(tmp_path_factory, "reports-home")
 
 
 @pytest.fixture(scope="module")

@@ -94,6 +94,11 @@ def test_an_ipv4_address_is_told_from_a_version_by_its_context(line, found):
     ("Authorization: Bearer YOUR_API_KEY", True), ("Authorization: Bearer {token}", True),
     ("Authorization: Bearer q8Zr/7TpXw9Ld", False), ("Authorization: Basic a1b2/c3d4e5f6", False),
     ("Authorization: Bearer EwB4A%2Fl6BAAU/j7eRxyz123456", False), ("Authorization: Bearer $API_TOKEN", True),
+    ("Authorization: Bearer /9j4AAQSkZJRgABAQ", False), ("Authorization: Bearer //8Ab3dEf9Qz", False),
+    ("Authorization: Token ./x9Kq2Lm7Pz", False), ("Authorization: Basic ABCD1234EFGH5678", False),
+    ("Authorization: Bearer ~/token.txt", True), ("Authorization: Bearer /run/secrets/api_token", True),
+    ("Authorization: Bearer https://vault.example.com/v1/token", True), ("Authorization: Bearer ${API_TOKEN}", True),
+    ("Authorization: Bearer YOUR_API_KEY_2", True),
 ])
 def test_an_authorization_header_value_is_a_credential_by_its_place_unless_a_placeholder(text, kept):
     from nightshift.prep.pii import Scrubber

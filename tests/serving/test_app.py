@@ -1,6 +1,7 @@
 """The endpoint in a real uvicorn server on 127.0.0.1, called with the official openai client (sync, async, stream)."""
 
 import asyncio
+import json
 import math
 
 import httpx
@@ -184,6 +185,15 @@ def test_completions_score_token_id_prompts_like_lm_eval_sends_them(champion, ti
             "model": "nightshift-llm", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0,
         })
         assert r.status_code == 200, r.text
+        # Streamed, the echo is the same text, control tokens included (it once left them out).
+        with httpx.stream("POST", f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {key}"}, json={
+                "model": "nightshift-llm", "prompt": ids, "max_tokens": 0, "echo": True, "stream": True}) as streamed:
+            echoed = {}
+            for line in streamed.iter_lines():
+                if line.startswith("data: {"):
+                    for c in json.loads(line[6:])["choices"]:
+                        echoed[c["index"]] = echoed.get(c["index"], "") + (c["text"] or "")
+        assert echoed == {i: tokenizer.decode(p) for i, p in enumerate(ids)}
         bad = httpx.post(f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {key}"}, json={
             "model": "nightshift-llm", "prompt": [[1, 10**9]], "max_tokens": 0, "echo": True})
         assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]

@@ -153,6 +153,29 @@ def test_a_database_unavailable_for_longer_than_a_few_retries_loses_nothing(tmp_
         log.stop()
 
 
+def test_stopping_with_the_database_locked_returns_and_counts_what_was_not_written(tmp_path):
+    """stop() once returned while the writer still waited on the locked database, with nothing counted: answers
+    lost at exit without a trace."""
+    import sqlite3
+    import time
+
+    database = tmp_path / "requests.db"
+    log = RequestLog(f"sqlite:///{database}")
+    log.start()
+    lock = sqlite3.connect(database, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        assert all(log.record(answer(f"c-{i}")) for i in range(3))
+        time.sleep(0.5)
+        started = time.monotonic()
+        log.stop(timeout=2)
+        assert time.monotonic() - started < 2 + 5 + 2
+        assert log.written == 0 and log.failed == 3
+    finally:
+        lock.rollback()
+        lock.close()
+
+
 def test_window_stats_count_errors_latency_and_ratings_per_version_since_a_time(request_log):
     start = datetime.now(UTC)
     request_log.record(answer("old", version=2, created_at=start - timedelta(minutes=5)))
@@ -160,8 +183,9 @@ def test_window_stats_count_errors_latency_and_ratings_per_version_since_a_time(
         request_log.record(answer(f"c{i}", key=f"key-{i % 2}", version=2, finish="timeout" if i < 2 else "stop",
                                   seconds=i / 10))
         request_log.record(answer(f"p{i}", version=1, seconds=0.5))
-    for i in range(5):  # abandoned by their clients: logged, but neither answers, errors nor latencies
-        request_log.record(answer(f"gone{i}", version=2, finish="cancelled", seconds=30.0, text=""))
+    for i in range(12):  # abandoned by their clients: logged, but neither answers, errors, latencies nor votes
+        request_log.record(answer(f"gone{i}", key="key-gone", version=2, finish="cancelled", seconds=30.0, text=""))
+    request_log.add_feedback("gone0", "key-gone", -1, None, None)
     request_log.add_feedback("c0", "key-0", -1, None, None)
     request_log.add_feedback("c1", "key-1", 1, None, None)
     stats = request_log.window_stats(start - timedelta(seconds=1), [1, 2])
@@ -170,7 +194,9 @@ def test_window_stats_count_errors_latency_and_ratings_per_version_since_a_time(
     assert stats[2]["ratings"] == 2 and stats[2]["negative_share"] == 0.5
     assert stats[1]["answers"] == 20 and stats[1]["errors"] == 0 and stats[1]["ratings"] == 0
     assert request_log.answer("gone0")["finish"] == "cancelled"
-    assert not any(rid.startswith("gone") for rid, _, _ in request_log.sample_answers(start, 2, 50))
+    sample = request_log.sample_answers(start - timedelta(seconds=1), 2, 5)  # the newest twelve were abandoned
+    assert len(sample) == 5 and not any(rid.startswith("gone") for rid, _, _ in sample)
+    assert request_log.feedback_summary()[2]["answers"] == 21  # "old" and the twenty, not the abandoned
 
 
 def test_one_answer_that_cannot_be_stored_costs_no_other_and_is_counted(request_log):

@@ -5,6 +5,8 @@ endpoint, which (like vLLM's /v1/models with --served-model-name nightshift-llm-
 serves. The vLLM naming is checked by the parser; the vLLM process itself needs a GPU node.
 """
 
+import json
+
 import httpx
 import pytest
 from openai import BadRequestError, OpenAI
@@ -187,6 +189,8 @@ def vllm_like_engine(version: int, delay: float):
     app = FastAPI()
     state = app.state
     state.bodies, state.active, state.peak, state.fail = [], 0, 0, False
+    state.stream_fault = None  # "error event": vLLM's error chunk mid-stream; "break": the stream stops short
+    state.shape = None  # "bad": a 200 whose body is not an OpenAI answer
 
     @app.get("/v1/models")
     def models():
@@ -201,6 +205,21 @@ def vllm_like_engine(version: int, delay: float):
         stops = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop") or []
         if "" in stops:
             return JSONResponse({"error": {"message": "stop cannot contain an empty string."}}, 400)
+        if body.get("stream"):
+            from fastapi.responses import StreamingResponse
+
+            async def events():
+                chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+                         "choices": [{"index": 0, "delta": {"content": "v1 says"}, "finish_reason": None}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+                if state.stream_fault == "error event":
+                    yield f"data: {json.dumps({'error': {'message': 'CUDA out of memory', 'code': 500}})}\n\n"
+                    yield "data: [DONE]\n\n"
+                # "break": the stream ends without a finish reason or [DONE], as when the engine dies
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        if state.shape == "bad":
+            return {"choices": "zzz", "usage": "many"}
         state.active += 1
         state.peak = max(state.peak, state.active)
         try:
@@ -271,4 +290,22 @@ def test_shadows_take_a_slot_empty_stops_stay_home_and_engine_failures_are_logge
             failed = wait_for(lambda: request_log.answer(f"chatcmpl-{r.headers['x-request-id']}"),
                               what="the failed answer in the log")
             assert failed["finish"] == "error" and failed["model_version"] == 1
+
+            # An engine that fails mid-stream (saying so, or breaking off) or answers 200 with something that is
+            # not an answer: the client is told, and the answer is logged as an error, not as abandoned.
+            champion.state.fail = False
+            champion.state.shape = "bad"
+            r = httpx.post(f"{front.url}/v1/chat/completions", timeout=30, json={
+                "model": "nightshift-llm", "messages": QUESTION})
+            assert r.status_code == 502 and r.json()["error"]["code"] == "engine_unavailable"
+            ids = [f"chatcmpl-{r.headers['x-request-id']}"]
+            for fault in ("error event", "break"):
+                champion.state.stream_fault = fault
+                with httpx.stream("POST", f"{front.url}/v1/chat/completions", timeout=30, json={
+                        "model": "nightshift-llm", "messages": QUESTION, "stream": True}) as r:
+                    events = [line for line in r.iter_lines() if line.startswith("data: ")]
+                    ids.append(f"chatcmpl-{r.headers['x-request-id']}")
+                assert '"error"' in events[-2] and events[-1] == "data: [DONE]", (fault, events)
+            for rid in ids:
+                assert wait_for(lambda rid=rid: request_log.answer(rid), what=rid)["finish"] == "error"
             assert httpx.get(f"{front.url}/healthz").json()["active"] == 0

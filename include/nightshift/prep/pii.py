@@ -446,11 +446,11 @@ def _valid(name: str, match: re.Match[str], text: str, start: int, end: int) -> 
     if name == "auth_header":
         # After "Authorization: Bearer" (or Basic, Token, ...) the value is a credential by its place, however
         # plain it looks ("shorttok"); only a reference or a placeholder is left: $TOKEN, <token>, YOUR_API_KEY.
-        # A reference is one by how it begins ($TOKEN, ~/token.txt, https://...): a "/" inside a token
-        # (base64 has them) does not make it one.
-        return not (_PLACEHOLDER.search(value) or _TEMPLATE.search(value) or _REFERENCE.match(value)
-                    or len(set(value)) == 1 or re.fullmatch(r"[A-Z][A-Z0-9_]*|(?i:token|secret|key|apikey|api_key"
-                                                              r"|password|redacted|x+|\.+)", value))
+        # A reference reads as one whole ($TOKEN, ~/token.txt, /run/secrets/api, https://...): a "/" in or at the
+        # start of a token (base64 has them: /9j4AAQ...) does not make it one, nor capitals with digits a name.
+        return not (_PLACEHOLDER.search(value) or _TEMPLATE.search(value) or _AUTH_REFERENCE.fullmatch(value)
+                    or len(set(value)) == 1 or re.fullmatch(r"[A-Z]+(?:_[A-Z0-9]+)*|(?i:token|secret|key|apikey"
+                                                              r"|api_key|password|redacted|x+|\.+)", value))
     if name in ("bearer_token", "url_query_secret", "xml_secret"):
         return _credential_like(value, name == "xml_secret" and bool(_PASSWORD_KEY.search(match.group(0)[:60])))
     if name == "basic_auth":
@@ -485,6 +485,11 @@ def _ipv4_ok(value: str, before: str, after: str) -> bool:
 _TEMPLATE = re.compile(r"\$\{|\$\(|\{\{|\{%|%\(|<[^<>\s]{1,40}>")
 _REFERENCE = re.compile(r"\$[A-Z_][A-Z0-9_]*$|%\w+%$|\[[^\]\s]{1,40}\]$|\{[\w.-]{1,40}\}$|![A-Za-z]+$"
                         r"|[&*][A-Za-z_][\w-]*$|[A-Za-z_][\w.]*[(\[]|[a-z][a-z0-9+.-]*://|\.{0,2}/|~/")
+# A value after "Authorization: Bearer" that names where the credential is rather than holding it: a variable,
+# a call, a URL, or a path that reads as one (two parts or more, or a file name with an extension).
+_AUTH_REFERENCE = re.compile(r"\$[A-Za-z_]\w*|\$\{[^}]{1,60}\}|%\w+%|\{[\w.-]{1,40}\}|\[[^\]\s]{1,40}\]|![A-Za-z]+"
+                             r"|[&*][A-Za-z_][\w-]*|[A-Za-z_][\w.]*\(.{0,80}\)|[a-z][a-z0-9+.-]*://\S+"
+                             r"|(?:~|\.{1,2})?/(?:[\w.-]+/)+[\w.-]+|(?:~|\.{1,2})?/[\w-]+\.[A-Za-z]{1,5}|~/[\w.-]+")
 _WORDS = re.compile(r"[^\W\d_]+(?:[_.:/-][^\W\d_]+)*")
 _VERSION = re.compile(r"[vV]?\d+(?:\.\d+)+(?:[-+][\w.]+)?")
 

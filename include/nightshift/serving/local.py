@@ -233,7 +233,7 @@ class LocalTarget:
                 yield answer.chunk(0, None, None, None, first=True)
             elif params.echo:
                 for i, prompt in enumerate(prompts):
-                    yield answer.chunk(i, self.loaded.tokenizer.decode(prompt, skip_special_tokens=True), None, None)
+                    yield answer.chunk(i, self.loaded.tokenizer.decode(prompt, skip_special_tokens=False), None, None)
             while True:
                 kind, index, text, logprobs = await queue.get()
                 if kind == "end":

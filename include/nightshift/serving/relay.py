@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from nightshift.serving.afterwork import Ended, answered
 from nightshift.serving.context import note
 from nightshift.serving.protocol import OpenAIError
-from nightshift.serving.responses import DONE, Answer, choice_texts
+from nightshift.serving.responses import DONE, Answer, choice_texts, event_error
 from nightshift.serving.upstream import UpstreamModel
 
 if TYPE_CHECKING:
@@ -45,11 +45,18 @@ async def unless_client_leaves(request: Request, awaitable):
         raise
 
 
-def _ended(data: dict, chat: bool) -> Ended:
+def _ended(data, chat: bool) -> Ended:
+    """How an engine's answer ended; ValueError when it is not an OpenAI answer."""
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list) \
+            or not all(isinstance(c, dict) for c in data["choices"]):
+        raise ValueError("not an OpenAI answer")
     texts, finish = choice_texts(data, chat)
-    usage = data.get("usage") or {}
-    return Ended(texts, finish.split(","), int(usage.get("prompt_tokens") or 0),
-                 int(usage.get("completion_tokens") or 0))
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    try:
+        return Ended([str(t) for t in texts], finish.split(","), int(usage.get("prompt_tokens") or 0),
+                     int(usage.get("completion_tokens") or 0))
+    except (TypeError, ValueError) as exc:
+        raise ValueError("not an OpenAI answer") from exc
 
 
 class UpstreamTarget:
@@ -111,8 +118,7 @@ class UpstreamTarget:
         if not req.stream:
             try:
                 data = json.loads(await unless_client_leaves(request, upstream.aread()))
-                if not isinstance(data, dict):
-                    raise ValueError("not an object")
+                ended = _ended(data, chat)
             except ClientGone:
                 return self._abandoned(request, req, answer, role)
             except (ValueError, httpx.HTTPError) as exc:
@@ -124,42 +130,68 @@ class UpstreamTarget:
                 await upstream.aclose()
                 ticket.release()
             data.update(id=rid, model=server.model_name, system_fingerprint=f"v{version}")
-            answered(request, server, self.record, req, answer, _ended(data, chat), role)
+            answered(request, server, self.record, req, answer, ended, role)
             return JSONResponse(data, headers=headers)
         return StreamingResponse(self._relay(request, req, answer, upstream, ticket, role),
                                  media_type="text/event-stream", headers=headers)
 
     async def _relay(self, request: Request, req, answer: Answer, upstream, ticket, role: str) -> AsyncIterator[str]:
+        import httpx
+
         chat, server = answer.chat, self.server
         texts: dict[int, list[str]] = {}
         finish: dict[int, str] = {}
         usage: dict[str, int] = {}
+        unfinished = "cancelled"  # what a choice without a finish reason ends as: the client left, or the engine failed
         try:
-            async for line in upstream.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                payload = line[6:]
-                if payload.strip() == "[DONE]":
-                    break
-                try:
-                    chunk = json.loads(payload)
-                except ValueError:
-                    continue
-                chunk.update(id=answer.id, model=server.model_name, system_fingerprint=answer.fingerprint)
-                for c in chunk.get("choices", []):
-                    piece = (c.get("delta") or {}).get("content") if chat else c.get("text")
-                    texts.setdefault(c.get("index", 0), []).append(piece or "")
-                    if c.get("finish_reason"):
-                        finish[c.get("index", 0)] = c["finish_reason"]
-                usage = chunk.get("usage") or usage
-                yield f"data: {json.dumps(chunk)}\n\n"
+            done = False
+            try:
+                async for line in upstream.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    payload = line[6:]
+                    if payload.strip() == "[DONE]":
+                        done = True
+                        break
+                    try:
+                        chunk = json.loads(payload)
+                    except ValueError:
+                        continue
+                    if not isinstance(chunk, dict):
+                        continue
+                    if "error" in chunk:  # the engine failed mid-answer and said so
+                        unfinished = "error"
+                        yield event_error("The model engine failed while answering; retry later.", "engine_error")
+                        continue
+                    chunk.update(id=answer.id, model=server.model_name, system_fingerprint=answer.fingerprint)
+                    choices = chunk.get("choices") if isinstance(chunk.get("choices"), list) else []
+                    for c in choices:
+                        if not isinstance(c, dict):
+                            continue
+                        index = c.get("index", 0) if isinstance(c.get("index", 0), int) else 0
+                        piece = (c.get("delta") or {}).get("content") if chat else c.get("text")
+                        texts.setdefault(index, []).append(piece if isinstance(piece, str) else "")
+                        if c.get("finish_reason"):
+                            finish[index] = str(c["finish_reason"])
+                    if isinstance(chunk.get("usage"), dict):
+                        usage = chunk["usage"]
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            except httpx.HTTPError:
+                done = False
+            if not done:  # the engine's stream broke off
+                unfinished = "error"
+                yield event_error("The model engine stopped answering mid-way; retry later.", "engine_unavailable")
             yield DONE
         finally:
             await upstream.aclose()
             ticket.release()
             indexes = sorted(texts) or [0]
-            ended = Ended(["".join(texts.get(i, [])) for i in indexes], [finish.get(i, "cancelled") for i in indexes],
-                          int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+            try:
+                tokens = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+            except (TypeError, ValueError):
+                tokens = (0, 0)
+            ended = Ended(["".join(texts.get(i, [])) for i in indexes], [finish.get(i, unfinished) for i in indexes],
+                          *tokens)
             answered(request, server, self.record, req, answer, ended, role)
 
     def _body(self, req, stream: bool) -> dict:

@@ -118,6 +118,10 @@ class RequestLog:
         """The most text the queue holds (answers waiting to be written), whatever their count."""
         self._queued_bytes = 0
         self._bytes_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._in_hand = 0
+        """Answers the writer has taken and not yet written or counted."""
+        self._given_up = False
         self._stopping = threading.Event()
         """Set once ``stop`` has waited its time: the writer then stops retrying an unavailable database."""
 
@@ -149,6 +153,15 @@ class RequestLog:
         if self._thread.is_alive():  # still retrying an unavailable database: give up, counting what is lost
             self._stopping.set()
             self._thread.join(5)
+            with self._count_lock:
+                if self._thread.is_alive():  # blocked in the database: what it holds is counted here, once
+                    with self._queue.mutex:
+                        waiting = sum(1 for entry in self._queue.queue if entry is not None)
+                    lost = self._in_hand + waiting
+                    self._in_hand = 0
+                    self._given_up = True
+                    self.failed += lost
+                    log.error("request log: %d answers not written at shutdown (the database did not answer)", lost)
         self._thread = None
         self.engine.dispose()
 
@@ -227,6 +240,17 @@ class RequestLog:
                 log.error("request log: answer %s could not be prepared (%s)", entry.response_id, type(exc).__name__)
         if not rows:
             return
+        with self._count_lock:
+            if self._given_up:  # stop() has counted what was left
+                return
+            self._in_hand = len(rows)
+        try:
+            self._insert(rows)
+        finally:
+            with self._count_lock:
+                self._in_hand = 0
+
+    def _insert(self, rows: list[dict[str, Any]]) -> None:
         attempt = 0
         while True:
             try:
@@ -234,15 +258,20 @@ class RequestLog:
                     self.open()
                 with self.engine.begin() as conn:
                     conn.execute(responses.insert(), rows)
-                self.written += len(rows)
+                with self._count_lock:
+                    self.written += len(rows)
+                    if self._given_up:  # counted as lost by stop() a moment ago: they were written after all
+                        self.failed -= len(rows)
                 return
             except sa.exc.OperationalError as exc:
                 # Locked or unreachable: wait and try again for as long as the endpoint runs (answers pile up in
                 # the bounded queue meanwhile, and what does not fit there is counted as dropped).
                 attempt += 1
                 if self._stopping.is_set():
-                    self.failed += len(rows)
-                    log.error("request log: %d answers could not be written before shutdown", len(rows))
+                    with self._count_lock:
+                        if not self._given_up:
+                            self.failed += len(rows)
+                            log.error("request log: %d answers could not be written before shutdown", len(rows))
                     return
                 log.warning("request log: database unavailable (%s), attempt %d; retrying", type(exc).__name__,
                             attempt)
@@ -356,11 +385,12 @@ class RequestLog:
     def _votes(self, conn, since: datetime, versions: list[int] | None = None) -> dict[int, list[float]]:
         """Return per model version one vote per rater: the mean of that key's ratings of its answers (the
         newest rating of each answer). A key that rates twenty answers, or one answer twenty times, is one voter;
-        answers given without a key are each a voter of their own. Shadow answers never count."""
+        answers given without a key are each a voter of their own. Shadow answers, and answers their clients
+        abandoned, never count."""
         query = (sa.select(feedback.c.feedback_id, feedback.c.response_id, feedback.c.key_id, feedback.c.rating,
                            feedback.c.model_version)
                  .join(responses, responses.c.response_id == feedback.c.response_id)
-                 .where(feedback.c.created_at >= since, responses.c.model_role != "shadow"))
+                 .where(feedback.c.created_at >= since, responses.c.model_role != "shadow", _not_abandoned()))
         if versions is not None:
             query = query.where(feedback.c.model_version.in_(versions))
         newest: dict[tuple[str, str | None], tuple[int, int, float]] = {}
@@ -384,7 +414,7 @@ class RequestLog:
         with self.engine.connect() as conn:
             answered = dict(conn.execute(
                 sa.select(responses.c.model_version, sa.func.count())
-                .where(responses.c.created_at >= since, responses.c.model_role != "shadow")
+                .where(responses.c.created_at >= since, responses.c.model_role != "shadow", _not_abandoned())
                 .group_by(responses.c.model_version)).all())
             votes = self._votes(conn, since)
         nan = float("nan")
@@ -429,7 +459,8 @@ class RequestLog:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(responses.c.response_id, responses.c.request, responses.c.answer, responses.c.finish)
-                .where(responses.c.model_version == version, responses.c.created_at >= since)
+                .where(responses.c.model_version == version, responses.c.created_at >= since,
+                       *(sa.not_(responses.c.finish.contains(f)) for f in ("cancelled", "timeout", "error")))
                 .order_by(responses.c.created_at.desc()).limit(limit * 2)).all()
         out = []
         for row in rows:
@@ -491,6 +522,11 @@ def _storable(text: str, counts: dict[str, int]) -> str:
 
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _not_abandoned():
+    """The SQL condition of an answer its client did not abandon (no ``cancelled`` among its finish reasons)."""
+    return sa.not_(responses.c.finish.contains("cancelled"))
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -29,18 +29,19 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, req: ChatRequest) -> Response:
-    server = server_of(request)
-    check_supported(req)
-    target, role = server.pick(request, req)
-    return await target.answer(request, req, chat=True, role=role)
+    return await _answer(request, req, chat=True)
 
 
 @router.post("/v1/completions")
 async def completions(request: Request, req: CompletionRequest) -> Response:
+    return await _answer(request, req, chat=False)
+
+
+async def _answer(request: Request, req, chat: bool) -> Response:
     server = server_of(request)
     check_supported(req)
     target, role = server.pick(request, req)
-    return await target.answer(request, req, chat=False, role=role)
+    return await target.answer(request, req, chat=chat, role=role)
 
 
 @router.post("/v1/feedback", status_code=201)
