@@ -210,6 +210,7 @@ def test_trigger_from_the_form_and_read_the_reports(airflow):
                        "report frame")
         report.wait_for_selector("h2#profile")
         assert "corpus-v" in report.inner_text("body") and "one-off" in report.inner_text("#collection + p + table")
+        report.wait_for_function("() => Array.from(document.images).every(i => i.complete)", timeout=30_000)
         charts = report.eval_on_selector_all(
             "img", "imgs => imgs.map(i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0}))")
         assert {"charts/chars.svg", "charts/words.svg", "charts/language.svg"} <= {c["src"] for c in charts}
