@@ -205,7 +205,7 @@ class BatchScheduler:
         self.on_release = on_release
         self._inbox: queue.SimpleQueue[tuple[Sequence, Future] | None] = queue.SimpleQueue()
         self._batches: list[Batch] = []
-        self._prefilling: deque[tuple[Sequence, Future, Any]] = deque()
+        self._prefilling: deque[tuple[Sequence, Future, Any, int]] = deque()
         """Sequences whose prompts are being run through, one chunk per scheduler step (chunked prefill)."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -285,20 +285,26 @@ class BatchScheduler:
 
     def _start_prefill(self, sequence: Sequence, future: Future) -> None:
         if future.set_running_or_notify_cancel():
-            self._prefilling.append((sequence, future, sequence.prefill_steps(self.prefill_chunk)))
+            chunk, weight = self.prefill_chunk, 1
+            if sequence.params.echo and sequence.params.logprobs is not None:
+                # A scoring prompt's token costs more than a forward pass: the logits and log-softmax over the whole
+                # vocabulary, and its log-probability entry. It counts four times against a step's budget, so that
+                # its steps are about as short as a plain prompt's.
+                chunk, weight = max(16, chunk // 4), 4
+            self._prefilling.append((sequence, future, sequence.prefill_steps(chunk), weight))
 
     def _prefill_chunk(self) -> None:
         """Prefill up to ``prefill_chunk`` prompt tokens, oldest prompt first (several short prompts share one
         step); a prompt done joins its model's batch."""
         budget = self.prefill_chunk
         while self._prefilling and budget > 0:
-            sequence = self._prefilling[0][0]
+            sequence, _future, _steps, weight = self._prefilling[0]
             before = sequence.prefilled
             self._advance_prefill()
-            budget -= max(1, sequence.prefilled - before)
+            budget -= max(1, sequence.prefilled - before) * weight
 
     def _advance_prefill(self) -> None:
-        sequence, future, steps = self._prefilling[0]
+        sequence, future, steps, _weight = self._prefilling[0]
         try:
             next(steps)
             return
@@ -353,7 +359,7 @@ class BatchScheduler:
             batch.fail(error)
         self._batches.clear()
         while self._prefilling:
-            _sequence, future, steps = self._prefilling.popleft()
+            _sequence, future, steps, _weight = self._prefilling.popleft()
             steps.close()
             if not future.done():
                 future.set_exception(error)
