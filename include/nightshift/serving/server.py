@@ -62,6 +62,11 @@ class Server:
     candidate: CandidateWatcher | None = None
     shadows: int = 0
     """Shadow generations in flight."""
+    admission: Admission | None = None
+    scheduler: BatchScheduler | None = None
+    database: ThreadPoolExecutor | None = None
+    """The request log's own threads: a slow or locked database delays feedback, never answers or probes."""
+    database_pending: int = 0
     _client: Any = None
 
     def upstream_client(self):
@@ -72,11 +77,6 @@ class Server:
             limits = httpx.Limits(max_connections=self.limits.max_concurrent * 2 + 4)
             self._client = httpx.AsyncClient(limits=limits)
         return self._client
-    admission: Admission | None = None
-    scheduler: BatchScheduler | None = None
-    database: ThreadPoolExecutor | None = None
-    """The request log's own threads: a slow or locked database delays feedback, never answers or probes."""
-    database_pending: int = 0
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
