@@ -113,7 +113,7 @@ def real_manuals(recipe: PrepRecipe) -> None:
     """Print, per shipped profile, the share of each real manual's pages kept and of planted junk pages kept,
     and the throughput of extraction plus steps on one core."""
     from manuals import ManualUnavailable, html_pages, junk_pages, manual
-    from nightshift.prep.curate import DocumentCurator
+    from nightshift.prep.curator import DocumentCurator
 
     try:
         roots = {name: manual(name) for name in ("git", "postgresql")}

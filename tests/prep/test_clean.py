@@ -1,5 +1,5 @@
 from nightshift.prep.clean import Document, normalize_text, read_corpus, write_corpus
-from nightshift.prep.curate import extract_text_of
+from nightshift.prep.curator import extract_text_of
 
 
 def test_normalize_fixes_mojibake_and_whitespace():

@@ -132,14 +132,14 @@ def _env():
 
 
 def test_a_document_that_breaks_a_step_is_dropped_with_the_reason_and_the_night_goes_on(tmp_path, monkeypatch):
-    from nightshift.prep import curate as curate_module
+    from nightshift.prep import curator
 
     def broken(fmt, content):
         if "BREAK" in content:
             raise UnicodeError("bad")
         return content
 
-    monkeypatch.setattr(curate_module, "extract_text_of", broken)
+    monkeypatch.setattr(curator, "extract_text_of", broken)
     rng = random.Random(2)
     docs = [{"id": f"d{i}", "source": "s", "format": "text", "content": prose(rng), "meta": {}} for i in range(5)]
     docs[2]["content"] += " BREAK"
@@ -150,7 +150,8 @@ def test_a_document_that_breaks_a_step_is_dropped_with_the_reason_and_the_night_
 
 
 def test_a_slurm_executor_is_configured_from_the_recipe_and_renders_its_batch_script(tmp_path):
-    from nightshift.prep.curate import CurateShard, build_executor
+    from nightshift.prep.executor import build_executor
+    from nightshift.prep.shard_worker import CurateShard
 
     recipe = recipe_for(tmp_path, kind="slurm", options={"partition": "cpu", "cpus_per_task": 4, "time": "02:00:00"})
     executor = build_executor(recipe, [CurateShard(recipe.to_dict(), str(tmp_path), None)], 8, 0, tmp_path / "logs")
@@ -176,18 +177,18 @@ def test_executor_options_are_checked_against_datatrove(tmp_path, executor, says
 @pytest.fixture
 def step_code(tmp_path, monkeypatch):
     """A copy of the steps' source files that code_digest() reads instead of the installed ones."""
-    from nightshift.prep import curate as curate_module
+    from nightshift.prep import digests
 
     folder = tmp_path / "prep"
     folder.mkdir()
     copies = []
-    for path in curate_module.step_sources():
+    for path in digests.step_sources():
         copies.append(folder / path.name)
         copies[-1].write_bytes(path.read_bytes())
-    monkeypatch.setattr(curate_module, "step_sources", lambda: list(copies))
-    curate_module.code_digest.cache_clear()
+    monkeypatch.setattr(digests, "step_sources", lambda: list(copies))
+    digests.code_digest.cache_clear()
     yield folder
-    curate_module.code_digest.cache_clear()
+    digests.code_digest.cache_clear()
 
 
 def test_a_changed_step_module_misses_the_cache_and_unchanged_code_hits_it(night, tmp_path, step_code):
@@ -197,7 +198,7 @@ def test_a_changed_step_module_misses_the_cache_and_unchanged_code_hits_it(night
         if edit:  # a scrubber fix: the module's code changes, the documents do not
             with (step_code / edit).open("a") as fh:
                 fh.write("\n# a fix to the scrubber\n")
-            from nightshift.prep.curate import code_digest
+            from nightshift.prep.digests import code_digest
 
             code_digest.cache_clear()
         out = tmp_path / f"corpus-{len(runs)}.jsonl"
@@ -211,24 +212,24 @@ def test_a_changed_step_module_misses_the_cache_and_unchanged_code_hits_it(night
 def test_the_code_digest_covers_every_step_module_and_the_libraries_they_call(monkeypatch):
     import importlib.metadata
 
-    from nightshift.prep import curate as curate_module
+    from nightshift.prep import digests
 
-    names = {p.name for p in curate_module.step_sources()}
+    names = {p.name for p in digests.step_sources()}
     assert {"clean.py", "heuristics.py", "language.py", "pii.py", "near_dup.py", "decontaminate.py",
             "curate.py"} <= names
     # what trafilatura needs at run time shapes extraction too: its dependencies count, transitively
     assert {"trafilatura", "courlan", "htmldate", "charset-normalizer", "lxml", "wcwidth"} <= set(
-        curate_module.step_library_versions())
-    before = curate_module.code_digest()
+        digests.step_library_versions())
+    before = digests.code_digest()
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda d: "99.0" if d == "courlan" else real(d))
-    curate_module.code_digest.cache_clear()
+    digests.code_digest.cache_clear()
     try:
-        assert curate_module.code_digest() != before
+        assert digests.code_digest() != before
     finally:
         monkeypatch.undo()
-        curate_module.code_digest.cache_clear()
-    assert curate_module.code_digest() == before
+        digests.code_digest.cache_clear()
+    assert digests.code_digest() == before
 
 
 STDIN_SCRIPT = """

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from nightshift.prep.curate import DocumentCurator
-from nightshift.prep.decontaminate import EvalIndex, read_items
-from nightshift.prep.recipe import Decontaminate, PrepRecipe
+from nightshift.prep.curator import DocumentCurator
+from nightshift.prep.decontaminate import Decontaminate, EvalIndex, read_items
+from nightshift.prep.recipe import PrepRecipe
 
 
 def eval_set(tmp_path, name, items):

@@ -6,8 +6,12 @@ from datatrove.data import Document
 from datatrove.pipeline.filters import GopherRepetitionFilter
 from datatrove.utils.text import split_into_words
 
-from nightshift.prep.heuristics import FastGopherRepetitionFilter, build_filter, run_filter, tokenizer
-from nightshift.prep.recipe import C4Quality, FineWebQuality, GopherQuality, GopherRepetition, Language
+from nightshift.prep.filters import C4Quality, FineWebQuality, GopherQuality, GopherRepetition
+from nightshift.prep.heuristics import FastGopherRepetitionFilter, tokenizer
+from nightshift.prep.language import Language
+from nightshift.prep.shards import Outcome
+from nightshift.prep.step_base import Candidate
+from nightshift.prep.steps import STEPS
 from nightshift.settings import SAMPLES_DIR
 from planted import prose
 
@@ -91,6 +95,13 @@ def test_regex_tokenizer_counts_the_words_spacy_counts_on_the_sample_store():
         assert len(tokenizer().word_tokenize(text)) == len(split_into_words(text, "en")), path
 
 
+def run_step(step: str, config, text: str) -> tuple[str | None, str]:
+    """Return (reason to drop or None, text after the step) from the registry's step class."""
+    doc = Candidate("doc", text, Outcome())
+    (reason,) = STEPS[step](config).decide_many([doc])
+    return reason, doc.text
+
+
 @pytest.mark.parametrize(
     ("step", "config", "text", "reason"),
     [
@@ -106,13 +117,13 @@ def test_regex_tokenizer_counts_the_words_spacy_counts_on_the_sample_store():
     ],
 )
 def test_each_quality_step_drops_what_it_is_for(step, config, text, reason):
-    dropped, _ = run_filter(build_filter(step, config), text, "doc")
+    dropped, _ = run_step(step, config, text)
     assert dropped == reason
 
 
 def test_c4_removes_javascript_warnings_as_the_recipe_asks_and_keeps_the_rest():
-    dropped, text = run_filter(build_filter("c4_quality", C4Quality()),
-                               "Please enable JavaScript to view this page.\nThe dome opens at dusk.", "doc")
+    dropped, text = run_step("c4_quality", C4Quality(),
+                             "Please enable JavaScript to view this page.\nThe dome opens at dusk.")
     assert dropped is None and text == "The dome opens at dusk."
 
 
@@ -122,7 +133,7 @@ def test_ordinary_prose_passes_every_quality_step():
         text = prose(rng)
         for step, config in [("gopher_quality", GopherQuality()), ("gopher_repetition", GopherRepetition()),
                              ("c4_quality", C4Quality()), ("fineweb_quality", FineWebQuality())]:
-            assert run_filter(build_filter(step, config), text, "doc")[0] is None, step
+            assert run_step(step, config, text)[0] is None, step
 
 
 def test_language_keeps_the_listed_languages_and_names_the_others():

@@ -13,7 +13,8 @@ import yaml
 
 from nightshift.pipelines import ingest
 from nightshift.pipelines.ingest import plan_sources, prepare_corpus
-from nightshift.prep.curate import DocumentCurator, curate
+from nightshift.prep.curate import curate
+from nightshift.prep.curator import DocumentCurator
 from nightshift.prep.recipe import DEFAULT_RECIPE, PrepRecipe, RecipeError
 
 PAGES = Path(__file__).parent / "debian_pages"

@@ -2,7 +2,7 @@
 
 One SQLite file under the cache folder; tasks read it (read-only, several processes at once), and only the
 process that finishes a run writes to it, after the corpus is published. Losing the file costs time, never
-correctness: the key holds ``curate.outcome_digest`` (the recipe's thresholds and evaluation sets, and the
+correctness: the key holds ``digests.outcome_digest`` (the recipe's thresholds and evaluation sets, and the
 steps' code: their source files and library versions), so a changed recipe or a fixed step misses.
 """
 
@@ -25,7 +25,7 @@ class OutcomeCache:
     """Read and fill the outcome cache at ``path``."""
 
     def __init__(self, path: Path, recipe_digest: str) -> None:
-        """``recipe_digest`` is ``curate.outcome_digest(recipe)``, which the keys of the outcomes hold."""
+        """``recipe_digest`` is ``digests.outcome_digest(recipe)``, which the keys of the outcomes hold."""
         self.path = Path(path)
         self.recipe_digest = recipe_digest
         self._reader: sqlite3.Connection | None = None

@@ -16,14 +16,47 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from nightshift.prep.clean import normalize_text
 from nightshift.prep.near_dup import ngram_hashes, shingle_hashes, whole_hash, word_hashes
-from nightshift.prep.recipe import Decontaminate
+from nightshift.prep.step_base import Candidate, PrepStep, RecipeError, positive
+from nightshift.settings import CONFIG_DIR, SAMPLES_DIR
+
+
+@dataclass(frozen=True)
+class Decontaminate:
+    """Find documents that share long word n-grams with evaluation sets (GPT-3's 13-gram rule)."""
+
+    sets: dict[str, str] = field(default_factory=lambda: {"golden": "samples:golden_qa.jsonl"})
+    """name -> JSONL file of evaluation items (every string field is read); ``samples:`` is the bundled folder."""
+    ngram: int = 13
+    """Words in a shared n-gram that counts as contamination."""
+    min_item_words: int = 8
+    """Items shorter than ``ngram`` words are matched whole when they have at least this many words."""
+    action: str = "drop"
+    """drop: remove contaminated documents; report: keep them and count them."""
+
+    def check(self, where: str) -> None:
+        if self.action not in ("drop", "report"):
+            raise RecipeError(f"{where}.action must be drop or report, got {self.action!r}")
+        positive(where, "ngram", self.ngram)
+        positive(where, "min_item_words", self.min_item_words)
+        if not isinstance(self.sets, dict) or not all(isinstance(v, str) for v in self.sets.values()):
+            raise RecipeError(f"{where}.sets must map set names to JSONL paths")
+        for name in self.sets:
+            if not self.set_path(name).is_file():
+                raise RecipeError(f"{where}.sets.{name}: no file at {self.sets[name]!r}")
+
+    def set_path(self, name: str) -> Path:
+        value = self.sets[name]
+        if value.startswith("samples:"):
+            return SAMPLES_DIR / value.removeprefix("samples:")
+        path = Path(value)
+        return path if path.is_absolute() else CONFIG_DIR / path
 
 
 def read_items(path: Path) -> list[str]:
@@ -109,3 +142,28 @@ class EvalIndex:
                 for d in np.unique(doc[table[at] == grams]).tolist():
                     hits[d].add(name)
         return [sorted(h) for h in hits]
+
+
+class DecontaminateStep(PrepStep):
+    """Drop (or, with ``action: report``, only mark) documents that share an n-gram with an evaluation set.
+
+    Documents are hashed together: one call per batch is much faster than one per document.
+    """
+
+    name = "decontaminate"
+    Config = Decontaminate
+
+    def __init__(self, config: Decontaminate) -> None:
+        super().__init__(config)
+        self.index = EvalIndex.build(config)
+
+    def decide(self, doc: Candidate) -> str | None:
+        return self.decide_many([doc])[0]
+
+    def decide_many(self, docs: list[Candidate]) -> list[str | None]:
+        found = self.index.contaminated([d.text for d in docs]) if docs else []
+        verdicts: list[str | None] = []
+        for doc, sets in zip(docs, found, strict=True):
+            doc.outcome.contaminated = sets
+            verdicts.append("contaminated:" + ",".join(sets) if sets and self.config.action == "drop" else None)
+        return verdicts

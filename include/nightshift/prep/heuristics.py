@@ -21,18 +21,11 @@ from typing import Any
 
 import numpy as np
 from datatrove.data import Document as DtDocument
-from datatrove.pipeline.filters import (
-    C4QualityFilter,
-    FineWebQualityFilter,
-    GopherQualityFilter,
-    GopherRepetitionFilter,
-)
+from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
 from datatrove.pipeline.filters.c4_filters import POLICY_SUBSTRINGS
 from datatrove.pipeline.filters.gopher_repetition_filter import find_duplicates
 from datatrove.utils.text import PUNCTUATION_SET, split_into_sentences, split_into_words
 from datatrove.utils.word_tokenizers import WordTokenizer
-
-from nightshift.prep.recipe import C4Quality, FineWebQuality, GopherQuality, GopherRepetition
 
 # Close to spaCy's English tokens: URLs, e-mail addresses and numbers with separators stay whole, clitics
 # ('s, n't) and every punctuation mark are tokens of their own, except runs of dots and dashes.
@@ -275,50 +268,3 @@ def _repeated_chars(gram: np.ndarray, cum: np.ndarray, n: int) -> int:
             seen.add(value)
             idx += 1
     return repeated
-
-
-def build_filter(step: str, config: Any):
-    """Return the datatrove filter for one quality step of the recipe."""
-    tok = tokenizer()
-    if step == "gopher_quality":
-        assert isinstance(config, GopherQuality)
-        return FastGopherQualityFilter(**_kwargs(config), language=tok)
-    if step == "gopher_repetition":
-        assert isinstance(config, GopherRepetition)
-        return FastGopherRepetitionFilter(
-            dup_line_frac=config.dup_line_frac, dup_para_frac=config.dup_para_frac,
-            dup_line_char_frac=config.dup_line_char_frac, dup_para_char_frac=config.dup_para_char_frac,
-            top_n_grams=tuple(sorted(config.top_n_grams.items())),
-            dup_n_grams=tuple(sorted(config.dup_n_grams.items())), language=tok)
-    if step == "c4_quality":
-        assert isinstance(config, C4Quality)
-        return FastC4QualityFilter(**_kwargs(config), language=tok)
-    if step == "fineweb_quality":
-        assert isinstance(config, FineWebQuality)
-        return FineWebQualityFilter(**_kwargs(config), language=tok)
-    raise ValueError(f"not a quality step: {step}")
-
-
-MEASURE_SETTINGS = ("measure", "min_prose_words")
-"""Settings that say what text a step judges (nightshift.prep.curate), not how datatrove's filter judges it."""
-
-
-def _kwargs(config: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in MEASURE_SETTINGS}
-
-
-QUALITY_STEPS = ("gopher_quality", "gopher_repetition", "c4_quality", "fineweb_quality")
-
-
-def run_filter(filt, text: str, doc_id: str) -> tuple[str | None, str]:
-    """Return (reason to drop or None, text after the filter): C4 may remove lines when the recipe asks it to."""
-    doc = DtDocument(text=text, id=doc_id)
-    verdict = filt.filter(doc)
-    if verdict is True or (isinstance(verdict, tuple) and verdict[0]):
-        if isinstance(filt, C4QualityFilter) and doc.text == "\n".join(x.strip() for x in text.splitlines()).strip():
-            return None, text  # C4 strips every line as it rejoins them; no line removed means no change
-        return None, doc.text
-    reason = verdict[1] if isinstance(verdict, tuple) and len(verdict) > 1 else "rejected"
-    return str(reason), doc.text

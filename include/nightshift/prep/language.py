@@ -2,9 +2,50 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
-from nightshift.prep.recipe import Language
+from nightshift.prep.step_base import Candidate, Measured, PrepStep, RecipeError, fraction, positive
+
+
+@dataclass(frozen=True)
+class Language(Measured):
+    """Language identification with py3langid (its model ships in the wheel)."""
+
+    keep: tuple[str, ...] = ("en",)
+    """ISO 639-1 codes of the languages to keep."""
+    min_confidence: float = 0.5
+    """Documents whose most likely kept language has a lower probability are dropped."""
+    sample_chars: int = 400
+    """Characters read from each document: enough to tell a language (py3langid reads them byte by byte in
+    Python, so this bounds the step's cost per document)."""
+    sample: str = "start"
+    """start: the first ``sample_chars``; spread: sentence lines taken evenly from the whole document (the start
+    of a manual page is often a synopsis or a title)."""
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        if self.sample not in ("start", "spread"):
+            raise RecipeError(f"{where}.sample must be start or spread, got {self.sample!r}")
+        if not self.keep:
+            raise RecipeError(f"{where}.keep must list at least one language code")
+        unknown = sorted(set(self.keep) - set(_identifier().labels))
+        if unknown:
+            raise RecipeError(f"{where}.keep: unknown language codes {unknown} (py3langid knows ISO 639-1 codes)")
+        fraction(where, "min_confidence", self.min_confidence)
+        positive(where, "sample_chars", self.sample_chars)
+
+
+class LanguageStep(PrepStep):
+    """Drop documents not in a kept language, or whose language is uncertain; record the language found."""
+
+    name = "language"
+    Config = Language
+
+    def decide(self, doc: Candidate) -> str | None:
+        reason, doc.outcome.language, score = language_verdict(doc.text, self.config)
+        doc.outcome.language_score = round(score, 4)
+        return reason
 
 
 @lru_cache(maxsize=1)

@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from nightshift.prep.step_base import Candidate, PrepStep, RecipeError
+
 PLACEHOLDERS = {
     "email": "<EMAIL>", "phone": "<PHONE>", "ip_address": "<IP_ADDRESS>", "credit_card": "<CREDIT_CARD>",
     "iban": "<IBAN>", "secret": "<SECRET>",
@@ -563,3 +565,38 @@ def _iban_ok(iban: str) -> bool:
 
 
 _FULL = Scrubber()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe step.
+
+PII_TYPES = ("email", "phone", "ip_address", "credit_card", "iban", "secret")
+
+
+@dataclass(frozen=True)
+class Pii:
+    """Scrub personal data and credentials, replacing each find by a typed placeholder such as ``<EMAIL>``."""
+
+    types: tuple[str, ...] = PII_TYPES
+    """Kinds to scrub: email, phone, ip_address, credit_card (Luhn-checked), iban (mod-97), secret (credentials)."""
+
+    def check(self, where: str) -> None:
+        unknown = sorted(set(self.types) - set(PII_TYPES))
+        if unknown or not self.types:
+            raise RecipeError(f"{where}.types must be a non-empty subset of {list(PII_TYPES)}; unknown {unknown}")
+
+
+class PiiStep(PrepStep):
+    """Replace every find of the configured kinds by its placeholder; count the finds per kind, never keep them."""
+
+    name = "pii"
+    Config = Pii
+
+    def __init__(self, config: Pii) -> None:
+        super().__init__(config)
+        self.scrubber = Scrubber(config.types)
+
+    def decide(self, doc: Candidate) -> str | None:
+        doc.text, counts = self.scrubber.scrub(doc.text)
+        doc.outcome.pii = dict(sorted(counts.items()))
+        return None

@@ -1,7 +1,8 @@
 """The shards of a night's preparation: the raw documents split by id into tasks' inputs, the files each task
 publishes, and the outcome every document ends with (kept with its text, or dropped at one step).
 
-Apart from the steps (``curate.py``) and the outcome cache (``cache.py``), which both read these.
+Apart from the task that writes them (``shard_worker.py``) and the outcome cache (``cache.py``), which both
+read these.
 """
 
 from __future__ import annotations
@@ -85,3 +86,8 @@ def shard_raw(raw: Path, out_dir: Path, shards: int) -> list[Path]:
     for p in paths:
         p.with_name(p.name + ".tmp").replace(p)
     return paths
+
+
+def source_of(doc_id: str) -> str:
+    """Return the source of a document: the prefix of its id (collect_source names ids ``<source>/...``)."""
+    return doc_id.split("/", 1)[0] if "/" in doc_id else ""
