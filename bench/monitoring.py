@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 def step(name: str, run_dir: Path) -> None:
     """Run one ingest step in this process (the child side of ``timed``)."""
     from nightshift.pipelines import ingest
-    from nightshift.pipelines.reports import RunRef
+    from nightshift.reports.publish import RunRef
     from nightshift.settings import load_settings
 
     settings = load_settings()
@@ -187,7 +187,7 @@ def main() -> None:
             print(f"no {tokenizer}: run `make model` first for token counts; measuring without them")
         # What `make setup` does once: the data repository exists before any night.
         subprocess.run([sys.executable, "-c", "from nightshift.settings import load_settings; "
-                        "from nightshift.pipelines.ingest import dataset_repository; "
+                        "from nightshift.stores import dataset_repository; "
                         "dataset_repository(load_settings()).ensure()"], env=env, check=True, capture_output=True)
         samples = night("sample store", "collect", work / "samples", env)
         if args.skip_large:

@@ -181,8 +181,8 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="ns-bench-serve-"))
     os.environ["NIGHTSHIFT_HOME"] = str(home)
     os.environ["NIGHTSHIFT_SERVE_REQUIRE_KEY"] = "false"
-    from nightshift.pipelines.finetune import registry_for
     from nightshift.settings import DEFAULT_FOUNDATION_MODEL, load_settings
+    from nightshift.stores import registry_for
     from nightshift.training.foundation import import_foundation_model
 
     settings = load_settings()

@@ -148,8 +148,9 @@ def finetune_model():
 
     @task
     def check_registry(dataset: dict) -> dict:
-        from nightshift.pipelines.finetune import checkpoint_digest, fingerprint, registry_for
+        from nightshift.pipelines.finetune import checkpoint_digest, fingerprint
         from nightshift.records import DatasetVersion
+        from nightshift.stores import registry_for
         from nightshift.training.fit import check_recipe_fits
 
         request = _request()
@@ -186,9 +187,10 @@ def finetune_model():
 
     @task(multiple_outputs=True)
     def plan_training(dataset: dict, packed: dict, check: dict) -> dict:
-        from nightshift.pipelines.finetune import open_tracking_run, registry_for
+        from nightshift.pipelines.finetune import open_tracking_run
         from nightshift.pipelines.finetune import plan_training as plan
         from nightshift.records import DatasetVersion, PackedDataset
+        from nightshift.stores import registry_for
 
         context = get_current_context()
         request, version, packed_data = _request(), DatasetVersion.from_dict(dataset), PackedDataset.from_dict(packed)
@@ -219,9 +221,9 @@ def finetune_model():
 
     @task(trigger_rule="none_failed_min_one_success")
     def verify_candidate(plan: dict) -> dict:
-        from nightshift.pipelines.finetune import registry_for
         from nightshift.pipelines.finetune import verify_candidate as verify
         from nightshift.settings import runtime_env
+        from nightshift.stores import registry_for
         from nightshift.training.verify import ReloadCheckFailed
 
         try:
@@ -233,8 +235,9 @@ def finetune_model():
     def evaluate(packed: dict, plan: dict) -> dict:
         from nightshift.airflow.connections import judge_endpoint
         from nightshift.evaluation.suite import EvaluationSuite
-        from nightshift.pipelines.finetune import evaluate_candidate, registry_for
+        from nightshift.pipelines.finetune import evaluate_candidate
         from nightshift.records import PackedDataset
+        from nightshift.stores import registry_for
 
         try:  # a broken suite or judge connection does not mend itself on retry
             suite = EvaluationSuite.load(SETTINGS.evaluation_suite)
@@ -248,7 +251,8 @@ def finetune_model():
     @task
     def decide_promotion(evaluation: dict, plan: dict) -> dict:
         from nightshift.evaluation.gate import GatePolicy
-        from nightshift.pipelines.finetune import gate, registry_for, write_evaluation_report
+        from nightshift.pipelines.finetune import gate, write_evaluation_report
+        from nightshift.stores import registry_for
 
         context = get_current_context()
         try:
@@ -276,8 +280,8 @@ def finetune_model():
         from pathlib import Path
 
         from nightshift.pipelines.finetune import register_candidate as register
-        from nightshift.pipelines.finetune import registry_for
         from nightshift.records import DatasetVersion
+        from nightshift.stores import registry_for
 
         version = register(
             registry_for(SETTINGS), plan["mlflow_run_id"], Path(plan["output_dir"]) / "checkpoint",
@@ -287,9 +291,9 @@ def finetune_model():
 
     @task.branch
     def release(_version: dict) -> str:
-        from nightshift.evaluation.live import RolloutPolicy
-        from nightshift.pipelines.finetune import registry_for
+        from nightshift.evaluation.rollout_policy import RolloutPolicy
         from nightshift.pipelines.rollout import release_route
+        from nightshift.stores import registry_for
 
         try:
             policy = RolloutPolicy.load(SETTINGS.rollout_policy)
@@ -301,10 +305,10 @@ def finetune_model():
 
     @task(outlets=[CANDIDATE_ASSET])
     def start_rollout(version: dict) -> dict:
-        from nightshift.evaluation.live import RolloutPolicy
-        from nightshift.pipelines.finetune import registry_for
+        from nightshift.evaluation.rollout_policy import RolloutPolicy
         from nightshift.pipelines.rollout import start_rollout as start
         from nightshift.records import ModelVersionRecord
+        from nightshift.stores import registry_for
 
         policy = RolloutPolicy.load(SETTINGS.rollout_policy)
         rollout = start(registry_for(SETTINGS), ModelVersionRecord.from_dict(version), policy)
@@ -317,9 +321,9 @@ def finetune_model():
     def promote_candidate(version: dict, decision: dict) -> dict:
         from nightshift.airflow.common import triggered_by
         from nightshift.pipelines.finetune import promote_candidate as promote
-        from nightshift.pipelines.finetune import registry_for
         from nightshift.records import ModelVersionRecord
         from nightshift.registry.history import ChampionConflict
+        from nightshift.stores import registry_for
 
         context = get_current_context()
         run = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
@@ -351,7 +355,8 @@ def finetune_model():
 
     @task(trigger_rule="none_failed_min_one_success")
     def report(dataset: dict, check: dict) -> dict:
-        from nightshift.pipelines.finetune import cleanup, publish_outcome, registry_for
+        from nightshift.pipelines.finetune import cleanup, publish_outcome
+        from nightshift.stores import registry_for
 
         context = get_current_context()
         ti = context["ti"]

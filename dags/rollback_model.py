@@ -68,9 +68,9 @@ def _request():
 def rollback_model():
     @task
     def plan_rollback() -> dict:
-        from nightshift.pipelines.finetune import registry_for
         from nightshift.pipelines.rollback import RollbackRefused
         from nightshift.pipelines.rollback import plan_rollback as plan
+        from nightshift.stores import registry_for
 
         try:
             planned = plan(registry_for(SETTINGS), _request())
@@ -90,10 +90,10 @@ def rollback_model():
 
     @task
     def check_target(plan: dict) -> dict:
-        from nightshift.pipelines.finetune import registry_for
         from nightshift.pipelines.rollback import RollbackRefused
         from nightshift.pipelines.rollback import check_target as check
         from nightshift.records import ModelVersionRecord
+        from nightshift.stores import registry_for
 
         try:
             return check(SETTINGS, registry_for(SETTINGS), ModelVersionRecord.from_dict(plan["target"]))
@@ -103,10 +103,10 @@ def rollback_model():
     @task(outlets=[CHAMPION_ASSET])
     def move_champion(plan: dict, _checked: dict) -> dict:
         from nightshift.airflow.common import triggered_by
-        from nightshift.pipelines.finetune import registry_for
         from nightshift.pipelines.rollback import RollbackRefused
         from nightshift.pipelines.rollback import move_champion as move
         from nightshift.registry.history import ChampionConflict
+        from nightshift.stores import registry_for
 
         context = get_current_context()
         run = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"

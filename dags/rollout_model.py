@@ -36,7 +36,7 @@ from airflow.sdk import Param, PokeReturnValue, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from nightshift.airflow.common import CANDIDATE_ASSET, CHAMPION_ASSET, DEFAULT_ARGS
-from nightshift.evaluation.live import RolloutPolicy
+from nightshift.evaluation.rollout_policy import RolloutPolicy
 from nightshift.settings import load_settings
 
 SETTINGS = load_settings()
@@ -81,9 +81,9 @@ def _policy() -> RolloutPolicy:
 def rollout_model():
     @task
     def plan_rollout() -> dict:
-        from nightshift.pipelines.finetune import registry_for
         from nightshift.pipelines.rollout import RolloutRefused
         from nightshift.pipelines.rollout import plan_rollout as plan
+        from nightshift.stores import registry_for
 
         params = get_current_context()["params"]
         try:
@@ -96,8 +96,8 @@ def rollout_model():
 
     @task
     def set_share(plan: dict, index: int) -> dict:
-        from nightshift.pipelines.finetune import registry_for
         from nightshift.pipelines.rollout import RolloutRefused, set_step
+        from nightshift.stores import registry_for
 
         try:
             return set_step(registry_for(SETTINGS), plan, index, _policy())
@@ -132,9 +132,9 @@ def rollout_model():
         from nightshift.airflow.common import triggered_by
         from nightshift.airflow.notifiers import send_alert
         from nightshift.alerts.channels import Alert
-        from nightshift.pipelines.finetune import registry_for
         from nightshift.pipelines.rollout import finish_rollout as finish
         from nightshift.registry.history import ChampionConflict
+        from nightshift.stores import registry_for
 
         context = get_current_context()
         if not plan:

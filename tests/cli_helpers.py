@@ -15,7 +15,7 @@ class TaskResult:
 
 def run(dag, conf: dict[str, Any]):
     """Run a DAG in-process; return the DagRun and ``{task_id: TaskResult}``."""
-    from nightshift.cli import task_results
+    from nightshift.cli.cycle import task_results
 
     dag_run = dag.test(run_conf=conf)
     results = {task_id: TaskResult(*result) for task_id, result in task_results(dag_run).items()}

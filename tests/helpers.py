@@ -151,7 +151,7 @@ def local_registry(folder: Path, model_name: str = "nightshift-llm"):
 
 def home_registry(settings):
     """Return the registry of a NIGHTSHIFT_HOME, its MLflow store created the fast way (see ``mlflow_store``)."""
-    from nightshift.pipelines.finetune import registry_for
+    from nightshift.stores import registry_for
 
     mlflow_store(settings.mlflow_dir / "mlflow.db")
     return registry_for(settings)

@@ -76,7 +76,7 @@ def test_history_lists_moves_and_answers_who_was_champion_when(tmp_path, monkeyp
 
 
 def test_the_summary_prints_every_metric_with_its_interval_non_finite_ones_included():
-    from nightshift.cli import metric_lines
+    from nightshift.cli.cycle import metric_lines
 
     lines = metric_lines([
         {"metric": "golden.token_f1", "candidate": 0.31, "baseline": 0.25, "difference": 0.06, "low": -0.02,

@@ -27,7 +27,7 @@ def home(airflow_db, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dags(home):
     """DAGs by id, each parsed anew for every run (cli_helpers.fresh)."""
-    from nightshift.pipelines.ingest import dataset_repository
+    from nightshift.stores import dataset_repository
 
     dataset_repository(home).ensure()  # as `make setup` does
     mlflow_store(home.mlflow_dir / "mlflow.db")
@@ -43,14 +43,14 @@ def dags(home):
 
 @pytest.fixture(scope="module")
 def repo(home):
-    from nightshift.pipelines.ingest import dataset_repository
+    from nightshift.stores import dataset_repository
 
     return dataset_repository(home)
 
 
 @pytest.fixture(scope="module")
 def registry(home):
-    from nightshift.pipelines.finetune import registry_for
+    from nightshift.stores import registry_for
 
     return registry_for(home)
 
@@ -103,7 +103,7 @@ def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, re
                                                                  tmp_path, monkeypatch):
     from openai import OpenAI
 
-    from nightshift.registry.rollout import Rollouts
+    from nightshift.registry.rollout_state import Rollouts
     from nightshift.serving.app import create_app
     from nightshift.serving.keys import KeyRing, KeyStore
 

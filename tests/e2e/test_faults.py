@@ -21,8 +21,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def home(tmp_path, monkeypatch, airflow_db):
     """A NIGHTSHIFT_HOME of its own for the data repo, registry and work folders (Airflow's DB is shared)."""
-    from nightshift.pipelines.ingest import dataset_repository
     from nightshift.settings import load_settings
+    from nightshift.stores import dataset_repository
 
     monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("NIGHTSHIFT_FAULT_DIR", str(tmp_path))
@@ -58,7 +58,7 @@ def tries(dag_run, task_id):
     (("ingest.after_prepare", "versioning.after_commit"), {"prepare_corpus": 2, "version_dataset": 2}),
 ], ids=["stage-then-tag", "prepare-then-commit"])
 def test_ingest_survives_failed_steps_and_publishes_exactly_once(home, monkeypatch, points, expected_tries):
-    from nightshift.pipelines.ingest import dataset_repository
+    from nightshift.stores import dataset_repository
 
     monkeypatch.setenv("NIGHTSHIFT_FAULT", ",".join(f"{point}:once" for point in points))
     dag_run, tasks = run(fresh("ingest_corpus"), {})
@@ -89,7 +89,7 @@ def trained_home(home, tiny_model):
 
 
 def registry_state(settings):
-    from nightshift.pipelines.finetune import registry_for
+    from nightshift.stores import registry_for
 
     registry = registry_for(settings)
     versions = registry.client.search_model_versions(f"name = '{registry.model_name}'")

@@ -35,8 +35,8 @@ def _site_report(settings) -> dict:
 
 def test_a_hostile_site_is_crawled_in_scope_in_budget_and_makes_no_version_for_nothing(tmp_path, monkeypatch,
                                                                                        airflow_db):
-    from nightshift.pipelines.ingest import dataset_repository
     from nightshift.settings import load_settings
+    from nightshift.stores import dataset_repository
 
     monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
     settings = load_settings()

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.e2e
 
 
 def test_one_bad_record_and_a_large_export_cost_only_those_records(tmp_path, monkeypatch, airflow_db):
-    from nightshift.pipelines.ingest import dataset_repository
     from nightshift.sources.document_store import MAX_FILE_BYTES, MAX_RECORD_BYTES, read_raw
+    from nightshift.stores import dataset_repository
 
     rng = random.Random(20)
     good = {f"doc-{i}": prose(rng) for i in range(100)}

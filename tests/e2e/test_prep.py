@@ -18,8 +18,8 @@ pytestmark = pytest.mark.e2e
 
 
 def test_a_night_of_planted_problems_is_versioned_clean_and_counted(tmp_path, monkeypatch, airflow_db):
-    from nightshift.pipelines.ingest import dataset_repository
     from nightshift.settings import load_settings
+    from nightshift.stores import dataset_repository
 
     docs, expected, pii, secrets = planted_night(seed=3)
     store = tmp_path / "store"

@@ -20,7 +20,7 @@ PLANTED = [EMAIL, FOLDER_EMAIL, ENCODED, TOKEN, "john.smith", "maria.garcia", "j
 
 
 def test_ids_urls_and_folder_names_reach_no_file_of_the_installation(tmp_path, monkeypatch, airflow_db):
-    from nightshift.pipelines.ingest import dataset_repository
+    from nightshift.stores import dataset_repository
 
     store = tmp_path / "store"
     (store / "crm").mkdir(parents=True)

@@ -74,7 +74,7 @@ def roll_back_to_v1(registry):
 
 def passing_step(request_log, plan, step, policy, **_):
     """A step whose live signals (the request log) show the candidate no worse than the champion."""
-    from nightshift.evaluation.live import judge_step
+    from nightshift.evaluation.rollout_policy import judge_step
 
     return judge_step(dict(EVEN), dict(EVEN), policy.step_minutes, policy).to_dict()
 
@@ -83,7 +83,7 @@ def passing_step(request_log, plan, step, policy, **_):
 def rolling_v3(home, monkeypatch):
     """v1 then v2 promoted; v3 passed the gate and is about to be rolled out against v2."""
     from nightshift.pipelines import rollout
-    from nightshift.pipelines.finetune import registry_for
+    from nightshift.stores import registry_for
 
     registry = registry_for(home)
     v1, v2, v3 = gated_versions(registry, 3)
@@ -95,7 +95,7 @@ def rolling_v3(home, monkeypatch):
 
 def test_a_rollout_is_not_promoted_over_a_rollback_made_while_it_ran(home, rolling_v3, monkeypatch):
     from nightshift.pipelines import rollout
-    from nightshift.registry.rollout import STATE_TAG
+    from nightshift.registry.rollout_state import STATE_TAG
 
     registry = rolling_v3
 
@@ -123,7 +123,7 @@ def test_a_rollout_is_not_promoted_over_a_rollback_made_while_it_ran(home, rolli
 def test_a_retried_rollout_does_not_undo_a_rollback_made_between_its_tries(home, rolling_v3, monkeypatch):
     from nightshift.pipelines import rollout
     from nightshift.registry.history import PromotionHistory
-    from nightshift.registry.rollout import STATE_TAG
+    from nightshift.registry.rollout_state import STATE_TAG
 
     registry = rolling_v3
     real_finish, tries = rollout.finish_rollout, []
@@ -148,10 +148,10 @@ def test_a_retried_rollout_does_not_undo_a_rollback_made_between_its_tries(home,
 
 
 def test_with_no_champion_a_rollout_is_refused_and_its_candidate_removed_and_finetune_promotes_directly(home):
-    from nightshift.evaluation.live import RolloutPolicy
-    from nightshift.pipelines.finetune import registry_for
+    from nightshift.evaluation.rollout_policy import RolloutPolicy
     from nightshift.pipelines.rollout import release_route, start_rollout
-    from nightshift.registry.rollout import STATE_TAG
+    from nightshift.registry.rollout_state import STATE_TAG
+    from nightshift.stores import registry_for
 
     registry = registry_for(home)
     policy = RolloutPolicy.load(home.rollout_policy)
@@ -175,8 +175,9 @@ def test_with_no_champion_a_rollout_is_refused_and_its_candidate_removed_and_fin
 def test_finetune_does_not_promote_a_candidate_evaluated_against_a_champion_that_is_gone(home):
     """promote_candidate as finetune_model's task calls it, with evaluate's ``champion_before``. (The whole
     nightly cycle through dag.test, rollback included, takes about 40 s: too long for what it adds here.)"""
-    from nightshift.pipelines.finetune import promote_candidate, registry_for
+    from nightshift.pipelines.finetune import promote_candidate
     from nightshift.registry.history import ChampionConflict
+    from nightshift.stores import registry_for
 
     registry = registry_for(home)
     v1, v2, v3 = gated_versions(registry, 3)

@@ -27,7 +27,7 @@ def home(airflow_db, tmp_path_factory):
 def ingest(home):
     from airflow.dag_processing.dagbag import DagBag
 
-    from nightshift.pipelines.ingest import dataset_repository
+    from nightshift.stores import dataset_repository
 
     dataset_repository(home).ensure()
 
@@ -54,7 +54,7 @@ def alerts(home):
 
 def test_drift_warns_with_the_report_link_and_blocks_only_when_the_policy_says(ingest, home, tmp_path,
                                                                               monkeypatch):
-    from nightshift.pipelines.ingest import dataset_repository
+    from nightshift.stores import dataset_repository
 
     repo = dataset_repository(home)
     short, long = store(tmp_path / "short", 1, 2), store(tmp_path / "long", 2, 9)

@@ -23,7 +23,7 @@ def git(root, *args):
 def test_a_night_versions_into_a_repository_left_half_initialised(tmp_path, monkeypatch, airflow_db):
     from dvc.repo import Repo
 
-    from nightshift.pipelines.ingest import dataset_repository
+    from nightshift.stores import dataset_repository
 
     settings = files_night(tmp_path, monkeypatch, "samples", SAMPLE_STORE)
     repo = dataset_repository(settings)

@@ -41,9 +41,10 @@ def register(registry, folder, key, evaluated=True):
 
 
 def test_promote_promote_roll_back_and_the_endpoint_follows(home, tiny_model, tmp_path):
-    from nightshift.pipelines.finetune import promote_candidate, registry_for
+    from nightshift.pipelines.finetune import promote_candidate
     from nightshift.registry.history import PromotionHistory, parse_time
     from nightshift.serving.app import create_app
+    from nightshift.stores import registry_for
 
     registry = registry_for(home)
     v1, v2 = register(registry, tiny_model, "one"), register(registry, tiny_model, "two")
@@ -98,10 +99,10 @@ def test_promote_promote_roll_back_and_the_endpoint_follows(home, tiny_model, tm
 
 
 def test_targets_that_are_missing_unevaluated_or_broken_fail_before_the_alias_moves(home, tiny_model, tmp_path):
-    from nightshift.pipelines.finetune import registry_for
     from nightshift.pipelines.rollback import RollbackRefused, RollbackRequest, check_target, plan_rollback
     from nightshift.records import ModelVersionRecord
     from nightshift.registry.history import PromotionHistory
+    from nightshift.stores import registry_for
 
     registry = registry_for(home)
     good = register(registry, tiny_model, "good")

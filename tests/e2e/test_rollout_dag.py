@@ -83,9 +83,9 @@ class Traffic:
 
 @pytest.fixture
 def endpoint(home, tiny_model, tmp_path):
-    from nightshift.pipelines.finetune import registry_for
     from nightshift.serving.app import create_app
     from nightshift.serving.requestlog import RequestLog
+    from nightshift.stores import registry_for
 
     registry = registry_for(home)
     v1 = register(registry, tiny_model, "one")
@@ -137,10 +137,10 @@ def test_a_canary_users_rate_down_is_rolled_back_and_the_champion_takes_all_traf
 
 def test_finetune_model_hands_a_gated_candidate_to_rollout_model_under_a_rollout_policy(home, tiny_model):
     from nightshift.airflow.common import CANDIDATE_ASSET
-    from nightshift.evaluation.live import RolloutPolicy
-    from nightshift.pipelines.finetune import registry_for
+    from nightshift.evaluation.rollout_policy import RolloutPolicy
     from nightshift.pipelines.rollout import RolloutRefused, start_rollout
-    from nightshift.registry.rollout import Rollouts
+    from nightshift.registry.rollout_state import Rollouts
+    from nightshift.stores import registry_for
 
     finetune, rollout = fresh("finetune_model"), fresh("rollout_model")
     assert finetune.task_dict["release"].downstream_task_ids == {"promote_candidate", "start_rollout"}

@@ -47,8 +47,8 @@ def _with_articles(info):
 
 
 def test_three_sources_a_failing_one_and_an_unchanged_night(tmp_path, monkeypatch, postgres, airflow_db):
-    from nightshift.pipelines.ingest import dataset_repository
     from nightshift.settings import load_settings
+    from nightshift.stores import dataset_repository
 
     monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
     settings = load_settings()

@@ -123,8 +123,9 @@ def test_setup_keeps_state_private_and_the_fernet_key_where_airflow_reads_it(air
     with sqlite3.connect(home / "airflow" / "airflow.db") as db:
         encrypted, stored = db.execute("select is_encrypted, password from connection where conn_id='probe'").fetchone()
     assert encrypted and "s3cr3t" not in stored
-    read = ("from nightshift.cli import configure_environment; from nightshift.settings import load_settings; "
-            "configure_environment(load_settings()); from airflow.models.connection import Connection; "
+    read = ("from nightshift.cli.environment import configure_environment; "
+            "from nightshift.settings import load_settings; configure_environment(load_settings()); "
+            "from airflow.models.connection import Connection; "
             "print(Connection.get_connection_from_secrets('probe').password)")
     seen = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True, timeout=120)
     assert seen.stdout.strip().splitlines()[-1] == "s3cr3t", seen.stderr[-2000:]  # nightshift decrypts it

@@ -293,7 +293,7 @@ def test_the_judge_path_through_nightshifts_own_endpoint_serving_the_tiny_model(
 def test_a_rollout_step_is_judged_on_logged_answers_and_fails_when_the_candidate_answers_worse(scripted, tmp_path):
     from datetime import UTC, datetime, timedelta
 
-    from nightshift.evaluation.live import RolloutPolicy
+    from nightshift.evaluation.rollout_policy import RolloutPolicy
     from nightshift.pipelines.rollout import observe_step
     from nightshift.serving.requestlog import LoggedAnswer, RequestLog
 

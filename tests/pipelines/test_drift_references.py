@@ -1,8 +1,9 @@
 """Which versions a new corpus is compared with: the previous one with other bytes, and the champion's data."""
 
 from nightshift.monitoring.drift import DriftPolicy
-from nightshift.pipelines.ingest import dataset_repository, drift_references
+from nightshift.pipelines.ingest import drift_references
 from nightshift.settings import Settings
+from nightshift.stores import dataset_repository
 from nightshift.versioning.dvc_store import content_md5
 
 

@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from nightshift.pipelines.ingest import CORPUS, RAW, DropBudgetExceeded, drop_budget
-from nightshift.pipelines.reports import RunRef
 from nightshift.prep.curate import curate
 from nightshift.prep.recipe import DEFAULT_RECIPE, PrepRecipe
 from nightshift.quality.suite import DropBudget
+from nightshift.reports.publish import RunRef
 from nightshift.settings import load_settings
 from planted import prose
 

@@ -6,8 +6,8 @@ from nightshift.training.recipe import TrainingRecipe
 
 @pytest.fixture
 def two_versions(tmp_path, monkeypatch):
-    from nightshift.pipelines.ingest import dataset_repository
     from nightshift.settings import load_settings
+    from nightshift.stores import dataset_repository
 
     monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
     settings = load_settings()

@@ -15,7 +15,7 @@ from nightshift.pipelines.rollback import previous_champion
 from nightshift.registry.common import PROMOTED_TAG
 from nightshift.registry.history import NO_CHAMPION, ChampionConflict, PromotionHistory, parse_time
 from nightshift.registry.mlflow_registry import ModelRegistry
-from nightshift.registry.rollout import Rollouts
+from nightshift.registry.rollout_state import Rollouts
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ def cli(monkeypatch, tmp_path):
 
 
 def test_fetch_model_puts_the_aliased_version_where_vllm_reads_it(cli, tmp_path, tiny_model, capsys):
-    from nightshift.registry.rollout import Rollouts
+    from nightshift.registry.rollout_state import Rollouts
     from nightshift.settings import load_settings
 
     registry = home_registry(load_settings())

@@ -14,8 +14,8 @@ PHONE = "+44 20 7946 0958"
 @pytest.fixture
 def home(tmp_path, monkeypatch, tiny_model):
     """A home with a versioned dataset and a champion trained (nominally) on it."""
-    from nightshift.pipelines.ingest import dataset_repository
     from nightshift.settings import load_settings
+    from nightshift.stores import dataset_repository
 
     monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
     settings = load_settings()
@@ -32,10 +32,10 @@ def home(tmp_path, monkeypatch, tiny_model):
 
 @pytest.fixture
 def served(home, tmp_path):
-    from nightshift.pipelines.finetune import registry_for
     from nightshift.serving.app import create_app
     from nightshift.serving.keys import KeyRing, KeyStore
     from nightshift.serving.requestlog import RequestLog
+    from nightshift.stores import registry_for
 
     settings, dataset = home
     store = KeyStore(settings.key_file)

@@ -28,7 +28,7 @@ LOCK_S = 6
 @pytest.mark.e2e
 def test_a_flood_a_scoring_request_streams_a_shadow_feedback_and_a_locked_log_at_once(
         long_window_model, tmp_path, monkeypatch):
-    from nightshift.registry.rollout import Rollouts
+    from nightshift.registry.rollout_state import Rollouts
     from nightshift.serving.keys import KeyStore
     from nightshift.settings import load_settings
 

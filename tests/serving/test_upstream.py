@@ -101,7 +101,7 @@ def test_a_promotion_reaches_clients_only_once_the_engine_serves_it_and_a_dead_e
 
 
 def test_canary_and_shadow_route_to_the_candidates_engine(tmp_path, tiny_model):
-    from nightshift.registry.rollout import Rollouts
+    from nightshift.registry.rollout_state import Rollouts
 
     registry = local_registry(tmp_path)
     v2_folder = perturbed_copy(tiny_model, tmp_path / "v2")
@@ -240,7 +240,7 @@ def test_shadows_take_a_slot_empty_stops_stay_home_and_engine_failures_are_logge
     import threading
     import time
 
-    from nightshift.registry.rollout import Rollouts
+    from nightshift.registry.rollout_state import Rollouts
     from nightshift.settings import ServingLimits
 
     registry = local_registry(tmp_path)

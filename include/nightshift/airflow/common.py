@@ -34,8 +34,8 @@ class UpstreamFailed(AirflowFailException):
 
 
 def run_report(settings: Settings, context: Any):
-    """Return the report folder of the current DAG run (a nightshift.pipelines.reports.RunRef)."""
-    from nightshift.pipelines.reports import RunRef
+    """Return the report folder of the current DAG run (a nightshift.reports.publish.RunRef)."""
+    from nightshift.reports.publish import RunRef
 
     dag_run = context["dag_run"]
     return RunRef(settings, dag_run.dag_id, dag_run.run_id)

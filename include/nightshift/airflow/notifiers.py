@@ -39,7 +39,7 @@ def send_alert(alert: Alert, conn_id: str | None = None) -> None:
     )
     channel.deliver(alert)
     log.info("alert sent via %s: %s", type(channel).__name__, alert.title)
-    from nightshift.pipelines.reports import record_alert
+    from nightshift.reports.publish import record_alert
 
     record_alert(settings, {"title": alert.title, "severity": alert.severity, "dag_id": alert.dag_id,
                             "run_id": alert.run_id, "task_id": alert.task_id, "created_at": alert.created_at,
@@ -56,7 +56,7 @@ def report_url_for(dag_id: str, run_id: str) -> str:
     """Return the report page URL of a nightshift DAG run ('' for DAGs without one)."""
     if not run_id or dag_id not in REPORTED_DAGS:
         return ""
-    from nightshift.pipelines.reports import run_report_url
+    from nightshift.reports.publish import run_report_url
 
     return run_report_url(load_settings(), dag_id, run_id)
 

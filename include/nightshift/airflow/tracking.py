@@ -18,8 +18,8 @@ class FailTrackingRun(BaseNotifier):
         self.experiment = experiment
 
     def notify(self, context: Any) -> None:
-        from nightshift.pipelines.finetune import registry_for
         from nightshift.settings import load_settings
+        from nightshift.stores import registry_for
 
         dag_run = context.get("dag_run")
         if dag_run is None:

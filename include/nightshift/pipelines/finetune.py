@@ -16,8 +16,6 @@ from nightshift.evaluation.harness import evaluate_model
 from nightshift.evaluation.judge import Judge, JudgeEndpoint
 from nightshift.evaluation.suite import EvaluationSuite
 from nightshift.faults import fault_point
-from nightshift.pipelines.ingest import dataset_repository
-from nightshift.pipelines.reports import RunRef
 from nightshift.provenance import code_revision, file_sha256
 from nightshift.records import (
     DatasetVersion,
@@ -29,7 +27,9 @@ from nightshift.records import (
     json_safe,
 )
 from nightshift.registry.mlflow_registry import DATASET_TAG, FINGERPRINT_TAG, ModelRegistry
+from nightshift.reports.publish import RunRef
 from nightshift.settings import Settings
+from nightshift.stores import dataset_repository
 from nightshift.training.data import tokenize_and_pack
 from nightshift.training.launch import launch_command, node_command, resolve_ranks
 from nightshift.training.recipe import TrainingRecipe
@@ -74,11 +74,6 @@ class FinetuneRequest:
     def load_recipe(self, extra_dirs: tuple[Path, ...] = ()) -> TrainingRecipe:
         return TrainingRecipe.load(self.recipe, extra_dirs, train_steps=self.train_steps,
                                    learning_rate=self.learning_rate)
-
-
-def registry_for(settings: Settings) -> ModelRegistry:
-    return ModelRegistry(settings.tracking_uri, settings.registered_model, settings.artifact_root,
-                         settings.champion_alias)
 
 
 def resolve_dataset(settings: Settings, requested: str | None, event_extras: list[dict[str, Any]]) -> DatasetVersion:

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from nightshift.faults import fault_point
-from nightshift.pipelines.reports import RunRef
 from nightshift.prep.recipe import PrepRecipe
 from nightshift.quality.suite import DropBudget, QualityPolicy, QualityReport, validate_corpus
 from nightshift.records import DatasetVersion
+from nightshift.reports.publish import RunRef
 from nightshift.settings import Settings
 from nightshift.sources.config import SourceSpec, load_sources, open_source, source_from_uri
 from nightshift.sources.document_store import RawDocument, write_raw
-from nightshift.versioning.dvc_store import DatasetRepository
+from nightshift.stores import dataset_repository
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,6 @@ class QualityGateFailed(Exception):
     def __init__(self, report: QualityReport) -> None:
         super().__init__(f"corpus failed the quality suite: {report.summary()}")
         self.report = report
-
-
-def dataset_repository(settings: Settings) -> DatasetRepository:
-    return DatasetRepository(settings.data_repo, settings.dvc_remote)
 
 
 def plan_sources(source: str | None, sources_file: Path, allowed_roots: tuple[str, ...],

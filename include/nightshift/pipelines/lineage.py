@@ -6,10 +6,9 @@ import logging
 import re
 from typing import Any
 
-from nightshift.pipelines.finetune import registry_for
-from nightshift.pipelines.ingest import dataset_repository
 from nightshift.serving.requestlog import RequestLog
 from nightshift.settings import Settings
+from nightshift.stores import dataset_repository, registry_for
 
 log = logging.getLogger(__name__)
 

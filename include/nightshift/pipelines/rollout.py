@@ -13,12 +13,12 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from nightshift.evaluation.live import RolloutPolicy, judge_step
+from nightshift.evaluation.rollout_policy import RolloutPolicy, judge_step
 from nightshift.pipelines.finetune import GATE_TAG
 from nightshift.records import ModelVersionRecord
 from nightshift.registry.history import ChampionConflict
 from nightshift.registry.mlflow_registry import ModelRegistry
-from nightshift.registry.rollout import STATE_TAG, Rollouts
+from nightshift.registry.rollout_state import STATE_TAG, Rollouts
 from nightshift.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nightshift.registry.mlflow_registry import ModelRegistry
+from nightshift.serving.canary import CandidateWatcher
 from nightshift.serving.connections import ClientStopsReading, InFlightMiddleware
 from nightshift.serving.keys import ApiKeyMiddleware, KeyRing
 from nightshift.serving.limits import BodyLimitMiddleware
@@ -39,7 +40,6 @@ from nightshift.serving.loading import import_libraries
 from nightshift.serving.metrics import ServingMetrics, log_access, route_of
 from nightshift.serving.protocol import OpenAIError, error_body, error_type, send_error, validation_message
 from nightshift.serving.requestlog import RequestLog
-from nightshift.serving.rollout import CandidateWatcher
 from nightshift.serving.routes import router
 from nightshift.serving.server import Server
 from nightshift.serving.watching import ChampionWatcher

@@ -17,8 +17,9 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from nightshift.records import ModelVersionRecord
-from nightshift.registry.rollout import CANDIDATE_ALIAS
+from nightshift.registry.rollout_state import CANDIDATE_ALIAS
 from nightshift.serving.batching import BatchScheduler
+from nightshift.serving.canary import CandidateWatcher, routes_to_candidate
 from nightshift.serving.limits import Admission
 from nightshift.serving.loading import LoadedModel
 from nightshift.serving.local import LocalTarget
@@ -26,7 +27,6 @@ from nightshift.serving.metrics import ServingMetrics
 from nightshift.serving.protocol import OpenAIError
 from nightshift.serving.relay import UpstreamTarget
 from nightshift.serving.requestlog import RequestLog
-from nightshift.serving.rollout import CandidateWatcher, routes_to_candidate
 from nightshift.serving.upstream import UpstreamModel
 from nightshift.serving.watching import ChampionWatcher
 from nightshift.settings import ServingLimits

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nightshift.records import ModelVersionRecord
-from nightshift.serving.rollout import CandidateWatcher
+from nightshift.serving.canary import CandidateWatcher
 from nightshift.serving.watching import ChampionWatcher
 
 log = logging.getLogger(__name__)

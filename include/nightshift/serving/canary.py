@@ -1,6 +1,6 @@
 """Canary and shadow rollouts in the endpoint: which version answers a request.
 
-A second watcher keeps the registry's ``candidate`` (registry/rollout.py) loaded beside the champion. In
+A second watcher keeps the registry's ``candidate`` (registry/rollout_state.py) loaded beside the champion. In
 ``canary`` mode a request goes to the candidate when its sticky identity (the request's ``user`` field, else
 the API key) hashes below the candidate's share, so one user sees one version for the whole step and a larger
 share only adds users. In ``shadow`` mode the champion answers every request; when a generation slot is free
@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from nightshift.records import ModelVersionRecord
-from nightshift.registry.rollout import Rollout, Rollouts
+from nightshift.registry.rollout_state import Rollout, Rollouts
 from nightshift.serving.loading import LoadedModel
 from nightshift.serving.watching import ChampionWatcher
 from nightshift.settings import ServingLimits

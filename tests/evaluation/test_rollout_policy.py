@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from nightshift.evaluation.live import RolloutPolicy, judge_step
+from nightshift.evaluation.rollout_policy import RolloutPolicy, judge_step
 
 POLICY = RolloutPolicy(mode="canary", steps=(0.1, 0.5), step_minutes=10, min_answers=30,
                        max_error_rate_increase=0.02, max_latency_p95_ratio=1.5,

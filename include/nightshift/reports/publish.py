@@ -10,12 +10,9 @@ from typing import Any
 from nightshift.reports.pages import render_overview, render_run
 from nightshift.reports.store import ReportStore
 from nightshift.settings import Settings
+from nightshift.stores import report_store
 
 log = logging.getLogger(__name__)
-
-
-def report_store(settings: Settings) -> ReportStore:
-    return ReportStore(settings.reports_dir)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from helpers import UvicornThread, greedy_answers, local_registry, perturbed_copy, publish, ready, wait_for
-from nightshift.registry.rollout import Rollouts
+from nightshift.registry.rollout_state import Rollouts
 from nightshift.serving.app import create_app
 from nightshift.serving.requestlog import RequestLog
 

@@ -1,0 +1,203 @@
+"""One cycle from the command line: ingest_corpus, then finetune_model on its dataset version, then a summary."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from nightshift.cli.environment import configure_environment
+from nightshift.settings import (
+    Settings,
+    repo_root,
+)
+
+
+def cmd_cycle(settings: Settings, args) -> int:
+    configure_environment(settings)
+    started = time.monotonic()
+    ingest_conf = {"source": args.source} if args.source else {}
+    ingest = run_dag("ingest_corpus", ingest_conf)
+    ingest_tasks = task_results(ingest)
+    ingest_page = _report_page(settings, "ingest_corpus", ingest.run_id)
+    if str(ingest.state) != "success":
+        print(_timings("ingest_corpus", ingest_tasks))
+        print(f"\ningest_corpus {ingest.state}: see the log above; alerts in {settings.home / 'alerts'}")
+        if ingest_page:
+            print(f"its report (collection, preparation, profile and drift, Data Docs): {_shown(ingest_page)}")
+        return 1
+    dataset = ingest_tasks["version_dataset"][2]
+    conf: dict[str, Any] = {"dataset_version": dataset["tag"]}
+    if args.train_steps:
+        conf["train_steps"] = args.train_steps
+    if args.recipe:
+        conf["recipe"] = args.recipe
+    if args.base_model:
+        conf["base_model"] = args.base_model
+    finetune = run_dag("finetune_model", conf)
+    finetune_tasks = task_results(finetune)
+    print(_timings("ingest_corpus", ingest_tasks))
+    print(_timings("finetune_model", finetune_tasks))
+    report = finetune_tasks.get("report", (None, 0, None))[2]
+    pages = {"ingest_corpus": ingest_page, "finetune_model": _report_page(settings, "finetune_model", finetune.run_id),
+             "overview": settings.reports_dir / "index.html"}
+    print(summary(ingest_tasks, report, str(finetune.state), time.monotonic() - started, settings.local_key_file,
+                  pages, settings.report_url("index.html").removesuffix("reports/index.html")))
+    return 0 if str(finetune.state) == "success" else 1
+
+
+def run_dag(dag_id: str, conf: dict[str, Any] | None = None):
+    """Run one DAG in this process with ``dag.test()`` and return its DagRun."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    root = repo_root()
+    bag = DagBag(dag_folder=str(root / "dags" if root else os.environ["AIRFLOW__CORE__DAGS_FOLDER"]))
+    if dag_id not in bag.dags:
+        raise SystemExit(f"DAG {dag_id} not found; import errors: {bag.import_errors}")
+    return bag.dags[dag_id].test(run_conf=conf or {})
+
+
+def task_results(dag_run) -> dict[str, Any]:
+    """Return ``{task_id: (state, seconds, return value)}`` for every task of a finished run."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    out: dict[str, Any] = {}
+    with create_session() as session:
+        for ti in dag_run.get_task_instances(session=session):
+            value = session.scalars(XComModel.get_many(
+                run_id=dag_run.run_id, key="return_value", dag_ids=dag_run.dag_id, task_ids=ti.task_id,
+            )).first()
+            seconds = (ti.end_date - ti.start_date).total_seconds() if ti.end_date and ti.start_date else 0.0
+            result = XComModel.deserialize_value(value) if value is not None else None
+            out[ti.task_id] = (str(ti.state), seconds, result)
+    return out
+
+
+def _report_page(settings: Settings, dag_id: str, run_id: str) -> Path | None:
+    from nightshift.reports.store import ReportStore
+
+    page = settings.reports_dir / ReportStore.run_path(dag_id, run_id) / "index.html"
+    return page if page.is_file() else None
+
+
+def _timings(dag_id: str, tasks: dict[str, Any]) -> str:
+    total = sum(seconds for _, seconds, _ in tasks.values()) or 1.0
+    lines = [f"\n{dag_id}: task timings"]
+    for task_id, (state, seconds, _) in sorted(tasks.items(), key=lambda kv: -kv[1][1]):
+        if seconds:
+            lines.append(f"  {task_id:<20} {state:<10} {seconds:7.1f}s {100 * seconds / total:5.1f}%")
+    return "\n".join(lines)
+
+
+def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, seconds: float,
+            key_file: Path | None = None, pages: dict[str, Path | None] | None = None, ui_page: str = "") -> str:
+    """Return the human summary of one cycle."""
+    collected = ingest["merge_sources"][2] or {}
+    prepared = ingest["prepare_corpus"][2] or {}
+    dataset = ingest["version_dataset"][2] or {}
+    lines = ["", "=" * 72, "nightshift cycle summary", "=" * 72]
+    lines.append(
+        f"dataset   {dataset.get('tag')} ({'new' if dataset.get('created') else 'unchanged, no new version'}) "
+        f"rev {str(dataset.get('rev'))[:10]} md5 {dataset.get('md5')}"
+    )
+    sources = collected.get("sources") or {}
+    per_source = ", ".join(f"{name}: {report.get('documents')}" for name, report in sources.items())
+    lines.append(
+        f"          {collected.get('documents')} documents from {len(sources)} source(s) ({per_source}) "
+        f"{collected.get('formats')}, {collected.get('skipped')} skipped {collected.get('skip_reasons') or ''}"
+    )
+    if collected.get("failed"):
+        lines.append(f"          FAILED sources (alerted): {', '.join(collected['failed'])}")
+    lines.append(
+        f"          {prepared.get('documents')} of {prepared.get('documents_in')} kept by prep.yaml, "
+        f"{prepared.get('characters')} characters; dropped per step {prepared.get('dropped') or '{}'}"
+    )
+    lines.append(
+        f"          PII scrubbed {prepared.get('pii') or '{}'}; "
+        f"evaluation-set overlap {prepared.get('contamination') or '{}'}"
+    )
+    drift = (ingest.get("profile_corpus") or (None, 0, None))[2] or {}
+    if drift:
+        against = ", ".join(f"{k} {v}" for k, v in (drift.get("references") or {}).items()) or "no earlier version"
+        named = drift.get("drifted") or drift.get("possibly_drifted") or []
+        lines.append(f"drift     {drift.get('status')} against {against}" + (f": {', '.join(named)}" if named else ""))
+    if report is None:
+        lines.append(f"finetune_model ended {state} before its report; see the log above")
+        return "\n".join(lines + _report_lines(pages, ui_page))
+    if report.get("reused"):
+        reused = report["reused"]
+        lines.append(f"model     {reused['name']} v{reused['version']} already trained on these bytes with this "
+                     "recipe: nothing trained, nothing registered")
+    else:
+        evaluation = report.get("evaluation") or {}
+        base = evaluation.get("baseline") or {}
+        lines += metric_lines(evaluation.get("comparisons") or [], base.get("model", "champion"),
+                              evaluation.get("confidence", 0.95))
+        decision = report.get("decision") or {}
+        lines.append(f"gate      {'PASSED' if decision.get('passed') else 'REJECTED'}")
+        for reason in decision.get("reasons", []):
+            lines.append(f"          - {reason}")
+        if decision.get("report"):
+            lines.append(f"report    {_shown(Path(decision['report']))}  (evaluation report, also in the MLflow run)")
+        promoted = report.get("promoted")
+        lines.append(f"model     {promoted['name']} v{promoted['version']} is now champion" if promoted
+                     else "model     not promoted; the champion stays")
+        lines.append(f"mlflow    run {report.get('mlflow_run_id')}")
+    champion = report.get("champion")
+    lines.append(f"champion  {champion['name']} v{champion['version']} (dataset {champion['dataset_tag']})"
+                 if champion else "champion  none yet")
+    lines.append(f"took      {seconds / 60:.1f} min")
+    lines += _report_lines(pages, ui_page)
+    lines += [
+        "",
+        "serve it:  make serve      (OpenAI-compatible, http://127.0.0.1:8000/v1)",
+        "call it:   curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
+        f"             -H \"Authorization: Bearer $(cat {_shown(key_file)})\" \\",
+        "             -d '{\"model\": \"nightshift-llm\", \"messages\": [{\"role\": \"user\", \"content\": \"What is "
+        "nightshift?\"}]}'",
+        "=" * 72,
+    ]
+    return "\n".join(lines)
+
+
+def metric_lines(comparisons: list[dict[str, Any]], baseline: str, confidence: float = 0.95) -> list[str]:
+    """Return the metric table of a cycle summary: both models, the difference and its interval."""
+    head = f"difference [{confidence:.0%} interval]"
+    lines = [f"metrics   {'':<22}{'candidate':>10}{baseline[:28]:>30}{head:>34}"]
+    for c in comparisons:
+        if c.get("unmeasured"):
+            lines.append(f"          {c['metric']:<22}{'not measured: ' + c['unmeasured']:>74}")
+            continue
+        rel = " rel" if c.get("relative") else ""
+        from nightshift.records import as_float
+
+        cand, base, diff, low, high = (as_float(c[k]) for k in ("candidate", "baseline", "difference", "low", "high"))
+        interval = f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]{rel}"
+        lines.append(f"          {c['metric']:<22}{cand:>10.3f}{base:>30.3f}{interval:>34}")
+    return lines
+
+
+def _report_lines(pages: dict[str, Path | None] | None, ui_page: str) -> list[str]:
+    """Where to look: the report pages on disk, and the nightshift page of the Airflow UI."""
+    if not pages:
+        return []
+    labels = {"ingest_corpus": "ingest run", "finetune_model": "fine-tune run", "overview": "all versions"}
+    lines = [""]
+    for key, label in labels.items():
+        if pages.get(key) and pages[key].is_file():
+            lines.append(f"report    {label + ':':<15}{_shown(pages[key])}")
+    if ui_page:
+        lines.append(f"          in the Airflow UI (make up): {ui_page}  and the Reports tab of each run")
+    return lines
+
+
+def _shown(path: Path | None) -> str:
+    """Return a path relative to the working directory when it lies below it (shorter to copy)."""
+    if path is None:
+        return "var/serving/local.key"
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,35 @@
+"""Where nightshift keeps its state, each store built from the settings: the model registry, the dataset
+repository and the report store. Every DAG, command and step opens them here."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nightshift.registry.mlflow_registry import ModelRegistry
+    from nightshift.reports.store import ReportStore
+    from nightshift.settings import Settings
+    from nightshift.versioning.dvc_store import DatasetRepository
+
+
+def registry_for(settings: Settings) -> ModelRegistry:
+    """Return the MLflow model registry (tracking store, registered model, artifact root, champion alias)."""
+    from nightshift.registry.mlflow_registry import ModelRegistry
+
+    return ModelRegistry(settings.tracking_uri, settings.registered_model, settings.artifact_root,
+                         settings.champion_alias)
+
+
+def dataset_repository(settings: Settings) -> DatasetRepository:
+    """Return the DVC repository of dataset versions and its remote."""
+    from nightshift.versioning.dvc_store import DatasetRepository
+
+    return DatasetRepository(settings.data_repo, settings.dvc_remote)
+
+
+def report_store(settings: Settings) -> ReportStore:
+    """Return the folder of report pages and the catalog behind the nightshift UI view."""
+    from nightshift.reports.store import ReportStore
+
+    return ReportStore(settings.reports_dir)
+
