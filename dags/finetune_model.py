@@ -8,9 +8,10 @@ Runs when `ingest_corpus` publishes a new corpus version, or from **Trigger** wi
 
 | task | does |
 |---|---|
-| `resolve_dataset` | claims the DAG's lease; `dataset_version`, else the triggering event's, else the latest |
-| `check_registry` | the recipe fits the base (LoRA layers, context); skips training if a promoted version |
-|  | has its fingerprint: corpus, base bytes, recipe, ranks, code |
+| `parse_request` | claims the DAG's lease; checks the Params, the recipe and that the base can train under it |
+| `resolve_dataset` | `dataset_version`, else the triggering event's, else the latest |
+| `check_registry` | skips training if a promoted version has its fingerprint: corpus, base bytes, recipe, |
+|  | ranks, code |
 | `prepare_data` | fetches the exact bytes from DVC, tokenizes with the base model's tokenizer, packs blocks |
 | `plan_training` | opens the MLflow run, writes the trainer config, builds the `torchrun` command |
 | `train_local` | the command on this machine: one rank per GPU, or one CPU rank on every core (`backend: local`) |
@@ -41,13 +42,18 @@ checks and the sample answers; **nightshift** in the navigation lists every mode
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowFailException
 
-from nightshift.airflow.common import CANDIDATE_ASSET, CHAMPION_ASSET, CORPUS_ASSET, DEFAULT_ARGS, run_dir, run_report
+from nightshift.airflow.common import (
+    CANDIDATE_ASSET,
+    CHAMPION_ASSET,
+    CORPUS_ASSET,
+    DEFAULT_ARGS,
+    current_run,
+    fail_fast,
+)
 from nightshift.airflow.kubernetes import trainer_job_operator, trainer_pod_operator
 from nightshift.airflow.notifiers import AlertNotifier
 from nightshift.airflow.tracking import FailTrackingRun
@@ -56,35 +62,16 @@ from nightshift.training.recipe import available as available_recipes
 
 SETTINGS = load_settings()
 TRAIN_TIMEOUT = timedelta(seconds=SETTINGS.train_timeout_s)
-# Deterministic problems with what a person asked for: fail at once with the message, no retries.
-REQUEST_ERRORS = (FileNotFoundError, LookupError, ValueError, TypeError)
 
 
-def _request():
-    from nightshift.pipelines.finetune import FinetuneRequest
+def _steps():
+    from nightshift.pipelines import finetune_tasks
 
-    p = get_current_context()["params"]
-    try:
-        return FinetuneRequest(
-            base_model=p["base_model"], train_steps=p["train_steps"], learning_rate=p["learning_rate"],
-            backend=p["backend"], recipe=p["recipe"], dataset_version=p["dataset_version"], nodes=p["nodes"],
-        )
-    except REQUEST_ERRORS as exc:
-        raise AirflowFailException(str(exc)) from exc
+    return finetune_tasks
 
 
-def _recipe(request):
-    try:
-        return request.load_recipe(SETTINGS.recipe_dirs)
-    except REQUEST_ERRORS as exc:
-        raise AirflowFailException(str(exc)) from exc
-
-
-def _base_model(request):
-    try:
-        return SETTINGS.resolve_base_model(request.base_model)
-    except REQUEST_ERRORS as exc:
-        raise AirflowFailException(str(exc)) from exc
+def _run():
+    return current_run(SETTINGS)
 
 
 @dag(
@@ -134,277 +121,134 @@ def _base_model(request):
 )
 def finetune_model():
     @task
-    def resolve_dataset() -> dict:
+    @fail_fast()
+    def parse_request() -> dict:
         from nightshift.airflow.run_lock import claim_run
-        from nightshift.pipelines.finetune import resolve_dataset as resolve
 
         context = get_current_context()
         claim_run(SETTINGS, context)
-        extras = [e.extra for events in context["triggering_asset_events"].values() for e in events]
-        try:
-            return resolve(SETTINGS, context["params"]["dataset_version"], extras).to_dict()
-        except REQUEST_ERRORS as exc:
-            raise AirflowFailException(str(exc)) from exc
+        return _steps().parse_request(_run(), context["params"])
 
     @task
-    def check_registry(dataset: dict) -> dict:
-        from nightshift.pipelines.finetune import checkpoint_digest, fingerprint
-        from nightshift.records import DatasetVersion
-        from nightshift.stores import registry_for
-        from nightshift.training.fit import check_recipe_fits
+    @fail_fast()
+    def resolve_dataset(request: dict) -> dict:
+        return _steps().resolve_dataset(_run(), request)
 
-        request = _request()
-        recipe, base = _recipe(request), _base_model(request)
-        try:  # a recipe the base cannot train fails here once, not in every rank on every retry
-            check_recipe_fits(recipe, base, f"recipe {request.recipe}")
-        except ValueError as exc:
-            raise AirflowFailException(str(exc)) from exc
-        fp = fingerprint(DatasetVersion.from_dict(dataset), checkpoint_digest(base, SETTINGS.cache_dir), recipe,
-                         request.world_size(SETTINGS, recipe))
-        existing = registry_for(SETTINGS).find_by_fingerprint(fp)
-        return {"fingerprint": fp, "existing": existing.to_dict() if existing else None}
+    @task
+    def check_registry(request: dict, dataset: dict) -> dict:
+        return _steps().check_registry(_run(), request, dataset)
 
     @task.branch
     def choose_path(check: dict) -> str:
-        return "reuse_existing" if check["existing"] else "prepare_data"
+        return _steps().choose_path(check)
 
     @task
     def reuse_existing(check: dict) -> dict:
-        version = check["existing"]
-        print(f"{version['name']} v{version['version']} was already trained on this data with this recipe")
-        return version
+        return _steps().reuse_existing(check)
 
     @task
-    def prepare_data(dataset: dict) -> dict:
-        from nightshift.pipelines.finetune import pack_dataset
-        from nightshift.records import DatasetVersion
-
-        request = _request()
-        return pack_dataset(
-            SETTINGS, DatasetVersion.from_dict(dataset), _base_model(request), _recipe(request),
-            run_dir(SETTINGS, get_current_context()),
-        ).to_dict()
+    def prepare_data(request: dict, dataset: dict) -> dict:
+        return _steps().prepare_data(_run(), request, dataset)
 
     @task(multiple_outputs=True)
-    def plan_training(dataset: dict, packed: dict, check: dict) -> dict:
-        from nightshift.pipelines.finetune import open_tracking_run
-        from nightshift.pipelines.finetune import plan_training as plan
-        from nightshift.records import DatasetVersion, PackedDataset
-        from nightshift.stores import registry_for
-
-        context = get_current_context()
-        request, version, packed_data = _request(), DatasetVersion.from_dict(dataset), PackedDataset.from_dict(packed)
-        recipe = _recipe(request)
-        run_key = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
-        ranks = request.ranks_per_node(SETTINGS, recipe)
-        mlflow_run = open_tracking_run(registry_for(SETTINGS), run_key, request, recipe, version, packed_data,
-                                       check["fingerprint"], ranks)
-        planned = plan(SETTINGS, _base_model(request), packed_data, recipe, run_dir(SETTINGS, context),
-                       ranks=ranks, nodes=request.nodes, tracking_run_id=mlflow_run)
-        return {**planned, "mlflow_run_id": mlflow_run, "dataset_tag": version.tag}
+    def plan_training(request: dict, dataset: dict, packed: dict, check: dict) -> dict:
+        return _steps().plan_training(_run(), request, dataset, packed, check)
 
     @task.branch
-    def choose_backend() -> str:
-        request = _request()
-        if request.backend == "kubernetes" and request.nodes > 1:
-            return "train_kubernetes_nodes"
-        return f"train_{request.backend}"
+    def choose_backend(request: dict) -> str:
+        return _steps().choose_backend(request)
 
     @task(pool="training", execution_timeout=TRAIN_TIMEOUT)
     def train_local(command: list[str], output_dir: str) -> None:
-        from pathlib import Path
-
-        from nightshift.training.launch import free_port, local_env, run_local, with_master_port
-
-        # A port of its own for each attempt: a killed attempt's ranks may still hold the previous one.
-        run_local(with_master_port(command, free_port()), local_env(), Path(output_dir).parent / "trainer.log")
+        _steps().train_local(command, output_dir)
 
     @task(trigger_rule="none_failed_min_one_success")
     def verify_candidate(plan: dict) -> dict:
-        from nightshift.pipelines.finetune import verify_candidate as verify
-        from nightshift.settings import runtime_env
-        from nightshift.stores import registry_for
         from nightshift.training.verify import ReloadCheckFailed
 
-        try:
-            return verify(registry_for(SETTINGS), plan, {**os.environ, **runtime_env(SETTINGS)})
-        except ReloadCheckFailed as exc:  # the saved weights are wrong: nothing to promote, a person must look
-            raise AirflowFailException(f"reload check failed: {exc}") from exc
+        # The saved weights are wrong: nothing to promote, a person must look.
+        with fail_fast(ReloadCheckFailed, prefix="reload check failed: "):
+            return _steps().verify_candidate(_run(), plan)
 
     @task
-    def evaluate(packed: dict, plan: dict) -> dict:
+    @fail_fast(ValueError)  # a broken suite or judge connection does not mend itself on retry
+    def evaluate(request: dict, packed: dict, plan: dict) -> dict:
         from nightshift.airflow.connections import judge_endpoint
-        from nightshift.evaluation.suite import EvaluationSuite
-        from nightshift.pipelines.finetune import evaluate_candidate
-        from nightshift.records import PackedDataset
-        from nightshift.stores import registry_for
 
-        try:  # a broken suite or judge connection does not mend itself on retry
-            suite = EvaluationSuite.load(SETTINGS.evaluation_suite)
-            endpoint, note = judge_endpoint(suite.judge.connection, suite.judge.model) if suite.uses_judge \
-                else (None, "no judge metric in the suite")
-        except ValueError as exc:
-            raise AirflowFailException(str(exc)) from exc
-        return evaluate_candidate(SETTINGS, registry_for(SETTINGS), _request(), plan, PackedDataset.from_dict(packed),
-                                  run_report(SETTINGS, get_current_context()), suite, endpoint, note)
+        return _steps().evaluate(_run(), request, packed, plan, judge_endpoint)
 
     @task
+    @fail_fast(ValueError)  # nor does a broken gate.yaml
     def decide_promotion(evaluation: dict, plan: dict) -> dict:
-        from nightshift.evaluation.gate import GatePolicy
-        from nightshift.pipelines.finetune import gate, write_evaluation_report
-        from nightshift.stores import registry_for
-
-        context = get_current_context()
-        try:
-            policy = GatePolicy.load(SETTINGS.gate_policy)
-        except ValueError as exc:  # a broken gate.yaml does not mend itself on retry
-            raise AirflowFailException(str(exc)) from exc
-        decision = gate(evaluation["comparisons"], evaluation["baseline"]["model"], policy)
-        report = run_report(SETTINGS, context)
-        html = write_evaluation_report(
-            registry_for(SETTINGS), plan["mlflow_run_id"], evaluation["path"], decision,
-            f"Evaluation of the candidate trained on {plan['dataset_tag']}",
-            {"dataset": plan["dataset_tag"], "DAG run": context["dag_run"].run_id,
-             "MLflow run": plan["mlflow_run_id"]}, report,
-        )
-        print(f"evaluation report: {html}")
-        report.publish({"decision": decision.to_dict()})
-        return {**decision.to_dict(), "report": str(html)}
+        return _steps().decide_promotion(_run(), evaluation, plan)
 
     @task.branch
     def route(decision: dict) -> str:
-        return "register_candidate" if decision["passed"] else "reject_candidate"
+        return _steps().route(decision)
 
     @task
     def register_candidate(dataset: dict, check: dict, plan: dict) -> dict:
-        from pathlib import Path
-
-        from nightshift.pipelines.finetune import register_candidate as register
-        from nightshift.records import DatasetVersion
-        from nightshift.stores import registry_for
-
-        version = register(
-            registry_for(SETTINGS), plan["mlflow_run_id"], Path(plan["output_dir"]) / "checkpoint",
-            DatasetVersion.from_dict(dataset), check["fingerprint"],
-        )
-        return version.to_dict()
+        return _steps().register_candidate(_run(), dataset, check, plan)
 
     @task.branch
+    @fail_fast(ValueError)  # nor a broken rollout.yaml
     def release(_version: dict) -> str:
-        from nightshift.evaluation.rollout_policy import RolloutPolicy
-        from nightshift.pipelines.rollout import release_route
-        from nightshift.stores import registry_for
-
-        try:
-            policy = RolloutPolicy.load(SETTINGS.rollout_policy)
-        except ValueError as exc:  # a broken rollout.yaml does not mend itself on retry
-            raise AirflowFailException(str(exc)) from exc
-        route, why = release_route(registry_for(SETTINGS), policy)
-        print(why)
-        return "promote_candidate" if route == "promote" else "start_rollout"
+        return _steps().release(_run())
 
     @task(outlets=[CANDIDATE_ASSET])
     def start_rollout(version: dict) -> dict:
-        from nightshift.evaluation.rollout_policy import RolloutPolicy
-        from nightshift.pipelines.rollout import start_rollout as start
-        from nightshift.records import ModelVersionRecord
-        from nightshift.stores import registry_for
-
-        policy = RolloutPolicy.load(SETTINGS.rollout_policy)
-        rollout = start(registry_for(SETTINGS), ModelVersionRecord.from_dict(version), policy)
-        print(f"v{rollout['version']} is the candidate ({rollout['mode']}); rollout_model takes it from here")
+        rollout = _steps().start_rollout(_run(), version)
         get_current_context()["outlet_events"][CANDIDATE_ASSET].extra = {"model_version": rollout["version"],
                                                                          "mode": rollout["mode"]}
         return rollout
 
     @task(outlets=[CHAMPION_ASSET])
-    def promote_candidate(version: dict, decision: dict) -> dict:
-        from nightshift.airflow.common import triggered_by
-        from nightshift.pipelines.finetune import promote_candidate as promote
-        from nightshift.records import ModelVersionRecord
+    def promote_candidate(version: dict, decision: dict, evaluation: dict) -> dict:
         from nightshift.registry.history import ChampionConflict
-        from nightshift.stores import registry_for
 
-        context = get_current_context()
-        run = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
-        evaluation = context["ti"].xcom_pull(task_ids="evaluate") or {}
-        try:
-            promoted = promote(registry_for(SETTINGS), ModelVersionRecord.from_dict(version), f"{run}/promote",
-                               triggered_by(context), run, "; ".join(decision["reasons"]),
-                               champion_before=evaluation.get("champion_before"))
-        except ChampionConflict as exc:  # evaluated against a champion that is gone: a retry cannot mend that
-            raise AirflowFailException(str(exc)) from exc
+        # Evaluated against a champion that is gone: a retry cannot mend that.
+        with fail_fast(ChampionConflict):
+            promoted = _steps().promote_candidate(_run(), version, decision, evaluation)
         # ingest_corpus compares each new corpus with the champion's data: this event tells it which that is.
-        context["outlet_events"][CHAMPION_ASSET].extra = {
-            "model_version": promoted.version, "dataset_version": promoted.dataset_tag,
+        get_current_context()["outlet_events"][CHAMPION_ASSET].extra = {
+            "model_version": promoted["version"], "dataset_version": promoted["dataset_tag"],
         }
-        return promoted.to_dict()
+        return promoted
 
     @task
     def reject_candidate(decision: dict, dataset: dict) -> None:
         from nightshift.airflow.notifiers import send_alert
-        from nightshift.alerts.channels import Alert
 
-        context = get_current_context()
-        send_alert(Alert(
-            title=f"candidate trained on {dataset['tag']} was not promoted",
-            message="The champion stays. " + "; ".join(decision["reasons"]),
-            severity="warning", dag_id=context["dag_run"].dag_id, run_id=context["dag_run"].run_id,
-            task_id=context["ti"].task_id, details=decision, report_url=run_report(SETTINGS, context).url,
-        ))
+        send_alert(_steps().reject_candidate(_run(), decision, dataset))
 
     @task(trigger_rule="none_failed_min_one_success")
     def report(dataset: dict, check: dict) -> dict:
-        from nightshift.pipelines.finetune import cleanup, publish_outcome
-        from nightshift.stores import registry_for
+        ti = get_current_context()["ti"]  # results of branches not taken are None
+        outcomes = {task_id: ti.xcom_pull(task_ids=task_id) for task_id in _steps().OUTCOMES}
+        return _steps().report(_run(), dataset, check, outcomes)
 
-        context = get_current_context()
-        ti = context["ti"]
-        plan = ti.xcom_pull(task_ids="plan_training") if not check["existing"] else None
-        summary = {
-            "dataset": dataset,
-            "fingerprint": check["fingerprint"],
-            "reused": check["existing"],
-            "evaluation": ti.xcom_pull(task_ids="evaluate"),
-            "decision": ti.xcom_pull(task_ids="decide_promotion"),
-            "promoted": ti.xcom_pull(task_ids="promote_candidate"),
-            "rollout": ti.xcom_pull(task_ids="start_rollout"),
-            "champion": (c.to_dict() if (c := registry_for(SETTINGS).champion()) else None),
-            "mlflow_run_id": plan["mlflow_run_id"] if plan else None,
-        }
-        publish_outcome(run_report(SETTINGS, context), summary)
-        if plan:
-            registry = registry_for(SETTINGS)
-            registry.log_dict(plan["mlflow_run_id"], summary, "cycle_report.json")
-            registry.end_run(plan["mlflow_run_id"])
-            cleanup(run_dir(SETTINGS, context))
-        from nightshift.pipelines.housekeeping import prune_work_dirs
-
-        here = run_dir(SETTINGS, context)
-        prune_work_dirs(here.parent, SETTINGS.retention_days, keep=here)
-        return summary
-
-    dataset = resolve_dataset()
-    check = check_registry(dataset)
+    request = parse_request()
+    dataset = resolve_dataset(request)
+    check = check_registry(request, dataset)
     path = choose_path(check)
     reused = reuse_existing(check)
-    packed = prepare_data(dataset)
+    packed = prepare_data(request, dataset)
     path >> [reused, packed]
-    plan = plan_training(dataset, packed, check)
-    backend = choose_backend()
+    plan = plan_training(request, dataset, packed, check)
+    backend = choose_backend(request)
     local = train_local(plan["command"], plan["output_dir"])
     pod = trainer_pod_operator("train_kubernetes", plan, SETTINGS, execution_timeout=TRAIN_TIMEOUT)
     job = trainer_job_operator("train_kubernetes_nodes", plan, SETTINGS, execution_timeout=TRAIN_TIMEOUT)
     plan >> backend >> [local, pod, job]
     verified = verify_candidate(plan)
     [local, pod, job] >> verified
-    evaluation = evaluate(packed, plan)
+    evaluation = evaluate(request, packed, plan)
     verified >> evaluation
     decision = decide_promotion(evaluation, plan)
     routed = route(decision)
     registered = register_candidate(dataset, check, plan)
     released = release(registered)
-    promoted = promote_candidate(registered, decision)
+    promoted = promote_candidate(registered, decision, evaluation)
     rolling = start_rollout(registered)
     released >> [promoted, rolling]
     rejected = reject_candidate(decision, dataset)

@@ -45,13 +45,22 @@ from __future__ import annotations
 from datetime import datetime
 
 from airflow.sdk import Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowSkipException
 
-from nightshift.airflow.common import CHAMPION_ASSET, CORPUS_ASSET, DEFAULT_ARGS, UpstreamFailed, run_dir, run_report
+from nightshift.airflow.common import (
+    CHAMPION_ASSET,
+    CORPUS_ASSET,
+    DEFAULT_ARGS,
+    UpstreamFailed,
+    fail_fast,
+    run_dir,
+    run_report,
+)
 from nightshift.settings import load_settings
 
 SCHEDULE = "0 1 * * *"
 SETTINGS = load_settings()
+SOURCE_HINT = " (set the `source` param or fix sources.yaml)"
 
 
 @dag(
@@ -86,11 +95,10 @@ def ingest_corpus():
         claim_run(SETTINGS, context)
         here = run_dir(SETTINGS, context)
         prune_work_dirs(here.parent, SETTINGS.retention_days, keep=here)
-        try:  # the recipe is read now so that a source naming a missing profile fails before the crawl
+        with fail_fast(FileNotFoundError, NotADirectoryError, ValueError, suffix=SOURCE_HINT):
+            # the recipe is read now so that a source naming a missing profile fails before the crawl
             profiles = PrepRecipe.load(SETTINGS.prep_recipe).profiles
             return plan(context["params"]["source"], SETTINGS.sources_file, SETTINGS.source_roots, here, profiles)
-        except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
-            raise AirflowFailException(f"{exc} (set the `source` param or fix sources.yaml)") from exc
 
     @task(map_index_template="{{ source_name }}")
     def collect_source(spec: dict) -> dict:
@@ -99,10 +107,8 @@ def ingest_corpus():
 
         context = get_current_context()
         context["source_name"] = spec["name"]  # the mapped task's label in the grid
-        try:
+        with fail_fast(FileNotFoundError, NotADirectoryError, ValueError, prefix=f"source {spec['name']}: "):
             return collect(spec, run_dir(SETTINGS, context), SETTINGS.home / "sources", sql_engine)
-        except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
-            raise AirflowFailException(f"source {spec['name']}: {exc}") from exc
 
     @task(trigger_rule="all_done")  # runs when some sources failed; decides whether the night is usable
     def merge_sources() -> dict:
@@ -115,88 +121,54 @@ def ingest_corpus():
         specs = planned_sources(here)
         if specs is None:
             raise UpstreamFailed("plan_sources did not finish: nothing to merge")
-        try:
+        with fail_fast(ValueError, SourcesUnusable):
             policy = QualityPolicy.load()
-        except ValueError as exc:
-            raise AirflowFailException(str(exc)) from exc
-        try:
             return merge(here, specs, policy.min_source_share, run_report(SETTINGS, context))
-        except SourcesUnusable as exc:
-            raise AirflowFailException(str(exc)) from exc
 
     @task(multiple_outputs=False)
     def prepare_corpus(collected: dict) -> dict:
         from nightshift.pipelines.ingest import prepare_corpus as prepare
         from nightshift.prep.recipe import PrepRecipe
 
-        try:
-            recipe = PrepRecipe.load(SETTINGS.prep_recipe)
-        except ValueError as exc:  # a broken prep.yaml does not mend itself on retry
-            raise AirflowFailException(str(exc)) from exc
         cache = SETTINGS.cache_dir / "prep" / "outcomes.sqlite"
         context = get_current_context()
-        try:
+        # A broken prep.yaml, or a source naming a profile the recipe lacks: no retry mends it.
+        with fail_fast(ValueError):
+            recipe = PrepRecipe.load(SETTINGS.prep_recipe)
             return prepare(run_dir(SETTINGS, context), recipe, cache, SETTINGS.retention_days,
                            run_report(SETTINGS, context))
-        except ValueError as exc:  # a source naming a profile the recipe lacks: no retry mends it
-            raise AirflowFailException(str(exc)) from exc
 
     @task(multiple_outputs=False)
     def check_drop_budget() -> dict:
         from nightshift.airflow.notifiers import send_alert
-        from nightshift.alerts.channels import Alert
-        from nightshift.pipelines.ingest import DropBudgetExceeded, drop_budget
+        from nightshift.pipelines.ingest import DropBudgetExceeded, drop_budget, drop_budget_alert
         from nightshift.quality.suite import QualityPolicy
 
-        try:
-            budget = QualityPolicy.load().drop_budget
-        except ValueError as exc:  # a broken quality.yaml does not mend itself on retry
-            raise AirflowFailException(str(exc)) from exc
         context = get_current_context()
         report = run_report(SETTINGS, context)
-        try:
-            verdict = drop_budget(run_dir(SETTINGS, context), budget, report)
-        except DropBudgetExceeded as exc:  # the failure alert carries the same summary
-            raise AirflowFailException(str(exc)) from exc
-        if verdict["exceeded"]:
-            names = ", ".join(sorted({e["source"] for e in verdict["exceeded"]}))
-            send_alert(Alert(
-                title=f"drop budget exceeded in {names}",
-                message=f"{verdict['summary']}\nThe run continues; see the top of the report page.",
-                severity="warning", dag_id=report.dag_id, run_id=report.run_id, task_id=context["ti"].task_id,
-                report_url=report.url,
-            ))
+        # A broken quality.yaml does not mend itself on retry; an exceeded budget's alert carries the summary.
+        with fail_fast(ValueError, DropBudgetExceeded):
+            verdict = drop_budget(run_dir(SETTINGS, context), QualityPolicy.load().drop_budget, report)
+        if alert := drop_budget_alert(verdict, report, context["ti"].task_id):
+            send_alert(alert)
         return verdict
 
     @task(multiple_outputs=False, inlets=[CHAMPION_ASSET])
     def profile_corpus(stats: dict) -> dict:
         from nightshift.airflow.notifiers import send_alert
-        from nightshift.alerts.channels import Alert
         from nightshift.monitoring.drift import DriftPolicy
-        from nightshift.pipelines.ingest import DriftBlocked
+        from nightshift.pipelines.ingest import DriftBlocked, drift_alert
         from nightshift.pipelines.ingest import profile_corpus as profile
 
-        try:
-            policy = DriftPolicy.load(SETTINGS.drift_policy)
-        except ValueError as exc:  # a broken drift.yaml does not mend itself on retry
-            raise AirflowFailException(str(exc)) from exc
         context = get_current_context()
         report = run_report(SETTINGS, context)
         promotions = [event.extra or {} for event in context["inlet_events"][CHAMPION_ASSET]]
         champion_data = next((e["dataset_version"] for e in reversed(promotions) if e.get("dataset_version")), None)
-        try:
+        with fail_fast(ValueError, DriftBlocked):  # a broken drift.yaml does not mend itself on retry
+            policy = DriftPolicy.load(SETTINGS.drift_policy)
             drift = profile(run_dir(SETTINGS, context), SETTINGS, policy, report, champion_data)
-        except DriftBlocked as exc:
-            raise AirflowFailException(str(exc)) from exc
-        if drift["alert"]:
-            names = ", ".join(drift["drifted"] or drift["possibly_drifted"])
-            send_alert(Alert(
-                title=f"corpus drift ({drift['status']}) in {names}",
-                message=f"The new corpus differs from {', '.join(drift['references'].values())} in {names} beyond "
-                "drift.yaml's thresholds. The run continues; see the report's drift charts.",
-                severity="warning", dag_id=report.dag_id, run_id=report.run_id, task_id=context["ti"].task_id,
-                report_url=report.url,
-            ))
+        if alert := drift_alert(drift, report, context["ti"].task_id):
+            send_alert(alert)
         return drift
 
     @task
@@ -204,16 +176,10 @@ def ingest_corpus():
         from nightshift.pipelines.ingest import QualityGateFailed, validate
         from nightshift.quality.suite import QualityPolicy
 
-        try:
-            policy = QualityPolicy.load()
-        except ValueError as exc:  # a broken quality.yaml does not mend itself on retry
-            raise AirflowFailException(str(exc)) from exc
-        try:
-            context = get_current_context()
-            return validate(run_dir(SETTINGS, context), policy, stats, run_report(SETTINGS, context))
-        except QualityGateFailed as exc:
-            # Data does not improve on retry: fail now, alert, and create no dataset version.
-            raise AirflowFailException(str(exc)) from exc
+        context = get_current_context()
+        # Neither a broken quality.yaml nor data improve on retry: fail now, alert, and create no dataset version.
+        with fail_fast(ValueError, QualityGateFailed):
+            return validate(run_dir(SETTINGS, context), QualityPolicy.load(), stats, run_report(SETTINGS, context))
 
     @task
     def version_dataset(collected: dict, stats: dict, drift: dict, quality: dict) -> dict:

@@ -26,22 +26,26 @@ from __future__ import annotations
 from datetime import datetime
 
 from airflow.sdk import Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowFailException
 
-from nightshift.airflow.common import CHAMPION_ASSET, DEFAULT_ARGS
+from nightshift.airflow.common import CHAMPION_ASSET, DEFAULT_ARGS, current_run, fail_fast
 from nightshift.settings import load_settings
 
 SETTINGS = load_settings()
 
 
 def _request():
-    from nightshift.pipelines.rollback import RollbackRefused, RollbackRequest
+    """Return the person's request; its reason stays out of XCom (the history keeps it, nothing else)."""
+    from nightshift.pipelines.rollback import RollbackRequest
 
     p = get_current_context()["params"]
-    try:
-        return RollbackRequest(target_version=p["target_version"], reason=p["reason"])
-    except RollbackRefused as exc:
-        raise AirflowFailException(str(exc)) from exc
+    return RollbackRequest(target_version=p["target_version"], reason=p["reason"])
+
+
+def _refusals() -> tuple[type[Exception], ...]:
+    from nightshift.pipelines.rollback import RollbackRefused
+    from nightshift.registry.history import ChampionConflict
+
+    return RollbackRefused, ChampionConflict
 
 
 @dag(
@@ -68,14 +72,11 @@ def _request():
 def rollback_model():
     @task
     def plan_rollback() -> dict:
-        from nightshift.pipelines.rollback import RollbackRefused
         from nightshift.pipelines.rollback import plan_rollback as plan
         from nightshift.stores import registry_for
 
-        try:
+        with fail_fast(*_refusals()):
             planned = plan(registry_for(SETTINGS), _request())
-        except RollbackRefused as exc:
-            raise AirflowFailException(str(exc)) from exc
         print(planned["message"])
         return planned
 
@@ -90,31 +91,22 @@ def rollback_model():
 
     @task
     def check_target(plan: dict) -> dict:
-        from nightshift.pipelines.rollback import RollbackRefused
         from nightshift.pipelines.rollback import check_target as check
         from nightshift.records import ModelVersionRecord
         from nightshift.stores import registry_for
 
-        try:
+        with fail_fast(*_refusals()):
             return check(SETTINGS, registry_for(SETTINGS), ModelVersionRecord.from_dict(plan["target"]))
-        except RollbackRefused as exc:
-            raise AirflowFailException(str(exc)) from exc
 
     @task(outlets=[CHAMPION_ASSET])
     def move_champion(plan: dict, _checked: dict) -> dict:
-        from nightshift.airflow.common import triggered_by
-        from nightshift.pipelines.rollback import RollbackRefused
         from nightshift.pipelines.rollback import move_champion as move
-        from nightshift.registry.history import ChampionConflict
         from nightshift.stores import registry_for
 
         context = get_current_context()
-        run = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
-        try:
-            moved = move(registry_for(SETTINGS), plan, f"{run}/move", triggered_by(context), run,
-                         _request().reason)
-        except (RollbackRefused, ChampionConflict) as exc:
-            raise AirflowFailException(str(exc)) from exc
+        run = current_run(SETTINGS, context)
+        with fail_fast(*_refusals()):
+            moved = move(registry_for(SETTINGS), plan, f"{run.key}/move", run.started_by, run.key, _request().reason)
         target = plan["target"]
         context["outlet_events"][CHAMPION_ASSET].extra = {
             "model_version": target["version"], "dataset_version": target["dataset_tag"],
@@ -124,18 +116,10 @@ def rollback_model():
     @task
     def announce(move: dict) -> None:
         from nightshift.airflow.notifiers import send_alert
-        from nightshift.alerts.channels import Alert
+        from nightshift.pipelines.rollback import rollback_alert
 
-        context = get_current_context()
-        send_alert(Alert(
-            title=f"champion rolled back to v{move['to_version']}",
-            message=f"{SETTINGS.registered_model}@{SETTINGS.champion_alias} moved from v{move['from_version']} to "
-            f"v{move['to_version']} by {move.get('by', 'unknown')}. The endpoint serves it within seconds. "
-            "The reason is in the promotion history: nightshift history.",
-            severity="warning", dag_id=context["dag_run"].dag_id, run_id=context["dag_run"].run_id,
-            task_id=context["ti"].task_id,
-            details={k: move.get(k) for k in ("from_version", "to_version", "by", "dag_run", "at")},
-        ))
+        run = current_run(SETTINGS)
+        send_alert(rollback_alert(SETTINGS, move, run.dag_id, run.run_id, "announce"))
 
     plan = plan_rollback()
     routed = route(plan)

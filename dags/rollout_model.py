@@ -35,7 +35,7 @@ from datetime import datetime
 from airflow.sdk import Param, PokeReturnValue, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from nightshift.airflow.common import CANDIDATE_ASSET, CHAMPION_ASSET, DEFAULT_ARGS
+from nightshift.airflow.common import CANDIDATE_ASSET, CHAMPION_ASSET, DEFAULT_ARGS, current_run, fail_fast
 from nightshift.evaluation.rollout_policy import RolloutPolicy
 from nightshift.settings import load_settings
 
@@ -80,29 +80,24 @@ def _policy() -> RolloutPolicy:
 )
 def rollout_model():
     @task
+    @fail_fast(ValueError)  # RolloutRefused: no candidate, not gated, already champion, a bad mode
     def plan_rollout() -> dict:
-        from nightshift.pipelines.rollout import RolloutRefused
         from nightshift.pipelines.rollout import plan_rollout as plan
         from nightshift.stores import registry_for
 
         params = get_current_context()["params"]
-        try:
-            mode = None if params["mode"] in (None, "policy") else params["mode"]
-            planned = plan(registry_for(SETTINGS), params["candidate_version"], mode, _policy())
-        except RolloutRefused as exc:
-            raise AirflowFailException(str(exc)) from exc
+        mode = None if params["mode"] in (None, "policy") else params["mode"]
+        planned = plan(registry_for(SETTINGS), params["candidate_version"], mode, _policy())
         print(planned["message"])
         return planned
 
     @task
+    @fail_fast(ValueError)  # RolloutRefused: the candidate alias moved away
     def set_share(plan: dict, index: int) -> dict:
-        from nightshift.pipelines.rollout import RolloutRefused, set_step
+        from nightshift.pipelines.rollout import set_step
         from nightshift.stores import registry_for
 
-        try:
-            return set_step(registry_for(SETTINGS), plan, index, _policy())
-        except RolloutRefused as exc:
-            raise AirflowFailException(str(exc)) from exc
+        return set_step(registry_for(SETTINGS), plan, index, _policy())
 
     @task.sensor(poke_interval=POLICY.poke_seconds, timeout=POLICY.max_step_minutes * 60,
                  mode="reschedule" if POLICY.poke_seconds >= 60 else "poke")
@@ -111,10 +106,8 @@ def rollout_model():
         from nightshift.pipelines.rollout import live_judge, observe_step, request_log_for
 
         policy = _policy()
-        try:  # a broken suite or judge connection does not mend itself on a later poke
+        with fail_fast(ValueError):  # a broken suite or judge connection does not mend itself on a later poke
             judge, note = live_judge(SETTINGS, judge_endpoint) if policy.judge_sample else (None, "judge_sample is 0")
-        except ValueError as exc:
-            raise AirflowFailException(str(exc)) from exc
         request_log = request_log_for(SETTINGS)
         try:
             verdict = observe_step(request_log, plan, step, policy, judge=judge, judge_note=note)
@@ -129,33 +122,22 @@ def rollout_model():
 
     @task(trigger_rule="all_done", outlets=[CHAMPION_ASSET])
     def finish_rollout(plan: dict | None) -> dict:
-        from nightshift.airflow.common import triggered_by
         from nightshift.airflow.notifiers import send_alert
-        from nightshift.alerts.channels import Alert
         from nightshift.pipelines.rollout import finish_rollout as finish
+        from nightshift.pipelines.rollout import outcome_alert
         from nightshift.registry.history import ChampionConflict
         from nightshift.stores import registry_for
 
         context = get_current_context()
         if not plan:
             raise AirflowFailException("plan_rollout failed: nothing was exposed, the champion keeps all traffic")
-        ti = context["ti"]
+        ti, run = context["ti"], current_run(SETTINGS, context)
         verdicts = [ti.xcom_pull(task_ids=f"step_{i + 1}_observe") for i in range(len(plan["steps"]))]
-        run = f"{context['dag_run'].dag_id}/{context['dag_run'].run_id}"
-        try:
-            outcome = finish(registry_for(SETTINGS), plan, verdicts, f"{run}/promote", triggered_by(context), run)
-        except ChampionConflict as exc:  # the rollout has ended; the failure's alert says why
-            raise AirflowFailException(f"the candidate was not promoted and its rollout has ended: {exc}") from exc
+        # The rollout has ended; the failure's alert says why.
+        with fail_fast(ChampionConflict, prefix="the candidate was not promoted and its rollout has ended: "):
+            outcome = finish(registry_for(SETTINGS), plan, verdicts, f"{run.key}/promote", run.started_by, run.key)
+        send_alert(outcome_alert(plan, outcome, run.dag_id, run.run_id, ti.task_id))
         promoted = outcome["outcome"] == "promoted"
-        send_alert(Alert(
-            title=f"candidate v{outcome['candidate']} {'promoted' if promoted else 'rolled back'} after its rollout",
-            message=(f"v{outcome['candidate']} passed every {plan['mode']} step and is now champion."
-                     if promoted else
-                     f"v{outcome['candidate']} did not pass its {plan['mode']} rollout; all traffic is back on "
-                     f"v{outcome['champion']}."),
-            severity="info" if promoted else "warning", dag_id=context["dag_run"].dag_id,
-            run_id=context["dag_run"].run_id, task_id=ti.task_id, details=outcome,
-        ))
         if promoted:
             context["outlet_events"][CHAMPION_ASSET].extra = {
                 "model_version": outcome["candidate"], "dataset_version": plan["candidate"]["dataset_tag"]}

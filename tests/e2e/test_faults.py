@@ -105,7 +105,7 @@ BAD_RECIPES = {  # each validated before, then crashed inside every training ran
 
 
 def test_runs_that_fail_for_good_fail_once_or_after_retries_and_alert(trained_home, tmp_path, monkeypatch):
-    """A recipe the base cannot train fails check_registry once, naming the field; a step that keeps failing is
+    """A recipe the base cannot train fails parse_request once, naming the field; a step that keeps failing is
     retried, then closes its MLflow run and alerts; a promotion whose champion changed since the evaluation fails
     once and alerts. One ingest serves the three parts."""
     from conftest import REPO
@@ -119,8 +119,8 @@ def test_runs_that_fail_for_good_fail_once_or_after_retries_and_alert(trained_ho
     monkeypatch.setenv("NIGHTSHIFT_RECIPE_DIRS", f"{recipes}{os.pathsep}{os.environ['NIGHTSHIFT_RECIPE_DIRS']}")
     for name, (_, *messages) in BAD_RECIPES.items():
         dag_run, tasks = run(fresh("finetune_model"), {"base_model": "tiny", "recipe": name})
-        assert dag_run.state == "failed" and tasks["check_registry"].state == "failed", name
-        assert tries(dag_run, "check_registry") == 1, name  # no retry: it would fail the same way
+        assert dag_run.state == "failed" and tasks["parse_request"].state == "failed", name
+        assert tries(dag_run, "parse_request") == 1, name  # no retry: it would fail the same way
         assert tasks["train_local"].state == "upstream_failed", name
         alerts = (trained_home.home / "alerts" / "alerts.jsonl").read_text().splitlines()
         assert all(m in json.loads(alerts[-1])["message"] for m in messages), (name, alerts[-1][:300])
@@ -210,10 +210,10 @@ def test_params_cannot_reach_the_workers_files(home):
     for recipe in ("/etc/passwd", "../../etc/passwd", "default.yaml"):
         with pytest.raises(ParamValidationError):
             fresh("finetune_model").test(run_conf={"recipe": recipe})
-    run(fresh("ingest_corpus"), {})  # a dataset version, so that the base model is what fails
-    dag_run, tasks = run(fresh("finetune_model"), {"base_model": "/etc"})
-    assert dag_run.state == "failed" and tasks["check_registry"].state == "failed"
-    assert tries(dag_run, "check_registry") == 1
+    dag_run, tasks = run(fresh("finetune_model"), {"base_model": "/etc"})  # refused before any data is read
+    assert dag_run.state == "failed" and tasks["parse_request"].state == "failed"
+    assert tries(dag_run, "parse_request") == 1
+    assert tasks["resolve_dataset"].state == "upstream_failed"
     alert = json.loads((home.home / "alerts" / "alerts.jsonl").read_text().splitlines()[-1])
     assert "is not a model under" in alert["message"]
 

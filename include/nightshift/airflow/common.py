@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ContextDecorator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,6 @@ from airflow.sdk import Asset
 from airflow.sdk.exceptions import AirflowFailException
 
 from nightshift.airflow.notifiers import AlertNotifier
-from nightshift.provenance import safe_name
 from nightshift.settings import Settings, load_settings
 
 CORPUS_ASSET = Asset("nightshift://datasets/corpus", extra={"description": "versioned training corpus (DVC)"})
@@ -33,20 +33,52 @@ class UpstreamFailed(AirflowFailException):
     """A task that cannot run because an upstream task failed (and already alerted): fail without a second alert."""
 
 
+def current_run(settings: Settings, context: Any = None):
+    """Return the DAG run a task belongs to as the pipelines see it (nightshift.pipelines.run.Run)."""
+    from airflow.sdk import get_current_context
+
+    from nightshift.pipelines.run import Run
+
+    context = context if context is not None else get_current_context()
+    dag_run = context["dag_run"]
+    events = context.get("triggering_asset_events") or {}
+    extras = tuple(dict(e.extra or {}) for found in events.values() for e in found)
+    return Run(settings, dag_run.dag_id, dag_run.run_id, triggered_by(context), extras)
+
+
 def run_report(settings: Settings, context: Any):
     """Return the report folder of the current DAG run (a nightshift.reports.publish.RunRef)."""
-    from nightshift.reports.publish import RunRef
-
-    dag_run = context["dag_run"]
-    return RunRef(settings, dag_run.dag_id, dag_run.run_id)
+    return current_run(settings, context).report
 
 
 def run_dir(settings: Settings, context: Any) -> Path:
     """Return (and create) the work folder of the current DAG run."""
-    dag_run = context["dag_run"]
-    path = settings.work_dir / dag_run.dag_id / safe_name(dag_run.run_id)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return current_run(settings, context).work_dir()
+
+
+class fail_fast(ContextDecorator):  # noqa: N801 - used as a decorator and a ``with`` statement, like contextlib's
+    """Turn errors that no retry can mend (a bad Param, a broken recipe or policy file, a refused request) into
+    AirflowFailException: the task fails at once, with the message, and alerts once instead of after every retry.
+
+    ``@fail_fast()`` under ``@task`` covers a whole task; ``with fail_fast(SomeError, prefix="source x: ")`` one
+    call; the prefix and suffix say where the error came from or what to change. The default errors are those
+    of a request or a config file: missing files, unknown names, bad values.
+    """
+
+    REQUEST_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, LookupError,
+                                                       ValueError, TypeError)
+
+    def __init__(self, *errors: type[BaseException], prefix: str = "", suffix: str = "") -> None:
+        self.errors = errors or self.REQUEST_ERRORS
+        self.prefix, self.suffix = prefix, suffix
+
+    def __enter__(self) -> fail_fast:
+        return self
+
+    def __exit__(self, kind, exc, _tb) -> bool:
+        if exc is not None and isinstance(exc, self.errors) and not isinstance(exc, AirflowFailException):
+            raise AirflowFailException(f"{self.prefix}{exc}{self.suffix}") from exc
+        return False
 
 
 def triggered_by(context: Any) -> str:

@@ -470,3 +470,30 @@ def _drops_by_source(path: Path) -> dict[str, dict[str, dict[str, Any]]]:
             if len(entry["examples"]) < DROP_EXAMPLES:
                 entry["examples"].append(str(row["id"]))
     return drops
+
+
+def drop_budget_alert(verdict: dict[str, Any], report: RunRef, task_id: str):
+    """Return the warning alert for a drop budget exceeded without blocking, or None when none was."""
+    from nightshift.alerts.channels import Alert
+
+    if not verdict["exceeded"]:
+        return None
+    names = ", ".join(sorted({e["source"] for e in verdict["exceeded"]}))
+    return Alert(title=f"drop budget exceeded in {names}",
+                 message=f"{verdict['summary']}\nThe run continues; see the top of the report page.",
+                 severity="warning", dag_id=report.dag_id, run_id=report.run_id, task_id=task_id,
+                 report_url=report.url)
+
+
+def drift_alert(drift: dict[str, Any], report: RunRef, task_id: str):
+    """Return the warning alert for a corpus that drifted beyond drift.yaml's thresholds, or None."""
+    from nightshift.alerts.channels import Alert
+
+    if not drift["alert"]:
+        return None
+    names = ", ".join(drift["drifted"] or drift["possibly_drifted"])
+    return Alert(title=f"corpus drift ({drift['status']}) in {names}",
+                 message=f"The new corpus differs from {', '.join(drift['references'].values())} in {names} "
+                 "beyond drift.yaml's thresholds. The run continues; see the report's drift charts.",
+                 severity="warning", dag_id=report.dag_id, run_id=report.run_id, task_id=task_id,
+                 report_url=report.url)

@@ -114,3 +114,17 @@ def move_champion(
     target = ModelVersionRecord.from_dict(plan["target"])
     return PromotionHistory(registry).move(target, key, "rollback", by, dag_run, reason, plan.get("evaluation"),
                                            expected=plan["champion"]["version"])
+
+
+def rollback_alert(settings: Settings, move: dict[str, Any], dag_id: str, run_id: str, task_id: str):
+    """Return the alert that tells people the champion was rolled back (never the reason: the history keeps it)."""
+    from nightshift.alerts.channels import Alert
+
+    return Alert(
+        title=f"champion rolled back to v{move['to_version']}",
+        message=f"{settings.registered_model}@{settings.champion_alias} moved from v{move['from_version']} to "
+        f"v{move['to_version']} by {move.get('by', 'unknown')}. The endpoint serves it within seconds. "
+        "The reason is in the promotion history: nightshift history.",
+        severity="warning", dag_id=dag_id, run_id=run_id, task_id=task_id,
+        details={k: move.get(k) for k in ("from_version", "to_version", "by", "dag_run", "at")},
+    )

@@ -187,3 +187,18 @@ def request_log_for(settings: Settings):
     request_log = RequestLog(settings.request_log_url, settings.request_log_retention_days)
     request_log.open()
     return request_log
+
+
+def outcome_alert(plan: dict[str, Any], outcome: dict[str, Any], dag_id: str, run_id: str, task_id: str):
+    """Return the alert that tells people how a rollout ended: promoted (info) or rolled back (warning)."""
+    from nightshift.alerts.channels import Alert
+
+    promoted = outcome["outcome"] == "promoted"
+    return Alert(
+        title=f"candidate v{outcome['candidate']} {'promoted' if promoted else 'rolled back'} after its rollout",
+        message=(f"v{outcome['candidate']} passed every {plan['mode']} step and is now champion." if promoted else
+                 f"v{outcome['candidate']} did not pass its {plan['mode']} rollout; all traffic is back on "
+                 f"v{outcome['champion']}."),
+        severity="info" if promoted else "warning", dag_id=dag_id, run_id=run_id, task_id=task_id,
+        details=outcome,
+    )
