@@ -170,28 +170,33 @@ class Settings:
     registered_model: str = "nightshift-llm"
     """Name of the model in the MLflow registry."""
     champion_alias: str = "champion"
+    """Registry alias of the version in production: the endpoint serves it, promotions move it."""
     train_ranks: int | None = None
     """Ranks per node for recipes that say ``ranks: auto`` (NIGHTSHIFT_TRAIN_RANKS); unset or ``auto``: one per
     GPU, or one CPU process using every core (nightshift.training.launch.resolve_ranks)."""
     master_port: int = 29500
+    """Rendezvous port of the trainer's ranks (a local attempt picks a free one of its own)."""
     alert_conn_id: str = "nightshift_alerts"
+    """Airflow connection of the alert channel: SMTP, Slack, webhook (NIGHTSHIFT_ALERT_CONN_ID)."""
     tracking_uri_override: str | None = None
+    """MLflow tracking URI (NIGHTSHIFT_MLFLOW_TRACKING_URI); unset: the SQLite store under NIGHTSHIFT_HOME."""
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
+    """Where trainer pods run on the kubernetes backend."""
     serving: ServingLimits = field(default_factory=ServingLimits)
     """Limits of the OpenAI-compatible endpoint."""
     require_api_key: bool = True
     """Whether /v1 and /metrics need an API key (NIGHTSHIFT_SERVE_REQUIRE_KEY)."""
     serving_conn_id: str = "nightshift_serving"
+    """Airflow connection whose password (or extra ``api_keys``) holds keys the endpoint accepts."""
     request_log_override: str | None = None
     """Database URL of the endpoint's request log and feedback (NIGHTSHIFT_SERVE_REQUEST_LOG); ``off`` disables."""
     request_log_retention_days: float = 30.0
+    """Days answers and their feedback are kept (NIGHTSHIFT_SERVE_LOG_RETENTION_DAYS)."""
     serve_upstream: str | None = None
     """Base URL (``.../v1``) of an OpenAI-compatible engine (vLLM) serving the champion (NIGHTSHIFT_SERVE_UPSTREAM);
     unset: the built-in engine generates."""
     serve_upstream_candidate: str | None = None
     """The engine serving the rollout candidate (NIGHTSHIFT_SERVE_UPSTREAM_CANDIDATE)."""
-    """Days answers and their feedback are kept (NIGHTSHIFT_SERVE_LOG_RETENTION_DAYS)."""
-    """Airflow connection whose password (or extra ``api_keys``) holds keys the endpoint accepts."""
     airflow_parallelism: int = field(default_factory=default_parallelism)
     """Task slots of the local Airflow (and LocalExecutor worker processes)."""
     airflow_host: str = "127.0.0.1"
@@ -210,9 +215,9 @@ class Settings:
     evaluation_suite: Path = CONFIG_DIR / "evaluation.yaml"
     """The evaluation suite candidate and champion run through (NIGHTSHIFT_EVALUATION_SUITE)."""
     gate_policy: Path = CONFIG_DIR / "gate.yaml"
+    """The promotion gate's rules (NIGHTSHIFT_GATE_POLICY)."""
     rollout_policy: Path = CONFIG_DIR / "rollout.yaml"
     """How a candidate that passed the gate is released (NIGHTSHIFT_ROLLOUT_POLICY)."""
-    """The promotion gate's rules (NIGHTSHIFT_GATE_POLICY)."""
     recipe_dirs: tuple[Path, ...] = ()
     """Further folders with training recipes, besides include/configs/training (the Param takes names only)."""
     task_timeout_s: int = 3600
