@@ -32,7 +32,8 @@ def free_port() -> int:
 
 os.environ["NIGHTSHIFT_MASTER_PORT"] = str(free_port())
 
-from nightshift.settings import ensure_airflow_config, load_settings, repo_root, runtime_env  # noqa: E402
+from nightshift.environment import ensure_airflow_config, runtime_env  # noqa: E402
+from nightshift.settings import load_settings, repo_root  # noqa: E402
 
 ensure_airflow_config(load_settings())
 for _key, _value in runtime_env(load_settings()).items():

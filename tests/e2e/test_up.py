@@ -32,7 +32,8 @@ import pytest
 
 from conftest import REPO, free_port
 from helpers import marked, port_is_free, stop_supervisor, wait_for
-from nightshift.settings import SAMPLE_STORE, default_parallelism, load_settings, runtime_env
+from nightshift.environment import runtime_env
+from nightshift.settings import SAMPLE_STORE, default_parallelism, load_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -123,7 +124,7 @@ def test_setup_keeps_state_private_and_the_fernet_key_where_airflow_reads_it(air
     with sqlite3.connect(home / "airflow" / "airflow.db") as db:
         encrypted, stored = db.execute("select is_encrypted, password from connection where conn_id='probe'").fetchone()
     assert encrypted and "s3cr3t" not in stored
-    read = ("from nightshift.cli.environment import configure_environment; "
+    read = ("from nightshift.environment import configure_environment; "
             "from nightshift.settings import load_settings; configure_environment(load_settings()); "
             "from airflow.models.connection import Connection; "
             "print(Connection.get_connection_from_secrets('probe').password)")

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nightshift.cli.environment import configure_environment
+from nightshift.environment import configure_environment
 from nightshift.settings import (
     Settings,
     repo_root,

@@ -12,14 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from nightshift.cli.environment import configure_environment, tool_path
 from nightshift.cli.keys import ensure_local_key
-from nightshift.settings import (
-    DEFAULT_FOUNDATION_MODEL,
-    Settings,
-    repo_root,
-    write_private,
-)
+from nightshift.cli.tools import tool_path
+from nightshift.environment import configure_environment, write_private
+from nightshift.settings import DEFAULT_FOUNDATION_MODEL, Settings, repo_root
 
 log = logging.getLogger("nightshift")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from nightshift.cli.environment import configure_environment
+from nightshift.environment import configure_environment
 from nightshift.settings import (
     Settings,
 )

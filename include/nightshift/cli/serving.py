@@ -6,8 +6,8 @@ import logging
 import sys
 from pathlib import Path
 
-from nightshift.cli.environment import configure_environment
 from nightshift.cli.keys import build_keyring
+from nightshift.environment import configure_environment
 from nightshift.settings import (
     Settings,
 )

@@ -104,7 +104,7 @@ def train_local(command: list[str], output_dir: str) -> None:
 
 def verify_candidate(run: Run, plan: dict[str, Any]) -> dict[str, Any]:
     """Return the reload check's result; ReloadCheckFailed when the saved weights do not give the trainer's loss."""
-    from nightshift.settings import runtime_env
+    from nightshift.environment import runtime_env
 
     return finetune.verify_candidate(registry_for(run.settings), plan, {**os.environ, **runtime_env(run.settings)})
 

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from nightshift.environment import write_private
 from nightshift.serving.protocol import send_error
-from nightshift.settings import write_private
 
 log = logging.getLogger(__name__)
 
