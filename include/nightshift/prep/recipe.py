@@ -6,7 +6,9 @@ prose, and any file a team adds. A source picks one with ``prep: <name>`` in sou
 default (``default_profile``). A prep.yaml with its own ``steps:`` still loads: they are the profile "default".
 
 Every field is checked when the recipe is read; an error names the file and the field by its path in the file
-(``prep/docs.yaml: steps[2].gopher_quality.min_doc_words``) and says what it must be.
+(``prep/docs.yaml: steps[2].gopher_quality.min_doc_words``) and says what it must be. A step's settings are its
+class's ``Config`` (nightshift.prep.steps maps each name a recipe may use to its class); the limits,
+deduplication and executor sections are defined here.
 """
 
 from __future__ import annotations
