@@ -77,6 +77,19 @@ def test_a_new_step_is_a_class_and_a_registry_line(tmp_path, registered):
         "s/d1": "shouting", "s/d2": "step_failed:ZeroDivisionError", "s/d3": "empty_after_step"}
 
 
+def test_the_base_class_counts_each_steps_drops_by_reason(tmp_path, registered):
+    from nightshift.prep.curator import DocumentCurator
+
+    _, recipe = night(tmp_path, [{"max_exclamations": {"most": 1}}])
+    curator = DocumentCurator(recipe)
+    outcomes = curator.process_batch([(f"s/d{i}", "text", text) for i, text in enumerate(
+        ["A calm line of prose that says enough to keep.", "Loud!!! Louder!!! Loudest!!!", "It goes BOOM right here, in the middle of a sentence."])])
+    assert [o.reason for o in outcomes] == [None, "shouting", "step_failed:ZeroDivisionError"]
+    (step,) = curator.steps_of(recipe.default_profile).steps
+    assert step.dropped == {"shouting": 1, "step_failed:ZeroDivisionError": 1}
+    assert curator.dropped() == {"max_exclamations": 2}
+
+
 def test_the_recipe_reader_checks_a_new_steps_settings_by_its_config(tmp_path, registered):
     with pytest.raises(RecipeError, match=r"steps\[0\]\.max_exclamations\.most must be a positive integer"):
         night(tmp_path, [{"max_exclamations": {"most": 0}}])

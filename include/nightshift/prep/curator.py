@@ -45,6 +45,14 @@ class DocumentCurator:
             self._profiles[profile] = ProfileSteps(self.recipe.profile(profile), self.seconds)
         return self._profiles[profile]
 
+    def dropped(self) -> dict[str, int]:
+        """Return the documents each step dropped in this process, over every profile (for the task log)."""
+        counts: Counter[str] = Counter()
+        for profile in self._profiles.values():
+            for step in profile.steps:
+                counts[step.name] += sum(step.dropped.values())
+        return dict(counts.most_common())
+
     def process(self, doc_id: str, fmt: str, content: str) -> Outcome:
         """Return the outcome of one raw document; a step that raises drops the document with its reason."""
         return self.process_batch([(doc_id, fmt, content)])[0]

@@ -67,7 +67,7 @@ class CurateShard(PipelineStep):
             shard.close()
         kept = shard.publish()
         logger.info(f"task {rank}: {shard.done} documents, {shard.hits} from the cache, {kept} kept before "
-                    f"deduplication; seconds per step "
+                    f"deduplication; dropped per step {shard.curator.dropped()}; seconds per step "
                     f"{dict((k, round(v, 1)) for k, v in shard.curator.seconds.most_common())}")
         yield from ()
 
