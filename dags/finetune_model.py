@@ -123,13 +123,13 @@ def _run():
 )
 def finetune_model():
     @task
-    @fail_fast()
     def parse_request() -> dict:
         from nightshift.airflow.run_lock import claim_run
 
         context = get_current_context()
         claim_run(SETTINGS, context)
-        return _steps().parse_request(_run(), context["params"])
+        with fail_fast():  # what a person asked for does not change on retry
+            return _steps().parse_request(_run(), context["params"])
 
     @task
     @fail_fast()
@@ -173,16 +173,18 @@ def finetune_model():
             return _steps().verify_candidate(_run(), plan)
 
     @task
-    @fail_fast(ValueError)  # a broken suite or judge connection does not mend itself on retry
     def evaluate(request: dict, packed: dict, plan: dict) -> dict:
         from nightshift.airflow.connections import judge_endpoint
 
-        return _steps().evaluate(_run(), request, packed, plan, judge_endpoint)
+        with fail_fast(ValueError):  # a broken suite or judge connection does not mend itself on retry
+            evaluation = _steps().load_evaluation(_run(), judge_endpoint)
+        return _steps().evaluate(_run(), request, packed, plan, evaluation)
 
     @task
-    @fail_fast(ValueError)  # nor does a broken gate.yaml
     def decide_promotion(evaluation: dict, plan: dict) -> dict:
-        return _steps().decide_promotion(_run(), evaluation, plan)
+        with fail_fast(ValueError):  # nor does a broken gate.yaml
+            policy = _steps().gate_policy(_run())
+        return _steps().decide_promotion(_run(), evaluation, plan, policy)
 
     @task.branch
     def route(decision: dict) -> str:
@@ -193,9 +195,10 @@ def finetune_model():
         return _steps().register_candidate(_run(), dataset, check, plan)
 
     @task.branch
-    @fail_fast(ValueError)  # nor a broken rollout.yaml
     def release(_version: dict) -> str:
-        return _steps().release(_run())
+        with fail_fast(ValueError):  # nor a broken rollout.yaml
+            policy = _steps().rollout_policy(_run())
+        return _steps().release(_run(), policy)
 
     @task(outlets=[CANDIDATE_ASSET])
     def start_rollout(version: dict) -> dict:

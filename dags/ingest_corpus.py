@@ -121,8 +121,9 @@ def ingest_corpus():
         specs = planned_sources(here)
         if specs is None:
             raise UpstreamFailed("plan_sources did not finish: nothing to merge")
-        with fail_fast(ValueError, SourcesUnusable):
+        with fail_fast(ValueError):  # a broken quality.yaml does not mend itself on retry
             policy = QualityPolicy.load()
+        with fail_fast(SourcesUnusable):
             return merge(here, specs, policy.min_source_share, run_report(SETTINGS, context))
 
     @task(multiple_outputs=False)
@@ -146,9 +147,10 @@ def ingest_corpus():
 
         context = get_current_context()
         report = run_report(SETTINGS, context)
-        # A broken quality.yaml does not mend itself on retry; an exceeded budget's alert carries the summary.
-        with fail_fast(ValueError, DropBudgetExceeded):
-            verdict = drop_budget(run_dir(SETTINGS, context), QualityPolicy.load().drop_budget, report)
+        with fail_fast(ValueError):  # a broken quality.yaml does not mend itself on retry
+            budget = QualityPolicy.load().drop_budget
+        with fail_fast(DropBudgetExceeded):  # the failure's alert carries the same summary
+            verdict = drop_budget(run_dir(SETTINGS, context), budget, report)
         if alert := drop_budget_alert(verdict, report, context["ti"].task_id):
             send_alert(alert)
         return verdict
@@ -164,8 +166,9 @@ def ingest_corpus():
         report = run_report(SETTINGS, context)
         promotions = [event.extra or {} for event in context["inlet_events"][CHAMPION_ASSET]]
         champion_data = next((e["dataset_version"] for e in reversed(promotions) if e.get("dataset_version")), None)
-        with fail_fast(ValueError, DriftBlocked):  # a broken drift.yaml does not mend itself on retry
+        with fail_fast(ValueError):  # a broken drift.yaml does not mend itself on retry
             policy = DriftPolicy.load(SETTINGS.drift_policy)
+        with fail_fast(DriftBlocked):
             drift = profile(run_dir(SETTINGS, context), SETTINGS, policy, report, champion_data)
         if alert := drift_alert(drift, report, context["ti"].task_id):
             send_alert(alert)
@@ -177,9 +180,10 @@ def ingest_corpus():
         from nightshift.quality.suite import QualityPolicy
 
         context = get_current_context()
-        # Neither a broken quality.yaml nor data improve on retry: fail now, alert, and create no dataset version.
-        with fail_fast(ValueError, QualityGateFailed):
-            return validate(run_dir(SETTINGS, context), QualityPolicy.load(), stats, run_report(SETTINGS, context))
+        with fail_fast(ValueError):  # a broken quality.yaml does not mend itself on retry
+            policy = QualityPolicy.load()
+        with fail_fast(QualityGateFailed):  # nor does data: fail now, alert, and create no dataset version
+            return validate(run_dir(SETTINGS, context), policy, stats, run_report(SETTINGS, context))
 
     @task
     def version_dataset(collected: dict, stats: dict, drift: dict, quality: dict) -> dict:

@@ -111,7 +111,9 @@ def rollback_model():
         context["outlet_events"][CHAMPION_ASSET].extra = {
             "model_version": target["version"], "dataset_version": target["dataset_tag"],
         }
-        return moved.to_dict() if moved else {"to_version": target["version"], "from_version": target["version"]}
+        if moved is None:
+            return {"to_version": target["version"], "from_version": target["version"]}
+        return {k: v for k, v in moved.to_dict().items() if k != "reason"}  # the history keeps it, not XCom
 
     @task
     def announce(move: dict) -> None:

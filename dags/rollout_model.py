@@ -80,24 +80,25 @@ def _policy() -> RolloutPolicy:
 )
 def rollout_model():
     @task
-    @fail_fast(ValueError)  # RolloutRefused: no candidate, not gated, already champion, a bad mode
     def plan_rollout() -> dict:
+        from nightshift.pipelines.rollout import RolloutRefused
         from nightshift.pipelines.rollout import plan_rollout as plan
         from nightshift.stores import registry_for
 
         params = get_current_context()["params"]
         mode = None if params["mode"] in (None, "policy") else params["mode"]
-        planned = plan(registry_for(SETTINGS), params["candidate_version"], mode, _policy())
+        with fail_fast(RolloutRefused):  # no candidate, not gated, already champion, a bad mode
+            planned = plan(registry_for(SETTINGS), params["candidate_version"], mode, _policy())
         print(planned["message"])
         return planned
 
     @task
-    @fail_fast(ValueError)  # RolloutRefused: the candidate alias moved away
     def set_share(plan: dict, index: int) -> dict:
-        from nightshift.pipelines.rollout import set_step
+        from nightshift.pipelines.rollout import RolloutRefused, set_step
         from nightshift.stores import registry_for
 
-        return set_step(registry_for(SETTINGS), plan, index, _policy())
+        with fail_fast(RolloutRefused):  # the candidate alias moved away
+            return set_step(registry_for(SETTINGS), plan, index, _policy())
 
     @task.sensor(poke_interval=POLICY.poke_seconds, timeout=POLICY.max_step_minutes * 60,
                  mode="reschedule" if POLICY.poke_seconds >= 60 else "poke")

@@ -1,5 +1,6 @@
 """The wheel the images install carries every module, recipe, policy and sample: checked in a clean venv."""
 
+import shutil
 import site
 import subprocess
 import sys
@@ -34,7 +35,16 @@ print("modules", len(list(pkgutil.walk_packages([str(root)], "nightshift."))), "
 
 def test_the_wheel_in_a_clean_venv_has_everything(tmp_path):
     pip = [sys.executable, "-m", "pip"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", str(REPO), "-w", str(tmp_path / "w")],
+    # Built from the files a checkout holds, as the images copy them: a stale build/ folder (setuptools builds in
+    # the tree and never empties build/lib) would hide a module the package list lacks.
+    source = tmp_path / "source"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            check=True, capture_output=True, timeout=60).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", str(source), "-w", str(tmp_path / "w")],
                    check=True, capture_output=True, timeout=300)
     [wheel] = (tmp_path / "w").glob("nightshift-*.whl")
     venv = tmp_path / "venv"

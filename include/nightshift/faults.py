@@ -5,8 +5,10 @@ nothing; when ``NIGHTSHIFT_FAULT`` names it, the process dies there with SIGKILL
 node goes away: no ``finally``, no clean-up), or with a ``:raise`` suffix raises ``InjectedFault`` (as a
 failed external call does), or with ``:once`` raises only the first time (a marker file in
 ``NIGHTSHIFT_FAULT_DIR`` remembers it), so that Airflow's retry of the task meets no fault; ``:kill-once``
-dies with SIGKILL the first time only (a training rank that dies, then a retry that resumes). The
-fault-injection tests run each step so, retry it, and compare the end state with an uninterrupted run.
+dies with SIGKILL the first time only (a training rank that dies, then a retry that resumes); ``:corrupt``
+raises ``InjectedCorruption``, a ``ValueError`` (as a truncated response or file does), which a task must
+retry like any failed call rather than take for a bad request. The fault-injection tests run each step so,
+retry it, and compare the end state with an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ ONCE_DIR_ENV = "NIGHTSHIFT_FAULT_DIR"
 
 class InjectedFault(RuntimeError):
     """A failure injected at a named fault point."""
+
+
+class InjectedCorruption(ValueError):
+    """Unreadable data injected at a named fault point (a ValueError, as JSON or a manifest that was cut short)."""
 
 
 def fault_point(name: str) -> None:
@@ -42,4 +48,6 @@ def fault_point(name: str) -> None:
             raise InjectedFault(f"fault injected at {name} (once)")
         if mode == "raise":
             raise InjectedFault(f"fault injected at {name}")
+        if mode == "corrupt":
+            raise InjectedCorruption(f"unreadable data injected at {name}")
         os.kill(os.getpid(), signal.SIGKILL)

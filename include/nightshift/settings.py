@@ -94,7 +94,9 @@ class KubernetesSettings:
     conn_id: str = "kubernetes_default"
     """Airflow connection holding the cluster credentials."""
     cpu: str = "8"
+    """CPU request and limit of each trainer pod (NIGHTSHIFT_K8S_CPU): data loading and the optimizer's offload."""
     memory: str = "64Gi"
+    """Memory request and limit of each trainer pod (NIGHTSHIFT_K8S_MEMORY); ZeRO offload keeps states here."""
     gpus: int = 1
     """GPUs of each trainer pod when the recipe says ``ranks: auto`` (NIGHTSHIFT_K8S_GPUS): one rank per GPU."""
     shm_size: str = "16Gi"
@@ -102,9 +104,11 @@ class KubernetesSettings:
     state_pvc: str = "nightshift-state"
     """PersistentVolumeClaim holding NIGHTSHIFT_HOME, shared with the Airflow workers and mounted at the same path."""
     node_selector: dict = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    """Labels a node must carry to run a trainer pod: GPU nodes (NIGHTSHIFT_K8S_NODE_SELECTOR, JSON)."""
     tolerations: list = field(
         default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     )
+    """Taints of GPU nodes the trainer pods tolerate (NIGHTSHIFT_K8S_TOLERATIONS, JSON)."""
 
 
 
@@ -159,7 +163,7 @@ class ServingLimits:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"serving limits out of range: {', '.join(bad)} (see the README's limits table)")
+            raise ValueError(f"serving limits out of range: {', '.join(bad)} (see the limits table in docs/serving.md)")
 
 @dataclass(frozen=True)
 class Settings:
@@ -227,7 +231,8 @@ class Settings:
     retry_delay_s: int = 120
     """Wait before Airflow retries a failed task."""
     retention_days: float = 7.0
-    """Work folders of runs older than this are removed; the serving and evaluation caches keep what is in use."""
+    """Work folders of runs older than this are removed, and the preparation outcomes no night used for as long; the
+    serving and evaluation caches keep what is in use (NIGHTSHIFT_RETENTION_DAYS)."""
 
     def __post_init__(self) -> None:
         if self.train_ranks is not None and not 1 <= self.train_ranks <= MAX_TRAIN_RANKS:

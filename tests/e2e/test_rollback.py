@@ -86,6 +86,7 @@ def test_promote_promote_roll_back_and_the_endpoint_follows(home, tiny_model, tm
     alerts = [json.loads(line) for line in (home.home / "alerts" / "alerts.jsonl").read_text().splitlines()]
     assert "rolled back to v1" in alerts[-1]["title"] and "from v2 to v1" in alerts[-1]["message"]
     assert "4711" not in json.dumps(alerts)  # the reason is a person's text: history only, never an alert
+    assert "4711" not in json.dumps([r.value for r in tasks.values()], default=str)  # nor in XCom (the UI shows it)
 
     # Rolling back to the champion changes nothing and says so.
     dag_run, tasks = run(fresh("rollback_model"), {"target_version": 1, "reason": "just in case"})

@@ -82,8 +82,9 @@ def test_the_base_class_counts_each_steps_drops_by_reason(tmp_path, registered):
 
     _, recipe = night(tmp_path, [{"max_exclamations": {"most": 1}}])
     curator = DocumentCurator(recipe)
-    outcomes = curator.process_batch([(f"s/d{i}", "text", text) for i, text in enumerate(
-        ["A calm line of prose that says enough to keep.", "Loud!!! Louder!!! Loudest!!!", "It goes BOOM right here, in the middle of a sentence."])])
+    texts = ["A calm line of prose that says enough to keep.", "Loud!!! Louder!!! Loudest!!!",
+             "It goes BOOM right here, in the middle of a sentence."]
+    outcomes = curator.process_batch([(f"s/d{i}", "text", text) for i, text in enumerate(texts)])
     assert [o.reason for o in outcomes] == [None, "shouting", "step_failed:ZeroDivisionError"]
     (step,) = curator.steps_of(recipe.default_profile).steps
     assert step.dropped == {"shouting": 1, "step_failed:ZeroDivisionError": 1}

@@ -8,9 +8,6 @@
     nightshift keys create|list|revoke   API keys of the endpoint
     nightshift trace|history|profile     an answer's lineage, the champion's moves, a dataset's profile
     nightshift env                 the environment variables, as `export` lines for a shell
-
-Every command is a line of ``COMMANDS`` (its name, the function that runs it, its help and arguments); the
-functions live in modules by concern beside this one and are imported only when their command runs.
 """
 
 from __future__ import annotations
@@ -44,6 +41,8 @@ class Command:
     args: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = ()
 
 
+# Every command is a line of this table (its name, the function that runs it, its help and arguments); the
+# functions live in modules by concern beside this one and are imported only when their command runs.
 COMMANDS: tuple[Command, ...] = (
     Command("env", "install:cmd_env", "print the environment as export lines"),
     Command("setup", "install:cmd_setup", "prepare the local installation (idempotent)",

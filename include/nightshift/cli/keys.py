@@ -1,4 +1,4 @@
-"""API keys of the endpoint: create, list, revoke; the local key the README's examples use."""
+"""API keys of the endpoint: create, list, revoke; the local key the documentation's examples use."""
 
 from __future__ import annotations
 

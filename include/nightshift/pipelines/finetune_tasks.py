@@ -109,27 +109,38 @@ def verify_candidate(run: Run, plan: dict[str, Any]) -> dict[str, Any]:
     return finetune.verify_candidate(registry_for(run.settings), plan, {**os.environ, **runtime_env(run.settings)})
 
 
-def evaluate(run: Run, request: dict[str, Any], packed: dict[str, Any], plan: dict[str, Any],
-             resolve_judge: Callable[[str, str | None], tuple[Any, str]]) -> dict[str, Any]:
-    """Evaluate candidate and champion in one harness and return the comparisons (the full record on disk).
+def load_evaluation(run: Run, resolve_judge: Callable[[str, str | None], tuple[Any, str]]) -> tuple[Any, Any, str]:
+    """Return the evaluation suite, the judge's endpoint (or None) and why there is none.
 
-    ``resolve_judge(connection, model)`` returns the judge's endpoint, or None and why, from the deployment's
-    connections. A broken suite or judge connection raises ValueError: a retry does not mend it.
+    ``resolve_judge(connection, model)`` looks the judge up in the deployment's connections. A broken suite or
+    judge connection raises ValueError: a retry does not mend it.
     """
     from nightshift.evaluation.suite import EvaluationSuite
 
     suite = EvaluationSuite.load(run.settings.evaluation_suite)
     endpoint, note = (resolve_judge(suite.judge.connection, suite.judge.model) if suite.uses_judge
                       else (None, "no judge metric in the suite"))
+    return suite, endpoint, note
+
+
+def evaluate(run: Run, request: dict[str, Any], packed: dict[str, Any], plan: dict[str, Any],
+             evaluation: tuple[Any, Any, str]) -> dict[str, Any]:
+    """Evaluate candidate and champion in one harness under ``load_evaluation``'s suite and judge; return the
+    comparisons (the full record goes to disk and MLflow)."""
+    suite, endpoint, note = evaluation
     return finetune.evaluate_candidate(run.settings, registry_for(run.settings), _request(request), plan,
                                        PackedDataset.from_dict(packed), run.report, suite, endpoint, note)
 
 
-def decide_promotion(run: Run, evaluation: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
-    """Apply gate.yaml to the comparisons, write the evaluation report, return the decision and the report's path."""
+def gate_policy(run: Run):
+    """Return the promotion gate's rules (gate.yaml); ValueError names what is wrong in the file."""
     from nightshift.evaluation.gate import GatePolicy
 
-    policy = GatePolicy.load(run.settings.gate_policy)
+    return GatePolicy.load(run.settings.gate_policy)
+
+
+def decide_promotion(run: Run, evaluation: dict[str, Any], plan: dict[str, Any], policy) -> dict[str, Any]:
+    """Apply the gate's rules to the comparisons, write the evaluation report, return the decision and its path."""
     decision = finetune.gate(evaluation["comparisons"], evaluation["baseline"]["model"], policy)
     html = finetune.write_evaluation_report(
         registry_for(run.settings), plan["mlflow_run_id"], evaluation["path"], decision,
@@ -154,17 +165,18 @@ def register_candidate(run: Run, dataset: dict[str, Any], check: dict[str, Any],
     ).to_dict()
 
 
-def _rollout_policy(run: Run):
+def rollout_policy(run: Run):
+    """Return how a gated version is released (rollout.yaml); ValueError names what is wrong in the file."""
     from nightshift.evaluation.rollout_policy import RolloutPolicy
 
     return RolloutPolicy.load(run.settings.rollout_policy)
 
 
-def release(run: Run) -> str:
-    """Return how the registered version goes out: promoted at once, or rolled out (rollout.yaml)."""
+def release(run: Run, policy) -> str:
+    """Return how the registered version goes out under the rollout policy: promoted at once, or rolled out."""
     from nightshift.pipelines.rollout import release_route
 
-    way, why = release_route(registry_for(run.settings), _rollout_policy(run))
+    way, why = release_route(registry_for(run.settings), policy)
     print(why)
     return "promote_candidate" if way == "promote" else "start_rollout"
 
@@ -173,7 +185,7 @@ def start_rollout(run: Run, version: dict[str, Any]) -> dict[str, Any]:
     """Point the ``candidate`` alias at the version with the policy's first share; return the rollout."""
     from nightshift.pipelines.rollout import start_rollout as start
 
-    rollout = start(registry_for(run.settings), ModelVersionRecord.from_dict(version), _rollout_policy(run))
+    rollout = start(registry_for(run.settings), ModelVersionRecord.from_dict(version), rollout_policy(run))
     print(f"v{rollout['version']} is the candidate ({rollout['mode']}); rollout_model takes it from here")
     return rollout
 

@@ -138,7 +138,7 @@ def create_app(
         server.stop()
 
     # No /docs, /redoc or /openapi.json: they would answer without a key, and /docs loads its scripts from a CDN.
-    # The routes are described in the module docstring above and in the README.
+    # The routes are described in the module docstring above and in docs/serving.md.
     app = FastAPI(title="nightshift serving", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.server = server
