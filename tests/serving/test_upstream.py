@@ -107,12 +107,15 @@ def test_canary_and_shadow_route_to_the_candidates_engine(tmp_path, tiny_model):
     v2_folder = perturbed_copy(tiny_model, tmp_path / "v2")
     publish(registry, tiny_model, "v1")
     v2 = publish(registry, v2_folder, "v2", promote=False)
-    # The candidate's engine: another registry whose champion is a v2 with the same weights.
+    # The candidate's engine: another registry whose champion is a v2 with the same weights. The champion's
+    # engine has a registry of its own too: an engine that followed the front's rollout would route by itself.
     other = local_registry(tmp_path / "other")
     publish(other, tiny_model, "a", promote=False)
     publish(other, v2_folder, "b")
+    own = local_registry(tmp_path / "own")
+    publish(own, tiny_model, "a")
     request_log = RequestLog(f"sqlite:///{tmp_path / 'requests.db'}")
-    with UvicornThread(create_app(registry, tmp_path / "e1", require_key=False, poll_seconds=0.2)) as e1, \
+    with UvicornThread(create_app(own, tmp_path / "e1", require_key=False, poll_seconds=0.2)) as e1, \
             UvicornThread(create_app(other, tmp_path / "e2", require_key=False, poll_seconds=0.2)) as e2:
         wait_for(lambda: ready(e1.url) and ready(e2.url), what="both engines")
         expected = {
