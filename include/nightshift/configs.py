@@ -69,3 +69,51 @@ def _type_problem(hint: Any, value: Any) -> str | None:
             return None  # containers and records: left to the dataclass's own checks
     names = {bool: "true or false", int: "an integer", float: "a number", str: "text", type(None): "empty"}
     return " or ".join(names.get(o, str(o)) for o in options)
+
+
+def build(cls: type[T], settings: Any, where: str, error: type[Exception] = ValueError) -> T:
+    """Return the dataclass ``cls`` built from a settings mapping: unknown names refused, every value
+    type-checked, integer keys restored, then ``check(where)`` run when the class has one. Errors are ``error``
+    and name the field by its path (``where``), e.g. ``monitoring.yaml: drift.min_answers``."""
+    import math
+
+    settings = {} if settings is None else settings
+    if not isinstance(settings, dict):
+        raise error(f"{where} must be a mapping of settings")
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(str(k) for k in set(settings) - known)
+    if unknown:
+        raise error(f"{where}: unknown settings {unknown}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in settings.items():
+        hint = hints.get(name)
+        problem = _type_problem(hint, value)
+        if problem:
+            raise error(f"{where}.{name} must be {problem}, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise error(f"{where}.{name} must be a finite number")
+        if typing.get_origin(hint) is dict and typing.get_args(hint)[:1] == (int,) and isinstance(value, dict):
+            # JSON (XCom, task arguments) turns integer keys into text
+            value = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in value.items()}
+        if typing.get_origin(hint) is tuple:
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise error(f"{where}.{name} must be a list of text values")
+            value = tuple(value)
+        values[name] = value
+    obj = cls(**values)
+    if hasattr(obj, "check"):
+        obj.check(where)
+    return obj
+
+
+def positive(where: str, name: str, value: Any, error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` unless ``value`` is an integer >= 1."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise error(f"{where}.{name} must be a positive integer, got {value!r}")
+
+
+def fraction(where: str, name: str, value: Any, error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` unless ``value`` is a number in [0, 1]."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+        raise error(f"{where}.{name} must be a fraction in [0, 1], got {value}")

@@ -222,6 +222,10 @@ class Settings:
     """The promotion gate's rules (NIGHTSHIFT_GATE_POLICY)."""
     rollout_policy: Path = CONFIG_DIR / "rollout.yaml"
     """How a candidate that passed the gate is released (NIGHTSHIFT_ROLLOUT_POLICY)."""
+    monitoring_policy: Path = CONFIG_DIR / "monitoring.yaml"
+    """What monitor_model watches and when it opens an incident (NIGHTSHIFT_MONITORING_POLICY)."""
+    incidents_override: str | None = None
+    """Database URL of the incident table (NIGHTSHIFT_INCIDENTS_DB); unset: SQLite under NIGHTSHIFT_HOME/alerts."""
     recipe_dirs: tuple[Path, ...] = ()
     """Further folders with training recipes, besides include/configs/training (the Param takes names only)."""
     task_timeout_s: int = 3600
@@ -303,6 +307,13 @@ class Settings:
         return self.serving_dir / "api_keys.json"
 
     @property
+    def incidents_url(self) -> str:
+        """Where incidents are kept: NIGHTSHIFT_INCIDENTS_DB, else a SQLite file beside the alerts."""
+        if self.incidents_override:
+            return self.incidents_override
+        return f"sqlite:///{self.home / 'alerts' / 'incidents.db'}"
+
+    @property
     def request_log_url(self) -> str | None:
         """The request log's database: SQLite under the home unless NIGHTSHIFT_SERVE_REQUEST_LOG names one."""
         if self.request_log_override and self.request_log_override.lower() == "off":
@@ -379,6 +390,8 @@ def load_settings() -> Settings:
         evaluation_suite=Path(os.environ.get("NIGHTSHIFT_EVALUATION_SUITE") or CONFIG_DIR / "evaluation.yaml"),
         gate_policy=Path(os.environ.get("NIGHTSHIFT_GATE_POLICY") or CONFIG_DIR / "gate.yaml"),
         rollout_policy=Path(os.environ.get("NIGHTSHIFT_ROLLOUT_POLICY") or CONFIG_DIR / "rollout.yaml"),
+        monitoring_policy=Path(os.environ.get("NIGHTSHIFT_MONITORING_POLICY") or CONFIG_DIR / "monitoring.yaml"),
+        incidents_override=os.environ.get("NIGHTSHIFT_INCIDENTS_DB") or None,
         recipe_dirs=_env_paths("NIGHTSHIFT_RECIPE_DIRS"),
         task_timeout_s=_env_int("NIGHTSHIFT_TASK_TIMEOUT_S", 3600),
         train_timeout_s=_env_int("NIGHTSHIFT_TRAIN_TIMEOUT_S", 6 * 3600),

@@ -11,15 +11,13 @@ part of a document (see ``Measured``). nightshift.prep.steps maps recipe names t
 
 from __future__ import annotations
 
-import math
 import re
 import time
-import typing
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from nightshift.configs import _type_problem
+from nightshift import configs
 from nightshift.prep.shards import Outcome
 
 MEASURES = ("all", "prose")
@@ -155,45 +153,14 @@ def reads_as_code(text: str, prose: str) -> bool:
     return marked >= 0.5 * len(lines) and repeated <= len(lines) / 3
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Reading settings: every step's Config, and the recipe's own sections, go through ``build``.
-
-
 def build(cls: type, settings: Any, where: str) -> Any:
     """Return ``cls`` built from a recipe's settings mapping, every value type-checked and ``check(where)`` run."""
-    settings = {} if settings is None else settings
-    if not isinstance(settings, dict):
-        raise RecipeError(f"{where} must be a mapping of settings")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(str(k) for k in set(settings) - known)
-    if unknown:
-        raise RecipeError(f"{where}: unknown settings {unknown}; known: {sorted(known)}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in settings.items():
-        hint = hints.get(name)
-        problem = _type_problem(hint, value)
-        if problem:
-            raise RecipeError(f"{where}.{name} must be {problem}, got {type(value).__name__}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise RecipeError(f"{where}.{name} must be a finite number")
-        if typing.get_origin(hint) is dict and typing.get_args(hint)[:1] == (int,) and isinstance(value, dict):
-            # JSON (XCom, task arguments) turns integer keys into text
-            value = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in value.items()}
-        if typing.get_origin(hint) is tuple:
-            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-                raise RecipeError(f"{where}.{name} must be a list of text values")
-            value = tuple(value)
-        values[name] = value
-    obj = cls(**values)
-    obj.check(where)
-    return obj
+    return configs.build(cls, settings, where, RecipeError)
 
 
 def positive(where: str, name: str, value: int) -> None:
     """Raise RecipeError unless ``value`` is an integer >= 1."""
-    if not isinstance(value, int) or value < 1:
-        raise RecipeError(f"{where}.{name} must be a positive integer, got {value!r}")
+    configs.positive(where, name, value, RecipeError)
 
 
 def fractions(where: str, config: Any, *names: str) -> None:
@@ -205,5 +172,4 @@ def fractions(where: str, config: Any, *names: str) -> None:
 
 def fraction(where: str, name: str, value: float) -> None:
     """Raise RecipeError unless ``value`` is in [0, 1]."""
-    if not 0.0 <= value <= 1.0:
-        raise RecipeError(f"{where}.{name} must be a fraction in [0, 1], got {value}")
+    configs.fraction(where, name, value, RecipeError)

@@ -382,6 +382,33 @@ class RequestLog:
         out["feedback"] = [{**dict(n), "created_at": _aware(n["created_at"]).isoformat()} for n in notes]
         return out
 
+    def answers_between(self, start: datetime, end: datetime, limit: int) -> list[dict[str, Any]]:
+        """Return the answers logged in [start, end) that a user saw (shadows and abandoned answers left out),
+        at most ``limit`` per model version, the newest first: scrubbed text, tokens, seconds, finish and the
+        scrubber's counts (what was found before scrubbing, never the values)."""
+        self.flush()
+        columns = (responses.c.response_id, responses.c.created_at, responses.c.route, responses.c.model_version,
+                   responses.c.model_role, responses.c.request, responses.c.answer, responses.c.finish,
+                   responses.c.prompt_tokens, responses.c.completion_tokens, responses.c.seconds,
+                   responses.c.scrubbed)
+        out: list[dict[str, Any]] = []
+        with self.engine.connect() as conn:
+            versions = conn.execute(sa.select(responses.c.model_version).distinct().where(
+                responses.c.created_at >= start, responses.c.created_at < end)).scalars().all()
+            for version in sorted(versions):
+                rows = conn.execute(sa.select(*columns).where(
+                    responses.c.created_at >= start, responses.c.created_at < end,
+                    responses.c.model_version == version, responses.c.model_role != "shadow", _not_abandoned(),
+                ).order_by(responses.c.created_at.desc()).limit(limit)).mappings().all()
+                for row in rows:
+                    entry = dict(row)
+                    entry["request"] = json.loads(entry["request"])
+                    entry["answer"] = json.loads(entry["answer"])
+                    entry["scrubbed"] = json.loads(entry["scrubbed"] or "{}")
+                    entry["created_at"] = _aware(entry["created_at"])
+                    out.append(entry)
+        return out
+
     def _votes(self, conn, since: datetime, versions: list[int] | None = None) -> dict[int, list[float]]:
         """Return per model version one vote per rater: the mean of that key's ratings of its answers (the
         newest rating of each answer). A key that rates twenty answers, or one answer twenty times, is one voter;

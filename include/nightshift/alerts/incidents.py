@@ -1,0 +1,171 @@
+"""Incidents instead of alerts: one alert when a check starts failing, a reminder only after a quiet interval while
+it keeps failing, and a "resolved" message when it passes again (as Alertmanager groups, repeats and resolves,
+and PagerDuty deduplicates by key).
+
+Every check has a fingerprint (the DAG, the check, its subject: a model version, a dataset, the traffic). The
+state lives in a database table, so the decision survives the task that made it: a retried task meets the same
+evaluation key and never sends a notice twice; a notice decided but not yet delivered (the task died between)
+is handed out again until ``delivered`` is recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+incidents = sa.Table(
+    "nightshift_incidents", metadata,
+    sa.Column("fingerprint", sa.String(64), primary_key=True),
+    sa.Column("dag_id", sa.String(250), nullable=False),
+    sa.Column("check_name", sa.String(100), nullable=False),
+    sa.Column("subject", sa.String(200), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("title", sa.String(500), nullable=False),
+    sa.Column("opened_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_sent_at", sa.DateTime(timezone=True)),
+    sa.Column("resolved_at", sa.DateTime(timezone=True)),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("last_evaluation", sa.String(250), nullable=False),
+    sa.Column("pending", sa.String(16)),
+    sa.Column("details", sa.JSON),
+)
+
+KINDS = ("opened", "repeat", "resolved")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of one check in one evaluation (a DAG run): failing or not, and what to tell people."""
+
+    dag_id: str
+    check: str
+    subject: str
+    """What the check is about: ``v3`` (a model version), ``corpus`` (a dataset), ``traffic``."""
+    failing: bool
+    title: str
+    message: str = ""
+    severity: str = "warning"
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"{self.dag_id}\0{self.check}\0{self.subject}".encode()).hexdigest()[:40]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A message to send about an incident: it opened, it still fails (a reminder), or it resolved."""
+
+    kind: str
+    fingerprint: str
+    title: str
+    message: str
+    severity: str
+    opened_at: datetime
+    failures: int
+    details: dict[str, Any]
+
+
+class IncidentBook:
+    """The incidents of one installation, in a SQLAlchemy database (SQLite by default, PostgreSQL beyond)."""
+
+    def __init__(self, url: str, repeat_after: timedelta) -> None:
+        self.url = url
+        self.repeat_after = repeat_after
+        self.engine = sa.create_engine(url, future=True)
+        if self.engine.dialect.name == "sqlite":
+            if self.engine.url.database and self.engine.url.database != ":memory:":
+                from pathlib import Path
+
+                Path(self.engine.url.database).parent.mkdir(parents=True, exist_ok=True)
+            sa.event.listen(self.engine, "connect", _sqlite_connect)
+            sa.event.listen(self.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        metadata.create_all(self.engine)
+
+    def observe(self, result: CheckResult, evaluation: str, now: datetime | None = None) -> Notice | None:
+        """Record a check's outcome in an evaluation; return the notice to send now, or None.
+
+        The same ``evaluation`` (a DAG run's key) applied twice decides nothing new: a notice not yet marked
+        delivered comes back, a delivered one does not.
+        """
+        now = now or datetime.now(UTC)
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(incidents).where(incidents.c.fingerprint == result.fingerprint)).first()
+            if row is not None and row.last_evaluation == evaluation:
+                return self._notice(row, row.pending) if row.pending else None
+            if row is None or row.state == "resolved":
+                if not result.failing:
+                    if row is not None:
+                        conn.execute(incidents.update().where(incidents.c.fingerprint == result.fingerprint)
+                                     .values(last_evaluation=evaluation, pending=None))
+                    return None
+                values = {"dag_id": result.dag_id, "check_name": result.check, "subject": result.subject,
+                          "state": "open", "title": result.title, "opened_at": now, "last_sent_at": now,
+                          "resolved_at": None, "failures": 1, "last_evaluation": evaluation, "pending": "opened",
+                          "details": {"message": result.message, "severity": result.severity, **result.details}}
+                if row is None:
+                    conn.execute(incidents.insert().values(fingerprint=result.fingerprint, **values))
+                else:
+                    conn.execute(incidents.update().where(incidents.c.fingerprint == result.fingerprint)
+                                 .values(**values))
+            elif result.failing:
+                due = _aware(row.last_sent_at or row.opened_at) + self.repeat_after <= now
+                values = {"failures": row.failures + 1, "last_evaluation": evaluation, "title": result.title,
+                          "pending": "repeat" if due else None,
+                          "details": {"message": result.message, "severity": result.severity, **result.details}}
+                if due:
+                    values["last_sent_at"] = now
+                conn.execute(incidents.update().where(incidents.c.fingerprint == result.fingerprint).values(**values))
+            else:
+                conn.execute(incidents.update().where(incidents.c.fingerprint == result.fingerprint).values(
+                    state="resolved", resolved_at=now, last_evaluation=evaluation, pending="resolved"))
+            row = conn.execute(sa.select(incidents).where(incidents.c.fingerprint == result.fingerprint)).first()
+        return self._notice(row, row.pending) if row.pending else None
+
+    def delivered(self, fingerprint: str, evaluation: str) -> None:
+        """Record that the notice an evaluation decided was sent: a retry of that evaluation sends nothing."""
+        with self.engine.begin() as conn:
+            conn.execute(incidents.update().where(incidents.c.fingerprint == fingerprint,
+                                                  incidents.c.last_evaluation == evaluation).values(pending=None))
+
+    def open_incidents(self) -> list[dict[str, Any]]:
+        """Return the incidents still open, the oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(incidents).where(incidents.c.state == "open")
+                                .order_by(incidents.c.opened_at)).mappings().all()
+        return [{**dict(r), "opened_at": _aware(r["opened_at"]).isoformat()} for r in rows]
+
+    def all(self) -> list[dict[str, Any]]:
+        """Return every incident, open and resolved."""
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(sa.select(incidents).order_by(incidents.c.opened_at)).mappings()]
+
+    def _notice(self, row, kind: str) -> Notice:
+        details = dict(row.details or {})
+        message = details.pop("message", "")
+        severity = details.pop("severity", "warning")
+        prefix = {"opened": "", "repeat": "still failing: ", "resolved": "resolved: "}[kind]
+        opened = _aware(row.opened_at)
+        if kind == "repeat":
+            message = f"{message}\nOpen since {opened.isoformat(timespec='minutes')}, failing {row.failures} times."
+        if kind == "resolved":
+            since = opened.isoformat(timespec="minutes")
+            message = f"The check passes again (it failed {row.failures} times since {since})."
+            severity = "info"
+        return Notice(kind, row.fingerprint, prefix + row.title, message, severity, opened, row.failures, details)
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _sqlite_connect(dbapi_connection, _record) -> None:
+    dbapi_connection.isolation_level = None  # transactions are begun explicitly (BEGIN IMMEDIATE)
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()

@@ -1,0 +1,102 @@
+"""The monitoring policy (include/configs/monitoring.yaml): windows, drift, feedback and incident settings.
+
+Every field is checked when the policy is read; an error names the file and the field by its path
+(``monitoring.yaml: drift.auc_threshold``) and says what it must be.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nightshift.configs import build, fraction, positive, read_yaml_mapping
+from nightshift.settings import CONFIG_DIR
+
+DEFAULT_POLICY = CONFIG_DIR / "monitoring.yaml"
+
+
+@dataclass(frozen=True)
+class Window:
+    """Which answers are judged, and against what."""
+
+    reference_hours: int = 168
+    """Hours before the hour judged whose answers are its reference."""
+    min_answers: int = 30
+    """Fewer answers than this for a version in the hour or in its reference: not judged (the page says so)."""
+    max_answers: int = 20_000
+    """Answers read per version and hour at most, the newest first: bounds the task's time and memory."""
+
+    def check(self, where: str) -> None:
+        positive(where, "reference_hours", self.reference_hours)
+        positive(where, "min_answers", self.min_answers)
+        if not isinstance(self.max_answers, int) or self.max_answers < self.min_answers:
+            raise ValueError(f"{where}.max_answers must be an integer >= min_answers ({self.min_answers}), "
+                             f"got {self.max_answers!r}")
+
+
+@dataclass(frozen=True)
+class Drift:
+    """Prompt drift: a classifier tries to tell this hour's prompts from the reference's on their embeddings."""
+
+    auc_threshold: float = 0.62
+    """ROC AUC (on held-out prompts) above which the prompts have drifted; 0.5 is a coin toss."""
+    sample: int = 500
+    """Prompts per side embedded and classified at most."""
+    seed: int = 7
+    """Seed of the sample, the split and the classifier: the same hour gives the same verdict."""
+
+    def check(self, where: str) -> None:
+        if not isinstance(self.auc_threshold, int | float) or not 0.5 < self.auc_threshold < 1.0:
+            raise ValueError(f"{where}.auc_threshold must be a number in (0.5, 1), got {self.auc_threshold!r}")
+        positive(where, "sample", self.sample)
+        if self.sample < 20:
+            raise ValueError(f"{where}.sample must be at least 20 (a classifier needs both sides), got {self.sample}")
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """Live ratings and errors of the champion."""
+
+    min_ratings: int = 20
+    """Raters a version needs before its negative share is compared."""
+    confidence: float = 0.95
+    """Confidence of the Wilson intervals of the negative share."""
+    max_error_rate: float = 0.05
+    """Share of an hour's answers that may end in an error (a timeout, a failure) before an incident opens."""
+
+    def check(self, where: str) -> None:
+        positive(where, "min_ratings", self.min_ratings)
+        if not isinstance(self.confidence, int | float) or not 0.5 <= self.confidence < 1.0:
+            raise ValueError(f"{where}.confidence must be a number in [0.5, 1), got {self.confidence!r}")
+        fraction(where, "max_error_rate", self.max_error_rate)
+
+
+@dataclass(frozen=True)
+class Incidents:
+    """How often a person hears of a check that keeps failing."""
+
+    repeat_hours: float = 24.0
+    """An open incident is sent again after this many hours while its check still fails."""
+
+    def check(self, where: str) -> None:
+        if not isinstance(self.repeat_hours, int | float) or self.repeat_hours <= 0:
+            raise ValueError(f"{where}.repeat_hours must be a positive number, got {self.repeat_hours!r}")
+
+
+@dataclass(frozen=True)
+class MonitoringPolicy:
+    window: Window = field(default_factory=Window)
+    drift: Drift = field(default_factory=Drift)
+    feedback: Feedback = field(default_factory=Feedback)
+    incidents: Incidents = field(default_factory=Incidents)
+
+    @classmethod
+    def load(cls, path: Path = DEFAULT_POLICY) -> MonitoringPolicy:
+        """Read and check a monitoring policy; a ValueError names the file and the field."""
+        path = Path(path)
+        data = read_yaml_mapping(path)
+        sections = {"window": Window, "drift": Drift, "feedback": Feedback, "incidents": Incidents}
+        unknown = sorted(str(k) for k in set(data) - set(sections))
+        if unknown:
+            raise ValueError(f"{path.name}: unknown sections {unknown}; known: {sorted(sections)}")
+        return cls(**{name: build(kind, data.get(name), f"{path.name}: {name}") for name, kind in sections.items()})

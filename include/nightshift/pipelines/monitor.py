@@ -1,0 +1,261 @@
+"""Steps of monitor_model: measure an hour of the endpoint's answers, judge them against the monitoring policy,
+and turn the checks into incidents (opened once, repeated after a quiet interval, resolved once).
+
+Nothing here reads or writes raw text beyond the request log's already scrubbed entries: the metrics, profiles,
+summaries and alerts hold counts, shares, scores and version numbers only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nightshift.alerts.incidents import CheckResult, IncidentBook, Notice
+from nightshift.monitoring.live import answer_metrics, domain_drift, prompt_text, sample_rows, wilson
+from nightshift.monitoring.policy import MonitoringPolicy
+from nightshift.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DAG_ID = "monitor_model"
+
+
+def hour_bounds(end: datetime) -> tuple[datetime, datetime]:
+    """Return the hour that ends at ``end`` floored to the hour: [end - 1 h, end)."""
+    end = end.replace(minute=0, second=0, microsecond=0)
+    return end - timedelta(hours=1), end
+
+
+def measure_hour(settings: Settings, policy: MonitoringPolicy, start: datetime, end: datetime,
+                 versions: dict[str, int | None]) -> dict[str, Any]:
+    """Read the answers of [start, end) and of the reference before it, and return what they say: per version
+    traffic, latency, errors, refusals, finds, similarity; prompt drift; live feedback of the champion and the
+    champion before it (``versions``: {"champion": n, "previous": m}). The hour's metrics (no text) are written
+    under NIGHTSHIFT_HOME/monitoring, with a whylogs profile per version.
+    """
+    from nightshift.evaluation.metrics import is_refusal
+    from nightshift.evaluation.suite import EvaluationSuite
+    from nightshift.monitoring.embeddings import embedder
+    from nightshift.prep.language import Language, identify
+    from nightshift.serving.requestlog import RequestLog
+
+    if not settings.request_log_url:
+        raise ValueError("the request log is off (NIGHTSHIFT_SERVE_REQUEST_LOG=off): there is nothing to monitor")
+    request_log = RequestLog(settings.request_log_url, settings.request_log_retention_days)
+    request_log.open()
+    try:
+        rows = request_log.answers_between(start, end, policy.window.max_answers)
+        reference_start = start - timedelta(hours=policy.window.reference_hours)
+        reference = request_log.answers_between(reference_start, start, policy.window.max_answers)
+        ratings = request_log.feedback_summary(since=reference_start)
+    finally:
+        request_log.engine.dispose()
+    markers = EvaluationSuite.load(settings.evaluation_suite).refusal_markers
+    sample_language = Language()
+    embed = embedder().embed
+    metrics = answer_metrics(rows, lambda a: is_refusal(a, markers), lambda t: identify(t, sample_language)[0],
+                             embed)
+    per_version = _per_version(metrics)
+    hour = start.isoformat()
+    folder = settings.home / "monitoring"
+    # The reference is normal traffic: hours that drifted themselves would hide the next drift, or keep an
+    # incident open for a week after traffic returned to normal.
+    drifted = _drifted_hours(folder, hour)
+    normal = [r for r in reference if _hour_of(r["created_at"]) not in drifted]
+    drift = _prompt_drift(rows, normal, policy, embed)
+    drift["excluded_hours"] = sorted(h for h in drifted if h < hour)
+    _write_hour(folder, hour, metrics, per_version, drift)
+    summary = {"hour": hour, "end": end.isoformat(), "answers": len(rows), "reference_answers": len(normal),
+               "versions": per_version, "drift": drift, "feedback": _feedback(ratings, versions, policy)}
+    log.info("hour %s: %d answers over %d versions, %d in the reference", hour, len(rows), len(per_version),
+             len(reference))
+    return summary
+
+
+def judge(summary: dict[str, Any], policy: MonitoringPolicy, rollback_url: str) -> list[CheckResult]:
+    """Return the checks of an hour's summary: errors per version, prompt drift, the champion's live feedback."""
+    checks = []
+    for version, stats in sorted(summary["versions"].items(), key=lambda kv: int(kv[0])):
+        judged = stats["answers"] >= policy.window.min_answers
+        failing = judged and stats["error_rate"] > policy.feedback.max_error_rate
+        checks.append(CheckResult(
+            DAG_ID, "error_rate", f"v{version}", failing,
+            f"v{version}: {stats['error_rate']:.0%} of answers ended in an error",
+            f"{stats['errors']} of {stats['answers']} answers in the hour from {summary['hour']} timed out or failed "
+            f"(policy: at most {policy.feedback.max_error_rate:.0%}).", "error",
+            {"version": int(version), "error_rate": stats["error_rate"], "answers": stats["answers"]}))
+    drift = summary["drift"]
+    if drift.get("auc") is not None:
+        checks.append(CheckResult(
+            DAG_ID, "prompt_drift", "traffic", drift["drifted"],
+            f"prompts drifted: a classifier tells this hour's from the reference's (ROC AUC {drift['auc']:.2f})",
+            f"In the hour from {summary['hour']}, {drift['current']} prompts were compared with {drift['reference']} "
+            f"of the reference window on their embeddings; ROC AUC {drift['auc']:.3f} against the policy's "
+            f"{policy.drift.auc_threshold}. Users ask about something the model may not have been trained for.",
+            "warning", {"auc": drift["auc"], "threshold": policy.drift.auc_threshold}))
+    feedback = summary["feedback"]
+    if feedback.get("judged"):
+        champion, previous = feedback["champion"], feedback["previous"]
+        checks.append(CheckResult(
+            DAG_ID, "live_feedback", f"v{champion['version']}", feedback["worse"],
+            f"v{champion['version']} is rated worse than v{previous['version']} before it",
+            f"Negative ratings: v{champion['version']} {champion['negative_share']:.0%} "
+            f"[{champion['low']:.0%}, {champion['high']:.0%}] of {champion['ratings']} raters, v{previous['version']} "
+            f"{previous['negative_share']:.0%} [{previous['low']:.0%}, {previous['high']:.0%}] of "
+            f"{previous['ratings']} (Wilson {policy.feedback.confidence:.0%} intervals that do not overlap).\n"
+            f"To serve v{previous['version']} again, trigger rollback_model with target_version "
+            f"{previous['version']}: {rollback_url}", "error",
+            {"champion": champion, "previous": previous, "rollback": rollback_url}))
+    return checks
+
+
+def raise_incidents(settings: Settings, policy: MonitoringPolicy, checks: list[CheckResult], evaluation: str,
+                    send: Callable[[Notice], None], now: datetime | None = None) -> list[dict[str, Any]]:
+    """Record every check in the incident book and send what it decides; return what was sent.
+
+    A notice is marked delivered only after ``send`` returns, so a task killed in between sends it on retry,
+    and a retry after delivery sends nothing.
+    """
+    book = IncidentBook(settings.incidents_url, timedelta(hours=policy.incidents.repeat_hours))
+    sent = []
+    try:
+        for check in checks:
+            notice = book.observe(check, evaluation, now)
+            if notice is None:
+                continue
+            send(notice)
+            book.delivered(notice.fingerprint, evaluation)
+            sent.append({"kind": notice.kind, "title": notice.title})
+        open_now = book.open_incidents()
+    finally:
+        book.engine.dispose()
+    log.info("incidents: %d notices sent, %d open", len(sent), len(open_now))
+    return sent
+
+
+def _per_version(metrics: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for version in sorted({m["version"] for m in metrics}):
+        mine = [m for m in metrics if m["version"] == version]
+        seconds = np.array([m["seconds"] for m in mine if not math.isnan(m["seconds"])], float)
+        similarity = np.array([m["answer_prompt_similarity"] for m in mine
+                               if not math.isnan(m["answer_prompt_similarity"])], float)
+        errors = sum(m["error"] for m in mine)
+        languages: dict[str, int] = {}
+        for m in mine:
+            languages[m["language"]] = languages.get(m["language"], 0) + 1
+        out[str(version)] = {
+            "answers": len(mine), "errors": errors, "error_rate": errors / len(mine),
+            "p50_seconds": float(np.percentile(seconds, 50)) if len(seconds) else None,
+            "p95_seconds": float(np.percentile(seconds, 95)) if len(seconds) else None,
+            "refusal_rate": sum(m["refusal"] for m in mine) / len(mine),
+            "pii_finds": sum(m["pii_finds"] for m in mine),
+            "completion_tokens": sum(m["completion_tokens"] for m in mine),
+            "answer_prompt_similarity": float(similarity.mean()) if len(similarity) else None,
+            "languages": dict(sorted(languages.items(), key=lambda kv: -kv[1])[:5]),
+        }
+    return out
+
+
+def _prompt_drift(rows: list[dict[str, Any]], reference: list[dict[str, Any]], policy: MonitoringPolicy,
+                  embed: Callable[[list[str]], np.ndarray]) -> dict[str, Any]:
+    need = policy.window.min_answers
+    if len(rows) < need or len(reference) < need:
+        return {"auc": None, "drifted": False, "current": len(rows), "reference": len(reference),
+                "note": f"fewer than {need} answers in the hour or its reference: not judged"}
+    seed, k = policy.drift.seed, policy.drift.sample
+    now = [prompt_text(rows[i]["request"]) for i in sample_rows(len(rows), k, seed)]
+    before = [prompt_text(reference[i]["request"]) for i in sample_rows(len(reference), k, seed + 1)]
+    auc = domain_drift(embed(before), embed(now), seed)
+    return {"auc": round(auc, 4), "drifted": auc > policy.drift.auc_threshold, "current": len(now),
+            "reference": len(before)}
+
+
+def _feedback(ratings: dict[int, dict[str, float]], versions: dict[str, int | None],
+              policy: MonitoringPolicy) -> dict[str, Any]:
+    champion, previous = versions.get("champion"), versions.get("previous")
+    if champion is None or previous is None:
+        return {"judged": False, "note": "no champion before this one to compare with"}
+    sides = {}
+    for name, version in (("champion", champion), ("previous", previous)):
+        stats = ratings.get(version) or {}
+        n = int(stats.get("ratings") or 0)
+        share = float(stats.get("negative_share") or 0.0) if n else math.nan
+        k = round(share * n) if n else 0
+        low, high = wilson(k, n, policy.feedback.confidence)
+        sides[name] = {"version": version, "ratings": n, "negative": k, "negative_share": share, "low": low,
+                       "high": high}
+    judged = all(s["ratings"] >= policy.feedback.min_ratings for s in sides.values())
+    worse = judged and sides["champion"]["low"] > sides["previous"]["high"]
+    return {"judged": judged, "worse": worse, **sides,
+            **({} if judged else {"note": f"fewer than {policy.feedback.min_ratings} raters for a version"})}
+
+
+def _hour_of(when: datetime) -> str:
+    return when.replace(minute=0, second=0, microsecond=0).isoformat()
+
+
+def _hour_folder(folder: Path, hour: str) -> Path:
+    return folder / "hours" / hour.replace(":", "")[:13]
+
+
+def _drifted_hours(folder: Path, before: str) -> set[str]:
+    """Return the hours (ISO starts) judged before whose prompts had drifted from their own reference."""
+    out = set()
+    for path in (folder / "hours").glob("*/summary.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if data.get("hour", before) < before and (data.get("drift") or {}).get("drifted"):
+            out.add(data["hour"])
+    return out
+
+
+def _write_hour(folder: Path, hour: str, metrics: list[dict[str, Any]], per_version: dict[str, Any],
+                drift: dict[str, Any]) -> None:
+    """Write the hour's per-answer metrics (JSON lines, no text), a whylogs profile per version and a summary."""
+    import pandas as pd
+
+    from nightshift.monitoring.profiles import import_whylogs, write_profile
+
+    target = _hour_folder(folder, hour)
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = target / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
+    tmp.replace(target / "metrics.jsonl")
+    if metrics:
+        why = import_whylogs()
+        frame = pd.DataFrame(metrics)
+        for version in per_version:
+            part = frame[frame["version"] == int(version)].drop(columns=["hour"])
+            write_profile(why.log(pandas=part).view(), target / f"v{version}.whylogs")
+    summary = target / "summary.json.tmp"
+    summary.write_text(json.dumps({"hour": hour, "versions": per_version, "drift": drift}, sort_keys=True))
+    summary.replace(target / "summary.json")
+
+
+def champion_versions(settings: Settings) -> dict[str, int | None]:
+    """Return the champion's version and the version that was champion before it (None where there is none)."""
+    from nightshift.registry.history import PromotionHistory
+    from nightshift.stores import registry_for
+
+    registry = registry_for(settings)
+    champion = registry.champion()
+    if champion is None:
+        return {"champion": None, "previous": None}
+    before = [m.from_version for m in PromotionHistory(registry).moves()
+              if m.to_version == champion.version and m.from_version is not None]
+    return {"champion": champion.version, "previous": before[-1] if before else None}
+
+
+def rollback_link(settings: Settings) -> str:
+    """Return the rollback_model DAG's page in the Airflow UI (its Trigger button asks for the target version)."""
+    return f"{settings.ui_url.rstrip('/')}/dags/rollback_model"

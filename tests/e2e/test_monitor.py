@@ -1,0 +1,138 @@
+"""monitor_model end to end with dag.test(): a request log with a planted prompt drift, a champion users rate
+down and errors; one incident per failing check, no repeat inside the interval, resolved when the hour is normal
+again, and no logged text anywhere in what it writes."""
+
+import json
+import random
+import re
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from cli_helpers import fresh, run
+from helpers import mlflow_store
+
+pytestmark = pytest.mark.e2e
+
+HOUR = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+PLANTED = "zebra7731"  # a word in every prompt and answer: it must appear in nothing monitor_model writes
+USUAL = ["When does the {} museum open on Sundays?", "How much is a ticket for the {} planetarium?",
+         "Is the {} observatory dome open at night?", "Where do I park near the {} science centre?"]
+DRIFTED = ["Give me a recipe for {} sourdough bread with rye.", "How long should I roast a {} chicken?",
+           "What wine goes with {} mushroom risotto?", "How do I make {} pasta dough without eggs?"]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, airflow_db):
+    from nightshift.settings import load_settings
+
+    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
+    settings = load_settings()
+    mlflow_store(settings.mlflow_dir / "mlflow.db")
+    settings.serving_dir.mkdir(parents=True, exist_ok=True)  # where the endpoint keeps its request log
+    return settings
+
+
+def champion_v2_after_v1(settings, tiny_model):
+    from nightshift.pipelines.finetune import EVALUATION_RUN_TAG, GATE_TAG, promote_candidate
+    from nightshift.stores import registry_for
+
+    registry = registry_for(settings)
+    versions = []
+    for key in ("one", "two"):
+        run_id = registry.open_run("finetune_model", key, key, {})
+        registry.upload_checkpoint(run_id, tiny_model)
+        versions.append(registry.register(run_id, tags={"nightshift.dataset_tag": f"corpus-{key}",
+                                                        GATE_TAG: "passed", EVALUATION_RUN_TAG: run_id}))
+    before = None
+    for night, version in enumerate(versions, 1):
+        promote_candidate(registry, version, f"finetune_model/night-{night}/promote", "schedule",
+                          f"finetune_model/night-{night}", "gate passed", champion_before=before)
+        before = version.to_dict()
+        time.sleep(0.05)
+
+
+def log_answers(settings, start, n, templates, version, errors=0, seed=0):
+    from nightshift.serving.requestlog import LoggedAnswer, RequestLog
+
+    rng = random.Random(seed)
+    request_log = RequestLog(settings.request_log_url)
+    request_log.open()
+    request_log.start()
+    ids = []
+    for i in range(n):
+        question = rng.choice(templates).format(f"{PLANTED} {rng.choice(['north', 'old', 'city', 'river'])}")
+        rid = f"chatcmpl-{version}-{start:%H}-{seed}-{i}"
+        ids.append(rid)
+        request_log.record(LoggedAnswer(
+            response_id=rid, key_id=f"k{i}", route="chat", model_name="nightshift-llm", model_version=version,
+            model_role="champion", run_id=None, dataset_tag=None,
+            request=[{"role": "user", "content": question}], answer=[f"Here is what I know about {PLANTED}."],
+            finish="error" if i < errors else "stop", prompt_tokens=12, completion_tokens=9, seconds=0.4,
+            created_at=start + timedelta(seconds=30 * i)))
+    request_log.stop()
+    return request_log, ids
+
+
+def rate(request_log, ids, rating):
+    for i, rid in enumerate(ids):
+        request_log.add_feedback(rid, f"k{i}", rating, None, None)
+
+
+def alerts(settings):
+    """Return the alerts sent so far, their titles without the installation's ``[environment]`` prefix."""
+    path = settings.home / "alerts" / "alerts.jsonl"
+    sent = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [{**a, "title": re.sub(r"^\[[^\]]+\] ", "", a["title"])} for a in sent]
+
+
+def test_one_incident_per_failing_check_no_repeat_then_resolved(home, tiny_model):
+    champion_v2_after_v1(home, tiny_model)
+    # The reference: two usual hours answered by v1, rated well.
+    reference, v1_ids = log_answers(home, HOUR - timedelta(hours=3), 60, USUAL, 1, seed=1)
+    rate(reference, v1_ids[:30], 1)
+    # The hour judged: v2 answers drifted prompts, 10% end in an error, its raters are unhappy.
+    hour, v2_ids = log_answers(home, HOUR - timedelta(hours=1), 60, DRIFTED, 2, errors=6, seed=2)
+    rate(hour, v2_ids[:30], -1)
+
+    dag_run, tasks = run(fresh("monitor_model"), {"hour_end": HOUR.isoformat()})
+    assert dag_run.state == "success", {t: r.state for t, r in tasks.items()}
+    summary = tasks["measure_hour"].value
+    assert summary["answers"] == 60 and summary["versions"]["2"]["errors"] == 6
+    assert summary["drift"]["drifted"] and summary["drift"]["auc"] > 0.9
+    assert summary["feedback"]["worse"] and summary["feedback"]["champion"]["version"] == 2
+    opened = alerts(home)
+    assert sorted(a["title"].split(":")[0] for a in opened) == [
+        "prompts drifted", "v2", "v2 is rated worse than v1 before it"]
+    feedback_alert = next(a for a in opened if "rated worse" in a["title"])
+    assert "rollback_model" in feedback_alert["message"] and "target_version 1" in feedback_alert["message"]
+
+    # The same hour judged again by another run: still failing, inside the repeat interval, nothing sent.
+    dag_run, tasks = run(fresh("monitor_model"), {"hour_end": HOUR.isoformat()})
+    assert dag_run.state == "success" and tasks["raise_incidents"].value == []
+    assert len(alerts(home)) == 3
+
+    # The next hour is usual again and error-free: drift and errors resolve, the ratings still say v2 is worse.
+    log_answers(home, HOUR, 60, USUAL, 2, seed=3)
+    dag_run, tasks = run(fresh("monitor_model"), {"hour_end": (HOUR + timedelta(hours=1)).isoformat()})
+    assert dag_run.state == "success"
+    sent = tasks["raise_incidents"].value
+    assert sorted(n["kind"] for n in sent) == ["resolved", "resolved"]
+    # The drifted hour is no reference for the next: it would have kept the drift incident open for a week.
+    drift = tasks["measure_hour"].value["drift"]
+    assert drift["excluded_hours"] == [(HOUR - timedelta(hours=1)).isoformat()] and drift["auc"] < 0.62
+    resolved = alerts(home)[3:]
+    assert all(a["title"].startswith("resolved: ") and a["severity"] == "info" for a in resolved)
+
+    from nightshift.alerts.incidents import IncidentBook
+
+    book = IncidentBook(home.incidents_url, timedelta(hours=24))
+    assert [(i["check_name"], i["subject"]) for i in book.open_incidents()] == [("live_feedback", "v2")]
+
+    # What monitor_model wrote holds no logged text: metrics, profiles, summaries, alerts, incidents.
+    written = [p for p in (home.home / "monitoring").rglob("*") if p.is_file()]
+    written += [home.home / "alerts" / "alerts.jsonl", home.home / "alerts" / "incidents.db"]
+    assert any(p.name.endswith(".whylogs") for p in written)
+    for path in written:
+        assert PLANTED.encode() not in path.read_bytes(), path
