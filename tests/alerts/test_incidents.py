@@ -1,4 +1,4 @@
-"""An incident opens once, reminds only after its interval, resolves once, and a retried evaluation sends nothing twice."""
+"""An incident opens once, reminds only after its interval, resolves once; a retried evaluation sends nothing twice."""
 
 import threading
 from datetime import UTC, datetime, timedelta

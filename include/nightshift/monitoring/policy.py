@@ -84,18 +84,47 @@ class Incidents:
 
 
 @dataclass(frozen=True)
+class Harvest:
+    """Which rated answers harvest_feedback offers a person as training documents."""
+
+    corrections: bool = True
+    """Offer answers whose rater wrote a correction (the correction is the document's answer)."""
+    min_rating: int | None = 1
+    """Also offer answers rated at least this (the answer as given); None: corrections only."""
+    max_batch: int = 200
+    """Candidates in one batch, the oldest ratings first; the rest wait for the next run."""
+    lookback_days: float = 30.0
+    """Ratings older than this are not offered."""
+    response_timeout_hours: float = 168.0
+    """How long a batch waits for a person's decision; unanswered, it is rejected."""
+
+    def check(self, where: str) -> None:
+        if self.min_rating is not None and self.min_rating not in (-1, 0, 1):
+            raise ValueError(f"{where}.min_rating must be -1, 0, 1 or empty, got {self.min_rating!r}")
+        if not self.corrections and self.min_rating is None:
+            raise ValueError(f"{where}: offers nothing; set corrections: true or a min_rating")
+        positive(where, "max_batch", self.max_batch)
+        for name in ("lookback_days", "response_timeout_hours"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"{where}.{name} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
 class MonitoringPolicy:
     window: Window = field(default_factory=Window)
     drift: Drift = field(default_factory=Drift)
     feedback: Feedback = field(default_factory=Feedback)
     incidents: Incidents = field(default_factory=Incidents)
+    harvest: Harvest = field(default_factory=Harvest)
 
     @classmethod
     def load(cls, path: Path = DEFAULT_POLICY) -> MonitoringPolicy:
         """Read and check a monitoring policy; a ValueError names the file and the field."""
         path = Path(path)
         data = read_yaml_mapping(path)
-        sections = {"window": Window, "drift": Drift, "feedback": Feedback, "incidents": Incidents}
+        sections = {"window": Window, "drift": Drift, "feedback": Feedback, "incidents": Incidents,
+                    "harvest": Harvest}
         unknown = sorted(str(k) for k in set(data) - set(sections))
         if unknown:
             raise ValueError(f"{path.name}: unknown sections {unknown}; known: {sorted(sections)}")

@@ -409,6 +409,28 @@ class RequestLog:
                     out.append(entry)
         return out
 
+    def feedback_since(self, since: datetime, limit: int) -> list[dict[str, Any]]:
+        """Return the newest rating of each answer rated since ``since`` (shadows and abandoned answers left out),
+        the oldest first, at most ``limit``: the answer's scrubbed request and text, the rating, the scrubbed
+        correction, the model version and when it was rated."""
+        self.flush()
+        query = (sa.select(feedback.c.feedback_id, feedback.c.response_id, feedback.c.rating, feedback.c.correction,
+                           feedback.c.created_at, feedback.c.model_version, responses.c.request,
+                           responses.c.answer, responses.c.route)
+                 .join(responses, responses.c.response_id == feedback.c.response_id)
+                 .where(feedback.c.created_at >= since, responses.c.model_role != "shadow", _not_abandoned())
+                 .order_by(feedback.c.created_at, feedback.c.feedback_id))
+        newest: dict[str, dict[str, Any]] = {}
+        with self.engine.connect() as conn:
+            for row in conn.execute(query).mappings():
+                entry = dict(row)
+                entry["request"] = json.loads(entry["request"])
+                entry["answer"] = json.loads(entry["answer"])
+                entry["created_at"] = _aware(entry["created_at"])
+                newest.pop(entry["response_id"], None)
+                newest[entry["response_id"]] = entry
+        return list(newest.values())[:limit]
+
     def _votes(self, conn, since: datetime, versions: list[int] | None = None) -> dict[int, list[float]]:
         """Return per model version one vote per rater: the mean of that key's ratings of its answers (the
         newest rating of each answer). A key that rates twenty answers, or one answer twenty times, is one voter;

@@ -8,6 +8,7 @@ Every kind opens as a reader with the same face (``read()`` yields RawDocuments,
 | ``files`` | a path, ``file://``, or any fsspec URL (``s3://bucket/docs``, ``memory://``) | ``path`` |
 | ``web`` | ``http(s)://site/start`` | ``url`` and the crawler's budgets (sources.web.WebSettings) |
 | ``sql`` | ``sql://<conn_id>/<table>?text=<col>&id=<col>&updated=<col>`` | sources.sql.SqlSettings |
+| ``feedback`` | (none: sources.yaml only) | ``path`` (default: ``$NIGHTSHIFT_HOME/feedback/approved``) |
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from nightshift.sources.document_store import RawDocument, Skip, resolve_store
 from nightshift.sources.sql import SqlSettings
 from nightshift.sources.web import WebSettings, within
 
-KINDS = ("files", "web", "sql")
+KINDS = ("files", "web", "sql", "feedback")
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
 
 
@@ -60,6 +61,12 @@ class SourceSpec:
                 return WebSettings(**self.settings)
             if self.kind == "sql":
                 return SqlSettings(**self.settings)
+            if self.kind == "feedback":
+                unknown = set(self.settings) - {"path"}
+                if unknown or not isinstance(self.settings.get("path", ""), str):
+                    raise ValueError("a feedback source takes one optional setting, `path` (the folder of approved "
+                                     "batches)")
+                return self.settings.get("path") or None
             unknown = set(self.settings) - {"path"}
             if unknown or not isinstance(self.settings.get("path"), str):
                 raise ValueError(f"a files source takes one setting, `path`{'; unknown: ' if unknown else ''}"
@@ -192,6 +199,10 @@ def open_source(spec: SourceSpec, state_dir: Path, sql_engine: Callable[[str], A
     settings = spec.typed()
     if spec.kind == "files":
         return FilesReader(settings)
+    if spec.kind == "feedback":
+        from nightshift.sources.feedback import FeedbackReader
+
+        return FeedbackReader(settings)
     if spec.kind == "web":
         from nightshift.sources.web import Crawler
 
