@@ -185,7 +185,7 @@ def test_plan_refuses_a_source_naming_an_unknown_profile_and_prepare_follows_the
                                                     "prep": "manuals"}]}))
     run = tmp_path / "run"
     run.mkdir()
-    with pytest.raises(ValueError, match=r"source pg: no preparation profile 'manuals'; known profiles: docs, web"):
+    with pytest.raises(ValueError, match=r"source pg: no preparation profile 'manuals'; known profiles: docs, feed"):
         plan_sources(None, sources, (), run, shipped.profiles)
     sources.write_text(sources.read_text().replace("manuals", "web"))
     [spec] = plan_sources(None, sources, (), run, shipped.profiles)

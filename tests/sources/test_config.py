@@ -9,10 +9,11 @@ from nightshift.sources.document_store import SourceNotAllowed
 ROOTS = (str(SAMPLE_STORE), "https://docs.example.com/", "sql://docs_db", "memory://stores")
 
 
-def test_the_shipped_sources_file_reads_the_sample_store():
-    [samples] = load_sources(CONFIG_DIR / "sources.yaml")
+def test_the_shipped_sources_file_reads_the_sample_store_and_approved_feedback():
+    samples, feedback = load_sources(CONFIG_DIR / "sources.yaml")
     assert samples.name == "samples" and samples.kind == "files"
     assert samples.settings["path"] == str(SAMPLE_STORE.resolve())
+    assert (feedback.name, feedback.kind, feedback.prep) == ("feedback", "feedback", "feedback")
 
 
 def test_every_kind_by_uri():
