@@ -13,6 +13,13 @@ the second, 10% of the documents are replaced, and the profile is compared with 
 Prints each step's seconds, what profiling adds to the night's wall-clock time (the side-by-side pair minus
 validation alone), and the profile's own seconds as a share of the night (what it would add run in
 series). Goal: profiling and drift add under 15% to the night.
+
+    .venv/bin/python bench/monitoring.py --monitor-answers 100000
+
+measures monitor_model instead: one hour of 100,000 logged answers (two versions, a reference hour of a fifth
+as many before it), read and judged in a process of its own as its task would (embedding model included).
+Prints its seconds and the peak resident memory of that process, and the same for reading the answers alone,
+measured in the same run, as the baseline. Goal: under 2 minutes and 1.5 GB.
 """
 
 from __future__ import annotations
@@ -161,15 +168,121 @@ def generated_night(run_dir: Path, docs: int, replace_share: float) -> int:
     return raw.stat().st_size
 
 
+MONITOR_CHILD = r"""
+import sys, time
+from datetime import datetime
+from nightshift.monitoring.policy import MonitoringPolicy
+from nightshift.pipelines import monitor
+from nightshift.settings import load_settings
+settings = load_settings()
+policy = MonitoringPolicy.load(settings.monitoring_policy)
+start, end = datetime.fromisoformat(sys.argv[2]), datetime.fromisoformat(sys.argv[3])
+if sys.argv[1] == "read":
+    from nightshift.serving.requestlog import RequestLog
+    log = RequestLog(settings.request_log_url)
+    log.open()
+    rows = log.answers_between(start, end, policy.window.max_answers)
+    print(len(rows))
+else:
+    summary = monitor.measure_hour(settings, policy, start, end, {"champion": 2, "previous": 1})
+    checks = monitor.judge(summary, policy, "http://localhost:8080/dags/rollback_model")
+    print(summary["answers"], [f"{c.check}:{c.subject}" for c in checks if c.failing])
+"""
+
+
+def fill_request_log(settings, start, answers: int, reference: int) -> None:
+    """Write ``answers`` logged answers in the hour from ``start`` and ``reference`` in the hour before it."""
+    from datetime import timedelta
+
+    import sqlalchemy as sa
+
+    from nightshift.serving.requestlog import RequestLog, responses
+
+    settings.serving_dir.mkdir(parents=True, exist_ok=True)
+    log = RequestLog(settings.request_log_url)
+    log.open()
+    rng = random.Random(5)
+    topics = ["tickets", "opening hours", "parking", "the cafe", "group visits", "the dome", "exhibitions"]
+    for first, count, base in ((start - timedelta(hours=1), reference, 0), (start, answers, reference)):
+        rows = []
+        for i in range(count):
+            question = f"Could you tell me about {rng.choice(topics)} for visit {rng.randrange(10_000)}?"
+            rows.append({
+                "response_id": f"chatcmpl-{base + i}", "created_at": first + timedelta(seconds=3599 * i / count),
+                "key_id": f"k{i % 500}", "route": "chat", "model_name": "nightshift-llm",
+                "model_version": 2 if i % 10 else 1, "model_role": "champion", "run_id": None,
+                "dataset_tag": None, "request": json.dumps([{"role": "user", "content": question}]),
+                "answer": json.dumps([f"About {question[24:60]}: the desk in the main hall can help."]),
+                "finish": "error" if rng.random() < 0.02 else "stop", "prompt_tokens": 14, "completion_tokens": 16,
+                "seconds": 0.2 + (i % 7) / 10, "scrubbed": "{}", "truncated": False})
+            if len(rows) == 5000:
+                with log.engine.begin() as conn:
+                    conn.execute(sa.insert(responses), rows)
+                rows = []
+        if rows:
+            with log.engine.begin() as conn:
+                conn.execute(sa.insert(responses), rows)
+    log.engine.dispose()
+
+
+def measured(args: list[str], env: dict) -> tuple[float, float, str]:
+    """Run a child; return its seconds, its peak resident memory (GB) and what it printed."""
+    import psutil
+
+    started = time.perf_counter()
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watched, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, watched.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(err[-2000:])
+    return time.perf_counter() - started, peak / 1e9, out.strip()
+
+
+def monitor_case(answers: int) -> None:
+    """monitor_model's measure and judge steps over ``answers`` logged answers, against reading them alone."""
+    from datetime import UTC, datetime, timedelta
+
+    from nightshift.settings import load_settings
+
+    work = Path(tempfile.mkdtemp(prefix="nightshift-monitor-bench-"))
+    env = {**os.environ, "NIGHTSHIFT_HOME": str(work / "home"), "WHYLOGS_NO_ANALYTICS": "True",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    try:
+        os.environ["NIGHTSHIFT_HOME"] = env["NIGHTSHIFT_HOME"]
+        start = datetime(2026, 12, 1, 10, tzinfo=UTC)
+        fill_request_log(load_settings(), start, answers, answers // 5)
+        end = start + timedelta(hours=1)
+        window = [start.isoformat(), end.isoformat()]
+        read_s, read_gb, read_out = measured([sys.executable, "-c", MONITOR_CHILD, "read", *window], env)
+        run_s, run_gb, run_out = measured([sys.executable, "-c", MONITOR_CHILD, "measure", *window], env)
+        print(f"monitor_model over {answers} logged answers (read: {read_out.splitlines()[-1]} rows; "
+              f"judged: {run_out.splitlines()[-1]} (answers, failing checks))")
+        print(f"    reading the hour alone   {read_s:7.1f} s   peak {read_gb:5.2f} GB")
+        print(f"    measure + judge          {run_s:7.1f} s   peak {run_gb:5.2f} GB   "
+              f"({run_s / read_s:.1f}x the read; goal < 120 s and < 1.5 GB)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=100_000)
+    parser.add_argument("--monitor-answers", type=int, help="measure monitor_model over this many answers instead")
     parser.add_argument("--skip-large", action="store_true", help="only the sample store")
     parser.add_argument("--step")
     parser.add_argument("--run-dir", type=Path)
     args = parser.parse_args()
     if args.step:
         step(args.step, args.run_dir)
+        return
+    if args.monitor_answers:
+        monitor_case(args.monitor_answers)
         return
 
     from nightshift.settings import DEFAULT_FOUNDATION_MODEL, load_settings

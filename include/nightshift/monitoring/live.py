@@ -39,18 +39,23 @@ def is_error(finish: str | None) -> bool:
 
 
 def answer_metrics(rows: Sequence[dict[str, Any]], refusal: Callable[[str], bool],
-                   language: Callable[[str], str], embed: Callable[[list[str]], np.ndarray]) -> list[dict[str, Any]]:
+                   language: Callable[[str], str], embed: Callable[[list[str]], np.ndarray],
+                   similarity_sample: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Return one record of metrics per logged answer (``RequestLog.answers_between`` rows), no text in any.
 
     ``refusal(answer)`` says whether an answer declines, ``language(text)`` names its language, ``embed(texts)``
-    returns unit vectors (answer-to-prompt similarity is their dot product).
+    returns unit vectors (answer-to-prompt similarity is their dot product). Embedding is the costly part: with
+    ``similarity_sample``, only that many answers (chosen with ``seed``) get a similarity, the others NaN.
     """
     prompts = [prompt_text(r["request"]) for r in rows]
     answers = [" ".join(str(a) for a in (r["answer"] or [])) for r in rows]
-    vectors = embed(prompts + answers) if rows else np.zeros((0, 1), np.float32)
+    chosen = sample_rows(len(rows), similarity_sample, seed) if similarity_sample is not None else range(len(rows))
+    chosen = [i for i in chosen if answers[i].strip()]
+    vectors = embed([prompts[i] for i in chosen] + [answers[i] for i in chosen]) if chosen else None
+    similarities = {i: float(np.dot(vectors[j], vectors[len(chosen) + j])) for j, i in enumerate(chosen)}
     out = []
     for i, row in enumerate(rows):
-        similarity = float(np.dot(vectors[i], vectors[len(rows) + i])) if answers[i].strip() else math.nan
+        similarity = similarities.get(i, math.nan)
         out.append({
             "version": int(row["model_version"]),
             "hour": row["created_at"].replace(minute=0, second=0, microsecond=0).isoformat(),

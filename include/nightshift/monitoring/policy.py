@@ -25,10 +25,13 @@ class Window:
     """Fewer answers than this for a version in the hour or in its reference: not judged (the page says so)."""
     max_answers: int = 20_000
     """Answers read per version and hour at most, the newest first: bounds the task's time and memory."""
+    similarity_sample: int = 1_000
+    """Answers of the hour whose answer-to-prompt similarity is measured (embedding is the costly part)."""
 
     def check(self, where: str) -> None:
         positive(where, "reference_hours", self.reference_hours)
         positive(where, "min_answers", self.min_answers)
+        positive(where, "similarity_sample", self.similarity_sample)
         if not isinstance(self.max_answers, int) or self.max_answers < self.min_answers:
             raise ValueError(f"{where}.max_answers must be an integer >= min_answers ({self.min_answers}), "
                              f"got {self.max_answers!r}")

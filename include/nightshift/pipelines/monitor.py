@@ -61,7 +61,7 @@ def measure_hour(settings: Settings, policy: MonitoringPolicy, start: datetime, 
     sample_language = Language()
     embed = embedder().embed
     metrics = answer_metrics(rows, lambda a: is_refusal(a, markers), lambda t: identify(t, sample_language)[0],
-                             embed)
+                             embed, policy.window.similarity_sample, policy.drift.seed)
     per_version = _per_version(metrics)
     hour = start.isoformat()
     folder = settings.home / "monitoring"
