@@ -16,7 +16,9 @@ incidents: one alert when a check starts failing, a reminder only after `inciden
 | `judge_hour` | the checks of `include/configs/monitoring.yaml`: errors per version, prompt drift, the champion |
 |  | rated worse than the one before (with the way back: `rollback_model`) |
 | `raise_incidents` | records each check in the incident table; sends what opens, repeats or resolves, once even |
-|  | when retried |
+|  | when retried; every alert links the Monitoring page |
+| `publish_page` | the **Monitoring** page of the nightshift view: per version and hour, traffic, latency, errors, |
+|  | negative feedback with intervals, prompt drift, and the incidents still open |
 
 **Params**: `hour_end` judges another hour (ISO 8601, e.g. `2026-12-01T10:00:00Z`: the hour before it);
 empty: the hour that ended before this run's data interval ended.
@@ -97,11 +99,18 @@ def monitor_model():
         def send(notice) -> None:
             send_alert(Alert(title=notice.title, message=notice.message, severity=notice.severity,
                              dag_id=run.dag_id, run_id=run.run_id, task_id="raise_incidents",
+                             report_url=monitor.page_url(SETTINGS),
                              details={"incident": notice.fingerprint, "kind": notice.kind, **notice.details}))
 
         return monitor.raise_incidents(SETTINGS, _policy(), [CheckResult(**c) for c in checks], run.key, send)
 
-    raise_incidents(judge_hour(measure_hour()))
+    @task
+    def publish_page(_sent: list[dict]) -> str:
+        from nightshift.pipelines import monitor
+
+        return str(monitor.publish_page(SETTINGS, _policy()))
+
+    publish_page(raise_incidents(judge_hour(measure_hour())))
 
 
 monitor_model()

@@ -130,9 +130,16 @@ def test_one_incident_per_failing_check_no_repeat_then_resolved(home, tiny_model
     book = IncidentBook(home.incidents_url, timedelta(hours=24))
     assert [(i["check_name"], i["subject"]) for i in book.open_incidents()] == [("live_feedback", "v2")]
 
-    # What monitor_model wrote holds no logged text: metrics, profiles, summaries, alerts, incidents.
+    page = (home.reports_dir / "monitoring.html").read_text()
+    assert "live_feedback" in page and "v2 is rated worse than v1" in page and "traffic.svg" in page
+    assert all((home.reports_dir / "monitoring" / f"{c}.svg").is_file()
+               for c in ("traffic", "p95", "p50", "errors", "feedback", "drift"))
+    assert all(a["report_url"].endswith("/monitoring.html") for a in alerts(home))
+
+    # What monitor_model wrote holds no logged text: metrics, profiles, summaries, alerts, incidents, the page.
     written = [p for p in (home.home / "monitoring").rglob("*") if p.is_file()]
     written += [home.home / "alerts" / "alerts.jsonl", home.home / "alerts" / "incidents.db"]
+    written += [p for p in home.reports_dir.rglob("*") if p.is_file()]
     assert any(p.name.endswith(".whylogs") for p in written)
     for path in written:
         assert PLANTED.encode() not in path.read_bytes(), path

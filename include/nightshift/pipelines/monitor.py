@@ -71,9 +71,10 @@ def measure_hour(settings: Settings, policy: MonitoringPolicy, start: datetime, 
     normal = [r for r in reference if _hour_of(r["created_at"]) not in drifted]
     drift = _prompt_drift(rows, normal, policy, embed)
     drift["excluded_hours"] = sorted(h for h in drifted if h < hour)
-    _write_hour(folder, hour, metrics, per_version, drift)
+    feedback = _feedback(ratings, versions, policy)
+    _write_hour(folder, hour, metrics, per_version, drift, feedback)
     summary = {"hour": hour, "end": end.isoformat(), "answers": len(rows), "reference_answers": len(normal),
-               "versions": per_version, "drift": drift, "feedback": _feedback(ratings, versions, policy)}
+               "versions": per_version, "drift": drift, "feedback": feedback}
     log.info("hour %s: %d answers over %d versions, %d in the reference", hour, len(rows), len(per_version),
              len(reference))
     return summary
@@ -220,7 +221,7 @@ def _drifted_hours(folder: Path, before: str) -> set[str]:
 
 
 def _write_hour(folder: Path, hour: str, metrics: list[dict[str, Any]], per_version: dict[str, Any],
-                drift: dict[str, Any]) -> None:
+                drift: dict[str, Any], feedback: dict[str, Any]) -> None:
     """Write the hour's per-answer metrics (JSON lines, no text), a whylogs profile per version and a summary."""
     import pandas as pd
 
@@ -238,7 +239,8 @@ def _write_hour(folder: Path, hour: str, metrics: list[dict[str, Any]], per_vers
             part = frame[frame["version"] == int(version)].drop(columns=["hour"])
             write_profile(why.log(pandas=part).view(), target / f"v{version}.whylogs")
     summary = target / "summary.json.tmp"
-    summary.write_text(json.dumps({"hour": hour, "versions": per_version, "drift": drift}, sort_keys=True))
+    summary.write_text(json.dumps({"hour": hour, "versions": per_version, "drift": drift, "feedback": feedback},
+                                  sort_keys=True, default=_plain))
     summary.replace(target / "summary.json")
 
 
@@ -259,3 +261,36 @@ def champion_versions(settings: Settings) -> dict[str, int | None]:
 def rollback_link(settings: Settings) -> str:
     """Return the rollback_model DAG's page in the Airflow UI (its Trigger button asks for the target version)."""
     return f"{settings.ui_url.rstrip('/')}/dags/rollback_model"
+
+
+def _plain(value: Any) -> Any:
+    """JSON for what json does not know: NaN-free floats are already plain; anything else as text."""
+    return str(value)
+
+
+def publish_page(settings: Settings, policy: MonitoringPolicy, days: int = 7) -> Path:
+    """Re-render the Monitoring page of the nightshift view from the last ``days`` of hour summaries and the
+    incidents still open; return the page."""
+    from nightshift.reports.pages import render_monitoring
+    from nightshift.stores import report_store
+
+    folder = settings.home / "monitoring" / "hours"
+    hours = []
+    for path in sorted(folder.glob("*/summary.json"))[-24 * days:]:
+        try:
+            hours.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            log.warning("unreadable hour summary %s: left off the page", path.parent.name)
+    book = IncidentBook(settings.incidents_url, timedelta(hours=policy.incidents.repeat_hours))
+    try:
+        incidents = book.open_incidents()
+    finally:
+        book.engine.dispose()
+    return render_monitoring(report_store(settings), hours, incidents,
+                             {"max_error_rate": policy.feedback.max_error_rate,
+                              "auc_threshold": policy.drift.auc_threshold})
+
+
+def page_url(settings: Settings) -> str:
+    """Return the Monitoring page's URL in the Airflow UI (alerts link to it)."""
+    return settings.report_url("monitoring.html")

@@ -160,3 +160,35 @@ def comparison_svg(metrics: list[tuple[str, float, float]], candidate: str, base
         ax.set_title(name, fontsize=9)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+PALETTE = ("#017cee", "#f0a30a", "#11a36a", "#c2410c", "#7c3aed", "#0891b2")
+
+
+def hourly_svg(series: dict[str, list[tuple[str, float | None]]], title: str, ylabel: str, path: Path,
+               threshold: float | None = None, bands: dict[str, list[tuple[str, float, float]]] | None = None) -> Path:
+    """Lines of a value per hour, one per label (a model version); an optional threshold line and interval bands."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 2.6), dpi=100)
+    hours = sorted({h for points in series.values() for h, _ in points} |
+                   {h for points in (bands or {}).values() for h, _, _ in points})
+    index = {h: i for i, h in enumerate(hours)}
+    for n, (label, points) in enumerate(sorted(series.items())):
+        kept = [(index[h], v) for h, v in points if v is not None]
+        if kept:
+            ax.plot([x for x, _ in kept], [y for _, y in kept], marker="o", markersize=3, linewidth=1.2,
+                    color=PALETTE[n % len(PALETTE)], label=label)
+    for n, (label, points) in enumerate(sorted((bands or {}).items())):
+        if points:
+            xs = [index[h] for h, _, _ in points]
+            ax.fill_between(xs, [lo for _, lo, _ in points], [hi for _, _, hi in points], alpha=0.2,
+                            color=PALETTE[n % len(PALETTE)], label=f"{label} interval")
+    if threshold is not None:
+        ax.axhline(threshold, color="#b91c1c", linewidth=0.8, linestyle="--", label="policy")
+    ticks = list(range(0, len(hours), max(1, len(hours) // 6)))
+    ax.set_xticks(ticks, [hours[i][5:13].replace("T", " ") + "h" for i in ticks], rotation=0)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    if series or bands:
+        ax.legend(fontsize=7, frameon=False)
+    return _save(fig, path)

@@ -56,3 +56,48 @@ def render_overview(store: ReportStore, champion: int | None = None) -> Path:
         datasets=datasets, models=models, alerts=store.alerts(), champion=champion, root="", written=_now(),
     )
     return write_text(store.root / "index.html", html)
+
+
+def render_monitoring(store: ReportStore, hours: list[dict[str, Any]], incidents: list[dict[str, Any]],
+                      policy: dict[str, Any]) -> Path:
+    """(Re)write monitoring.html: per version and hour, traffic, latency, errors, feedback and prompt drift, and
+    the incidents still open. ``hours`` are monitor_model's hour summaries (counts and scores only)."""
+    from nightshift.reports.charts import hourly_svg
+
+    charts = store.root / "monitoring"
+    charts.mkdir(parents=True, exist_ok=True)
+
+    def per_version(key: str) -> dict[str, list[tuple[str, float | None]]]:
+        out: dict[str, list[tuple[str, float | None]]] = {}
+        for hour in hours:
+            for version, stats in hour.get("versions", {}).items():
+                out.setdefault(f"v{version}", []).append((hour["hour"], stats.get(key)))
+        return out
+
+    bands: dict[str, list[tuple[str, float, float]]] = {}
+    negative: dict[str, list[tuple[str, float | None]]] = {}
+    for hour in hours:
+        feedback = hour.get("feedback") or {}
+        for side in ("champion", "previous"):
+            entry = feedback.get(side)
+            if entry and entry.get("ratings"):
+                label = f"v{entry['version']}"
+                negative.setdefault(label, []).append((hour["hour"], entry["negative_share"]))
+                bands.setdefault(label, []).append((hour["hour"], entry["low"], entry["high"]))
+    drift = {"prompts": [(h["hour"], (h.get("drift") or {}).get("auc")) for h in hours]}
+    figures = [
+        ("traffic", hourly_svg(per_version("answers"), "answers per hour", "answers", charts / "traffic.svg")),
+        ("latency p95", hourly_svg(per_version("p95_seconds"), "p95 latency", "seconds", charts / "p95.svg")),
+        ("latency p50", hourly_svg(per_version("p50_seconds"), "median latency", "seconds", charts / "p50.svg")),
+        ("errors", hourly_svg(per_version("error_rate"), "share of answers that failed", "share",
+                              charts / "errors.svg", threshold=policy.get("max_error_rate"))),
+        ("negative feedback", hourly_svg(negative, "share of raters voting down (Wilson interval)", "share",
+                                         charts / "feedback.svg", bands=bands)),
+        ("prompt drift", hourly_svg(drift, "prompt drift: classifier ROC AUC against the reference", "ROC AUC",
+                                    charts / "drift.svg", threshold=policy.get("auc_threshold"))),
+    ]
+    html = _environment().get_template("monitoring.html").render(
+        hours=list(reversed(hours))[:48], incidents=incidents, root="", written=_now(),
+        figures=[(name, path.relative_to(store.root).as_posix()) for name, path in figures],
+    )
+    return write_text(store.root / "monitoring.html", html)
