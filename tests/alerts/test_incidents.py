@@ -24,10 +24,11 @@ def test_a_flapping_night_alerts_once_reminds_after_the_interval_and_resolves_on
         notice = incidents.observe(check(failing), f"run-{hour}", T0 + timedelta(hours=hour))
         if notice:
             sent.append((hour, notice.kind))
-            incidents.delivered(notice.fingerprint, f"run-{hour}")
+            incidents.delivered(notice.fingerprint, f"run-{hour}", T0 + timedelta(hours=hour))
     assert sent == [(1, "opened"), (4, "resolved"), (6, "opened")]
     notice = incidents.observe(check(True), "run-30", T0 + timedelta(hours=30, minutes=1))
     assert notice.kind == "repeat" and "still failing" in notice.title and "Open since" in notice.message
+    incidents.delivered(notice.fingerprint, "run-30", T0 + timedelta(hours=30, minutes=1))
     assert incidents.observe(check(True), "run-31", T0 + timedelta(hours=31)) is None  # within the interval
 
 
@@ -38,7 +39,7 @@ def test_a_retried_evaluation_sends_a_delivered_notice_never_and_an_undelivered_
     # The task died before delivery: its retry gets the same notice.
     again = incidents.observe(check(True), "run-1", T0 + timedelta(minutes=5))
     assert again.kind == "opened" and again.fingerprint == first.fingerprint
-    incidents.delivered(first.fingerprint, "run-1")
+    incidents.delivered(first.fingerprint, "run-1", T0 + timedelta(minutes=5))
     assert incidents.observe(check(True), "run-1", T0 + timedelta(minutes=6)) is None
     assert [i["failures"] for i in incidents.open_incidents()] == [1]  # a retry is not a second failure
 
@@ -66,3 +67,31 @@ def test_two_runs_racing_on_one_check_open_one_incident(tmp_path):
     for t in threads:
         t.join()
     assert sorted(n.kind if n else "none" for n in notices) == ["none", "opened"]
+
+
+def test_a_notice_the_channel_never_took_is_carried_to_the_next_evaluation(tmp_path):
+    incidents = book(tmp_path)
+    assert incidents.observe(check(True), "run-1", T0).kind == "opened"  # the channel is down: never delivered
+    carried = incidents.observe(check(True), "run-2", T0 + timedelta(hours=1))
+    assert carried.kind == "opened"  # not lost until the reminder a day later
+    incidents.delivered(carried.fingerprint, "run-2", T0 + timedelta(hours=1))
+    assert incidents.observe(check(True), "run-3", T0 + timedelta(hours=2)) is None
+    assert incidents.observe(check(False), "run-4", T0 + timedelta(hours=3)).kind == "resolved"  # undelivered
+    assert incidents.observe(check(False), "run-5", T0 + timedelta(hours=4)).kind == "resolved"  # carried
+
+
+def test_an_open_incident_no_check_names_any_more_resolves(tmp_path):
+    incidents = book(tmp_path)
+    opened = incidents.observe(check(True, "v2"), "run-1", T0)
+    incidents.delivered(opened.fingerprint, "run-1", T0)
+    stale = incidents.stale("monitor_model", {check(True, "v3").fingerprint})
+    assert [(s.subject, s.failing) for s in stale] == [("v2", False)]
+    assert incidents.observe(stale[0], "run-2", T0 + timedelta(hours=1)).kind == "resolved"
+
+
+def test_a_run_id_of_any_length_is_an_evaluation_key(tmp_path):
+    incidents = book(tmp_path)
+    key = "monitor_model/manual__" + "x" * 400
+    assert incidents.observe(check(True), key, T0).kind == "opened"
+    incidents.delivered(check(True).fingerprint, key, T0)
+    assert incidents.observe(check(True), key, T0) is None

@@ -18,6 +18,9 @@ CORRECTIONS = {
     "chatcmpl-a": ("When does the planetarium open on Sundays?",
                    "The planetarium opens at ten in the morning on Sundays and closes at six in the evening. "
                    "Write to visits@example.org for group bookings."),
+    # Approved, then dropped by preparation (not English): it must not fail the night.
+    "chatcmpl-g": ("Wann öffnet das Planetarium am Sonntag?",
+                   "Das Planetarium öffnet am Sonntag um zehn Uhr morgens und schließt um sechs Uhr abends."),
     "chatcmpl-b": ("Can I bring a tripod to the observatory?",
                    "Tripods are welcome on the observation deck after sunset, but not inside the exhibition halls "
                    "during the day."),
@@ -116,14 +119,14 @@ def test_approved_feedback_reaches_the_next_corpus_and_rejected_feedback_never(h
     dag_run, tasks, approver = harvest("Approve")
     assert dag_run.state == "success", {t: r.state for t, r in tasks.items()}
     decided = tasks["apply_decision"].value
-    assert decided["state"] == "approved" and decided["candidates"] == 3 and decided["corrections"] == 2
+    assert decided["state"] == "approved" and decided["candidates"] == 4 and decided["corrections"] == 3
     assert "visits@example.org" not in approver.answered["body"]  # scrubbed when it was logged
 
     dag_run, tasks = run(fresh("ingest_corpus"), {})
     assert dag_run.state == "success", {t: r.state for t, r in tasks.items()}
     rows = corpus_rows(home, tasks["version_dataset"].value["tag"])
     feedback = {r["id"]: r for r in rows if r["id"].startswith("feedback/")}
-    assert set(feedback) == {f"feedback/{rid}" for rid in (*CORRECTIONS, *RATED_WELL)}
+    assert set(feedback) == {f"feedback/{rid}" for rid in (*CORRECTIONS, *RATED_WELL) if rid != "chatcmpl-g"}
     first = feedback["feedback/chatcmpl-a"]
     assert "ten in the morning" in first["text"] and "visits@example.org" not in first["text"]
     assert first["meta"]["feedback"]["model_version"] == 3 and first["meta"]["feedback"]["kind"] == "correction"

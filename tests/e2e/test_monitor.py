@@ -70,7 +70,7 @@ def log_answers(settings, start, n, templates, version, errors=0, seed=0):
             model_role="champion", run_id=None, dataset_tag=None,
             request=[{"role": "user", "content": question}], answer=[f"Here is what I know about {PLANTED}."],
             finish="error" if i < errors else "stop", prompt_tokens=12, completion_tokens=9, seconds=0.4,
-            created_at=start + timedelta(seconds=30 * i)))
+            created_at=start + timedelta(seconds=29 * i)))
     request_log.stop()
     return request_log, ids
 
@@ -90,16 +90,16 @@ def alerts(settings):
 def test_one_incident_per_failing_check_no_repeat_then_resolved(home, tiny_model):
     champion_v2_after_v1(home, tiny_model)
     # The reference: two usual hours answered by v1, rated well.
-    reference, v1_ids = log_answers(home, HOUR - timedelta(hours=3), 60, USUAL, 1, seed=1)
+    reference, v1_ids = log_answers(home, HOUR - timedelta(hours=3), 120, USUAL, 1, seed=1)
     rate(reference, v1_ids[:30], 1)
     # The hour judged: v2 answers drifted prompts, 10% end in an error, its raters are unhappy.
-    hour, v2_ids = log_answers(home, HOUR - timedelta(hours=1), 60, DRIFTED, 2, errors=6, seed=2)
+    hour, v2_ids = log_answers(home, HOUR - timedelta(hours=1), 120, DRIFTED, 2, errors=12, seed=2)
     rate(hour, v2_ids[:30], -1)
 
     dag_run, tasks = run(fresh("monitor_model"), {"hour_end": HOUR.isoformat()})
     assert dag_run.state == "success", {t: r.state for t, r in tasks.items()}
     summary = tasks["measure_hour"].value
-    assert summary["answers"] == 60 and summary["versions"]["2"]["errors"] == 6
+    assert summary["answers"] == 120 and summary["versions"]["2"]["errors"] == 12
     assert summary["drift"]["drifted"] and summary["drift"]["auc"] > 0.9
     assert summary["feedback"]["worse"] and summary["feedback"]["champion"]["version"] == 2
     opened = alerts(home)
@@ -114,7 +114,7 @@ def test_one_incident_per_failing_check_no_repeat_then_resolved(home, tiny_model
     assert len(alerts(home)) == 3
 
     # The next hour is usual again and error-free: drift and errors resolve, the ratings still say v2 is worse.
-    log_answers(home, HOUR, 60, USUAL, 2, seed=3)
+    log_answers(home, HOUR, 120, USUAL, 2, seed=3)
     dag_run, tasks = run(fresh("monitor_model"), {"hour_end": (HOUR + timedelta(hours=1)).isoformat()})
     assert dag_run.state == "success"
     sent = tasks["raise_incidents"].value

@@ -53,3 +53,16 @@ def test_policy_errors_name_the_field(tmp_path, data, says):
 def test_the_shipped_policy_loads():
     policy = MonitoringPolicy.load()
     assert policy.drift.auc_threshold > 0.5 and policy.incidents.repeat_hours > 0
+
+
+def test_an_hour_given_with_an_offset_is_the_same_utc_hour_and_feedback_without_raters_is_plain_json():
+    import json
+    from datetime import datetime
+
+    from nightshift.pipelines.monitor import _feedback, hour_bounds
+
+    start, end = hour_bounds(datetime.fromisoformat("2026-12-01T11:30:00+02:00"))
+    assert (start.isoformat(), end.isoformat()) == ("2026-12-01T08:00:00+00:00", "2026-12-01T09:00:00+00:00")
+    nobody = _feedback({2: {"answers": 5.0}}, {"champion": 2, "previous": 1}, MonitoringPolicy())
+    assert not nobody["judged"] and nobody["champion"]["negative_share"] is None
+    json.dumps(nobody, allow_nan=False)  # XCom refuses NaN

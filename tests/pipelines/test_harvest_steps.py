@@ -71,3 +71,22 @@ def test_the_approval_form_quotes_examples_as_code_so_no_markup_gets_through():
         {"kind": "correction", "model_version": 1, "question": "[click](http://evil.example) <b>x</b>",
          "answer": "`rm -rf` ok"}]))
     assert "`[click](http://evil.example) <b>x</b>`" in body and "`'rm -rf' ok`" in body
+
+
+def test_a_broken_line_in_a_batch_is_left_out_not_a_crash_of_every_later_harvest(settings):
+    harvest.collect_candidates(settings, Harvest(), "run-1")
+    pending = settings.home / "feedback" / "pending" / "run-1.jsonl"
+    pending.write_text(pending.read_text() + "cut sho\n")
+    assert harvest.offered_ids(settings.home / "feedback") == {"a", "b"}
+    assert harvest.collect_candidates(settings, Harvest(), "run-2")["candidates"] == 0
+
+
+def test_a_decision_cut_short_leaves_no_pending_copy_to_ask_about_again(settings):
+    harvest.collect_candidates(settings, Harvest(), "run-1")
+    pending = settings.home / "feedback" / "pending" / "run-1.jsonl"
+    copy = pending.read_text()
+    harvest.decide(settings, "run-1", True, "dana", "2026-12-01T10:00:00+00:00")
+    pending.write_text(copy)  # killed between the move and the removal of the pending copy
+    assert harvest.collect_candidates(settings, Harvest(), "run-1")["state"] == "approved"
+    assert harvest.decide(settings, "run-1", False, "eve", "later")["state"] == "approved"
+    assert not pending.exists()

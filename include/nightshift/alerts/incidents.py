@@ -30,12 +30,16 @@ incidents = sa.Table(
     sa.Column("last_sent_at", sa.DateTime(timezone=True)),
     sa.Column("resolved_at", sa.DateTime(timezone=True)),
     sa.Column("failures", sa.Integer, nullable=False),
-    sa.Column("last_evaluation", sa.String(250), nullable=False),
+    sa.Column("last_evaluation", sa.String(64), nullable=False),  # a hash of the last evaluation's key
     sa.Column("pending", sa.String(16)),
+    sa.Column("decided_at", sa.DateTime(timezone=True)),
     sa.Column("details", sa.JSON),
 )
 
 KINDS = ("opened", "repeat", "resolved")
+CARRY_AFTER = timedelta(minutes=10)
+"""A notice decided this long ago and still not delivered is carried to the next evaluation; a younger one
+belongs to a run still sending it (two runs racing must not both send it)."""
 
 
 @dataclass(frozen=True)
@@ -91,47 +95,75 @@ class IncidentBook:
         """Record a check's outcome in an evaluation; return the notice to send now, or None.
 
         The same ``evaluation`` (a DAG run's key) applied twice decides nothing new: a notice not yet marked
-        delivered comes back, a delivered one does not.
+        delivered comes back, a delivered one does not. A notice a failed delivery left behind is carried to the
+        next evaluation (an incident that opened while the channel was down is still announced as opened).
         """
         now = now or datetime.now(UTC)
+        key = _key(evaluation)
+        for attempt in range(3):
+            try:
+                return self._observe(result, key, now)
+            except sa.exc.IntegrityError:  # another observer inserted the incident first: read its row again
+                if attempt == 2:
+                    raise
+        return None
+
+    def _observe(self, result: CheckResult, key: str, now: datetime) -> Notice | None:
+        where = incidents.c.fingerprint == result.fingerprint
+        details = {"message": result.message, "severity": result.severity, **result.details}
         with self.engine.begin() as conn:
-            row = conn.execute(sa.select(incidents).where(incidents.c.fingerprint == result.fingerprint)).first()
-            if row is not None and row.last_evaluation == evaluation:
+            row = conn.execute(sa.select(incidents).where(where).with_for_update()).first()
+            if row is not None and row.last_evaluation == key:
                 return self._notice(row, row.pending) if row.pending else None
+            carried = (row.pending if row is not None and row.pending and row.decided_at is not None
+                       and _aware(row.decided_at) + CARRY_AFTER <= now else None)  # decided earlier, undelivered
+            if row is not None and row.pending and not carried:
+                return None  # another run decided a notice moments ago and is sending it: leave it to that run
             if row is None or row.state == "resolved":
                 if not result.failing:
                     if row is not None:
-                        conn.execute(incidents.update().where(incidents.c.fingerprint == result.fingerprint)
-                                     .values(last_evaluation=evaluation, pending=None))
-                    return None
-                values = {"dag_id": result.dag_id, "check_name": result.check, "subject": result.subject,
-                          "state": "open", "title": result.title, "opened_at": now, "last_sent_at": now,
-                          "resolved_at": None, "failures": 1, "last_evaluation": evaluation, "pending": "opened",
-                          "details": {"message": result.message, "severity": result.severity, **result.details}}
+                        conn.execute(incidents.update().where(where).values(last_evaluation=key, pending=carried))
+                        if not carried:
+                            return None
+                        row = conn.execute(sa.select(incidents).where(where)).first()
+                    return self._notice(row, row.pending) if row is not None and row.pending else None
+                values = {"dag_id": result.dag_id, "check_name": result.check, "subject": result.subject[:200],
+                          "state": "open", "title": result.title[:500], "opened_at": now, "last_sent_at": None,
+                          "resolved_at": None, "failures": 1, "last_evaluation": key, "pending": "opened",
+                          "decided_at": now, "details": details}
                 if row is None:
                     conn.execute(incidents.insert().values(fingerprint=result.fingerprint, **values))
                 else:
-                    conn.execute(incidents.update().where(incidents.c.fingerprint == result.fingerprint)
-                                 .values(**values))
+                    conn.execute(incidents.update().where(where).values(**values))
             elif result.failing:
-                due = _aware(row.last_sent_at or row.opened_at) + self.repeat_after <= now
-                values = {"failures": row.failures + 1, "last_evaluation": evaluation, "title": result.title,
-                          "pending": "repeat" if due else None,
-                          "details": {"message": result.message, "severity": result.severity, **result.details}}
-                if due:
-                    values["last_sent_at"] = now
-                conn.execute(incidents.update().where(incidents.c.fingerprint == result.fingerprint).values(**values))
+                last = row.last_sent_at
+                due = carried or ("repeat" if last is None or _aware(last) + self.repeat_after <= now else None)
+                conn.execute(incidents.update().where(where).values(
+                    failures=row.failures + 1, last_evaluation=key, title=result.title[:500], pending=due,
+                    decided_at=now if due and not carried else row.decided_at, details=details))
             else:
-                conn.execute(incidents.update().where(incidents.c.fingerprint == result.fingerprint).values(
-                    state="resolved", resolved_at=now, last_evaluation=evaluation, pending="resolved"))
-            row = conn.execute(sa.select(incidents).where(incidents.c.fingerprint == result.fingerprint)).first()
+                conn.execute(incidents.update().where(where).values(
+                    state="resolved", resolved_at=now, last_evaluation=key, pending="resolved", decided_at=now))
+            row = conn.execute(sa.select(incidents).where(where)).first()
         return self._notice(row, row.pending) if row.pending else None
 
-    def delivered(self, fingerprint: str, evaluation: str) -> None:
-        """Record that the notice an evaluation decided was sent: a retry of that evaluation sends nothing."""
+    def stale(self, dag_id: str, checked: set[str]) -> list[CheckResult]:
+        """Return passing results for this DAG's open incidents that no check of the evaluation produced (a model
+        version that no longer answers, a check that could not be judged): they resolve as no longer failing."""
+        out = []
+        for row in self.open_incidents():
+            if row["dag_id"] == dag_id and row["fingerprint"] not in checked:
+                out.append(CheckResult(row["dag_id"], row["check_name"], row["subject"], False, row["title"],
+                                       "The check no longer applies (nothing to judge this time)."))
+        return out
+
+    def delivered(self, fingerprint: str, evaluation: str, now: datetime | None = None) -> None:
+        """Record that the notice an evaluation decided was sent: a retry of that evaluation sends nothing, and
+        the next reminder is due ``repeat_after`` from now."""
         with self.engine.begin() as conn:
             conn.execute(incidents.update().where(incidents.c.fingerprint == fingerprint,
-                                                  incidents.c.last_evaluation == evaluation).values(pending=None))
+                                                  incidents.c.last_evaluation == _key(evaluation))
+                         .values(pending=None, last_sent_at=now or datetime.now(UTC)))
 
     def open_incidents(self) -> list[dict[str, Any]]:
         """Return the incidents still open, the oldest first."""
@@ -158,6 +190,11 @@ class IncidentBook:
             message = f"The check passes again (it failed {row.failures} times since {since})."
             severity = "info"
         return Notice(kind, row.fingerprint, prefix + row.title, message, severity, opened, row.failures, details)
+
+
+def _key(evaluation: str) -> str:
+    """Return the stored form of an evaluation's key: a hash, so that any run id fits the column."""
+    return hashlib.sha256(evaluation.encode()).hexdigest()
 
 
 def _aware(value: datetime) -> datetime:

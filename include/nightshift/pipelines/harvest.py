@@ -37,8 +37,8 @@ def offered_ids(folder: Path) -> set[str]:
     ids = set()
     for state in STATES:
         for path in (folder / state).glob("*.jsonl"):
-            with path.open(encoding="utf-8") as fh:
-                ids.update(json.loads(line)["response_id"] for line in fh if line.strip())
+            for row in _read(path):
+                ids.add(row["response_id"])
     return ids
 
 
@@ -46,11 +46,16 @@ def collect_candidates(settings: Settings, policy: Harvest, batch: str, now: dat
     """Write the next batch of candidates to ``pending/<batch>.jsonl`` and return its summary (counts and a few
     scrubbed, shortened examples for the person who decides). A retry of the same batch returns the same batch.
     """
+    folder = feedback_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _locked(folder):  # two runs at once would offer the same answers twice
+        return _collect(settings, policy, safe_name(batch), folder, now)
+
+
+def _collect(settings: Settings, policy: Harvest, batch: str, folder: Path, now: datetime | None) -> dict[str, Any]:
     from nightshift.serving.requestlog import RequestLog
 
-    folder = feedback_dir(settings)
-    batch = safe_name(batch)
-    for state in STATES:
+    for state in ("approved", "rejected", "pending"):  # a decided batch is decided, whatever copy is left
         existing = folder / state / f"{batch}.jsonl"
         if existing.is_file():
             return summarize(batch, state, _read(existing))
@@ -128,11 +133,12 @@ def decide(settings: Settings, batch: str, approved: bool, by: str, at: str) -> 
     """
     folder = feedback_dir(settings)
     batch = safe_name(batch)
+    pending = folder / "pending" / f"{batch}.jsonl"
     for state in ("approved", "rejected"):
         done = folder / state / f"{batch}.jsonl"
         if done.is_file():
+            pending.unlink(missing_ok=True)  # left behind when a decision was cut short
             return {**summarize(batch, state, _read(done)), **_decision(done)}
-    pending = folder / "pending" / f"{batch}.jsonl"
     if not pending.is_file():
         raise LookupError(f"no pending feedback batch {batch!r}")
     state = "approved" if approved else "rejected"
@@ -152,14 +158,46 @@ def decide(settings: Settings, batch: str, approved: bool, by: str, at: str) -> 
     return {**summarize(batch, state, stamped), **decision}
 
 
+class _locked:
+    """An exclusive lock on the feedback folder (fcntl), held while a batch is chosen and written."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / ".lock"
+
+    def __enter__(self) -> None:
+        import fcntl
+
+        self.handle = self.path.open("a")
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+
+    def __exit__(self, *_exc) -> None:
+        import fcntl
+
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
 def _decision(path: Path) -> dict[str, Any]:
     note = path.with_suffix(".decision.json")
     return json.loads(note.read_text()) if note.is_file() else {}
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """Return a batch's rows; a line that is not a candidate (edited by hand, cut short) is left out and logged."""
+    rows = []
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if isinstance(row, dict) and isinstance(row.get("response_id"), str):
+                    rows.append(row)
+                    continue
+            except ValueError:
+                pass
+            log.warning("feedback batch %s line %d is not a candidate: left out", path.name, number)
+    return rows
 
 
 def _short(text: str) -> str:

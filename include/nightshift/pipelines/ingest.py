@@ -226,9 +226,10 @@ def validate(run_dir: Path, policy: QualityPolicy, stats: dict[str, Any] | None 
     """
     collection = json.loads((run_dir / "collection.json").read_text()) if (run_dir / "collection.json").is_file() \
         else {}
-    # A feedback source with nothing approved yet brought nothing, and nothing is wrong with it.
+    # A feedback source brings what people approved, or nothing, and preparation may drop all of it (a
+    # correction in another language, an evaluation item pasted as a correction): no minimum applies to it.
     sources = {name: s["documents"] for name, s in collection.get("sources", {}).items()
-               if s["documents"] or s.get("kind") != "feedback"} or None
+               if s.get("kind") != "feedback"} or None
     stats = stats or {}
     prepared = stats.get("documents", 0) + stats.get("near_duplicates", 0)
     near_share = stats.get("near_duplicates", 0) / prepared if prepared else 0.0

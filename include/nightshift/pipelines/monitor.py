@@ -29,7 +29,9 @@ DAG_ID = "monitor_model"
 
 def hour_bounds(end: datetime) -> tuple[datetime, datetime]:
     """Return the hour that ends at ``end`` floored to the hour: [end - 1 h, end)."""
-    end = end.replace(minute=0, second=0, microsecond=0)
+    from datetime import UTC
+
+    end = (end if end.tzinfo else end.replace(tzinfo=UTC)).astimezone(UTC).replace(minute=0, second=0, microsecond=0)
     return end - timedelta(hours=1), end
 
 
@@ -48,12 +50,21 @@ def measure_hour(settings: Settings, policy: MonitoringPolicy, start: datetime, 
 
     if not settings.request_log_url:
         raise ValueError("the request log is off (NIGHTSHIFT_SERVE_REQUEST_LOG=off): there is nothing to monitor")
+    folder = settings.home / "monitoring"
+    # The reference is normal traffic spread over the whole window: an equal quota from every hour, and no hour
+    # that drifted itself (it would hide the next drift, or keep an incident open after traffic is normal again).
+    drifted = _drifted_hours(folder, start.isoformat())
+    reference_start = start - timedelta(hours=policy.window.reference_hours)
+    quota = max(1, policy.window.max_answers // policy.window.reference_hours)
     request_log = RequestLog(settings.request_log_url, settings.request_log_retention_days)
     request_log.open()
     try:
         rows = request_log.answers_between(start, end, policy.window.max_answers)
-        reference_start = start - timedelta(hours=policy.window.reference_hours)
-        reference = request_log.answers_between(reference_start, start, policy.window.max_answers)
+        reference = []
+        for back in range(policy.window.reference_hours, 0, -1):
+            hour_start = start - timedelta(hours=back)
+            if hour_start.isoformat() not in drifted:
+                reference += request_log.answers_between(hour_start, hour_start + timedelta(hours=1), quota)
         ratings = request_log.feedback_summary(since=reference_start)
     finally:
         request_log.engine.dispose()
@@ -64,11 +75,7 @@ def measure_hour(settings: Settings, policy: MonitoringPolicy, start: datetime, 
                              embed, policy.window.similarity_sample, policy.drift.seed)
     per_version = _per_version(metrics)
     hour = start.isoformat()
-    folder = settings.home / "monitoring"
-    # The reference is normal traffic: hours that drifted themselves would hide the next drift, or keep an
-    # incident open for a week after traffic returned to normal.
-    drifted = _drifted_hours(folder, hour)
-    normal = [r for r in reference if _hour_of(r["created_at"]) not in drifted]
+    normal = reference
     drift = _prompt_drift(rows, normal, policy, embed)
     drift["excluded_hours"] = sorted(h for h in drifted if h < hour)
     feedback = _feedback(ratings, versions, policy)
@@ -125,19 +132,27 @@ def raise_incidents(settings: Settings, policy: MonitoringPolicy, checks: list[C
     and a retry after delivery sends nothing.
     """
     book = IncidentBook(settings.incidents_url, timedelta(hours=policy.incidents.repeat_hours))
-    sent = []
+    sent, failed = [], []
     try:
+        # An open incident that no check produced this time (a version that no longer answers) resolves.
+        checks = [*checks, *book.stale(DAG_ID, {c.fingerprint for c in checks})]
         for check in checks:
             notice = book.observe(check, evaluation, now)
             if notice is None:
                 continue
-            send(notice)
-            book.delivered(notice.fingerprint, evaluation)
+            try:
+                send(notice)
+            except Exception as exc:  # noqa: BLE001 - the other notices still go out; the task fails after them
+                failed.append(f"{notice.kind} {check.check} {check.subject}: {type(exc).__name__}")
+                continue
+            book.delivered(notice.fingerprint, evaluation, now)
             sent.append({"kind": notice.kind, "title": notice.title})
         open_now = book.open_incidents()
     finally:
         book.engine.dispose()
     log.info("incidents: %d notices sent, %d open", len(sent), len(open_now))
+    if failed:  # a retry (or the next hour) sends what was decided and not delivered
+        raise RuntimeError(f"{len(failed)} incident notices could not be sent: {'; '.join(failed)}")
     return sent
 
 
@@ -167,10 +182,10 @@ def _per_version(metrics: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def _prompt_drift(rows: list[dict[str, Any]], reference: list[dict[str, Any]], policy: MonitoringPolicy,
                   embed: Callable[[list[str]], np.ndarray]) -> dict[str, Any]:
-    need = policy.window.min_answers
+    need = policy.drift.min_prompts
     if len(rows) < need or len(reference) < need:
         return {"auc": None, "drifted": False, "current": len(rows), "reference": len(reference),
-                "note": f"fewer than {need} answers in the hour or its reference: not judged"}
+                "note": f"fewer than {need} prompts in the hour or its reference: not judged"}
     seed, k = policy.drift.seed, policy.drift.sample
     now = [prompt_text(rows[i]["request"]) for i in sample_rows(len(rows), k, seed)]
     before = [prompt_text(reference[i]["request"]) for i in sample_rows(len(reference), k, seed + 1)]
@@ -188,19 +203,16 @@ def _feedback(ratings: dict[int, dict[str, float]], versions: dict[str, int | No
     for name, version in (("champion", champion), ("previous", previous)):
         stats = ratings.get(version) or {}
         n = int(stats.get("ratings") or 0)
-        share = float(stats.get("negative_share") or 0.0) if n else math.nan
-        k = round(share * n) if n else 0
-        low, high = wilson(k, n, policy.feedback.confidence)
+        share = float(stats.get("negative_share") or 0.0) if n else None
+        k = round(share * n) if share is not None else 0
+        low, high = wilson(k, n, policy.feedback.confidence) if n else (None, None)
+        # None, not NaN, where nobody rated: the summary travels as JSON (XCom, the page), which has no NaN.
         sides[name] = {"version": version, "ratings": n, "negative": k, "negative_share": share, "low": low,
                        "high": high}
     judged = all(s["ratings"] >= policy.feedback.min_ratings for s in sides.values())
     worse = judged and sides["champion"]["low"] > sides["previous"]["high"]
     return {"judged": judged, "worse": worse, **sides,
             **({} if judged else {"note": f"fewer than {policy.feedback.min_ratings} raters for a version"})}
-
-
-def _hour_of(when: datetime) -> str:
-    return when.replace(minute=0, second=0, microsecond=0).isoformat()
 
 
 def _hour_folder(folder: Path, hour: str) -> Path:
@@ -230,7 +242,7 @@ def _write_hour(folder: Path, hour: str, metrics: list[dict[str, Any]], per_vers
     target = _hour_folder(folder, hour)
     target.mkdir(parents=True, exist_ok=True)
     tmp = target / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
+    tmp.write_text("".join(json.dumps(_json_safe(m), sort_keys=True) + "\n" for m in metrics))
     tmp.replace(target / "metrics.jsonl")
     if metrics:
         why = import_whylogs()
@@ -261,6 +273,11 @@ def champion_versions(settings: Settings) -> dict[str, int | None]:
 def rollback_link(settings: Settings) -> str:
     """Return the rollback_model DAG's page in the Airflow UI (its Trigger button asks for the target version)."""
     return f"{settings.ui_url.rstrip('/')}/dags/rollback_model"
+
+
+def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """Return a record with NaN (an unmeasured value) as None: JSON has no NaN."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
 
 
 def _plain(value: Any) -> Any:

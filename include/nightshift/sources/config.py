@@ -100,7 +100,8 @@ def load_sources(path: Path) -> list[SourceSpec]:
         if not isinstance(entry, dict) or "name" not in entry or "kind" not in entry:
             raise ValueError(f"{path.name}: source #{i} needs a `name` and a `kind`")
         settings = {k: v for k, v in entry.items() if k not in ("name", "kind", "prep")}
-        if entry["kind"] == "files" and isinstance(settings.get("path"), str) and "://" not in settings["path"]:
+        if entry["kind"] in ("files", "feedback") and isinstance(settings.get("path"), str) \
+                and "://" not in settings["path"]:
             local = Path(settings["path"]).expanduser()
             settings["path"] = str(local if local.is_absolute() else (path.parent / local).resolve())
         specs.append(SourceSpec(name=entry["name"], kind=entry["kind"], settings=settings, prep=entry.get("prep")))

@@ -36,7 +36,16 @@ class FeedbackReader:
 
     def read(self) -> Iterator[RawDocument]:
         self.skips, self.kinds = [], Counter()
-        for batch in sorted(self.path.glob("*.jsonl")) if self.path.is_dir() else []:
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"the feedback source's path is a file, not the folder of approved batches: "
+                                     f"{self.path}")
+        if not self.path.is_dir():
+            self.skips.append(Skip(self.path.name, "no approved feedback yet (the folder does not exist)"))
+            return
+        for batch in sorted(self.path.glob("*.jsonl")):
+            if batch.is_symlink() or not batch.is_file():
+                self.skips.append(Skip(batch.name, "not a batch file written by harvest_feedback"))
+                continue
             with batch.open(encoding="utf-8") as fh:
                 for line_no, line in enumerate(fh, 1):
                     where = f"{batch.name}:{line_no}"
