@@ -63,7 +63,12 @@ def test_the_reader_skips_a_broken_row_and_says_so(tmp_path):
     reader = FeedbackReader(str(folder))
     assert [d.id for d in reader.read()] == ["x"]
     assert reader.summary()["skipped"] == {"unreadable feedback row": 2}
-    assert list(FeedbackReader(str(tmp_path / "missing")).read()) == []
+    missing = FeedbackReader(str(tmp_path / "missing"))  # named in sources.yaml, so it should exist: said
+    assert list(missing.read()) == [] and missing.summary()["skipped"] == {
+        "no such folder of approved feedback batches": 1}
+    not_a_folder = FeedbackReader(str(folder / "b1.jsonl"))
+    with pytest.raises(NotADirectoryError):
+        list(not_a_folder.read())
 
 
 def test_the_approval_form_quotes_examples_as_code_so_no_markup_gets_through():

@@ -30,6 +30,8 @@ class FeedbackReader:
     """Approved feedback batches, one document per approved answer, in batch and line order."""
 
     def __init__(self, path: str | None = None) -> None:
+        self.explicit = bool(path)
+        """A path named in sources.yaml must exist; the default folder appears with the first approved batch."""
         self.path = Path(path) if path else default_path()
         self.skips: list[Skip] = []
         self.kinds: Counter[str] = Counter()
@@ -40,7 +42,8 @@ class FeedbackReader:
             raise NotADirectoryError(f"the feedback source's path is a file, not the folder of approved batches: "
                                      f"{self.path}")
         if not self.path.is_dir():
-            self.skips.append(Skip(self.path.name, "no approved feedback yet (the folder does not exist)"))
+            if self.explicit:
+                self.skips.append(Skip(self.path.name, "no such folder of approved feedback batches"))
             return
         for batch in sorted(self.path.glob("*.jsonl")):
             if batch.is_symlink() or not batch.is_file():
