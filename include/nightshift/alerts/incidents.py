@@ -36,7 +36,6 @@ incidents = sa.Table(
     sa.Column("details", sa.JSON),
 )
 
-KINDS = ("opened", "repeat", "resolved")
 CARRY_AFTER = timedelta(minutes=10)
 """A notice decided this long ago and still not delivered is carried to the next evaluation; a younger one
 belongs to a run still sending it (two runs racing must not both send it)."""
@@ -171,11 +170,6 @@ class IncidentBook:
             rows = conn.execute(sa.select(incidents).where(incidents.c.state == "open")
                                 .order_by(incidents.c.opened_at)).mappings().all()
         return [{**dict(r), "opened_at": _aware(r["opened_at"]).isoformat()} for r in rows]
-
-    def all(self) -> list[dict[str, Any]]:
-        """Return every incident, open and resolved."""
-        with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(sa.select(incidents).order_by(incidents.c.opened_at)).mappings()]
 
     def _notice(self, row, kind: str) -> Notice:
         details = dict(row.details or {})

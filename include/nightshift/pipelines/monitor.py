@@ -53,16 +53,16 @@ def measure_hour(settings: Settings, policy: MonitoringPolicy, start: datetime, 
     folder = settings.home / "monitoring"
     # The reference is normal traffic spread over the whole window: an equal quota from every hour, and no hour
     # that drifted itself (it would hide the next drift, or keep an incident open after traffic is normal again).
-    drifted = _drifted_hours(folder, start.isoformat())
-    reference_start = start - timedelta(hours=policy.window.reference_hours)
+    reference_hours = [start - timedelta(hours=back) for back in range(policy.window.reference_hours, 0, -1)]
+    drifted = _drifted_hours(folder, [h.isoformat() for h in reference_hours])
+    reference_start = reference_hours[0]
     quota = max(1, policy.window.max_answers // policy.window.reference_hours)
     request_log = RequestLog(settings.request_log_url, settings.request_log_retention_days)
     request_log.open()
     try:
         rows = request_log.answers_between(start, end, policy.window.max_answers)
         reference = []
-        for back in range(policy.window.reference_hours, 0, -1):
-            hour_start = start - timedelta(hours=back)
+        for hour_start in reference_hours:
             if hour_start.isoformat() not in drifted:
                 reference += request_log.answers_between(hour_start, hour_start + timedelta(hours=1), quota)
         ratings = request_log.feedback_summary(since=reference_start)
@@ -219,16 +219,19 @@ def _hour_folder(folder: Path, hour: str) -> Path:
     return folder / "hours" / hour.replace(":", "")[:13]
 
 
-def _drifted_hours(folder: Path, before: str) -> set[str]:
-    """Return the hours (ISO starts) judged before whose prompts had drifted from their own reference."""
+def _drifted_hours(folder: Path, hours: list[str]) -> set[str]:
+    """Return those of ``hours`` (ISO starts) that were judged and found to have drifted from their reference."""
     out = set()
-    for path in (folder / "hours").glob("*/summary.json"):
+    for hour in hours:
+        path = _hour_folder(folder, hour) / "summary.json"
+        if not path.is_file():
+            continue
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if data.get("hour", before) < before and (data.get("drift") or {}).get("drifted"):
-            out.add(data["hour"])
+        if (data.get("drift") or {}).get("drifted"):
+            out.add(hour)
     return out
 
 
