@@ -21,7 +21,12 @@ Runs when `ingest_corpus` publishes a new corpus version, or from **Trigger** wi
 | `evaluate` | `include/configs/evaluation.yaml` on candidate and champion: perplexities, greedy answers |
 |  | (exact match, token F1, ROUGE-L, refusals), the LLM judge; a paired bootstrap interval per difference |
 | `decide_promotion` | applies `include/configs/gate.yaml` to the intervals; writes the HTML report |
-| `register_candidate` → `release` | registers the checkpoint with its report; `rollout.yaml` says how it goes out |
+| `register_candidate` | registers the checkpoint with its report |
+| `approve_release` | (`approval: required` in gate.yaml) waits in **Required Actions** for a person: the gate's |
+|  | metrics with intervals, the changed answers, the report's link; **Reject** (with a reason) or no answer |
+|  | within `approval_timeout_hours` keeps the champion. Skipped when no approval is asked for |
+| `release` | `rollout.yaml` says how an approved (or unasked) candidate goes out |
+| `decline_release` | records who declined the release and why in the promotion history (`nightshift history`), alerts |
 | `promote_candidate` | (`mode: off`, or no champion yet) moves `champion`, only if it still names the version |
 |  | the candidate was evaluated against, and records the move (who, why, which evaluation); else fails and alerts |
 | `start_rollout` | (`mode: canary` or `shadow`, a champion exists) points `candidate` at it; `rollout_model` goes on |
@@ -54,14 +59,20 @@ from nightshift.airflow.common import (
     current_run,
     fail_fast,
 )
+from nightshift.airflow.hitl import AskedApproval, answer_of
 from nightshift.airflow.kubernetes import trainer_job_operator, trainer_pod_operator
 from nightshift.airflow.notifiers import AlertNotifier
 from nightshift.airflow.tracking import FailTrackingRun
+from nightshift.evaluation.approval import ReleaseApproval
 from nightshift.settings import DEFAULT_FOUNDATION_MODEL, load_settings
 from nightshift.training.recipe import available as available_recipes
 
 SETTINGS = load_settings()
 TRAIN_TIMEOUT = timedelta(seconds=SETTINGS.train_timeout_s)
+try:  # how long a release waits for a person; a broken gate.yaml fails decide_promotion with its message
+    APPROVAL_TIMEOUT = timedelta(hours=ReleaseApproval.load(SETTINGS.gate_policy).timeout_hours)
+except (ValueError, OSError):
+    APPROVAL_TIMEOUT = timedelta(hours=ReleaseApproval().timeout_hours)
 
 
 def _steps():
@@ -194,11 +205,27 @@ def finetune_model():
     def register_candidate(dataset: dict, check: dict, plan: dict) -> dict:
         return _steps().register_candidate(_run(), dataset, check, plan)
 
-    @task.branch
-    def release(_version: dict) -> str:
+    def ask_for_approval(context) -> dict | None:
+        ti = context["ti"]
+        with fail_fast(ValueError):  # nor a broken gate.yaml or rollout.yaml
+            return _steps().approval_request(_run(), ti.xcom_pull(task_ids="register_candidate"),
+                                             ti.xcom_pull(task_ids="decide_promotion"),
+                                             ti.xcom_pull(task_ids="evaluate"))
+
+    @task.branch(trigger_rule="none_failed_min_one_success")  # approve_release is skipped when nobody is asked
+    def release(_version: dict, answer: dict | None) -> str:
         with fail_fast(ValueError):  # nor a broken rollout.yaml
             policy = _steps().rollout_policy(_run())
-        return _steps().release(_run(), policy)
+        return _steps().release(_run(), policy, answer_of(answer) if answer else None)
+
+    @task
+    def decline_release(version: dict, decision: dict, answer: dict) -> dict:
+        from nightshift.airflow.notifiers import send_alert
+
+        hours = APPROVAL_TIMEOUT.total_seconds() / 3600
+        alert = _steps().decline_release(_run(), version, decision, answer_of(answer), hours)
+        send_alert(alert)
+        return alert.details
 
     @task(outlets=[CANDIDATE_ASSET])
     def start_rollout(version: dict) -> dict:
@@ -252,13 +279,22 @@ def finetune_model():
     decision = decide_promotion(evaluation, plan)
     routed = route(decision)
     registered = register_candidate(dataset, check, plan)
-    released = release(registered)
+    approval = AskedApproval(
+        task_id="approve_release", ask=ask_for_approval, options=["Approve", "Reject"], defaults=["Reject"],
+        response_timeout=APPROVAL_TIMEOUT,
+        params={"reason": Param(None, type=["null", "string"], maxLength=1000, title="Reason",
+                                description="Why, above all for a rejection (kept in the promotion history, "
+                                "`nightshift history`).")},
+    )
+    registered >> approval
+    released = release(registered, approval.output)
     promoted = promote_candidate(registered, decision, evaluation)
     rolling = start_rollout(registered)
-    released >> [promoted, rolling]
+    declined = decline_release(registered, decision, approval.output)
+    released >> [promoted, rolling, declined]
     rejected = reject_candidate(decision, dataset)
     routed >> [registered, rejected]
-    [reused, promoted, rolling, rejected] >> report(dataset, check)
+    [reused, promoted, rolling, rejected, declined] >> report(dataset, check)
 
 
 finetune_model()

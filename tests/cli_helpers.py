@@ -47,3 +47,53 @@ def files_night(tmp_path, monkeypatch, name: str, path) -> Any:
     monkeypatch.setenv("NIGHTSHIFT_SOURCES_FILE", str(tmp_path / "sources.yaml"))
     monkeypatch.setenv("NIGHTSHIFT_PREP_RECIPE", str(REPO / "tests" / "e2e" / "prep_recipes" / "short.yaml"))
     return load_settings()
+
+
+class Approver:
+    """A person at the Airflow UI: waits for a run's approval form (a human-in-the-loop task of ``dag_id``) and
+    answers it through the REST API, as the UI's Required Actions do. ``answered`` is the form it saw."""
+
+    def __init__(self, dag_id: str, choice: str, params: dict[str, Any] | None = None) -> None:
+        import threading
+
+        self.dag_id, self.choice, self.params = dag_id, choice, params
+        self.answered: dict[str, Any] | None = None
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Approver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.thread.join(10)
+
+    def _run(self) -> None:
+        import time
+        from urllib.parse import quote
+
+        try:
+            from airflow.api_fastapi.app import create_app
+            from fastapi.testclient import TestClient
+
+            client = TestClient(create_app(apps="core"))  # AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS: a token
+            headers = {"Authorization": f"Bearer {client.get('/auth/token').json()['access_token']}"}
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                waiting = client.get(f"/api/v2/dags/{self.dag_id}/dagRuns/~/hitlDetails", headers=headers,
+                                     params={"response_received": "false"}).json().get("hitl_details", [])
+                if waiting:
+                    detail = waiting[0]
+                    ti = detail["task_instance"]
+                    body = {"chosen_options": [self.choice], **({"params_input": self.params} if self.params else {})}
+                    response = client.patch(
+                        f"/api/v2/dags/{self.dag_id}/dagRuns/{quote(ti['dag_run_id'], safe='')}/taskInstances/"
+                        f"{ti['task_id']}/{ti['map_index']}/hitlDetails", json=body, headers=headers)
+                    if response.status_code != 200:
+                        self.error = f"{response.status_code}: {response.text[:500]}"
+                    self.answered = detail
+                    return
+                time.sleep(0.5)
+            self.error = "no approval form appeared"
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            self.error = repr(exc)

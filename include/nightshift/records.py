@@ -262,4 +262,5 @@ class ChampionMove(Record):
     """When the alias moved (ISO 8601, UTC); empty while the move is pending."""
     state: str = "pending"
     """``pending`` (recorded, alias not yet confirmed moved), ``done``, or ``aborted`` (the champion moved
-    elsewhere while this move was pending, so it never happened and the history ignores it)."""
+    elsewhere while this move was pending, so it never happened and the history ignores it); ``rejected``: a
+    release a person or the approval's timeout declined (kept apart from the moves; the alias never moved)."""

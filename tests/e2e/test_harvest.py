@@ -3,14 +3,11 @@ Airflow's REST API while the run waits (as the UI does), and the next ingest ver
 documents, scrubbed, with their provenance; a rejected batch never reaches a corpus."""
 
 import json
-import threading
-import time
 from datetime import UTC, datetime, timedelta
-from urllib.parse import quote
 
 import pytest
 
-from cli_helpers import fresh, run
+from cli_helpers import Approver, fresh, run
 
 pytestmark = pytest.mark.e2e
 
@@ -58,49 +55,13 @@ def log_and_rate(settings, answers, rating, corrected):
         request_log.add_feedback(rid, "k1", rating, answer if corrected else None, None)
 
 
-class Approver(threading.Thread):
-    """A person at the Airflow UI: waits for the run's approval form and answers it through the REST API."""
-
-    def __init__(self, choice: str) -> None:
-        super().__init__(daemon=True)
-        self.choice, self.answered, self.error = choice, None, None
-
-    def run(self) -> None:
-        try:
-            from airflow.api_fastapi.app import create_app
-            from fastapi.testclient import TestClient
-
-            client = TestClient(create_app(apps="core"))
-            token = client.get("/auth/token").json()["access_token"]
-            headers = {"Authorization": f"Bearer {token}"}
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                waiting = client.get("/api/v2/dags/harvest_feedback/dagRuns/~/hitlDetails", headers=headers,
-                                     params={"response_received": "false"}).json().get("hitl_details", [])
-                if waiting:
-                    detail = waiting[0]
-                    ti = detail["task_instance"]
-                    assert "candidate training documents" in detail["subject"], detail["subject"]
-                    assert "corrections written by raters" in detail["body"], detail["body"]
-                    response = client.patch(
-                        f"/api/v2/dags/harvest_feedback/dagRuns/{quote(ti['dag_run_id'], safe='')}/taskInstances/"
-                        f"{ti['task_id']}/{ti['map_index']}/hitlDetails",
-                        json={"chosen_options": [self.choice]}, headers=headers)
-                    assert response.status_code == 200, response.text
-                    self.answered = detail
-                    return
-                time.sleep(0.5)
-            self.error = "no approval form appeared"
-        except Exception as exc:  # noqa: BLE001 - reported by the test
-            self.error = repr(exc)
-
-
 def harvest(choice):
-    approver = Approver(choice)
-    approver.start()
-    dag_run, tasks = run(fresh("harvest_feedback"), {})
-    approver.join(10)
+    with Approver("harvest_feedback", choice) as approver:
+        dag_run, tasks = run(fresh("harvest_feedback"), {})
     assert approver.error is None, approver.error
+    detail = approver.answered
+    assert "candidate training documents" in detail["subject"], detail["subject"]
+    assert "corrections written by raters" in detail["body"], detail["body"]
     return dag_run, tasks, approver
 
 

@@ -33,7 +33,7 @@ import pytest
 from conftest import REPO, free_port
 from helpers import marked, port_is_free, stop_supervisor, wait_for
 from nightshift.environment import runtime_env
-from nightshift.settings import SAMPLE_STORE, default_parallelism, load_settings
+from nightshift.settings import CONFIG_DIR, SAMPLE_STORE, default_parallelism, load_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -69,13 +69,15 @@ def airflow(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("up")
     home, store = tmp / "home", tmp / "store"
     shutil.copytree(SAMPLE_STORE, store)
+    gate = tmp / "gate.yaml"  # the shipped gate; the approval test asks for a person in it
+    shutil.copy(CONFIG_DIR / "gate.yaml", gate)
     marker = uuid.uuid4().hex
     ports = {"api": free_port(), "logs": free_port(), "triggerer_logs": free_port(), "serve": free_port()}
     env = {k: v for k, v in os.environ.items() if k not in runtime_env(load_settings())}  # a new installation
     env.update({
         "NIGHTSHIFT_HOME": str(home), "NS_TEST_MARKER": marker, "NIGHTSHIFT_SOURCE_ROOTS": str(store),
         # Two CPU ranks, so that marking the training task failed has more than one rank to stop.
-        "NIGHTSHIFT_TRAIN_RANKS": "2",
+        "NIGHTSHIFT_TRAIN_RANKS": "2", "NIGHTSHIFT_GATE_POLICY": str(gate),
         "AIRFLOW__API__PORT": str(ports["api"]),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{ports['api']}/execution/",
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(ports["logs"]),
@@ -93,7 +95,7 @@ def airflow(tmp_path_factory):
         password = json.loads((home / "airflow" / "simple_auth_manager_passwords.json.generated").read_text())["admin"]
         yield {"base": base, "password": password, "store": store, "home": home, "env": env, "ports": ports,
                "marker": marker, "up": up, "log": tmp / "up.log", "setup": setup,
-               "serve": f"http://127.0.0.1:{ports['serve']}"}
+               "serve": f"http://127.0.0.1:{ports['serve']}", "gate": gate}
     finally:
         stop_supervisor(up, marker)  # after a failed test; a no-op once the last test has stopped it
 
@@ -243,6 +245,134 @@ def test_trigger_from_the_form_and_read_the_reports(airflow):
     finally:
         browser.close()
         pw.stop()
+
+
+def rated_answers(env: dict[str, str]) -> None:
+    """Answers the endpoint logged half an hour before this hour began, three of them rated; one corrected."""
+    from datetime import UTC, datetime, timedelta
+    from unittest import mock
+
+    from nightshift.serving.requestlog import LoggedAnswer, RequestLog
+
+    with mock.patch.dict(os.environ, env, clear=True):
+        settings = load_settings()
+    settings.serving_dir.mkdir(parents=True, exist_ok=True)
+    at = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(minutes=30)
+    request_log = RequestLog(settings.request_log_url)
+    request_log.open()
+    request_log.start()
+    questions = ["When does the planetarium open on Sundays?", "Is there parking near the science centre?",
+                 "Can I bring a tripod to the observatory?"]
+    for i, question in enumerate(questions):
+        request_log.record(LoggedAnswer(
+            response_id=f"chatcmpl-ui{i}", key_id="k1", route="chat", model_name="nightshift-llm", model_version=1,
+            model_role="champion", run_id=None, dataset_tag=None, request=[{"role": "user", "content": question}],
+            answer=["It opens at ten in the morning and closes at six in the evening, every day of the week."],
+            finish="stop", prompt_tokens=10, completion_tokens=20, seconds=0.3, created_at=at))
+    request_log.stop()
+    request_log.add_feedback("chatcmpl-ui0", "k1", -1, "The planetarium opens at ten on Sundays.", None)
+    for i in (1, 2):
+        request_log.add_feedback(f"chatcmpl-ui{i}", "k1", 1, None, None)
+
+
+def test_required_actions_and_the_monitoring_page_in_the_browser(airflow, tiny_model):
+    """A person at the Airflow UI in Chromium: the Monitoring page of the nightshift view after monitor_model ran;
+    the feedback batch of harvest_feedback, approved from its Required Actions form; and a release of
+    finetune_model waiting for approval (gate.yaml: approval required), rejected with a reason from its form.
+    The rejection is in the promotion history, with who and why; the champion is not moved."""
+    from datetime import UTC, datetime
+
+    sync_playwright = browser_or_skip()
+    base, password, home = airflow["base"], airflow["password"], airflow["home"]
+    token = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": password}).json()["access_token"]
+    rest = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    shutil.copytree(tiny_model, home / "models" / "tiny", dirs_exist_ok=True)
+    airflow["gate"].write_text("approval: required\nrules:\n  - {metric: golden.token_f1, max_loss: 1.0}\n")
+    rated_answers(airflow["env"])
+    # The ingest run above queued an asset-triggered run (on SmolLM2, absent here): drop it, ours is the point.
+    queued = rest.delete("/api/v2/dags/finetune_model/assets/queuedEvents")
+    assert queued.status_code in (204, 404), queued.text
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0).isoformat()
+    runs = {"monitor_model": {"hour_end": hour}, "harvest_feedback": {},  # (its scheduled run may take the batch)
+            "finetune_model": {"base_model": "tiny", "recipe": "tiny"}}
+    for dag_id, conf in runs.items():
+        rest.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
+        rest.post(f"/api/v2/dags/{dag_id}/dagRuns", json={"dag_run_id": f"ui-{dag_id}", "logical_date": None,
+                                                          "conf": conf}).raise_for_status()
+
+    def state(dag_id):
+        return rest.get(f"/api/v2/dags/{dag_id}/dagRuns/ui-{dag_id}").json()["state"]
+
+    def waiting(dag_id):
+        """The run of ``dag_id`` whose form waits for a person (unpaused, the scheduler may start one of its own)."""
+        details = rest.get(f"/api/v2/dags/{dag_id}/dagRuns/~/hitlDetails",
+                           params={"response_received": "false"}).json()["hitl_details"]
+        return details[0]["task_instance"]["dag_run_id"] if details else None
+
+    wait_for(lambda: state("monitor_model") in ("success", "failed"), 300, "monitor_model", every=2)
+    assert state("monitor_model") == "success"
+    harvest_run = wait_for(lambda: waiting("harvest_feedback"), 120, "the feedback batch's form", every=1)
+
+    pw = sync_playwright().start()
+    browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+    try:
+        page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
+        page.goto(f"{base}/")
+        page.get_by_label("Username").fill("admin")
+        page.get_by_label("Password").fill(password)
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url(f"{base}/")
+
+        # The Monitoring page, from the nightshift page's header: the hour's charts drawn.
+        page.goto(f"{base}/plugin/nightshift")
+        frame(page, lambda url: url.endswith("/nightshift/reports/index.html"), "nightshift page")
+        page.wait_for_timeout(1000)  # the UI re-mounts the frame once it mirrors its path in the address bar
+        overview = frame(page, lambda url: url.endswith("/nightshift/reports/index.html"), "nightshift page")
+        overview.get_by_role("link", name="monitoring").click()
+        monitoring = frame(page, lambda url: url.endswith("/nightshift/reports/monitoring.html"), "monitoring page")
+        monitoring.wait_for_selector("h2#charts")
+        monitoring.wait_for_function("() => Array.from(document.images).every(i => i.complete)", timeout=30_000)
+        charts = monitoring.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete && i.naturalWidth > 0)")
+        assert charts and all(charts), charts
+        assert "v1" in monitoring.inner_text("body")
+        page.screenshot(path=SHOTS / "monitoring_page.png")
+
+        # The feedback batch: counts and scrubbed examples; approved from the form.
+        page.goto(f"{base}/dags/harvest_feedback/runs/{quote(harvest_run, safe='')}/tasks/approve_batch/"
+                  "required_actions")
+        page.get_by_text("corrections written by raters").first.wait_for(timeout=30_000)
+        page.screenshot(path=SHOTS / "feedback_approval_form.png")
+        page.get_by_role("button", name="Approve").click()
+        where = f"/api/v2/dags/harvest_feedback/dagRuns/{quote(harvest_run, safe='')}"
+        wait_for(lambda: rest.get(where).json()["state"] in ("success", "failed"), 120, "harvest_feedback", every=1)
+        assert rest.get(where).json()["state"] == "success"
+        decided = rest.get(f"{where}/taskInstances/apply_decision/xcomEntries/return_value",
+                           params={"stringify": "false"}).json()["value"]
+        assert decided["state"] == "approved" and decided["candidates"] == 3, decided
+
+        # The release: the gate's table, the changed answers, the report's link; rejected with a reason.
+        wait_for(lambda: waiting("finetune_model") or state("finetune_model") == "failed", 480,
+                 "the release's form", every=2)
+        assert state("finetune_model") == "running"
+        page.goto(f"{base}/dags/finetune_model/runs/ui-finetune_model/tasks/approve_release/required_actions")
+        page.get_by_text("golden answers changed").first.wait_for(timeout=30_000)
+        page.locator("[name=element_reason]").fill("not before the museum's holiday hours are in the corpus")
+        page.screenshot(path=SHOTS / "release_approval_form.png")
+        page.get_by_role("button", name="Reject").click()
+        wait_for(lambda: state("finetune_model") in ("success", "failed"), 120, "finetune_model", every=1)
+        assert state("finetune_model") == "success"
+    finally:
+        browser.close()
+        pw.stop()
+
+    history = subprocess.run([*NIGHTSHIFT, "history", "--json"], env=airflow["env"], capture_output=True, text=True,
+                             timeout=120)
+    assert history.returncode == 0, history.stderr[-2000:]
+    record = json.loads(history.stdout)
+    assert record["moves"] == []  # nothing was promoted
+    (declined,) = record["declined"]
+    assert declined["by"] == "admin" and declined["reason"] == "not before the museum's holiday hours are in the corpus"
+    airflow["gate"].write_text((CONFIG_DIR / "gate.yaml").read_text())
 
 
 def test_rollout_and_rollback_forms_take_their_params_and_refuse_without_a_champion(airflow):

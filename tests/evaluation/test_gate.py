@@ -38,6 +38,7 @@ def test_shipped_policy_loads_and_passes_a_clear_improvement():
     ]
     decision = decide(comparisons, "champion v1", policy)
     assert decision.passed, decision.reasons
+    assert not policy.approval.required and policy.approval.timeout_hours == 24  # released without asking
     assert [c["outcome"] for c in decision.checks][-2:] == ["skipped", "skipped"]
     assert "not measured: no judge configured" in decision.reasons[-1]
 
@@ -79,6 +80,11 @@ def test_judge_coverage_below_the_policy_fails_the_judge_rules(tmp_path):
     ("rules:\n  - {metric: golden.token_f1, max_loss: 0, if_unmeasured: pass}\n", "if_unmeasured"),
     ("judge_min_coverage: 2\nrules:\n  - {metric: golden.token_f1, max_loss: 0}\n", "judge_min_coverage"),
     ("max_golden_regression: 0.05\n", "unknown fields"),
+    ("approval: yes\nrules:\n  - {metric: golden.token_f1, max_loss: 0}\n", "approval must be none"),
+    ("approval: required\napproval_timeout_hours: 0\nrules:\n  - {metric: golden.token_f1, max_loss: 0}\n",
+     "approval_timeout_hours must be a number of hours above 0"),
+    ("approval_timeout_hours: .inf\nrules:\n  - {metric: golden.token_f1, max_loss: 0}\n",
+     "approval_timeout_hours"),
 ])
 def test_bad_policies_name_the_file_and_rule(tmp_path, text, message):
     with pytest.raises(ValueError, match="gate.yaml") as err:

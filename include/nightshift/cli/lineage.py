@@ -55,10 +55,11 @@ def cmd_history(settings: Settings, args) -> int:
         print(f"--at: {exc}", file=sys.stderr)
         return 2
     moves = history.moves(include_pending=True)
+    declined = history.declines()
     answer = history.champion_at(when) if when else None
     if args.json:
         print(json.dumps({"model": registry.model_name, "alias": registry.alias,
-                          "moves": [m.to_dict() for m in moves],
+                          "moves": [m.to_dict() for m in moves], "declined": [m.to_dict() for m in declined],
                           **({"at": when.isoformat(), "champion": answer} if when else {})}, indent=2))
         return 0
     if when is not None:
@@ -68,15 +69,17 @@ def cmd_history(settings: Settings, args) -> int:
             since = f"since {answer['since']}" if answer["since"] else "since before the recorded history"
             print(f"{when.isoformat()}: {registry.model_name} v{answer['version']} was champion ({since})")
         return 0
-    if not moves:
+    if not moves and not declined:
         print(f"{registry.model_name}@{registry.alias} has never moved")
         return 0
     print(f"{'when (UTC)':<28}{'move':<12}{'kind':<11}{'by':<18}{'DAG run':<44}why")
-    for m in moves:
+    # A declined release reads as a move that did not happen: kind "declined", who declined it and why.
+    for m in sorted([*moves, *declined], key=lambda mv: mv.at or mv.requested_at):
         when_text = m.at or f"{m.requested_at} (pending)"
         move = f"{'v' + str(m.from_version) if m.from_version else '-'} -> v{m.to_version}"
+        kind = "declined" if m.state == "rejected" else m.kind
         why = " ".join(m.reason.split())
-        print(f"{when_text[:26]:<28}{move:<12}{m.kind:<11}{m.by[:16]:<18}{m.dag_run[:42]:<44}{why[:100]}")
+        print(f"{when_text[:26]:<28}{move:<12}{kind:<11}{m.by[:16]:<18}{m.dag_run[:42]:<44}{why[:100]}")
         if m.evaluation.get("report"):
             print(f"{'':<28}evaluation: {m.evaluation['report']}")
     return 0

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from nightshift.configs import read_yaml_mapping
+from nightshift.evaluation.approval import FIELDS as APPROVAL_FIELDS
+from nightshift.evaluation.approval import ReleaseApproval
 from nightshift.evaluation.metrics import CATALOG, MetricSpec
 from nightshift.records import GateCheck, GateDecision, MetricComparison
 from nightshift.settings import CONFIG_DIR
@@ -95,13 +97,15 @@ def _amount(spec: MetricSpec, value: float) -> str:
 class GatePolicy:
     rules: tuple[GateRule, ...]
     judge_min_coverage: float = 0.8
+    approval: ReleaseApproval = ReleaseApproval()
+    """Whether a candidate that passed waits for a person (evaluation/approval.py)."""
 
     @classmethod
     def load(cls, path: Path = DEFAULT_POLICY) -> GatePolicy:
         path = Path(path)
         data = read_yaml_mapping(path)
         where = path.name
-        unknown = sorted(str(k) for k in set(data) - {"rules", "judge_min_coverage"})
+        unknown = sorted(str(k) for k in set(data) - {"rules", "judge_min_coverage", *APPROVAL_FIELDS})
         if unknown:
             raise ValueError(f"{where}: unknown fields {unknown}")
         coverage = data.get("judge_min_coverage", 0.8)
@@ -110,7 +114,8 @@ class GatePolicy:
         raw = data.get("rules")
         if not isinstance(raw, list) or not raw:
             raise ValueError(f"{where}: rules must be a non-empty list")
-        return cls(tuple(_rule(where, i, r) for i, r in enumerate(raw, start=1)), float(coverage))
+        return cls(tuple(_rule(where, i, r) for i, r in enumerate(raw, start=1)), float(coverage),
+                   ReleaseApproval.parse(data, where))
 
     @property
     def metrics(self) -> set[str]:

@@ -172,13 +172,61 @@ def rollout_policy(run: Run):
     return RolloutPolicy.load(run.settings.rollout_policy)
 
 
-def release(run: Run, policy) -> str:
-    """Return how the registered version goes out under the rollout policy: promoted at once, or rolled out."""
+def approval_request(run: Run, version: dict[str, Any], decision: dict[str, Any],
+                     evaluation: dict[str, Any]) -> dict[str, str] | None:
+    """Return the release form a person answers (subject and Markdown body), or None when gate.yaml does not ask
+    for approval. A broken gate.yaml or rollout.yaml raises ValueError."""
+    from nightshift.pipelines.approval import release_body
     from nightshift.pipelines.rollout import release_route
 
+    if not gate_policy(run).approval.required:
+        print("gate.yaml: approval none, the candidate is released without asking")
+        return None
+    _, way = release_route(registry_for(run.settings), rollout_policy(run))
+    print(f"gate.yaml: approval required; v{version['version']} waits in Required Actions")
+    return {"subject": f"Release {version['name']} v{version['version']} (trained on {version.get('dataset_tag')})?",
+            "body": release_body(version, decision, evaluation, way, run.report.url)}
+
+
+def release(run: Run, policy, answer: dict[str, Any] | None) -> str:
+    """Return how the registered version goes out under the rollout policy: promoted at once, or rolled out;
+    ``decline_release`` when a person (or the approval's timeout) rejected it (``answer``: None when nobody was
+    asked, else what ``approve_release`` was answered, as nightshift.airflow.hitl.answer_of reads it)."""
+    from nightshift.pipelines.rollout import release_route
+
+    if answer is not None and not answer["approved"]:
+        print(f"rejected by {answer['by']}: the champion stays")
+        return "decline_release"
+    if answer is not None:
+        print(f"approved by {answer['by']}")
     way, why = release_route(registry_for(run.settings), policy)
     print(why)
     return "promote_candidate" if way == "promote" else "start_rollout"
+
+
+def decline_release(run: Run, version: dict[str, Any], decision: dict[str, Any], answer: dict[str, Any],
+                    timeout_hours: float):
+    """Record in the promotion history that the release was declined (who, why); return the alert that says so.
+
+    The reason a person typed stays in the history (``nightshift history``), out of the alert."""
+    from nightshift.alerts.channels import Alert
+    from nightshift.registry.history import PromotionHistory
+
+    by = answer["by"]
+    reason = answer["reason"] or ("no answer within the approval's "
+                                  f"{timeout_hours:g} hours" if by == "timeout" else "no reason given")
+    record = PromotionHistory(registry_for(run.settings)).decline(
+        ModelVersionRecord.from_dict(version), f"{run.key}/decline", by, run.key, reason,
+        {"report": decision.get("report", ""), "gate": "; ".join(decision.get("reasons") or [])})
+    who = "the approval timed out" if by == "timeout" else f"rejected by {by}"
+    return Alert(
+        title=f"{version['name']} v{version['version']} was not released: {who}",
+        message=f"It passed the gate, but its release was declined ({who}). The champion stays. Who and why: "
+                "`nightshift history`.",
+        severity="warning", dag_id=run.dag_id, run_id=run.run_id, task_id="decline_release",
+        details={"version": version["version"], "declined_by": record.by, "at": record.at},
+        report_url=run.report.url,
+    )
 
 
 def start_rollout(run: Run, version: dict[str, Any]) -> dict[str, Any]:
@@ -214,7 +262,7 @@ def reject_candidate(run: Run, decision: dict[str, Any], dataset: dict[str, Any]
     )
 
 
-OUTCOMES = ("evaluate", "decide_promotion", "promote_candidate", "start_rollout", "plan_training")
+OUTCOMES = ("evaluate", "decide_promotion", "promote_candidate", "start_rollout", "plan_training", "decline_release")
 """Tasks whose results (None when skipped) the report reads."""
 
 
@@ -233,6 +281,7 @@ def report(run: Run, dataset: dict[str, Any], check: dict[str, Any], outcomes: d
         "decision": outcomes.get("decide_promotion"),
         "promoted": outcomes.get("promote_candidate"),
         "rollout": outcomes.get("start_rollout"),
+        "declined": outcomes.get("decline_release"),
         "champion": champion.to_dict() if champion else None,
         "mlflow_run_id": plan["mlflow_run_id"] if plan else None,
     }

@@ -17,6 +17,7 @@ from typing import Any
 
 from nightshift.monitoring.live import prompt_text
 from nightshift.monitoring.policy import Harvest
+from nightshift.pipelines.approval import code_span
 from nightshift.provenance import safe_name
 from nightshift.settings import Settings
 
@@ -112,6 +113,10 @@ def summarize(batch: str, state: str, candidates: list[dict[str, Any]]) -> dict[
                          for c in candidates[:EXAMPLES]]}
 
 
+def _short(text: str) -> str:
+    return " ".join(text.split())[:EXAMPLE_CHARS]
+
+
 def approval_body(summary: dict[str, Any]) -> str:
     """Return the Markdown a person reads in the approval form."""
     lines = [f"**{summary['candidates']} candidate training documents** in batch `{summary['batch']}`: "
@@ -121,8 +126,8 @@ def approval_body(summary: dict[str, Any]) -> str:
              "", "Approved documents join the next night's corpus through the `feedback` source and go through "
              "the whole preparation recipe. The text below was scrubbed when it was logged.", ""]
     for i, example in enumerate(summary["examples"], 1):
-        lines += [f"{i}. *{example['kind']}*", f"   - question: {_quote(example['question'])}",
-                  f"   - answer: {_quote(example['answer'])}"]
+        lines += [f"{i}. *{example['kind']}*", f"   - question: {code_span(example['question'])}",
+                  f"   - answer: {code_span(example['answer'])}"]
     return "\n".join(lines)
 
 
@@ -200,13 +205,3 @@ def _read(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _short(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= EXAMPLE_CHARS else text[:EXAMPLE_CHARS - 1] + "…"
-
-
-def _quote(text: str) -> str:
-    """Return text shown inside Markdown without it becoming markup (links, HTML, emphasis are escaped)."""
-    import re
-
-    return "`" + re.sub(r"`", "'", text) + "`" if text else "(empty)"

@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MOVE_TAG = "nightshift.champion_move."
+DECLINE_TAG = "nightshift.release_declined."
+"""A release a person (or the approval's timeout) rejected: a record of its own, never read as a move."""
 MAX_REASON_CHARS = 1000
 MAX_EVIDENCE_CHARS = 1500
 NO_CHAMPION = "no-champion"
@@ -154,6 +156,39 @@ class PromotionHistory:
         out = [move for move in self._records().values()
                if move.state == "done" or (include_pending and move.state == "pending")]
         return sorted(out, key=lambda mv: (mv.at or mv.requested_at, mv.requested_at))
+
+    def declines(self) -> list[ChampionMove]:
+        """Return the releases that were declined (state ``rejected``), oldest first."""
+        out = []
+        for key, value in self._model_tags().items():
+            if key.startswith(DECLINE_TAG):
+                try:
+                    out.append(ChampionMove.from_dict(json.loads(value)))
+                except (ValueError, TypeError):
+                    log.warning("ignoring an unreadable history record %s", key)
+        return sorted(out, key=lambda mv: mv.at)
+
+    def decline(self, target: ModelVersionRecord, key: str, by: str, dag_run: str, reason: str,
+                evaluation: dict[str, Any] | None = None) -> ChampionMove:
+        """Record that the release of ``target`` was declined (who, why); the alias is not touched.
+
+        ``key`` names the decision (the DAG run's task): a retry finds the record it wrote and returns it.
+        """
+        mid = move_id(key)
+        tag = DECLINE_TAG + mid
+        found = self._model_tags().get(tag)
+        if found:
+            return ChampionMove.from_dict(json.loads(found))
+        champion = self.registry.champion()
+        record = ChampionMove(
+            id=mid, to_version=target.version, from_version=champion.version if champion else None,
+            kind="promotion", by=by[:200], dag_run=dag_run[:250], reason=reason[:MAX_REASON_CHARS],
+            evaluation={k: v[:MAX_EVIDENCE_CHARS] if isinstance(v, str) else v for k, v in (evaluation or {}).items()},
+            requested_at=now_iso(), at=now_iso(), state="rejected")
+        self.registry.client.set_registered_model_tag(self.registry.model_name, tag,
+                                                      json.dumps(record.to_dict(), sort_keys=True))
+        log.info("the release of %s v%d was declined by %s", self.registry.model_name, target.version, record.by)
+        return record
 
     def get(self, move_key: str) -> ChampionMove | None:
         raw = self._model_tags().get(MOVE_TAG + move_id(move_key))
