@@ -81,6 +81,11 @@ SOURCE_HINT = " (set the `source` param or fix sources.yaml)"
             "object store (s3://bucket/docs), a website (https://docs.example.com/), or a table "
             "(sql://<conn_id>/<table>?text=<column>). It must lie under NIGHTSHIFT_SOURCE_ROOTS.",
         ),
+        "reason": Param(
+            None, type=["null", "string"], maxLength=1000, title="Why this run",
+            description="Optional. Carried with the new corpus version to finetune_model, whose report says why "
+            "it trained. monitor_model fills it when a failing check starts a retrain.",
+        ),
     },
 )
 def ingest_corpus():
@@ -202,9 +207,10 @@ def ingest_corpus():
         published = [event.extra for event in context["inlet_events"][CORPUS_ASSET]]
         if not needs_publishing(DatasetVersion.from_dict(dataset), published):
             raise AirflowSkipException(f"corpus unchanged: {dataset['tag']} was published already")
+        reason = " ".join(str(context["params"].get("reason") or "").split())[:1000]
         context["outlet_events"][CORPUS_ASSET].extra = {
             "dataset_version": dataset["tag"], "rev": dataset["rev"], "md5": dataset["md5"],
-            "documents": dataset["documents"],
+            "documents": dataset["documents"], **({"reason": reason} if reason else {}),
         }
         return dataset
 

@@ -17,6 +17,10 @@ incidents: one alert when a check starts failing, a reminder only after `inciden
 |  | rated worse than the one before (with the way back: `rollback_model`) |
 | `raise_incidents` | records each check in the incident table; sends what opens, repeats or resolves, once even |
 |  | when retried; every alert links the Monitoring page |
+| `decide_retrain` | a failing check of `retrain.checks` starts a retrain, at most one per |
+|  | `retrain.min_hours_between`; skips what follows otherwise, and says why |
+| `start_ingest` | triggers `ingest_corpus` with the reason: its new corpus version (fresh documents, approved |
+|  | feedback), if anything changed, trains the next candidate, and finetune_model's report says why it ran |
 | `publish_page` | the **Monitoring** page of the nightshift view: per version and hour, traffic, latency, errors, |
 |  | negative feedback with intervals, prompt drift, and the incidents still open |
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
 from nightshift.airflow.common import DEFAULT_ARGS, current_run, fail_fast
@@ -110,7 +115,26 @@ def monitor_model():
 
         return str(monitor.publish_page(SETTINGS, _policy()))
 
-    publish_page(raise_incidents(judge_hour(measure_hour())))
+    @task.short_circuit(ignore_downstream_trigger_rules=False)
+    def decide_retrain(summary: dict, checks: list[dict]) -> dict | bool:
+        from nightshift.alerts.incidents import CheckResult
+        from nightshift.pipelines import monitor
+
+        decision = monitor.decide_retrain(SETTINGS, _policy(), [CheckResult(**c) for c in checks], summary["end"],
+                                          current_run(SETTINGS).key)
+        print(("starting a retrain: " if decision["start"] else "no retrain: ") + decision["why"])
+        return decision if decision["start"] else False
+
+    summary = measure_hour()
+    checks = judge_hour(summary)
+    publish_page(raise_incidents(checks))
+    retrain = decide_retrain(summary, checks)
+    retrain >> TriggerDagRunOperator(
+        task_id="start_ingest", trigger_dag_id="ingest_corpus",
+        trigger_run_id="{{ ti.xcom_pull(task_ids='decide_retrain')['run_id'] }}",
+        conf={"reason": "{{ ti.xcom_pull(task_ids='decide_retrain')['why'] }}"},
+        skip_when_already_exists=True,  # a retried task (or the same hour judged again) starts one run
+    )
 
 
 monitor_model()

@@ -97,3 +97,34 @@ class Approver:
             self.error = "no approval form appeared"
         except Exception as exc:  # noqa: BLE001 - reported by the test
             self.error = repr(exc)
+
+
+class TimeoutSweeper:
+    """The scheduler's sweep of human-in-the-loop tasks past their response_timeout, run every half second while
+    a dag.test() run waits (dag.test has no scheduler of its own to do it)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.stop = threading.Event()
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TimeoutSweeper:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+    def _run(self) -> None:
+        try:
+            from airflow.jobs.job import Job
+            from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
+
+            runner = SchedulerJobRunner(job=Job(), executors=[])
+            while not self.stop.wait(0.5):
+                runner.check_awaiting_input_timeouts()
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            self.error = repr(exc)

@@ -95,3 +95,27 @@ def test_a_run_id_of_any_length_is_an_evaluation_key(tmp_path):
     assert incidents.observe(check(True), key, T0).kind == "opened"
     incidents.delivered(check(True).fingerprint, key, T0)
     assert incidents.observe(check(True), key, T0) is None
+
+
+def test_retrains_are_rate_limited_a_retry_gets_its_own_again_and_two_racing_runs_get_one(tmp_path):
+    incidents = [book(tmp_path), book(tmp_path)]
+    every = timedelta(hours=24)
+    granted = []
+    barrier = threading.Barrier(2)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        granted.append(incidents[i].claim_retrain(f"run-{i}", T0, every, f"drift seen by run {i}")["granted"])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(granted) == [False, True]
+    winner = "run-0" if incidents[0].claim_retrain("run-0", T0, every, "again")["granted"] else "run-1"
+    assert incidents[0].claim_retrain(winner, T0, every, "a retry")["granted"]  # a retried task: the same one
+    refused = incidents[0].claim_retrain("run-2", T0 + timedelta(hours=23), every, "still drifting")
+    assert not refused["granted"] and refused["last_at"] == T0.isoformat()
+    assert not incidents[0].claim_retrain("run-3", T0 - timedelta(hours=30), every, "an old hour")["granted"]
+    assert incidents[1].claim_retrain("run-4", T0 + timedelta(hours=24), every, "a day later")["granted"]

@@ -107,12 +107,14 @@ def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, re
     from nightshift.serving.app import create_app
     from nightshift.serving.keys import KeyRing, KeyStore
 
-    ingest, tasks = run(dags["ingest_corpus"], {})
+    # Started with a reason (as monitor_model starts a retrain): the corpus version's event carries it.
+    ingest, tasks = run(dags["ingest_corpus"], {"reason": "prompts drifted (ROC AUC 0.91)"})
     assert ingest.state == "success", {t: ti.state for t, ti in tasks.items()}
     version = tasks["version_dataset"].value
     assert version["created"] and version["tag"] == "corpus-v0001" == repo.versions()[-1]
     assert repo.remote_has(repo.get(version["tag"]))
     assert _asset_events() == [version["tag"]]
+    assert _asset_events(field="reason") == ["prompts drifted (ROC AUC 0.91)"]
 
     # A canary policy on a fresh installation: there is no champion to compare with on live traffic, so the
     # first version is promoted directly rather than left as a candidate that no rollout can ever finish.
@@ -270,12 +272,12 @@ def _last_event_id() -> int:
         return session.query(func.max(AssetEvent.id)).scalar() or 0
 
 
-def _asset_events(uri: str = "nightshift://datasets/corpus") -> list[str]:
-    """The dataset versions announced on ``uri`` by this module's runs."""
+def _asset_events(uri: str = "nightshift://datasets/corpus", field: str = "dataset_version") -> list[str]:
+    """The dataset versions (or another field of the events) announced on ``uri`` by this module's runs."""
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.utils.session import create_session
 
     with create_session() as session:
         events = (session.query(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
                   .filter(AssetModel.uri == uri, AssetEvent.id >= _FIRST_EVENT).order_by(AssetEvent.id).all())
-        return [e.extra.get("dataset_version") for e in events]
+        return [e.extra.get(field) for e in events]

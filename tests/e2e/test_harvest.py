@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from cli_helpers import Approver, fresh, run
+from cli_helpers import Approver, TimeoutSweeper, fresh, run
 
 pytestmark = pytest.mark.e2e
 
@@ -103,3 +103,20 @@ def test_approved_feedback_reaches_the_next_corpus_and_rejected_feedback_never(h
     dag_run, tasks = run(fresh("ingest_corpus"), {})
     assert dag_run.state == "success"
     assert not any(r["id"] == "feedback/chatcmpl-e" for r in corpus_rows(home, tasks["version_dataset"].value["tag"]))
+
+
+def test_a_batch_nobody_answers_is_rejected_when_its_time_runs_out(home, tmp_path, monkeypatch):
+    from nightshift.settings import CONFIG_DIR
+
+    policy = (CONFIG_DIR / "monitoring.yaml").read_text().replace("response_timeout_hours: 168",
+                                                                  "response_timeout_hours: 0.0005")
+    assert "0.0005" in policy
+    (tmp_path / "monitoring.yaml").write_text(policy)
+    monkeypatch.setenv("NIGHTSHIFT_MONITORING_POLICY", str(tmp_path / "monitoring.yaml"))
+    log_and_rate(home, RATED_WELL, 1, corrected=False)
+    with TimeoutSweeper() as sweeper:  # about two seconds after the form appears, its default answers it
+        dag_run, tasks = run(fresh("harvest_feedback"), {})
+    assert sweeper.error is None, sweeper.error
+    assert dag_run.state == "success", {t: r.state for t, r in tasks.items()}
+    decided = tasks["apply_decision"].value
+    assert decided["state"] == "rejected" and decided["by"] == "timeout"

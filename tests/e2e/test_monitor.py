@@ -87,6 +87,17 @@ def alerts(settings):
     return [{**a, "title": re.sub(r"^\[[^\]]+\] ", "", a["title"])} for a in sent]
 
 
+def ingest_runs():
+    """The runs of ingest_corpus that monitor_model started (their ids say the hour)."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        runs = session.query(DagRun).filter(DagRun.dag_id == "ingest_corpus", DagRun.run_id.like("retrain__%")).all()
+        session.expunge_all()
+    return runs
+
+
 def test_one_incident_per_failing_check_no_repeat_then_resolved(home, tiny_model):
     champion_v2_after_v1(home, tiny_model)
     # The reference: two usual hours answered by v1, rated well.
@@ -107,11 +118,19 @@ def test_one_incident_per_failing_check_no_repeat_then_resolved(home, tiny_model
         "prompts drifted", "v2", "v2 is rated worse than v1 before it"]
     feedback_alert = next(a for a in opened if "rated worse" in a["title"])
     assert "rollback_model" in feedback_alert["message"] and "target_version 1" in feedback_alert["message"]
+    # Drift and the ratings start a retrain: ingest_corpus at once, with the reason its corpus version carries.
+    assert tasks["start_ingest"].state == "success"
+    (retrain,) = ingest_runs()
+    assert retrain.run_id == "retrain__20261201T1000" and retrain.run_type == "operator_triggered"
+    assert "prompts drifted" in retrain.conf["reason"] and "rated worse" in retrain.conf["reason"]
+    assert PLANTED not in retrain.conf["reason"]
 
     # The same hour judged again by another run: still failing, inside the repeat interval, nothing sent.
     dag_run, tasks = run(fresh("monitor_model"), {"hour_end": HOUR.isoformat()})
     assert dag_run.state == "success" and tasks["raise_incidents"].value == []
     assert len(alerts(home)) == 3
+    assert tasks["decide_retrain"].state == "success" and tasks["start_ingest"].state == "skipped"  # rate limit
+    assert len(ingest_runs()) == 1
 
     # The next hour is usual again and error-free: drift and errors resolve, the ratings still say v2 is worse.
     log_answers(home, HOUR, 120, USUAL, 2, seed=3)
@@ -122,6 +141,7 @@ def test_one_incident_per_failing_check_no_repeat_then_resolved(home, tiny_model
     # The drifted hour is no reference for the next: it would have kept the drift incident open for a week.
     drift = tasks["measure_hour"].value["drift"]
     assert drift["excluded_hours"] == [(HOUR - timedelta(hours=1)).isoformat()] and drift["auc"] < 0.62
+    assert tasks["start_ingest"].state == "skipped" and len(ingest_runs()) == 1  # v2 still rated worse: too soon
     resolved = alerts(home)[3:]
     assert all(a["title"].startswith("resolved: ") and a["severity"] == "info" for a in resolved)
 

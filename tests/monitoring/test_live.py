@@ -42,6 +42,8 @@ def test_the_domain_classifier_tells_shifted_embeddings_apart_and_not_equal_ones
     ({"drift": {"auc": 0.7}}, r"drift: unknown settings \['auc'\]"),
     ({"alerts": {}}, r"unknown sections \['alerts'\]"),
     ({"window": {"min_answers": "many"}}, r"window.min_answers must be an integer"),
+    ({"retrain": {"checks": ["latency"]}}, r"retrain.checks: unknown checks \['latency'\]"),
+    ({"retrain": {"min_hours_between": 0}}, r"retrain.min_hours_between must be a positive number"),
 ])
 def test_policy_errors_name_the_field(tmp_path, data, says):
     path = tmp_path / "monitoring.yaml"

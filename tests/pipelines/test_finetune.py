@@ -69,3 +69,17 @@ def test_request_validates_backend_and_applies_overrides():
         FinetuneRequest("m", None, None, "slurm")
     recipe = FinetuneRequest("m", 3, 1e-4, "local").load_recipe()
     assert (recipe.train_steps, recipe.learning_rate) == (3, 1e-4)
+
+
+def test_the_report_says_why_the_run_trained(two_versions):
+    from nightshift.pipelines.finetune_tasks import why_it_ran
+    from nightshift.pipelines.run import Run
+
+    def reason(extras, by="ada"):
+        return why_it_ran(Run(two_versions, "finetune_model", "r1", by, tuple(extras)))
+
+    drift = "monitor_model, hour to 2026-12-01T10:00+00:00: prompts drifted (ROC AUC 0.91)"
+    assert reason([{"dataset_version": "corpus-v0001"}, {"dataset_version": "corpus-v0002", "reason": drift}]) \
+        == drift
+    assert reason([{"dataset_version": "corpus-v0002"}], "schedule") == "a new corpus version was published"
+    assert reason([]) == "started by ada"

@@ -35,6 +35,14 @@ incidents = sa.Table(
     sa.Column("decided_at", sa.DateTime(timezone=True)),
     sa.Column("details", sa.JSON),
 )
+retrains = sa.Table(
+    "nightshift_retrains", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),  # one row: the rate limit's slot
+    sa.Column("evaluation", sa.String(64), nullable=False),  # a hash of the evaluation that last started one
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("reason", sa.String(1000), nullable=False),
+)
+NEVER = datetime(1970, 1, 1, tzinfo=UTC)
 
 CARRY_AFTER = timedelta(minutes=10)
 """A notice decided this long ago and still not delivered is carried to the next evaluation; a younger one
@@ -145,6 +153,26 @@ class IncidentBook:
                     state="resolved", resolved_at=now, last_evaluation=key, pending="resolved", decided_at=now))
             row = conn.execute(sa.select(incidents).where(where)).first()
         return self._notice(row, row.pending) if row.pending else None
+
+    def claim_retrain(self, evaluation: str, at: datetime, every: timedelta, reason: str) -> dict[str, Any]:
+        """Take the one retrain a rate limit allows per ``every``: granted when the last one started at least
+        ``every`` before ``at`` (the time the evaluation judged), or when this evaluation took it already (a retried
+        task starts the same retrain again, which its run id makes a no-op). Two evaluations racing: one wins.
+
+        Return ``{"granted", "last_at", "last_reason"}`` (the last retrain's, when refused)."""
+        key = _key(evaluation)
+        with self.engine.begin() as conn:
+            if self.engine.dialect.name == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert
+            else:
+                from sqlalchemy.dialects.sqlite import insert
+            conn.execute(insert(retrains).values(name="retrain", evaluation="", at=NEVER, reason="")
+                         .on_conflict_do_nothing(index_elements=["name"]))
+            took = conn.execute(retrains.update().where(
+                retrains.c.name == "retrain", sa.or_(retrains.c.at <= at - every, retrains.c.evaluation == key))
+                .values(evaluation=key, at=at, reason=reason[:1000])).rowcount
+            row = conn.execute(sa.select(retrains).where(retrains.c.name == "retrain")).first()
+        return {"granted": bool(took), "last_at": _aware(row.at).isoformat(), "last_reason": row.reason}
 
     def stale(self, dag_id: str, checked: set[str]) -> list[CheckResult]:
         """Return passing results for this DAG's open incidents that no check of the evaluation produced (a model

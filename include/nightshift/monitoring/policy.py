@@ -119,6 +119,27 @@ class Harvest:
                 raise ValueError(f"{where}.{name} must be a positive number, got {value!r}")
 
 
+RETRAIN_CHECKS = ("prompt_drift", "live_feedback", "error_rate")
+
+
+@dataclass(frozen=True)
+class Retrain:
+    """When a failing check starts a retrain: ingest_corpus at once (fresh documents, approved feedback), whose new
+    corpus version, if anything changed, trains the next candidate (finetune_model's report says why it ran)."""
+
+    checks: tuple[str, ...] = ("prompt_drift", "live_feedback")
+    """Checks whose failure starts one: prompt_drift, live_feedback, error_rate; empty: never."""
+    min_hours_between: float = 24.0
+    """At most one triggered retrain per this many hours (of the hours judged), however often a check fails."""
+
+    def check(self, where: str) -> None:
+        unknown = sorted(set(self.checks) - set(RETRAIN_CHECKS))
+        if unknown:
+            raise ValueError(f"{where}.checks: unknown checks {unknown}; known: {list(RETRAIN_CHECKS)}")
+        if not isinstance(self.min_hours_between, int | float) or self.min_hours_between <= 0:
+            raise ValueError(f"{where}.min_hours_between must be a positive number, got {self.min_hours_between!r}")
+
+
 @dataclass(frozen=True)
 class MonitoringPolicy:
     window: Window = field(default_factory=Window)
@@ -126,6 +147,7 @@ class MonitoringPolicy:
     feedback: Feedback = field(default_factory=Feedback)
     incidents: Incidents = field(default_factory=Incidents)
     harvest: Harvest = field(default_factory=Harvest)
+    retrain: Retrain = field(default_factory=Retrain)
 
     @classmethod
     def load(cls, path: Path = DEFAULT_POLICY) -> MonitoringPolicy:
@@ -133,7 +155,7 @@ class MonitoringPolicy:
         path = Path(path)
         data = read_yaml_mapping(path)
         sections = {"window": Window, "drift": Drift, "feedback": Feedback, "incidents": Incidents,
-                    "harvest": Harvest}
+                    "harvest": Harvest, "retrain": Retrain}
         unknown = sorted(str(k) for k in set(data) - set(sections))
         if unknown:
             raise ValueError(f"{path.name}: unknown sections {unknown}; known: {sorted(sections)}")

@@ -266,6 +266,17 @@ OUTCOMES = ("evaluate", "decide_promotion", "promote_candidate", "start_rollout"
 """Tasks whose results (None when skipped) the report reads."""
 
 
+def why_it_ran(run: Run) -> str:
+    """Return why the run trained: the reason its corpus version came with (a retrain a check started), a new
+    corpus version, or a person's request."""
+    reasons = [str(e["reason"])[:1000] for e in run.event_extras if e.get("reason")]
+    if reasons:
+        return reasons[-1]
+    if run.event_extras:
+        return "a new corpus version was published"
+    return f"started by {run.started_by}"
+
+
 def report(run: Run, dataset: dict[str, Any], check: dict[str, Any], outcomes: dict[str, Any]) -> dict[str, Any]:
     """Publish the run's outcome on its page and in MLflow, clean the run's bulky outputs; return the summary."""
     from nightshift.pipelines.housekeeping import prune_work_dirs
@@ -282,6 +293,7 @@ def report(run: Run, dataset: dict[str, Any], check: dict[str, Any], outcomes: d
         "promoted": outcomes.get("promote_candidate"),
         "rollout": outcomes.get("start_rollout"),
         "declined": outcomes.get("decline_release"),
+        "why": why_it_ran(run),
         "champion": champion.to_dict() if champion else None,
         "mlflow_run_id": plan["mlflow_run_id"] if plan else None,
     }
@@ -289,6 +301,7 @@ def report(run: Run, dataset: dict[str, Any], check: dict[str, Any], outcomes: d
     here = run.work_dir()
     if plan:
         registry.log_dict(plan["mlflow_run_id"], summary, "cycle_report.json")
+        registry.set_tags(plan["mlflow_run_id"], {"nightshift.why": summary["why"][:4900]})
         registry.end_run(plan["mlflow_run_id"])
         finetune.cleanup(here)
     prune_work_dirs(here.parent, run.settings.retention_days, keep=here)

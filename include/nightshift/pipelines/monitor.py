@@ -156,6 +156,33 @@ def raise_incidents(settings: Settings, policy: MonitoringPolicy, checks: list[C
     return sent
 
 
+def decide_retrain(settings: Settings, policy: MonitoringPolicy, checks: list[CheckResult], hour_end: str,
+                   evaluation: str) -> dict[str, Any]:
+    """Return whether this hour starts a retrain (``start``), why, and the ingest run's id.
+
+    A retrain starts when a check of ``retrain.checks`` fails and the rate limit allows one (at most one per
+    ``retrain.min_hours_between`` of the hours judged, whichever run asks first); a retried evaluation gets the
+    same answer and the same run id, so it never starts two. The reason names the checks (counts and scores,
+    never logged text): ingest_corpus carries it to the corpus version's event, and finetune_model's report says
+    why it ran.
+    """
+    failing = [c for c in checks if c.failing and c.check in policy.retrain.checks]
+    if not failing:
+        return {"start": False, "why": f"no check of retrain.checks {list(policy.retrain.checks)} fails"}
+    end = datetime.fromisoformat(hour_end)
+    reason = "monitor_model, hour to " + end.isoformat(timespec="minutes") + ": " + "; ".join(c.title for c in failing)
+    every = timedelta(hours=policy.retrain.min_hours_between)
+    book = IncidentBook(settings.incidents_url, timedelta(hours=policy.incidents.repeat_hours))
+    try:
+        claim = book.claim_retrain(evaluation, end, every, reason)
+    finally:
+        book.engine.dispose()
+    if not claim["granted"]:
+        return {"start": False, "why": f"rate limit: a retrain started for the hour to {claim['last_at']}, less than "
+                                       f"{policy.retrain.min_hours_between:g} hours before ({claim['last_reason']})"}
+    return {"start": True, "why": reason[:1000], "run_id": f"retrain__{end:%Y%m%dT%H%M}"}
+
+
 def _per_version(metrics: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for version in sorted({m["version"] for m in metrics}):
