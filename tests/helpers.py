@@ -66,6 +66,22 @@ class SmtpSink:
         self.controller.start()
         return self
 
+    def connection(self, to: str = "data-oncall@example.com") -> str:
+        """The ``nightshift_alerts`` connection (JSON, as AIRFLOW_CONN_...) for this plain SMTP server."""
+        import json
+
+        return json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": self.port,
+                           "extra": {"to": [to], "from_email": "nightshift@example.com", "disable_ssl": True,
+                                     "disable_tls": True, "retry_limit": 1, "timeout": 10}})
+
+    @staticmethod
+    def text(message) -> str:
+        """The readable text of a message (Airflow's SMTP provider sends HTML in a multipart message)."""
+        import html
+
+        part = next(p for p in message.walk() if p.get_content_type() in ("text/html", "text/plain"))
+        return html.unescape(part.get_payload(decode=True).decode())
+
     def __exit__(self, *exc) -> None:
         self.controller.stop()
 

@@ -1,7 +1,10 @@
 import json
+import re
 from types import SimpleNamespace
 
-from helpers import WebhookSink
+import pytest
+
+from helpers import SmtpSink, WebhookSink
 from nightshift.airflow.notifiers import AlertNotifier
 
 
@@ -34,3 +37,33 @@ def test_processes_outside_tasks_alert_through_the_stored_connection(airflow_db)
     alert = json.loads(lines[-1])
     assert alert["title"] == "[local] endpoint could not load nightshift-llm v7"
     assert alert["task_id"] == "serving" and alert["severity"] == "error"
+
+
+def test_mail_goes_through_airflows_smtp_provider_to_a_real_server(airflow_db, monkeypatch):
+    from nightshift.airflow.notifiers import send_alert
+    from nightshift.alerts.channels import Alert
+
+    alert = Alert(title="ingest_corpus.validate_corpus failed", message="2 of 6 expectations failed {{ 7 * 7 }}",
+                  dag_id="ingest_corpus", task_id="validate_corpus", details={"failed": 2})
+    with SmtpSink() as sink:
+        monkeypatch.setenv("AIRFLOW_CONN_OPS_MAIL", sink.connection("oncall@example.com"))
+        send_alert(alert, "ops_mail")
+    (mail,) = sink.messages
+    assert mail["To"] == "oncall@example.com" and mail["From"] == "nightshift@example.com"
+    assert mail["Subject"].endswith("ingest_corpus.validate_corpus failed")
+    text = SmtpSink.text(mail)
+    assert "2 of 6 expectations failed {{ 7 * 7 }}" in text and "49" not in text  # no template is evaluated
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    ({"to": ["a@example.com"], "from": "ns@example.com"}, "extra ['from'] is not read any more"),
+    ({"to": ["a@example.com"], "starttls": True}, "disable_tls: false (STARTTLS)"),
+    ({}, "needs a host and extra.to"),
+])
+def test_a_mail_connection_in_another_vocabulary_says_what_to_write(airflow_db, monkeypatch, extra, says):
+    from nightshift.airflow.notifiers import send_alert
+    from nightshift.alerts.channels import Alert
+
+    monkeypatch.setenv("AIRFLOW_CONN_OPS_MAIL", json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "extra": extra}))
+    with pytest.raises(ValueError, match=re.escape(says)):
+        send_alert(Alert(title="t", message="m"), "ops_mail")

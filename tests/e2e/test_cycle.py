@@ -74,10 +74,7 @@ def test_corpus_that_fails_the_suite_fails_the_run_creates_no_version_and_alerts
     # 250,000 characters: over prep.yaml's per-document max_chars, so preparation drops it and counts it
     (store / "dump.txt").write_text("The dome is open tonight. " * 10_000)
     with SmtpSink() as smtp:
-        monkeypatch.setenv("AIRFLOW_CONN_NIGHTSHIFT_ALERTS", json.dumps({
-            "conn_type": "smtp", "host": "127.0.0.1", "port": smtp.port,
-            "extra": {"to": ["data-oncall@example.com"], "from": "nightshift@example.com"},
-        }))
+        monkeypatch.setenv("AIRFLOW_CONN_NIGHTSHIFT_ALERTS", smtp.connection())
         dag_run, tasks = run(dags["ingest_corpus"], {"source": str(store)})
 
     assert dag_run.state == "failed"
@@ -89,7 +86,7 @@ def test_corpus_that_fails_the_suite_fails_the_run_creates_no_version_and_alerts
     assert mail["To"] == "data-oncall@example.com"
     # "[local]": the nightshift_environment Variable that airflow_settings.yaml put in the metadata DB
     assert "[local] ingest_corpus.validate_corpus failed" in mail["Subject"]
-    body = mail.get_payload(decode=True).decode()
+    body = SmtpSink.text(mail)
     assert "expect_column_values_to_be_unique" in body  # two documents with one id: an aggregate check
     # The alert links to the run's page, which holds the Data Docs of the failed validation.
     page = home.reports_dir / "runs" / "ingest_corpus" / safe_name(dag_run.run_id) / "index.html"

@@ -228,12 +228,10 @@ def test_a_planted_secret_in_a_failing_document_is_never_quoted(home, tmp_path, 
     (tmp_path / "prep.yaml").write_text("limits: {min_chars: 10}\nsteps: []\n")
     monkeypatch.setenv("NIGHTSHIFT_PREP_RECIPE", str(tmp_path / "prep.yaml"))
     with SmtpSink() as smtp:
-        monkeypatch.setenv("AIRFLOW_CONN_NIGHTSHIFT_ALERTS", json.dumps({
-            "conn_type": "smtp", "host": "127.0.0.1", "port": smtp.port,
-            "extra": {"to": ["data-oncall@example.com"], "from": "nightshift@example.com"}}))
+        monkeypatch.setenv("AIRFLOW_CONN_NIGHTSHIFT_ALERTS", smtp.connection())
         dag_run, tasks = run(fresh("ingest_corpus"), {"source": str(store)})
     assert dag_run.state == "failed" and tasks["validate_corpus"].state == "failed"
-    body = smtp.messages[-1].get_payload()
+    body = SmtpSink.text(smtp.messages[-1])
     assert "leak.txt" in body and "hunter2" not in body
     quality = next(home.work_dir.glob("ingest_corpus/*/quality.json")).read_text()
     assert "leak.txt" in quality and "hunter2" not in quality and "pii_hits" in quality

@@ -1,7 +1,8 @@
 """Airflow notifier that alerts a person through the channel an Airflow connection describes.
 
 The connection (``nightshift_alerts`` by default, defined in airflow_settings.yaml) decides the channel:
-``fs`` appends to an alerts file, ``smtp`` sends mail, ``http`` posts to a Slack or Teams webhook.
+``fs`` appends to an alerts file, ``smtp`` sends mail through Airflow's SMTP provider (nightshift.airflow.mail),
+``http`` posts to a Slack or Teams webhook.
 """
 
 from __future__ import annotations
@@ -32,11 +33,17 @@ def send_alert(alert: Alert, conn_id: str | None = None) -> None:
     environment = _environment()
     if environment:
         alert = dataclasses.replace(alert, title=f"[{environment}] {alert.title}")
-    conn = get_connection(conn_id or settings.alert_conn_id)
+    conn_id = conn_id or settings.alert_conn_id
+    conn = get_connection(conn_id)
     extra = conn.extra_dejson if hasattr(conn, "extra_dejson") else json.loads(conn.extra or "{}")
-    channel = channel_for(
-        conn.conn_type, conn.host, conn.port, conn.login, conn.password, conn.schema, extra, settings.home
-    )
+    if (conn.conn_type or "").lower() in ("smtp", "email"):
+        from nightshift.airflow.mail import ProviderMail
+
+        channel = ProviderMail.of(conn, conn_id)  # Airflow's SMTP provider
+    else:
+        channel = channel_for(
+            conn.conn_type, conn.host, conn.port, conn.login, conn.password, conn.schema, extra, settings.home
+        )
     channel.deliver(alert)
     log.info("alert sent via %s: %s", type(channel).__name__, alert.title)
     from nightshift.reports.publish import record_alert

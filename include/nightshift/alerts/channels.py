@@ -1,19 +1,19 @@
-"""Deliver alerts to people: an alerts file (local default), email over SMTP, or a chat webhook (Slack, Teams).
+"""Deliver alerts to people: an alerts file (local default) or a chat webhook (Slack, Teams); mail goes through
+Airflow's SMTP provider (nightshift.airflow.mail).
 
 Which channel is used is decided by the Airflow connection the notifier names (see
-nightshift.airflow.notifiers); this module knows nothing of Airflow.
+nightshift.airflow.notifiers); this module knows nothing of Airflow. The webhook is a plain JSON POST: the Slack
+provider (apache-airflow-providers-slack, with slack_sdk) would add a dependency for one HTTP request, and Teams
+takes the same body.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import smtplib
-import ssl
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -58,35 +58,6 @@ class FileChannel:
 
 
 @dataclass(frozen=True)
-class SmtpChannel:
-    host: str
-    port: int
-    to: list[str]
-    sender: str
-    login: str | None = None
-    password: str | None = None
-    use_ssl: bool = False
-    starttls: bool = False
-    timeout: float = 30.0
-
-    def deliver(self, alert: Alert) -> None:
-        msg = EmailMessage()
-        msg["Subject"] = f"[nightshift] {alert.title}"
-        msg["From"] = self.sender
-        msg["To"] = ", ".join(self.to)
-        msg.set_content(alert.text() + "\n\n" + json.dumps(alert.details, indent=2, default=str))
-        context = ssl.create_default_context()
-        smtp_cls = smtplib.SMTP_SSL if self.use_ssl else smtplib.SMTP
-        kwargs: dict[str, Any] = {"context": context} if self.use_ssl else {}
-        with smtp_cls(self.host, self.port, timeout=self.timeout, **kwargs) as smtp:
-            if self.starttls:
-                smtp.starttls(context=context)
-            if self.login:
-                smtp.login(self.login, self.password or "")
-            smtp.send_message(msg)
-
-
-@dataclass(frozen=True)
 class WebhookChannel:
     url: str
     payload: str = "slack"
@@ -103,7 +74,7 @@ class WebhookChannel:
                 raise RuntimeError(f"webhook answered {response.status}")
 
 
-Channel = FileChannel | SmtpChannel | WebhookChannel
+Channel = FileChannel | WebhookChannel
 
 
 def channel_for(
@@ -116,15 +87,7 @@ def channel_for(
         path = Path(extra.get("path") or "alerts/alerts.jsonl").expanduser()
         return FileChannel(path if path.is_absolute() else home / path)
     if kind in ("smtp", "email"):
-        to = extra.get("to") or []
-        to = [to] if isinstance(to, str) else list(to)
-        if not host or not to:
-            raise ValueError("an smtp alert connection needs a host and extra.to (a list of addresses)")
-        return SmtpChannel(
-            host=host, port=int(port or 25), to=to, sender=extra.get("from") or login or "nightshift@localhost",
-            login=login or None, password=password or None, use_ssl=bool(extra.get("ssl", False)),
-            starttls=bool(extra.get("starttls", False)),
-        )
+        raise ValueError("mail goes through Airflow's SMTP provider (nightshift.airflow.mail), not this module")
     if kind in ("http", "https", "slackwebhook", "webhook"):
         url = extra.get("url") or host or ""
         if "://" not in url:
