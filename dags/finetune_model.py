@@ -30,7 +30,8 @@ Runs when `ingest_corpus` publishes a new corpus version, or from **Trigger** wi
 | `promote_candidate` | (`mode: off`, or no champion yet) moves `champion`, only if it still names the version |
 |  | the candidate was evaluated against, and records the move (who, why, which evaluation); else fails and alerts |
 | `start_rollout` | (`mode: canary` or `shadow`, a champion exists) points `candidate` at it; `rollout_model` goes on |
-| `reject_candidate` | keeps the champion and alerts with the gate's reasons |
+| `reject_candidate` | keeps the champion and alerts with the gate's reasons (an incident: once while candidates |
+|  | keep failing the gate, reminded after `incidents.repeat_hours`, resolved by the next that passes) |
 | `report` | the cycle summary, also logged to the MLflow run |
 
 **Training** follows the recipe (`include/configs/training/<name>.yaml`: full or LoRA, ranks, ZeRO 1-3,
@@ -193,9 +194,14 @@ def finetune_model():
 
     @task
     def decide_promotion(evaluation: dict, plan: dict) -> dict:
+        from nightshift.airflow.notifiers import send_alert
+
         with fail_fast(ValueError):  # nor does a broken gate.yaml
             policy = _steps().gate_policy(_run())
-        return _steps().decide_promotion(_run(), evaluation, plan, policy)
+        decision = _steps().decide_promotion(_run(), evaluation, plan, policy)
+        if decision["passed"]:  # an open "not promoted" incident resolves
+            _steps().gate_incident(_run(), None, send_alert)
+        return decision
 
     @task.branch
     def route(decision: dict) -> str:
@@ -251,7 +257,8 @@ def finetune_model():
     def reject_candidate(decision: dict, dataset: dict) -> None:
         from nightshift.airflow.notifiers import send_alert
 
-        send_alert(_steps().reject_candidate(_run(), decision, dataset))
+        # An incident: alerted when candidates start failing the gate, reminded while they keep failing.
+        _steps().gate_incident(_run(), _steps().reject_candidate(_run(), decision, dataset), send_alert)
 
     @task(trigger_rule="none_failed_min_one_success")
     def report(dataset: dict, check: dict) -> dict:

@@ -52,6 +52,7 @@ from nightshift.airflow.common import (
     CORPUS_ASSET,
     DEFAULT_ARGS,
     UpstreamFailed,
+    current_run,
     fail_fast,
     run_dir,
     run_report,
@@ -163,7 +164,9 @@ def ingest_corpus():
     @task(multiple_outputs=False, inlets=[CHAMPION_ASSET])
     def profile_corpus(stats: dict) -> dict:
         from nightshift.airflow.notifiers import send_alert
+        from nightshift.alerts.channels import Alert
         from nightshift.monitoring.drift import DriftPolicy
+        from nightshift.pipelines.incidents import as_incident
         from nightshift.pipelines.ingest import DriftBlocked, drift_alert
         from nightshift.pipelines.ingest import profile_corpus as profile
 
@@ -175,8 +178,11 @@ def ingest_corpus():
             policy = DriftPolicy.load(SETTINGS.drift_policy)
         with fail_fast(DriftBlocked):
             drift = profile(run_dir(SETTINGS, context), SETTINGS, policy, report, champion_data)
-        if alert := drift_alert(drift, report, context["ti"].task_id):
-            send_alert(alert)
+        # An incident: alerted when the corpus starts drifting, reminded while it keeps drifting, resolved after.
+        as_incident(SETTINGS, "corpus_drift", "corpus", drift_alert(drift, report, context["ti"].task_id),
+                    Alert("corpus drift", "", dag_id=report.dag_id, run_id=report.run_id,
+                          task_id=context["ti"].task_id, report_url=report.url),
+                    f"{current_run(SETTINGS, context).key}/profile_corpus", send_alert)
         return drift
 
     @task

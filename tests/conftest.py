@@ -50,10 +50,22 @@ SERIAL = frozenset({
 """Modules whose tests assert on wall-clock time: marked ``serial``, run by ``make test`` after the others, alone."""
 
 
+HEAVY = ("e2e/test_up.py", "e2e/test_faults.py", "training/test_trainer.py", "e2e/test_cycle.py",
+         "e2e/test_real_manuals.py", "e2e/test_monitor.py", "airflow/test_kubernetes.py", "e2e/test_sources.py")
+"""The longest modules, heaviest first: pytest-xdist hands out whole files in collection order, so starting these
+first keeps the two workers busy to the end (longest-first) instead of leaving one to finish a long file alone."""
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if Path(str(item.fspath)).resolve().relative_to(TESTS).as_posix() in SERIAL:
             item.add_marker(pytest.mark.serial)
+
+    def weight(item) -> int:
+        path = Path(str(item.fspath)).resolve().relative_to(TESTS).as_posix()
+        return HEAVY.index(path) if path in HEAVY else len(HEAVY)
+
+    items.sort(key=weight)  # stable: the tests of a file keep their order
 
 
 @pytest.fixture(scope="session")

@@ -163,3 +163,134 @@ def test_one_incident_per_failing_check_no_repeat_then_resolved(home, tiny_model
     assert any(p.name.endswith(".whylogs") for p in written)
     for path in written:
         assert PLANTED.encode() not in path.read_bytes(), path
+
+
+class _Clock:
+    offset = timedelta(0)
+
+
+class _ShiftedDatetime(datetime):
+    """``datetime`` whose now() runs ``_Clock.offset`` ahead: the endpoint lives through a simulated day."""
+
+    @classmethod
+    def now(cls, tz=None):
+        return datetime.now(tz) + _Clock.offset
+
+
+def test_a_simulated_day_against_a_live_endpoint_opens_one_drift_and_one_feedback_incident_then_resolves(
+        home, tiny_model, tmp_path, monkeypatch):
+    """A day of traffic replayed through the endpoint on 127.0.0.1 with the official openai client and its feedback
+    route (bounded: 30 requests an hour), the endpoint's clock moved hour by hour: three usual hours on v1, rated
+    well; v2 promoted, rated down; then prompts about something else. monitor_model opens exactly one drift and one
+    feedback incident, repeats nothing the next hour, and resolves both once v1 serves usual traffic again."""
+    import httpx
+    from openai import OpenAI
+
+    from helpers import UvicornThread, ready, wait_for
+    from nightshift.pipelines.finetune import EVALUATION_RUN_TAG, GATE_TAG, promote_candidate
+    from nightshift.pipelines.rollback import RollbackRequest, move_champion, plan_rollback
+    from nightshift.serving.app import create_app
+    from nightshift.serving.keys import KeyRing, KeyStore
+    from nightshift.serving.requestlog import RequestLog
+    from nightshift.settings import CONFIG_DIR
+    from nightshift.stores import dataset_repository, registry_for
+
+    policy = (CONFIG_DIR / "monitoring.yaml").read_text()
+    for old, new in (("min_answers: 30 ", "min_answers: 20 "), ("sample: 500 ", "sample: 90 "),
+                     ("min_prompts: 100 ", "min_prompts: 25 "), ("min_ratings: 20 ", "min_ratings: 15 ")):
+        assert old in policy
+        policy = policy.replace(old, new)
+    (tmp_path / "monitoring.yaml").write_text(policy)
+    monkeypatch.setenv("NIGHTSHIFT_MONITORING_POLICY", str(tmp_path / "monitoring.yaml"))
+    monkeypatch.setattr("nightshift.serving.requestlog.datetime", _ShiftedDatetime)
+    monkeypatch.setattr("nightshift.serving.routes.datetime", _ShiftedDatetime)
+
+    # What the champions were trained on: visitor questions (prompts are compared with it, nearest document).
+    repo = dataset_repository(home)
+    repo.ensure()
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": t.format(place) + " It opens at ten."}) + "\n"
+                              for i, (t, place) in enumerate((t, p) for t in USUAL for p in ("north", "old"))))
+    tag = repo.commit(corpus, {"documents": 8}).tag
+    registry = registry_for(home)
+    versions = []
+    for key in ("one", "two"):
+        run_id = registry.open_run("finetune_model", key, key, {})
+        registry.upload_checkpoint(run_id, tiny_model)
+        versions.append(registry.register(run_id, tags={"nightshift.dataset_tag": tag,
+                                                        GATE_TAG: "passed", EVALUATION_RUN_TAG: run_id}))
+    promote_candidate(registry, versions[0], "finetune_model/night-1/promote", "schedule", "finetune_model/night-1",
+                      "gate passed", champion_before=None)
+    keys = [KeyStore(home.key_file).create(f"user-{i}")[1] for i in range(30)]  # votes count once per key
+    app = create_app(registry, home.cache_dir / "serving-replay", keyring=KeyRing(KeyStore(home.key_file)),
+                     poll_seconds=0.3, request_log=RequestLog(home.request_log_url))
+    day = HOUR - timedelta(hours=6)
+    sent: list[tuple[int, str]] = []
+    pings = []
+
+    def judge(end: datetime):
+        dag_run, tasks = run(fresh("monitor_model"), {"hour_end": end.isoformat()})
+        assert dag_run.state == "success", {t: r.state for t, r in tasks.items()}
+        return tasks
+
+    with UvicornThread(app) as server:
+        wait_for(lambda: ready(server.url), what="the champion to load")
+        clients = [OpenAI(base_url=f"{server.url}/v1", api_key=k, max_retries=0, timeout=60) for k in keys]
+        raters = [httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {k}"}, timeout=60)
+                  for k in keys]
+
+        def serves(version: int) -> bool:
+            answer = clients[0].chat.completions.create(model="nightshift-llm", max_tokens=1,
+                                                        messages=[{"role": "user", "content": "ping"}])
+            pings.append(answer.id)
+            return answer.system_fingerprint == f"v{version}"
+
+        def hour(index: int, templates: list[str], version: int, rating: int) -> datetime:
+            """One hour of traffic: 30 users ask, 20 of them rate their answer; returns the hour's end."""
+            rng = random.Random(index)
+            start = day + timedelta(hours=index)
+            _Clock.offset = start + timedelta(minutes=5) - datetime.now(UTC)
+            for user in range(30):
+                question = rng.choice(templates).format(f"{PLANTED} {rng.choice(['north', 'old', 'city', 'river'])}")
+                answer = clients[user].chat.completions.create(model="nightshift-llm", max_tokens=4, temperature=0,
+                                                               messages=[{"role": "user", "content": question}])
+                assert answer.system_fingerprint == f"v{version}"
+                sent.append((version, answer.id))
+                if user < 20:
+                    raters[user].post("/v1/feedback", json={"response_id": answer.id, "rating": rating}) \
+                        .raise_for_status()
+            _Clock.offset = timedelta(0)
+            return start + timedelta(hours=1)
+
+        for index in range(3):  # the reference: v1 answers the usual questions, rated well
+            hour(index, USUAL, 1, 1)
+        promote_candidate(registry, versions[1], "finetune_model/night-2/promote", "schedule",
+                          "finetune_model/night-2", "gate passed", champion_before=versions[0].to_dict())
+        wait_for(lambda: serves(2), what="v2 to serve")
+        hour(3, USUAL, 2, -1)  # a bad champion: users rate it down
+
+        # The second half of the day: users ask about cooking. monitor_model judges each hour as it ends.
+        tasks = judge(hour(4, DRIFTED, 2, -1))
+        assert tasks["measure_hour"].value["versions"]["2"]["answers"] == 30, tasks["measure_hour"].value
+        opened = alerts(home)
+        assert sorted(a["title"].split(":")[0] for a in opened) == ["prompts drifted",
+                                                                    "v2 is rated worse than v1 before it"]
+        assert not any(c["failing"] for c in tasks["judge_hour"].value if c["check"] == "error_rate")
+        near = tasks["measure_hour"].value["drift"]["corpus_similarity"]  # cooking is far from the training data
+        assert near["dataset"] == tag and near["documents"] == 8 and near["current"] < near["reference"] - 0.2, near
+        tasks = judge(hour(5, DRIFTED, 2, -1))  # still drifted, still rated down: nothing repeated inside a day
+        assert tasks["raise_incidents"].value == [] and len(alerts(home)) == 2
+
+        # The way back the feedback alert gives: v1 serves again, and users ask the usual questions.
+        move_champion(registry, plan_rollback(registry, RollbackRequest(1, "v2 is rated down")),
+                      "rollback_model/replay/move", "ada", "rollback_model/replay", "v2 is rated down")
+        wait_for(lambda: serves(1), what="v1 to serve again")
+        tasks = judge(hour(6, USUAL, 1, 1))
+        assert sorted((n["kind"], n["title"].split(":")[1].strip()) for n in tasks["raise_incidents"].value) == [
+            ("resolved", "prompts drifted"), ("resolved", "v2 is rated worse than v1 before it")]
+        assert len(alerts(home)) == 4
+    logged = {a["response_id"] for a in RequestLog(home.request_log_url).answers_between(
+        day, HOUR + timedelta(hours=1), 10_000)}
+    assert logged == {rid for _, rid in sent} and len(sent) == 210  # every answer, in its simulated hour
+    for path in [home.home / "alerts" / "alerts.jsonl", *(home.home / "monitoring").rglob("*.json*")]:
+        assert PLANTED.encode() not in path.read_bytes(), path

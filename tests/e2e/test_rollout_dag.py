@@ -143,7 +143,8 @@ def test_finetune_model_hands_a_gated_candidate_to_rollout_model_under_a_rollout
     from nightshift.stores import registry_for
 
     finetune, rollout = fresh("finetune_model"), fresh("rollout_model")
-    assert finetune.task_dict["release"].downstream_task_ids == {"promote_candidate", "start_rollout"}
+    assert finetune.task_dict["release"].downstream_task_ids == {"promote_candidate", "start_rollout",
+                                                                 "decline_release"}
     assert [o.uri for o in finetune.task_dict["start_rollout"].outlets] == [CANDIDATE_ASSET.uri]
     assert [a.uri for a in rollout.timetable.asset_condition.objects] == [CANDIDATE_ASSET.uri]
 

@@ -247,6 +247,65 @@ def test_trigger_from_the_form_and_read_the_reports(airflow):
         pw.stop()
 
 
+def test_rollout_and_rollback_forms_take_their_params_and_refuse_without_a_champion(airflow):
+    """Both registry DAGs from their Trigger forms: the Params show their titles; with no champion yet each run
+    fails at its first task with the reason, once (a refusal is not retried)."""
+    sync_playwright = browser_or_skip()
+    base, password = airflow["base"], airflow["password"]
+    token = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": password}).json()["access_token"]
+    rest = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    for dag_id in ("rollout_model", "rollback_model"):
+        rest.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
+
+    def created(dag_id):  # the form's request has reached Airflow before the page moves on
+        wait_for(lambda: rest.get(f"/api/v2/dags/{dag_id}/dagRuns", params={"run_type": "manual"})
+                 .json()["total_entries"], 30, f"the {dag_id} run", every=0.5)
+
+    pw = sync_playwright().start()
+    browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+    try:
+        page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
+        page.goto(f"{base}/")
+        page.get_by_label("Username").fill("admin")
+        page.get_by_label("Password").fill(password)
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url(f"{base}/")
+
+        page.goto(f"{base}/dags/rollout_model")
+        page.get_by_role("button", name="Trigger").first.click()
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_text("Candidate version").wait_for()
+        dialog.get_by_text("canary: a growing share of users").wait_for()
+        page.locator("[name=element_candidate_version]").fill("7")
+        page.screenshot(path=SHOTS / "rollout_trigger_form.png")
+        dialog.get_by_role("button", name="Trigger").click()
+        created("rollout_model")
+
+        page.goto(f"{base}/dags/rollback_model")
+        page.get_by_role("button", name="Trigger").first.click()
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_text("Reason").first.wait_for()
+        page.locator("[name=element_reason]").fill("answers about tickets are wrong")
+        page.screenshot(path=SHOTS / "rollback_trigger_form.png")
+        dialog.get_by_role("button", name="Trigger").click()
+        created("rollback_model")
+    finally:
+        browser.close()
+        pw.stop()
+
+    for dag_id, first, conf in (("rollout_model", "plan_rollout", ("candidate_version", 7)),
+                                ("rollback_model", "plan_rollback", ("reason", "answers about tickets are wrong"))):
+        def finished(dag_id=dag_id, conf=conf):
+            runs = rest.get(f"/api/v2/dags/{dag_id}/dagRuns", params={"run_type": "manual"}).json()["dag_runs"]
+            run = next((r for r in runs if (r.get("conf") or {}).get(conf[0]) == conf[1]), None)
+            return run if run and run["state"] in ("success", "failed") else None
+
+        run = wait_for(finished, 300, f"the {dag_id} run to finish", every=2)
+        assert run["state"] == "failed", run
+        ti = rest.get(f"/api/v2/dags/{dag_id}/dagRuns/{quote(run['dag_run_id'], safe='')}/taskInstances/{first}").json()
+        assert ti["state"] == "failed" and ti["try_number"] == 1, ti
+
+
 def rated_answers(env: dict[str, str]) -> None:
     """Answers the endpoint logged half an hour before this hour began, three of them rated; one corrected."""
     from datetime import UTC, datetime, timedelta
@@ -278,8 +337,9 @@ def rated_answers(env: dict[str, str]) -> None:
 def test_required_actions_and_the_monitoring_page_in_the_browser(airflow, tiny_model):
     """A person at the Airflow UI in Chromium: the Monitoring page of the nightshift view after monitor_model ran;
     the feedback batch of harvest_feedback, approved from its Required Actions form; and a release of
-    finetune_model waiting for approval (gate.yaml: approval required), rejected with a reason from its form.
-    The rejection is in the promotion history, with who and why; the champion is not moved."""
+    finetune_model waiting for approval (gate.yaml: approval required), approved from its form: promoted, in the
+    promotion history. (A rejection, with who and why, is tests/e2e/test_cycle.py's.) Runs after the forms test
+    above, which needs an installation without a champion."""
     from datetime import UTC, datetime
 
     sync_playwright = browser_or_skip()
@@ -350,16 +410,17 @@ def test_required_actions_and_the_monitoring_page_in_the_browser(airflow, tiny_m
                            params={"stringify": "false"}).json()["value"]
         assert decided["state"] == "approved" and decided["candidates"] == 3, decided
 
-        # The release: the gate's table, the changed answers, the report's link; rejected with a reason.
+        # The release: the gate's table, the changed answers, the report's link; approved with a reason.
         wait_for(lambda: waiting("finetune_model") or state("finetune_model") == "failed", 480,
                  "the release's form", every=2)
         assert state("finetune_model") == "running"
         page.goto(f"{base}/dags/finetune_model/runs/ui-finetune_model/tasks/approve_release/required_actions")
         page.get_by_text("golden answers changed").first.wait_for(timeout=30_000)
-        page.locator("[name=element_reason]").fill("not before the museum's holiday hours are in the corpus")
+        page.get_by_role("link", name="The full evaluation report").wait_for()
+        page.locator("[name=element_reason]").fill("checked the changed answers")
         page.screenshot(path=SHOTS / "release_approval_form.png")
-        page.get_by_role("button", name="Reject").click()
-        wait_for(lambda: state("finetune_model") in ("success", "failed"), 120, "finetune_model", every=1)
+        page.get_by_role("button", name="Approve").click()
+        wait_for(lambda: state("finetune_model") in ("success", "failed"), 180, "finetune_model", every=1)
         assert state("finetune_model") == "success"
     finally:
         browser.close()
@@ -369,69 +430,10 @@ def test_required_actions_and_the_monitoring_page_in_the_browser(airflow, tiny_m
                              timeout=120)
     assert history.returncode == 0, history.stderr[-2000:]
     record = json.loads(history.stdout)
-    assert record["moves"] == []  # nothing was promoted
-    (declined,) = record["declined"]
-    assert declined["by"] == "admin" and declined["reason"] == "not before the museum's holiday hours are in the corpus"
+    (move,) = record["moves"]  # approved: promoted (there was no champion, so no canary either)
+    assert (move["from_version"], move["to_version"], move["kind"]) == (None, 1, "promotion") and not record["declined"]
+    assert move["dag_run"] == "finetune_model/ui-finetune_model"
     airflow["gate"].write_text((CONFIG_DIR / "gate.yaml").read_text())
-
-
-def test_rollout_and_rollback_forms_take_their_params_and_refuse_without_a_champion(airflow):
-    """Both registry DAGs from their Trigger forms: the Params show their titles; with no champion yet each run
-    fails at its first task with the reason, once (a refusal is not retried)."""
-    sync_playwright = browser_or_skip()
-    base, password = airflow["base"], airflow["password"]
-    token = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": password}).json()["access_token"]
-    rest = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30)
-    for dag_id in ("rollout_model", "rollback_model"):
-        rest.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
-
-    def created(dag_id):  # the form's request has reached Airflow before the page moves on
-        wait_for(lambda: rest.get(f"/api/v2/dags/{dag_id}/dagRuns", params={"run_type": "manual"})
-                 .json()["total_entries"], 30, f"the {dag_id} run", every=0.5)
-
-    pw = sync_playwright().start()
-    browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-    try:
-        page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
-        page.goto(f"{base}/")
-        page.get_by_label("Username").fill("admin")
-        page.get_by_label("Password").fill(password)
-        page.get_by_role("button", name="Sign in").click()
-        page.wait_for_url(f"{base}/")
-
-        page.goto(f"{base}/dags/rollout_model")
-        page.get_by_role("button", name="Trigger").first.click()
-        dialog = page.get_by_role("dialog")
-        dialog.get_by_text("Candidate version").wait_for()
-        dialog.get_by_text("canary: a growing share of users").wait_for()
-        page.locator("[name=element_candidate_version]").fill("7")
-        page.screenshot(path=SHOTS / "rollout_trigger_form.png")
-        dialog.get_by_role("button", name="Trigger").click()
-        created("rollout_model")
-
-        page.goto(f"{base}/dags/rollback_model")
-        page.get_by_role("button", name="Trigger").first.click()
-        dialog = page.get_by_role("dialog")
-        dialog.get_by_text("Reason").first.wait_for()
-        page.locator("[name=element_reason]").fill("answers about tickets are wrong")
-        page.screenshot(path=SHOTS / "rollback_trigger_form.png")
-        dialog.get_by_role("button", name="Trigger").click()
-        created("rollback_model")
-    finally:
-        browser.close()
-        pw.stop()
-
-    for dag_id, first, conf in (("rollout_model", "plan_rollout", ("candidate_version", 7)),
-                                ("rollback_model", "plan_rollback", ("reason", "answers about tickets are wrong"))):
-        def finished(dag_id=dag_id, conf=conf):
-            runs = rest.get(f"/api/v2/dags/{dag_id}/dagRuns", params={"run_type": "manual"}).json()["dag_runs"]
-            run = next((r for r in runs if (r.get("conf") or {}).get(conf[0]) == conf[1]), None)
-            return run if run and run["state"] in ("success", "failed") else None
-
-        run = wait_for(finished, 300, f"the {dag_id} run to finish", every=2)
-        assert run["state"] == "failed", run
-        ti = rest.get(f"/api/v2/dags/{dag_id}/dagRuns/{quote(run['dag_run_id'], safe='')}/taskInstances/{first}").json()
-        assert ti["state"] == "failed" and ti["try_number"] == 1, ti
 
 
 def test_the_plugin_refuses_strangers_and_paths_out_of_its_folder(airflow):

@@ -93,6 +93,15 @@ def domain_drift(reference: np.ndarray, current: np.ndarray, seed: int) -> float
     return float(roc_auc_score(y_test, model.predict_proba(x_test)[:, 1]))
 
 
+def nearest_similarity(queries: np.ndarray, corpus: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Return, per query row, its cosine similarity to the nearest corpus row (both L2-normalised), computed in
+    blocks of the corpus so that memory stays bounded."""
+    best = np.full(len(queries), -1.0, dtype=np.float32)
+    for start in range(0, len(corpus), block):
+        np.maximum(best, (queries @ corpus[start:start + block].T).max(axis=1), out=best)
+    return best
+
+
 def wilson(successes: int, trials: int, confidence: float) -> tuple[float, float]:
     """Return the Wilson score interval of a proportion (NaNs without trials): honest at small counts and 0 or 1."""
     if trials <= 0:

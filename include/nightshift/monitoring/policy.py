@@ -51,12 +51,16 @@ class Drift:
     AUC of two samples of the same traffic reaches 0.62 by chance a few hours a day."""
     seed: int = 7
     """Seed of the sample, the split and the classifier: the same hour gives the same verdict."""
+    corpus_sample: int = 2000
+    """Documents of the champion's training corpus embedded (once per dataset version) to tell how close the
+    prompts are to what the model was trained on."""
 
     def check(self, where: str) -> None:
         if not isinstance(self.auc_threshold, int | float) or not 0.5 < self.auc_threshold < 1.0:
             raise ValueError(f"{where}.auc_threshold must be a number in (0.5, 1), got {self.auc_threshold!r}")
         positive(where, "sample", self.sample)
         positive(where, "min_prompts", self.min_prompts)
+        positive(where, "corpus_sample", self.corpus_sample)
         if self.min_prompts < 20 or self.sample < self.min_prompts:
             raise ValueError(f"{where}: need 20 <= min_prompts <= sample (a classifier needs both sides), got "
                              f"min_prompts {self.min_prompts}, sample {self.sample}")

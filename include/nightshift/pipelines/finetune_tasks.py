@@ -262,6 +262,17 @@ def reject_candidate(run: Run, decision: dict[str, Any], dataset: dict[str, Any]
     )
 
 
+def gate_incident(run: Run, alert, send) -> str:
+    """Record the gate's outcome as an incident (finetune_model, gate, candidate): ``alert`` when it rejected the
+    candidate, None when it passed; send what opens, repeats or resolves. Return what was sent."""
+    from nightshift.alerts.channels import Alert
+    from nightshift.pipelines.incidents import as_incident
+
+    passing = Alert("candidates fail the gate", "", dag_id=run.dag_id, run_id=run.run_id, task_id="decide_promotion",
+                    report_url=run.report.url)
+    return as_incident(run.settings, "gate", "candidate", alert, passing, f"{run.key}/gate", send)
+
+
 OUTCOMES = ("evaluate", "decide_promotion", "promote_candidate", "start_rollout", "plan_training", "decline_release")
 """Tasks whose results (None when skipped) the report reads."""
 

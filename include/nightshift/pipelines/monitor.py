@@ -18,7 +18,14 @@ from typing import Any
 import numpy as np
 
 from nightshift.alerts.incidents import CheckResult, IncidentBook, Notice
-from nightshift.monitoring.live import answer_metrics, domain_drift, prompt_text, sample_rows, wilson
+from nightshift.monitoring.live import (
+    answer_metrics,
+    domain_drift,
+    nearest_similarity,
+    prompt_text,
+    sample_rows,
+    wilson,
+)
 from nightshift.monitoring.policy import MonitoringPolicy
 from nightshift.settings import Settings
 
@@ -76,7 +83,8 @@ def measure_hour(settings: Settings, policy: MonitoringPolicy, start: datetime, 
     per_version = _per_version(metrics)
     hour = start.isoformat()
     normal = reference
-    drift = _prompt_drift(rows, normal, policy, embed)
+    corpus = _corpus_vectors(settings, policy, versions.get("dataset_tag"), embed)
+    drift = _prompt_drift(rows, normal, policy, embed, corpus)
     drift["excluded_hours"] = sorted(h for h in drifted if h < hour)
     feedback = _feedback(ratings, versions, policy)
     _write_hour(folder, hour, metrics, per_version, drift, feedback)
@@ -207,8 +215,53 @@ def _per_version(metrics: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _corpus_vectors(settings: Settings, policy: MonitoringPolicy, tag: str | None,
+                    embed: Callable[[list[str]], np.ndarray]) -> tuple[str, np.ndarray] | None:
+    """Return the champion's training corpus as embeddings (a seeded sample of ``drift.corpus_sample`` documents,
+    the first 1,000 characters of each), computed once per dataset version and kept under
+    NIGHTSHIFT_HOME/monitoring/corpus/; None when the champion names no dataset version or it cannot be read."""
+    from nightshift.provenance import safe_name
+    from nightshift.stores import dataset_repository
+
+    if not tag:
+        return None
+    cache = settings.home / "monitoring" / "corpus" / f"{safe_name(tag)}-{policy.drift.corpus_sample}.npy"
+    if cache.is_file():
+        return tag, np.load(cache)
+    repo = dataset_repository(settings)
+    work = cache.with_name(cache.name + ".jsonl")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path = repo.fetch(repo.get(tag), work)
+        texts = []
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    text = json.loads(line).get("text")
+                except (ValueError, AttributeError):
+                    continue
+                if isinstance(text, str) and text.strip():
+                    texts.append(text[:1000])
+    except Exception as exc:  # noqa: BLE001 - a side measure: the hour is judged without it, and the log says why
+        log.warning("the champion's corpus %s cannot be read (%s): no prompt-to-corpus similarity", tag,
+                    type(exc).__name__)
+        return None
+    finally:
+        work.unlink(missing_ok=True)
+    if not texts:
+        return None
+    vectors = embed([texts[i] for i in sorted(sample_rows(len(texts), policy.drift.corpus_sample,
+                                                          policy.drift.seed))]).astype(np.float32)
+    tmp = cache.with_name(cache.name + ".tmp.npy")
+    np.save(tmp, vectors)
+    tmp.replace(cache)
+    log.info("embedded %d documents of %s for the prompt-to-corpus similarity", len(vectors), tag)
+    return tag, vectors
+
+
 def _prompt_drift(rows: list[dict[str, Any]], reference: list[dict[str, Any]], policy: MonitoringPolicy,
-                  embed: Callable[[list[str]], np.ndarray]) -> dict[str, Any]:
+                  embed: Callable[[list[str]], np.ndarray],
+                  corpus: tuple[str, np.ndarray] | None = None) -> dict[str, Any]:
     need = policy.drift.min_prompts
     if len(rows) < need or len(reference) < need:
         return {"auc": None, "drifted": False, "current": len(rows), "reference": len(reference),
@@ -216,9 +269,17 @@ def _prompt_drift(rows: list[dict[str, Any]], reference: list[dict[str, Any]], p
     seed, k = policy.drift.seed, policy.drift.sample
     now = [prompt_text(rows[i]["request"]) for i in sample_rows(len(rows), k, seed)]
     before = [prompt_text(reference[i]["request"]) for i in sample_rows(len(reference), k, seed + 1)]
-    auc = domain_drift(embed(before), embed(now), seed)
-    return {"auc": round(auc, 4), "drifted": auc > policy.drift.auc_threshold, "current": len(now),
-            "reference": len(before)}
+    before_vectors, now_vectors = embed(before), embed(now)
+    auc = domain_drift(before_vectors, now_vectors, seed)
+    out = {"auc": round(auc, 4), "drifted": auc > policy.drift.auc_threshold, "current": len(now),
+           "reference": len(before)}
+    if corpus is not None:  # how close the prompts are to the champion's training data, now and before
+        tag, vectors = corpus
+        out["corpus_similarity"] = {
+            "dataset": tag, "documents": len(vectors),
+            "current": round(float(nearest_similarity(now_vectors, vectors).mean()), 4),
+            "reference": round(float(nearest_similarity(before_vectors, vectors).mean()), 4)}
+    return out
 
 
 def _feedback(ratings: dict[int, dict[str, float]], versions: dict[str, int | None],
@@ -287,7 +348,8 @@ def _write_hour(folder: Path, hour: str, metrics: list[dict[str, Any]], per_vers
 
 
 def champion_versions(settings: Settings) -> dict[str, int | None]:
-    """Return the champion's version and the version that was champion before it (None where there is none)."""
+    """Return the champion's version, the version that was champion before it (None where there is none) and the
+    dataset version the champion was trained on."""
     from nightshift.registry.history import PromotionHistory
     from nightshift.stores import registry_for
 
@@ -297,7 +359,8 @@ def champion_versions(settings: Settings) -> dict[str, int | None]:
         return {"champion": None, "previous": None}
     before = [m.from_version for m in PromotionHistory(registry).moves()
               if m.to_version == champion.version and m.from_version is not None]
-    return {"champion": champion.version, "previous": before[-1] if before else None}
+    return {"champion": champion.version, "previous": before[-1] if before else None,
+            "dataset_tag": champion.dataset_tag or None}
 
 
 def rollback_link(settings: Settings) -> str:

@@ -85,6 +85,8 @@ def render_monitoring(store: ReportStore, hours: list[dict[str, Any]], incidents
                 negative.setdefault(label, []).append((hour["hour"], entry["negative_share"]))
                 bands.setdefault(label, []).append((hour["hour"], entry["low"], entry["high"]))
     drift = {"prompts": [(h["hour"], (h.get("drift") or {}).get("auc")) for h in hours]}
+    near = {side: [(h["hour"], ((h.get("drift") or {}).get("corpus_similarity") or {}).get(key)) for h in hours]
+            for side, key in (("this hour", "current"), ("reference", "reference"))}
     figures = [
         ("traffic", hourly_svg(per_version("answers"), "answers per hour", "answers", charts / "traffic.svg")),
         ("latency p95", hourly_svg(per_version("p95_seconds"), "p95 latency", "seconds", charts / "p95.svg")),
@@ -95,6 +97,8 @@ def render_monitoring(store: ReportStore, hours: list[dict[str, Any]], incidents
                                          charts / "feedback.svg", bands=bands)),
         ("prompt drift", hourly_svg(drift, "prompt drift: classifier ROC AUC against the reference", "ROC AUC",
                                     charts / "drift.svg", threshold=policy.get("auc_threshold"))),
+        ("prompts vs training data", hourly_svg(near, "prompts vs the champion's training data: nearest document",
+                                                "cosine similarity", charts / "corpus.svg")),
     ]
     html = _environment().get_template("monitoring.html").render(
         hours=list(reversed(hours))[:48], incidents=incidents, root="", written=_now(),
