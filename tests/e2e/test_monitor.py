@@ -272,6 +272,7 @@ def test_a_simulated_day_against_a_live_endpoint_opens_one_drift_and_one_feedbac
         # The second half of the day: users ask about cooking. monitor_model judges each hour as it ends.
         tasks = judge(hour(4, DRIFTED, 2, -1))
         assert tasks["measure_hour"].value["versions"]["2"]["answers"] == 30, tasks["measure_hour"].value
+        assert sum(tasks["measure_hour"].value["versions"]["2"]["finishes"].values()) == 30
         opened = alerts(home)
         assert sorted(a["title"].split(":")[0] for a in opened) == ["prompts drifted",
                                                                     "v2 is rated worse than v1 before it"]

@@ -200,8 +200,10 @@ def _per_version(metrics: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                                if not math.isnan(m["answer_prompt_similarity"])], float)
         errors = sum(m["error"] for m in mine)
         languages: dict[str, int] = {}
+        finishes: dict[str, int] = {}
         for m in mine:
             languages[m["language"]] = languages.get(m["language"], 0) + 1
+            finishes[m["finish"] or "none"] = finishes.get(m["finish"] or "none", 0) + 1
         out[str(version)] = {
             "answers": len(mine), "errors": errors, "error_rate": errors / len(mine),
             "p50_seconds": float(np.percentile(seconds, 50)) if len(seconds) else None,
@@ -211,6 +213,7 @@ def _per_version(metrics: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "completion_tokens": sum(m["completion_tokens"] for m in mine),
             "answer_prompt_similarity": float(similarity.mean()) if len(similarity) else None,
             "languages": dict(sorted(languages.items(), key=lambda kv: -kv[1])[:5]),
+            "finishes": dict(sorted(finishes.items(), key=lambda kv: -kv[1])[:8]),  # stop, length, error, ...
         }
     return out
 
