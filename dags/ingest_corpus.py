@@ -207,13 +207,14 @@ def ingest_corpus():
     @task(inlets=[CORPUS_ASSET], outlets=[CORPUS_ASSET])
     def publish_dataset(dataset: dict) -> dict:
         from nightshift.pipelines.ingest import needs_publishing
+        from nightshift.provenance import printable_line
         from nightshift.records import DatasetVersion
 
         context = get_current_context()
         published = [event.extra for event in context["inlet_events"][CORPUS_ASSET]]
         if not needs_publishing(DatasetVersion.from_dict(dataset), published):
             raise AirflowSkipException(f"corpus unchanged: {dataset['tag']} was published already")
-        reason = " ".join(str(context["params"].get("reason") or "").split())[:1000]
+        reason = printable_line(context["params"].get("reason"))  # it is shown on report pages
         context["outlet_events"][CORPUS_ASSET].extra = {
             "dataset_version": dataset["tag"], "rev": dataset["rev"], "md5": dataset["md5"],
             "documents": dataset["documents"], **({"reason": reason} if reason else {}),

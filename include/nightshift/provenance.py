@@ -46,3 +46,9 @@ def file_sha256(path: Path) -> str:
 def safe_name(value: str) -> str:
     """Return a string usable as a folder name (Airflow run ids hold ':' and '+')."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("_") or "run"
+
+
+def printable_line(text: object, limit: int = 1000) -> str:
+    """Return ``text`` as one line of printable characters (no control or direction characters), at most
+    ``limit`` long: for what a person or another system typed that is shown on a page or kept as a tag."""
+    return "".join(ch for ch in " ".join(str(text or "").split()) if ch.isprintable())[:limit]

@@ -43,14 +43,16 @@ def test_mail_goes_through_airflows_smtp_provider_to_a_real_server(airflow_db, m
     from nightshift.airflow.notifiers import send_alert
     from nightshift.alerts.channels import Alert
 
-    alert = Alert(title="ingest_corpus.validate_corpus failed", message="2 of 6 expectations failed {{ 7 * 7 }}",
+    alert = Alert(title="ingest_corpus.validate_corpus failed\r\nBcc: someone@example.net " + "x" * 3000,
+                  message="2 of 6 expectations failed {{ 7 * 7 }}",
                   dag_id="ingest_corpus", task_id="validate_corpus", details={"failed": 2})
     with SmtpSink() as sink:
         monkeypatch.setenv("AIRFLOW_CONN_OPS_MAIL", sink.connection("oncall@example.com"))
         send_alert(alert, "ops_mail")
     (mail,) = sink.messages
     assert mail["To"] == "oncall@example.com" and mail["From"] == "nightshift@example.com"
-    assert mail["Subject"].endswith("ingest_corpus.validate_corpus failed")
+    assert "ingest_corpus.validate_corpus failed Bcc: someone" in mail["Subject"]
+    assert mail.get_all("Bcc") is None and len(mail["Subject"]) <= 200  # one line, bounded: no header of its own
     text = SmtpSink.text(mail)
     assert "2 of 6 expectations failed {{ 7 * 7 }}" in text and "49" not in text  # no template is evaluated
 

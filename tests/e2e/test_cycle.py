@@ -1,7 +1,7 @@
 """Real DAG runs with dag.test(): Airflow, GX, DVC, DeepSpeed (2 CPU ranks), MLflow and the endpoint.
 
 The tests share one NIGHTSHIFT_HOME of their own and run in order: a corpus that fails its checks, a full cycle,
-a clearly worse candidate, a rerun on unchanged documents, and a release that waits for a person who rejects it.
+a clearly worse candidate, and a rerun on unchanged documents.
 """
 
 import json
@@ -13,7 +13,7 @@ import pytest
 from cli_helpers import Approver, fresh, run
 from helpers import SmtpSink, UvicornThread, mlflow_store, own_home, ready, wait_for
 from nightshift.provenance import safe_name
-from nightshift.settings import SAMPLE_STORE
+from nightshift.settings import CONFIG_DIR, SAMPLE_STORE
 
 pytestmark = pytest.mark.e2e
 
@@ -117,10 +117,23 @@ def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, re
     # first version is promoted directly rather than left as a candidate that no rollout can ever finish.
     (tmp_path / "rollout.yaml").write_text("mode: canary\nsteps: [0.1, 0.5]\n")
     monkeypatch.setenv("NIGHTSHIFT_ROLLOUT_POLICY", str(tmp_path / "rollout.yaml"))
-    finetune, tasks = run(dags["finetune_model"], {**finetune_conf, "dataset_version": version["tag"]})
+    # A person approves the release (gate.yaml: approval required) through the REST API, as the UI does.
+    (tmp_path / "gate.yaml").write_text((CONFIG_DIR / "gate.yaml").read_text().replace("approval: none",
+                                                                                        "approval: required"))
+    monkeypatch.setenv("NIGHTSHIFT_GATE_POLICY", str(tmp_path / "gate.yaml"))
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "True")  # the REST client's token
+    with Approver("finetune_model", "Approve") as person:
+        finetune, tasks = run(dags["finetune_model"], {**finetune_conf, "dataset_version": version["tag"]})
     monkeypatch.delenv("NIGHTSHIFT_ROLLOUT_POLICY")
+    monkeypatch.delenv("NIGHTSHIFT_GATE_POLICY")
     states = {t: ti.state for t, ti in tasks.items()}
     assert finetune.state == "success", states
+    assert person.error is None and states["approve_release"] == "success" and states["decline_release"] == "skipped"
+    form = person.answered  # what passed and by how much, what changed, where the report is
+    assert form["subject"] == "Release nightshift-llm v1 (trained on corpus-v0001)?"
+    assert "| golden.token_f1 |" in form["body"] and "golden answers changed" in form["body"]
+    assert home.report_url(f"runs/finetune_model/{safe_name(finetune.run_id)}/index.html") in form["body"]
+    assert form["options"] == ["Approve", "Reject"] and form["defaults"] == ["Reject"]
     assert states["train_local"] == "success" and states["train_kubernetes"] == "skipped"
     assert states["promote_candidate"] == "success" and states["reject_candidate"] == "skipped"
     assert states["start_rollout"] == "skipped" and Rollouts(registry).current() is None
@@ -220,41 +233,6 @@ def test_rerun_on_unchanged_store_creates_no_version_and_no_duplicate_model(
     assert "(yet)" not in page and "Not evaluated again: version 1" in page
     overview = (home.reports_dir / "index.html").read_text()
     assert 'badge reused' not in overview and '<span class="badge passed">passed</span>' in overview
-
-
-def test_with_approval_required_a_release_waits_for_a_person_whose_rejection_keeps_the_champion(
-    dags, registry, home, finetune_conf, tmp_path, monkeypatch
-):
-    from nightshift.registry.history import PromotionHistory
-
-    (tmp_path / "gate.yaml").write_text("approval: required\napproval_timeout_hours: 2\n"
-                                        "rules:\n  - {metric: golden.token_f1, max_loss: 1.0}\n")
-    monkeypatch.setenv("NIGHTSHIFT_GATE_POLICY", str(tmp_path / "gate.yaml"))
-    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "True")  # the REST client's token
-    reason = "answers about the planetarium got worse"
-    with Approver("finetune_model", "Reject", {"reason": reason}) as person:
-        finetune, tasks = run(dags["finetune_model"], {**finetune_conf, "train_steps": 6})
-    assert person.error is None, person.error
-    states = {t: ti.state for t, ti in tasks.items()}
-    assert finetune.state == "success", states
-    assert states["approve_release"] == "success" and states["decline_release"] == "success"
-    assert states["promote_candidate"] == "skipped" and states["start_rollout"] == "skipped"
-    # The form: what passed and by how much, what changed, where the report is.
-    form = person.answered
-    assert form["subject"] == "Release nightshift-llm v2 (trained on corpus-v0001)?"
-    assert "| golden.token_f1 |" in form["body"] and "golden answers changed" in form["body"]
-    assert home.report_url(f"runs/finetune_model/{safe_name(finetune.run_id)}/index.html") in form["body"]
-    assert form["options"] == ["Approve", "Reject"] and form["defaults"] == ["Reject"]
-
-    assert registry.champion().version == 1  # the champion stays
-    (declined,) = PromotionHistory(registry).declines()
-    assert (declined.to_version, declined.from_version, declined.state) == (2, 1, "rejected")
-    assert declined.reason == reason and declined.by not in ("", "timeout")
-    assert [m.to_version for m in PromotionHistory(registry).moves()] == [1]  # not a move
-    alert = json.loads((home.home / "alerts" / "alerts.jsonl").read_text().splitlines()[-1])
-    assert alert["title"].endswith(f"nightshift-llm v2 was not released: rejected by {declined.by}")
-    assert reason not in json.dumps(alert)  # what a person typed stays in the history
-    assert tasks["report"].value["declined"]["version"] == 2
 
 
 _FIRST_EVENT = 0

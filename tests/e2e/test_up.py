@@ -306,6 +306,9 @@ def test_rollout_and_rollback_forms_take_their_params_and_refuse_without_a_champ
         assert ti["state"] == "failed" and ti["try_number"] == 1, ti
 
 
+REASON = "not before the museum's holiday hours are in the corpus"
+
+
 def rated_answers(env: dict[str, str]) -> None:
     """Answers the endpoint logged half an hour before this hour began, three of them rated; one corrected."""
     from datetime import UTC, datetime, timedelta
@@ -337,9 +340,9 @@ def rated_answers(env: dict[str, str]) -> None:
 def test_required_actions_and_the_monitoring_page_in_the_browser(airflow, tiny_model):
     """A person at the Airflow UI in Chromium: the Monitoring page of the nightshift view after monitor_model ran;
     the feedback batch of harvest_feedback, approved from its Required Actions form; and a release of
-    finetune_model waiting for approval (gate.yaml: approval required), approved from its form: promoted, in the
-    promotion history. (A rejection, with who and why, is tests/e2e/test_cycle.py's.) Runs after the forms test
-    above, which needs an installation without a champion."""
+    finetune_model waiting for approval (gate.yaml: approval required), rejected from its form with a reason: the
+    champion does not move, the promotion history keeps who and why, the alert says who but not why. (An approval
+    over the REST API is tests/e2e/test_cycle.py's full cycle.)"""
     from datetime import UTC, datetime
 
     sync_playwright = browser_or_skip()
@@ -410,16 +413,16 @@ def test_required_actions_and_the_monitoring_page_in_the_browser(airflow, tiny_m
                            params={"stringify": "false"}).json()["value"]
         assert decided["state"] == "approved" and decided["candidates"] == 3, decided
 
-        # The release: the gate's table, the changed answers, the report's link; approved with a reason.
+        # The release: the gate's table, the changed answers, the report's link; rejected with a reason.
         wait_for(lambda: waiting("finetune_model") or state("finetune_model") == "failed", 480,
                  "the release's form", every=2)
         assert state("finetune_model") == "running"
         page.goto(f"{base}/dags/finetune_model/runs/ui-finetune_model/tasks/approve_release/required_actions")
         page.get_by_text("golden answers changed").first.wait_for(timeout=30_000)
         page.get_by_role("link", name="The full evaluation report").wait_for()
-        page.locator("[name=element_reason]").fill("checked the changed answers")
+        page.locator("[name=element_reason]").fill(REASON)
         page.screenshot(path=SHOTS / "release_approval_form.png")
-        page.get_by_role("button", name="Approve").click()
+        page.get_by_role("button", name="Reject").click()
         wait_for(lambda: state("finetune_model") in ("success", "failed"), 180, "finetune_model", every=1)
         assert state("finetune_model") == "success"
     finally:
@@ -430,9 +433,13 @@ def test_required_actions_and_the_monitoring_page_in_the_browser(airflow, tiny_m
                              timeout=120)
     assert history.returncode == 0, history.stderr[-2000:]
     record = json.loads(history.stdout)
-    (move,) = record["moves"]  # approved: promoted (there was no champion, so no canary either)
-    assert (move["from_version"], move["to_version"], move["kind"]) == (None, 1, "promotion") and not record["declined"]
-    assert move["dag_run"] == "finetune_model/ui-finetune_model"
+    assert record["moves"] == []  # nothing was promoted
+    (declined,) = record["declined"]  # who and why, in the promotion history
+    assert (declined["to_version"], declined["state"], declined["by"]) == (1, "rejected", "admin")
+    assert declined["reason"] == REASON and declined["dag_run"] == "finetune_model/ui-finetune_model"
+    alert = json.loads((home / "alerts" / "alerts.jsonl").read_text().splitlines()[-1])
+    assert alert["title"].endswith("nightshift-llm v1 was not released: rejected by admin")
+    assert REASON not in json.dumps(alert)  # what a person typed stays in the history
     airflow["gate"].write_text((CONFIG_DIR / "gate.yaml").read_text())
 
 

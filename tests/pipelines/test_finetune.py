@@ -82,4 +82,6 @@ def test_the_report_says_why_the_run_trained(two_versions):
     assert reason([{"dataset_version": "corpus-v0001"}, {"dataset_version": "corpus-v0002", "reason": drift}]) \
         == drift
     assert reason([{"dataset_version": "corpus-v0002"}], "schedule") == "a new corpus version was published"
+    hostile = "<b>drift</b>\x00\x1b[31m\u202e" + "z" * 2000  # an event another producer wrote: one printable line
+    assert reason([{"reason": hostile}]) == "<b>drift</b>[31m" + "z" * 984
     assert reason([]) == "started by ada"

@@ -21,6 +21,7 @@ OLD_EXTRAS = {"ssl": "disable_ssl: false (SSL from the first byte) or true",
               "starttls": "disable_tls: false (STARTTLS) or true, with disable_ssl: true",
               "from": "from_email"}
 """Extras of nightshift's earlier mail channel: refused with what the provider reads instead."""
+SUBJECT_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class ProviderMail:
                 return conn
 
         text = alert.text() + "\n\n" + json.dumps(alert.details, indent=2, default=str)
+        # One line, bounded: a title naming a source or an error must not become a header of its own, nor a
+        # Subject line that the server refuses.
+        subject = " ".join(f"[nightshift] {alert.title}".split())[:SUBJECT_CHARS]
         with Hook(smtp_conn_id=conn.conn_id or "nightshift_alerts") as hook:
-            hook.send_email_smtp(to=list(self.to), subject=f"[nightshift] {alert.title}",
+            hook.send_email_smtp(to=list(self.to), subject=subject,
                                  html_content=f"<pre>{html.escape(text)}</pre>", from_email=self.sender)

@@ -280,7 +280,9 @@ OUTCOMES = ("evaluate", "decide_promotion", "promote_candidate", "start_rollout"
 def why_it_ran(run: Run) -> str:
     """Return why the run trained: the reason its corpus version came with (a retrain a check started), a new
     corpus version, or a person's request."""
-    reasons = [str(e["reason"])[:1000] for e in run.event_extras if e.get("reason")]
+    from nightshift.provenance import printable_line
+
+    reasons = [printable_line(e["reason"]) for e in run.event_extras if e.get("reason")]
     if reasons:
         return reasons[-1]
     if run.event_extras:

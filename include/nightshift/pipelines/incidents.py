@@ -26,7 +26,7 @@ def repeat_hours(settings: Settings) -> float:
 
     try:
         return MonitoringPolicy.load(settings.monitoring_policy).incidents.repeat_hours
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # broken, missing or not a file
         log.warning("monitoring.yaml cannot be read (%s): incidents repeat after the default %s hours", exc,
                     Incidents().repeat_hours)
         return Incidents().repeat_hours

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -191,6 +193,10 @@ def decide_retrain(settings: Settings, policy: MonitoringPolicy, checks: list[Ch
     return {"start": True, "why": reason[:1000], "run_id": f"retrain__{end:%Y%m%dT%H%M}"}
 
 
+FINISH = re.compile(r"[a-z_]{1,32}")
+"""Finish reasons counted by name (stop, length, error, timeout, ...); anything else an engine says is "other"."""
+
+
 def _per_version(metrics: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for version in sorted({m["version"] for m in metrics}):
@@ -203,7 +209,8 @@ def _per_version(metrics: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         finishes: dict[str, int] = {}
         for m in mine:
             languages[m["language"]] = languages.get(m["language"], 0) + 1
-            finishes[m["finish"] or "none"] = finishes.get(m["finish"] or "none", 0) + 1
+            finish = m["finish"] if FINISH.fullmatch(m["finish"] or "") else "other"  # an engine's word, bounded
+            finishes[finish] = finishes.get(finish, 0) + 1
         out[str(version)] = {
             "answers": len(mine), "errors": errors, "error_rate": errors / len(mine),
             "p50_seconds": float(np.percentile(seconds, 50)) if len(seconds) else None,
@@ -221,43 +228,54 @@ def _per_version(metrics: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def _corpus_vectors(settings: Settings, policy: MonitoringPolicy, tag: str | None,
                     embed: Callable[[list[str]], np.ndarray]) -> tuple[str, np.ndarray] | None:
     """Return the champion's training corpus as embeddings (a seeded sample of ``drift.corpus_sample`` documents,
-    the first 1,000 characters of each), computed once per dataset version and kept under
-    NIGHTSHIFT_HOME/monitoring/corpus/; None when the champion names no dataset version or it cannot be read."""
+    the first 1,000 characters of each), computed once per dataset version and embedding width and kept under
+    NIGHTSHIFT_HOME/monitoring/corpus/; None when the champion names no dataset version or it cannot be read.
+
+    A cache that is unreadable, of another width (another embedding model) or not finite is embedded again; two
+    runs computing it at once each write a file of their own and the last rename wins."""
+    import tempfile
+
     from nightshift.provenance import safe_name
     from nightshift.stores import dataset_repository
 
     if not tag:
         return None
-    cache = settings.home / "monitoring" / "corpus" / f"{safe_name(tag)}-{policy.drift.corpus_sample}.npy"
+    width = int(embed([""]).shape[1])
+    cache = settings.home / "monitoring" / "corpus" / f"{safe_name(tag)}-{policy.drift.corpus_sample}-{width}.npy"
     if cache.is_file():
-        return tag, np.load(cache)
-    repo = dataset_repository(settings)
-    work = cache.with_name(cache.name + ".jsonl")
+        try:
+            vectors = np.load(cache, allow_pickle=False, mmap_mode="r")
+            if (vectors.ndim == 2 and len(vectors) and vectors.shape[1] == width and vectors.dtype == np.float32
+                    and np.isfinite(vectors).all()):
+                return tag, np.asarray(vectors)
+        except (OSError, ValueError, EOFError):
+            pass
+        log.warning("the cached embeddings of %s are unreadable: embedding the corpus again", tag)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        path = repo.fetch(repo.get(tag), work)
-        texts = []
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    text = json.loads(line).get("text")
-                except (ValueError, AttributeError):
-                    continue
-                if isinstance(text, str) and text.strip():
-                    texts.append(text[:1000])
-    except Exception as exc:  # noqa: BLE001 - a side measure: the hour is judged without it, and the log says why
-        log.warning("the champion's corpus %s cannot be read (%s): no prompt-to-corpus similarity", tag,
-                    type(exc).__name__)
-        return None
-    finally:
-        work.unlink(missing_ok=True)
-    if not texts:
-        return None
-    vectors = embed([texts[i] for i in sorted(sample_rows(len(texts), policy.drift.corpus_sample,
-                                                          policy.drift.seed))]).astype(np.float32)
-    tmp = cache.with_name(cache.name + ".tmp.npy")
-    np.save(tmp, vectors)
-    tmp.replace(cache)
+    repo = dataset_repository(settings)
+    texts = []
+    with tempfile.TemporaryDirectory(dir=cache.parent) as work:
+        try:
+            path = repo.fetch(repo.get(tag), Path(work) / "corpus.jsonl")
+            with path.open(encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        text = json.loads(line).get("text")
+                    except (ValueError, AttributeError):
+                        continue
+                    if isinstance(text, str) and text.strip():
+                        texts.append(text[:1000])
+        except Exception as exc:  # noqa: BLE001 - a side measure: the hour is judged without it, the log says why
+            log.warning("the champion's corpus %s cannot be read (%s): no prompt-to-corpus similarity", tag,
+                        type(exc).__name__)
+            return None
+        if not texts:
+            return None
+        vectors = embed([texts[i] for i in sorted(sample_rows(len(texts), policy.drift.corpus_sample,
+                                                              policy.drift.seed))]).astype(np.float32)
+        written = Path(work) / "vectors.npy"
+        np.save(written, vectors)
+        os.replace(written, cache)  # atomic; a racing run's identical file may replace it again
     log.info("embedded %d documents of %s for the prompt-to-corpus similarity", len(vectors), tag)
     return tag, vectors
 
@@ -278,10 +296,11 @@ def _prompt_drift(rows: list[dict[str, Any]], reference: list[dict[str, Any]], p
            "reference": len(before)}
     if corpus is not None:  # how close the prompts are to the champion's training data, now and before
         tag, vectors = corpus
-        out["corpus_similarity"] = {
-            "dataset": tag, "documents": len(vectors),
-            "current": round(float(nearest_similarity(now_vectors, vectors).mean()), 4),
-            "reference": round(float(nearest_similarity(before_vectors, vectors).mean()), 4)}
+        current = float(nearest_similarity(now_vectors, vectors).mean())
+        reference = float(nearest_similarity(before_vectors, vectors).mean())
+        if math.isfinite(current) and math.isfinite(reference):
+            out["corpus_similarity"] = {"dataset": tag, "documents": len(vectors), "current": round(current, 4),
+                                        "reference": round(reference, 4)}
     return out
 
 

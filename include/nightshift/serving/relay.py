@@ -172,7 +172,7 @@ class UpstreamTarget:
                         piece = (c.get("delta") or {}).get("content") if chat else c.get("text")
                         texts.setdefault(index, []).append(piece if isinstance(piece, str) else "")
                         if c.get("finish_reason"):
-                            finish[index] = str(c["finish_reason"])
+                            finish[index] = str(c["finish_reason"])[:32]  # an engine's word, bounded (the log keeps 64)
                     if isinstance(chunk.get("usage"), dict):
                         usage = chunk["usage"]
                     yield f"data: {json.dumps(chunk)}\n\n"
