@@ -189,6 +189,6 @@ def hourly_svg(series: dict[str, list[tuple[str, float | None]]], title: str, yl
     ax.set_xticks(ticks, [hours[i][5:13].replace("T", " ") + "h" for i in ticks], rotation=0)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
-    if series or bands:
+    if ax.get_legend_handles_labels()[0]:  # a series with no value in any hour draws nothing to name
         ax.legend(fontsize=7, frameon=False)
     return _save(fig, path)
