@@ -75,13 +75,12 @@ def harvest_feedback():
 
     @task
     def apply_decision(summary: dict, answer: dict) -> dict:
+        from nightshift.airflow.hitl import answer_of
         from nightshift.pipelines import harvest
 
-        chosen = answer.get("chosen_options") or ["Reject"]
-        user = answer.get("responded_by_user") or {}
-        by = str(user.get("name") or user.get("id") or "timeout")[:200]
-        at = str(answer.get("responded_at") or get_current_context()["ts"])
-        decided = harvest.decide(SETTINGS, summary["batch"], chosen == ["Approve"], by, at)
+        said = answer_of(answer)
+        by, at = said["by"], said["at"] or get_current_context()["ts"]
+        decided = harvest.decide(SETTINGS, summary["batch"], said["approved"], by, at)
         print(f"batch {decided['batch']}: {decided['state']} by {by} ({decided['candidates']} documents)")
         return {k: v for k, v in decided.items() if k != "examples"}
 

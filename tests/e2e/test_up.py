@@ -156,6 +156,15 @@ def test_up_serves_airflow_and_the_endpoint_and_brings_back_a_dead_endpoint(airf
     wait_for(lambda: httpx.get(f"{serve}/livez").status_code == 200, 120, "the restarted endpoint", every=0.5)
 
 
+def sign_in(page, base: str, password: str) -> None:
+    """Log in through Airflow's own form."""
+    page.goto(f"{base}/")
+    page.get_by_label("Username").fill("admin")
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{base}/")
+
+
 def frame(page, match, what: str, timeout: float = 30.0):
     """Wait for a frame of the page whose URL ``match`` accepts (the browser's events flow while waiting)."""
     deadline = time.monotonic() + timeout
@@ -181,12 +190,7 @@ def test_trigger_from_the_form_and_read_the_reports(airflow):
         context.on("request", lambda request: requests.append(request.url))
         page = context.new_page()
 
-        # Log in through Airflow's own form.
-        page.goto(f"{base}/")
-        page.get_by_label("Username").fill("admin")
-        page.get_by_label("Password").fill(password)
-        page.get_by_role("button", name="Sign in").click()
-        page.wait_for_url(f"{base}/")
+        sign_in(page, base, password)
 
         # The Trigger form shows the Param with its title and description; a custom source is typed in.
         page.goto(f"{base}/dags/ingest_corpus")
@@ -265,11 +269,7 @@ def test_rollout_and_rollback_forms_take_their_params_and_refuse_without_a_champ
     browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
     try:
         page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
-        page.goto(f"{base}/")
-        page.get_by_label("Username").fill("admin")
-        page.get_by_label("Password").fill(password)
-        page.get_by_role("button", name="Sign in").click()
-        page.wait_for_url(f"{base}/")
+        sign_in(page, base, password)
 
         page.goto(f"{base}/dags/rollout_model")
         page.get_by_role("button", name="Trigger").first.click()
@@ -380,11 +380,7 @@ def test_required_actions_and_the_monitoring_page_in_the_browser(airflow, tiny_m
     browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
     try:
         page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
-        page.goto(f"{base}/")
-        page.get_by_label("Username").fill("admin")
-        page.get_by_label("Password").fill(password)
-        page.get_by_role("button", name="Sign in").click()
-        page.wait_for_url(f"{base}/")
+        sign_in(page, base, password)
 
         # The Monitoring page, from the nightshift page's header: the hour's charts drawn.
         page.goto(f"{base}/plugin/nightshift")

@@ -84,13 +84,12 @@ def measure_hour(settings: Settings, policy: MonitoringPolicy, start: datetime, 
                              embed, policy.window.similarity_sample, policy.drift.seed)
     per_version = _per_version(metrics)
     hour = start.isoformat()
-    normal = reference
     corpus = _corpus_vectors(settings, policy, versions.get("dataset_tag"), embed)
-    drift = _prompt_drift(rows, normal, policy, embed, corpus)
+    drift = _prompt_drift(rows, reference, policy, embed, corpus)
     drift["excluded_hours"] = sorted(h for h in drifted if h < hour)
     feedback = _feedback(ratings, versions, policy)
     _write_hour(folder, hour, metrics, per_version, drift, feedback)
-    summary = {"hour": hour, "end": end.isoformat(), "answers": len(rows), "reference_answers": len(normal),
+    summary = {"hour": hour, "end": end.isoformat(), "answers": len(rows), "reference_answers": len(reference),
                "versions": per_version, "drift": drift, "feedback": feedback}
     log.info("hour %s: %d answers over %d versions, %d in the reference", hour, len(rows), len(per_version),
              len(reference))
