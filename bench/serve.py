@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -179,6 +180,14 @@ def main() -> int:
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="ns-bench-serve-"))
+    try:
+        return measure(home, args)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)  # an imported and a registered copy of SmolLM2: 1.6 GB
+
+
+def measure(home: Path, args) -> int:
+    """Run the measurements with state under home; return the exit status (0: goals met)."""
     os.environ["NIGHTSHIFT_HOME"] = str(home)
     os.environ["NIGHTSHIFT_SERVE_REQUIRE_KEY"] = "false"
     from nightshift.settings import DEFAULT_FOUNDATION_MODEL, load_settings

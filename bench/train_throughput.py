@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -139,6 +140,7 @@ def main() -> int:
     print(f"ratio nightshift / plain: {ours / plain:.2f}x (goal >= 1.0x); against the tuned loop: {ours / tuned:.2f}x "
           "(DeepSpeed's engine, progress and tracking)")
     print(f"start-up, launch to first step: cold {cold_start:.1f} s, warm {warm_start:.1f} s (goal warm < 15 s)")
+    shutil.rmtree(work, ignore_errors=True)  # three trainer outputs with checkpoints
     return 0
 
 

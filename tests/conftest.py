@@ -6,7 +6,9 @@ configuration on import).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +18,9 @@ from pathlib import Path
 import pytest
 
 SESSION_HOME = Path(tempfile.mkdtemp(prefix="nightshift-tests-"))
+# Each pytest process (the controller and every xdist worker) imports this file and owns one home of half a gigabyte
+# (an imported SmolLM2 among it): removed when the process exits, or a machine's disk fills after a few dozen runs.
+atexit.register(shutil.rmtree, SESSION_HOME, ignore_errors=True)
 os.environ["NIGHTSHIFT_HOME"] = str(SESSION_HOME)
 # Tests build document stores in temporary folders and train with a recipe of their own.
 os.environ["NIGHTSHIFT_SOURCE_ROOTS"] = ",".join([
