@@ -41,6 +41,7 @@ from nightshift.environment import ensure_airflow_config, runtime_env  # noqa: E
 from nightshift.settings import load_settings, repo_root  # noqa: E402
 
 ensure_airflow_config(load_settings())
+(SESSION_HOME / "lineage").mkdir()
 for _key, _value in runtime_env(load_settings()).items():
     os.environ[_key] = _value
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"

@@ -5,10 +5,16 @@ that point Airflow and the libraries at local state, and files only their owner 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from nightshift.settings import Settings, repo_root
+
+MULTIPART_MIN_BYTES = 64 * 1024 * 1024
+"""Files at least this large are uploaded to a tracking server's object store in parts (MLflow's default: 500 MB)."""
+MULTIPART_CHUNK_BYTES = 32 * 1024 * 1024
+"""Size of each part (S3 takes 5 MiB to 5 GiB, at most 10,000 parts)."""
 
 
 def write_private(path: Path, text: str) -> Path:
@@ -92,6 +98,15 @@ def runtime_env(settings: Settings) -> dict[str, str]:
         # The UI and API listen on loopback unless NIGHTSHIFT_AIRFLOW_HOST says otherwise.
         "AIRFLOW__API__HOST": settings.airflow_host,
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+        # Celery hands a task to another worker when it has not been acknowledged for this long: longer than
+        # the longest task (training), or a training run would be started a second time beside the first.
+        "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": str(settings.train_timeout_s + 3600),
+        # Lineage of every task (OpenLineage provider), with the inputs and outputs nightshift.airflow.lineage reads
+        # from the tasks' records; to a file here unless [openlineage] config_conn_id names a connection.
+        "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
+            {"type": "file", "append": True, "log_file_path": str(settings.home / "lineage" / "events.jsonl")}),
+        "AIRFLOW__OPENLINEAGE__EXTRACTORS": "nightshift.airflow.lineage.TaskRecordExtractor",
+        "AIRFLOW__OPENLINEAGE__NAMESPACE": "nightshift",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -102,6 +117,12 @@ def runtime_env(settings: Settings) -> dict[str, str]:
         "DO_NOT_TRACK": "1",
         "DVC_NO_ANALYTICS": "1",
     }
+    if settings.tracking_uri.startswith(("http://", "https://")):
+        # A tracking server with proxied artifacts: large files (checkpoint shards) go to its object store in
+        # parts, through URLs the server signs, instead of one request it would have to stream through itself.
+        env["MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD"] = "true"
+        env["MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE"] = str(MULTIPART_MIN_BYTES)
+        env["MLFLOW_MULTIPART_UPLOAD_CHUNK_SIZE"] = str(MULTIPART_CHUNK_BYTES)
     if root:
         env["AIRFLOW__CORE__DAGS_FOLDER"] = str(root / "dags")
         env["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(root / "plugins")
@@ -111,6 +132,7 @@ def runtime_env(settings: Settings) -> dict[str, str]:
 def configure_environment(settings: Settings) -> dict[str, str]:
     """Export the runtime environment (explicit variables win) before anything imports Airflow."""
     ensure_airflow_config(settings)
+    (settings.home / "lineage").mkdir(parents=True, exist_ok=True)  # the file transport does not create folders
     for key, value in runtime_env(settings).items():
         os.environ.setdefault(key, value)
     return {key: os.environ[key] for key in runtime_env(settings)}

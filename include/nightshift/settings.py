@@ -21,6 +21,8 @@ SAMPLES_DIR = INCLUDE_DIR / "samples" if _IN_CHECKOUT else PACKAGE_DIR / "resour
 SAMPLE_STORE = SAMPLES_DIR / "store"
 GOLDEN_QA = SAMPLES_DIR / "golden_qa.jsonl"
 DEFAULT_FOUNDATION_MODEL = "SmolLM2-135M-Instruct"
+PROFILES = ("embedded", "production", "production-local")
+"""Deployment profiles (docs/deploy.md)."""
 MAX_TRAIN_RANKS = 1024
 """Most ranks per node a recipe or NIGHTSHIFT_TRAIN_RANKS may ask for."""
 MAX_POD_GPUS = 64
@@ -183,7 +185,22 @@ class Settings:
     alert_conn_id: str = "nightshift_alerts"
     """Airflow connection of the alert channel: SMTP, Slack, webhook (NIGHTSHIFT_ALERT_CONN_ID)."""
     tracking_uri_override: str | None = None
-    """MLflow tracking URI (NIGHTSHIFT_MLFLOW_TRACKING_URI); unset: the SQLite store under NIGHTSHIFT_HOME."""
+    """MLflow tracking URI (NIGHTSHIFT_MLFLOW_TRACKING_URI); unset: the SQLite store under NIGHTSHIFT_HOME. An
+    ``http(s)://`` tracking server keeps the artifacts where it says (``--artifacts-destination``, proxied)."""
+    profile: str = "embedded"
+    """``embedded`` (one machine, SQLite and folders), ``production`` (the engines the settings below name) or
+    ``production-local`` (nightshift starts stand-ins for them on 127.0.0.1: nightshift.engines); NIGHTSHIFT_PROFILE."""
+    dvc_remote_url: str | None = None
+    """The DVC remote (NIGHTSHIFT_DVC_REMOTE), e.g. ``s3://bucket/dvc``, its credentials and endpoint from the
+    ``s3_conn_id`` connection; unset: the folder dvc-remote under NIGHTSHIFT_HOME."""
+    data_git_remote: str | None = None
+    """A git remote the data repository's commits and version tags are pushed to and fetched from
+    (NIGHTSHIFT_DATA_GIT_REMOTE): installations that share it, and the DVC remote, share their dataset versions."""
+    s3_conn_id: str = "nightshift_s3"
+    """Airflow connection of the object storage (type aws: login, password, extra endpoint_url and region_name)."""
+    lease_db_override: str | None = None
+    """Database whose advisory locks serialize moves of the registry's aliases (NIGHTSHIFT_LEASE_DB, PostgreSQL);
+    unset: the tracking store itself when it is a database, else a lock file under NIGHTSHIFT_HOME."""
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     """Where trainer pods run on the kubernetes backend."""
     serving: ServingLimits = field(default_factory=ServingLimits)
@@ -251,6 +268,11 @@ class Settings:
             raise ValueError("NIGHTSHIFT_TASK_TIMEOUT_S and NIGHTSHIFT_TRAIN_TIMEOUT_S must be at least 60 seconds")
         if self.retention_days <= 0:
             raise ValueError(f"NIGHTSHIFT_RETENTION_DAYS must be positive, got {self.retention_days}")
+        if self.profile not in PROFILES:
+            raise ValueError(f"NIGHTSHIFT_PROFILE must be one of {', '.join(PROFILES)}, got {self.profile!r}")
+        if self.dvc_remote_url and "://" in self.dvc_remote_url and not self.dvc_remote_url.startswith("s3://"):
+            raise ValueError(f"NIGHTSHIFT_DVC_REMOTE must be an s3://bucket/prefix URL or a folder, got "
+                             f"{self.dvc_remote_url.split('://', 1)[0]}://...")
 
     @cached_property
     def airflow_home(self) -> Path:
@@ -261,8 +283,14 @@ class Settings:
         return self.home / "data-repo"
 
     @cached_property
-    def dvc_remote(self) -> Path:
-        return self.home / "dvc-remote"
+    def dvc_remote(self) -> str:
+        """The DVC remote: an ``s3://`` URL (NIGHTSHIFT_DVC_REMOTE) or a folder (default: dvc-remote in the home)."""
+        return self.dvc_remote_url or str(self.home / "dvc-remote")
+
+    @property
+    def lease_uri(self) -> str:
+        """The database (or SQLite file) whose locks serialize the registry's alias moves."""
+        return self.lease_db_override or self.tracking_uri
 
     @cached_property
     def mlflow_dir(self) -> Path:
@@ -273,7 +301,10 @@ class Settings:
         return self.tracking_uri_override or f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
 
     @property
-    def artifact_root(self) -> str:
+    def artifact_root(self) -> str | None:
+        """Where new experiments keep artifacts: a folder under the home, or None for a tracking server (its own)."""
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return None
         return (self.mlflow_dir / "artifacts").as_uri()
 
     @cached_property
@@ -371,6 +402,11 @@ def load_settings() -> Settings:
         master_port=_env_int("NIGHTSHIFT_MASTER_PORT", 29500),
         alert_conn_id=os.environ.get("NIGHTSHIFT_ALERT_CONN_ID", "nightshift_alerts"),
         tracking_uri_override=os.environ.get("NIGHTSHIFT_MLFLOW_TRACKING_URI") or None,
+        profile=(os.environ.get("NIGHTSHIFT_PROFILE") or "embedded").strip().lower(),
+        dvc_remote_url=os.environ.get("NIGHTSHIFT_DVC_REMOTE") or None,
+        data_git_remote=os.environ.get("NIGHTSHIFT_DATA_GIT_REMOTE") or None,
+        s3_conn_id=os.environ.get("NIGHTSHIFT_S3_CONN_ID", "nightshift_s3"),
+        lease_db_override=os.environ.get("NIGHTSHIFT_LEASE_DB") or None,
         kubernetes=kubernetes,
         serving=load_serving_limits(),
         require_api_key=_env_bool("NIGHTSHIFT_SERVE_REQUIRE_KEY", True),

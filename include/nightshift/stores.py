@@ -17,14 +17,20 @@ def registry_for(settings: Settings) -> ModelRegistry:
     from nightshift.registry.mlflow_registry import ModelRegistry
 
     return ModelRegistry(settings.tracking_uri, settings.registered_model, settings.artifact_root,
-                         settings.champion_alias)
+                         settings.champion_alias, lease_uri=settings.lease_uri)
 
 
 def dataset_repository(settings: Settings) -> DatasetRepository:
-    """Return the DVC repository of dataset versions and its remote."""
+    """Return the DVC repository of dataset versions, its remote and (when set) the git remote of its history."""
     from nightshift.versioning.dvc_store import DatasetRepository
 
-    return DatasetRepository(settings.data_repo, settings.dvc_remote)
+    remote_config: dict[str, str] = {}
+    if settings.dvc_remote.startswith("s3://"):
+        from nightshift.airflow.connections import s3_remote_config
+
+        remote_config = s3_remote_config(settings.s3_conn_id)
+    return DatasetRepository(settings.data_repo, settings.dvc_remote, remote_config=remote_config,
+                             git_remote=settings.data_git_remote)
 
 
 def report_store(settings: Settings) -> ReportStore:

@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class Service:
     env: dict[str, str] | None = None
     restart: bool = True
     """Restart the command when it exits (with back-off), instead of stopping everything."""
+    log: Path | None = None
+    """File its output is appended to; None: this process's own output."""
     process: subprocess.Popen | None = None
     restarts: list[float] = field(default_factory=list)
     next_start: float = 0.0
@@ -54,8 +57,13 @@ class Supervisor:
     """
 
     def __init__(self, services: list[Service], grace_seconds: float = 20.0, max_backoff_s: float = 300.0,
-                 restart_window_s: float = 600.0) -> None:
+                 restart_window_s: float = 600.0, handle_signals: bool = True,
+                 spare: frozenset[int] = frozenset()) -> None:
         self.services = services
+        self.handle_signals = handle_signals
+        """Stop on SIGTERM, SIGINT and SIGHUP (only the main thread may install handlers)."""
+        self.spare = spare
+        """Processes (with their descendants) that stopping leaves alone: engines another owner stops."""
         self.grace_seconds = grace_seconds
         self.max_backoff_s = max_backoff_s
         self.restart_window_s = restart_window_s
@@ -64,7 +72,16 @@ class Supervisor:
 
     def _start(self, service: Service) -> None:
         # A session of its own: a terminal's Ctrl-C reaches only this process, which then stops the rest in order.
-        service.process = subprocess.Popen(service.argv, env=service.env, start_new_session=True)
+        out = None
+        if service.log is not None:
+            service.log.parent.mkdir(parents=True, exist_ok=True)
+            out = service.log.open("ab")
+        try:
+            service.process = subprocess.Popen(service.argv, env=service.env, start_new_session=True, stdout=out,
+                                               stderr=subprocess.STDOUT if out else None)
+        finally:
+            if out is not None:
+                out.close()
         log.info("started %s (pid %d)", service.name, service.process.pid)
 
     def request_stop(self, *_args) -> None:
@@ -72,8 +89,9 @@ class Supervisor:
 
     def run(self, poll_seconds: float = 1.0) -> int:
         """Run until asked to stop (SIGTERM, SIGINT, SIGHUP) or a non-restarting service exits; return the status."""
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self.request_stop)
+        if self.handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, self.request_stop)
         try:
             for service in self.services:
                 self._start(service)
@@ -101,6 +119,18 @@ class Supervisor:
             return 0
         finally:
             self.stop_all()
+
+    def _spared(self) -> set[int]:
+        import psutil
+
+        spared = set()
+        for pid in self.spare:
+            try:
+                proc = psutil.Process(pid)
+            except psutil.Error:
+                continue
+            spared |= {pid} | {p.pid for p in _descendants(proc)}
+        return spared
 
     def _reap_orphans(self) -> None:
         """Collect exit statuses of re-parented descendants so they do not linger as zombies."""
@@ -131,18 +161,19 @@ class Supervisor:
         import psutil
 
         me = psutil.Process()
-        descendants = _descendants(me)
+        spared = self._spared()
+        descendants = [p for p in _descendants(me) if p.pid not in spared]
         for service in reversed(self.services):
             self._stop_group(service)
         for proc in descendants:
             _signal(proc, signal.SIGTERM)
         deadline = time.monotonic() + self.grace_seconds
         while time.monotonic() < deadline:
-            alive = [p for p in _descendants(me) if _alive(p)]
+            alive = [p for p in _descendants(me) if _alive(p) and p.pid not in spared]
             if not alive:
                 break
             time.sleep(0.2)
-        leftovers = [p for p in _descendants(me) if _alive(p)]
+        leftovers = [p for p in _descendants(me) if _alive(p) and p.pid not in spared]
         for proc in leftovers:
             log.warning("killing %s (pid %d), still running after %.0fs", _name(proc), proc.pid, self.grace_seconds)
             _signal(proc, signal.SIGKILL)
@@ -152,7 +183,7 @@ class Supervisor:
                     service.process.wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     pass
-        for proc in _descendants(me):  # reap zombies left by re-parented grandchildren
+        for proc in [p for p in _descendants(me) if p.pid not in spared]:  # reap re-parented grandchildren
             try:
                 os.waitpid(proc.pid, os.WNOHANG)
             except ChildProcessError:

@@ -87,3 +87,24 @@ def judge_endpoint(conn_id: str, model: str | None = None):
         raise ValueError(f"the judge connection {conn_id!r} names no model: set its extra to "
                          '{"model": "<judge model>"} or judge.model in evaluation.yaml')
     return JudgeEndpoint(base_url=base_url, model=name.strip(), api_key=conn.password or "unused"), ""
+
+
+def s3_remote_config(conn_id: str) -> dict[str, str]:
+    """Return DVC's S3 remote options (``endpointurl``, keys, ``region``) from an ``aws`` Airflow connection.
+
+    The login and password are the access key id and secret; extra ``endpoint_url`` names an S3-compatible
+    service (MinIO, Ceph, moto), extra ``region_name`` its region. Without the connection DVC uses its own
+    credential chain (an instance role, AWS_* variables, ~/.aws), as on a cluster node with an IAM role.
+    """
+    from airflow.exceptions import AirflowNotFoundException
+
+    try:
+        conn = get_connection(conn_id)
+    except AirflowNotFoundException:
+        log.info("no Airflow connection %s: DVC reaches S3 with its own credential chain", conn_id)
+        return {}
+    extra = conn.extra_dejson or {}
+    config = {"endpointurl": extra.get("endpoint_url") or (conn.host or ""),
+              "access_key_id": conn.login or "", "secret_access_key": conn.password or "",
+              "region": extra.get("region_name") or ""}
+    return {key: str(value) for key, value in config.items() if value}

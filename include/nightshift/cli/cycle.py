@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,43 @@ from nightshift.settings import (
 
 
 def cmd_cycle(settings: Settings, args) -> int:
-    configure_environment(settings)
+    if settings.profile == "embedded":
+        configure_environment(settings)
+        return cycle(settings, args, run_dag)
+    # The production profiles: the cycle's runs go through the scheduler to Celery workers, as a nightly run
+    # would; the scheduler creates no run of its own meanwhile (no nightly run, no asset-triggered one).
+    from nightshift.cli.stack import (
+        airflow_services,
+        celery_workers,
+        engines_for,
+        prepare_metadata,
+        python_env,
+        running_stack,
+    )
+
+    # SIGTERM (a killed `make run`) unwinds like Ctrl-C: the stack and the engines are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = time.monotonic()
+    with engines_for(settings) as (settings, spare):
+        configure_environment(settings)
+        prepare_metadata(settings)
+        env = python_env()
+        env["AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE"] = "False"
+        logs = settings.home / "logs" / "stack"
+        with running_stack(airflow_services(env, celery_workers(), logs), spare):
+            print(f"{settings.profile} stack up in {time.monotonic() - started:.0f} s (Airflow on "
+                  f"{_engine_name(os.environ.get('AIRFLOW__DATABASE__SQL_ALCHEMY_CONN', ''))}, "
+                  f"{os.environ.get('AIRFLOW__CORE__EXECUTOR')}, {celery_workers()} workers; logs in {logs})",
+                  flush=True)
+            return cycle(settings, args, run_through_scheduler)
+
+
+def _engine_name(url: str) -> str:
+    return url.split(":", 1)[0].split("+", 1)[0] or "?"
+
+
+def cycle(settings: Settings, args, run_dag) -> int:
+    """Run ingest_corpus, then finetune_model on its version, with ``run_dag(dag_id, conf)``; print a summary."""
     started = time.monotonic()
     ingest_conf = {"source": args.source} if args.source else {}
     ingest = run_dag("ingest_corpus", ingest_conf)
@@ -56,6 +94,51 @@ def run_dag(dag_id: str, conf: dict[str, Any] | None = None):
     if dag_id not in bag.dags:
         raise SystemExit(f"DAG {dag_id} not found; import errors: {bag.import_errors}")
     return bag.dags[dag_id].test(run_conf=conf or {})
+
+
+def run_through_scheduler(dag_id: str, conf: dict[str, Any] | None = None, timeout_s: float = 6 * 3600):
+    """Trigger one DAG run for the scheduler and its workers, wait for it to end, and return its DagRun."""
+    from airflow.api.common.trigger_dag import trigger_dag
+    from airflow.models.dag import DagModel
+    from airflow.models.dagrun import DagRun
+    from airflow.models.serialized_dag import SerializedDagModel
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from airflow.utils.types import DagRunTriggeredByType
+    from sqlalchemy import func, select, update
+
+    deadline = time.monotonic() + PARSE_TIMEOUT_S
+    while True:
+        with create_session() as session:
+            if session.scalar(select(SerializedDagModel.dag_id).where(SerializedDagModel.dag_id == dag_id)):
+                session.execute(update(DagModel).where(DagModel.dag_id == dag_id).values(is_paused=False))
+                break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the DAG processor has not parsed {dag_id} within {PARSE_TIMEOUT_S} s; see its log")
+        time.sleep(1)
+    run_id = f"cycle__{time.strftime('%Y%m%dT%H%M%S')}__{dag_id}"
+    with create_session() as session:
+        trigger_dag(dag_id, triggered_by=DagRunTriggeredByType.CLI, run_id=run_id, conf=conf or {}, session=session)
+    started, last_note = time.monotonic(), 0.0
+    while True:
+        with create_session() as session:
+            run = session.scalar(select(DagRun).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id))
+            state = str(run.state)
+            if state in ("success", "failed"):
+                return run
+            if time.monotonic() - last_note >= PROGRESS_EVERY_S:
+                counts = dict(session.execute(select(TaskInstance.state, func.count()).where(
+                    TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id).group_by(TaskInstance.state)).all())
+                print(f"{dag_id} {state} after {time.monotonic() - started:.0f} s: "
+                      + ", ".join(f"{n} {s or 'not started'}" for s, n in sorted(counts.items(), key=str)), flush=True)
+                last_note = time.monotonic()
+        if time.monotonic() - started > timeout_s:
+            raise SystemExit(f"{dag_id} run {run_id} did not end within {timeout_s:.0f} s")
+        time.sleep(2)
+
+
+PARSE_TIMEOUT_S = 300
+PROGRESS_EVERY_S = 30.0
 
 
 def task_results(dag_run) -> dict[str, Any]:

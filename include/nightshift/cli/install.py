@@ -83,6 +83,8 @@ def cmd_import_model(settings: Settings, _args) -> int:
 
 
 def cmd_up(settings: Settings, args) -> int:
+    if settings.profile != "embedded":
+        return _up_production(settings, args)
     from nightshift.supervisor import Service, Supervisor
 
     configure_environment(settings)
@@ -96,6 +98,33 @@ def cmd_up(settings: Settings, args) -> int:
         Service("airflow", [tool_path("airflow"), "standalone"], env),
         Service("endpoint", [sys.executable, "-m", "nightshift.cli", "serve", "--port", str(args.serve_port)], env),
     ]
+    _print_addresses(settings, args, password_file)
+    return Supervisor(services).run()
+
+
+def _up_production(settings: Settings, args) -> int:
+    """Airflow's components as processes of their own with Celery workers, and the endpoint, on the engines of
+    the production profile (started here first on production-local); supervised until stopped."""
+    from nightshift.cli.stack import airflow_services, celery_workers, engines_for, prepare_metadata, python_env
+    from nightshift.supervisor import Service, Supervisor
+
+    with engines_for(settings) as (settings, spare):
+        configure_environment(settings)
+        password_file = admin_password(settings)
+        ensure_local_key(settings)
+        _make_private(settings)
+        prepare_metadata(settings)
+        env = python_env()
+        logs = settings.home / "logs" / "stack"
+        print(f"Airflow's components and the Celery workers log to {logs}/", flush=True)
+        services = [*airflow_services(env, celery_workers(), logs),
+                    Service("endpoint", [sys.executable, "-m", "nightshift.cli", "serve", "--port",
+                                         str(args.serve_port)], env)]
+        _print_addresses(settings, args, password_file)
+        return Supervisor(services, spare=spare).run()
+
+
+def _print_addresses(settings: Settings, args, password_file: Path) -> None:
     api_port = os.environ.get("AIRFLOW__API__PORT", "8080")
     host = os.environ.get("AIRFLOW__API__HOST", settings.airflow_host)
     print(
@@ -108,7 +137,9 @@ def cmd_up(settings: Settings, args) -> int:
         "Ctrl-C (or SIGTERM) stops everything.\n",
         flush=True,
     )
-    return Supervisor(services).run()
+    if settings.profile != "embedded":
+        print(f"Profile:     {settings.profile}: Airflow on {os.environ.get('AIRFLOW__CORE__EXECUTOR')}, MLflow at "
+              f"{settings.tracking_uri}, DVC remote {settings.dvc_remote}\n", flush=True)
 
 
 def admin_password(settings: Settings) -> Path:

@@ -2,7 +2,7 @@
 
 MLflow's registry has no compare-and-set for an alias: a move reads the alias, checks that it still names the
 version the move was decided against, and writes it, all while holding this lease. The kind of lease follows
-the tracking URI:
+the lease URI (NIGHTSHIFT_LEASE_DB; unset: the tracking URI):
 
 - ``postgresql://...``: a session-level ``pg_advisory_lock`` on a connection of its own, keyed by the model's
   name; PostgreSQL releases it when that connection ends, also when the process dies. The session turns off
@@ -13,9 +13,10 @@ the tracking URI:
   session-level lock is neither held nor released where it was taken; it is not supported for the lease.
 - ``sqlite:///path``: an exclusive ``flock`` on ``<path>.<model>.lease`` beside the database; the kernel
   releases it when the process dies.
-- anything else (an MLflow server over HTTP): an ``flock`` on ``<lease_dir>/<model>.lease``. This serializes
-  the moves made on one machine, from one ``NIGHTSHIFT_HOME``, only (the lease directory is ``<home>/locks``):
-  run every DAG that moves an alias on that machine with that home, or use a PostgreSQL backend store directly.
+- anything else (an MLflow server over HTTP with no NIGHTSHIFT_LEASE_DB): an ``flock`` on
+  ``<lease_dir>/<model>.lease``. This serializes the moves made on one machine, from one ``NIGHTSHIFT_HOME``, only
+  (the lease directory is ``<home>/locks``): installations that share a tracking server set NIGHTSHIFT_LEASE_DB
+  to one PostgreSQL database (the production profile does).
 
 A lease file is a plain file that nightshift creates (mode 660: users who share a group can share it); it is
 opened without following a symbolic link, and holds one line saying who holds, or last held, the lease.
@@ -92,7 +93,7 @@ def lease_file(registry: ModelRegistry) -> Path | None:
     """Return the lock file of a registered model, or None when PostgreSQL's advisory locks are used."""
     from sqlalchemy.engine import make_url
 
-    uri = registry.tracking_uri
+    uri = registry.lease_uri
     scheme = uri.split(":", 1)[0].lower()
     if scheme.startswith("postgresql"):
         return None
@@ -200,9 +201,9 @@ def _pg_lease(registry: ModelRegistry, holder: str, timeout_s: float) -> Iterato
     key = advisory_key(registry.model_name)
     # Shown in pg_stat_activity, so that whoever waits can find who holds the lease.
     connect_args: dict[str, object] = {"application_name": f"nightshift lease: {_printable(holder, 40)}"}
-    if make_url(registry.tracking_uri).get_driver_name() in ("psycopg2", "psycopg"):
+    if make_url(registry.lease_uri).get_driver_name() in ("psycopg2", "psycopg"):
         connect_args.update(KEEPALIVES)
-    engine = sa.create_engine(registry.tracking_uri, poolclass=NullPool, isolation_level="AUTOCOMMIT",
+    engine = sa.create_engine(registry.lease_uri, poolclass=NullPool, isolation_level="AUTOCOMMIT",
                               connect_args=connect_args)
     lock = {"hi": (key >> 32) & 0xFFFFFFFF, "lo": key & 0xFFFFFFFF}
     try:

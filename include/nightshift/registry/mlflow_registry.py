@@ -63,12 +63,15 @@ def verify_checkpoint(folder: Path, manifest: dict[str, Any]) -> None:
 class ModelRegistry:
     """The MLflow tracking server and model registry of one installation."""
 
-    def __init__(self, tracking_uri: str, model_name: str, artifact_root: str, alias: str = "champion",
-                 lease_dir: Path | None = None) -> None:
+    def __init__(self, tracking_uri: str, model_name: str, artifact_root: str | None, alias: str = "champion",
+                 lease_dir: Path | None = None, lease_uri: str | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.model_name = model_name
-        self.artifact_root = artifact_root.rstrip("/")
+        # None: a tracking server's own artifact store (``mlflow server --artifacts-destination``, proxied).
+        self.artifact_root = artifact_root.rstrip("/") if artifact_root else None
         self.alias = alias
+        # The database whose locks serialize alias moves (registry/lease.py): the tracking store unless told.
+        self.lease_uri = lease_uri or tracking_uri
         # Where the release lease lives for a tracking server over HTTP (registry/lease.py); None: the home's locks.
         self.lease_dir = lease_dir
         self._client = None
@@ -87,7 +90,8 @@ class ModelRegistry:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
-        return self.client.create_experiment(name, artifact_location=f"{self.artifact_root}/{name}")
+        location = f"{self.artifact_root}/{name}" if self.artifact_root else None
+        return self.client.create_experiment(name, artifact_location=location)
 
     def open_run(self, experiment: str, run_key: str, run_name: str, tags: dict[str, str]) -> str:
         """Return the run recorded under ``run_key``, creating it once; retries reuse the same run."""

@@ -32,6 +32,8 @@ from nightshift.records import DatasetVersion
 log = logging.getLogger(__name__)
 
 REMOTE_NAME = "storage"
+PUBLISH_ATTEMPTS = 20
+"""Times a version is tried again after another installation published to the shared history first."""
 COMPANIONS = ("profile.bin",)
 """Files a version may carry in git beside its corpus (small; the corpus itself lives in DVC)."""
 
@@ -39,9 +41,15 @@ COMPANIONS = ("profile.bin",)
 class DatasetRepository:
     """A data repository holding versions of one dataset."""
 
-    def __init__(self, root: Path, remote: Path, name: str = "corpus", filename: str = "corpus.jsonl") -> None:
+    def __init__(self, root: Path, remote: Path | str, name: str = "corpus", filename: str = "corpus.jsonl",
+                 remote_config: dict[str, str] | None = None, git_remote: str | None = None) -> None:
         self.root = Path(root)
-        self.remote = Path(remote)
+        # A folder, or an s3:// URL whose credentials and endpoint (remote_config) stay in the untracked
+        # .dvc/config.local: another installation sharing the history reaches the same bucket with its own.
+        self.remote_url = str(remote)
+        self.remote = None if self.remote_url.startswith("s3://") else Path(remote)
+        self.remote_config = dict(remote_config or {})
+        self.git_remote = git_remote
         self.name = name
         self.filename = filename
         self._lock_depth = 0
@@ -70,7 +78,8 @@ class DatasetRepository:
         """Bring the repository to its initialised state, skipping each part already done; hold the lock."""
         from dvc.repo import Repo
 
-        self.remote.mkdir(parents=True, exist_ok=True)
+        if self.remote is not None:
+            self.remote.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
         git_dir = self.root / ".git"
         if not (git_dir / "HEAD").is_file():
@@ -81,12 +90,14 @@ class DatasetRepository:
                            ("commit.gpgsign", "false")):
             if self._git_config(key) != value:
                 self._git("config", key, value)
+        if self.git_remote:
+            self._ensure_git_remote()
         if not (self.root / ".dvc" / "config").is_file() or not (self.root / ".dvcignore").is_file():
             # DVC refuses to initialise over a .dvc folder; one without its files is what a killed init left.
             Repo.init(str(self.root), force=True).close()
         fault_point("versioning.init_after_dvc")
         with self._repo() as repo:
-            wanted = {"url": str(self.remote.resolve())}
+            wanted = {"url": str(self.remote.resolve()) if self.remote is not None else self.remote_url}
             config = repo.config.read("repo")
             if (config.get("remote", {}).get(REMOTE_NAME) != wanted
                     or config.get("core", {}).get("remote") != REMOTE_NAME):
@@ -95,6 +106,9 @@ class DatasetRepository:
                     conf["core"]["remote"] = REMOTE_NAME
                     conf["core"]["analytics"] = "false"
                     conf["core"]["autostage"] = "true"
+            if repo.config.read("local").get("remote", {}).get(REMOTE_NAME, {}) != self.remote_config:
+                with repo.config.edit("local") as conf:
+                    conf["remote"][REMOTE_NAME] = dict(self.remote_config)
         fault_point("versioning.init_after_config")
         own = [p for p in (".dvc/config", ".dvc/.gitignore", ".dvcignore") if (self.root / p).is_file()]
         self._git("add", "--", *own)
@@ -113,7 +127,71 @@ class DatasetRepository:
             self._git("rm", "--cached", "--quiet", "--", self.data_path)
         message = "Repair data repository" if born else "Initialise data repository"
         self._git("commit", "--quiet", "-m", message)
-        log.info("%s %s with DVC remote %s", "repaired" if born else "created", self.root, self.remote)
+        log.info("%s %s with DVC remote %s", "repaired" if born else "created", self.root, self.remote_url)
+        if self.git_remote:
+            self._publish(None)
+
+    def _ensure_git_remote(self) -> None:
+        """Point ``origin`` at the shared history (a bare repository a path names is created) and adopt it when
+        this repository has no commit yet: a second installation starts from the versions the first made."""
+        if "://" not in self.git_remote and ":" not in self.git_remote.split("/", 1)[0]:
+            bare = Path(self.git_remote)
+            if not (bare / "HEAD").is_file():
+                bare.mkdir(parents=True, exist_ok=True)
+                subprocess.run(["git", "init", "--quiet", "--bare", "--initial-branch=main", str(bare)], check=True,
+                               capture_output=True)
+        if self._git_config("remote.origin.url") != self.git_remote:
+            if self._git_config("remote.origin.url") is None:
+                self._git("remote", "add", "origin", self.git_remote)
+            else:
+                self._git("remote", "set-url", "origin", self.git_remote)
+        if not self._has_head() and self._fetch_origin():
+            self._git("reset", "--quiet", "--hard", "origin/main")
+
+    def _fetch_origin(self) -> bool:
+        """Fetch the shared history's main and version tags; return whether it has a main branch."""
+        self._git("fetch", "--quiet", "--prune", "origin", "+refs/heads/*:refs/remotes/origin/*",
+                  "+refs/tags/*:refs/tags/*")
+        return subprocess.run(["git", "rev-parse", "--verify", "--quiet", "refs/remotes/origin/main"], cwd=self.root,
+                              capture_output=True).returncode == 0
+
+    def _sync(self) -> None:
+        """Bring this repository to the shared history's main (hold the lock): versions others made become known,
+        and local commits the shared history does not hold (a lost race, a push never made) are published when
+        they extend it and dropped with their tags when they do not (their bytes stay in the DVC remote)."""
+        if not self.git_remote or not self._fetch_origin():
+            return
+        head, theirs = self._git("rev-parse", "HEAD"), self._git("rev-parse", "origin/main")
+        if head == theirs:
+            return
+        if self._is_ancestor(head, theirs):
+            self._git("reset", "--quiet", "--hard", "origin/main")
+        elif self._is_ancestor(theirs, head):
+            if not self._publish(None):
+                self._sync()
+        else:
+            for tag in self._git("tag", "--list", f"{self.name}-v*", "--no-merged", "origin/main").split():
+                self._git("tag", "-d", tag)
+            log.warning("this repository's main left the shared history; resetting it to the shared main")
+            self._git("reset", "--quiet", "--hard", "origin/main")
+
+    def _is_ancestor(self, older: str, newer: str) -> bool:
+        return subprocess.run(["git", "merge-base", "--is-ancestor", older, newer], cwd=self.root,
+                              capture_output=True).returncode == 0
+
+    def _publish(self, tag: str | None) -> bool:
+        """Push main (and ``tag``) to the shared history in one atomic push; return False when another
+        installation pushed first (nothing was published), True when it holds them now or there is none."""
+        if not self.git_remote:
+            return True
+        refs = ["HEAD:refs/heads/main"] + ([f"refs/tags/{tag}:refs/tags/{tag}"] if tag else [])
+        proc = subprocess.run(["git", "push", "--quiet", "--atomic", "--follow-tags", "origin", *refs], cwd=self.root,
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            return True
+        if "rejected" in proc.stderr or "fetch first" in proc.stderr or "non-fast-forward" in proc.stderr:
+            return False
+        raise RuntimeError(f"git push to the shared dataset history failed: {proc.stderr.strip()[:300]}")
 
     @staticmethod
     def _remove_stale_git_locks(git_dir: Path) -> None:
@@ -141,6 +219,8 @@ class DatasetRepository:
 
     def versions(self) -> list[str]:
         """Return the version tags of this dataset, oldest first."""
+        if not (self.root / ".git").is_dir():
+            return []
         tags = self._git("tag", "--list", f"{self.name}-v*").split()
         return sorted(t for t in tags if re.fullmatch(rf"{re.escape(self.name)}-v\d+", t))
 
@@ -152,6 +232,11 @@ class DatasetRepository:
     def get(self, tag: str) -> DatasetVersion:
         """Return the version a tag names; raise a clear error for an unknown tag."""
         known = self.versions()
+        if tag not in known and self.git_remote:
+            with self.locked():  # made by another installation since this one last looked
+                self._ensure()
+                self._sync()
+            known = self.versions()
         if tag not in known:
             raise LookupError(
                 f"dataset version {tag!r} does not exist in {self.root}; known: {', '.join(known[-5:]) or 'none'}"
@@ -206,15 +291,30 @@ class DatasetRepository:
         """Version a corpus file; return the existing version instead when its bytes are already versioned.
 
         ``companions`` are small files committed to git beside the corpus in the same commit (its whylogs
-        profile), so a version's tag fetches them exactly as they were made with it.
+        profile), so a version's tag fetches them exactly as they were made with it. With a shared history
+        (``git_remote``) the version exists once the atomic push of its commit and tag succeeds; an installation
+        that lost the race to another adopts the other's commits and tries again (the next number, or the
+        other's version of the same bytes).
         """
+        for _attempt in range(PUBLISH_ATTEMPTS):
+            version = self._commit_once(corpus_file, meta, companions)
+            if version is not None:
+                return version
+        raise RuntimeError(f"could not publish a dataset version to {self.git_remote} in {PUBLISH_ATTEMPTS} "
+                           "attempts: other installations kept pushing first; retry the task")
+
+    def _commit_once(self, corpus_file: Path, meta: dict, companions: dict[str, Path] | None) -> DatasetVersion | None:
+        """Version a corpus once; return None when another installation published first (nothing was published)."""
         with self.locked():
             self._ensure()
+            self._sync()
             md5 = content_md5(corpus_file)
             existing = self._tag_for(md5)
             if existing:
                 log.info("corpus bytes unchanged (md5 %s): reusing %s", md5, existing)
                 self.push()
+                if not self._publish(None):
+                    return None
                 return self.get(existing)
             if self._head_md5() == md5:
                 log.info("recovering an interrupted version: the last commit holds these bytes but has no tag")
@@ -241,6 +341,10 @@ class DatasetRepository:
             tag = self._next_tag()
             self._git("tag", "-a", tag, "-m", f"{self.name} version {tag}", "HEAD")
             fault_point("versioning.after_tag")
+            if not self._publish(tag):
+                log.info("another installation published %s first; adopting its history and trying again", tag)
+                self._git("tag", "-d", tag)
+                return None
             version = self.get(tag)
         log.info("created dataset version %s (%d documents, %d bytes)", version.ref, version.documents, version.bytes)
         return DatasetVersion(**{**version.to_dict(), "created": True})
@@ -277,7 +381,11 @@ class DatasetRepository:
 
     def remote_has(self, version: DatasetVersion) -> bool:
         """Return True when the remote holds the bytes of a version."""
-        return (self.remote / "files" / "md5" / version.md5[:2] / version.md5[2:]).is_file()
+        if self.remote is not None:
+            return (self.remote / "files" / "md5" / version.md5[:2] / version.md5[2:]).is_file()
+        with self._repo() as repo:
+            odb = repo.cloud.get_remote_odb(REMOTE_NAME)
+            return odb.exists(version.md5)
 
 
 def content_md5(path: Path) -> str:
