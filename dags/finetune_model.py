@@ -14,7 +14,8 @@ Runs when `ingest_corpus` publishes a new corpus version, or from **Trigger** wi
 |  | ranks, code |
 | `prepare_data` | fetches the exact bytes from DVC, tokenizes with the base model's tokenizer, packs blocks |
 | `plan_training` | opens the MLflow run, writes the trainer config, builds the `torchrun` command |
-| `train_local` | the command on this machine: one rank per GPU, or one CPU rank on every core (`backend: local`) |
+| `train_local` | the command on this worker: one rank per GPU, or one CPU rank on every core (`backend: local`); |
+|  | in a GPU pod of its own with `NIGHTSHIFT_TRAIN_EXECUTOR=KubernetesExecutor` (docs/deploy.md) |
 | `train_kubernetes` | the same command in one GPU pod (`backend: kubernetes`, `nodes: 1`) |
 | `train_kubernetes_nodes` | an Indexed Job of `nodes` GPU pods, one per node, rendezvous via a headless Service |
 | `verify_candidate` | the checkpoint, reloaded by transformers in a new process, gives the trainer's loss |
@@ -61,7 +62,7 @@ from nightshift.airflow.common import (
     fail_fast,
 )
 from nightshift.airflow.hitl import AskedApproval, answer_of
-from nightshift.airflow.kubernetes import trainer_job_operator, trainer_pod_operator
+from nightshift.airflow.kubernetes import train_executor_args, trainer_job_operator, trainer_pod_operator
 from nightshift.airflow.notifiers import AlertNotifier
 from nightshift.airflow.tracking import FailTrackingRun
 from nightshift.evaluation.approval import ReleaseApproval
@@ -172,7 +173,7 @@ def finetune_model():
     def choose_backend(request: dict) -> str:
         return _steps().choose_backend(request)
 
-    @task(pool="training", execution_timeout=TRAIN_TIMEOUT)
+    @task(pool="training", execution_timeout=TRAIN_TIMEOUT, **train_executor_args(SETTINGS))
     def train_local(command: list[str], output_dir: str) -> None:
         _steps().train_local(command, output_dir)
 

@@ -198,6 +198,9 @@ class Settings:
     (NIGHTSHIFT_DATA_GIT_REMOTE): installations that share it, and the DVC remote, share their dataset versions."""
     s3_conn_id: str = "nightshift_s3"
     """Airflow connection of the object storage (type aws: login, password, extra endpoint_url and region_name)."""
+    train_executor: str | None = None
+    """Executor of the local training task (NIGHTSHIFT_TRAIN_EXECUTOR), one of ``[core] executor``'s: with
+    ``KubernetesExecutor`` beside ``CeleryExecutor`` it runs in a GPU pod of its own; unset: the default executor."""
     lease_db_override: str | None = None
     """Database whose advisory locks serialize moves of the registry's aliases (NIGHTSHIFT_LEASE_DB, PostgreSQL);
     unset: the tracking store itself when it is a database, else a lock file under NIGHTSHIFT_HOME."""
@@ -407,6 +410,7 @@ def load_settings() -> Settings:
         data_git_remote=os.environ.get("NIGHTSHIFT_DATA_GIT_REMOTE") or None,
         s3_conn_id=os.environ.get("NIGHTSHIFT_S3_CONN_ID", "nightshift_s3"),
         lease_db_override=os.environ.get("NIGHTSHIFT_LEASE_DB") or None,
+        train_executor=os.environ.get("NIGHTSHIFT_TRAIN_EXECUTOR") or None,
         kubernetes=kubernetes,
         serving=load_serving_limits(),
         require_api_key=_env_bool("NIGHTSHIFT_SERVE_REQUIRE_KEY", True),

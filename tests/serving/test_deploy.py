@@ -81,6 +81,22 @@ def test_deploy_manifests_writes_what_kubectl_applies(cli, tmp_path):
     out = tmp_path / "serving.yaml"
     assert cli(["deploy-manifests", "--out", str(out), "--vllm-image", "vllm/vllm-openai:v0.33.0"]) == 0
     docs = list(yaml.safe_load_all(out.read_text()))
-    assert [d["kind"] for d in docs] == ["Deployment", "Service"] * 3
+    assert [d["kind"] for d in docs] == ["Deployment", "Service"] * 3 + ["HorizontalPodAutoscaler", "Deployment",
+                                                                          "Service"]
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_the_front_scales_on_queue_depth_and_the_mlflow_server_proxies_its_artifacts(settings):
+    by = {(d["kind"], d["metadata"]["name"]): d for d in manifests(settings)}
+    hpa = by[("HorizontalPodAutoscaler", "nightshift-serving")]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == "nightshift-serving" and hpa["minReplicas"] == 2
+    assert hpa["metrics"][0]["pods"]["metric"]["name"] == "nightshift_queue_depth"
+    from nightshift.serving.metrics import ServingMetrics
+
+    assert "\nnightshift_queue_depth " in ServingMetrics().exposition().decode()  # what the HPA's adapter reads
+    mlflow = by[("Deployment", "nightshift-mlflow")]["spec"]["template"]["spec"]["containers"][0]
+    command = shlex.split(mlflow["args"][0])
+    assert "--serve-artifacts" in command and "--artifacts-destination" in command
+    assert {e["name"] for e in mlflow["env"]} >= {"MLFLOW_BACKEND_STORE_URI", "AWS_SECRET_ACCESS_KEY"}
+    assert all("value" not in e for e in mlflow["env"] if e["name"].startswith(("AWS_", "MLFLOW_BACKEND")))

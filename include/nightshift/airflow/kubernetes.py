@@ -192,3 +192,57 @@ class TrainerJobOperator(KubernetesJobOperator):
 def trainer_job_operator(task_id: str, plan: Any, settings: Settings, **kwargs: Any):
     """Return the operator that runs a multi-node training attempt as an Indexed Job (see TrainerJobOperator)."""
     return TrainerJobOperator(task_id=task_id, plan=plan, settings=settings, **kwargs)
+
+
+EXECUTOR_IMAGE = "nightshift-airflow:latest"
+"""The Airflow image with nightshift (docker/airflow/Dockerfile) that KubernetesExecutor's task pods run."""
+
+
+def executor_pod_template(settings: Settings, image: str = EXECUTOR_IMAGE) -> dict[str, Any]:
+    """Return KubernetesExecutor's pod template (the chart's ``podTemplate``, docker/airflow/values.yaml): the
+    nightshift Airflow image, the installation's settings from the ``nightshift-settings`` Secret, and the shared
+    state volume at NIGHTSHIFT_HOME. Airflow fills in the ``base`` container's command for each task."""
+    k = settings.kubernetes
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "nightshift-task", "labels": {"app.kubernetes.io/name": "nightshift-task",
+                                                           "app.kubernetes.io/part-of": "nightshift"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "securityContext": {"runAsUser": 50000, "runAsGroup": 0, "fsGroup": 0},
+            "containers": [{
+                "name": TRAINER_CONTAINER, "image": image, "imagePullPolicy": "IfNotPresent",
+                "env": [{"name": "NIGHTSHIFT_HOME", "value": str(settings.home)},
+                        {"name": "AIRFLOW__CORE__EXECUTOR", "value": "LocalExecutor"}],
+                "envFrom": [{"secretRef": {"name": "nightshift-settings"}}],
+                "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "8Gi"}},
+                "volumeMounts": [{"name": "state", "mountPath": str(settings.home)}],
+            }],
+            "volumes": [{"name": "state", "persistentVolumeClaim": {"claimName": k.state_pvc}}],
+        },
+    }
+
+
+def gpu_pod_override(settings: Settings):
+    """Return the ``pod_override`` that puts a task on a GPU node: the trainer's GPUs, CPU and memory, a
+    memory-backed /dev/shm, the GPU nodes' selector and tolerations (the rest comes from the pod template)."""
+    from kubernetes.client import models as k8s
+
+    k = settings.kubernetes
+    return k8s.V1Pod(spec=k8s.V1PodSpec(
+        containers=[k8s.V1Container(name=TRAINER_CONTAINER, resources=gpu_resources(k.cpu, k.memory, k.gpus),
+                                    volume_mounts=[k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")])],
+        volumes=[k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory",
+                                                                                size_limit=k.shm_size))],
+        node_selector=dict(k.node_selector), tolerations=[k8s.V1Toleration(**t) for t in k.tolerations]))
+
+
+def train_executor_args(settings: Settings) -> dict[str, Any]:
+    """Return the ``executor`` and ``executor_config`` of the local training task: on NIGHTSHIFT_TRAIN_EXECUTOR
+    (e.g. KubernetesExecutor beside CeleryExecutor) in a GPU pod, else on the default executor."""
+    if not settings.train_executor:
+        return {}
+    args: dict[str, Any] = {"executor": settings.train_executor}
+    if settings.train_executor.rsplit(".", 1)[-1] == "KubernetesExecutor":
+        args["executor_config"] = {"pod_override": gpu_pod_override(settings)}
+    return args

@@ -32,6 +32,9 @@ class ServingCluster:
     gpu_memory_utilization: float = 0.90
     max_model_len: int = 8192
     front_replicas: int = 2
+    front_max_replicas: int = 10
+    queue_depth_target: int = 4
+    """Requests waiting per front the autoscaler aims at (nightshift_queue_depth, averaged over the fronts)."""
     secret: str = "nightshift-serving"
     """Secret with MLFLOW_TRACKING_URI (the shared registry), NIGHTSHIFT_API_KEYS and NIGHTSHIFT_SERVE_REQUEST_LOG."""
     node_selector: dict[str, str] = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
@@ -156,14 +159,77 @@ def front(cluster: ServingCluster, settings: Settings) -> list[dict[str, Any]]:
     }
     service = {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels},
+        "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels,
+                     # Prometheus scrapes /metrics (needs the API key: see docs/deploy.md)
+                     "annotations": {"prometheus.io/scrape": "true", "prometheus.io/path": "/metrics",
+                                     "prometheus.io/port": str(ENGINE_PORT)}},
         "spec": {"selector": {"app.kubernetes.io/name": name},
                  "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
+    }
+    # More fronts while requests queue: nightshift_queue_depth, per pod, through the Prometheus Adapter's
+    # custom metrics API (its rule in docs/deploy.md).
+    autoscaler = {
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": cluster.front_replicas, "maxReplicas": cluster.front_max_replicas,
+            "metrics": [{"type": "Pods", "pods": {
+                "metric": {"name": "nightshift_queue_depth"},
+                "target": {"type": "AverageValue", "averageValue": str(cluster.queue_depth_target)}}}],
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}},
+        },
+    }
+    return [deployment, service, autoscaler]
+
+
+def mlflow_server(cluster: ServingCluster) -> list[dict[str, Any]]:
+    """Return the Deployment and Service of the shared MLflow tracking server: its backend store on PostgreSQL,
+    its artifacts proxied to object storage (``--serve-artifacts``), both named by the ``nightshift-mlflow`` Secret
+    (MLFLOW_BACKEND_STORE_URI, MLFLOW_ARTIFACTS_DESTINATION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and, for an
+    S3-compatible store, MLFLOW_S3_ENDPOINT_URL)."""
+    name = "nightshift-mlflow"
+    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "registry", **PART_OF}
+    serve = ('exec mlflow server --host 0.0.0.0 --port 5000 --workers 4 --backend-store-uri '
+             '"$MLFLOW_BACKEND_STORE_URI" --serve-artifacts --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION"')
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
+                    "containers": [{
+                        "name": "mlflow", "image": cluster.front_image,
+                        "command": ["/bin/sh", "-c"], "args": [serve],
+                        "env": [*_secret_env("nightshift-mlflow", "MLFLOW_BACKEND_STORE_URI",
+                                             "MLFLOW_ARTIFACTS_DESTINATION", "AWS_ACCESS_KEY_ID",
+                                             "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"),
+                                {"name": "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "value": "false"}],
+                        "ports": [{"name": "http", "containerPort": 5000}],
+                        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
+                        "readinessProbe": {"httpGet": {"path": "/health", "port": 5000}, "periodSeconds": 10},
+                        "livenessProbe": {"httpGet": {"path": "/health", "port": 5000}, "periodSeconds": 30},
+                    }],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels},
+        "spec": {"selector": {"app.kubernetes.io/name": name},
+                 "ports": [{"name": "http", "port": 5000, "targetPort": "http"}]},
     }
     return [deployment, service]
 
 
 def manifests(settings: Settings, cluster: ServingCluster | None = None) -> list[dict[str, Any]]:
-    """Return every manifest of the GPU serving path: both engines and the front."""
+    """Return every manifest beside Airflow's chart: both engines, the front (with its autoscaler), the MLflow
+    server."""
     cluster = cluster or ServingCluster.from_settings(settings)
-    return [*engine(cluster, settings, "champion"), *engine(cluster, settings, "candidate"), *front(cluster, settings)]
+    return [*engine(cluster, settings, "champion"), *engine(cluster, settings, "candidate"), *front(cluster, settings),
+            *mlflow_server(cluster)]
