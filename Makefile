@@ -8,13 +8,14 @@ NS     := $(BIN)/nightshift
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/pip install --no-input --progress-bar off
 
-.PHONY: help setup model run test test-fast lint up serve clean browser
+.PHONY: help setup model run test test-fast lint up serve clean browser engines
 
 help:
 	@echo "make run    set-up, then one full cycle (ingest_corpus -> finetune_model) on SmolLM2, with a summary"
 	@echo "make test   set-up, then the whole test suite (its budget: 20 minutes from a fresh clone)"
 	@echo "make test-fast  everything but the end-to-end tests (under 5 minutes once set up)"
 	@echo "make up     Airflow UI on http://localhost:8080 and the endpoint on http://127.0.0.1:8000/v1"
+	@echo "            (NIGHTSHIFT_PROFILE=production-local make run|up: on PostgreSQL, Celery, MLflow server, S3)"
 	@echo "make serve  only the OpenAI-compatible endpoint"
 	@echo "make lint   ruff and hadolint"
 	@echo "make clean  remove ./var (all local state)"
@@ -38,7 +39,7 @@ setup: $(STAMP)
 model: setup
 	$(NS) import-model
 
-run: model
+run: model $(if $(filter production-local,$(NIGHTSHIFT_PROFILE)),engines)
 	$(NS) cycle
 
 # Debian's chromium for tests/e2e/test_up.py, which drives it with Playwright (no browser is downloaded).
@@ -52,10 +53,21 @@ browser:
 	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; } \
 	    || echo "chromium could not be installed: tests/e2e/test_up.py will skip"; }
 
+# Debian's redis-server, the Celery broker of the production-local profile (tests/e2e/test_production.py and
+# NIGHTSHIFT_PROFILE=production-local make run|up); the other engines come from PyPI. Without it those skip.
+engines:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	  else echo "no redis-server and no root: the production-profile tests will skip (apt-get install redis-server)"; exit 0; fi; \
+	  command -v apt-get >/dev/null 2>&1 || { echo "no apt-get: install redis-server for the production profile"; exit 0; }; \
+	  echo "installing Debian's redis-server for the production profile"; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; } \
+	    || echo "redis-server could not be installed: the production-profile tests will skip"; }
+
 # Both print their slowest tests at the end, so the time budget stays in view. The suite runs on two workers
 # (pytest-xdist, a test file stays on one worker so that its module fixtures are built once), then the tests
 # that assert on wall-clock time run alone (marked serial in tests/conftest.py).
-test: setup browser
+test: setup browser engines
 	$(BIN)/pytest -n 2 --dist loadfile -m "not serial" --durations=20
 	$(BIN)/pytest -m serial --durations=10
 
@@ -66,7 +78,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check include dags plugins tests
 	$(BIN)/hadolint docker/*/Dockerfile
 
-up: model
+up: model $(if $(filter production-local,$(NIGHTSHIFT_PROFILE)),engines)
 	$(NS) up
 
 serve: setup
