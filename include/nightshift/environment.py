@@ -106,6 +106,9 @@ def runtime_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
             {"type": "file", "append": True, "log_file_path": str(settings.home / "lineage" / "events.jsonl")}),
         "AIRFLOW__OPENLINEAGE__EXTRACTORS": "nightshift.airflow.lineage.TaskRecordExtractor",
+        # Emit from a bounded thread, not a fork of the task's process: a fork of a process that holds a model and
+        # a dozen threads can hang until the timeout, once per task event (and dag.test() runs every task in one).
+        "AIRFLOW__OPENLINEAGE__EXECUTE_IN_THREAD": "True",
         "AIRFLOW__OPENLINEAGE__NAMESPACE": "nightshift",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",

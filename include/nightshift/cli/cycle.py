@@ -20,6 +20,10 @@ def cmd_cycle(settings: Settings, args) -> int:
     if settings.profile == "embedded":
         configure_environment(settings)
         return cycle(settings, args, run_dag)
+    if settings.profile == "production":
+        # A deployment's own scheduler and workers run the cycle; nothing is started here.
+        configure_environment(settings)
+        return cycle(settings, args, lambda dag_id, conf: run_through_scheduler(dag_id, conf, unpause=False))
     # The production profiles: the cycle's runs go through the scheduler to Celery workers, as a nightly run
     # would; the scheduler creates no run of its own meanwhile (no nightly run, no asset-triggered one).
     from nightshift.cli.stack import (
@@ -96,8 +100,12 @@ def run_dag(dag_id: str, conf: dict[str, Any] | None = None):
     return bag.dags[dag_id].test(run_conf=conf or {})
 
 
-def run_through_scheduler(dag_id: str, conf: dict[str, Any] | None = None, timeout_s: float = 6 * 3600):
-    """Trigger one DAG run for the scheduler and its workers, wait for it to end, and return its DagRun."""
+def run_through_scheduler(dag_id: str, conf: dict[str, Any] | None = None, timeout_s: float = 6 * 3600,
+                          unpause: bool = True):
+    """Trigger one DAG run for the scheduler and its workers, wait for it to end, and return its DagRun.
+
+    ``unpause``: unpause the DAG first (the stack the cycle started creates no run of its own); a deployment's DAG
+    stays as its operators left it, and a paused one is refused (its run would wait for ever)."""
     from airflow.api.common.trigger_dag import trigger_dag
     from airflow.models.dag import DagModel
     from airflow.models.dagrun import DagRun
@@ -111,7 +119,11 @@ def run_through_scheduler(dag_id: str, conf: dict[str, Any] | None = None, timeo
     while True:
         with create_session() as session:
             if session.scalar(select(SerializedDagModel.dag_id).where(SerializedDagModel.dag_id == dag_id)):
-                session.execute(update(DagModel).where(DagModel.dag_id == dag_id).values(is_paused=False))
+                if unpause:
+                    session.execute(update(DagModel).where(DagModel.dag_id == dag_id).values(is_paused=False))
+                elif session.scalar(select(DagModel.is_paused).where(DagModel.dag_id == dag_id)):
+                    raise SystemExit(f"{dag_id} is paused in this deployment: unpause it in the UI (its schedule "
+                                     "starts too), or trigger it there")
                 break
         if time.monotonic() > deadline:
             raise SystemExit(f"the DAG processor has not parsed {dag_id} within {PARSE_TIMEOUT_S} s; see its log")

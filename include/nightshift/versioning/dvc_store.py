@@ -149,11 +149,23 @@ class DatasetRepository:
             self._git("reset", "--quiet", "--hard", "origin/main")
 
     def _fetch_origin(self) -> bool:
-        """Fetch the shared history's main and version tags; return whether it has a main branch."""
-        self._git("fetch", "--quiet", "--prune", "origin", "+refs/heads/*:refs/remotes/origin/*",
-                  "+refs/tags/*:refs/tags/*")
-        return subprocess.run(["git", "rev-parse", "--verify", "--quiet", "refs/remotes/origin/main"], cwd=self.root,
-                              capture_output=True).returncode == 0
+        """Fetch the shared history's main and version tags; return whether it has a main branch.
+
+        A repository with versions of its own and no history in common with the shared one is refused, before
+        any tag is fetched: the shared tags would take its tags' names. (Tags are never pruned: a local tag is
+        either published or an unpublished version that _sync drops deliberately.)"""
+        self._git("fetch", "--quiet", "origin", "+refs/heads/*:refs/remotes/origin/*")
+        has_main = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "refs/remotes/origin/main"],
+                                  cwd=self.root, capture_output=True).returncode == 0
+        if has_main and self._has_head() and self.versions() and subprocess.run(
+                ["git", "merge-base", "HEAD", "refs/remotes/origin/main"], cwd=self.root,
+                capture_output=True).returncode != 0:
+            raise RuntimeError(
+                f"the data repository {self.root} has dataset versions of its own and no history in common with "
+                f"{self.git_remote}: point NIGHTSHIFT_DATA_GIT_REMOTE at an empty repository to publish them, or use "
+                "a new NIGHTSHIFT_HOME to work from the shared versions")
+        self._git("fetch", "--quiet", "origin", "+refs/tags/*:refs/tags/*")
+        return has_main
 
     def _sync(self) -> None:
         """Bring this repository to the shared history's main (hold the lock): versions others made become known,
