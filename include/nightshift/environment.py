@@ -101,6 +101,8 @@ def runtime_env(settings: Settings) -> dict[str, str]:
         # Celery hands a task to another worker when it has not been acknowledged for this long: longer than
         # the longest task (training), or a training run would be started a second time beside the first.
         "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": str(settings.train_timeout_s + 3600),
+        # Celery workers load the tasks' heavy libraries once, before they fork tasks (airflow/celery_config.py).
+        "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "nightshift.airflow.celery_config.CELERY_CONFIG",
         # Lineage of every task (OpenLineage provider), with the inputs and outputs nightshift.airflow.lineage reads
         # from the tasks' records; to a file here unless [openlineage] config_conn_id names a connection.
         "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
