@@ -54,6 +54,7 @@ class LocalEngines:
     postgres_uri: str = ""
     """``postgresql://postgres:@/postgres?host=<socket dir>`` of the running server (its other databases by name)."""
     _postgres = None
+    _lock = None
 
     def __enter__(self) -> LocalEngines:
         try:
@@ -69,6 +70,7 @@ class LocalEngines:
     def start(self) -> None:
         """Start PostgreSQL, Redis, the S3 API and the MLflow server; return when each answers."""
         started = time.monotonic()
+        self._take_folder()
         if self.root.exists():
             self._stop_leftovers()
             shutil.rmtree(self.root)
@@ -82,18 +84,23 @@ class LocalEngines:
                  ", ".join(f"{name} :{port}" for name, port in self.ports.items()))
 
     def _stop_leftovers(self) -> None:
-        """Stop the engines a killed owner left running here (their pids are recorded at start), PostgreSQL too."""
+        """Stop the engines a killed owner left running here (each recorded at start by pid and start time, which
+        a process that renames itself keeps), PostgreSQL too."""
         import psutil
 
         record = self.root / "pids.json"
         if record.is_file():
-            for pid, argv in json.loads(record.read_text()).items():
+            try:
+                recorded = json.loads(record.read_text())
+            except json.JSONDecodeError:
+                recorded = {}
+            for pid, started in recorded.items():
                 try:
                     proc = psutil.Process(int(pid))
-                    if proc.cmdline() == argv:
-                        log.warning("stopping %s (pid %s), left running by an earlier start", argv[0], pid)
+                    if abs(proc.create_time() - float(started)) < 0.01:
+                        log.warning("stopping %s (pid %s), left running by an earlier start", proc.name(), pid)
                         os.killpg(proc.pid, signal.SIGKILL)
-                except (psutil.Error, ProcessLookupError, PermissionError, ValueError):
+                except (psutil.Error, ProcessLookupError, PermissionError, ValueError, TypeError):
                     continue
         pgdata = self.root / "postgres"
         if (pgdata / "postmaster.pid").is_file():
@@ -106,8 +113,36 @@ class LocalEngines:
                 pass
 
     def _record(self) -> None:
-        record = {str(proc.pid): proc.args for proc in self.processes.values()}
+        import psutil
+
+        record = {}
+        for proc in self.processes.values():
+            try:
+                record[str(proc.pid)] = psutil.Process(proc.pid).create_time()
+            except psutil.Error:
+                continue
         (self.root / "pids.json").write_text(json.dumps(record))
+
+    def _take_folder(self) -> None:
+        """Hold the engines folder's lock while they run: a second owner is refused, not handed the first one's
+        engines to stop (the lock ends with the process, however it ends)."""
+        import fcntl
+
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.root.parent / f".{self.root.name}.lock", "a+")  # noqa: SIM115 (held until stop)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "another process"
+            self._lock.close()
+            self._lock = None
+            raise RuntimeError(f"the engines under {self.root} are in use by {holder}: stop that nightshift first, or "
+                               "use another NIGHTSHIFT_HOME") from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"pid {os.getpid()}\n")
+        self._lock.flush()
 
     def _log(self, name: str):
         return (self.root / "logs" / f"{name}.log").open("ab")
@@ -271,3 +306,6 @@ class LocalEngines:
             self._postgres._cleanup()  # forget the handle now: at exit it would log into closed streams
             atexit.unregister(self._postgres._cleanup)
             self._postgres = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None

@@ -105,8 +105,10 @@ def runtime_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "nightshift.airflow.celery_config.CELERY_CONFIG",
         # Lineage of every task (OpenLineage provider), with the inputs and outputs nightshift.airflow.lineage reads
         # from the tasks' records; to a file here unless [openlineage] config_conn_id names a connection.
-        "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
-            {"type": "file", "append": True, "log_file_path": str(settings.home / "lineage" / "events.jsonl")}),
+        "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps({
+            "type": "transform", "transformer_class": "nightshift.airflow.lineage.ConfRedactor",
+            "transport": {"type": "file", "append": True,
+                          "log_file_path": str(settings.home / "lineage" / "events.jsonl")}}),
         "AIRFLOW__OPENLINEAGE__EXTRACTORS": "nightshift.airflow.lineage.TaskRecordExtractor",
         # Emit from a bounded thread, not a fork of the task's process: a fork of a process that holds a model and
         # a dozen threads can hang until the timeout, once per task event (and dag.test() runs every task in one).

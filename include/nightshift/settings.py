@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -273,9 +274,22 @@ class Settings:
             raise ValueError(f"NIGHTSHIFT_RETENTION_DAYS must be positive, got {self.retention_days}")
         if self.profile not in PROFILES:
             raise ValueError(f"NIGHTSHIFT_PROFILE must be one of {', '.join(PROFILES)}, got {self.profile!r}")
-        if self.dvc_remote_url and "://" in self.dvc_remote_url and not self.dvc_remote_url.startswith("s3://"):
-            raise ValueError(f"NIGHTSHIFT_DVC_REMOTE must be an s3://bucket/prefix URL or a folder, got "
-                             f"{self.dvc_remote_url.split('://', 1)[0]}://...")
+        folder = self.dvc_remote_url and ":" not in self.dvc_remote_url and Path(self.dvc_remote_url).is_absolute()
+        if self.dvc_remote_url and not (self.dvc_remote_url.startswith("s3://") or folder):
+            raise ValueError("NIGHTSHIFT_DVC_REMOTE must be an s3://bucket/prefix URL or an absolute folder, got "
+                             f"{self.dvc_remote_url.split(':', 1)[0][:20]!r}...")
+        remote = self.data_git_remote
+        if remote and not ("://" in remote or re.match(r"^([\w.-]+@)?[\w.-]+:", remote) or Path(remote).is_absolute()):
+            raise ValueError("NIGHTSHIFT_DATA_GIT_REMOTE must be a git URL (https://, ssh://, git@host:path) or an "
+                             "absolute path; a relative path would name another folder in every process")
+        if self.lease_db_override and not self.lease_db_override.startswith("postgresql"):
+            raise ValueError("NIGHTSHIFT_LEASE_DB must be a PostgreSQL URL (postgresql://... or postgresql+psycopg2://...;"
+                             " SQLAlchemy does not read postgres://)")
+        if (self.profile == "production" and self.tracking_uri.startswith(("http://", "https://"))
+                and not self.lease_db_override):
+            raise ValueError("NIGHTSHIFT_LEASE_DB must name a PostgreSQL database on the production profile: with a "
+                             "tracking server over HTTP, moves of the champion from several workers are otherwise "
+                             "serialized per home only (docs/deploy.md)")
 
     @cached_property
     def airflow_home(self) -> Path:

@@ -55,7 +55,10 @@ pod = ApiClient().sanitize_for_serialization(task.executor_config["pod_override"
 print(json.dumps({"executor": task.executor, "other": other.executor, "pod": pod}))
 """
     env = {**os.environ, "NIGHTSHIFT_TRAIN_EXECUTOR": "KubernetesExecutor", "NIGHTSHIFT_K8S_GPUS": "4",
-           "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor,KubernetesExecutor"}
+           "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor,KubernetesExecutor",
+           # as kubectl writes a toleration (camelCase), not as the Python client names its fields
+           "NIGHTSHIFT_K8S_TOLERATIONS": json.dumps([{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                      "effect": "NoExecute", "tolerationSeconds": 300}])}
     proc = subprocess.run([sys.executable, "-c", code, str(REPO / "dags")], env=env, capture_output=True, text=True,
                           timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -66,3 +69,5 @@ print(json.dumps({"executor": task.executor, "other": other.executor, "pod": pod
     container = pod["spec"]["containers"][0]
     assert container["name"] == "base" and container["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["spec"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute",
+                                           "tolerationSeconds": 300}]

@@ -5,6 +5,7 @@ server mode), a DVC remote in the same bucket and a shared git history of the da
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import shutil
@@ -124,15 +125,49 @@ def test_a_checkpoint_goes_up_in_parts_and_the_other_machine_verifies_what_it_do
     folder = second.download(champion, tmp_path / "cache-b")
     assert (folder / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
 
-    # An object changed in the bucket after registration is caught by the manifest, not served.
+    # What the bucket holds is checked against the manifest, and the manifest against the hash the registry
+    # (PostgreSQL, not the bucket) keeps: changed weights, changed weights with a manifest to match, an added
+    # file, each is refused, never served.
     key = next(k["Key"] for k in s3.list_objects_v2(Bucket="nightshift", Prefix="mlflow/")["Contents"]
                if k["Key"].endswith("model.safetensors"))
-    s3.put_object(Bucket="nightshift", Key=key, Body=b"\0" * 1024)
-    with pytest.raises(IncompleteCheckpoint):
+    prefix = key.rsplit("/", 1)[0]
+    s3.put_object(Bucket="nightshift", Key=f"{prefix}/tokenizer_config.json", Body=b"{}")
+    with pytest.raises(IncompleteCheckpoint, match="does not list: tokenizer_config.json"):
         second.download(champion, tmp_path / "cache-c")
+    s3.delete_object(Bucket="nightshift", Key=f"{prefix}/tokenizer_config.json")
+    s3.put_object(Bucket="nightshift", Key=key, Body=b"\0" * 1024)
+    with pytest.raises(IncompleteCheckpoint, match="model.safetensors differs"):
+        second.download(champion, tmp_path / "cache-d")
+    forged = {"files": {"config.json": {"size": 2, "sha256": hashlib.sha256(b"{}").hexdigest()},
+                        "model.safetensors": {"size": 1024, "sha256": hashlib.sha256(b"\0" * 1024).hexdigest()}}}
+    s3.put_object(Bucket="nightshift", Key=f"{prefix}/MANIFEST.json", Body=json.dumps(forged).encode())
+    with pytest.raises(IncompleteCheckpoint, match="differs from the one registered"):
+        second.download(champion, tmp_path / "cache-e")
+    assert not (tmp_path / "cache-e" / f"nightshift-llm-v{champion.version}").exists()
 
     # Moves of the champion from both machines are serialized by one PostgreSQL advisory lock.
     with registry_lease(first, "promotion finetune_model/machine-a"):
         with pytest.raises(LeaseTimeout, match="machine-a"):
             with registry_lease(second, "rollback rollback_model/machine-b", timeout_s=0.5):
                 pass
+
+
+def test_a_second_owner_of_the_engines_folder_is_refused_and_bad_settings_name_their_variable(engines, monkeypatch):
+    from nightshift.engines import LocalEngines
+    from nightshift.settings import load_settings
+
+    with pytest.raises(RuntimeError, match="in use by pid"):
+        LocalEngines(engines.root).start()  # the running engines are left alone
+    assert engines.s3_client().list_buckets()["Buckets"]
+    for variable, value in (("NIGHTSHIFT_LEASE_DB", "postgres://db/nightshift"), ("NIGHTSHIFT_DVC_REMOTE", "s3:/x"),
+                            ("NIGHTSHIFT_DVC_REMOTE", "gs://bucket/dvc"), ("NIGHTSHIFT_DATA_GIT_REMOTE", "data.git"),
+                            ("NIGHTSHIFT_PROFILE", "prod")):
+        with monkeypatch.context() as patch:
+            patch.setenv(variable, value)
+            with pytest.raises(ValueError, match=variable):
+                load_settings()
+    with monkeypatch.context() as patch:  # a tracking server over HTTP and no lease database on a deployment
+        patch.setenv("NIGHTSHIFT_PROFILE", "production")
+        patch.setenv("NIGHTSHIFT_MLFLOW_TRACKING_URI", engines.tracking_uri)
+        with pytest.raises(ValueError, match="NIGHTSHIFT_LEASE_DB must name a PostgreSQL database"):
+            load_settings()

@@ -225,3 +225,48 @@ def test_lock_files_a_killed_git_left_do_not_refuse_later_versions(repo, tmp_pat
     assert (first.tag, second.tag) == ("corpus-v0001", "corpus-v0002") and second.created
     assert repo.remote_has(second) and not any(path.exists() for path in stale)
     assert git(repo, "status", "--porcelain") == ""
+
+
+def corpus(path, text: str):
+    return write(path, '{"id": "d1", "text": "' + text + '"}\n')
+
+
+def shared(tmp_path, name: str, git_remote) -> DatasetRepository:
+    """An installation whose versions go to a shared git history and a shared (folder) DVC remote."""
+    return DatasetRepository(tmp_path / name / "data-repo", tmp_path / "remote", git_remote=str(git_remote))
+
+
+def test_a_shared_history_that_refuses_pushes_is_an_error_that_says_so(tmp_path):
+    """A protected main (a hook, branch protection) refuses every push: that is said once, not retried as a race."""
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "--quiet", "--bare", "--initial-branch=main", str(origin)], check=True)
+    first = shared(tmp_path, "a", origin)
+    first.commit(corpus(tmp_path / "one.jsonl", "first night"), {"documents": 1})
+    hook = origin / "hooks" / "pre-receive"
+    hook.write_text("#!/bin/sh\necho 'main is protected' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    with pytest.raises(RuntimeError, match="(?s)refused the push of main: .*pre-receive hook declined"):
+        first.commit(corpus(tmp_path / "two.jsonl", "second night"), {"documents": 1})
+    assert [t for t in subprocess.run(["git", "tag"], cwd=origin, capture_output=True, text=True).stdout.split()] \
+        == ["corpus-v0001"]
+
+
+def test_a_git_remote_that_is_not_a_dataset_history_is_refused(tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("buy milk")
+    with pytest.raises(RuntimeError, match="neither empty nor a bare git repository"):
+        shared(tmp_path, "a", notes).ensure()
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]  # nothing written into someone's folder
+    code = tmp_path / "code.git"
+    subprocess.run(["git", "init", "--quiet", "--bare", "--initial-branch=main", str(code)], check=True)
+    work = tmp_path / "code"
+    subprocess.run(["git", "clone", "--quiet", str(code), str(work)], check=True, capture_output=True)
+    (work / "app.py").write_text("print('the product')\n")
+    for args in (["add", "app.py"], ["-c", "user.name=x", "-c", "user.email=x@x", "commit", "-qm", "product"],
+                 ["push", "-q", "origin", "HEAD:main"]):
+        subprocess.run(["git", *args], cwd=work, check=True, capture_output=True)
+    with pytest.raises(RuntimeError, match="not a dataset history"):
+        shared(tmp_path, "b", code).ensure()
+    log = subprocess.run(["git", "log", "--oneline", "main"], cwd=code, capture_output=True, text=True).stdout
+    assert len(log.splitlines()) == 1  # the code repository was not written to

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from typing import Any
 
 from airflow.providers.cncf.kubernetes.operators.job import KubernetesJobOperator
@@ -36,6 +37,20 @@ def gpu_resources(cpu: str, memory: str, gpus: int):
         requests={"cpu": cpu, "memory": memory, "nvidia.com/gpu": str(gpus)},
         limits={"memory": memory, "nvidia.com/gpu": str(gpus)},
     )
+
+
+def toleration(spec: dict[str, Any]):
+    """Return a V1Toleration from a toleration as Kubernetes writes it (``tolerationSeconds``) or as the client
+    names it (``toleration_seconds``); an unknown key is an error that names NIGHTSHIFT_K8S_TOLERATIONS."""
+    from kubernetes.client import models as k8s
+
+    fields = {"key", "operator", "value", "effect", "toleration_seconds"}
+    args = {re.sub(r"(?<!^)(?=[A-Z])", "_", str(k)).lower(): v for k, v in dict(spec).items()}
+    unknown = sorted(set(args) - fields)
+    if unknown:
+        raise ValueError(f"NIGHTSHIFT_K8S_TOLERATIONS: unknown toleration field(s) {', '.join(unknown)}; a toleration "
+                         "has key, operator, value, effect and tolerationSeconds")
+    return k8s.V1Toleration(**args)
 
 
 def pod_settings(settings: Settings) -> dict[str, Any]:
@@ -63,7 +78,7 @@ def pod_settings(settings: Settings) -> dict[str, Any]:
             k8s.V1VolumeMount(name="state", mount_path=str(settings.home)),
         ],
         "node_selector": dict(k.node_selector),
-        "tolerations": [k8s.V1Toleration(**t) for t in k.tolerations],
+        "tolerations": [toleration(t) for t in k.tolerations],
         "kubernetes_conn_id": k.conn_id,
         "labels": {"app.kubernetes.io/name": "nightshift-trainer", "app.kubernetes.io/part-of": "nightshift"},
         "get_logs": True,
@@ -212,8 +227,9 @@ def executor_pod_template(settings: Settings, image: str = EXECUTOR_IMAGE) -> di
             "securityContext": {"runAsUser": 50000, "runAsGroup": 0, "fsGroup": 0},
             "containers": [{
                 "name": TRAINER_CONTAINER, "image": image, "imagePullPolicy": "IfNotPresent",
-                "env": [{"name": "NIGHTSHIFT_HOME", "value": str(settings.home)},
-                        {"name": "AIRFLOW__CORE__EXECUTOR", "value": "LocalExecutor"}],
+                # [core] executor stays the deployment's: the task parses its DAG, and a task that names the
+                # KubernetesExecutor is refused where that executor is not configured.
+                "env": [{"name": "NIGHTSHIFT_HOME", "value": str(settings.home)}],
                 "envFrom": [{"secretRef": {"name": "nightshift-settings"}}],
                 "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "8Gi"}},
                 "volumeMounts": [{"name": "state", "mountPath": str(settings.home)}],
@@ -234,7 +250,7 @@ def gpu_pod_override(settings: Settings):
                                     volume_mounts=[k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")])],
         volumes=[k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory",
                                                                                 size_limit=k.shm_size))],
-        node_selector=dict(k.node_selector), tolerations=[k8s.V1Toleration(**t) for t in k.tolerations]))
+        node_selector=dict(k.node_selector), tolerations=[toleration(t) for t in k.tolerations]))
 
 
 def train_executor_args(settings: Settings) -> dict[str, Any]:

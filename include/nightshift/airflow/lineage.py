@@ -23,6 +23,7 @@ from typing import Any
 from airflow.providers.openlineage.extractors.base import BaseExtractor, OperatorLineage
 from openlineage.client.event_v2 import Dataset
 from openlineage.client.facet_v2 import datasource_dataset, documentation_dataset
+from openlineage.client.transport.transform import EventTransformer
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,19 @@ class TaskRecordExtractor(BaseExtractor):
                         type(exc).__name__)
             return OperatorLineage()
         return OperatorLineage(inputs=inputs, outputs=outputs)
+
+
+class ConfRedactor(EventTransformer):
+    """Keep only the names of a DAG run's Params in the events (the provider copies the whole ``conf`` into every
+    event's run facets): the values are what a person typed, a one-off source's path or URL among them."""
+
+    def transform(self, event):
+        facets = getattr(getattr(event, "run", None), "facets", None) or {}
+        for facet in facets.values():
+            dag_run = getattr(facet, "dagRun", None)
+            if isinstance(dag_run, dict) and isinstance(dag_run.get("conf"), dict):
+                dag_run["conf"] = {str(key)[:64]: "<redacted>" for key in dag_run["conf"]}
+        return event
 
 
 def lineage_file(home: Path) -> Path:

@@ -35,8 +35,15 @@ def cmd_cycle(settings: Settings, args) -> int:
         running_stack,
     )
 
-    # SIGTERM (a killed `make run`) unwinds like Ctrl-C: the stack and the engines are stopped, not orphaned.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # SIGTERM (a killed `make run`) unwinds like Ctrl-C: the stack and the engines are stopped, not orphaned; a
+    # second signal while they stop is ignored, or it would cut the stopping short.
+    def unwind(signum, _frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, unwind)
+    signal.signal(signal.SIGINT, unwind)
     started = time.monotonic()
     with engines_for(settings) as (settings, spare):
         configure_environment(settings)

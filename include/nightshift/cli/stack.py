@@ -28,7 +28,7 @@ DEFAULT_WORKERS = 2
 
 def celery_workers() -> int:
     raw = os.environ.get("NIGHTSHIFT_CELERY_WORKERS", str(DEFAULT_WORKERS))
-    if not raw.isdigit() or not 1 <= int(raw) <= 64:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 64:
         raise ValueError(f"NIGHTSHIFT_CELERY_WORKERS must be a number from 1 to 64, got {raw!r}")
     return int(raw)
 

@@ -32,6 +32,16 @@ MANIFEST = "MANIFEST.json"
 RUN_KEY_TAG = "nightshift.run_key"
 FINGERPRINT_TAG = "nightshift.fingerprint"
 DATASET_TAG = "nightshift.dataset_tag"
+MANIFEST_TAG = "nightshift.manifest_sha256"
+"""The hash of a version's manifest, kept in the registry (the tracking store), not beside the files it lists:
+whoever can rewrite the artifact store cannot also make a changed checkpoint match."""
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """Return the SHA-256 of a manifest's canonical JSON."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class IncompleteCheckpoint(RuntimeError):
@@ -244,8 +254,24 @@ class ModelRegistry:
         tmp.mkdir(parents=True)
         local = Path(download_artifacts(artifact_uri=version.source, dst_path=str(tmp), tracking_uri=self.tracking_uri))
         manifest_path = local / MANIFEST
+        expected = self.version_tags(version.version).get(MANIFEST_TAG)
         try:
-            if manifest_path.is_file():
+            if expected:
+                # Registered with its manifest's hash: the manifest must be that one, and the folder exactly what
+                # it lists (an extra file, a tokenizer config say, would be loaded with the weights).
+                if not manifest_path.is_file():
+                    raise IncompleteCheckpoint(f"{version.label}: its manifest is missing from the artifact store")
+                manifest = json.loads(manifest_path.read_text())
+                if manifest_digest(manifest) != expected:
+                    raise IncompleteCheckpoint(f"{version.label}: its manifest differs from the one registered")
+                verify_checkpoint(local, manifest)
+                extra = sorted(p.relative_to(local).as_posix() for p in local.rglob("*")
+                               if p.is_file() and p.name != MANIFEST
+                               and p.relative_to(local).as_posix() not in manifest["files"])
+                if extra:
+                    raise IncompleteCheckpoint(f"{version.label}: files the registered manifest does not list: "
+                                               f"{', '.join(extra[:5])}")
+            elif manifest_path.is_file():
                 verify_checkpoint(local, json.loads(manifest_path.read_text()))
             elif not (local / "config.json").is_file():
                 raise IncompleteCheckpoint(f"{version.label} has no manifest and no config.json")
@@ -278,8 +304,10 @@ class ModelRegistry:
         existing = self._versions(f"name = '{self.model_name}' and run_id = '{run_id}'")
         if existing:
             return self._record(existing[0])
-        if self._uploaded_manifest(run_id) is None:
+        manifest = self._uploaded_manifest(run_id)
+        if manifest is None:
             raise IncompleteCheckpoint(f"run {run_id} holds no complete checkpoint (no manifest): upload it first")
+        tags = {**tags, MANIFEST_TAG: manifest_digest(manifest)}
         try:
             self.client.create_registered_model(self.model_name, description="Fine-tuned by nightshift")
         except MlflowException as exc:

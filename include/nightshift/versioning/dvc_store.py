@@ -109,6 +109,9 @@ class DatasetRepository:
             if repo.config.read("local").get("remote", {}).get(REMOTE_NAME, {}) != self.remote_config:
                 with repo.config.edit("local") as conf:
                     conf["remote"][REMOTE_NAME] = dict(self.remote_config)
+        local_config = self.root / ".dvc" / "config.local"
+        if local_config.is_file():
+            local_config.chmod(0o600)  # the storage's credentials: this user's alone, whatever the umask
         fault_point("versioning.init_after_config")
         own = [p for p in (".dvc/config", ".dvc/.gitignore", ".dvcignore") if (self.root / p).is_file()]
         self._git("add", "--", *own)
@@ -136,16 +139,24 @@ class DatasetRepository:
         this repository has no commit yet: a second installation starts from the versions the first made."""
         if "://" not in self.git_remote and ":" not in self.git_remote.split("/", 1)[0]:
             bare = Path(self.git_remote)
-            if not (bare / "HEAD").is_file():
+            if not bare.exists() or (bare.is_dir() and not any(bare.iterdir())):
                 bare.mkdir(parents=True, exist_ok=True)
                 subprocess.run(["git", "init", "--quiet", "--bare", "--initial-branch=main", str(bare)], check=True,
                                capture_output=True)
+            elif not ((bare / "HEAD").is_file() and (bare / "objects").is_dir() and not (bare / ".git").exists()):
+                raise RuntimeError(f"NIGHTSHIFT_DATA_GIT_REMOTE names {bare}, which is neither empty nor a bare git "
+                                   "repository: name an empty folder (it is made one) or a bare repository")
         if self._git_config("remote.origin.url") != self.git_remote:
             if self._git_config("remote.origin.url") is None:
                 self._git("remote", "add", "origin", self.git_remote)
             else:
                 self._git("remote", "set-url", "origin", self.git_remote)
         if not self._has_head() and self._fetch_origin():
+            if subprocess.run(["git", "cat-file", "-e", "refs/remotes/origin/main:.dvc/config"], cwd=self.root,
+                              capture_output=True).returncode != 0:
+                raise RuntimeError("NIGHTSHIFT_DATA_GIT_REMOTE names a repository whose main is not a dataset history "
+                                   "(it has no .dvc/config): name an empty repository, or the one the other "
+                                   "installations share")
             self._git("reset", "--quiet", "--hard", "origin/main")
 
     def _fetch_origin(self) -> bool:
@@ -154,7 +165,11 @@ class DatasetRepository:
         A repository with versions of its own and no history in common with the shared one is refused, before
         any tag is fetched: the shared tags would take its tags' names. (Tags are never pruned: a local tag is
         either published or an unpublished version that _sync drops deliberately.)"""
-        self._git("fetch", "--quiet", "origin", "+refs/heads/*:refs/remotes/origin/*")
+        try:
+            self._git("fetch", "--quiet", "origin", "+refs/heads/*:refs/remotes/origin/*")
+        except RuntimeError as exc:
+            raise RuntimeError(f"NIGHTSHIFT_DATA_GIT_REMOTE ({self.git_remote}) cannot be fetched: "
+                               f"{str(exc)[-300:]}") from None
         has_main = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "refs/remotes/origin/main"],
                                   cwd=self.root, capture_output=True).returncode == 0
         if has_main and self._has_head() and self.versions() and subprocess.run(
@@ -180,7 +195,7 @@ class DatasetRepository:
             self._git("reset", "--quiet", "--hard", "origin/main")
         elif self._is_ancestor(theirs, head):
             if not self._publish(None):
-                self._sync()
+                self._sync()  # another installation pushed meanwhile (_publish raises when nobody did)
         else:
             for tag in self._git("tag", "--list", f"{self.name}-v*", "--no-merged", "origin/main").split():
                 self._git("tag", "-d", tag)
@@ -197,13 +212,28 @@ class DatasetRepository:
         if not self.git_remote:
             return True
         refs = ["HEAD:refs/heads/main"] + ([f"refs/tags/{tag}:refs/tags/{tag}"] if tag else [])
+        # What this repository last fetched of the shared main: the commits it pushes build on it.
+        known = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "refs/remotes/origin/main"], cwd=self.root,
+                               capture_output=True, text=True).stdout.strip()
         proc = subprocess.run(["git", "push", "--quiet", "--atomic", "--follow-tags", "origin", *refs], cwd=self.root,
                               capture_output=True, text=True)
         if proc.returncode == 0:
             return True
-        if "rejected" in proc.stderr or "fetch first" in proc.stderr or "non-fast-forward" in proc.stderr:
+        # A lost race: the shared main moved since this repository fetched it. A refusal of a push that built on
+        # the shared main as it is (a protected branch, a hook, no right to push) is no race: every retry would
+        # be refused again.
+        if self._remote_main() != known:
             return False
-        raise RuntimeError(f"git push to the shared dataset history failed: {proc.stderr.strip()[:300]}")
+        raise RuntimeError(f"the shared dataset history ({self.git_remote}) refused the push of main: "
+                           f"{proc.stderr.strip()[-300:]}")
+
+    def _remote_main(self) -> str:
+        proc = subprocess.run(["git", "ls-remote", "origin", "refs/heads/main"], cwd=self.root, capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the shared dataset history ({self.git_remote}) cannot be read: "
+                               f"{proc.stderr.strip()[-300:]}")
+        return proc.stdout.split()[0] if proc.stdout.strip() else ""
 
     @staticmethod
     def _remove_stale_git_locks(git_dir: Path) -> None:
