@@ -118,6 +118,22 @@ def engine(cluster: ServingCluster, settings: Settings, role: str) -> list[dict[
     return [deployment, service]
 
 
+def _plain_deployment(name: str, namespace: str, labels: dict[str, str], replicas: int,
+                      container: dict[str, Any]) -> dict[str, Any]:
+    """Return a Deployment of one container that runs as a non-root user (the front, the MLflow server)."""
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
+            "template": {"metadata": {"labels": labels},
+                         "spec": {"securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
+                                  "containers": [container]}},
+        },
+    }
+
+
 def front(cluster: ServingCluster, settings: Settings) -> list[dict[str, Any]]:
     """Return the Deployment and Service of nightshift's front before the engines."""
     name = "nightshift-serving"
@@ -134,29 +150,15 @@ def front(cluster: ServingCluster, settings: Settings) -> list[dict[str, Any]]:
         *_secret_env(cluster.secret, "NIGHTSHIFT_MLFLOW_TRACKING_URI", "NIGHTSHIFT_API_KEYS",
                      "NIGHTSHIFT_SERVE_REQUEST_LOG"),
     ]
-    deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels},
-        "spec": {
-            "replicas": cluster.front_replicas,
-            "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
-                    "containers": [{
-                        "name": "front", "image": cluster.front_image,
-                        "command": ["nightshift", "serve", "--host", "0.0.0.0", "--port", str(ENGINE_PORT)],
-                        "env": env,
-                        "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
-                        "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
-                        "readinessProbe": {"httpGet": {"path": "/healthz", "port": ENGINE_PORT}, "periodSeconds": 5},
-                        "livenessProbe": {"httpGet": {"path": "/livez", "port": ENGINE_PORT}, "periodSeconds": 15},
-                    }],
-                },
-            },
-        },
-    }
+    deployment = _plain_deployment(name, cluster.namespace, labels, cluster.front_replicas, {
+        "name": "front", "image": cluster.front_image,
+        "command": ["nightshift", "serve", "--host", "0.0.0.0", "--port", str(ENGINE_PORT)],
+        "env": env,
+        "ports": [{"name": "http", "containerPort": ENGINE_PORT}],
+        "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": ENGINE_PORT}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/livez", "port": ENGINE_PORT}, "periodSeconds": 15},
+    })
     service = {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels,
@@ -192,32 +194,17 @@ def mlflow_server(cluster: ServingCluster) -> list[dict[str, Any]]:
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/component": "registry", **PART_OF}
     serve = ('exec mlflow server --host 0.0.0.0 --port 5000 --workers 4 --backend-store-uri '
              '"$MLFLOW_BACKEND_STORE_URI" --serve-artifacts --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION"')
-    deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels},
-        "spec": {
-            "replicas": 2,
-            "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
-                    "containers": [{
-                        "name": "mlflow", "image": cluster.front_image,
-                        "command": ["/bin/sh", "-c"], "args": [serve],
-                        "env": [*_secret_env("nightshift-mlflow", "MLFLOW_BACKEND_STORE_URI",
-                                             "MLFLOW_ARTIFACTS_DESTINATION", "AWS_ACCESS_KEY_ID",
-                                             "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"),
-                                {"name": "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "value": "false"}],
-                        "ports": [{"name": "http", "containerPort": 5000}],
-                        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
-                        "readinessProbe": {"httpGet": {"path": "/health", "port": 5000}, "periodSeconds": 10},
-                        "livenessProbe": {"httpGet": {"path": "/health", "port": 5000}, "periodSeconds": 30},
-                    }],
-                },
-            },
-        },
-    }
+    deployment = _plain_deployment(name, cluster.namespace, labels, 2, {
+        "name": "mlflow", "image": cluster.front_image,
+        "command": ["/bin/sh", "-c"], "args": [serve],
+        "env": [*_secret_env("nightshift-mlflow", "MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION",
+                             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"),
+                {"name": "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "value": "false"}],
+        "ports": [{"name": "http", "containerPort": 5000}],
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
+        "readinessProbe": {"httpGet": {"path": "/health", "port": 5000}, "periodSeconds": 10},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": 5000}, "periodSeconds": 30},
+    })
     service = {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": cluster.namespace, "labels": labels},
