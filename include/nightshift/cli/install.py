@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from nightshift.cli.keys import ensure_local_key
+from nightshift.cli.stack import prepare_metadata, python_env
 from nightshift.cli.tools import tool_path
 from nightshift.environment import configure_environment, write_private
 from nightshift.settings import DEFAULT_FOUNDATION_MODEL, Settings, repo_root
@@ -29,21 +30,11 @@ def cmd_env(settings: Settings, _args) -> int:
 
 
 def cmd_setup(settings: Settings, args) -> int:
-    from nightshift.stores import dataset_repository
-
     started = time.monotonic()
     env = configure_environment(settings)
     admin_password(settings)
     log.info("migrating the Airflow metadata DB at %s", env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
-    subprocess.run([tool_path("airflow"), "db", "migrate"], check=True, env=os.environ.copy(),
-                   stdout=subprocess.DEVNULL)
-    from nightshift.airflow.settings_file import apply_settings_file
-
-    root = repo_root()
-    if root:
-        applied = apply_settings_file(root / "airflow_settings.yaml")
-        log.info("airflow_settings.yaml: %d changes", applied.changed)
-    dataset_repository(settings).ensure()
+    prepare_metadata(settings)
     ensure_local_key(settings)
     from nightshift.stores import registry_for
 
@@ -91,9 +82,7 @@ def cmd_up(settings: Settings, args) -> int:
     password_file = admin_password(settings)
     ensure_local_key(settings)
     _make_private(settings)
-    env = os.environ.copy()
-    # standalone starts its components as `airflow ...` subprocesses: they must find this environment's CLI.
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env = python_env()  # standalone starts its components as `airflow ...` subprocesses: they must find this CLI
     services = [
         Service("airflow", [tool_path("airflow"), "standalone"], env),
         Service("endpoint", [sys.executable, "-m", "nightshift.cli", "serve", "--port", str(args.serve_port)], env),
@@ -105,7 +94,7 @@ def cmd_up(settings: Settings, args) -> int:
 def _up_production(settings: Settings, args) -> int:
     """Airflow's components as processes of their own with Celery workers, and the endpoint, on the engines of
     the production profile (started here first on production-local); supervised until stopped."""
-    from nightshift.cli.stack import airflow_services, celery_workers, engines_for, prepare_metadata, python_env
+    from nightshift.cli.stack import airflow_services, celery_workers, engines_for
     from nightshift.supervisor import Service, Supervisor
 
     with engines_for(settings) as (settings, spare):

@@ -65,7 +65,8 @@ def prepare_metadata(settings: Settings) -> None:
                    stdout=subprocess.DEVNULL)
     root = repo_root()
     if root:
-        apply_settings_file(root / "airflow_settings.yaml")
+        applied = apply_settings_file(root / "airflow_settings.yaml")
+        log.info("airflow_settings.yaml: %d changes", applied.changed)
     dataset_repository(settings).ensure()
 
 
