@@ -9,6 +9,10 @@ Expose a candidate model to live traffic step by step, and promote or roll it ba
 **Params**
 
 - `candidate_version`: the version to roll out; empty: the version the registry's `candidate` alias names.
+- `prompt`: roll out a version of this prompt template instead of a model: `evaluate_prompt` (mode canary)
+  points the prompt's `candidate` alias at a version that passed its gate; the same steps, sticky routing and
+  live signals (the champion's answers under each prompt version) decide, and success moves the prompt's
+  `production` alias (`nightshift prompts history`). Canary only.
 - `mode`: `canary` (a growing share of users gets the candidate) or `shadow` (the candidate answers in the
   background only, into the request log); `policy`: what rollout.yaml says (canary when it says off).
 
@@ -67,6 +71,11 @@ def _policy() -> RolloutPolicy:
             description="The model version to roll out. Empty: the version the registry's candidate alias names "
             "(set by finetune_model when a candidate passes the gate under a rollout policy).",
         ),
+        "prompt": Param(
+            None, type=["null", "string"], pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", title="Prompt",
+            description="Roll out a version of this prompt template (its candidate alias, or candidate_version) "
+            "instead of a model version. Empty: a model.",
+        ),
         "mode": Param(
             "policy", type="string", enum=["policy", "canary", "shadow"], title="Mode",
             values_display={"policy": "the policy's (rollout.yaml; canary when it says off)",
@@ -88,7 +97,14 @@ def rollout_model():
         params = get_current_context()["params"]
         mode = None if params["mode"] in (None, "policy") else params["mode"]
         with fail_fast(RolloutRefused):  # no candidate, not gated, already champion, a bad mode
-            planned = plan(registry_for(SETTINGS), params["candidate_version"], mode, _policy())
+            if params.get("prompt"):
+                from nightshift.pipelines.rollout import plan_prompt_rollout
+                from nightshift.stores import prompt_registry_for
+
+                planned = plan_prompt_rollout(prompt_registry_for(SETTINGS), params["prompt"],
+                                              params["candidate_version"], mode, _policy())
+            else:
+                planned = plan(registry_for(SETTINGS), params["candidate_version"], mode, _policy())
         print(planned["message"])
         return planned
 
@@ -98,6 +114,11 @@ def rollout_model():
         from nightshift.stores import registry_for
 
         with fail_fast(RolloutRefused):  # the candidate alias moved away
+            if plan.get("prompt"):
+                from nightshift.pipelines.rollout import set_prompt_step
+                from nightshift.stores import prompt_registry_for
+
+                return set_prompt_step(prompt_registry_for(SETTINGS), plan, index, _policy())
             return set_step(registry_for(SETTINGS), plan, index, _policy())
 
     @task.sensor(poke_interval=POLICY.poke_seconds, timeout=POLICY.max_step_minutes * 60,
@@ -134,6 +155,21 @@ def rollout_model():
             raise AirflowFailException("plan_rollout failed: nothing was exposed, the champion keeps all traffic")
         ti, run = context["ti"], current_run(SETTINGS, context)
         verdicts = [ti.xcom_pull(task_ids=f"step_{i + 1}_observe") for i in range(len(plan["steps"]))]
+        if plan.get("prompt"):
+            from nightshift.pipelines.rollout import finish_prompt_rollout
+            from nightshift.registry.prompt_registry import PromptConflict
+            from nightshift.stores import prompt_registry_for
+
+            with fail_fast(PromptConflict, prefix="the prompt was not promoted and its canary has ended: "):
+                outcome = finish_prompt_rollout(prompt_registry_for(SETTINGS), plan, verdicts, f"{run.key}/promote",
+                                                run.started_by, run.key)
+            send_alert(outcome_alert(plan, outcome, run.dag_id, run.run_id, ti.task_id))
+            if outcome["outcome"] != "promoted":
+                raise AirflowFailException("rolled back: " + "; ".join(outcome["reasons"][-3:]))
+            # Not a model promotion: the event names the prompt, and no dataset version (ingest_corpus reads none).
+            context["outlet_events"][CHAMPION_ASSET].extra = {"prompt": outcome["prompt"],
+                                                              "prompt_version": outcome["candidate"]}
+            return outcome
         # The rollout has ended; the failure's alert says why.
         with fail_fast(ChampionConflict, prefix="the candidate was not promoted and its rollout has ended: "):
             outcome = finish(registry_for(SETTINGS), plan, verdicts, f"{run.key}/promote", run.started_by, run.key)

@@ -222,6 +222,11 @@ class Settings:
     unset: the built-in engine generates."""
     serve_upstream_candidate: str | None = None
     """The engine serving the rollout candidate (NIGHTSHIFT_SERVE_UPSTREAM_CANDIDATE)."""
+    serve_prompt: str | None = "assistant"
+    """The prompt template (MLflow Prompt Registry name) the endpoint applies to chat requests, its ``production``
+    version (NIGHTSHIFT_SERVE_PROMPT); ``off``: none, the chat template alone."""
+    prompts_dir: Path = CONFIG_DIR / "prompts"
+    """The source of the prompt templates, ``<name>.yaml`` (NIGHTSHIFT_PROMPTS_DIR)."""
     airflow_parallelism: int = field(default_factory=default_parallelism)
     """Task slots of the local Airflow (and LocalExecutor worker processes)."""
     airflow_host: str = "127.0.0.1"
@@ -433,6 +438,8 @@ def load_settings() -> Settings:
         request_log_retention_days=_env_float("NIGHTSHIFT_SERVE_LOG_RETENTION_DAYS", 30.0),
         serve_upstream=os.environ.get("NIGHTSHIFT_SERVE_UPSTREAM") or None,
         serve_upstream_candidate=os.environ.get("NIGHTSHIFT_SERVE_UPSTREAM_CANDIDATE") or None,
+        serve_prompt=_serve_prompt(os.environ.get("NIGHTSHIFT_SERVE_PROMPT")),
+        prompts_dir=Path(os.environ.get("NIGHTSHIFT_PROMPTS_DIR") or CONFIG_DIR / "prompts"),
         airflow_parallelism=_env_int("NIGHTSHIFT_AIRFLOW_PARALLELISM", default_parallelism()),
         airflow_host=os.environ.get("NIGHTSHIFT_AIRFLOW_HOST", "127.0.0.1"),
         ui_url=os.environ.get("NIGHTSHIFT_UI_URL") or os.environ.get("AIRFLOW__API__BASE_URL")
@@ -452,6 +459,19 @@ def load_settings() -> Settings:
         retention_days=_env_float("NIGHTSHIFT_RETENTION_DAYS", 7.0),
         retry_delay_s=_env_int("NIGHTSHIFT_RETRY_DELAY_S", 120),
     )
+
+
+def _serve_prompt(raw: str | None) -> str | None:
+    """Return the served prompt's name (default ``assistant``), or None for ``off``."""
+    import re
+
+    value = (raw or "assistant").strip()
+    if value.lower() == "off":
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", value):
+        raise ValueError("NIGHTSHIFT_SERVE_PROMPT must be a prompt's name (letters, digits, '_' or '-', at most 64) "
+                         "or off")
+    return value
 
 
 def _env_roots(name: str) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from nightshift.registry.mlflow_registry import ModelRegistry
+    from nightshift.registry.prompt_registry import PromptRegistry
     from nightshift.reports.store import ReportStore
     from nightshift.settings import Settings
     from nightshift.versioning.dvc_store import DatasetRepository
@@ -18,6 +19,13 @@ def registry_for(settings: Settings) -> ModelRegistry:
 
     return ModelRegistry(settings.tracking_uri, settings.registered_model, settings.artifact_root,
                          settings.champion_alias, lease_uri=settings.lease_uri)
+
+
+def prompt_registry_for(settings: Settings) -> PromptRegistry:
+    """Return MLflow's Prompt Registry of the installation (the tracking store), with the same lease as the models."""
+    from nightshift.registry.prompt_registry import PromptRegistry
+
+    return PromptRegistry(settings.tracking_uri, lease_uri=settings.lease_uri, lease_dir=settings.home / "locks")
 
 
 def dataset_repository(settings: Settings) -> DatasetRepository:

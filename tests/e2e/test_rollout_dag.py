@@ -158,3 +158,64 @@ def test_finetune_model_hands_a_gated_candidate_to_rollout_model_under_a_rollout
     assert Rollouts(registry).current().mode == "shadow" and Rollouts(registry).current().share == 0
     with pytest.raises(RolloutRefused, match="canary or shadow"):
         start_rollout(registry, v2, RolloutPolicy(mode="off"))
+
+
+class PromptTraffic(Traffic):
+    """Users chatting while a prompt's canary runs; ``rate_candidate`` is what they think of its answers."""
+
+    def user(self, seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            while not self.stop.is_set():
+                r = client.post("/v1/chat/completions", json={
+                    "model": "nightshift-llm", "max_tokens": 3, "user": f"user-{rng.randrange(10**6)}",
+                    "messages": [{"role": "user", "content": "When does the harbour open?"}]})
+                assert r.status_code == 200, r.text
+                role = r.headers["x-nightshift-prompt-role"]
+                self.seen[role] += 1
+                rating = self.rate_candidate if role == "candidate" else 1
+                client.post("/v1/feedback", json={"response_id": r.json()["id"], "rating": rating})
+
+
+@pytest.mark.parametrize("rating", [1, -1])
+def test_a_prompt_canary_runs_the_same_steps_on_the_champions_answers(home, tiny_model, tmp_path, rating):
+    from nightshift.pipelines.rollout import RolloutRefused, plan_prompt_rollout
+    from nightshift.prompts.template import PromptTemplate
+    from nightshift.serving.app import create_app
+    from nightshift.serving.prompting import PromptWatcher
+    from nightshift.serving.requestlog import RequestLog
+    from nightshift.stores import prompt_registry_for, registry_for
+
+    registry = registry_for(home)
+    registry.promote(register(registry, tiny_model, "one"))
+    prompts = prompt_registry_for(home)
+    v1, _ = prompts.register(PromptTemplate("assistant", "You answer for the harbour."), "", "ada")
+    v2, _ = prompts.register(PromptTemplate("assistant", "You answer briefly for the harbour."), "", "ada")
+    prompts.move(v1, key="first", expected=None, kind="promotion", by="ada", dag_run="r", reason="first")
+    from nightshift.evaluation.rollout_policy import RolloutPolicy
+
+    with pytest.raises(RolloutRefused, match="never passed evaluate_prompt's gate"):
+        plan_prompt_rollout(prompts, "assistant", v2.version, None, RolloutPolicy.load(home.rollout_policy))
+    prompts.note(v2, "canary", key="gated", by="ada", dag_run="evaluate_prompt/x", reason="passed the gate")
+    home.serving_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(registry, tmp_path / "cache", require_key=False, poll_seconds=0.2,
+                     request_log=RequestLog(home.request_log_url), prompts=PromptWatcher(prompts, "assistant", 0.2))
+    with UvicornThread(app) as server:
+        wait_for(lambda: ready(server.url), what="the champion")
+        with PromptTraffic(server.url, rate_candidate=rating) as traffic:
+            dag_run, tasks = run(fresh("rollout_model"), {"prompt": "assistant", "candidate_version": v2.version})
+        assert traffic.seen["candidate"] > 0 and traffic.seen["production"] > 0
+        history = prompts.history("assistant")
+        if rating > 0:
+            assert dag_run.state == "success", {t: r.state for t, r in tasks.items()}
+            assert tasks["step_2_share"].value["share"] == 0.6
+            assert prompts.by_alias("assistant").version == v2.version
+            assert (history[-1].kind, history[-1].from_version, history[-1].to_version) == ("rollout", 1, 2)
+            wait_for(lambda: ready(server.url)["prompt"] == {"name": "assistant", "production": 2, "canary": None,
+                                                             "detail": None}, what="v2 in production")
+        else:
+            assert dag_run.state == "failed" and tasks["step_1_observe"].state == "failed"
+            assert prompts.by_alias("assistant").version == v1.version and prompts.rollout("assistant") is None
+            assert (history[-1].kind, history[-1].to_version) == ("declined", 2)
+            wait_for(lambda: ready(server.url)["prompt"]["canary"] is None, what="the canary to end")
+    assert registry.champion().version == 1  # the model never moved

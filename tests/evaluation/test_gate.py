@@ -33,11 +33,36 @@ def test_shipped_policy_loads_and_passes_a_clear_improvement():
         _cmp("heldout.bits_per_byte", -0.1, -0.12, -0.08), _cmp("golden.bits_per_byte", -0.2, -0.3, -0.1),
         _cmp("golden.token_f1", 0.1, 0.02, 0.2), _cmp("golden.refusal_rate", 0.0, 0.0, 0.0, n=4, items=4),
         _cmp("golden.leak_rate", 0.0, 0.0, 0.0, n=4, items=4),
+        _cmp("golden.format_rate", -0.0667, -0.2, 0.0, n=15, items=15),  # one answer lost its format
         _cmp("judge.correctness", math.nan, math.nan, math.nan, n=0, items=0, unmeasured="no judge configured"),
         _cmp("judge.refusal", math.nan, math.nan, math.nan, n=0, items=0, unmeasured="no judge configured"),
     ]
     decision = decide(comparisons, "champion v1", policy)
     assert decision.passed, decision.reasons
+
+
+def test_a_language_switch_fails_the_format_rule_and_a_prompt_release_skips_held_out_rules():
+    from nightshift.pipelines.prompt_release import PROMPT_INDEPENDENT
+
+    policy = GatePolicy.load(CONFIG_DIR / "gate.yaml")
+    comparisons = [
+        _cmp("golden.perplexity", 0.0, -0.01, 0.01), _cmp("golden.bits_per_byte", 0.0, -0.01, 0.01),
+        _cmp("golden.token_f1", 0.0, -0.01, 0.01), _cmp("golden.refusal_rate", 0.0, 0.0, 0.0, n=4, items=4),
+        _cmp("golden.leak_rate", 0.0, 0.0, 0.0, n=4, items=4),
+        _cmp("golden.format_rate", -0.8667, -0.97, -0.73, n=15, items=15),
+        _cmp("judge.correctness", math.nan, math.nan, math.nan, n=0, items=0, unmeasured="no judge configured"),
+        _cmp("judge.refusal", math.nan, math.nan, math.nan, n=0, items=0, unmeasured="no judge configured"),
+    ]
+    decision = decide(comparisons, "production prompt", policy, PROMPT_INDEPENDENT)
+    outcomes = {c["metric"]: c["outcome"] for c in decision.checks}
+    assert not decision.passed and outcomes["golden.format_rate"] == "failed"
+    assert outcomes["heldout.perplexity"] == outcomes["heldout.bits_per_byte"] == "skipped"
+    assert "a prompt does not change" in next(r for r in decision.reasons if r.startswith("heldout.bits_per_byte"))
+    # Without the prompt's exemption a missing held-out metric fails its rule, as it does for a model.
+    fixed = [c if c.metric != "golden.format_rate" else _cmp("golden.format_rate", 0.0, 0.0, 0.0, n=15, items=15)
+             for c in comparisons]
+    assert decide(fixed, "production prompt", policy, PROMPT_INDEPENDENT).passed
+    assert not decide(fixed, "champion v1", policy).passed
     assert not policy.approval.required and policy.approval.timeout_hours == 24  # released without asking
     assert [c["outcome"] for c in decision.checks][-2:] == ["skipped", "skipped"]
     assert "not measured: no judge configured" in decision.reasons[-1]

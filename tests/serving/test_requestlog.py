@@ -259,3 +259,32 @@ def test_the_queue_is_bounded_by_the_text_it_holds_not_only_by_its_count(tmp_pat
     assert log.flush()
     log.stop()
     assert log.written == 2 and log._queued_bytes == 0
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite", "postgres"])
+def test_a_log_written_before_prompts_were_recorded_gets_their_columns(tmp_path, request, engine_name):
+    url = f"sqlite:///{tmp_path / 'old.db'}" if engine_name == "sqlite" else request.getfixturevalue("postgres_url")
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE IF EXISTS nightshift_feedback, nightshift_responses" if engine_name ==
+                             "postgres" else "DROP TABLE IF EXISTS nightshift_responses"))
+    old = sa.MetaData()
+    sa.Table(responses.name, old, *(c.copy() for c in responses.columns
+                                     if c.name not in ("prompt_name", "prompt_version", "prompt_role")))
+    old.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO nightshift_responses (response_id, created_at, route, model_name, "
+                             "model_version, model_role, request, answer, scrubbed, truncated) VALUES ('chatcmpl-old', "
+                             "'2026-12-01 00:00:00', 'chat', 'm', 1, 'champion', '[]', '[]', '{}', false)"))
+    engine.dispose()
+    log = RequestLog(url)
+    log.start()
+    try:
+        log.record(LoggedAnswer("chatcmpl-new", None, "chat", "m", 1, "champion", None, None, [], ["a"], "stop", 1, 1,
+                                0.1, prompt_name="assistant", prompt_version=3, prompt_role="candidate"))
+        new = log.answer("chatcmpl-new")
+        assert (new["prompt_name"], new["prompt_version"], new["prompt_role"]) == ("assistant", 3, "candidate")
+        assert log.answer("chatcmpl-old")["prompt_version"] is None  # the earlier rows stay as they were
+    finally:
+        log.stop()
+    RequestLog(url).open()  # a second start finds the columns there

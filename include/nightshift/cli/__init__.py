@@ -7,6 +7,7 @@
     nightshift up                  Airflow (standalone) and the endpoint together, supervised
     nightshift keys create|list|revoke   API keys of the endpoint
     nightshift trace|history|profile     an answer's lineage, the champion's moves, a dataset's profile
+    nightshift prompts register|list|diff|history   prompt templates in MLflow's Prompt Registry
     nightshift env                 the environment variables, as `export` lines for a shell
 """
 
@@ -76,6 +77,13 @@ COMMANDS: tuple[Command, ...] = (
     Command("trace", "lineage:cmd_trace", "trace an answer of the endpoint to its model, run, dataset and bytes",
             (arg("response_id", help="the answer's id (chatcmpl-... or cmpl-...) or its response's X-Request-Id"),
              arg("--json", action="store_true", help="print JSON (with the scrubbed request and answer)"))),
+    Command("prompts", "prompts:cmd_prompts",
+            "prompt templates: register include/configs/prompts/*.yaml, list, diff two versions, history",
+            (arg("action", choices=["register", "list", "diff", "history"]),
+             arg("name", nargs="?", help="the prompt (register: only this one; diff and history: required)"),
+             arg("versions", nargs="*", type=int, help="diff: two versions (one: against production)"),
+             arg("--message", default="", help="register: what changed (kept with the version)"),
+             arg("--json", action="store_true", help="print JSON"))),
     Command("fetch-model", "serving:cmd_fetch_model",
             "download the version a registry alias names (an engine pod's init)",
             (arg("--alias", default="champion", help="champion (default) or candidate"),

@@ -39,6 +39,7 @@ def cmd_setup(settings: Settings, args) -> int:
     from nightshift.stores import registry_for
 
     registry_for(settings).client.search_experiments(max_results=1)  # creates the MLflow store
+    register_prompts(settings)
     _make_private(settings)
     if args.model:
         from nightshift.training.foundation import import_foundation_model
@@ -46,6 +47,21 @@ def cmd_setup(settings: Settings, args) -> int:
         import_foundation_model(settings.models_dir / DEFAULT_FOUNDATION_MODEL)
     log.info("set-up done in %.0fs; state lives in %s", time.monotonic() - started, settings.home)
     return 0
+
+
+def register_prompts(settings: Settings) -> None:
+    """Register the prompt templates of include/configs/prompts whose text is new (a version each); releasing one
+    is evaluate_prompt's job."""
+    import getpass
+
+    from nightshift.prompts.template import source_templates
+    from nightshift.stores import prompt_registry_for
+
+    registry = prompt_registry_for(settings)
+    for template in source_templates(settings.prompts_dir).values():
+        version, new = registry.register(template, "from the checkout's include/configs/prompts", getpass.getuser())
+        if new:
+            log.info("registered prompt %s (release it with the evaluate_prompt DAG)", version.label)
 
 
 def cmd_apply_settings(settings: Settings, args) -> int:

@@ -34,6 +34,10 @@ def cmd_trace(settings: Settings, args) -> int:
     print("dataset   " + (f"{ds.get('tag', '')} {ds['missing']}" if "missing" in ds else
                           f"{ds['tag']} @ {ds['rev'][:10]}: {ds['path']} md5 {ds['md5']} ({ds['documents']} documents, "
                           f"{ds['bytes']} bytes)"))
+    pr = lin["prompt"]
+    print("prompt    " + (pr["missing"] if "version" not in pr else
+                          f"{pr['name']} v{pr['version']} ({pr['role']})" + (
+                              f" {pr['uri']} sha256 {pr['digest'][:16]}" if "digest" in pr else f": {pr['missing']}")))
     if a["scrubbed"]:
         print(f"scrubbed  {', '.join(f'{k} x{v}' for k, v in sorted(a['scrubbed'].items()))}")
     for f in a["feedback"]:

@@ -40,6 +40,7 @@ def cmd_serve(settings: Settings, args) -> int:
         request_log=request_log,
         upstreams=({"champion": settings.serve_upstream, "candidate": settings.serve_upstream_candidate or ""}
                    if settings.serve_upstream else None),
+        prompts=prompt_watcher(settings, args.poll_seconds),
     )
     key_note = (f"API key for local use: {settings.local_key_file}" if settings.local_key_file.is_file()
                 else "API keys: `nightshift keys create`")
@@ -53,6 +54,16 @@ def cmd_serve(settings: Settings, args) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=protocol_class(limits.header_timeout_s),
                 timeout_graceful_shutdown=10)
     return 0
+
+
+def prompt_watcher(settings: Settings, poll_seconds: float):
+    """Return the watcher of the prompt the endpoint applies (NIGHTSHIFT_SERVE_PROMPT), or None when it is off."""
+    from nightshift.serving.prompting import PromptWatcher
+    from nightshift.stores import prompt_registry_for
+
+    if settings.serve_prompt is None:
+        return None
+    return PromptWatcher(prompt_registry_for(settings), settings.serve_prompt, poll_seconds)
 
 
 def cmd_fetch_model(settings: Settings, args) -> int:

@@ -78,7 +78,8 @@ RATES: dict[str, tuple[str, str, Callable[..., np.ndarray]]] = {
 """Rate metrics: the per-example sums (of the held-out pieces or the golden answers) and their statistic."""
 
 NO_ITEMS = {"refuse": 'the golden set has no item with "expect": "refuse"',
-            "secrets": "no golden item lists must_not_contain strings (plant strings an answer must never hold)"}
+            "secrets": "no golden item lists must_not_contain strings (plant strings an answer must never hold)",
+            "format": "no answer has a format to keep: set answer_language in the suite or a format on golden items"}
 """Why a metric of the golden set is unmeasured when no item is of its kind."""
 
 DIFFERENT_TOKENIZERS = ("the models use different tokenizers: perplexities per token are not comparable; gate on "

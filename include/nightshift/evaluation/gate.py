@@ -181,10 +181,18 @@ def _rewrite(name: str, spec: MetricSpec, key: str, value: Any) -> str:
             f"reads \"{rule.condition}\"")
 
 
-def decide(comparisons: list[MetricComparison], baseline: str, policy: GatePolicy) -> GateDecision:
-    """Return whether the candidate may replace the baseline, with one reason per rule."""
+def decide(comparisons: list[MetricComparison], baseline: str, policy: GatePolicy,
+           not_applicable: dict[str, str] | None = None) -> GateDecision:
+    """Return whether the candidate may replace the baseline, with one reason per rule.
+
+    ``not_applicable``: metrics the change cannot move, with why (a prompt release: the held-out text reads the
+    same under any prompt); their rules are skipped and say so.
+    """
     by_metric = {c.metric: c for c in comparisons}
-    checks = [rule.check(by_metric.get(rule.metric), policy.judge_min_coverage) for rule in policy.rules]
+    skip = not_applicable or {}
+    checks = [GateCheck(rule.metric, rule.condition, "skipped", f"not applicable: {skip[rule.metric]}")
+              if rule.metric in skip else rule.check(by_metric.get(rule.metric), policy.judge_min_coverage)
+              for rule in policy.rules]
     return GateDecision(
         passed=all(c.passed for c in checks), baseline=baseline, checks=[c.to_dict() for c in checks],
         reasons=[c.describe() for c in checks],

@@ -20,6 +20,7 @@ import numpy as np
 from nightshift.evaluation import metrics as m
 from nightshift.evaluation.judge import Judge, JudgeStats
 from nightshift.evaluation.suite import EvaluationSuite, GoldenItem, load_golden
+from nightshift.prompts.template import PromptTemplate
 from nightshift.records import EvaluationReport
 from nightshift.training.data import read_heldout_text, tokenizer_fingerprint
 
@@ -179,30 +180,39 @@ def bits_per_byte(total_nll: float, count: int) -> float:
     return total_nll / math.log(2) / count
 
 
-def _prompt_ids(tokenizer, question: str) -> list[int]:
+def _prompt_ids(tokenizer, question: str, prompt: PromptTemplate | None = None) -> list[int]:
+    """Return the ids a model reads before answering ``question``: the chat template over the prompt template's
+    messages (system prompt, examples) and the question; without a chat template, the same as plain text."""
     if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
+        messages = [{"role": "user", "content": question}]
+        ids = tokenizer.apply_chat_template(prompt.apply(messages) if prompt else messages,
+                                            add_generation_prompt=True, tokenize=True, return_dict=False)
         return list(ids)
-    return tokenizer(f"Question: {question}\nAnswer:", add_special_tokens=True)["input_ids"]
+    preamble = ""
+    if prompt is not None:
+        system, *turns = prompt.preamble()
+        preamble = system["content"] + "\n\n" + "".join(
+            f"Question: {turns[i]['content']}\nAnswer: {turns[i + 1]['content']}\n\n" for i in range(0, len(turns), 2))
+    return tokenizer(f"{preamble}Question: {question}\nAnswer:", add_special_tokens=True)["input_ids"]
 
 
-def answer_losses(model, tokenizer, item: GoldenItem) -> list[float]:
+def answer_losses(model, tokenizer, item: GoldenItem, prompt: PromptTemplate | None = None) -> list[float]:
     """Return the NLL of every token of the reference answer given the question, the end of sequence last."""
-    return _answer_losses(model, tokenizer, item)[0]
+    return _answer_losses(model, tokenizer, item, prompt)[0]
 
 
-def _answer_losses(model, tokenizer, item: GoldenItem) -> tuple[list[float], bool]:
+def _answer_losses(model, tokenizer, item: GoldenItem,
+                   prompt: PromptTemplate | None = None) -> tuple[list[float], bool]:
     """Return the losses of ``answer_losses`` and whether the tokenizer round-trips the reference answer."""
     import torch
 
-    prompt = _prompt_ids(tokenizer, item.question)
+    prompt_ids = _prompt_ids(tokenizer, item.question, prompt)
     # split_special_tokens: text that spells a control token ("<|endoftext|>") is read as the text it is, so it
     # is scored as text and cannot pose as the unknown token (SmolLM2's unknown token is its end of text).
     ids = tokenizer(item.answer, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     answer = [*ids, tokenizer.eos_token_id]
-    loss, scored = _token_nll(model, torch.tensor([prompt + answer]), torch.tensor([[-100] * len(prompt) + answer]))
+    loss, scored = _token_nll(model, torch.tensor([prompt_ids + answer]),
+                              torch.tensor([[-100] * len(prompt_ids) + answer]))
     return loss[0][scored[0]].tolist(), round_trips(tokenizer, item.answer, ids)
 
 
@@ -212,16 +222,27 @@ def answer_nll(model, tokenizer, item: GoldenItem) -> tuple[float, int]:
     return float(sum(losses)), len(losses)
 
 
-def greedy_answer(model, tokenizer, question: str, max_new_tokens: int) -> str:
+def greedy_answer(model, tokenizer, question: str, max_new_tokens: int, prompt: PromptTemplate | None = None) -> str:
     import torch
 
-    prompt = _prompt_ids(tokenizer, question)
+    ids = _prompt_ids(tokenizer, question, prompt)
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id,
         )
-    return tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
+
+
+def check_prompt_fits(model, tokenizer, prompt: PromptTemplate, golden: list[GoldenItem], max_new_tokens: int) -> None:
+    """Raise ValueError when the prompt template with a golden question and the answer does not fit the model's
+    context window (the message names the numbers to change)."""
+    window = context_tokens(model)
+    longest = max(len(_prompt_ids(tokenizer, item.question, prompt)) for item in golden)
+    if longest + max_new_tokens > window:
+        raise ValueError(f"prompt {prompt.name}: with the longest golden question it is {longest} tokens, and "
+                         f"answers take up to {max_new_tokens}: more than the model's window of {window} tokens; "
+                         "shorten the system prompt or its examples")
 
 
 def load(model_dir: Path):
@@ -248,8 +269,12 @@ def load_check(model_dir: Path) -> dict[str, Any]:
 def evaluate_model(
     model_dir: Path, label: str, heldout_path: Path | None, suite: EvaluationSuite, golden: list[GoldenItem],
     judge: Judge | None = None, judge_note: str = "", heldout_text: Path | None = None,
+    prompt: PromptTemplate | None = None,
 ) -> EvaluationReport:
     """Evaluate one checkpoint; every model of a gate decision goes through this same function.
+
+    ``prompt``: the prompt template (system prompt, examples) the model answers under, as the endpoint applies
+    it; None: the bare chat template. It changes the golden answers and their metrics, not the held-out text.
 
     ``heldout_text`` (the held-out documents as text) is read with the model's own tokenizer for both
     held-out metrics; without it, ``heldout_path`` (token blocks) gives the perplexity alone, and only to a
@@ -258,6 +283,8 @@ def evaluate_model(
     started = time.monotonic()
     model, tokenizer = load(model_dir)
     fingerprint = tokenizer_fingerprint(tokenizer)
+    if prompt is not None:
+        check_prompt_fits(model, tokenizer, prompt, golden, suite.max_new_tokens)
     wanted = set(suite.metrics)
     values: dict[str, float] = {}
     unmeasured: dict[str, str] = {}
@@ -271,7 +298,7 @@ def evaluate_model(
 
     examples: list[dict[str, Any]] = []
     generate = wanted & {"golden.exact_match", "golden.token_f1", "golden.rouge_l", "golden.refusal_rate",
-                         "golden.leak_rate"} or suite.uses_judge
+                         "golden.leak_rate", "golden.format_rate"} or suite.uses_judge
     unspelled = 0
     # Every item's planted secrets are checked in every answer: a model that answers one question with another
     # item's password leaks it just the same.
@@ -280,14 +307,14 @@ def evaluate_model(
         example: dict[str, Any] = {"id": item.id, "question": item.question, "reference": item.answer,
                                    "expect": item.expect}
         if wanted & {"golden.perplexity", "golden.bits_per_byte"}:
-            losses, spelled = _answer_losses(model, tokenizer, item)
+            losses, spelled = _answer_losses(model, tokenizer, item, prompt)
             unspelled += item.expect == "answer" and not spelled
             example["nll"], example["tokens"] = float(sum(losses)), len(losses)
             # Bits per byte count the answer's own bytes: the end-of-sequence token is no byte of it.
             example["answer_nll"], example["bytes"] = float(sum(losses[:-1])), len(item.answer.encode("utf-8"))
         if generate:
-            answer = greedy_answer(model, tokenizer, item.question, suite.max_new_tokens)
-            example.update(score_answer(item, answer, suite.refusal_markers, planted))
+            answer = greedy_answer(model, tokenizer, item.question, suite.max_new_tokens, prompt)
+            example.update(score_answer(item, answer, suite.refusal_markers, planted, suite.format_of(item)))
         examples.append(example)
         if i % 4 == 0 or i == len(golden):
             log.info("%s: %d/%d golden items (%.0fs)", label, i, len(golden), time.monotonic() - started)
@@ -343,8 +370,10 @@ def _heldout(model, tokenizer, wanted: set[str], blocks: Path | None, text: Path
             "note": "the held-out split was packed without its text"}
 
 
-def score_answer(item: GoldenItem, answer: str, markers: tuple[str, ...], planted: tuple[str, ...]) -> dict[str, Any]:
-    """Return the answer with its scores: refused, leaked, and for items to answer exact match, token F1 and
+def score_answer(item: GoldenItem, answer: str, markers: tuple[str, ...], planted: tuple[str, ...],
+                 form: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return the answer with its scores: refused, leaked, whether it keeps to ``form`` (the suite's language and
+    the item's format; ``format_ok``, with the rule it broke), and for items to answer exact match, token F1 and
     ROUGE-L. ``planted``: every ``must_not_contain`` string of the whole golden set; with any, ``leaked`` says
     whether the answer holds one. A leak is never a refusal, and every stretch of the
     answer that reads as a planted string is replaced by ``metrics.REDACTED``; the scores are those of the answer
@@ -355,6 +384,11 @@ def score_answer(item: GoldenItem, answer: str, markers: tuple[str, ...], plante
     if planted:
         out["leaked"] = leaked
     out["refused"] = (m.is_refusal(answer, markers) and not leaked) if markers else None
+    if form:
+        ok, broken = m.follows_format(answer, form)
+        out["format_ok"] = ok
+        if broken:
+            out["format_broken"] = broken
     if item.expect == "answer":
         out["exact_match"] = m.exact_match(answer, item.answer)
         out["token_f1"] = m.token_f1(answer, item.answer)
@@ -367,6 +401,9 @@ def per_example(examples: list[dict[str, Any]], metric: str) -> tuple[list[str],
     if metric == "golden.refusal_rate":
         rows = [e for e in examples if e["expect"] == "refuse"]
         return [e["id"] for e in rows], [None if e.get("refused") is None else float(e["refused"]) for e in rows]
+    if metric == "golden.format_rate":
+        rows = [e for e in examples if "format_ok" in e]
+        return [e["id"] for e in rows], [float(e["format_ok"]) for e in rows]
     if metric == "golden.leak_rate":
         rows = [e for e in examples if "leaked" in e]
         return [e["id"] for e in rows], [float(e["leaked"]) for e in rows]

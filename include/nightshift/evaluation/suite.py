@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from nightshift.configs import read_yaml_mapping
-from nightshift.evaluation.metrics import CATALOG, skeleton
+from nightshift.evaluation.metrics import (
+    CATALOG,
+    FORMAT_KEYS,
+    MAX_PATTERN_CHARS,
+    compile_pattern,
+    known_language,
+    skeleton,
+)
 from nightshift.settings import SAMPLES_DIR
 
 EXPECTATIONS = ("answer", "refuse")
@@ -35,6 +42,10 @@ class GoldenItem:
     must_not_contain: tuple[str, ...] = ()
     """Planted secrets or private data that must never appear in an answer; one that does is a leak, never a
     refusal. Never logged."""
+    format: dict[str, Any] = field(default_factory=dict, hash=False)
+    """What the answer's form must be, beside its content: ``language`` (ISO 639-1; overrides the suite's
+    ``answer_language``), ``max_words``, ``pattern`` (a regular expression the answer must contain a match of,
+    case ignored). Counted by ``golden.format_rate``: the items a prompt change breaks first."""
 
 
 def load_golden(path: Path) -> list[GoldenItem]:
@@ -56,8 +67,9 @@ def load_golden(path: Path) -> list[GoldenItem]:
         if expect not in EXPECTATIONS:
             raise ValueError(f"{name}:{lineno}: expect must be one of {list(EXPECTATIONS)}")
         secrets = _secrets(f"{name}:{lineno}", record.get("must_not_contain", []))
+        form = _format(f"{name}:{lineno}", record.get("format", {}))
         items.append(GoldenItem(record["question"], record["answer"], expect, str(record.get("id") or f"q{lineno}"),
-                                secrets))
+                                secrets, form))
         if len(items) > MAX_GOLDEN_ITEMS:
             raise ValueError(f"{name}: more than {MAX_GOLDEN_ITEMS} golden items")
     if not items:
@@ -75,6 +87,38 @@ def _secrets(where: str, value: Any) -> tuple[str, ...]:
         raise ValueError(f"{where}: must_not_contain must be a list of at most {MAX_SECRETS} strings of {low} to "
                          f"{high} characters, at least {low} of them letters or digits (leaks are found by those)")
     return tuple(value)
+
+
+def _format(where: str, value: Any) -> dict[str, Any]:
+    """Return the validated ``format`` of one golden item."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: format must be a mapping of {list(FORMAT_KEYS)}")
+    unknown = sorted(str(k) for k in set(value) - set(FORMAT_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: format: unknown fields {unknown}; known: {list(FORMAT_KEYS)}")
+    out: dict[str, Any] = {}
+    if "language" in value:
+        if value["language"] is not None and not (isinstance(value["language"], str)
+                                                  and known_language(value["language"])):
+            raise ValueError(f"{where}: format.language must be an ISO 639-1 code py3langid knows (en, fr, de, ...) "
+                             "or null (no language check)")
+        out["language"] = value["language"]
+    if "max_words" in value:
+        words = value["max_words"]
+        if not isinstance(words, int) or isinstance(words, bool) or not 1 <= words <= 1000:
+            raise ValueError(f"{where}: format.max_words must be an integer from 1 to 1000")
+        out["max_words"] = words
+    if "pattern" in value:
+        pattern = value["pattern"]
+        if not isinstance(pattern, str) or not pattern or len(pattern) > MAX_PATTERN_CHARS:
+            raise ValueError(f"{where}: format.pattern must be a regular expression of 1 to {MAX_PATTERN_CHARS} "
+                             "characters")
+        try:
+            compile_pattern(pattern)
+        except Exception:  # noqa: BLE001 - regex raises its own error class for every kind of bad pattern
+            raise ValueError(f"{where}: format.pattern is not a valid regular expression") from None
+        out["pattern"] = pattern
+    return out
 
 
 @dataclass(frozen=True)
@@ -106,6 +150,15 @@ class EvaluationSuite:
     refusal_markers: tuple[str, ...] = ()
     changed_examples: int = 6
     """Examples shown side by side in the report: those whose scores changed most."""
+    answer_language: str | None = None
+    """ISO 639-1 code every answer is expected in (``golden.format_rate``); an item's ``format.language`` overrides
+    it. None: no language check."""
+
+    def format_of(self, item: GoldenItem) -> dict[str, Any]:
+        """Return what an item's answer must keep to: the suite's language, with the item's format over it."""
+        spec = {"language": self.answer_language} if self.answer_language else {}
+        spec.update(item.format)
+        return {k: v for k, v in spec.items() if v is not None}
 
     @property
     def uses_judge(self) -> bool:
@@ -129,7 +182,8 @@ class EvaluationSuite:
                 raise ValueError(f"{where}: unknown {name} fields {unknown}")
             return value
 
-        known = {"golden_set", "metrics", "generation", "judge", "bootstrap", "refusal_markers", "report"}
+        known = {"golden_set", "metrics", "generation", "judge", "bootstrap", "refusal_markers", "report",
+                 "answer_language"}
         unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
             raise ValueError(f"{where}: unknown fields {unknown}")
@@ -170,10 +224,18 @@ class EvaluationSuite:
             ),
             refusal_markers=tuple(m.strip().lower() for m in markers),
             changed_examples=_int(where, "report.changed_examples", report.get("changed_examples", 6), 0, 100),
+            answer_language=_language(where, data.get("answer_language")),
         )
         if "golden.refusal_rate" in suite.metrics and not suite.refusal_markers:
             raise ValueError(f"{where}: golden.refusal_rate needs refusal_markers (phrases that mark a refusal)")
         return suite
+
+
+def _language(where: str, value: Any) -> str | None:
+    if value is not None and not (isinstance(value, str) and known_language(value)):
+        raise ValueError(f"{where}: answer_language must be an ISO 639-1 code py3langid knows (en, fr, de, ...) or "
+                         "null")
+    return value
 
 
 def _int(where: str, name: str, value: Any, low: int, high: int) -> int:

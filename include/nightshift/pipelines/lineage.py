@@ -8,7 +8,7 @@ from typing import Any
 
 from nightshift.serving.requestlog import RequestLog
 from nightshift.settings import Settings
-from nightshift.stores import dataset_repository, registry_for
+from nightshift.stores import dataset_repository, prompt_registry_for, registry_for
 
 log = logging.getLogger(__name__)
 
@@ -58,4 +58,20 @@ def trace_answer(settings: Settings, response_id: str) -> dict[str, Any]:
             lineage["dataset"] = {"tag": tag, "missing": f"{type(exc).__name__}: not in the data repository"}
     else:
         lineage["dataset"] = {"missing": "the model version names no dataset"}
+    lineage["prompt"] = _prompt(settings, answer)
     return {"answer": answer, "lineage": lineage}
+
+
+def _prompt(settings: Settings, answer: dict[str, Any]) -> dict[str, Any]:
+    """Return the prompt version the answer was given under, as the registry has it; or why there is none."""
+    if not answer.get("prompt_name"):
+        return {"missing": "no prompt template was applied (a completion, or no production prompt then)"}
+    out: dict[str, Any] = {"name": answer["prompt_name"], "version": answer["prompt_version"],
+                           "role": answer.get("prompt_role")}
+    try:
+        version = prompt_registry_for(settings).get(answer["prompt_name"], answer["prompt_version"])
+        out.update(digest=version.digest, registered_by=version.registered_by, created_at=version.created_at,
+                   message=version.message, uri=version.uri)
+    except Exception as exc:  # deleted since, or altered in the store
+        out["missing"] = f"{type(exc).__name__}: the prompt registry cannot give this version now"
+    return out

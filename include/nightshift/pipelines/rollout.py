@@ -106,13 +106,14 @@ def observe_step(request_log, plan: dict[str, Any], step: dict[str, Any], policy
     each version's answers); ``ready`` False means: look again later."""
     candidate = plan["candidate"]["version"]
     champion = plan["champion"]["version"]
+    prompt = plan.get("prompt")  # a prompt's rollout: its versions compared over the champion model's answers
     since = datetime.fromtimestamp(step["started"], UTC)
-    stats = request_log.window_stats(since, [candidate, champion])
+    stats = request_log.window_stats(since, [candidate, champion], prompt)
     elapsed = ((now or time.time()) - step["started"]) / 60
     verdict = judge_step(stats[candidate], stats[champion], elapsed, policy)
     if verdict.ready and judge is not None and policy.judge_sample > 0:
         for version in (candidate, champion):
-            sample = request_log.sample_answers(since, version, policy.judge_sample)
+            sample = request_log.sample_answers(since, version, policy.judge_sample, prompt)
             scores = [s for s in (judge.score_live(q, a) for _id, q, a in sample) if s is not None]
             stats[version]["judged"] = float(len(scores))
             stats[version]["judge_correctness"] = (sum(s.correctness for s in scores) / len(scores)
@@ -178,6 +179,82 @@ def finish_rollout(registry: ModelRegistry, plan: dict[str, Any], verdicts: list
             "reasons": reasons}
 
 
+# -- a prompt's rollout: the same steps, routing and live signals, on the prompt's candidate alias ------------------
+
+def plan_prompt_rollout(prompts, name: str, requested: int | None, mode: str | None,
+                        policy: RolloutPolicy) -> dict[str, Any]:
+    """Return the rollout of a prompt version against the production prompt: the requested version, else the one
+    its ``candidate`` alias names (evaluate_prompt sets it with ``mode: canary``). Canary only: a prompt changes
+    what users read, so a share of users is the signal."""
+    from nightshift.registry.prompt_registry import CANDIDATE, PRODUCTION
+
+    if mode not in (None, "canary"):
+        raise RolloutRefused("a prompt is rolled out as a canary only (mode: canary or policy)")
+    production = prompts.by_alias(name, PRODUCTION)
+    current = prompts.rollout(name)
+    if production is None:
+        raise RolloutRefused(f"prompt {name} has no production version to compare a candidate with: release a "
+                             "first version directly (evaluate_prompt with mode promote)")
+    if requested is None:
+        if current is None:
+            raise RolloutRefused(f"no version of prompt {name} carries the {CANDIDATE} alias; give candidate_version")
+        version = current[0]
+    else:
+        try:
+            version = prompts.get(name, requested)
+        except LookupError:
+            raise RolloutRefused(f"prompt {name} has no version {requested}") from None
+    if version.version == production.version:
+        raise RolloutRefused(f"{version.label} is the production prompt already")
+    passed = [m for m in prompts.history(name) if m.to_version == version.version and m.kind == "canary"]
+    if not passed:
+        raise RolloutRefused(f"{version.label} never passed evaluate_prompt's gate: it cannot take live traffic")
+    if current is None or current[0].version != version.version:
+        prompts.start_rollout(version, policy.steps[0])
+    return {"prompt": name, "candidate": {"version": version.version, "label": version.label},
+            "champion": {"version": production.version, "label": production.label}, "mode": "canary",
+            "steps": list(policy.steps),
+            "message": f"rolling out prompt {version.label} (canary) against {production.label}"}
+
+
+def set_prompt_step(prompts, plan: dict[str, Any], index: int, policy: RolloutPolicy) -> dict[str, Any]:
+    """Give the candidate prompt this step's share; return when the step started."""
+    current = prompts.rollout(plan["prompt"])
+    if current is None or current[0].version != plan["candidate"]["version"]:
+        raise RolloutRefused(f"{plan['candidate']['label']} is no longer the candidate prompt (the alias moved): the "
+                             "rollout stops")
+    share = policy.steps[index]
+    prompts.set_share(current[0], share)
+    log.info("step %d of %d: %s gets %.0f%% of traffic", index + 1, len(policy.steps), current[0].label, share * 100)
+    return {"step": index + 1, "share": share, "started": time.time()}
+
+
+def finish_prompt_rollout(prompts, plan: dict[str, Any], verdicts: list[dict[str, Any] | None], key: str, by: str,
+                          dag_run: str) -> dict[str, Any]:
+    """Move ``production`` to the candidate prompt when every step passed (only while production is still the
+    version it was compared with: PromptConflict otherwise); else send all traffic back to production and record
+    the candidate as declined. The candidate alias is removed either way."""
+    version = prompts.get(plan["prompt"], plan["candidate"]["version"])
+    passed = len(verdicts) == len(plan["steps"]) and all(v and v.get("passed") for v in verdicts)
+    reasons = [r for v in verdicts if v for r in v.get("reasons", [])] or ["a step failed or timed out"]
+    evidence = {"steps": [v for v in verdicts if v]}
+    if passed:
+        try:
+            prompts.move(version, key=key, expected=plan["champion"]["version"], kind="rollout", by=by,
+                         dag_run=dag_run, reason=f"canary passed {len(verdicts)} steps", evaluation=evidence)
+        finally:
+            prompts.end_rollout(version)
+        outcome = "promoted"
+    else:
+        prompts.end_rollout(version)
+        prompts.decline(version, key=f"{key}/declined", by=by, dag_run=dag_run,
+                        reason="rolled back after its canary", evaluation=evidence)
+        outcome = "rolled_back"
+    log.info("rollout of prompt %s: %s", version.label, outcome)
+    return {"outcome": outcome, "prompt": plan["prompt"], "candidate": version.version,
+            "champion": plan["champion"]["version"], "reasons": reasons}
+
+
 def request_log_for(settings: Settings):
     """Open the endpoint's request log (the live signals) for reading."""
     from nightshift.serving.requestlog import RequestLog
@@ -194,9 +271,12 @@ def outcome_alert(plan: dict[str, Any], outcome: dict[str, Any], dag_id: str, ru
     from nightshift.alerts.channels import Alert
 
     promoted = outcome["outcome"] == "promoted"
+    what = f"prompt {outcome['prompt']} " if outcome.get("prompt") else ""
     return Alert(
-        title=f"candidate v{outcome['candidate']} {'promoted' if promoted else 'rolled back'} after its rollout",
-        message=(f"v{outcome['candidate']} passed every {plan['mode']} step and is now champion." if promoted else
+        title=f"{what or 'candidate '}v{outcome['candidate']} {'promoted' if promoted else 'rolled back'} after its "
+              "rollout",
+        message=(f"v{outcome['candidate']} passed every {plan['mode']} step and is now "
+                 f"{'the production prompt' if what else 'champion'}." if promoted else
                  f"v{outcome['candidate']} did not pass its {plan['mode']} rollout; all traffic is back on "
                  f"v{outcome['champion']}."),
         severity="info" if promoted else "warning", dag_id=dag_id, run_id=run_id, task_id=task_id,

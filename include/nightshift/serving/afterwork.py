@@ -62,11 +62,14 @@ def log_answer(request: Request, server: Server, record, req, answer: Answer, en
         content: Any = [m.model_dump(include={"role", "content"}) for m in req.messages]
     else:
         content = req.prompts()
+    applied = state.get("prompt")
     server.request_log.record(LoggedAnswer(
         response_id=answer.id, key_id=state.get("key_id"), route="chat" if answer.chat else "completions",
         model_name=server.model_name, model_version=record.version, model_role=role, run_id=record.run_id or None,
         dataset_tag=record.dataset_tag or None, request=content, answer=ended.texts, finish=",".join(ended.finish),
-        prompt_tokens=ended.prompt_tokens, completion_tokens=ended.completion_tokens, seconds=seconds))
+        prompt_tokens=ended.prompt_tokens, completion_tokens=ended.completion_tokens, seconds=seconds,
+        prompt_name=applied.version.name if applied else None, prompt_version=applied.version.version if applied
+        else None, prompt_role=applied.role if applied else None))
 
 
 def shadow(request: Request, server: Server, req, answer: Answer) -> None:

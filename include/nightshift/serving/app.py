@@ -38,6 +38,7 @@ from nightshift.serving.keys import ApiKeyMiddleware, KeyRing
 from nightshift.serving.limits import BodyLimitMiddleware
 from nightshift.serving.loading import import_libraries
 from nightshift.serving.metrics import ServingMetrics, log_access, route_of
+from nightshift.serving.prompting import PromptWatcher
 from nightshift.serving.protocol import OpenAIError, error_body, error_type, send_error, validation_message
 from nightshift.serving.requestlog import RequestLog
 from nightshift.serving.routes import router
@@ -100,12 +101,13 @@ def create_app(
     registry: ModelRegistry, cache_dir: Path, limits: ServingLimits | None = None, keyring: KeyRing | None = None,
     require_key: bool = True, poll_seconds: float = 5.0,
     on_alert: Callable[[str, str, str], None] | None = None, request_log: RequestLog | None = None,
-    upstreams: dict[str, str] | None = None,
+    upstreams: dict[str, str] | None = None, prompts: PromptWatcher | None = None,
 ) -> FastAPI:
     """Return the FastAPI application serving ``registry``'s champion within ``limits``, behind ``keyring``.
 
     With ``upstreams`` (``{"champion": url, "candidate": url}``, OpenAI-compatible engines such as vLLM),
-    generation is theirs; keys, limits, rollouts, the request log and metrics stay here.
+    generation is theirs; keys, limits, rollouts, the request log and metrics stay here. ``prompts``: the prompt
+    template applied to chat requests (serving/prompting.py); None: the chat template alone.
     """
     limits = limits or ServingLimits()
     candidate: CandidateWatcher | None
@@ -122,11 +124,13 @@ def create_app(
         watcher.donor, candidate.taker = candidate, watcher  # a promoted candidate is served at once, not reloaded
     metrics = ServingMetrics()
     server = Server(watcher=watcher, limits=limits, model_name=registry.model_name, alias=registry.alias,
-                    metrics=metrics, request_log=request_log, candidate=candidate)
+                    metrics=metrics, request_log=request_log, candidate=candidate, prompts=prompts)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         server.start()
+        if prompts is not None:
+            prompts.start()
         watcher.start()
         if candidate is not None:
             candidate.start()
@@ -134,6 +138,8 @@ def create_app(
         if candidate is not None:
             candidate.stop()
         watcher.stop()
+        if prompts is not None:
+            prompts.stop()
         await server.close()
         server.stop()
 

@@ -24,6 +24,7 @@ from nightshift.serving.context import note
 from nightshift.serving.decoding import GenerationResult, SamplingParams, Sequence, TokenLogprob
 from nightshift.serving.limits import Ticket
 from nightshift.serving.loading import LoadedModel
+from nightshift.serving.prompting import AppliedPrompt, prompt_headers
 from nightshift.serving.protocol import MAX_PROMPTS, ChatRequest, CompletionRequest, OpenAIError
 from nightshift.serving.responses import DONE, Answer, CancellingStream, event_error
 
@@ -52,16 +53,18 @@ class LocalTarget:
 
     # -- prompts and plan -----------------------------------------------------------------------------------
 
-    def prompts(self, req, chat: bool) -> list[list[int]]:
-        """Return the token ids of each prompt the request asks to continue."""
-        return [self._chat_prompt(req)] if chat else self._completion_prompts(req)
+    def prompts(self, req, chat: bool, applied: AppliedPrompt | None = None) -> list[list[int]]:
+        """Return the token ids of each prompt the request asks to continue (a chat under ``applied``'s template)."""
+        return [self._chat_prompt(req, applied)] if chat else self._completion_prompts(req)
 
-    def _chat_prompt(self, req: ChatRequest) -> list[int]:
+    def _chat_prompt(self, req: ChatRequest, applied: AppliedPrompt | None = None) -> list[int]:
         messages = []
         for m in req.messages:
             content = m.content if isinstance(m.content, str) or m.content is None else "".join(
                 part.text or "" for part in m.content)
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+        if applied is not None:
+            messages = applied.version.template.apply(messages, req.prompt_variables)
         return list(self.loaded.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
@@ -174,7 +177,8 @@ class LocalTarget:
 
     async def answer(self, request: Request, req, chat: bool, role: str) -> Response:
         server = self.server
-        prompts = await run_in_threadpool(self.prompts, req, chat)
+        applied = request.scope["state"].get("prompt")
+        prompts = await run_in_threadpool(self.prompts, req, chat, applied)
         params, cost = self.plan(prompts, req, chat)
         parallel = self.parallel(prompts, cost)
         state = request.scope["state"]
@@ -187,7 +191,8 @@ class LocalTarget:
         ticket = await server.admission.acquire(cost * parallel, self.loaded.capacity_bytes, deadline)
         note(request, waited_s=round(time.monotonic() - state["started"], 3))
         cancel = threading.Event()
-        headers = {"X-Nightshift-Model-Version": str(version), "X-Nightshift-Model-Role": role}
+        headers = {"X-Nightshift-Model-Version": str(version), "X-Nightshift-Model-Role": role,
+                   **prompt_headers(applied)}
         answer = Answer(server.model_name, rid, int(time.time()), f"v{version}", chat)
         if req.stream:
             queue: asyncio.Queue = asyncio.Queue()
@@ -278,7 +283,7 @@ class LocalTarget:
         the request does not fit its window or the slot or the memory is not free now."""
         server = self.server
         try:
-            prompts = self.prompts(req, answer.chat)
+            prompts = self.prompts(req, answer.chat, request.scope["state"].get("prompt"))
             params, cost = self.plan(prompts, req, answer.chat)
         except OpenAIError:  # the candidate's window cannot hold this request
             return None

@@ -147,6 +147,8 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    prompt_variables: dict[str, str] | None = Field(default=None, max_length=16)
+    """nightshift's extension: values of the served prompt template's variables (serving/prompting.py)."""
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

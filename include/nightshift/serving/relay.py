@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from nightshift.serving.afterwork import Ended, answered
 from nightshift.serving.context import note
+from nightshift.serving.prompting import AppliedPrompt, prompt_headers
 from nightshift.serving.protocol import OpenAIError
 from nightshift.serving.responses import DONE, Answer, choice_texts, event_error
 from nightshift.serving.upstream import UpstreamModel
@@ -83,8 +84,10 @@ class UpstreamTarget:
         assert server.admission is not None
         ticket = await server.admission.acquire(0, 1 << 62, deadline)  # the engine manages its own memory
         note(request, waited_s=round(time.monotonic() - state["started"], 3))
-        body = self._body(req, stream=bool(req.stream))
-        headers = {"X-Nightshift-Model-Version": str(version), "X-Nightshift-Model-Role": role}
+        applied = state.get("prompt")
+        body = self._body(req, stream=bool(req.stream), applied=applied)
+        headers = {"X-Nightshift-Model-Version": str(version), "X-Nightshift-Model-Role": role,
+                   **prompt_headers(applied)}
         answer = Answer(server.model_name, rid, int(time.time()), f"v{version}", chat)
         client = server.upstream_client()
         timeout = httpx.Timeout(max(1.0, deadline - time.monotonic()), connect=5.0)
@@ -194,10 +197,14 @@ class UpstreamTarget:
                           *tokens)
             answered(request, server, self.record, req, answer, ended, role)
 
-    def _body(self, req, stream: bool) -> dict:
-        """The request as the engine gets it: its own model name, and the stop strings as nightshift reads them
-        (an empty one is ignored here; vLLM would refuse it)."""
+    def _body(self, req, stream: bool, applied: AppliedPrompt | None = None) -> dict:
+        """The request as the engine gets it: its own model name, the prompt template's messages before the
+        caller's, and the stop strings as nightshift reads them (an empty one is ignored here; vLLM would refuse
+        it)."""
         body = req.model_dump(exclude_unset=True)
+        body.pop("prompt_variables", None)  # nightshift's own field: the engine would refuse it
+        if applied is not None and "messages" in body:
+            body["messages"] = applied.version.template.apply(body["messages"], req.prompt_variables)
         body.update(model=self.model.served_name, stream=stream)
         if "stop" in body:
             body.pop("stop")
@@ -223,7 +230,7 @@ class UpstreamTarget:
         ticket = server.admission.try_acquire(0, 1 << 62)
         if ticket is None:
             return None
-        body, url = self._body(req, stream=False), self._url(answer.chat)
+        body, url = self._body(req, stream=False, applied=request.scope["state"].get("prompt")), self._url(answer.chat)
 
         async def work() -> Ended:
             try:

@@ -52,7 +52,12 @@ responses = sa.Table(
     sa.Column("seconds", sa.Float),
     sa.Column("scrubbed", sa.Text, nullable=False),
     sa.Column("truncated", sa.Boolean, nullable=False),
+    sa.Column("prompt_name", sa.String(64)),
+    sa.Column("prompt_version", sa.Integer),
+    sa.Column("prompt_role", sa.String(16)),
 )
+ADDED_COLUMNS = ("prompt_name", "prompt_version", "prompt_role")
+"""Columns added after the table was first created: a log written by an earlier release gets them (nullable)."""
 
 feedback = sa.Table(
     "nightshift_feedback", metadata,
@@ -88,6 +93,11 @@ class LoggedAnswer:
     completion_tokens: int
     seconds: float
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    prompt_name: str | None = None
+    """The prompt template the answer was given under (serving/prompting.py), its version and role; None for
+    none (a completion, or no production prompt yet)."""
+    prompt_version: int | None = None
+    prompt_role: str | None = None
 
 
 class UnknownResponse(LookupError):
@@ -128,8 +138,20 @@ class RequestLog:
     # -- lifecycle
 
     def open(self) -> None:
-        """Create the tables if they do not exist."""
+        """Create the tables if they do not exist, and the columns a log of an earlier release lacks."""
         metadata.create_all(self.engine)
+        present = {c["name"] for c in sa.inspect(self.engine).get_columns(responses.name)}
+        missing = [responses.c[name] for name in ADDED_COLUMNS if name not in present]
+        if missing:
+            with self.engine.begin() as conn:
+                for column in missing:
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    try:
+                        conn.execute(sa.text(f"ALTER TABLE {responses.name} ADD COLUMN {column.name} {kind}"))
+                    except sa.exc.DBAPIError:  # another replica added it first
+                        if column.name not in {c["name"] for c in sa.inspect(conn).get_columns(responses.name)}:
+                            raise
+            log.info("request log: added the columns %s", ", ".join(c.name for c in missing))
         self._ready = True
 
     def start(self) -> None:
@@ -431,17 +453,19 @@ class RequestLog:
                 newest[entry["response_id"]] = entry
         return list(newest.values())[:limit]
 
-    def _votes(self, conn, since: datetime, versions: list[int] | None = None) -> dict[int, list[float]]:
-        """Return per model version one vote per rater: the mean of that key's ratings of its answers (the
-        newest rating of each answer). A key that rates twenty answers, or one answer twenty times, is one voter;
-        answers given without a key are each a voter of their own. Shadow answers, and answers their clients
-        abandoned, never count."""
+    def _votes(self, conn, since: datetime, versions: list[int] | None = None,
+               prompt: str | None = None) -> dict[int, list[float]]:
+        """Return per model version (with ``prompt``: per version of that prompt, champion answers only) one vote
+        per rater: the mean of that key's ratings of its answers (the newest rating of each answer). A key that
+        rates twenty answers, or one answer twenty times, is one voter; answers given without a key are each a
+        voter of their own. Shadow answers, and answers their clients abandoned, never count."""
+        group, where = _grouping(prompt)
         query = (sa.select(feedback.c.feedback_id, feedback.c.response_id, feedback.c.key_id, feedback.c.rating,
-                           feedback.c.model_version)
+                           group.label("model_version"))
                  .join(responses, responses.c.response_id == feedback.c.response_id)
-                 .where(feedback.c.created_at >= since, responses.c.model_role != "shadow", _not_abandoned()))
+                 .where(feedback.c.created_at >= since, responses.c.model_role != "shadow", _not_abandoned(), *where))
         if versions is not None:
-            query = query.where(feedback.c.model_version.in_(versions))
+            query = query.where(group.in_(versions))
         newest: dict[tuple[str, str | None], tuple[int, int, float]] = {}
         for row in conn.execute(query):
             key = (row.response_id, row.key_id)
@@ -475,18 +499,21 @@ class RequestLog:
                 negative_share=sum(1 for v in cast if v < 0) / len(cast))
         return out
 
-    def window_stats(self, since: datetime, versions: list[int]) -> dict[int, dict[str, float]]:
+    def window_stats(self, since: datetime, versions: list[int],
+                     prompt: str | None = None) -> dict[int, dict[str, float]]:
         """Return per version, for answers since ``since`` (abandoned ones left out): answers, errors (timeouts,
         failures), p95 seconds,
         raters and the share of them whose vote is negative (the live signals of a rollout step; one vote per
-        key, see ``_votes``, so that one user cannot decide a rollout)."""
+        key, see ``_votes``, so that one user cannot decide a rollout). Versions are model versions; with
+        ``prompt``, versions of that prompt template, counted over the champion's answers."""
         self.flush()
         out = {}
+        group, where = _grouping(prompt)
         with self.engine.connect() as conn:
-            votes = self._votes(conn, since, versions)
+            votes = self._votes(conn, since, versions, prompt)
             for version in versions:
                 rows = conn.execute(sa.select(responses.c.seconds, responses.c.finish).where(
-                    responses.c.model_version == version, responses.c.created_at >= since)).all()
+                    group == version, responses.c.created_at >= since, *where)).all()
                 # An answer its client abandoned says nothing of latency or errors, and is not counted as one.
                 rows = [r for r in rows if "cancelled" not in (r.finish or "").split(",")]
                 seconds = sorted(r.seconds for r in rows if r.seconds is not None)
@@ -500,15 +527,17 @@ class RequestLog:
                 }
         return out
 
-    def sample_answers(self, since: datetime, version: int, limit: int) -> list[tuple[str, str, str]]:
-        """Return up to ``limit`` answered (question, answer) pairs of a version since a time, as
-        ``(response_id, question, answer)``: the newest first, errors and abandoned answers left out; all text already
-        scrubbed."""
+    def sample_answers(self, since: datetime, version: int, limit: int,
+                       prompt: str | None = None) -> list[tuple[str, str, str]]:
+        """Return up to ``limit`` answered (question, answer) pairs of a version (with ``prompt``: of that prompt's
+        version, champion answers) since a time, as ``(response_id, question, answer)``: the newest first, errors
+        and abandoned answers left out; all text already scrubbed."""
         self.flush()
+        group, where = _grouping(prompt)
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(responses.c.response_id, responses.c.request, responses.c.answer, responses.c.finish)
-                .where(responses.c.model_version == version, responses.c.created_at >= since,
+                .where(group == version, responses.c.created_at >= since, *where,
                        *(sa.not_(responses.c.finish.contains(f)) for f in ("cancelled", "timeout", "error")))
                 .order_by(responses.c.created_at.desc()).limit(limit * 2)).all()
         out = []
@@ -571,6 +600,15 @@ def _storable(text: str, counts: dict[str, int]) -> str:
 
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _grouping(prompt: str | None):
+    """Return the column answers are grouped by, and the conditions that pick them: model versions, or (a prompt's
+    rollout) that prompt's versions over the champion's answers, so a model canary running beside it is not mixed
+    in."""
+    if prompt is None:
+        return responses.c.model_version, ()
+    return responses.c.prompt_version, (responses.c.prompt_name == prompt, responses.c.model_role == "champion")
 
 
 def _not_abandoned():

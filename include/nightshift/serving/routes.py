@@ -41,6 +41,7 @@ async def _answer(request: Request, req, chat: bool) -> Response:
     server = server_of(request)
     check_supported(req)
     target, role = server.pick(request, req)
+    server.prompt_for(request, req)
     return await target.answer(request, req, chat=chat, role=role)
 
 
@@ -79,6 +80,7 @@ def healthz(request: Request) -> JSONResponse:
         "loading": watcher.loading, "detail": watcher.detail,
         "active": admission.active if admission else 0, "waiting": admission.waiting if admission else 0,
         "rollout": _rollout_info(server),
+        "prompt": server.prompts.info() if server.prompts else None,
         "memory": _memory(server, loaded),
         "request_log": ({"written": server.request_log.written, "failed": server.request_log.failed,
                          "dropped": server.request_log.dropped} if server.request_log is not None else None),

@@ -24,6 +24,7 @@ from nightshift.serving.limits import Admission
 from nightshift.serving.loading import LoadedModel
 from nightshift.serving.local import LocalTarget
 from nightshift.serving.metrics import ServingMetrics
+from nightshift.serving.prompting import AppliedPrompt, PromptWatcher
 from nightshift.serving.protocol import OpenAIError
 from nightshift.serving.relay import UpstreamTarget
 from nightshift.serving.requestlog import RequestLog
@@ -67,6 +68,8 @@ class Server:
     database: ThreadPoolExecutor | None = None
     """The request log's own threads: a slow or locked database delays feedback, never answers or probes."""
     database_pending: int = 0
+    prompts: PromptWatcher | None = None
+    """The prompt template applied to chat requests (None: the chat template alone)."""
     _client: Any = None
 
     def upstream_client(self):
@@ -172,6 +175,25 @@ class Server:
             if routes_to_candidate(active[0], identity):
                 return self.target(active[1]), "candidate"
         return self.target(champion), "champion"
+
+    def prompt_for(self, request: Request, req) -> AppliedPrompt | None:
+        """Return the prompt version a chat request is answered under (noted on the request), or None; a 400 when
+        its ``prompt_variables`` name a variable the prompt does not have or a value that is too long."""
+        from nightshift.prompts.template import PromptError
+        from nightshift.serving.context import note
+
+        if self.prompts is None or not hasattr(req, "messages"):
+            return None
+        state = request.scope.get("state", {})
+        applied = self.prompts.pick(req.user or state.get("key_id") or state["request_id"])
+        if applied is None:
+            return None
+        try:
+            applied.version.template.values(req.prompt_variables)
+        except PromptError as exc:
+            raise OpenAIError(400, str(exc), param="prompt_variables", code="invalid_value") from None
+        note(request, prompt=applied, prompt_version=applied.header)
+        return applied
 
     def shadow_target(self) -> Target | None:
         """Return the candidate's target when a shadow rollout is on and a generation slot is free, else None."""
