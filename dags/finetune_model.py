@@ -99,9 +99,10 @@ def _run():
     doc_md=__doc__,
     params={
         "base_model": Param(
-            DEFAULT_FOUNDATION_MODEL, type="string", minLength=1, maxLength=255, title="Base model",
+            None, type=["null", "string"], minLength=1, maxLength=255, title="Base model",
             description="Name of a model imported under $NIGHTSHIFT_HOME/models (a Hugging Face checkpoint "
-            "folder); other folders are refused.",
+            "folder); other folders are refused. Empty: the base chosen on select_foundation_model's leaderboard, "
+            f"else {DEFAULT_FOUNDATION_MODEL}.",
         ),
         "dataset_version": Param(
             None, type=["null", "string"], pattern=r"^[a-z0-9_-]+-v[0-9]+$", title="Dataset version",

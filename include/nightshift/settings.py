@@ -227,6 +227,8 @@ class Settings:
     version (NIGHTSHIFT_SERVE_PROMPT); ``off``: none, the chat template alone."""
     prompts_dir: Path = CONFIG_DIR / "prompts"
     """The source of the prompt templates, ``<name>.yaml`` (NIGHTSHIFT_PROMPTS_DIR)."""
+    foundation_config: Path = CONFIG_DIR / "foundation.yaml"
+    """The foundation-model candidates of select_foundation_model (NIGHTSHIFT_FOUNDATION_CONFIG)."""
     airflow_parallelism: int = field(default_factory=default_parallelism)
     """Task slots of the local Airflow (and LocalExecutor worker processes)."""
     airflow_host: str = "127.0.0.1"
@@ -440,6 +442,7 @@ def load_settings() -> Settings:
         serve_upstream_candidate=os.environ.get("NIGHTSHIFT_SERVE_UPSTREAM_CANDIDATE") or None,
         serve_prompt=_serve_prompt(os.environ.get("NIGHTSHIFT_SERVE_PROMPT")),
         prompts_dir=Path(os.environ.get("NIGHTSHIFT_PROMPTS_DIR") or CONFIG_DIR / "prompts"),
+        foundation_config=Path(os.environ.get("NIGHTSHIFT_FOUNDATION_CONFIG") or CONFIG_DIR / "foundation.yaml"),
         airflow_parallelism=_env_int("NIGHTSHIFT_AIRFLOW_PARALLELISM", default_parallelism()),
         airflow_host=os.environ.get("NIGHTSHIFT_AIRFLOW_HOST", "127.0.0.1"),
         ui_url=os.environ.get("NIGHTSHIFT_UI_URL") or os.environ.get("AIRFLOW__API__BASE_URL")

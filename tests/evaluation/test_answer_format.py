@@ -17,7 +17,13 @@ def test_language_length_and_pattern():
     assert follows_format(ENGLISH, {"language": "en"}) == (True, "")
     assert follows_format(FRENCH, {"language": "en"}) == (False, "language")
     assert follows_format(FRENCH, {"language": "fr"}) == (True, "")
-    assert follows_format("Oui, merci", {"language": "en"}) == (True, "")  # two words: too short to tell
+    assert follows_format("Oui, merci", {"language": "en"}) == (True, "")  # 9 letters: too short to tell
+    # Letters, not words: Chinese and Japanese are written without spaces.
+    assert follows_format("观测站周一和周二关闭。", {"language": "en"}) == (False, "language")
+    assert follows_format("天文台は月曜日と火曜日は休館です。", {"language": "en"}) == (False, "language")
+    # An answer that opens in English and goes on in German fails on its German sentence.
+    assert follows_format(ENGLISH + " Das Observatorium ist montags und dienstags geschlossen, leider.",
+                          {"language": "en"}) == (False, "language")
     assert follows_format("48", {"max_words": 4}) == (True, "")
     assert follows_format("The planetarium has 48 seats.", {"max_words": 4}) == (False, "max_words")
     assert follows_format("No, it is closed.", {"pattern": r"^\W*(yes|no)\b"}) == (True, "")

@@ -14,6 +14,7 @@ from nightshift.registry.prompt_registry import (
     DIGEST_TAG,
     MOVE_TAG,
     PRODUCTION,
+    VARIABLES_TAG,
     PromptConflict,
     PromptMove,
     PromptRegistry,
@@ -123,3 +124,59 @@ def test_a_canary_has_a_share_and_ends_with_the_alias_first(prompts):
     assert prompts.rollout("assistant") is None
     with pytest.raises(ValueError, match="from 0 to 1"):
         prompts.start_rollout(v2, 1.5)
+
+
+def test_a_version_nightshift_did_not_write_is_left_out_and_blocks_nothing(prompts):
+    prompts.register(ONE, "", "ada")
+    prompts.client.register_prompt("assistant", "Answer {{ q }}")  # someone else's text prompt, same name
+    assert [v.version for v in prompts.versions("assistant")] == [1]
+    v3, new = prompts.register(TWO, "", "ada")
+    assert new and v3.version == 3
+    with pytest.raises(PromptError):
+        prompts.get("assistant", 2)
+
+
+def test_a_retry_after_a_later_move_is_refused_instead_of_undoing_it(prompts):
+    v1, _ = prompts.register(ONE, "", "ada")
+    v2, _ = prompts.register(TWO, "", "ada")
+    prompts.move(v1, key="first", expected=None, kind="promotion", by="ada", dag_run="r0", reason="first")
+    # The promotion to v2 is killed after its alias write: its record stays pending.
+    pending = PromptMove(move_id("run-2/promote"), PRODUCTION, "promotion", 1, 2, "bob", "run-2", "better",
+                         "2026-12-06T10:00:00+00:00", digest=v2.digest)
+    prompts.client.set_prompt_tag("assistant", MOVE_TAG + pending.id, json.dumps(pending.to_dict()))
+    prompts.client.set_prompt_alias("assistant", PRODUCTION, 2)
+    # An operator moves production back to v1 (a move of its own, recorded after the pending one).
+    prompts.move(v1, key="rollback", expected=2, kind="rollback", by="ops", dag_run="r9", reason="v2 answers badly")
+    with pytest.raises(PromptConflict, match="recorded after this one"):
+        prompts.move(v2, key="run-2/promote", expected=1, kind="promotion", by="bob", dag_run="run-2", reason="x")
+    assert prompts.by_alias("assistant").version == 1
+    assert [m.state for m in prompts.history("assistant") if m.id == pending.id] == ["aborted"]
+
+
+def test_a_released_version_rewritten_with_a_matching_digest_is_refused(prompts):
+    v1, _ = prompts.register(ONE, "", "ada")
+    prompts.move(v1, key="k", expected=None, kind="promotion", by="ada", dag_run="r", reason="first")
+    assert prompts.verified(prompts.by_alias("assistant")).version == 1
+    # Whoever writes version tags changes the variables' defaults and writes the digest to match.
+    altered = PromptTemplate("assistant", ONE.system, ONE.examples, {"org": "evil corp"})
+    prompts.client.set_prompt_version_tag("assistant", 1, VARIABLES_TAG, json.dumps(altered.variables))
+    prompts.client.set_prompt_version_tag("assistant", 1, DIGEST_TAG, altered.digest())
+    served = prompts.by_alias("assistant")  # consistent with itself...
+    with pytest.raises(PromptError, match="altered in the store"):
+        prompts.verified(served)  # ...but not with what was released
+    v2, _ = prompts.register(TWO, "", "ada")
+    prompts.client.set_prompt_alias("assistant", PRODUCTION, 2)  # set by hand, never released
+    with pytest.raises(PromptError, match="never released by nightshift"):
+        prompts.verified(prompts.by_alias("assistant"))
+
+
+def test_an_error_from_a_proxy_is_not_read_as_no_prompt(prompts):
+    from mlflow.exceptions import MlflowException
+
+    class Proxy:
+        def get_prompt_version_by_alias(self, name, alias):
+            raise MlflowException("Not Found", error_code="ENDPOINT_NOT_FOUND")
+
+    prompts._client = Proxy()
+    with pytest.raises(MlflowException):
+        prompts.by_alias("assistant")

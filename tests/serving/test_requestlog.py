@@ -288,3 +288,36 @@ def test_a_log_written_before_prompts_were_recorded_gets_their_columns(tmp_path,
     finally:
         log.stop()
     RequestLog(url).open()  # a second start finds the columns there
+
+
+def test_replicas_upgrading_one_postgres_log_at_once_all_start(postgres_url):
+    import threading
+
+    engine = sa.create_engine(postgres_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE IF EXISTS nightshift_feedback, nightshift_responses"))
+    old = sa.MetaData()
+    sa.Table(responses.name, old, *(c.copy() for c in responses.columns
+                                     if c.name not in ("prompt_name", "prompt_version", "prompt_role")))
+    old.create_all(engine)
+    engine.dispose()
+    barrier, errors = threading.Barrier(4), []
+
+    def start() -> None:
+        log = RequestLog(postgres_url)
+        barrier.wait()
+        try:
+            log.open()
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(repr(exc))
+        finally:
+            log.engine.dispose()
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    columns = {c["name"] for c in sa.inspect(sa.create_engine(postgres_url)).get_columns(responses.name)}
+    assert {"prompt_name", "prompt_version", "prompt_role"} <= columns

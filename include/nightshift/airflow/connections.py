@@ -58,7 +58,14 @@ def sql_engine(conn_id: str):
 
 
 def judge_endpoint(conn_id: str, model: str | None = None):
-    """Return (JudgeEndpoint, "") for the judge's connection, or (None, why) when it is not defined.
+    """Return (JudgeEndpoint, "") for the judge's connection, or (None, why) when it is not defined
+    (``openai_endpoint``'s rules)."""
+    return openai_endpoint(conn_id, model, "judge")
+
+
+def openai_endpoint(conn_id: str, model: str | None = None, what: str = "API"):
+    """Return (JudgeEndpoint, "") for an OpenAI-compatible endpoint's connection, or (None, why) when it is not
+    defined.
 
     The connection's host is the endpoint's base URL (``https://judge.example.com/v1``), or a bare host with
     schema (http/https), port and extra ``path`` (default ``/v1``); the password is the API key; the model is
@@ -75,7 +82,7 @@ def judge_endpoint(conn_id: str, model: str | None = None):
     extra = conn.extra_dejson or {}
     host = (conn.host or "").strip()
     if not host:
-        raise ValueError(f"the judge connection {conn_id!r} has no host: set it to the endpoint's base URL")
+        raise ValueError(f"the {what} connection {conn_id!r} has no host: set it to the endpoint's base URL")
     if "://" in host:
         base_url = host.rstrip("/")
     else:
@@ -84,8 +91,9 @@ def judge_endpoint(conn_id: str, model: str | None = None):
         base_url = f"{scheme}://{host}{port}{extra.get('path', '/v1')}".rstrip("/")
     name = model or extra.get("model")
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"the judge connection {conn_id!r} names no model: set its extra to "
-                         '{"model": "<judge model>"} or judge.model in evaluation.yaml')
+        where = "judge.model in evaluation.yaml" if what == "judge" else "its model in foundation.yaml"
+        raise ValueError(f"the {what} connection {conn_id!r} names no model: set its extra to "
+                         f'{{"model": "<model>"}} or {where}')
     return JudgeEndpoint(base_url=base_url, model=name.strip(), api_key=conn.password or "unused"), ""
 
 

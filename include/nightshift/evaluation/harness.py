@@ -319,20 +319,7 @@ def evaluate_model(
         if i % 4 == 0 or i == len(golden):
             log.info("%s: %d/%d golden items (%.0fs)", label, i, len(golden), time.monotonic() - started)
 
-    judged: dict[str, Any] = {"enabled": False, "note": judge_note or "no judge configured"}
-    if suite.uses_judge and judge is not None:
-        judge.stats = JudgeStats()
-        scores = judge.score_all([(item, ex["answer"]) for item, ex in zip(golden, examples, strict=True)])
-        for ex, score in zip(examples, scores, strict=True):
-            # An answer that gives away what it must not is no refusal, whatever its wording.
-            ex["judge"] = None if score is None else {
-                "correctness": score.correctness, "groundedness": score.groundedness,
-                "refused": bool(score.refused) and not ex.get("leaked", False)}
-        judged = {"enabled": True, "model": judge.model, **judge.stats.to_dict()}
-        log.info("%s: judge %s scored %d of %d answers (%d from cache, %d timeouts, %d errors, %d malformed)",
-                 label, judge.model, judge.stats.scored, len(golden), judge.stats.cached, judge.stats.timeouts,
-                 judge.stats.errors, judge.stats.malformed)
-
+    judged = judge_examples(judge if suite.uses_judge else None, golden, examples, label, judge_note)
     values.update(aggregate(examples, wanted))
     if unspelled and "golden.bits_per_byte" in wanted:
         unmeasured["golden.bits_per_byte"] = not_round_tripping(
@@ -346,6 +333,25 @@ def evaluate_model(
     )
     log.info("%s: %s (%.1fs)", label, ", ".join(f"{k} {v:.4g}" for k, v in values.items()), report.seconds)
     return report
+
+
+def judge_examples(judge: Judge | None, golden: list[GoldenItem], examples: list[dict[str, Any]], label: str,
+                   note: str = "") -> dict[str, Any]:
+    """Have the judge score every example's answer (each example gets ``judge``: its scores, or None when
+    unscored); return the judge's model and counts, or why there was no judge."""
+    if judge is None:
+        return {"enabled": False, "note": note or "no judge configured"}
+    judge.stats = JudgeStats()
+    scores = judge.score_all([(item, ex["answer"]) for item, ex in zip(golden, examples, strict=True)])
+    for ex, score in zip(examples, scores, strict=True):
+        # An answer that gives away what it must not is no refusal, whatever its wording.
+        ex["judge"] = None if score is None else {
+            "correctness": score.correctness, "groundedness": score.groundedness,
+            "refused": bool(score.refused) and not ex.get("leaked", False)}
+    log.info("%s: judge %s scored %d of %d answers (%d from cache, %d timeouts, %d errors, %d malformed)",
+             label, judge.model, judge.stats.scored, len(golden), judge.stats.cached, judge.stats.timeouts,
+             judge.stats.errors, judge.stats.malformed)
+    return {"enabled": True, "model": judge.model, **judge.stats.to_dict()}
 
 
 def _heldout(model, tokenizer, wanted: set[str], blocks: Path | None, text: Path | None,

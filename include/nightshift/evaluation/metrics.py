@@ -257,8 +257,14 @@ def redact(answer: str, secrets: tuple[str, ...]) -> str:
 
 
 FORMAT_KEYS = ("language", "max_words", "pattern")
-LANGUAGE_MIN_WORDS = 3
-"""An answer with fewer words of letters is not judged for its language: too short to tell."""
+LANGUAGE_MIN_LETTERS = 12
+"""An answer with fewer letters is not judged for its language: too short to tell. Letters, not words: Chinese or
+Japanese is written without spaces."""
+SEGMENT_MIN_LETTERS = 24
+"""Each sentence (or line) with at least this many letters is judged on its own too, so an answer that opens in the
+expected language and goes on in another fails."""
+LANGUAGE_MAX_CHARS = 4000
+_SEGMENTS = re.compile(r"(?<=[.!?\u3002\uff01\uff1f])\s*|\n+")
 LANGUAGE_CONFIDENCE = 0.5
 """An answer fails its language when py3langid names another language with at least this probability."""
 PATTERN_TIMEOUT_S = 0.05
@@ -278,8 +284,8 @@ def known_language(code: str) -> bool:
 
 
 def language_of(text: str) -> tuple[str, float]:
-    """Return the most likely language of ``text`` (its first 400 characters) and its probability."""
-    lang, prob = _languages().classify(text[:400])
+    """Return the most likely language of ``text`` and its probability."""
+    lang, prob = _languages().classify(text[:LANGUAGE_MAX_CHARS])
     return str(lang), float(prob)
 
 
@@ -288,6 +294,11 @@ def compile_pattern(pattern: str):
     import regex
 
     return regex.compile(pattern, regex.IGNORECASE)
+
+
+def _letters(text: str) -> int:
+    """Return how many letters ``text`` has, a CJK character (a word, or most of one) counted twice."""
+    return sum((2 if ord(c) >= 0x2E80 else 1) for c in text if c.isalpha())
 
 
 def follows_format(answer: str, spec: dict) -> tuple[bool, str]:
@@ -303,8 +314,11 @@ def follows_format(answer: str, spec: dict) -> tuple[bool, str]:
         except TimeoutError:
             return False, "pattern"
     language = spec.get("language")
-    if language and sum(any(c.isalpha() for c in w) for w in words) >= LANGUAGE_MIN_WORDS:
-        found, prob = language_of(answer)
-        if found != language and prob >= LANGUAGE_CONFIDENCE:
-            return False, "language"
+    text = answer[:LANGUAGE_MAX_CHARS]
+    if language and _letters(text) >= LANGUAGE_MIN_LETTERS:
+        pieces = [text] + [s for s in _SEGMENTS.split(text) if _letters(s) >= SEGMENT_MIN_LETTERS]
+        for piece in pieces:
+            found, prob = language_of(piece)
+            if found != language and prob >= LANGUAGE_CONFIDENCE:
+                return False, "language"
     return True, ""

@@ -26,8 +26,11 @@ def parse_request(run: Run, params: dict[str, Any]) -> dict[str, Any]:
     the overrides), its base model, and that the base can train under the recipe (LoRA layers, context), so a
     bad request fails here once, not in every rank on every retry (ValueError, LookupError or
     FileNotFoundError say what to change)."""
+    from nightshift.pipelines.foundation import current_base
     from nightshift.training.fit import check_recipe_fits
 
+    # No base named: the one a person chose on select_foundation_model's leaderboard, else the bundled model.
+    params = {**params, "base_model": params.get("base_model") or current_base(run.settings)}
     request = FinetuneRequest(**{name: params.get(name) for name in PARAMS})
     recipe = request.load_recipe(run.settings.recipe_dirs)
     check_recipe_fits(recipe, run.settings.resolve_base_model(request.base_model), f"recipe {request.recipe}")

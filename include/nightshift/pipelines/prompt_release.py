@@ -87,8 +87,9 @@ def _evaluate(run: Run, model_dir: Path, model_key: str, label: str, template: P
               suite: EvaluationSuite, judge: Judge | None, note: str) -> EvaluationReport:
     """Return the champion's report under ``template``, from the cache when this model, prompt and suite were
     measured before (a judge's scores count: a run with a judge does not reuse one without)."""
+    judged_by = [judge.endpoint.base_url, judge.model] if judge else None  # another judge, other scores
     key = hashlib.sha256(json.dumps([model_key, template.digest() if template else None,
-                                     _suite_digest(suite, run.settings.evaluation_suite), bool(judge)]).encode())
+                                     _suite_digest(suite, run.settings.evaluation_suite), judged_by]).encode())
     path = run.settings.cache_dir / "prompt-evaluations" / f"{key.hexdigest()[:32]}.json"
     if path.is_file():
         try:

@@ -206,9 +206,15 @@ def plan_prompt_rollout(prompts, name: str, requested: int | None, mode: str | N
             raise RolloutRefused(f"prompt {name} has no version {requested}") from None
     if version.version == production.version:
         raise RolloutRefused(f"{version.label} is the production prompt already")
-    passed = [m for m in prompts.history(name) if m.to_version == version.version and m.kind == "canary"]
-    if not passed:
-        raise RolloutRefused(f"{version.label} never passed evaluate_prompt's gate: it cannot take live traffic")
+    # Only a gate passed against the production prompt of now, and not undone since, lets a version take traffic.
+    records = [m for m in prompts.history(name) if m.to_version == version.version and m.state == "done"]
+    last = records[-1] if records else None
+    if last is None or last.kind != "canary":
+        raise RolloutRefused(f"{version.label} has no standing pass of evaluate_prompt's gate (it never passed, or "
+                             "was declined or rolled back since): evaluate it again with mode canary")
+    if last.from_version != production.version:
+        raise RolloutRefused(f"{version.label} passed the gate against v{last.from_version}, not against the "
+                             f"production prompt of now ({production.label}): evaluate it again with mode canary")
     if current is None or current[0].version != version.version:
         prompts.start_rollout(version, policy.steps[0])
     return {"prompt": name, "candidate": {"version": version.version, "label": version.label},

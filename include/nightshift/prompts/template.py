@@ -29,6 +29,11 @@ MAX_EXAMPLE_CHARS = 2_000
 MAX_VARIABLES = 16
 MAX_VALUE_CHARS = 200
 MAX_DESCRIPTION_CHARS = 500
+CONTROL = re.compile(r"<\|[^<>|]{0,40}\|>|\[/?INST\]|<</?SYS>>|</?s>|<(?:start|end)_of_turn>|<\|?(?:im_start|im_end|"
+                     r"endoftext|eot_id|begin_of_text|start_header_id|end_header_id)", re.IGNORECASE)
+"""Control sequences of common chat templates (ChatML, Llama 2 and 3, Mistral, Gemma): a request value holding one
+could close the operator's system message and open turns of its own. The endpoint also refuses the loaded
+tokenizer's own special tokens (serving/server.py)."""
 ROLES = ("user", "assistant")
 
 
@@ -97,6 +102,9 @@ class PromptTemplate:
                                   f"(it has: {', '.join(sorted(self.variables)) or 'none'})")
             if not isinstance(value, str) or len(value) > MAX_VALUE_CHARS:
                 raise PromptError(f"prompt_variables.{key} must be a text of at most {MAX_VALUE_CHARS} characters")
+            if CONTROL.search(value):
+                raise PromptError(f"prompt_variables.{key} holds a chat-template control sequence (such as "
+                                  "<|im_end|> or [INST]): a value is text inside the operator's prompt, not a turn")
             out[key] = value
         return out
 
@@ -116,10 +124,19 @@ class PromptTemplate:
     def apply(self, messages: list[dict[str, Any]], given: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Return ``messages`` with this template's preamble first.
 
-        A conversation's own system (or developer) messages stay, after the template's examples: the operator's
-        prompt comes first and cannot be replaced by a caller, only added to.
+        The conversation's leading system (or developer) messages are added to the end of the template's system
+        message: the operator's prompt comes first and a caller can add to it, never replace it; and the result
+        has one system message, first, as every chat template accepts (Llama 3, Mistral or Gemma refuse a
+        system message after the first turn).
         """
-        return [*self.preamble(given), *messages]
+        preamble = self.preamble(given)
+        lead = 0
+        while lead < len(messages) and messages[lead].get("role") in ("system", "developer"):
+            lead += 1
+        if lead:
+            added = "\n\n".join(str(m.get("content") or "") for m in messages[:lead])
+            preamble[0] = {"role": "system", "content": f"{preamble[0]['content'].rstrip()}\n\n{added}"}
+        return [*preamble, *messages[lead:]]
 
     # -- identity and storage -----------------------------------------------------------------------------------
 
@@ -157,7 +174,7 @@ class PromptTemplate:
                 isinstance(m, dict) and isinstance(m.get("content"), str) for m in template):
             raise PromptError(f"prompt {name}: the registry's version is not a chat template of messages")
         roles = [m.get("role") for m in template]
-        if roles[0] != "system" or roles[1:] != [ROLES[i % 2] for i in range(len(roles) - 1)]:
+        if roles[0] != "system" or len(roles) % 2 != 1 or roles[1:] != [ROLES[i % 2] for i in range(len(roles) - 1)]:
             raise PromptError(f"prompt {name}: the registry's version must be a system message followed by "
                               "user/assistant example pairs")
         examples = tuple((template[i]["content"], template[i + 1]["content"]) for i in range(1, len(template), 2))
@@ -168,8 +185,13 @@ def load_template(path: Path) -> PromptTemplate:
     """Return the template of one YAML file (``name``, ``system``, optional ``examples``, ``variables`` and
     ``description``); errors name the file and the field."""
     path = Path(path)
-    data = read_yaml_mapping(path)
     where = path.name
+    try:
+        data = read_yaml_mapping(path)
+    except UnicodeDecodeError:
+        raise PromptError(f"{where}: not UTF-8 text") from None
+    except ValueError as exc:
+        raise PromptError(str(exc)) from None
     unknown = sorted(str(k) for k in set(data) - {"name", "system", "examples", "variables", "description"})
     if unknown:
         raise PromptError(f"{where}: unknown fields {unknown}")

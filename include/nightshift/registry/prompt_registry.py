@@ -92,6 +92,8 @@ class PromptMove:
     state: str = "pending"
     """``pending``, ``done``, ``aborted`` (a conflict: nothing moved)."""
     evaluation: dict[str, Any] = field(default_factory=dict)
+    digest: str = ""
+    """The SHA-256 of the target version's template when the move was decided: what the endpoint checks it against."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,11 +186,22 @@ class PromptRegistry:
         # A search does not fill in aliases; the two nightshift moves are looked up by name.
         aliases: dict[int, list[str]] = {}
         for alias in (PRODUCTION, CANDIDATE):
-            named = self.by_alias(name, alias)
+            try:
+                named = self.by_alias(name, alias)
+            except PromptError:  # an alias on an altered version: that version is left out below anyway
+                continue
             if named is not None:
                 aliases.setdefault(named.version, []).append(alias)
-        return sorted((dataclasses.replace(self._version(pv), aliases=tuple(aliases.get(int(pv.version), ())))
-                       for pv in found), key=lambda v: v.version)
+        out = []
+        for pv in found:
+            try:
+                version = self._version(pv)
+            except PromptError as exc:
+                # A version nightshift did not write (or one altered since) is never used, and never blocks the others.
+                log.warning("prompt %s v%s is left out: %s", name, pv.version, exc)
+                continue
+            out.append(dataclasses.replace(version, aliases=tuple(aliases.get(version.version, ()))))
+        return sorted(out, key=lambda v: v.version)
 
     def get(self, name: str, version: int) -> PromptVersion:
         """Return one version; LookupError when it does not exist, PromptError when its template was altered."""
@@ -213,10 +226,25 @@ class PromptRegistry:
         try:
             pv = self.client.get_prompt_version_by_alias(name, alias)
         except MlflowException as exc:
-            if names_nothing(exc) or "not found" in str(getattr(exc, "message", exc)).lower():
+            if names_nothing(exc):  # only the store's own "no such prompt or alias"; a proxy's 404 is an error
                 return None
             raise
         return self._version(pv) if pv is not None else None
+
+    def verified(self, version: PromptVersion) -> PromptVersion:
+        """Return ``version`` when its digest is the one recorded by the move that made it the alias's target;
+        PromptError otherwise. The version's own tags cannot vouch for themselves: its variables' defaults are a
+        tag, and whoever rewrites them could rewrite the digest beside them; the move record is another record.
+        A version no recorded move names (an alias set by hand) is refused."""
+        moves = [m for m in self.history(version.name) if m.state == "done" and m.to_version == version.version
+                 and m.kind in ("promotion", "rollout", "rollback", "canary") and m.digest]
+        if not moves:
+            raise PromptError(f"prompt {version.name} v{version.version} was never released by nightshift (no "
+                              "recorded move names it): release it with evaluate_prompt")
+        if moves[-1].digest != version.digest:
+            raise PromptError(f"prompt {version.name} v{version.version} differs from the version that was "
+                              "released (its digest changed since the move): it was altered in the store")
+        return version
 
     def _version(self, pv) -> PromptVersion:
         tags = dict(pv.tags or {})
@@ -273,24 +301,35 @@ class PromptRegistry:
         name = version.name
         mid = move_id(key)
         with self.lease(name, f"{kind} of {name}") as lease:
-            own = next((m for m in self.history(name) if m.id == mid), None)
+            history = self.history(name)
+            own = next((m for m in history if m.id == mid), None)
             if own is not None and own.state in ("done", "aborted"):
                 if own.state == "aborted":
                     raise PromptConflict(f"{name}@{alias}: this move was already refused (it named v"
                                          f"{own.from_version} when v{expected} was expected)")
                 return own
-            current = self.by_alias(name, alias)
-            now = current.version if current else None
+            current = self._alias_target(name, alias)
+            now = current
+            later = own is not None and any(
+                m.alias == alias and m.id != mid and m.requested_at > own.requested_at and m.state == "done"
+                and m.kind != "declined" for m in history)
+            if own is not None and later:
+                # Other moves of this alias were recorded after this one was requested (a kill left it pending):
+                # whether or not its write happened, it is history now, and making it again would undo them.
+                own.state = "aborted"
+                self._write(name, own)
+                raise PromptConflict(f"{name}@{alias}: moves were recorded after this one was requested; it is not "
+                                     "made again (evaluate the candidate again to release it)")
             if now == version.version:
                 if own is not None:  # the alias was written before a kill: finish the record
                     own.state, own.at = "done", own.at or _now()
                     self._write(name, own)
                     return own
                 return PromptMove(mid, alias, kind, now, version.version, by, dag_run, "already there", _now(),
-                                  _now(), "done")
+                                  _now(), "done", digest=version.digest)
             record = own or PromptMove(mid, alias, kind, now, version.version, by[:200], dag_run[:250],
                                        " ".join(reason.split())[:MAX_REASON_CHARS], _now(),
-                                       evaluation=evaluation or {})
+                                       evaluation=evaluation or {}, digest=version.digest)
             if now != expected:
                 record.state = "aborted"
                 self._write(name, record)
@@ -321,12 +360,24 @@ class PromptRegistry:
             own = next((m for m in self.history(name) if m.id == mid), None)
             if own is not None:
                 return own
-            current = self.by_alias(name, PRODUCTION)
             record = PromptMove(mid, PRODUCTION if kind == "declined" else CANDIDATE, kind,
-                                current.version if current else None, version.version, by[:200], dag_run[:250],
-                                " ".join(reason.split())[:MAX_REASON_CHARS], _now(), _now(), "done", evaluation or {})
+                                self._alias_target(name, PRODUCTION), version.version, by[:200], dag_run[:250],
+                                " ".join(reason.split())[:MAX_REASON_CHARS], _now(), _now(), "done", evaluation or {},
+                                version.digest)
             self._write(name, record)
         return record
+
+    def _alias_target(self, name: str, alias: str) -> int | None:
+        """Return the version number ``alias`` names, without reading (or judging) that version."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            pv = self.client.get_prompt_version_by_alias(name, alias)
+        except MlflowException as exc:
+            if names_nothing(exc):
+                return None
+            raise
+        return int(pv.version) if pv is not None else None
 
     # -- canary -----------------------------------------------------------------------------------------------
 

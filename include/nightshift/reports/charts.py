@@ -192,3 +192,50 @@ def hourly_svg(series: dict[str, list[tuple[str, float | None]]], title: str, yl
     if ax.get_legend_handles_labels()[0]:  # a series with no value in any hour draws nothing to name
         ax.legend(fontsize=7, frameon=False)
     return _save(fig, path)
+
+
+def candidates_figure(rows: list[tuple[str, float, float, float]], metric: str, higher_is_better: bool,
+                      confidence: float) -> str:
+    """Each candidate's difference from the base on one metric, with its paired bootstrap interval (the base is 0)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(rows) + 1.3), dpi=100)
+    for y, (_name, diff, low, high) in enumerate(reversed(rows)):
+        better = diff > 0 if higher_is_better else diff < 0
+        color = "#15803d" if better else ("#64748b" if diff == 0 else "#c2410c")
+        ax.plot([low, high], [y, y], color=color, linewidth=2)
+        ax.plot([diff], [y], "o", color=color)
+    ax.axvline(0, color="#334155", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), [r[0][:28] for r in reversed(rows)], fontsize=8)
+    ax.set_xlabel(f"{metric}: candidate - base, {confidence:.0%} interval "
+                  f"({'higher' if higher_is_better else 'lower'} is better)", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    return svg_text(fig)
+
+
+def quality_cost_figure(points: list[tuple[str, float, float, bool]], metric: str) -> str:
+    """Quality against cost per 1,000 tokens, one labelled point per candidate (``True``: an API model)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for name, cost, quality, api in points:
+        ax.scatter([cost], [quality], color=PALETTE[1] if api else PALETTE[0], s=36)
+        ax.annotate(name[:24], (cost, quality), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("cost per 1,000 tokens (local: compute time; API: its prices)", fontsize=8)
+    ax.set_ylabel(metric, fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.scatter([], [], color=PALETTE[0], label="local")
+    ax.scatter([], [], color=PALETTE[1], label="API")
+    ax.legend(fontsize=7)
+    return svg_text(fig)
+
+
+def latency_figure(rows: list[tuple[str, float, float]]) -> str:
+    """Mean and p95 seconds per answer of each candidate."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(rows) + 1.2), dpi=100)
+    ys = range(len(rows))
+    ax.barh([y + 0.2 for y in ys], [r[2] for r in reversed(rows)], 0.4, color=BASELINE, label="p95")
+    ax.barh([y - 0.2 for y in ys], [r[1] for r in reversed(rows)], 0.4, color=CANDIDATE, label="mean")
+    ax.set_yticks(list(ys), [r[0][:28] for r in reversed(rows)], fontsize=8)
+    ax.set_xlabel("seconds per answer", fontsize=8)
+    ax.legend(fontsize=7)
+    return svg_text(fig)

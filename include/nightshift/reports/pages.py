@@ -105,3 +105,43 @@ def render_monitoring(store: ReportStore, hours: list[dict[str, Any]], incidents
         figures=[(name, path.relative_to(store.root).as_posix()) for name, path in figures],
     )
     return write_text(store.root / "monitoring.html", html)
+
+
+def render_leaderboard(store: ReportStore, board: dict[str, Any] | None) -> Path:
+    """(Re)write leaderboard.html: select_foundation_model's ranking (``board``, json-safe: NaN as strings), its
+    intervals against the base, and charts of quality, quality against cost, and latency."""
+    import math
+
+    from nightshift.evaluation.metrics import CATALOG
+    from nightshift.reports.charts import candidates_figure, latency_figure, quality_cost_figure
+
+    def number(value: Any) -> float:
+        return float(value) if isinstance(value, (int, float)) else math.nan
+
+    figures: list[tuple[str, str]] = []
+    comparisons: dict[str, dict[str, Any]] = {}
+    golden_items = 0
+    if board:
+        rank_by = board["rank_by"]
+        spec = CATALOG[rank_by]
+        for row in board["rows"]:
+            comparisons[row["name"]] = {c["metric"]: {k: number(v) if k in ("difference", "low", "high") else v
+                                                      for k, v in c.items()} for c in row["comparisons"]}
+        rows = [(r["name"], *(number(comparisons[r["name"]].get(rank_by, {}).get(k, 0.0 if r["base"] else math.nan))
+                              for k in ("difference", "low", "high"))) for r in board["rows"]]
+        figures.append((f"{rank_by} against the base", candidates_figure(
+            [r for r in rows if not math.isnan(r[1])], rank_by, spec.higher_is_better, board["confidence"])))
+        points = [(r["name"], number(r["cost"].get("per_1k_tokens")), number(r["metrics"].get(rank_by)),
+                   r["kind"] == "api") for r in board["rows"]]
+        figures.append((f"{rank_by} against cost", quality_cost_figure(
+            [p for p in points if not (math.isnan(p[1]) or math.isnan(p[2]))], rank_by)))
+        figures.append(("latency", latency_figure([(r["name"], number(r["latency"]["mean_s"]),
+                                                    number(r["latency"]["p95_s"])) for r in board["rows"]])))
+        golden_items = max((len(r.get("examples", [])) for r in board["rows"]), default=0)
+        board = {**board, "rows": [{**r, "metrics": {k: number(v) for k, v in r["metrics"].items()},
+                                    "cost": {**r["cost"], "per_1k_tokens": number(r["cost"].get("per_1k_tokens"))}}
+                                   for r in board["rows"]]}
+    html = _environment().get_template("leaderboard.html").render(
+        board=board, comparisons=comparisons, figures=figures, golden_items=board.get("golden_items", golden_items)
+        if board else 0, root="", written=_now())
+    return write_text(store.root / "leaderboard.html", html)

@@ -62,25 +62,40 @@ class PromptWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing: str | None = None
+        self.ready = False
+        """Whether the production alias was read once: until then chat requests wait (503), since a production
+        prompt may exist that the endpoint has not seen."""
 
     def refresh(self) -> bool:
-        """Read the aliases; return True when what is applied changed. Failures keep what was applied."""
-        try:
-            production = self.registry.by_alias(self.name, PRODUCTION)
-            canary = self.registry.rollout(self.name)
-        except Exception as exc:  # an unreadable store or an altered template: keep serving what we have
-            problem = f"{type(exc).__name__}: {exc}"[:300]
-            if problem != self._failing:
-                log.error("prompt %s: cannot read the registry (%s); still applying %s", self.name, problem,
-                          self.production.label if self.production else "no prompt")
-            self._failing = problem
-            self.detail = problem
-            return False
-        self._failing = None
-        self.detail = None if production else f"no version of prompt {self.name} carries {PRODUCTION!r} yet"
+        """Read the aliases; return True when what is applied changed. A failure keeps what was applied: the
+        production prompt and the canary are read apart, so a broken candidate never holds back a production move."""
         before = (_key(self.production), _key(self.canary[0]) if self.canary else None,
                   self.canary[1] if self.canary else None)
-        self.production, self.canary = production, canary
+        problems = []
+        try:
+            production = self.registry.by_alias(self.name, PRODUCTION)
+            if production is not None:
+                self.registry.verified(production)
+            self.production = production
+            self.ready = True
+        except Exception as exc:  # an unreadable store or an altered template: keep serving what we have
+            problems.append(f"production: {type(exc).__name__}: {exc}"[:300])
+        try:
+            canary = self.registry.rollout(self.name)
+            if canary is not None:
+                self.registry.verified(canary[0])
+            self.canary = canary
+        except Exception as exc:  # a candidate that cannot be read or trusted gets no traffic
+            problems.append(f"candidate: {type(exc).__name__}: {exc}"[:300])
+            self.canary = None
+        problem = "; ".join(problems) or None
+        if problem and problem != self._failing:
+            log.error("prompt %s: %s; applying %s", self.name, problem,
+                      self.production.label if self.production else "no prompt")
+        self._failing = problem
+        production, canary = self.production, self.canary
+        self.detail = problem or (None if production else
+                                  f"no version of prompt {self.name} carries {PRODUCTION!r} yet")
         after = (_key(production), _key(canary[0]) if canary else None, canary[1] if canary else None)
         if before != after:
             log.info("prompt %s: applying %s%s", self.name, production.label if production else "no prompt",
@@ -98,7 +113,7 @@ class PromptWatcher:
         """What /healthz says about the prompts applied."""
         return {"name": self.name, "production": self.production.version if self.production else None,
                 "canary": ({"version": self.canary[0].version, "share": self.canary[1]} if self.canary else None),
-                "detail": self.detail}
+                "detail": self.detail, "ready": self.ready}
 
     def start(self) -> None:
         self.refresh()

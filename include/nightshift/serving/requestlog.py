@@ -139,18 +139,29 @@ class RequestLog:
 
     def open(self) -> None:
         """Create the tables if they do not exist, and the columns a log of an earlier release lacks."""
-        metadata.create_all(self.engine)
+        for attempt in range(3):
+            try:
+                metadata.create_all(self.engine)
+                break
+            except (sa.exc.IntegrityError, sa.exc.ProgrammingError):
+                # Replicas starting at once on PostgreSQL: another one created a table between the check and the
+                # CREATE. The next attempt finds it there.
+                if attempt == 2:
+                    raise
         present = {c["name"] for c in sa.inspect(self.engine).get_columns(responses.name)}
         missing = [responses.c[name] for name in ADDED_COLUMNS if name not in present]
+        for column in missing:
+            kind = column.type.compile(dialect=self.engine.dialect)
+            # PostgreSQL says IF NOT EXISTS; SQLite cannot, and a replica that lost the race there reads the
+            # columns again on a connection of its own (the failed transaction is gone).
+            guard = "IF NOT EXISTS " if self.engine.dialect.name == "postgresql" else ""
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(sa.text(f"ALTER TABLE {responses.name} ADD COLUMN {guard}{column.name} {kind}"))
+            except sa.exc.DBAPIError:
+                if column.name not in {c["name"] for c in sa.inspect(self.engine).get_columns(responses.name)}:
+                    raise
         if missing:
-            with self.engine.begin() as conn:
-                for column in missing:
-                    kind = column.type.compile(dialect=self.engine.dialect)
-                    try:
-                        conn.execute(sa.text(f"ALTER TABLE {responses.name} ADD COLUMN {column.name} {kind}"))
-                    except sa.exc.DBAPIError:  # another replica added it first
-                        if column.name not in {c["name"] for c in sa.inspect(conn).get_columns(responses.name)}:
-                            raise
             log.info("request log: added the columns %s", ", ".join(c.name for c in missing))
         self._ready = True
 

@@ -72,8 +72,10 @@ def healthz(request: Request) -> JSONResponse:
     loaded = watcher.current
     state = watcher.state
     admission = server.admission
+    # With a prompt to apply, ready also means its production version was read once (serving/prompting.py).
+    prompt_ready = server.prompts is None or server.prompts.ready
     body = {
-        "status": state, "ready": state == "ready", "model": server.model_name,
+        "status": state, "ready": state == "ready" and prompt_ready, "model": server.model_name,
         "version": loaded.record.version if loaded else None,
         "dataset": loaded.record.dataset_tag if loaded else None,
         "window": loaded.window if loaded else None,
@@ -85,7 +87,7 @@ def healthz(request: Request) -> JSONResponse:
         "request_log": ({"written": server.request_log.written, "failed": server.request_log.failed,
                          "dropped": server.request_log.dropped} if server.request_log is not None else None),
     }
-    return JSONResponse(body, 200 if state == "ready" else 503)
+    return JSONResponse(body, 200 if state == "ready" and prompt_ready else 503)
 
 
 def _memory(server: Server, loaded: LoadedModel | None) -> dict[str, int] | None:

@@ -184,14 +184,25 @@ class Server:
 
         if self.prompts is None or not hasattr(req, "messages"):
             return None
+        if not self.prompts.ready:
+            raise OpenAIError(503, f"The prompt registry has not been read yet ({self.prompts.detail or 'starting'}):"
+                              " the endpoint does not answer without the operator's prompt.", code="prompt_not_ready",
+                              headers={"Retry-After": "5"})
         state = request.scope.get("state", {})
         applied = self.prompts.pick(req.user or state.get("key_id") or state["request_id"])
         if applied is None:
             return None
         try:
-            applied.version.template.values(req.prompt_variables)
+            values = applied.version.template.values(req.prompt_variables)
         except PromptError as exc:
             raise OpenAIError(400, str(exc), param="prompt_variables", code="invalid_value") from None
+        loaded = self.watcher.current
+        special = getattr(getattr(loaded, "tokenizer", None), "all_special_tokens", None) or []
+        for key in req.prompt_variables or {}:
+            if any(token and token in values[key] for token in special):
+                raise OpenAIError(400, f"prompt_variables.{key} holds one of the model's special tokens: a value is "
+                                  "text inside the operator's prompt, not a turn", param="prompt_variables",
+                                  code="invalid_value")
         note(request, prompt=applied, prompt_version=applied.header)
         return applied
 

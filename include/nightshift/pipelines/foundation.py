@@ -1,0 +1,278 @@
+"""The tasks of select_foundation_model as plain functions: import a base, run every candidate through the
+leaderboard's harness, rank them against the current base, and record the choice a person makes.
+
+The choice is kept in the tracking store (tags of the ``select_foundation_model`` experiment, one JSON record each:
+which base, who, when, why, the leaderboard it was made on), so every installation sharing the MLflow server
+fine-tunes the same default base; ``chosen_base`` reads the newest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from nightshift.evaluation.leaderboard import (
+    ApiBackend,
+    ApiCandidate,
+    CandidateResult,
+    FoundationConfig,
+    LocalBackend,
+    evaluate_candidate,
+    local_candidates,
+    rank,
+)
+from nightshift.pipelines.run import Run
+from nightshift.settings import DEFAULT_FOUNDATION_MODEL, Settings
+from nightshift.stores import registry_for
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "select_foundation_model"
+CHOICE_TAG = "nightshift.foundation_choice."
+MAX_REASON_CHARS = 1000
+
+
+IMPORT_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja", ".tiktoken")
+"""Files a Hugging Face checkpoint folder is made of (config, weights, tokenizer, chat template): nothing else is
+copied, and nothing executable (no ``*.py`` remote code, no pickles)."""
+MAX_IMPORT_BYTES = 64 * 1024**3
+
+
+def import_checkpoint(source: Path, dest: Path, allowed_roots: tuple[Path, ...]) -> dict:
+    """Copy the checkpoint folder ``source`` (inside one of ``allowed_roots``) to ``dest``, check that transformers
+    loads it and answers, then move it into place; return what was imported.
+
+    An existing ``dest`` with the same files is kept (a retry); one with other files is refused. ValueError,
+    FileNotFoundError or PermissionError say what to change.
+    """
+    import os
+
+    from nightshift.evaluation.harness import load_check
+
+    source = Path(source).expanduser()
+    if not source.is_absolute():
+        raise ValueError(f"import_from must be an absolute folder, got {str(source)[:200]!r}")
+    resolved = source.resolve()
+    if not any(resolved.is_relative_to(Path(root).resolve()) for root in allowed_roots):
+        raise PermissionError(f"{str(source)[:200]!r} is not under a folder this installation reads from "
+                              "(NIGHTSHIFT_SOURCE_ROOTS)")
+    if not resolved.is_dir():
+        raise FileNotFoundError(f"no folder at {str(source)[:200]!r}")
+    files = sorted(p for p in resolved.iterdir() if p.is_file() and not p.is_symlink()
+                   and p.suffix in IMPORT_SUFFIXES and not p.name.startswith("."))
+    names = {p.name for p in files}
+    if "config.json" not in names or not any(n.endswith(".safetensors") for n in names) or not (
+            "tokenizer.json" in names or "tokenizer.model" in names):
+        raise FileNotFoundError(f"{resolved.name} is not a Hugging Face checkpoint folder: it needs config.json, "
+                                "safetensors weights and a tokenizer (tokenizer.json or tokenizer.model)")
+    size = sum(p.stat().st_size for p in files)
+    if size > MAX_IMPORT_BYTES:
+        raise ValueError(f"{resolved.name} holds {size / 1024**3:.1f} GiB, more than the "
+                         f"{MAX_IMPORT_BYTES / 1024**3:.0f} GiB an import takes")
+
+    def digest(folder: Path, names: list[str]) -> str:
+        h = hashlib.sha256()
+        for name in sorted(names):
+            h.update(name.encode() + b"\0")
+            with open(folder / name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        return h.hexdigest()
+
+    wanted = digest(resolved, [p.name for p in files])
+    if dest.exists():
+        present = sorted(p.name for p in dest.iterdir() if p.is_file())
+        if present == sorted(names) and digest(dest, present) == wanted:
+            log.info("%s is imported already (the same files)", dest.name)
+            return {"name": dest.name, "files": len(files), "bytes": size, "sha256": wanted, "new": False}
+        raise FileExistsError(f"another model is already named {dest.name}: choose another import_as name")
+    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for p in files:
+            shutil.copyfile(p, tmp / p.name)
+        if digest(tmp, [p.name for p in files]) != wanted:
+            raise ValueError(f"{resolved.name} changed while it was copied: import it again")
+        checked = load_check(tmp)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("imported %s (%d files, %.1f MiB): it loads and answers (%.1fs)", dest.name, len(files), size / 2**20,
+             checked["seconds"])
+    return {"name": dest.name, "files": len(files), "bytes": size, "sha256": wanted, "new": True}
+
+
+# -- the choice ---------------------------------------------------------------------------------------------------
+
+def choices(settings: Settings) -> list[dict[str, Any]]:
+    """Return every recorded choice of base model, oldest first (none before the first)."""
+    found = registry_for(settings).client.get_experiment_by_name(EXPERIMENT)
+    if found is None:
+        return []
+    out = []
+    for key, value in (found.tags or {}).items():
+        if key.startswith(CHOICE_TAG):
+            try:
+                out.append(json.loads(value))
+            except ValueError:
+                log.warning("unreadable foundation choice record %s", key[len(CHOICE_TAG):][:20])
+    return sorted(out, key=lambda c: c.get("at", ""))
+
+
+def chosen_base(settings: Settings) -> str | None:
+    """Return the base model a person chose last (finetune_model's default base), or None before any choice."""
+    recorded = choices(settings)
+    return recorded[-1]["base"] if recorded else None
+
+
+def current_base(settings: Settings) -> str:
+    """Return the base candidates are compared with: the recorded choice, else the bundled foundation model."""
+    return chosen_base(settings) or DEFAULT_FOUNDATION_MODEL
+
+
+def record_choice(settings: Settings, run: Run, leaderboard: dict[str, Any], answer: dict[str, Any]) -> dict:
+    """Record a person's answer to the leaderboard's form: adopt a local candidate as the default base (the one
+    they typed, else the recommendation), or keep the current one; return the record."""
+    previous = current_base(settings)
+    rows = {r["name"]: r for r in leaderboard["rows"]}
+    if not answer["approved"]:
+        print(f"{answer['by']} kept {previous} as the base")
+        return {"base": previous, "changed": False, "by": answer["by"]}
+    name = str(answer.get("candidate") or leaderboard["recommended"]).strip()
+    if name not in rows:
+        raise ValueError(f"{name[:64]!r} is not on this leaderboard: pick one of {', '.join(rows)}")
+    if rows[name]["kind"] != "local":
+        raise ValueError(f"{name} is an API model: it is a baseline on the leaderboard, not a base nightshift can "
+                         "fine-tune; adopt a local checkpoint")
+    record = {"id": hashlib.sha256(f"{run.key}/choose".encode()).hexdigest()[:20], "base": name,
+              "previous": previous, "by": answer["by"], "at": datetime.now(UTC).isoformat(timespec="microseconds"),
+              "reason": " ".join(str(answer.get("reason") or "no reason given").split())[:MAX_REASON_CHARS],
+              "dag_run": run.key, "report": leaderboard.get("report", ""),
+              "metrics": {k: v for k, v in rows[name]["metrics"].items() if isinstance(v, float) and math.isfinite(v)},
+              "rank_by": leaderboard["rank_by"]}
+    existing = {c["id"]: c for c in choices(settings)}
+    if record["id"] in existing:  # a retry: the choice was recorded already
+        return {**existing[record["id"]], "changed": existing[record["id"]]["base"] != existing[record["id"]][
+            "previous"]}
+    registry = registry_for(settings)
+    registry.client.set_experiment_tag(registry.experiment_id(EXPERIMENT), CHOICE_TAG + record["id"],
+                                       json.dumps(record, sort_keys=True))
+    print(f"{answer['by']} chose {name} as the base (was {previous}); finetune_model trains it by default")
+    return {**record, "changed": name != previous}
+
+
+# -- the leaderboard ----------------------------------------------------------------------------------------------
+
+def plan(settings: Settings, config: FoundationConfig, imported: dict[str, Any] | None) -> dict[str, Any]:
+    """Return the candidates (local folders, API models) and the current base, which must be among them."""
+    local = local_candidates(settings.models_dir, config.local)
+    if imported and imported.get("name") and imported["name"] not in local:
+        local.append(imported["name"])
+    base = current_base(settings)
+    if base not in local:
+        raise LookupError(f"the current base {base} is not a local candidate: import it, or list it under local "
+                          "in foundation.yaml")
+    candidates = [{"name": n, "kind": "local"} for n in local] + [
+        {"name": c.name, "kind": "api", "index": i} for i, c in enumerate(config.api)]
+    if len(candidates) > 32:
+        raise ValueError(f"{len(candidates)} candidates: at most 32 per leaderboard (list them under local)")
+    return {"base": base, "candidates": candidates}
+
+
+def evaluate(run: Run, config: FoundationConfig, candidate: dict[str, Any], evaluation: tuple[Any, Any, str],
+             resolve_api) -> dict[str, Any]:
+    """Run one candidate through the harness; write its result beside the run; return a summary for XCom.
+
+    ``resolve_api(connection, model)`` returns an OpenAI-compatible endpoint (the Airflow adapter's
+    ``airflow.connections.openai_endpoint``), or (None, why).
+    """
+    from nightshift.evaluation.judge import Judge
+    from nightshift.records import json_safe
+
+    suite, judge_endpoint, note = evaluation
+    settings = run.settings
+    judge = Judge(judge_endpoint, suite.judge, settings.cache_dir / "judge") \
+        if suite.uses_judge and judge_endpoint else None
+    if candidate["kind"] == "local":
+        backend = LocalBackend(settings.resolve_base_model(candidate["name"]))
+        price = None
+    else:
+        api: ApiCandidate = config.api[candidate["index"]]
+        endpoint, why = resolve_api(api.connection, api.model)
+        if endpoint is None:
+            raise LookupError(f"API candidate {api.name}: {why}")
+        backend = ApiBackend(endpoint, api, config.timeout_s)
+        price = (api.price_per_1k_input, api.price_per_1k_output)
+    result = evaluate_candidate(backend, candidate["name"], suite, suite.golden(), judge,
+                                note if suite.uses_judge else "no judge metric in the suite", price=price,
+                                cost_per_hour=config.local_cost_per_hour)
+    folder = run.work_dir() / "candidates"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{candidate['name']}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result.to_dict()))
+    tmp.replace(path)
+    return json_safe({"name": result.name, "kind": result.kind, "path": str(path), "seconds": result.seconds,
+                      "metrics": result.report.metrics, "latency": result.latency,
+                      "cost_per_1k_tokens": result.cost["per_1k_tokens"]})
+
+
+def build(run: Run, config: FoundationConfig, planned: dict[str, Any], evaluated: list[dict[str, Any]],
+          suite) -> dict[str, Any]:
+    """Rank the candidates against the base, log the leaderboard to MLflow, write the leaderboard page; return it."""
+    from nightshift.records import json_safe
+    from nightshift.reports.pages import render_leaderboard
+    from nightshift.stores import report_store
+
+    results = [CandidateResult.from_dict(json.loads(Path(e["path"]).read_text())) for e in evaluated if e]
+    board = rank(results, planned["base"], suite, config.rank_by)
+    board.update(dag_run=run.key, at=datetime.now(UTC).isoformat(timespec="seconds"),
+                 chosen=(choices(run.settings) or [None])[-1])
+    registry = registry_for(run.settings)
+    mlflow_run = registry.open_run(EXPERIMENT, run.key, f"leaderboard {run.run_id}", {"airflow.run_key": run.key})
+    registry.log_metrics(mlflow_run, {f"{row['name']}.{metric}": value for row in board["rows"]
+                                      for metric, value in row["metrics"].items()
+                                      if isinstance(value, float) and math.isfinite(value)})
+    registry.log_dict(mlflow_run, json_safe(board), "leaderboard.json")
+    registry.end_run(mlflow_run)
+    board["mlflow_run_id"] = mlflow_run
+    page = render_leaderboard(report_store(run.settings), json_safe(board))
+    board["report"] = page.name
+    for row in board["rows"]:
+        cost = row["cost"].get("per_1k_tokens", math.nan)
+        print(f"{row['name']:<28} {row['kind']:<6} {board['rank_by']} "
+              f"{row['metrics'].get(board['rank_by'], math.nan):.4g}  latency {row['latency']['mean_s']:.2f} s  "
+              f"cost/1k tokens {cost:.4g}  ({row['seconds']:.0f} s to evaluate)")
+    print(f"recommended: {board['recommended']} (base now: {board['base']})")
+    return json_safe(board)
+
+
+def form(board: dict[str, Any], url: str) -> dict[str, str]:
+    """Return the Required Actions form of a leaderboard: the ranking as Markdown and the page's link."""
+    rank_by = board["rank_by"]
+    lines = [f"Candidates ranked by `{rank_by}` against the current base **{board['base']}** "
+             f"({board['confidence']:.0%} paired bootstrap intervals on the page).", "",
+             f"| candidate | kind | {rank_by} | bits/byte | format | refusals | latency s | cost / 1k tokens |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def number(value: Any, digits: str = ".3f") -> str:
+        return format(value, digits) if isinstance(value, float) and math.isfinite(value) else "-"
+
+    for row in board["rows"]:
+        m = row["metrics"]
+        lines.append(f"| {row['name']}{' (base)' if row['base'] else ''} | {row['kind']} | {number(m.get(rank_by))} | "
+                     f"{number(m.get('golden.bits_per_byte'))} | {number(m.get('golden.format_rate'))} | "
+                     f"{number(m.get('golden.refusal_rate'))} | {number(row['latency']['mean_s'], '.2f')} | "
+                     f"{number(row['cost'].get('per_1k_tokens'), '.4g')} |")
+    lines += ["", f"Recommended: **{board['recommended']}**. **Adopt** makes it (or the local candidate you type "
+              "below) finetune_model's default base; **Keep** leaves the base as it is.", "",
+              f"[The leaderboard page]({url})"]
+    return {"subject": f"Foundation model: adopt {board['recommended']}?", "body": "\n".join(lines)}
