@@ -85,26 +85,28 @@ def select_foundation_model():
         with fail_fast(ValueError, FileNotFoundError, FileExistsError, PermissionError):
             return _steps().import_base(SETTINGS, params["import_from"], params.get("import_as"))
 
-    @task(multiple_outputs=True)
-    def plan_candidates(imported: dict | None) -> dict:
+    @task
+    def plan_candidates(imported: dict | None) -> list:
         with fail_fast():
             planned = _steps().plan(SETTINGS, _config(), imported)
-        print(f"{len(planned['candidates'])} candidates against the base {planned['base']}: "
-              f"{', '.join(c['name'] for c in planned['candidates'])}")
+        print(f"{len(planned)} candidates against the base {next(c['name'] for c in planned if c['base'])}: "
+              f"{', '.join(c['name'] for c in planned)}")
         return planned
 
-    @task(max_active_tis_per_dagrun=2, map_index_template="{{ task.op_kwargs['candidate']['name'] }}")
+    @task(max_active_tis_per_dagrun=2, map_index_template="{{ candidate_name }}")
     def evaluate_candidate(candidate: dict) -> dict:
         from nightshift.airflow.connections import judge_endpoint, openai_endpoint
         from nightshift.pipelines.finetune_tasks import load_evaluation
 
-        run = current_run(SETTINGS)
+        context = get_current_context()
+        context["candidate_name"] = candidate["name"]  # the mapped task's name in the UI  # type: ignore[typeddict-unknown-key]
+        run = current_run(SETTINGS, context)
         with fail_fast(ValueError, LookupError):  # a broken suite, a missing connection or model
             evaluation = load_evaluation(run, judge_endpoint)
             return _steps().evaluate(run, _config(), candidate, evaluation, openai_endpoint)
 
     @task
-    def build_leaderboard(planned: dict, evaluated: list) -> dict:
+    def build_leaderboard(planned: list, evaluated: list) -> dict:
         from nightshift.evaluation.suite import EvaluationSuite
 
         return _steps().build(current_run(SETTINGS), _config(), planned, list(evaluated),
@@ -116,13 +118,13 @@ def select_foundation_model():
 
     @task
     def record_choice(board: dict, answer: dict) -> dict:
-        chosen = {**answer_of(answer), "candidate": (answer.get("params_input") or {}).get("candidate")}
+        chosen = {**answer_of(answer, yes="Adopt"), "candidate": (answer.get("params_input") or {}).get("candidate")}
         with fail_fast(ValueError):  # a name that is not on the leaderboard, or an API model
             return _steps().record_choice(SETTINGS, current_run(SETTINGS), board, chosen)
 
     imported = import_base()
     planned = plan_candidates(imported)
-    evaluated = evaluate_candidate.expand(candidate=planned["candidates"])
+    evaluated = evaluate_candidate.expand(candidate=planned)
     board = build_leaderboard(planned, evaluated)
     choice = AskedApproval(
         task_id="choose_base", ask=ask, options=["Adopt", "Keep"], defaults=["Keep"],

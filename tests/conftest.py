@@ -58,6 +58,7 @@ SERIAL = frozenset({
 
 HEAVY = ("e2e/test_up.py", "e2e/test_production.py", "e2e/test_faults.py", "training/test_trainer.py",
          "e2e/test_cycle.py", "e2e/test_prompt_release.py", "e2e/test_real_manuals.py", "e2e/test_monitor.py",
+         "e2e/test_foundation_selection.py",
          "airflow/test_kubernetes.py", "e2e/test_sources.py", "e2e/test_shared_engines.py")
 """The longest modules, heaviest first: pytest-xdist hands out whole files in collection order, so starting these
 first keeps the two workers busy to the end (longest-first) instead of leaving one to finish a long file alone."""

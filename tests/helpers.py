@@ -12,6 +12,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from fastapi import Request  # at module level: the scripted app's handlers name it in their (string) annotations
+
 from conftest import free_port
 
 
@@ -323,3 +325,47 @@ def own_home(tmp_path_factory, name: str):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("NIGHTSHIFT_HOME", str(tmp_path_factory.mktemp(name)))
         yield load_settings()
+
+
+def scripted_openai_app(answers: dict[str, str], model: str = "scripted", delay_s: float = 0.0):
+    """A scripted OpenAI-compatible API (FastAPI): chat answers from ``answers`` (question -> answer, else a fixed
+    line), and ``/v1/completions`` that echoes the prompt with a logprob per whitespace-separated piece (-0.25 within
+    a text that ends with a scripted answer, else -2.0), as an API with prompt logprobs does. ``calls`` counts
+    requests by route."""
+    import re
+
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    app.state.calls = {"chat": 0, "completions": 0}
+    known = set(answers.values())
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        app.state.calls["chat"] += 1
+        if delay_s:
+            time.sleep(delay_s)
+        question = body["messages"][-1]["content"]
+        text = answers.get(question, "I do not know.")
+        words = len(text.split())
+        return {"id": "chatcmpl-scripted", "object": "chat.completion", "created": 0, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": len(question.split()) + 8, "completion_tokens": words,
+                          "total_tokens": len(question.split()) + 8 + words}}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        app.state.calls["completions"] += 1
+        prompt = body["prompt"]
+        pieces = [(m.start(), m.group()) for m in re.finditer(r"\s*\S+", prompt)]
+        good = any(prompt.endswith(a) for a in known)
+        logprobs = [None] + [-0.25 if good else -2.0] * (len(pieces) - 1)
+        return {"id": "cmpl-scripted", "object": "text_completion", "created": 0, "model": model,
+                "choices": [{"index": 0, "text": prompt, "finish_reason": "length", "logprobs": {
+                    "tokens": [p for _, p in pieces], "token_logprobs": logprobs,
+                    "top_logprobs": None, "text_offset": [s for s, _ in pieces]}}],
+                "usage": {"prompt_tokens": len(pieces), "completion_tokens": 0, "total_tokens": len(pieces)}}
+
+    return app

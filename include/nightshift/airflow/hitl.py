@@ -32,15 +32,16 @@ class AskedApproval(HITLOperator):
         return super().execute(context)
 
 
-def answer_of(answer: dict[str, Any] | None) -> dict[str, str | bool]:
-    """Return what a person answered an Approve/Reject form with a ``reason`` field: approved, by, at, reason.
+def answer_of(answer: dict[str, Any] | None, yes: str = "Approve") -> dict[str, str | bool]:
+    """Return what a person answered a yes/no form (``yes``: the option that says yes) with a ``reason`` field:
+    approved, by, at, reason.
 
     An answer without a user is the timeout's default (``by`` is ``timeout``)."""
     from nightshift.provenance import printable_line
 
     answer = answer or {}
     user = answer.get("responded_by_user") or {}
-    return {"approved": (answer.get("chosen_options") or []) == ["Approve"],
+    return {"approved": (answer.get("chosen_options") or []) == [yes],
             "by": str(user.get("name") or user.get("id") or "timeout")[:200],
             "at": str(answer.get("responded_at") or ""),
             "reason": printable_line((answer.get("params_input") or {}).get("reason"))}

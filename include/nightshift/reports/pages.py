@@ -141,7 +141,12 @@ def render_leaderboard(store: ReportStore, board: dict[str, Any] | None) -> Path
         board = {**board, "rows": [{**r, "metrics": {k: number(v) for k, v in r["metrics"].items()},
                                     "cost": {**r["cost"], "per_1k_tokens": number(r["cost"].get("per_1k_tokens"))}}
                                    for r in board["rows"]]}
+    shown = [m for m in (board or {}).get("metrics", [])
+             if any(not math.isnan(number(r["metrics"].get(m))) for r in board["rows"])]
+    hidden = [m for m in (board or {}).get("metrics", []) if m not in shown]
+    why = next((r["unmeasured"].get(m) or r.get("judge", {}).get("note") for r in (board or {}).get("rows", [])
+                for m in hidden if r["unmeasured"].get(m) or r.get("judge", {}).get("note")), "")
     html = _environment().get_template("leaderboard.html").render(
-        board=board, comparisons=comparisons, figures=figures, golden_items=board.get("golden_items", golden_items)
-        if board else 0, root="", written=_now())
+        board=board, comparisons=comparisons, figures=figures, shown=shown, hidden=hidden, hidden_why=why,
+        golden_items=board.get("golden_items", golden_items) if board else 0, root="", written=_now())
     return write_text(store.root / "leaderboard.html", html)
