@@ -105,7 +105,7 @@ def select_foundation_model():
             evaluation = load_evaluation(run, judge_endpoint)
             return _steps().evaluate(run, _config(), candidate, evaluation, openai_endpoint)
 
-    @task
+    @task(trigger_rule="all_done")  # a candidate that failed (an API down) is left off, named on the page
     def build_leaderboard(planned: list, evaluated: list) -> dict:
         from nightshift.evaluation.suite import EvaluationSuite
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from cli_helpers import Approver, fresh, run
-from conftest import REPO
+from conftest import REPO, free_port
 from helpers import UvicornThread, mlflow_store, perturbed_copy, publish, ready, scripted_openai_app, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -64,7 +64,8 @@ def test_candidates_are_ranked_chosen_and_the_choice_is_finetunes_default(home, 
         "local": "all", "local_cost_per_hour": 0.5, "rank_by": "golden.token_f1",
         "api": [{"name": "scripted-api", "connection": "scripted_api", "price_per_1k_input": 0.15,
                  "price_per_1k_output": 0.6, "logprobs": True},
-                {"name": "nightshift-endpoint", "connection": "own_endpoint", "logprobs": True}]}))
+                {"name": "nightshift-endpoint", "connection": "own_endpoint", "logprobs": True},
+                {"name": "down-api", "connection": "down_api"}]}))
     monkeypatch.setenv("NIGHTSHIFT_FOUNDATION_CONFIG", str(config))
     candidate_folder = perturbed_copy(tiny_model, tmp_path / "export" / "tiny-candidate")
     (candidate_folder / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")  # never copied
@@ -74,18 +75,21 @@ def test_candidates_are_ranked_chosen_and_the_choice_is_finetunes_default(home, 
         wait_for(lambda: ready(endpoint.url), what="nightshift's endpoint")
         connection(monkeypatch, "scripted_api", api.url, "scripted")
         connection(monkeypatch, "own_endpoint", endpoint.url, "nightshift-llm")
+        connection(monkeypatch, "down_api", f"http://127.0.0.1:{free_port()}", "gone")  # nothing listens there
         with Approver("select_foundation_model", "Adopt",
                       {"candidate": "tiny-candidate", "reason": "closest to the base, imported today"}) as person:
             dag_run, tasks = run(fresh("select_foundation_model"),
                                  {"import_from": str(candidate_folder), "import_as": "tiny-candidate"})
         assert person.error is None, person.error
         assert dag_run.state == "success", {t: r.state for t, r in tasks.items()}
+        assert tasks["build_leaderboard"].state == "success"
         assert api.server.started and scripted.state.calls["chat"] == len(golden)
         assert scripted.state.calls["completions"] == sum(i.expect == "answer" for i in golden)
 
     imported = home.models_dir / "tiny-candidate"
     assert not (imported / "modeling_evil.py").exists() and (imported / "model.safetensors").is_file()
     board = tasks["build_leaderboard"].value
+    assert board["failed"] == ["down-api"]  # an API that is down is named, and costs the others nothing
     rows = {row["name"]: row for row in board["rows"]}
     assert set(rows) == {"tiny-base", "tiny-candidate", "scripted-api", "nightshift-endpoint"}
     assert board["base"] == "tiny-base" and rows["tiny-base"]["base"]

@@ -252,8 +252,15 @@ def build(run: Run, config: FoundationConfig, planned: list[dict[str, Any]], eva
     from nightshift.reports.pages import render_leaderboard
     from nightshift.stores import report_store
 
+    if not planned:
+        raise LookupError("plan_candidates failed: there is nothing to rank")
     results = [CandidateResult.from_dict(json.loads(Path(e["path"]).read_text())) for e in evaluated if e]
-    board = rank(results, next(c["name"] for c in planned if c["base"]), suite, config.rank_by)
+    base = next(c["name"] for c in planned if c["base"])
+    if base not in {r.name for r in results}:
+        raise LookupError(f"the current base {base} could not be evaluated (see its evaluate_candidate task): there "
+                          "is nothing to compare the candidates with")
+    board = rank(results, base, suite, config.rank_by)
+    board["failed"] = [c["name"] for c in planned if c["name"] not in {r.name for r in results}]
     board.update(dag_run=run.key, at=datetime.now(UTC).isoformat(timespec="seconds"),
                  chosen=(choices(run.settings) or [None])[-1])
     registry = registry_for(run.settings)
