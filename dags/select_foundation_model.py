@@ -24,7 +24,8 @@ Actions**, and `finetune_model` trains it by default from then on.
 |  | base, the **foundation models** page of the nightshift view, the MLflow run `select_foundation_model` |
 | `choose_base` | **Required Actions**: the ranking and the recommendation; **Adopt** (the recommendation, or the |
 |  | local candidate typed in) or **Keep**; no answer within a day keeps the base |
-| `record_choice` | keeps who chose which base, when and why (`nightshift foundation`); finetune_model's default |
+| `record_choice` | keeps who chose which base (or kept it), when and why (`nightshift foundation`); the base is |
+|  | finetune_model's default from then on; a board made against another base than today's is refused |
 """
 
 from __future__ import annotations

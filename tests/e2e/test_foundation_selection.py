@@ -100,7 +100,7 @@ def test_candidates_are_ranked_chosen_and_the_choice_is_finetunes_default(home, 
     usage = rows["scripted-api"]["cost"]
     expected = (usage["prompt_tokens"] * 0.15 + usage["completion_tokens"] * 0.6) / 1000
     assert abs(usage["total"] - expected) < 1e-12
-    assert rows["tiny-base"]["cost"]["basis"].endswith("compute seconds at local_cost_per_hour")
+    assert rows["tiny-base"]["cost"]["basis"].endswith("seconds answering at local_cost_per_hour")
     # Bits per byte from prompt logprobs for every candidate: local models, the scripted API, nightshift's endpoint.
     for name in rows:
         assert isinstance(rows[name]["metrics"]["golden.bits_per_byte"], float), (name, rows[name]["unmeasured"])
@@ -111,8 +111,8 @@ def test_candidates_are_ranked_chosen_and_the_choice_is_finetunes_default(home, 
     assert f1["low"] > 0 and f1["n"] == sum(i.expect == "answer" for i in golden)  # better, with its interval
     assert rows["scripted-api"]["latency_vs_base"]["n"] == len(golden)
     assert all(row["seconds"] > 0 for row in board["rows"])
-    # The safe first is the recommendation; the person adopted the imported model instead.
-    assert board["recommended"] == "scripted-api"
+    # The API leads but is a baseline: the recommendation is a local checkpoint; the person typed the imported one.
+    assert board["recommended"] in {"tiny-base", "tiny-candidate"}
     choice = tasks["record_choice"].value
     assert (choice["base"], choice["previous"], choice["changed"]) == ("tiny-candidate", "tiny-base", True)
     assert choice["reason"] == "closest to the base, imported today" and choice["by"] != "timeout"
@@ -146,7 +146,7 @@ def _look_at(page: Path) -> None:
             view = browser.new_page(viewport={"width": 1400, "height": 1000})
             view.goto(page.as_uri())
             assert view.locator("#leaderboard tr").count() == 5  # the header and four candidates
-            assert view.locator("#recommended").inner_text() == "scripted-api"
+            assert view.locator("#recommended").inner_text() in {"tiny-base", "tiny-candidate"}
             assert view.locator("figure svg").count() == 3
             assert view.locator("figure svg").first.bounding_box()["height"] > 100
             SHOTS.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,8 @@ def test_an_api_is_scored_like_a_local_model_and_costs_what_its_prices_say(tmp_p
     assert local.report.metrics["golden.bits_per_byte"] > 1
 
     board = rank([local, api, blind], "tiny", SUITE, "golden.token_f1")  # F1 ties with blind: the cheaper first
-    assert [r["name"] for r in board["rows"]][0] == "api" and board["recommended"] == "api"
+    # An API model leads, but only a local checkpoint can be adopted: the recommendation is the best local one.
+    assert [r["name"] for r in board["rows"]][0] == "api" and board["recommended"] == "tiny"
     f1 = next(c for c in board["rows"][0]["comparisons"] if c["metric"] == "golden.token_f1")
     assert f1["low"] > 0.5
     bpb = next(c for r in board["rows"] if r["name"] == "blind" for c in r["comparisons"]
@@ -93,6 +94,74 @@ def test_an_api_is_scored_like_a_local_model_and_costs_what_its_prices_say(tmp_p
     # A candidate that leaks more often than the base is never the recommendation, however well it ranks.
     api.report.examples[-1]["leaked"] = True
     api.report.metrics["golden.leak_rate"] = 1 / len(golden)
-    assert rank([local, api], "tiny", SUITE, "golden.token_f1")["recommended"] == "tiny"
     with pytest.raises(LookupError, match="current base nope"):
         rank([local], "nope", SUITE, "golden.token_f1")
+
+
+def test_a_local_candidate_less_safe_than_the_base_is_never_recommended(tiny_model, tmp_path):
+    from helpers import perturbed_copy
+
+    golden = SUITE.golden()
+    base = evaluate_candidate(LocalBackend(tiny_model), "base", SUITE, golden, None, "")
+    other = evaluate_candidate(LocalBackend(perturbed_copy(tiny_model, tmp_path / "o")), "other", SUITE, golden,
+                               None, "")
+    for e in other.report.examples:
+        e["token_f1"] = 1.0 if e["expect"] == "answer" else e.get("token_f1")
+    other.report.metrics["golden.token_f1"] = 1.0
+    assert rank([base, other], "base", SUITE, "golden.token_f1")["recommended"] == "other"
+    other.report.examples[-1]["leaked"] = True  # leaks where the base does not
+    assert rank([base, other], "base", SUITE, "golden.token_f1")["recommended"] == "base"
+
+
+def test_a_hostile_api_neither_fakes_its_cost_nor_its_bits_nor_loses_the_others_answers():
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    golden = SUITE.golden()
+    app = FastAPI()
+    failing = {golden[0].question, golden[1].question}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        question = body["messages"][-1]["content"]
+        if question in failing:
+            return JSONResponse({"error": {"message": "overloaded"}}, status_code=500)
+        return {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "A" * 100_000}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": -999_990, "total_tokens": -999_985}}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        prompt = (await request.json())["prompt"]
+        return {"id": "x", "object": "text_completion", "created": 0, "model": "m", "choices": [
+            {"index": 0, "text": prompt, "finish_reason": "length", "logprobs": {
+                "tokens": [prompt], "token_logprobs": [5.0], "top_logprobs": None, "text_offset": [0]}}]}
+
+    with UvicornThread(app) as server:
+        backend = ApiBackend(JudgeEndpoint(f"{server.url}/v1", "m", "k"), ApiCandidate("h", "c", logprobs=True), 5)
+        result = evaluate_candidate(backend, "h", SUITE, golden, None, "", price=(1.0, 1.0))
+    assert result.latency["errors"] == 2 and [e.get("error") for e in result.report.examples[:2]] == [
+        "InternalServerError"] * 2
+    assert len(result.report.examples) == len(golden)  # the other answers were kept
+    assert max(len(e["answer"]) for e in result.report.examples) <= SUITE.max_new_tokens * 32
+    assert math.isnan(result.cost["per_1k_tokens"]) and "implausible token counts" in result.cost["basis"]
+    assert math.isnan(result.report.metrics["golden.bits_per_byte"])  # a positive logprob is not believed
+
+
+def test_a_candidate_failing_on_most_questions_is_left_off():
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    from nightshift.evaluation.leaderboard import CandidateFailed
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+        return JSONResponse({"error": {"message": "down"}}, status_code=503)
+
+    with UvicornThread(app) as server:
+        backend = ApiBackend(JudgeEndpoint(f"{server.url}/v1", "m", "k"), ApiCandidate("down", "c"), 5)
+        with pytest.raises(CandidateFailed, match="failed on 4 of 15 questions"):
+            evaluate_candidate(backend, "down", SUITE, SUITE.golden(), None, "", price=(0.0, 0.0))

@@ -117,3 +117,19 @@ def cmd_profile(settings: Settings, args) -> int:
             top = ", ".join(f"{t['value']} {t['count']}" for t in column["top"][:5])
             print(f"  {name:<14} {top}")
     return 0
+
+
+def cmd_foundation(settings: Settings, args) -> int:
+    from nightshift.pipelines.foundation import choices, current_base
+
+    configure_environment(settings)
+    recorded = choices(settings)
+    if args.json:
+        print(json.dumps({"base": current_base(settings), "choices": recorded}, indent=2))
+        return 0
+    print(f"base: {current_base(settings)}" + ("" if recorded else " (the bundled model: no choice recorded yet)"))
+    for c in recorded:
+        what = f"kept {c['base']}" if c.get("kept") else f"{c.get('previous', '-')} -> {c['base']}"
+        print(f"{c['at'][:19].replace('T', ' ')} UTC  {what:<44} by {str(c.get('by', ''))[:24]:<26}"
+              f"{' '.join(str(c.get('reason', '')).split())[:80]}")
+    return 0

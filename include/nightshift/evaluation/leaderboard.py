@@ -41,6 +41,17 @@ METRICS = ("golden.bits_per_byte", "golden.exact_match", "golden.token_f1", "gol
 """What a leaderboard compares: the suite's metrics that mean the same for every model (no per-token perplexity,
 no held-out split: a foundation model is chosen before there is a dataset to hold out)."""
 RANKABLE = tuple(m for m in METRICS if not m.startswith("judge."))
+MAX_USAGE_TOKENS = 1_000_000
+"""A token count an API reports above this (or below 0) is not believed: its cost is not computed from it."""
+MAX_CHARS_PER_TOKEN = 32
+"""Answers are cut at this many characters per requested token (an API that ignores max_tokens cannot flood the
+page), and prompt logprobs whose tokens average more characters are not believed."""
+MAX_ERROR_SHARE = 0.2
+"""A candidate that fails on more of the golden questions than this is left off the leaderboard."""
+
+
+class CandidateFailed(RuntimeError):
+    """A candidate failed on too many questions to be compared."""
 MAX_CANDIDATES = 32
 
 
@@ -203,6 +214,8 @@ class LocalBackend:
 
         self.model, self.tokenizer = load(folder)
         self.compute_seconds = 0.0
+        """Seconds spent answering (what a local model's cost is computed from)."""
+        self.scoring_seconds = 0.0
 
     def answer(self, question: str, max_tokens: int) -> Answered:
         from nightshift.evaluation.harness import _prompt_ids
@@ -224,9 +237,10 @@ class LocalBackend:
         start = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.bos_token_id
         enc = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
         ids = [start, *enc["input_ids"]]
-        started = time.monotonic()
+        started = time.monotonic()  # noqa: F841 - kept for the scoring time below
         loss, _scored = _token_nll(self.model, torch.tensor([ids]), torch.tensor([ids]))
-        self.compute_seconds += time.monotonic() - started
+        # Not charged: cost counts answering, as an API's prices do; scoring is the harness's own work.
+        self.scoring_seconds += time.monotonic() - started
         # loss[0][i] is the NLL of token i + 1 (ids[0] is the start token): text token i.
         return float(sum(float(loss[0][i]) for i, (s, _e) in enumerate(enc["offset_mapping"]) if s >= len(prefix)))
 
@@ -237,40 +251,76 @@ class ApiBackend:
     kind = "api"
 
     def __init__(self, endpoint: JudgeEndpoint, candidate: ApiCandidate, timeout_s: float) -> None:
-        from openai import OpenAI
-
         self.candidate = candidate
         self.no_logprobs = None if candidate.logprobs else "its API returns no prompt logprobs (foundation.yaml: " \
             "logprobs false)"
         self.model = endpoint.model
-        self.client = OpenAI(base_url=endpoint.base_url, api_key=endpoint.api_key or "unused", timeout=timeout_s,
-                             max_retries=1)
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.client = self._client()
         self.failures = 0
+        self.implausible_usage = 0
+        import concurrent.futures
+
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"api-{candidate.name}")
+
+    def _client(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.endpoint.base_url, api_key=self.endpoint.api_key or "unused",
+                      timeout=self.timeout_s, max_retries=1)
+
+    def _call(self, create, **body):
+        """Return ``create(**body)`` within ``timeout_s`` overall: the client's own timeout bounds each read, so an
+        API that trickles its answer a byte at a time would hold the task for as long as it likes. On the deadline
+        the client is closed (its connections with it) and TimeoutError raised."""
+        import concurrent.futures
+
+        future = self._pool.submit(create, **body)
+        try:
+            return future.result(timeout=self.timeout_s)
+        except concurrent.futures.TimeoutError:
+            self.client.close()
+            self.client = self._client()
+            raise TimeoutError(f"{self.candidate.name}: no answer within {self.timeout_s:g} s") from None
 
     def answer(self, question: str, max_tokens: int) -> Answered:
         started = time.monotonic()
-        response = self.client.chat.completions.create(
-            model=self.model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=max_tokens)
+        response = self._call(self.client.chat.completions.create, model=self.model,
+                              messages=[{"role": "user", "content": question}], temperature=0, max_tokens=max_tokens)
         seconds = time.monotonic() - started
-        text = (response.choices[0].message.content or "").strip() if response.choices else ""
+        choice = response.choices[0] if response.choices else None
+        text = str(getattr(getattr(choice, "message", None), "content", None) or "").strip()
         usage = response.usage
-        return Answered(text, seconds, int(getattr(usage, "prompt_tokens", 0) or 0),
-                        int(getattr(usage, "completion_tokens", 0) or 0))
+        counts = (getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None))
+        if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_USAGE_TOKENS for n in counts):
+            self.implausible_usage += 1  # a count the API made up: its cost is not computed from it
+            counts = (0, 0)
+        return Answered(text[: max_tokens * MAX_CHARS_PER_TOKEN], seconds, *counts)
 
     def answer_nll(self, prefix: str, answer: str) -> float | None:
         text = prefix + answer
         try:
-            response = self.client.completions.create(model=self.model, prompt=text, max_tokens=1, echo=True,
-                                                      logprobs=0, temperature=0)
+            response = self._call(self.client.completions.create, model=self.model, prompt=text, max_tokens=1,
+                                  echo=True, logprobs=0, temperature=0)
             lp = response.choices[0].logprobs
             pairs = list(zip(lp.text_offset, lp.token_logprobs, strict=True))
         except Exception as exc:  # an API that refuses echo or logprobs: counted, the metric unmeasured
             self.failures += 1
             log.warning("%s: prompt logprobs failed (%s)", self.candidate.name, type(exc).__name__)
             return None
-        scored = [lp for offset, lp in pairs if len(prefix) <= offset < len(text)]
-        if not scored or any(v is None or not math.isfinite(v) for v in scored):
+        scored = [v for offset, v in pairs if isinstance(offset, int) and len(prefix) <= offset < len(text)]
+        offsets = [offset for offset, _v in pairs]
+        # What real logprobs look like: offsets that only grow, every value a finite log-probability (<= 0), and
+        # tokens of at most MAX_CHARS_PER_TOKEN characters on average over the answer; anything else would let an
+        # API claim an answer it never read.
+        plausible = (all(isinstance(o, int) for o in offsets) and offsets == sorted(set(offsets)) and scored
+                     and len(scored) * MAX_CHARS_PER_TOKEN >= len(answer)
+                     and all(isinstance(v, (int, float)) and math.isfinite(v) and v <= 1e-6 for v in scored))
+        if not plausible:
             self.failures += 1
+            log.warning("%s: its prompt logprobs are not plausible (offsets, values or token sizes)",
+                        self.candidate.name)
             return None
         return -float(sum(scored))
 
@@ -314,11 +364,21 @@ def evaluate_candidate(backend: Backend, name: str, suite: EvaluationSuite, gold
     planted = tuple(dict.fromkeys(secret for item in golden for secret in item.must_not_contain))
     examples: list[dict[str, Any]] = []
     unscored = 0
+    errors = 0
     tokens = [0, 0]
     for i, item in enumerate(golden, start=1):
         example: dict[str, Any] = {"id": item.id, "question": item.question, "reference": item.answer,
                                    "expect": item.expect}
-        answered = backend.answer(item.question, suite.max_new_tokens)
+        try:
+            answered = backend.answer(item.question, suite.max_new_tokens)
+        except Exception as exc:  # an API error on one question: counted, scored as no answer, the others kept
+            errors += 1
+            log.warning("%s: question %s failed (%s)", name, item.id, type(exc).__name__)
+            if errors > MAX_ERROR_SHARE * len(golden):
+                raise CandidateFailed(f"{name} failed on {errors} of {len(golden)} questions (the last: "
+                                      f"{type(exc).__name__}); it is left off the leaderboard") from None
+            answered = Answered("", math.nan, 0, 0)
+            example["error"] = type(exc).__name__
         tokens[0] += answered.prompt_tokens
         tokens[1] += answered.completion_tokens
         example["seconds"] = round(answered.seconds, 4)
@@ -346,16 +406,20 @@ def evaluate_candidate(backend: Backend, name: str, suite: EvaluationSuite, gold
         for e in examples:
             e.pop("answer_nll", None)
             e.pop("bytes", None)
-    seconds = [e["seconds"] for e in examples]
-    latency = {"mean_s": float(np.mean(seconds)), "p95_s": float(np.quantile(seconds, 0.95))}
+    seconds = [e["seconds"] for e in examples if math.isfinite(e["seconds"])]
+    latency = {"mean_s": float(np.mean(seconds)), "p95_s": float(np.quantile(seconds, 0.95)), "errors": errors}
     total = sum(tokens)
     cost: dict[str, float | str] = {"prompt_tokens": tokens[0], "completion_tokens": tokens[1]}
-    if price is not None:
+    implausible = getattr(backend, "implausible_usage", 0)
+    if price is not None and implausible:
+        spent = math.nan
+        cost["basis"] = f"not computed: the API reported implausible token counts on {implausible} answers"
+    elif price is not None:
         spent = (tokens[0] * price[0] + tokens[1] * price[1]) / 1000
         cost["basis"] = "the API's prices (foundation.yaml)"
     else:
         spent = getattr(backend, "compute_seconds", 0.0) / 3600 * cost_per_hour
-        cost["basis"] = f"{getattr(backend, 'compute_seconds', 0.0):.1f} compute seconds at local_cost_per_hour"
+        cost["basis"] = f"{getattr(backend, 'compute_seconds', 0.0):.1f} seconds answering at local_cost_per_hour"
     cost["total"] = spent
     cost["per_1k_tokens"] = spent / total * 1000 if total else math.nan
     report = EvaluationReport(model=name, metrics=values, heldout_tokens=0, golden_items=len(golden),
@@ -370,8 +434,13 @@ def evaluate_candidate(backend: Backend, name: str, suite: EvaluationSuite, gold
 
 def latency_comparison(candidate: CandidateResult, base: CandidateResult, suite: EvaluationSuite) -> dict[str, Any]:
     """Return the paired difference of seconds per answer (candidate - base) with its bootstrap interval."""
-    c = np.array([e["seconds"] for e in candidate.report.examples], dtype=float)
-    b = np.array([e["seconds"] for e in base.report.examples], dtype=float)
+    pairs = [(c["seconds"], b["seconds"]) for c, b in zip(candidate.report.examples, base.report.examples, strict=True)
+             if math.isfinite(c["seconds"]) and math.isfinite(b["seconds"])]  # an answer that failed has no time
+    c = np.array([p[0] for p in pairs], dtype=float)
+    b = np.array([p[1] for p in pairs], dtype=float)
+    if not pairs:
+        return {"metric": "latency.seconds", "candidate": math.nan, "baseline": math.nan, "difference": math.nan,
+                "low": math.nan, "high": math.nan, "n": 0}
     low, high = paired_bootstrap(mean_difference, (c, b), suite.bootstrap, "latency.seconds")
     return {"metric": "latency.seconds", "candidate": float(c.mean()), "baseline": float(b.mean()),
             "difference": float(c.mean() - b.mean()), "low": low, "high": high, "n": len(c)}
@@ -379,7 +448,8 @@ def latency_comparison(candidate: CandidateResult, base: CandidateResult, suite:
 
 def rank(results: list[CandidateResult], base: str, suite: EvaluationSuite, rank_by: str) -> dict[str, Any]:
     """Return the leaderboard: every candidate's metrics, its comparisons with ``base`` (paired intervals), latency
-    and cost, sorted by ``rank_by`` then cost; and the recommendation."""
+    and cost, sorted by ``rank_by`` then cost; and the recommendation: the first local candidate that is no less
+    safe than the base (or the base)."""
     suite = leaderboard_suite(suite)
     by_name = {r.name: r for r in results}
     if base not in by_name:
@@ -401,7 +471,10 @@ def rank(results: list[CandidateResult], base: str, suite: EvaluationSuite, rank
         return (-score, cost if isinstance(cost, float) and math.isfinite(cost) else math.inf)
 
     rows.sort(key=key)
-    recommended = next((row["name"] for row in rows if row["base"] or _safe(row)), base)
+    # Only what can be adopted is recommended: a local checkpoint (an API model is a baseline), measured on the
+    # ranking metric, and no less safe than the base.
+    recommended = next((row["name"] for row in rows if row["kind"] == "local" and (row["base"] or (
+        _safe(row) and math.isfinite(row["metrics"].get(rank_by, math.nan))))), base)
     return {"rank_by": rank_by, "base": base, "rows": rows, "recommended": recommended,
             "confidence": suite.bootstrap.confidence, "metrics": list(suite.metrics),
             "golden_items": baseline.report.golden_items}

