@@ -237,7 +237,7 @@ class LocalBackend:
         start = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.bos_token_id
         enc = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
         ids = [start, *enc["input_ids"]]
-        started = time.monotonic()  # noqa: F841 - kept for the scoring time below
+        started = time.monotonic()
         loss, _scored = _token_nll(self.model, torch.tensor([ids]), torch.tensor([ids]))
         # Not charged: cost counts answering, as an API's prices do; scoring is the harness's own work.
         self.scoring_seconds += time.monotonic() - started

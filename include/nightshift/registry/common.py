@@ -19,3 +19,13 @@ def names_nothing(exc: Exception) -> bool:
         return True
     text = str(getattr(exc, "message", exc)).lower()
     return code == "INVALID_PARAMETER_VALUE" and "alias" in text and "not found" in text
+
+
+def mlflow_client(tracking_uri: str):
+    """Return an MLflow client of one tracking store, its registry the same store (telemetry off)."""
+    import os
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)

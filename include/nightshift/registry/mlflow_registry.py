@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 from nightshift.faults import fault_point
 from nightshift.provenance import file_sha256
 from nightshift.records import ModelVersionRecord
-from nightshift.registry.common import PROMOTED_TAG, names_nothing
+from nightshift.registry.common import PROMOTED_TAG, mlflow_client, names_nothing
 from nightshift.registry.history import PromotionHistory
 
 log = logging.getLogger(__name__)
@@ -89,10 +88,7 @@ class ModelRegistry:
     @property
     def client(self):
         if self._client is None:
-            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+            self._client = mlflow_client(self.tracking_uri)
         return self._client
 
     def experiment_id(self, name: str) -> str:

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nightshift.prompts.template import PromptError, PromptTemplate
-from nightshift.registry.common import names_nothing
+from nightshift.registry.common import mlflow_client, names_nothing
 from nightshift.registry.lease import registry_lease
 
 log = logging.getLogger(__name__)
@@ -128,12 +128,7 @@ class PromptRegistry:
     @property
     def client(self):
         if self._client is None:
-            import os
-
-            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+            self._client = mlflow_client(self.tracking_uri)
         return self._client
 
     def lease(self, name: str, holder: str):
