@@ -149,11 +149,15 @@ def test_a_cycle_runs_on_postgresql_celery_mlflow_server_and_s3_with_lineage(sta
     assert any(k.endswith("checkpoint/MANIFEST.json") for k in stored)
 
     # Every task instance that ran was sent through Celery: the result backend on PostgreSQL holds one result each.
-    with airflow_db(endpoints).connect() as conn:
-        ran = conn.scalar(sa.text("SELECT count(*) FROM task_instance WHERE state = 'success' AND dag_id IN "
-                                  "('ingest_corpus', 'finetune_model') AND start_date IS NOT NULL "
-                                  "AND operator NOT IN ('EmptyOperator')"))
-        results = conn.scalar(sa.text("SELECT count(*) FROM celery_taskmeta WHERE status = 'SUCCESS'"))
+    # A task reports its own state to Airflow before its Celery worker stores the result: the last one may lag.
+    def counts() -> tuple[int, int]:
+        with airflow_db(endpoints).connect() as conn:
+            ran = conn.scalar(sa.text("SELECT count(*) FROM task_instance WHERE state = 'success' AND dag_id IN "
+                                      "('ingest_corpus', 'finetune_model') AND start_date IS NOT NULL "
+                                      "AND operator NOT IN ('EmptyOperator')"))
+            return ran, conn.scalar(sa.text("SELECT count(*) FROM celery_taskmeta WHERE status = 'SUCCESS'"))
+
+    ran, results = wait_for(lambda: (c := counts())[1] >= c[0] and c, 30, "Celery to store every result")
     assert ran > 20 and results >= ran
 
     # Lineage: the provider's events, with the inputs and outputs the tasks' records name.

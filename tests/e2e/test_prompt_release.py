@@ -31,10 +31,10 @@ def home(tmp_path, monkeypatch, airflow_db):
     prompts.mkdir()
     shutil.copy(REPO / "include" / "configs" / "prompts" / "assistant.yaml", prompts / "assistant.yaml")
     monkeypatch.setenv("NIGHTSHIFT_PROMPTS_DIR", str(prompts))
-    # The shipped suite with shorter answers (24 tokens are words enough to tell a language): the same golden
+    # The shipped suite with shorter answers (16 tokens are words enough to tell a language): the same golden
     # set, metrics and gate, at half the generation time.
     suite = yaml.safe_load((REPO / "include" / "configs" / "evaluation.yaml").read_text())
-    suite["generation"]["max_new_tokens"] = 24
+    suite["generation"]["max_new_tokens"] = 16
     (tmp_path / "evaluation.yaml").write_text(yaml.safe_dump(suite))
     monkeypatch.setenv("NIGHTSHIFT_EVALUATION_SUITE", str(tmp_path / "evaluation.yaml"))
     settings = load_settings()

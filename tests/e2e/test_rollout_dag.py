@@ -194,7 +194,7 @@ def test_a_prompt_canary_runs_the_same_steps_on_the_champions_answers(home, tiny
     prompts.move(v1, key="first", expected=None, kind="promotion", by="ada", dag_run="r", reason="first")
     from nightshift.evaluation.rollout_policy import RolloutPolicy
 
-    with pytest.raises(RolloutRefused, match="never passed evaluate_prompt's gate"):
+    with pytest.raises(RolloutRefused, match="no standing pass of evaluate_prompt's gate"):
         plan_prompt_rollout(prompts, "assistant", v2.version, None, RolloutPolicy.load(home.rollout_policy))
     prompts.note(v2, "canary", key="gated", by="ada", dag_run="evaluate_prompt/x", reason="passed the gate")
     home.serving_dir.mkdir(parents=True, exist_ok=True)
@@ -212,7 +212,7 @@ def test_a_prompt_canary_runs_the_same_steps_on_the_champions_answers(home, tiny
             assert prompts.by_alias("assistant").version == v2.version
             assert (history[-1].kind, history[-1].from_version, history[-1].to_version) == ("rollout", 1, 2)
             wait_for(lambda: ready(server.url)["prompt"] == {"name": "assistant", "production": 2, "canary": None,
-                                                             "detail": None}, what="v2 in production")
+                                                             "detail": None, "ready": True}, what="v2 in production")
         else:
             assert dag_run.state == "failed" and tasks["step_1_observe"].state == "failed"
             assert prompts.by_alias("assistant").version == v1.version and prompts.rollout("assistant") is None
