@@ -377,6 +377,10 @@ class DatasetRepository:
                 fault_point("versioning.after_stage")
                 self.push()
                 fault_point("versioning.after_push")
+                # A companion rewritten with the same size within one timestamp tick (and perhaps the inode freed a
+                # moment before) can look unchanged to git's index: dropped from it, it is always hashed afresh.
+                for name in COMPANIONS:
+                    self._git("rm", "--cached", "--quiet", "--ignore-unmatch", f"{self.name}/{name}")
                 self._git("add", "-A", self.name)
                 self._git("commit", "--quiet", "-m", f"{meta.get('documents', '?')} documents (md5 {md5})")
                 fault_point("versioning.after_commit")
