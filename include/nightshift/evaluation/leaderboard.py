@@ -214,8 +214,8 @@ class LocalBackend:
 
         self.model, self.tokenizer = load(folder)
         self.compute_seconds = 0.0
-        """Seconds spent answering (what a local model's cost is computed from)."""
-        self.scoring_seconds = 0.0
+        """Seconds spent answering (what a local model's cost is computed from; scoring is the harness's own work,
+        not charged, as an API's prices do not charge it either)."""
 
     def answer(self, question: str, max_tokens: int) -> Answered:
         from nightshift.evaluation.harness import _prompt_ids
@@ -237,10 +237,7 @@ class LocalBackend:
         start = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.bos_token_id
         enc = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
         ids = [start, *enc["input_ids"]]
-        started = time.monotonic()
         loss, _scored = _token_nll(self.model, torch.tensor([ids]), torch.tensor([ids]))
-        # Not charged: cost counts answering, as an API's prices do; scoring is the harness's own work.
-        self.scoring_seconds += time.monotonic() - started
         # loss[0][i] is the NLL of token i + 1 (ids[0] is the start token): text token i.
         return float(sum(float(loss[0][i]) for i, (s, _e) in enumerate(enc["offset_mapping"]) if s >= len(prefix)))
 
@@ -258,7 +255,6 @@ class ApiBackend:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.client = self._client()
-        self.failures = 0
         self.implausible_usage = 0
         import concurrent.futures
 
@@ -305,8 +301,7 @@ class ApiBackend:
                                   echo=True, logprobs=0, temperature=0)
             lp = response.choices[0].logprobs
             pairs = list(zip(lp.text_offset, lp.token_logprobs, strict=True))
-        except Exception as exc:  # an API that refuses echo or logprobs: counted, the metric unmeasured
-            self.failures += 1
+        except Exception as exc:  # an API that refuses echo or logprobs: counted by the harness, the metric unmeasured
             log.warning("%s: prompt logprobs failed (%s)", self.candidate.name, type(exc).__name__)
             return None
         scored = [v for offset, v in pairs if isinstance(offset, int) and len(prefix) <= offset < len(text)]
@@ -318,7 +313,6 @@ class ApiBackend:
                      and len(scored) * MAX_CHARS_PER_TOKEN >= len(answer)
                      and all(isinstance(v, (int, float)) and math.isfinite(v) and v <= 1e-6 for v in scored))
         if not plausible:
-            self.failures += 1
             log.warning("%s: its prompt logprobs are not plausible (offsets, values or token sizes)",
                         self.candidate.name)
             return None

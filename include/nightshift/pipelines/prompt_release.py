@@ -83,19 +83,17 @@ def _suite_digest(suite: EvaluationSuite, path: Path) -> str:
     return digest.hexdigest()[:24]
 
 
-def _evaluate(run: Run, model_dir: Path, model_key: str, label: str, template: PromptTemplate | None,
+def _evaluate(run: Run, model_dir: Path, measured_by: list[Any], label: str, template: PromptTemplate | None,
               suite: EvaluationSuite, judge: Judge | None, note: str) -> EvaluationReport:
-    """Return the champion's report under ``template``, from the cache when this model, prompt and suite were
-    measured before (a judge's scores count: a run with a judge does not reuse one without)."""
-    judged_by = [judge.endpoint.base_url, judge.model] if judge else None  # another judge, other scores
-    key = hashlib.sha256(json.dumps([model_key, template.digest() if template else None,
-                                     _suite_digest(suite, run.settings.evaluation_suite), judged_by]).encode())
+    """Return the champion's report under ``template``, from the cache when it was measured before with the same
+    ``measured_by`` (the model's manifest, the suite and harness, the judge: another judge gives other scores)."""
+    key = hashlib.sha256(json.dumps([*measured_by, template.digest() if template else None]).encode())
     path = run.settings.cache_dir / "prompt-evaluations" / f"{key.hexdigest()[:32]}.json"
     if path.is_file():
         try:
-            report = EvaluationReport.from_dict(json.loads(path.read_text()))
+            report = EvaluationReport.from_dict({**json.loads(path.read_text()), "model": label})
             log.info("%s: measured before, read from the cache", label)
-            return EvaluationReport.from_dict({**report.to_dict(), "model": label})
+            return report
         except (ValueError, TypeError):
             log.warning("%s: the cached evaluation is unreadable; measuring again", label)
     golden = suite.golden()
@@ -122,10 +120,12 @@ def evaluate(run: Run, request: dict[str, Any], evaluation: tuple[Any, Any, str]
     note = note if suite.uses_judge else "no judge metric in the suite"
     candidate = prompts.get(request["prompt"], request["candidate"])
     production = prompts.get(request["prompt"], request["production"]) if request["production"] else None
-    cand = _evaluate(run, model_dir, model_key, f"{champion.label} + {candidate.label}", candidate.template, suite,
+    measured_by = [model_key, _suite_digest(suite, settings.evaluation_suite),
+                   [judge.endpoint.base_url, judge.model] if judge else None]
+    cand = _evaluate(run, model_dir, measured_by, f"{champion.label} + {candidate.label}", candidate.template, suite,
                      judge, note)
     base_label = f"{champion.label} + {production.label}" if production else f"{champion.label}, no prompt"
-    base = _evaluate(run, model_dir, model_key, base_label, production.template if production else None, suite,
+    base = _evaluate(run, model_dir, measured_by, base_label, production.template if production else None, suite,
                      judge, note)
     comparisons = compare(cand, base, suite)
     for c in comparisons:
