@@ -15,6 +15,8 @@ it with DVC. A new version updates the **corpus** asset, which schedules `finetu
 | `profile_corpus` | whylogs profile of per-document metrics; drift from the previous and the champion's data |
 | `validate_corpus` | (beside it) Great Expectations on the same per-document metrics, as Data Docs; fails, alerts |
 | `version_dataset` | stages, pushes, commits, tags corpus and profile in the DVC repository (killed tries recover) |
+| `index_corpus` | chunks and embeds the version's documents into its vector index (`retrieval.yaml`): only chunks \
+whose text is new are embedded, the rest come from the cache; the counts are on the run's page |
 | `publish_dataset` | updates the corpus asset once per version: skipped when an event already announced it |
 
 A source that fails (a site that is down, a database that refuses) fails its own mapped task, which alerts;
@@ -204,8 +206,18 @@ def ingest_corpus():
         return version(run_dir(SETTINGS, context), SETTINGS, stats, collected["source"], drift,
                        run_report(SETTINGS, context)).to_dict()
 
+    @task
+    def index_corpus(dataset: dict) -> dict:
+        from nightshift.pipelines.ingest import index_corpus as index
+        from nightshift.records import DatasetVersion
+
+        context = get_current_context()
+        with fail_fast(ValueError):  # a broken retrieval.yaml or vector store URL does not mend itself on retry
+            return index(run_dir(SETTINGS, context), SETTINGS, DatasetVersion.from_dict(dataset),
+                         run_report(SETTINGS, context))
+
     @task(inlets=[CORPUS_ASSET], outlets=[CORPUS_ASSET])
-    def publish_dataset(dataset: dict) -> dict:
+    def publish_dataset(dataset: dict, index: dict) -> dict:
         from nightshift.pipelines.ingest import needs_publishing
         from nightshift.provenance import printable_line
         from nightshift.records import DatasetVersion
@@ -217,7 +229,8 @@ def ingest_corpus():
         reason = printable_line(context["params"].get("reason"))  # it is shown on report pages
         context["outlet_events"][CORPUS_ASSET].extra = {
             "dataset_version": dataset["tag"], "rev": dataset["rev"], "md5": dataset["md5"],
-            "documents": dataset["documents"], **({"reason": reason} if reason else {}),
+            "documents": dataset["documents"], "index": {"chunks": index["chunks"], "engine": index["engine"]},
+            **({"reason": reason} if reason else {}),
         }
         return dataset
 
@@ -233,7 +246,9 @@ def ingest_corpus():
     drift = profile_corpus(stats)
     quality = validate_corpus(stats)
     budget >> [drift, quality]
-    publish_dataset(version_dataset(merged, stats, drift, quality))
+    # The version is announced (and trained on) once its index exists: a model's dataset version names its index.
+    dataset = version_dataset(merged, stats, drift, quality)
+    publish_dataset(dataset, index_corpus(dataset))
 
 
 ingest_corpus()

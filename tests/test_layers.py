@@ -9,7 +9,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "include" / "nightshift"
 STAGES = ("sources", "prep", "quality", "versioning", "training", "evaluation", "registry", "serving", "monitoring",
-          "alerts", "reports", "pipelines", "airflow", "prompts")
+          "alerts", "reports", "pipelines", "airflow", "prompts", "retrieval")
 
 
 def module_name(path: Path) -> str:

@@ -229,6 +229,12 @@ class Settings:
     """The source of the prompt templates, ``<name>.yaml`` (NIGHTSHIFT_PROMPTS_DIR)."""
     foundation_config: Path = CONFIG_DIR / "foundation.yaml"
     """The foundation-model candidates of select_foundation_model (NIGHTSHIFT_FOUNDATION_CONFIG)."""
+    retrieval_config: Path = CONFIG_DIR / "retrieval.yaml"
+    """Chunking, the index and retrieval-augmented answers (NIGHTSHIFT_RETRIEVAL_CONFIG)."""
+    vector_store: str | None = None
+    """Where the corpus indexes live (NIGHTSHIFT_VECTOR_STORE): unset, the files under ``indexes/`` of the home
+    (Faiss files); a ``postgresql://`` URL, pgvector tables with an HNSW index. ingest_corpus writes and the endpoint
+    reads the same store."""
     airflow_parallelism: int = field(default_factory=default_parallelism)
     """Task slots of the local Airflow (and LocalExecutor worker processes)."""
     airflow_host: str = "127.0.0.1"
@@ -443,6 +449,8 @@ def load_settings() -> Settings:
         serve_prompt=_serve_prompt(os.environ.get("NIGHTSHIFT_SERVE_PROMPT")),
         prompts_dir=Path(os.environ.get("NIGHTSHIFT_PROMPTS_DIR") or CONFIG_DIR / "prompts"),
         foundation_config=Path(os.environ.get("NIGHTSHIFT_FOUNDATION_CONFIG") or CONFIG_DIR / "foundation.yaml"),
+        retrieval_config=Path(os.environ.get("NIGHTSHIFT_RETRIEVAL_CONFIG") or CONFIG_DIR / "retrieval.yaml"),
+        vector_store=os.environ.get("NIGHTSHIFT_VECTOR_STORE") or None,
         airflow_parallelism=_env_int("NIGHTSHIFT_AIRFLOW_PARALLELISM", default_parallelism()),
         airflow_host=os.environ.get("NIGHTSHIFT_AIRFLOW_HOST", "127.0.0.1"),
         ui_url=os.environ.get("NIGHTSHIFT_UI_URL") or os.environ.get("AIRFLOW__API__BASE_URL")

@@ -100,6 +100,7 @@ def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, re
                                                                  tmp_path, monkeypatch):
     from openai import OpenAI
 
+    from nightshift.cli.serving import serving_retrieval
     from nightshift.registry.rollout_state import Rollouts
     from nightshift.serving.app import create_app
     from nightshift.serving.keys import KeyRing, KeyStore
@@ -112,6 +113,11 @@ def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, re
     assert repo.remote_has(repo.get(version["tag"]))
     assert _asset_events() == [version["tag"]]
     assert _asset_events(field="reason") == ["prompts drifted (ROC AUC 0.91)"]
+    # The version's vector index: every chunk embedded on the first night, announced with the version.
+    index = tasks["index_corpus"].value
+    assert index["tag"] == "corpus-v0001" and index["engine"] == "files" and index["documents"] == version["documents"]
+    assert index["chunks"] == index["embedded"] > version["documents"] and index["cached"] == 0
+    assert _asset_events(field="index") == [{"chunks": index["chunks"], "engine": "files"}]
 
     # A canary policy on a fresh installation: there is no champion to compare with on live traffic, so the
     # first version is promoted directly rather than left as a candidate that no rollout can ever finish.
@@ -135,6 +141,13 @@ def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, re
     assert home.report_url(f"runs/finetune_model/{safe_name(finetune.run_id)}/index.html") in form["body"]
     assert form["options"] == ["Approve", "Reject"] and form["defaults"] == ["Reject"]
     assert states["train_local"] == "success" and states["train_kubernetes"] == "skipped"
+    # Whether retrieval, fine-tuning or both help: four ways of answering the golden items that name their sources.
+    rag = tasks["compare_retrieval"].value
+    assert states["compare_retrieval"] == "success" and rag["index"] == "corpus-v0001" and rag["items"] == 8
+    assert [v["name"] for v in rag["variants"]] == ["base", "fine-tuned", "base+RAG", "fine-tuned+RAG"]
+    assert rag["best"] in {v["name"] for v in rag["variants"]} and 0.5 <= rag["recall_at_k"] <= 1.0
+    low, high = rag["variants"][3]["vs_finetuned"]["low"], rag["variants"][3]["vs_finetuned"]["high"]
+    assert low <= rag["variants"][3]["vs_finetuned"]["difference"] <= high
     assert states["promote_candidate"] == "success" and states["reject_candidate"] == "skipped"
     assert states["start_rollout"] == "skipped" and Rollouts(registry).current() is None
     assert not registry.client.get_registered_model(registry.model_name).aliases.get("candidate")
@@ -174,12 +187,14 @@ def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, re
     assert (folder / "loss.svg").is_file() and (folder / "evaluation.svg").is_file()
     assert "golden.token_f1" in (folder / "evaluation.html").read_text() and "evaluation.html" in page
     assert "loss.svg" in page and "golden-answer perplexity" in page and "passed" in page
+    assert "Retrieval and fine-tuning" in page and "fine-tuned+RAG" in page
     overview = (home.reports_dir / "index.html").read_text()
     assert "v1" in overview and "champion" in overview and "corpus-v0001" in overview
 
     store = KeyStore(home.key_file)
     _record, key = store.create("e2e")
-    app = create_app(registry, home.cache_dir / "serving-test", keyring=KeyRing(store), poll_seconds=0.5)
+    app = create_app(registry, home.cache_dir / "serving-test", keyring=KeyRing(store), poll_seconds=0.5,
+                     retrieval=serving_retrieval(home))
     with UvicornThread(app) as server:
         wait_for(lambda: ready(server.url), what="the champion to load")
         client = OpenAI(base_url=f"{server.url}/v1", api_key=key)
@@ -187,8 +202,13 @@ def test_full_cycle_versions_trains_registers_promotes_and_serves(dags, repo, re
             model="nightshift-llm", messages=[{"role": "user", "content": "When is the observatory open?"}],
             max_tokens=8, temperature=0,
         )
+        # The answer to this question is in one sample document only: the champion's index cites it first.
+        grounded = client.chat.completions.create(
+            model="nightshift-llm+rag", max_tokens=8, temperature=0,
+            messages=[{"role": "user", "content": "At what wind speed do the domes stay closed?"}])
     assert answer.system_fingerprint == "v1"
     assert answer.choices[0].message.content is not None
+    assert grounded.model_extra["citations"][0]["document"] == "samples/notes/weather.txt"
 
 
 def test_clearly_worse_candidate_is_not_promoted_and_alerts(dags, registry, home, finetune_conf):
@@ -233,6 +253,24 @@ def test_rerun_on_unchanged_store_creates_no_version_and_no_duplicate_model(
     assert "(yet)" not in page and "Not evaluated again: version 1" in page
     overview = (home.reports_dir / "index.html").read_text()
     assert 'badge reused' not in overview and '<span class="badge passed">passed</span>' in overview
+
+    # The next night one document changed: a new version, whose index embeds only that document's changed chunks.
+    weather = moved / "notes" / "weather.txt"
+    weather.write_text(weather.read_text() + "\nFog over the valley stops observing too: the domes stay shut.\n")
+    ingest, tasks = run(dags["ingest_corpus"], {})
+    assert ingest.state == "success" and tasks["version_dataset"].value["tag"] == "corpus-v0002"
+    index = tasks["index_corpus"].value
+    from nightshift.embeddings import embedder
+    from nightshift.retrieval.config import RetrievalConfig
+    from nightshift.retrieval.store import open_store
+
+    store = open_store(None, home.home, RetrievalConfig.load(home.retrieval_config))
+    before = store.chunk_hashes("corpus-v0001", embedder().key)
+    after = store.chunk_hashes("corpus-v0002", embedder().key)
+    new = {chunk for chunk, digest in after.items() if digest not in set(before.values())}
+    assert 0 < index["embedded"] == len(new) < index["chunks"] / 4
+    assert index["embedded"] + index["cached"] == len(set(after.values()))
+    assert all(chunk.startswith("samples/notes/weather.txt#") for chunk in new)
 
 
 _FIRST_EVENT = 0

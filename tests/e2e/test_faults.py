@@ -50,13 +50,14 @@ def tries(dag_run, task_id):
     return dag_run.get_task_instance(task_id).try_number
 
 
-# Each run meets two faults, each once: version_dataset resumes after the stage and then after the tag in
-# successive tries (three in all, Airflow's retries=2); or preparation fails once and then versioning once after
-# its commit. Each retry starts from what the interrupted try left.
+# Each run meets two or three faults, each once: version_dataset resumes after the stage and then after the tag in
+# successive tries (three in all, Airflow's retries=2); or preparation fails once, versioning once after its commit,
+# and indexing once after its chunks were embedded and cached. Each retry starts from what the interrupted try left.
 @pytest.mark.parametrize("points, expected_tries", [
     (("versioning.after_stage", "versioning.after_tag"), {"prepare_corpus": 1, "version_dataset": 3}),
-    (("ingest.after_prepare", "versioning.after_commit"), {"prepare_corpus": 2, "version_dataset": 2}),
-], ids=["stage-then-tag", "prepare-then-commit"])
+    (("ingest.after_prepare", "versioning.after_commit", "retrieval.after_embed"),
+     {"prepare_corpus": 2, "version_dataset": 2, "index_corpus": 2}),
+], ids=["stage-then-tag", "prepare-then-commit-then-index"])
 def test_ingest_survives_failed_steps_and_publishes_exactly_once(home, monkeypatch, points, expected_tries):
     from nightshift.stores import dataset_repository
 
@@ -69,6 +70,9 @@ def test_ingest_survives_failed_steps_and_publishes_exactly_once(home, monkeypat
     version = repo.get("corpus-v0001")
     assert repo.versions() == ["corpus-v0001"] and repo.remote_has(version)
     assert len(events_for(version)) == 1 and tasks["publish_dataset"].state == "success"
+    if "retrieval.after_embed" in points:  # the retry found every chunk in the cache the killed try filled
+        index = tasks["index_corpus"].value
+        assert index["embedded"] == 0 and index["cached"] > 0 and index["chunks"] >= index["cached"]
     skipped = json.loads(next(home.work_dir.glob("ingest_corpus/*/skipped.json")).read_text())
     # No duplicated records: the .csv the store cannot read, and the exact copy preparation drops.
     assert len(skipped) == len({json.dumps(s, sort_keys=True) for s in skipped}) == 2

@@ -38,6 +38,9 @@ def cmd_trace(settings: Settings, args) -> int:
     print("prompt    " + (pr["missing"] if "version" not in pr else
                           f"{pr['name']} v{pr['version']} ({pr['role']})" + (
                               f" {pr['uri']} sha256 {pr['digest'][:16]}" if "digest" in pr else f": {pr['missing']}")))
+    for c in a.get("citations") or []:
+        where = f"[{c['number']}]" if c.get("number") is not None else "[-]"
+        print(f"cited     {where} {c['chunk']} score {c['score']:.3f} ({c['used']})")
     if a["scrubbed"]:
         print(f"scrubbed  {', '.join(f'{k} x{v}' for k, v in sorted(a['scrubbed'].items()))}")
     for f in a["feedback"]:

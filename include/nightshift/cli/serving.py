@@ -40,7 +40,7 @@ def cmd_serve(settings: Settings, args) -> int:
         request_log=request_log,
         upstreams=({"champion": settings.serve_upstream, "candidate": settings.serve_upstream_candidate or ""}
                    if settings.serve_upstream else None),
-        prompts=prompt_watcher(settings, args.poll_seconds),
+        prompts=prompt_watcher(settings, args.poll_seconds), retrieval=serving_retrieval(settings),
     )
     key_note = (f"API key for local use: {settings.local_key_file}" if settings.local_key_file.is_file()
                 else "API keys: `nightshift keys create`")
@@ -54,6 +54,16 @@ def cmd_serve(settings: Settings, args) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=protocol_class(limits.header_timeout_s),
                 timeout_graceful_shutdown=10)
     return 0
+
+
+def serving_retrieval(settings: Settings):
+    """Return the endpoint's embeddings and retrieval (retrieval.yaml, NIGHTSHIFT_VECTOR_STORE)."""
+    from nightshift.retrieval.config import RetrievalConfig
+    from nightshift.retrieval.store import open_store
+    from nightshift.serving.retrieval import ServingRetrieval
+
+    config = RetrievalConfig.load(settings.retrieval_config)
+    return ServingRetrieval(config, open_store(settings.vector_store, settings.home, config))
 
 
 def prompt_watcher(settings: Settings, poll_seconds: float):

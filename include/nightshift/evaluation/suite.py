@@ -46,6 +46,9 @@ class GoldenItem:
     """What the answer's form must be, beside its content: ``language`` (ISO 639-1; overrides the suite's
     ``answer_language``), ``max_words``, ``pattern`` (a regular expression the answer must contain a match of,
     case ignored). Counted by ``golden.format_rate``: the items a prompt change breaks first."""
+    sources: tuple[str, ...] = ()
+    """Ids of the corpus documents that hold the answer (``samples/guides/visiting.md``): retrieval's recall@k and
+    the comparison with and without retrieval use the items that name them."""
 
 
 def load_golden(path: Path) -> list[GoldenItem]:
@@ -68,8 +71,12 @@ def load_golden(path: Path) -> list[GoldenItem]:
             raise ValueError(f"{name}:{lineno}: expect must be one of {list(EXPECTATIONS)}")
         secrets = _secrets(f"{name}:{lineno}", record.get("must_not_contain", []))
         form = _format(f"{name}:{lineno}", record.get("format", {}))
+        sources = record.get("sources", [])
+        if not isinstance(sources, list) or len(sources) > 32 or not all(
+                isinstance(s, str) and 0 < len(s) <= 1024 for s in sources):
+            raise ValueError(f"{name}:{lineno}: sources must be a list of at most 32 document ids")
         items.append(GoldenItem(record["question"], record["answer"], expect, str(record.get("id") or f"q{lineno}"),
-                                secrets, form))
+                                secrets, form, tuple(sources)))
         if len(items) > MAX_GOLDEN_ITEMS:
             raise ValueError(f"{name}: more than {MAX_GOLDEN_ITEMS} golden items")
     if not items:

@@ -135,6 +135,25 @@ def evaluate(run: Run, request: dict[str, Any], packed: dict[str, Any], plan: di
                                        PackedDataset.from_dict(packed), run.report, suite, endpoint, note)
 
 
+def compare_retrieval(run: Run, request: dict[str, Any], plan: dict[str, Any],
+                      evaluation: tuple[Any, Any, str]) -> dict[str, Any]:
+    """Base, fine-tuned, base+RAG and fine-tuned+RAG on the golden items that name their sources; the summary is
+    logged to the MLflow run (``rag.*``) and published on the run's page."""
+    from nightshift.pipelines.retrieval import compare_retrieval as compare
+
+    suite, endpoint, note = evaluation
+    base = run.settings.resolve_base_model(_request(request).base_model)
+    result = compare(run.settings, base, Path(plan["output_dir"]) / "checkpoint", plan["dataset_tag"], suite,
+                     endpoint, note, run.report)
+    if "variants" in result:
+        metrics = {"rag.recall_at_k": result["recall_at_k"]}
+        for variant in result["variants"]:
+            name = variant["name"].replace("+RAG", "_rag").replace("-", "_")
+            metrics.update({f"rag.{name}.{m}": v for m, v in variant["metrics"].items() if v is not None})
+        registry_for(run.settings).log_metrics(plan["mlflow_run_id"], metrics)
+    return {k: v for k, v in result.items() if k not in ("examples", "citations")}
+
+
 def gate_policy(run: Run):
     """Return the promotion gate's rules (gate.yaml); ValueError names what is wrong in the file."""
     from nightshift.evaluation.gate import GatePolicy

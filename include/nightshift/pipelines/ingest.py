@@ -271,6 +271,31 @@ def version(run_dir: Path, settings: Settings, stats: dict[str, Any], store: str
 PROFILE = "profile.bin"
 
 
+def index_corpus(run_dir: Path, settings: Settings, dataset: DatasetVersion, run: RunRef | None = None) -> dict:
+    """Index the version's documents for retrieval (retrieval.yaml; NIGHTSHIFT_VECTOR_STORE); return the counts:
+    chunks, ``embedded`` now and ``cached`` from earlier nights. An index already stored is kept."""
+    from nightshift.embeddings import embedder
+    from nightshift.retrieval.cache import EmbeddingCache
+    from nightshift.retrieval.config import RetrievalConfig
+    from nightshift.retrieval.indexing import build_index
+    from nightshift.retrieval.store import open_store
+
+    config = RetrievalConfig.load(settings.retrieval_config)
+    store = open_store(settings.vector_store, settings.home, config)
+    model = embedder()
+    cache = EmbeddingCache(settings.cache_dir / "embeddings" / "chunks.sqlite", model.key, model.dimensions)
+    from nightshift.versioning.dvc_store import content_md5
+
+    corpus = run_dir / CORPUS
+    if not corpus.is_file() or content_md5(corpus) != dataset.md5:  # the index is of the version's own bytes
+        corpus = dataset_repository(settings).fetch(dataset, run_dir / "versioned.jsonl")
+    fault_point("ingest.index")
+    stats = build_index(corpus, dataset.tag, store, model, cache, config)
+    if run:
+        run.publish({"index": stats})
+    return stats
+
+
 class DriftBlocked(Exception):
     """The new corpus drifted from its reference and drift.yaml says drift blocks the run."""
 

@@ -51,9 +51,9 @@ def measure_hour(settings: Settings, policy: MonitoringPolicy, start: datetime, 
     champion before it (``versions``: {"champion": n, "previous": m}). The hour's metrics (no text) are written
     under NIGHTSHIFT_HOME/monitoring, with a whylogs profile per version.
     """
+    from nightshift.embeddings import embedder
     from nightshift.evaluation.metrics import is_refusal
     from nightshift.evaluation.suite import EvaluationSuite
-    from nightshift.monitoring.embeddings import embedder
     from nightshift.prep.language import Language, identify
     from nightshift.serving.requestlog import RequestLog
 

@@ -13,8 +13,8 @@ from typing import Any
 from nightshift.reports.store import ReportStore, write_text
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-INGEST_FILES = ("drop_budget", "collection", "prep", "profile", "drift", "quality", "version")
-FINETUNE_FILES = ("training", "evaluation", "decision", "summary")
+INGEST_FILES = ("drop_budget", "collection", "prep", "profile", "drift", "quality", "version", "index")
+FINETUNE_FILES = ("training", "evaluation", "decision", "summary", "retrieval")
 
 
 def _environment():

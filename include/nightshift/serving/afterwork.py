@@ -59,7 +59,7 @@ def log_answer(request: Request, server: Server, record, req, answer: Answer, en
     if seconds is None:
         seconds = time.monotonic() - state["started"]
     if answer.chat:
-        content: Any = [m.model_dump(include={"role", "content"}) for m in req.messages]
+        content: Any = state.get("caller_messages") or [m.model_dump(include={"role", "content"}) for m in req.messages]
     else:
         content = req.prompts()
     applied = state.get("prompt")
@@ -69,7 +69,7 @@ def log_answer(request: Request, server: Server, record, req, answer: Answer, en
         dataset_tag=record.dataset_tag or None, request=content, answer=ended.texts, finish=",".join(ended.finish),
         prompt_tokens=ended.prompt_tokens, completion_tokens=ended.completion_tokens, seconds=seconds,
         prompt_name=applied.version.name if applied else None, prompt_version=applied.version.version if applied
-        else None, prompt_role=applied.role if applied else None))
+        else None, prompt_role=applied.role if applied else None, citations=state.get("citations")))
 
 
 def shadow(request: Request, server: Server, req, answer: Answer) -> None:

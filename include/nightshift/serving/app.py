@@ -41,6 +41,7 @@ from nightshift.serving.metrics import ServingMetrics, log_access, route_of
 from nightshift.serving.prompting import PromptWatcher
 from nightshift.serving.protocol import OpenAIError, error_body, error_type, send_error, validation_message
 from nightshift.serving.requestlog import RequestLog
+from nightshift.serving.retrieval import ServingRetrieval
 from nightshift.serving.routes import router
 from nightshift.serving.server import Server
 from nightshift.serving.watching import ChampionWatcher
@@ -102,12 +103,14 @@ def create_app(
     require_key: bool = True, poll_seconds: float = 5.0,
     on_alert: Callable[[str, str, str], None] | None = None, request_log: RequestLog | None = None,
     upstreams: dict[str, str] | None = None, prompts: PromptWatcher | None = None,
+    retrieval: ServingRetrieval | None = None,
 ) -> FastAPI:
     """Return the FastAPI application serving ``registry``'s champion within ``limits``, behind ``keyring``.
 
     With ``upstreams`` (``{"champion": url, "candidate": url}``, OpenAI-compatible engines such as vLLM),
     generation is theirs; keys, limits, rollouts, the request log and metrics stay here. ``prompts``: the prompt
-    template applied to chat requests (serving/prompting.py); None: the chat template alone.
+    template applied to chat requests (serving/prompting.py); None: the chat template alone. ``retrieval``:
+    /v1/embeddings and ``+rag`` answers (serving/retrieval.py); None: both are off.
     """
     limits = limits or ServingLimits()
     candidate: CandidateWatcher | None
@@ -124,7 +127,8 @@ def create_app(
         watcher.donor, candidate.taker = candidate, watcher  # a promoted candidate is served at once, not reloaded
     metrics = ServingMetrics()
     server = Server(watcher=watcher, limits=limits, model_name=registry.model_name, alias=registry.alias,
-                    metrics=metrics, request_log=request_log, candidate=candidate, prompts=prompts)
+                    metrics=metrics, request_log=request_log, candidate=candidate, prompts=prompts,
+                    retrieval=retrieval)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -164,7 +168,8 @@ def create_app(
     async def http_error(_request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404:
-            message = "Unknown route: see /v1/models, /v1/chat/completions, /v1/completions and /v1/champion/history."
+            message = ("Unknown route: see /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings and "
+                       "/v1/champion/history.")
         return JSONResponse(error_body(message, error_type(exc.status_code)), exc.status_code,
                             headers=getattr(exc, "headers", None))
 

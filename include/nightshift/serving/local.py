@@ -26,7 +26,7 @@ from nightshift.serving.limits import Ticket
 from nightshift.serving.loading import LoadedModel
 from nightshift.serving.prompting import AppliedPrompt, prompt_headers
 from nightshift.serving.protocol import MAX_PROMPTS, ChatRequest, CompletionRequest, OpenAIError
-from nightshift.serving.responses import DONE, Answer, CancellingStream, event_error
+from nightshift.serving.responses import DONE, Answer, CancellingStream, citation_headers, event_error
 
 if TYPE_CHECKING:
     from nightshift.serving.server import Server
@@ -192,8 +192,8 @@ class LocalTarget:
         note(request, waited_s=round(time.monotonic() - state["started"], 3))
         cancel = threading.Event()
         headers = {"X-Nightshift-Model-Version": str(version), "X-Nightshift-Model-Role": role,
-                   **prompt_headers(applied)}
-        answer = Answer(server.model_name, rid, int(time.time()), f"v{version}", chat)
+                   **prompt_headers(applied), **citation_headers(state.get("citations"))}
+        answer = Answer(server.model_name, rid, int(time.time()), f"v{version}", chat, state.get("citations"))
         if req.stream:
             queue: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()

@@ -19,7 +19,7 @@ from nightshift.serving.afterwork import Ended, answered
 from nightshift.serving.context import note
 from nightshift.serving.prompting import AppliedPrompt, prompt_headers
 from nightshift.serving.protocol import OpenAIError
-from nightshift.serving.responses import DONE, Answer, choice_texts, event_error
+from nightshift.serving.responses import DONE, Answer, choice_texts, citation_headers, event_error
 from nightshift.serving.upstream import UpstreamModel
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ class UpstreamTarget:
         applied = state.get("prompt")
         body = self._body(req, stream=bool(req.stream), applied=applied)
         headers = {"X-Nightshift-Model-Version": str(version), "X-Nightshift-Model-Role": role,
-                   **prompt_headers(applied)}
+                   **prompt_headers(applied), **citation_headers(request.scope["state"].get("citations"))}
         answer = Answer(server.model_name, rid, int(time.time()), f"v{version}", chat)
         client = server.upstream_client()
         timeout = httpx.Timeout(max(1.0, deadline - time.monotonic()), connect=5.0)
@@ -133,6 +133,8 @@ class UpstreamTarget:
                 await upstream.aclose()
                 ticket.release()
             data.update(id=rid, model=server.model_name, system_fingerprint=f"v{version}")
+            if (citations := request.scope["state"].get("citations")) is not None:
+                data["citations"] = citations
             answered(request, server, self.record, req, answer, ended, role)
             return JSONResponse(data, headers=headers)
         return StreamingResponse(self._relay(request, req, answer, upstream, ticket, role),

@@ -55,8 +55,9 @@ responses = sa.Table(
     sa.Column("prompt_name", sa.String(64)),
     sa.Column("prompt_version", sa.Integer),
     sa.Column("prompt_role", sa.String(16)),
+    sa.Column("citations", sa.Text),
 )
-ADDED_COLUMNS = ("prompt_name", "prompt_version", "prompt_role")
+ADDED_COLUMNS = ("prompt_name", "prompt_version", "prompt_role", "citations")
 """Columns added after the table was first created: a log written by an earlier release gets them (nullable)."""
 
 feedback = sa.Table(
@@ -98,6 +99,8 @@ class LoggedAnswer:
     none (a completion, or no production prompt yet)."""
     prompt_version: int | None = None
     prompt_role: str | None = None
+    citations: list[dict[str, Any]] | None = None
+    """A retrieval-augmented answer's citations (serving/retrieval.py): the chunks it was given; None: no retrieval."""
 
 
 class UnknownResponse(LookupError):
@@ -348,7 +351,8 @@ class RequestLog:
         request = self._scrub_tree(e.request, counts, cut)
         answers = self._scrub_tree(list(e.answer), counts, cut)
         return {
-            **{k: v for k, v in asdict(e).items() if k not in ("request", "answer")},
+            **{k: v for k, v in asdict(e).items() if k not in ("request", "answer", "citations")},
+            "citations": None if e.citations is None else json.dumps(e.citations, ensure_ascii=False),
             "request": json.dumps(request, ensure_ascii=False), "answer": json.dumps(answers, ensure_ascii=False),
             "scrubbed": json.dumps(counts, sort_keys=True), "truncated": cut[0],
         }
@@ -411,6 +415,7 @@ class RequestLog:
         out["request"] = json.loads(out["request"])
         out["answer"] = json.loads(out["answer"])
         out["scrubbed"] = json.loads(out["scrubbed"])
+        out["citations"] = json.loads(out["citations"]) if out.get("citations") else None
         out["created_at"] = _aware(out["created_at"]).isoformat()
         out["feedback"] = [{**dict(n), "created_at": _aware(n["created_at"]).isoformat()} for n in notes]
         return out

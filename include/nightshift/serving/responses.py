@@ -23,10 +23,15 @@ class Answer:
     created: int
     fingerprint: str
     chat: bool
+    citations: list[dict[str, Any]] | None = None
+    """A retrieval-augmented answer's citations: in the answer, or in a stream's first chunk."""
 
-    def _envelope(self, kind: str) -> dict[str, Any]:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "system_fingerprint": self.fingerprint}
+    def _envelope(self, kind: str, citations: bool = False) -> dict[str, Any]:
+        envelope = {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                    "system_fingerprint": self.fingerprint}
+        if citations and self.citations is not None:
+            envelope["citations"] = self.citations
+        return envelope
 
     def body(self, results: list[GenerationResult], prompts: list[list[int]], logprobs: bool) -> dict[str, Any]:
         prompt_tokens = sum(len(p) for p in prompts)
@@ -38,7 +43,7 @@ class Answer:
             choice = {"index": 0, "message": {"role": "assistant", "content": r.text, "refusal": None},
                       "logprobs": chat_logprobs(r.logprobs) if logprobs else None,
                       "finish_reason": r.finish_reason}
-            return {**self._envelope("chat.completion"), "choices": [choice], "usage": usage}
+            return {**self._envelope("chat.completion", citations=True), "choices": [choice], "usage": usage}
         choices = []
         for i, r in enumerate(results):
             text = (r.prompt_text if r.prompt_text else "") + r.text
@@ -54,7 +59,7 @@ class Answer:
                 delta["content"] = text
             choice = {"index": index, "delta": delta, "logprobs": chat_logprobs(logprobs) if logprobs else None,
                       "finish_reason": finish}
-            body = {**self._envelope("chat.completion.chunk"), "choices": [choice]}
+            body = {**self._envelope("chat.completion.chunk", citations=first), "choices": [choice]}
         else:
             lp = None
             if logprobs:
@@ -71,6 +76,16 @@ class Answer:
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}}
         return f"data: {json.dumps(body)}\n\n"
+
+
+def citation_headers(citations: list[dict[str, Any]] | None) -> dict[str, str]:
+    """``X-Nightshift-Citations``: the cited documents' ids, URL-quoted, comma-separated (retrieval answers only)."""
+    if citations is None:
+        return {}
+    from urllib.parse import quote
+
+    used = [c["document"] for c in citations if c.get("number") is not None]
+    return {"X-Nightshift-Citations": ",".join(quote(d, safe="") for d in dict.fromkeys(used))[:4000]}
 
 
 def chat_logprobs(logprobs: list[TokenLogprob]) -> dict[str, Any]:

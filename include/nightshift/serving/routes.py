@@ -20,6 +20,7 @@ from nightshift.serving.loading import LoadedModel
 from nightshift.serving.metrics import CONTENT_TYPE
 from nightshift.serving.protocol import ChatRequest, CompletionRequest, FeedbackRequest, OpenAIError, check_supported
 from nightshift.serving.requestlog import UnknownResponse
+from nightshift.serving.retrieval import EmbeddingRequest
 from nightshift.serving.server import Server
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,24 @@ async def completions(request: Request, req: CompletionRequest) -> Response:
 
 async def _answer(request: Request, req, chat: bool) -> Response:
     server = server_of(request)
+    rag = server.retrieval_asked(req, chat)
+    rag_options = (req.model_extra or {}).pop("rag", None) if rag else None
     check_supported(req)
     target, role = server.pick(request, req)
     server.prompt_for(request, req)
+    if rag:
+        assert server.retrieval is not None
+        await server.retrieval.ground(request, req, target, rag_options)
     return await target.answer(request, req, chat=chat, role=role)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request, req: EmbeddingRequest) -> JSONResponse:
+    """OpenAI's embeddings: vectors of the corpus index's model for texts or token ids (serving/retrieval.py)."""
+    server = server_of(request)
+    if server.retrieval is None:
+        raise OpenAIError(404, "Embeddings are off on this endpoint.", code="not_found")
+    return JSONResponse(await server.retrieval.embeddings(request, req))
 
 
 @router.post("/v1/feedback", status_code=201)

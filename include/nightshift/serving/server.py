@@ -28,6 +28,7 @@ from nightshift.serving.prompting import AppliedPrompt, PromptWatcher
 from nightshift.serving.protocol import OpenAIError
 from nightshift.serving.relay import UpstreamTarget
 from nightshift.serving.requestlog import RequestLog
+from nightshift.serving.retrieval import ServingRetrieval
 from nightshift.serving.upstream import UpstreamModel
 from nightshift.serving.watching import ChampionWatcher
 from nightshift.settings import ServingLimits
@@ -70,6 +71,8 @@ class Server:
     database_pending: int = 0
     prompts: PromptWatcher | None = None
     """The prompt template applied to chat requests (None: the chat template alone)."""
+    retrieval: ServingRetrieval | None = None
+    """/v1/embeddings and retrieval-augmented answers (serving/retrieval.py); None: both answer 404."""
     _client: Any = None
 
     def upstream_client(self):
@@ -205,6 +208,26 @@ class Server:
                                   code="invalid_value")
         note(request, prompt=applied, prompt_version=applied.header)
         return applied
+
+    def retrieval_asked(self, req, chat: bool) -> bool:
+        """Return whether the request asks for retrieval (the model name's ``+rag`` suffix, or a ``rag`` field); the
+        suffix is taken off the name, so the request is then routed as any other."""
+        from nightshift.serving.retrieval import RAG_SUFFIX
+
+        extra = req.model_extra or {}
+        asked = req.model.endswith(RAG_SUFFIX) or extra.get("rag") not in (None, False)
+        if "rag" in extra and extra["rag"] in (None, False):
+            extra.pop("rag")
+        if not asked:
+            return False
+        if req.model.endswith(RAG_SUFFIX):
+            req.model = req.model[: -len(RAG_SUFFIX)]
+        if not chat:
+            raise OpenAIError(400, "Retrieval-augmented answers are for /v1/chat/completions.", param="model",
+                              code="invalid_value")
+        if self.retrieval is None:
+            raise OpenAIError(404, "Retrieval is off on this endpoint.", param="model", code="model_not_found")
+        return True
 
     def shadow_target(self) -> Target | None:
         """Return the candidate's target when a shadow rollout is on and a generation slot is free, else None."""
