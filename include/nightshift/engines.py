@@ -262,6 +262,7 @@ class LocalEngines:
             "NIGHTSHIFT_LEASE_DB": self.database_uri("nightshift"),
             "NIGHTSHIFT_INCIDENTS_DB": self.database_uri("nightshift"),
             "NIGHTSHIFT_SERVE_REQUEST_LOG": self.database_uri("nightshift"),
+            "NIGHTSHIFT_VECTOR_STORE": self.database_uri("nightshift"),
             "NIGHTSHIFT_DVC_REMOTE": f"s3://{BUCKET}/dvc",
             "NIGHTSHIFT_DATA_GIT_REMOTE": str(self.root / "data.git"),
             "AIRFLOW_CONN_NIGHTSHIFT_S3": self.s3_connection(),

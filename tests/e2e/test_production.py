@@ -137,6 +137,8 @@ def test_a_cycle_runs_on_postgresql_celery_mlflow_server_and_s3_with_lineage(sta
     dataset = returned(rest, "ingest_corpus", ingest, "version_dataset")
     assert dataset["tag"] == "corpus-v0001"
     assert f"dvc/files/md5/{dataset['md5'][:2]}/{dataset['md5'][2:]}" in keys(endpoints, "dvc/")
+    index = returned(rest, "ingest_corpus", ingest, "index_corpus")  # the production engine: pgvector with HNSW
+    assert index["engine"] == "pgvector" and index["kind"] == "hnsw" and index["chunks"] >= dataset["documents"]
 
     finetune = trigger(rest, "finetune_model", {"dataset_version": dataset["tag"], "base_model": stack["model"],
                                                 "recipe": "tiny"})

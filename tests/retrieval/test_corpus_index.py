@@ -99,9 +99,12 @@ def test_a_killed_build_leaves_no_index_and_its_retry_embeds_nothing_again(tmp_p
         with pytest.raises(KeyboardInterrupt):
             build_index(corpus, "corpus-v0001", store, model, cache, CONFIG)
     assert store.manifest("corpus-v0001", model.key) is None
-    assert [p.name for p in (tmp_path / "indexes" / "corpus-v0001").iterdir()] == []  # no half-written folder
+    assert not (tmp_path / "indexes" / "corpus-v0001" / model.key).exists()  # nothing served half-written
+    leftover = tmp_path / "indexes" / "corpus-v0001" / f".{model.key}.tmp-killed-writer"
+    leftover.mkdir()  # what a writer killed by SIGKILL leaves (no finally ran)
     retry = build_index(corpus, "corpus-v0001", store, model, cache, CONFIG)
     assert retry["embedded"] == 0 and retry["cached"] == retry["chunks"] > 0
+    assert not leftover.exists()  # removed by the next writer, under the lock the dead one no longer holds
 
 
 def test_a_torn_cache_row_is_not_believed(tmp_path, model):
@@ -109,11 +112,42 @@ def test_a_torn_cache_row_is_not_believed(tmp_path, model):
 
     cache = EmbeddingCache(tmp_path / "cache.sqlite", model.key, model.dimensions)
     cache.put({"a": np.ones(model.dimensions, np.float32), "b": np.ones(model.dimensions, np.float32)})
+    unit = np.zeros(model.dimensions, np.float32)
+    unit[0] = 1.0
+    cache.put({"c": 50 * unit, "d": unit})
     with sqlite3.connect(tmp_path / "cache.sqlite") as db:
         db.execute("UPDATE vectors SET vector = ? WHERE hash = 'a'", (b"\0" * 10,))
         db.execute("UPDATE vectors SET vector = ? WHERE hash = 'b'", (np.full(384, np.nan, np.float32).tobytes(),))
-    assert cache.get(["a", "b"]) == {}
+    # Torn, not finite, or not a unit vector (the model's are): not believed. A vector of 50 would outrank
+    # every honest chunk by inner product.
+    assert list(cache.get(["a", "b", "c", "d"])) == ["d"]
     assert EmbeddingCache(tmp_path / "cache.sqlite", "another-model", 384).get(["a"]) == {}
+
+
+def test_hostile_corpus_lines_are_counted_skips_not_the_end_of_the_build(tmp_path, model):
+    good = {"id": "samples/good.md", "text": "The domes stay closed in strong wind."}
+    lines = [json.dumps(good).encode(), json.dumps({"id": "lone", "text": "lone \ud800 surrogate"}).encode(),
+             b"[" * 100_000, b'{"id": "bytes", "text": "\xff not utf-8"}',
+             json.dumps({"id": "nul", "text": "a\x00b"}).encode(),
+             json.dumps({"id": 7, "text": "x"}).encode(), json.dumps(good).encode(),
+             json.dumps({"id": "x" * 5000, "text": "x"}).encode(), json.dumps({"id": "empty", "text": " "}).encode(),
+             json.dumps(["not", "an", "object"]).encode()]
+    corpus = tmp_path / "hostile.jsonl"
+    corpus.write_bytes(b"\n".join(lines) + b"\n")
+    store = FileStore(tmp_path / "indexes", CONFIG)
+    built = build_index(corpus, "corpus-v0001", store, model,
+                        EmbeddingCache(tmp_path / "cache.sqlite", model.key, model.dimensions), CONFIG)
+    assert built["documents"] == 1 and built["chunks"] == 1 and built["skipped_documents"] == 9
+    assert built["skip_reasons"] == {"lone_surrogate": 1, "not_json": 2, "nul_character": 1, "bad_id": 2,
+                                     "duplicate_id": 1, "no_text": 1, "not_an_object": 1}
+
+
+def test_a_huge_document_is_cut_before_it_is_tokenized(model, monkeypatch):
+    import nightshift.retrieval.chunking as chunking
+
+    monkeypatch.setattr(chunking, "MAX_DOCUMENT_CHARS", 1000)
+    chunks, cut = chunk_text("big", "word " * 10_000, model.tokenizer, 64, 16)
+    assert cut and chunks[-1].end <= 1000
 
 
 def test_two_runs_building_one_version_store_one_index(tmp_path, model):
@@ -136,7 +170,9 @@ def test_two_runs_building_one_version_store_one_index(tmp_path, model):
         t.join()
     assert not errors and len(results) == 3
     assert len({r["built_at"] for r in results}) == 1 and len({r["chunks"] for r in results}) == 1
-    assert sorted(p.name for p in (tmp_path / "indexes" / "corpus-v0001").iterdir()) == [model.key]
+    assert sorted(p.name for p in (tmp_path / "indexes" / "corpus-v0001").iterdir()) == [f".{model.key}.lock",
+                                                                                         model.key]
+    assert sum(not r["reused"] for r in results) == 1  # one run wrote it; the others found it written
     assert store.manifest("corpus-v0001", model.key).chunks == results[0]["chunks"]
 
 

@@ -59,8 +59,9 @@ def client(served):
 
 def post(served, path, body, key=None):
     server, default, *_ = served
-    return httpx.post(f"{server.url}{path}", json=body, timeout=60,
-                      headers={"Authorization": f"Bearer {key or default}"})
+    # json.dumps escapes a lone surrogate as \\ud800, as a hostile client sends it (httpx would refuse to).
+    return httpx.post(f"{server.url}{path}", content=json.dumps(body), timeout=60,
+                      headers={"Authorization": f"Bearer {key or default}", "Content-Type": "application/json"})
 
 
 def test_the_openai_client_gets_sentence_transformers_vectors(served):
@@ -93,6 +94,10 @@ def test_the_openai_client_gets_sentence_transformers_vectors(served):
     ({"input": ["x"] * 2049}, 400, "input"),
     ({"input": "x", "truncate": True}, 400, "truncate"),
     ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+    ({"input": "abc \ud800 def"}, 400, "input"),
+    ({"input": [True, False]}, 400, "input.str"),
+    ({"input": [1000.0, 2000.0]}, 400, "input.str"),
+    ({"input": "x", "dimensions": "384"}, 400, "dimensions"),
 ])
 def test_what_cannot_be_honoured_is_refused_by_name(served, body, status, param):
     r = post(served, "/v1/embeddings", {"model": "all-MiniLM-L6-v2", **body})
@@ -165,9 +170,10 @@ def test_what_retrieval_cannot_do_is_refused(served, tiny_model):
     r = post(served, "/v1/chat/completions", {"model": "nightshift-llm", "rag": {"top_k": 99}, "max_tokens": 2,
                                               "messages": [{"role": "user", "content": WIND}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "rag.top_k"
-    r = post(served, "/v1/chat/completions", {"model": "nightshift-llm", "rag": {"k": 2}, "max_tokens": 2,
-                                              "messages": [{"role": "user", "content": WIND}]})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "rag"
+    for bad in ({"k": 2}, {"top_k": True}, 1, "yes", []):
+        r = post(served, "/v1/chat/completions", {"model": "nightshift-llm", "rag": bad, "max_tokens": 2,
+                                                  "messages": [{"role": "user", "content": WIND}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "rag", bad
     r = post(served, "/v1/chat/completions", {"model": "other+rag", "max_tokens": 2,
                                               "messages": [{"role": "user", "content": WIND}]})
     assert r.status_code == 404

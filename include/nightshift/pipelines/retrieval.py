@@ -47,7 +47,8 @@ def grounded_items(items: list[GoldenItem], hits: dict[str, list], tokenizer, wi
     for item in items:
         spare = window - suite.max_new_tokens - len(tokenize(INSTRUCTIONS + item.question)) - 96
         grounding = ground(item.question, hits[item.id], config.min_score, max(0, min(config.context_tokens, spare)),
-                           tokenize, lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+                           tokenize, lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+                           list(tokenizer.all_special_tokens))
         out.append(dataclasses.replace(item, question=grounding.prompt))
         citations[item.id] = grounding.citations
     return out, citations

@@ -1,7 +1,7 @@
 """The embedding cache: one vector per (embedding model key, chunk text hash), in SQLite.
 
 Two runs may write it at once (WAL, ``INSERT OR REPLACE``: the same key always holds the same vector); a vector of
-the wrong size (a torn or foreign row) is not believed and is embedded again.
+the wrong size or not of unit length (a torn or foreign row) is not believed and is embedded again.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class EmbeddingCache:
                 for key, blob in rows:
                     if isinstance(blob, bytes) and len(blob) == size:
                         vector = np.frombuffer(blob, np.float32)
-                        if np.isfinite(vector).all():
+                        # The model's vectors are unit vectors: a row of another length was not written by it.
+                        if np.isfinite(vector).all() and abs(float(np.linalg.norm(vector)) - 1.0) < 1e-3:
                             found[key] = vector
         return found
 

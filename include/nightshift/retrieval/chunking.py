@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 MAX_CHUNKS_PER_DOCUMENT = 20_000
 """A bound on one document's chunks (4 M tokens at the defaults): beyond it the rest is not indexed, and counted."""
+MAX_DOCUMENT_CHARS = 2_000_000
+"""Characters of one document that are chunked (its tokens' offsets are held at once: about 130 bytes per
+character); the rest is not indexed, and the document is counted as cut. Sources cap documents far below it."""
 
 
 @dataclass(frozen=True)
@@ -33,10 +36,12 @@ def chunk_text(doc_id: str, text: str, tokenizer, tokens: int, overlap: int) -> 
 
     Windows of ``tokens`` tokens step by ``tokens - overlap``; each chunk is the text from its first token's start
     to its last token's end (whitespace between tokens kept as written). A text of no tokens has no chunk."""
+    cut_text = len(text) > MAX_DOCUMENT_CHARS
+    text = text[:MAX_DOCUMENT_CHARS]
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = [(a, b) for a, b in encoded["offset_mapping"] if b > a]
     if not offsets:
-        return [], False
+        return [], cut_text
     step = max(1, tokens - overlap)
     chunks: list[Chunk] = []
     start = 0
@@ -49,4 +54,4 @@ def chunk_text(doc_id: str, text: str, tokenizer, tokens: int, overlap: int) -> 
         if start + tokens >= len(offsets):
             break
         start += step
-    return chunks, False
+    return chunks, cut_text

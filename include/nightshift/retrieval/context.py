@@ -7,13 +7,17 @@ after it are left out and marked so in the citations, never dropped silently.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from nightshift.retrieval.store import Hit
 
 INSTRUCTIONS = ("Answer the question using only the numbered documents below. Cite the documents you use by "
                 "their number in brackets, like [1]. If the documents do not hold the answer, say so.")
+CONTROL_MARKUP = re.compile(r"<\|[^<>|\n]{1,64}\|>")
+"""Chat-template control markup (``<|im_start|>``, ``<|eot_id|>``): removed from documents even when the answering
+model's tokenizer is not here (an engine's), so a document cannot open a turn of its own."""
 JOIN_SLACK = 2
 """Tokens allowed per block for the merges a tokenizer makes across a block's edges when the blocks are joined."""
 MIN_CUT_TOKENS = 24
@@ -30,10 +34,19 @@ class Grounding:
     context_tokens: int
 
 
+def defused(text: str, special: Sequence[str] = ()) -> str:
+    """Return document text with the answering model's special tokens and chat control markup taken out: a
+    document is text inside a user turn, never turns of its own."""
+    for token in sorted((t for t in special if t), key=len, reverse=True):
+        text = text.replace(token, "")
+    return CONTROL_MARKUP.sub("", text)
+
+
 def ground(question: str, hits: list[Hit], min_score: float, budget: int,
-           tokenize: Callable[[str], list[int]], detokenize: Callable[[list[int]], str]) -> Grounding:
+           tokenize: Callable[[str], list[int]], detokenize: Callable[[list[int]], str],
+           special: Sequence[str] = ()) -> Grounding:
     """Return the grounded prompt for ``question`` from ``hits`` (best first), spending at most ``budget`` tokens
-    of the answering model on the documents."""
+    of the answering model on the documents. ``special``: the model's special tokens, removed from documents."""
     used: list[str] = []
     citations: list[dict] = []
     spent = 0
@@ -41,21 +54,26 @@ def ground(question: str, hits: list[Hit], min_score: float, budget: int,
     for hit in hits:
         if hit.score < min_score:
             continue
+        try:
+            (hit.doc_id + hit.chunk_id + hit.text).encode("utf-8")
+        except UnicodeEncodeError:  # not plain Unicode (an index written before such text was refused): unused
+            continue
         citation = {"number": None, "document": hit.doc_id, "chunk": hit.chunk_id, "score": round(hit.score, 4),
                     "used": "left_out"}
         citations.append(citation)
         if full:
             continue
+        doc_id, text = defused(hit.doc_id, special), defused(hit.text, special)
         number = len(used) + 1
-        block = f"[{number}] ({hit.doc_id}) {hit.text}"
+        block = f"[{number}] ({doc_id}) {text}"
         cost = len(tokenize(block + "\n\n")) + JOIN_SLACK
         if spent + cost <= budget:
             citation["used"] = "whole"
         elif budget - spent >= MIN_CUT_TOKENS:
-            ids = tokenize(hit.text)
-            keep = budget - spent - len(tokenize(f"[{number}] ({hit.doc_id})  [...]\n\n")) - JOIN_SLACK
+            ids = tokenize(text)
+            keep = budget - spent - len(tokenize(f"[{number}] ({doc_id})  [...]\n\n")) - JOIN_SLACK
             while keep > 0:
-                block = f"[{number}] ({hit.doc_id}) " + detokenize(ids[:keep]).rstrip() + " [...]"
+                block = f"[{number}] ({doc_id}) " + defused(detokenize(ids[:keep]), special).rstrip() + " [...]"
                 cost = len(tokenize(block + "\n\n")) + JOIN_SLACK
                 if spent + cost <= budget:
                     break

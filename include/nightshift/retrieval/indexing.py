@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,30 +25,58 @@ EMBED_BATCH = 512
 PROGRESS_SECONDS = 15.0
 
 
-def read_chunks(corpus: Path, tokenizer, config: RetrievalConfig) -> tuple[list[Chunk], dict[str, int]]:
+MAX_ID_CHARS = 1024
+
+
+def _skip_reason(doc: Any, seen: set[str]) -> str | None:
+    """Why a corpus record is not indexed, or None: it needs a string id (short, new) and text, both plain
+    Unicode (no lone surrogate, no NUL: neither can be stored, tokenized or sent back in a citation)."""
+    if not isinstance(doc, dict):
+        return "not_an_object"
+    doc_id, text = doc.get("id"), doc.get("text")
+    if not isinstance(doc_id, str) or not doc_id or len(doc_id) > MAX_ID_CHARS:
+        return "bad_id"
+    if not isinstance(text, str) or not text.strip():
+        return "no_text"
+    if doc_id in seen:
+        return "duplicate_id"
+    for value in (doc_id, text):
+        if "\x00" in value:
+            return "nul_character"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "lone_surrogate"
+    return None
+
+
+def read_chunks(corpus: Path, tokenizer, config: RetrievalConfig) -> tuple[list[Chunk], dict[str, Any]]:
     """Return the chunks of every document of a corpus file (JSONL with ``id`` and ``text``) and the counts of
-    documents read, skipped (no id or no text) and cut at the per-document bound."""
+    documents read, skipped (by reason: a line that is not JSON or not UTF-8, no id or text, a duplicate id, text
+    that is not plain Unicode) and cut at the per-document bound. A bad line is a counted skip, never the end of
+    the build."""
     chunks: list[Chunk] = []
-    counts = {"documents": 0, "skipped_documents": 0, "cut_documents": 0}
+    counts: dict[str, Any] = {"documents": 0, "skipped_documents": 0, "cut_documents": 0, "skip_reasons": {}}
     seen: set[str] = set()
-    with Path(corpus).open(encoding="utf-8") as lines:
-        for line in lines:
+    with Path(corpus).open("rb") as lines:
+        for raw in lines:
             try:
-                doc = json.loads(line)
-            except ValueError:
+                doc = json.loads(raw.decode("utf-8"))
+                reason = _skip_reason(doc, seen)
+            except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+                reason = "not_json"
+            if reason is not None:
                 counts["skipped_documents"] += 1
+                counts["skip_reasons"][reason] = counts["skip_reasons"].get(reason, 0) + 1
                 continue
-            doc_id, text = doc.get("id") if isinstance(doc, dict) else None, doc.get("text") if isinstance(doc, dict) \
-                else None
-            if not isinstance(doc_id, str) or not doc_id or not isinstance(text, str) or not text.strip() \
-                    or doc_id in seen:
-                counts["skipped_documents"] += 1
-                continue
-            seen.add(doc_id)
-            found, cut = chunk_text(doc_id, text, tokenizer, config.chunk_tokens, config.chunk_overlap)
+            seen.add(doc["id"])
+            found, cut = chunk_text(doc["id"], doc["text"], tokenizer, config.chunk_tokens, config.chunk_overlap)
             counts["documents"] += 1
             counts["cut_documents"] += cut
             chunks.extend(found)
+    if counts["skipped_documents"]:
+        log.warning("%d corpus records not indexed: %s", counts["skipped_documents"],
+                    ", ".join(f"{k} {v}" for k, v in sorted(counts["skip_reasons"].items())))
     return chunks, counts
 
 
@@ -84,10 +113,12 @@ def build_index(corpus: Path, tag: str, store: IndexStore, embedder, cache: Embe
         vectors[i] = known[h]
     counts.update({"chunks": len(chunks), "embedded": len(missing), "cached": len(set(hashes)) - len(missing),
                    "seconds": round(time.monotonic() - started, 2)})
+    counts["build"] = uuid.uuid4().hex  # which run's index was stored, when runs race
     manifest = IndexManifest(tag=tag, model_key=embedder.key, dimensions=embedder.dimensions, chunks=len(chunks),
                              documents=counts["documents"], engine=store.engine, kind="", counts=counts,
                              built_at=datetime.now(UTC).isoformat(timespec="seconds"))
     stored = store.write(manifest, chunks, vectors)
     log.info("index of %s stored (%s, %s): %d chunks, %d embedded now, %d from the cache, %.1fs", tag, stored.engine,
              stored.kind, stored.chunks, counts["embedded"], counts["cached"], time.monotonic() - started)
-    return {**stored.to_dict(), "reused": stored.built_at != manifest.built_at, **counts}
+    mine = stored.counts.get("build") == counts["build"]
+    return {**stored.to_dict(), **counts, "reused": not mine}

@@ -119,13 +119,28 @@ class FileStore(IndexStore):
             return None
 
     def write(self, manifest: IndexManifest, chunks: list[Chunk], vectors: np.ndarray) -> IndexManifest:
-        import faiss
+        import fcntl
 
         target = self.folder(manifest.tag, manifest.model_key)
         if (existing := self.manifest(manifest.tag, manifest.model_key)) is not None:
             return existing
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{manifest.model_key}.", dir=target.parent))
+        # One writer per version and model at a time (a lock the kernel drops with a killed process): the runs that
+        # wait find the index written, and whoever holds the lock may remove what killed writers left.
+        with open(target.parent / f".{manifest.model_key}.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (existing := self.manifest(manifest.tag, manifest.model_key)) is not None:
+                return existing
+            for leftover in target.parent.glob(f".{manifest.model_key}.tmp*"):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+            return self._write(manifest, chunks, vectors, target)
+
+    def _write(self, manifest: IndexManifest, chunks: list[Chunk], vectors: np.ndarray,
+               target: Path) -> IndexManifest:
+        import faiss
+
+        tmp = Path(tempfile.mkdtemp(prefix=f".{manifest.model_key}.tmp", dir=target.parent))
         try:
             index = self._new_index(manifest.dimensions, len(chunks))
             if len(chunks):
@@ -141,13 +156,7 @@ class FileStore(IndexStore):
             kind = "flat" if len(chunks) < self.config.exact_below else "hnsw"
             manifest = IndexManifest(**{**manifest.to_dict(), "kind": kind, "engine": self.engine})
             (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=1))
-            try:
-                os.rename(tmp, target)
-            except OSError:  # another run renamed its (identical) index into place first
-                existing = self.manifest(manifest.tag, manifest.model_key)
-                if existing is None:
-                    raise
-                return existing
+            os.rename(tmp, target)
             return manifest
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -198,7 +198,7 @@ _MESSAGE_NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _lone_surrogate(value: Any, path: str) -> str | None:
+def lone_surrogate(value: Any, path: str) -> str | None:
     """Return the path of the first string (or key) in ``value`` holding a lone surrogate, which is no text."""
     if isinstance(value, str):
         try:
@@ -208,12 +208,12 @@ def _lone_surrogate(value: Any, path: str) -> str | None:
         return None
     if isinstance(value, dict):
         for key, item in value.items():
-            found = _lone_surrogate(key, path) or _lone_surrogate(item, f"{path}.{key}" if path else str(key))
+            found = lone_surrogate(key, path) or lone_surrogate(item, f"{path}.{key}" if path else str(key))
             if found:
                 return found
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            if found := _lone_surrogate(item, f"{path}[{i}]"):
+            if found := lone_surrogate(item, f"{path}[{i}]"):
                 return found
     return None
 
@@ -237,7 +237,7 @@ def _nested_unknown(req: _Request) -> list[str]:
 
 def check_supported(req: _Request) -> None:
     """Raise a 400 naming every option this endpoint cannot honour."""
-    if where := _lone_surrogate(req.model_dump(mode="python"), ""):
+    if where := lone_surrogate(req.model_dump(mode="python"), ""):
         where = where[:120]
         raise OpenAIError(400, f"Invalid value for '{where}': a string holds a lone surrogate (\\ud800-\\udfff "
                           "escape without its pair), which is not text. Send valid UTF-16 pairs or UTF-8.",

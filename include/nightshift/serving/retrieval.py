@@ -23,11 +23,11 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 
 from nightshift.serving.context import note
-from nightshift.serving.protocol import OpenAIError
+from nightshift.serving.protocol import OpenAIError, lone_surrogate
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,16 @@ QUESTION_CHARS = 4_000
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1, max_length=256)
-    input: str | list[str] | list[int] | list[list[int]]
+    # Strict: true, 1.0 or "384" are not token ids or sizes.
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: StrictInt | None = None
     user: str | None = Field(default=None, max_length=256)
 
 
 class RagOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    top_k: int | None = Field(default=None, ge=1, le=100)
+    top_k: StrictInt | None = Field(default=None, ge=1, le=100)
 
 
 class ServingRetrieval:
@@ -106,6 +107,10 @@ class ServingRetrieval:
 
     async def embeddings(self, request: Request, req: EmbeddingRequest) -> dict[str, Any]:
         name = self.config.embedding_model_name
+        if where := lone_surrogate(req.model_dump(mode="python"), ""):
+            raise OpenAIError(400, f"Invalid value for '{where[:120]}': a string holds a lone surrogate (\\ud800-"
+                              "\\udfff escape without its pair), which is not text.", param="input",
+                              code="invalid_unicode")
         unknown = sorted(req.model_extra or {})
         if unknown:
             raise OpenAIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)[:200]}",
@@ -201,10 +206,11 @@ class ServingRetrieval:
             log.warning("retrieval failed: %s", type(exc).__name__)
             raise OpenAIError(503, "The vector store is unavailable; retry later.", code="index_unavailable",
                               headers={"Retry-After": "10"}) from None
-        tokenize, detokenize = _token_functions(getattr(loaded, "tokenizer", None))
+        tokenizer = getattr(loaded, "tokenizer", None)
+        tokenize, detokenize = _token_functions(tokenizer)
         budget = await run_in_threadpool(self._budget, request, req, target, loaded, tokenize)
         grounding = await run_in_threadpool(ground, question, hits, self.config.min_score, budget, tokenize,
-                                            detokenize)
+                                            detokenize, special_tokens(tokenizer))
         if grounding.citations:
             # The request log keeps the caller's messages (what feedback and harvests read), not the documents.
             note(request, caller_messages=[m.model_dump(include={"role", "content"}) for m in req.messages])
@@ -245,6 +251,17 @@ def _rag_options(raw: Any) -> RagOptions:
     except Exception:
         raise OpenAIError(400, "rag must be an object like {\"top_k\": 4}.", param="rag", code="invalid_value") \
             from None
+
+
+def special_tokens(tokenizer) -> list[str]:
+    """The strings a tokenizer reads as control tokens (its special tokens and added special tokens)."""
+    if tokenizer is None:
+        return []
+    found = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False) and getattr(added, "content", ""):
+            found.add(added.content)
+    return sorted(found)
 
 
 def _token_functions(tokenizer):

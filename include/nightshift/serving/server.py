@@ -215,9 +215,13 @@ class Server:
         from nightshift.serving.retrieval import RAG_SUFFIX
 
         extra = req.model_extra or {}
-        asked = req.model.endswith(RAG_SUFFIX) or extra.get("rag") not in (None, False)
-        if "rag" in extra and extra["rag"] in (None, False):
+        raw = extra.get("rag")
+        if raw is not None and not isinstance(raw, bool | dict):
+            raise OpenAIError(400, "rag must be true, false or an object like {\"top_k\": 4}.", param="rag",
+                              code="invalid_value")
+        if raw is False or (raw is None and "rag" in extra):
             extra.pop("rag")
+        asked = req.model.endswith(RAG_SUFFIX) or raw is True or isinstance(raw, dict)
         if not asked:
             return False
         if req.model.endswith(RAG_SUFFIX):
