@@ -88,3 +88,21 @@ def test_the_summary_prints_every_metric_with_its_interval_non_finite_ones_inclu
     assert "+0.060 [-0.020, +0.140]" in lines[1]
     assert "inf" in lines[2] and "[+nan, +nan] rel" in lines[2]
     assert "not measured: no Airflow connection" in lines[3]
+
+
+def test_the_summary_says_whether_retrieval_fine_tuning_or_both_answer_best():
+    from nightshift.cli.cycle import retrieval_lines
+
+    lines = retrieval_lines({
+        "items": 8, "top_k": 4, "recall_at_k": 0.875, "key_metric": "golden.token_f1", "best": "fine-tuned+RAG",
+        "best_note": "better than fine-tuned alone: its golden.token_f1 interval lies above 0",
+        "variants": [{"name": "base", "metrics": {"golden.token_f1": 0.1},
+                      "vs_finetuned": {"difference": -0.05, "low": -0.1, "high": None}},
+                     {"name": "fine-tuned", "metrics": {"golden.token_f1": 0.15}},
+                     {"name": "fine-tuned+RAG", "metrics": {"golden.token_f1": None},
+                      "vs_finetuned": {"difference": 0.2, "low": 0.1, "high": 0.3}}]})
+    assert "recall@4 0.88" in lines[0]
+    assert "-0.050 [-0.100, n/a]" in lines[1] and lines[2].strip() == "fine-tuned      0.150"
+    assert "n/a (+0.200 [+0.100, +0.300])" in lines[3] and "best: fine-tuned+RAG" in lines[4]
+    assert retrieval_lines({"skipped": "no index"}) == ["retrieval not compared: no index"]
+    assert retrieval_lines(None) == []

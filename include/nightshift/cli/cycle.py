@@ -92,7 +92,8 @@ def cycle(settings: Settings, args, run_dag) -> int:
     pages = {"ingest_corpus": ingest_page, "finetune_model": _report_page(settings, "finetune_model", finetune.run_id),
              "overview": settings.reports_dir / "index.html"}
     print(summary(ingest_tasks, report, str(finetune.state), time.monotonic() - started, settings.local_key_file,
-                  pages, settings.report_url("index.html").removesuffix("reports/index.html")))
+                  pages, settings.report_url("index.html").removesuffix("reports/index.html"),
+                  finetune_tasks.get("compare_retrieval", (None, 0, None))[2]))
     return 0 if str(finetune.state) == "success" else 1
 
 
@@ -194,8 +195,9 @@ def _timings(dag_id: str, tasks: dict[str, Any]) -> str:
 
 
 def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, seconds: float,
-            key_file: Path | None = None, pages: dict[str, Path | None] | None = None, ui_page: str = "") -> str:
-    """Return the human summary of one cycle."""
+            key_file: Path | None = None, pages: dict[str, Path | None] | None = None, ui_page: str = "",
+            retrieval: dict[str, Any] | None = None) -> str:
+    """Return the human summary of one cycle (``retrieval``: finetune_model's compare_retrieval, when it ran)."""
     collected = ingest["merge_sources"][2] or {}
     prepared = ingest["prepare_corpus"][2] or {}
     dataset = ingest["version_dataset"][2] or {}
@@ -225,6 +227,12 @@ def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, s
         against = ", ".join(f"{k} {v}" for k, v in (drift.get("references") or {}).items()) or "no earlier version"
         named = drift.get("drifted") or drift.get("possibly_drifted") or []
         lines.append(f"drift     {drift.get('status')} against {against}" + (f": {', '.join(named)}" if named else ""))
+    index = (ingest.get("index_corpus") or (None, 0, None))[2] or {}
+    if index:
+        lines.append(f"index     {index.get('tag')} ({index.get('engine')}, {index.get('kind')}): "
+                     f"{index.get('chunks')} chunks, {index.get('embedded')} embedded now, {index.get('cached')} from "
+                     "the cache"
+                     + (" (built before)" if index.get("reused") else ""))
     if report is None:
         lines.append(f"finetune_model ended {state} before its report; see the log above")
         return "\n".join(lines + _report_lines(pages, ui_page))
@@ -247,6 +255,7 @@ def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, s
         lines.append(f"model     {promoted['name']} v{promoted['version']} is now champion" if promoted
                      else "model     not promoted; the champion stays")
         lines.append(f"mlflow    run {report.get('mlflow_run_id')}")
+        lines += retrieval_lines(retrieval)
     champion = report.get("champion")
     lines.append(f"champion  {champion['name']} v{champion['version']} (dataset {champion['dataset_tag']})"
                  if champion else "champion  none yet")
@@ -259,9 +268,33 @@ def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, s
         f"             -H \"Authorization: Bearer $(cat {_shown(key_file)})\" \\",
         "             -d '{\"model\": \"nightshift-llm\", \"messages\": [{\"role\": \"user\", \"content\": \"What is "
         "nightshift?\"}]}'",
+        "grounded:  the same with \"model\": \"nightshift-llm+rag\" (answers cite the corpus; docs/serving.md)",
         "=" * 72,
     ]
     return "\n".join(lines)
+
+
+def retrieval_lines(retrieval: dict[str, Any] | None) -> list[str]:
+    """The comparison of base, fine-tuned, base+RAG and fine-tuned+RAG, one line each."""
+    if not retrieval:
+        return []
+    if retrieval.get("skipped"):
+        return [f"retrieval not compared: {retrieval['skipped']}"]
+    key = retrieval.get("key_metric", "")
+    lines = [f"retrieval {retrieval.get('items')} golden items naming their sources, recall@{retrieval.get('top_k')} "
+             f"{float(retrieval.get('recall_at_k') or 0):.2f}; {key} (vs fine-tuned):"]
+    def number(value: Any, sign: str = "") -> str:
+        return f"{value:{sign}.3f}" if isinstance(value, int | float) else "n/a"
+
+    for v in retrieval.get("variants") or []:
+        diff = v.get("vs_finetuned")
+        shown = number(v.get("metrics", {}).get(key))
+        if diff:
+            shown += (f" ({number(diff.get('difference'), '+')} [{number(diff.get('low'), '+')}, "
+                      f"{number(diff.get('high'), '+')}])")
+        lines.append(f"          {v.get('name'):<16}{shown}")
+    lines.append(f"          best: {retrieval.get('best')} ({retrieval.get('best_note')})")
+    return lines
 
 
 def metric_lines(comparisons: list[dict[str, Any]], baseline: str, confidence: float = 0.95) -> list[str]:
