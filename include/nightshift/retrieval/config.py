@@ -26,7 +26,7 @@ class RetrievalConfig:
     """File indexes of fewer chunks are searched exactly (FAISS flat); larger ones with HNSW."""
     hnsw_m: int = 16
     hnsw_ef_construction: int = 64
-    hnsw_ef_search: int = 64
+    hnsw_ef_search: int = 128
     embedding_model_name: str = "all-MiniLM-L6-v2"
     """The name /v1/embeddings answers to (its ``model`` field)."""
     evaluate: bool = True
