@@ -213,8 +213,11 @@ def ingest_corpus():
 
         context = get_current_context()
         with fail_fast(ValueError):  # a broken retrieval.yaml or vector store URL does not mend itself on retry
-            return index(run_dir(SETTINGS, context), SETTINGS, DatasetVersion.from_dict(dataset),
-                         run_report(SETTINGS, context))
+            built = index(run_dir(SETTINGS, context), SETTINGS, DatasetVersion.from_dict(dataset),
+                          run_report(SETTINGS, context))
+        if built.get("skipped"):
+            print(f"not indexed: {built['skipped']}")
+        return built
 
     @task(inlets=[CORPUS_ASSET], outlets=[CORPUS_ASSET])
     def publish_dataset(dataset: dict, index: dict) -> dict:
@@ -229,7 +232,8 @@ def ingest_corpus():
         reason = printable_line(context["params"].get("reason"))  # it is shown on report pages
         context["outlet_events"][CORPUS_ASSET].extra = {
             "dataset_version": dataset["tag"], "rev": dataset["rev"], "md5": dataset["md5"],
-            "documents": dataset["documents"], "index": {"chunks": index["chunks"], "engine": index["engine"]},
+            "documents": dataset["documents"],
+            **({"index": {"chunks": index["chunks"], "engine": index["engine"]}} if index.get("engine") else {}),
             **({"reason": reason} if reason else {}),
         }
         return dataset

@@ -86,6 +86,9 @@ def web(name, url, pages, prep=None):
 def night(tmp_path, monkeypatch, sources):
     (tmp_path / "sources.yaml").write_text(yaml.safe_dump({"sources": sources}))
     monkeypatch.setenv("NIGHTSHIFT_SOURCES_FILE", str(tmp_path / "sources.yaml"))
+    # What is tested here is collection and preparation: the manuals' ten thousand chunks are not embedded.
+    (tmp_path / "retrieval.yaml").write_text("enabled: false\n")
+    monkeypatch.setenv("NIGHTSHIFT_RETRIEVAL_CONFIG", str(tmp_path / "retrieval.yaml"))
     dag_run, tasks = run(fresh("ingest_corpus"), {})
     assert dag_run.state == "success", {t: r.state for t, r in tasks.items()}
     return tasks
@@ -103,6 +106,7 @@ def test_the_docs_profile_keeps_real_manuals_and_drops_junk_and_web_prose_alerts
         web("git", sites["git"] + "/", GIT_PAGES),
         web("postgresql", sites["postgresql"] + "/index.html", PG_PAGES),
     ])
+    assert tasks["index_corpus"].value["skipped"] == "retrieval.yaml says enabled: false"
     folder = next((settings.work_dir / "ingest_corpus").glob("*/prep.json")).parent
     per_source = json.loads((folder / "prep.json").read_text())["sources"]
     collected = [json.loads(line)["id"] for line in (folder / "raw.jsonl").read_text().splitlines()]

@@ -228,7 +228,9 @@ def summary(ingest: dict[str, Any], report: dict[str, Any] | None, state: str, s
         named = drift.get("drifted") or drift.get("possibly_drifted") or []
         lines.append(f"drift     {drift.get('status')} against {against}" + (f": {', '.join(named)}" if named else ""))
     index = (ingest.get("index_corpus") or (None, 0, None))[2] or {}
-    if index:
+    if index.get("skipped"):
+        lines.append(f"index     not built: {index['skipped']}")
+    elif index:
         lines.append(f"index     {index.get('tag')} ({index.get('engine')}, {index.get('kind')}): "
                      f"{index.get('chunks')} chunks, {index.get('embedded')} embedded now, {index.get('cached')} from "
                      "the cache"

@@ -281,6 +281,8 @@ def index_corpus(run_dir: Path, settings: Settings, dataset: DatasetVersion, run
     from nightshift.retrieval.store import open_store
 
     config = RetrievalConfig.load(settings.retrieval_config)
+    if not config.enabled:
+        return {"skipped": "retrieval.yaml says enabled: false", "tag": dataset.tag, "chunks": 0, "engine": None}
     store = open_store(settings.vector_store, settings.home, config)
     model = embedder()
     cache = EmbeddingCache(settings.cache_dir / "embeddings" / "chunks.sqlite", model.key, model.dimensions)

@@ -10,6 +10,8 @@ from nightshift.configs import load_yaml_dataclass
 
 @dataclass(frozen=True)
 class RetrievalConfig:
+    enabled: bool = True
+    """false: ingest_corpus indexes no version (and ``+rag`` answers 503 index_unavailable)."""
     chunk_tokens: int = 200
     """Tokens of the embedding model per chunk (its window is 256, special tokens included)."""
     chunk_overlap: int = 40
