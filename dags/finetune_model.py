@@ -22,7 +22,7 @@ Runs when `ingest_corpus` publishes a new corpus version, or from **Trigger** wi
 | `evaluate` | `include/configs/evaluation.yaml` on candidate and champion: perplexities, greedy answers |
 |  | (exact match, token F1, ROUGE-L, refusals), the LLM judge; a paired bootstrap interval per difference |
 | `decide_promotion` | applies `include/configs/gate.yaml` to the intervals; writes the HTML report |
-| `compare_retrieval` | beside the release: base, fine-tuned, base+RAG and fine-tuned+RAG answer the golden items |
+| `compare_retrieval` | after the gate: base, fine-tuned, base+RAG and fine-tuned+RAG answer the golden items |
 |  | that name their source documents (retrieval recall@k, intervals against fine-tuned; `retrieval.yaml`) |
 | `register_candidate` | registers the checkpoint with its report |
 | `approve_release` | (`approval: required` in gate.yaml) waits in **Required Actions** for a person: the gate's |
@@ -200,9 +200,9 @@ def finetune_model():
     def compare_retrieval(request: dict, plan: dict) -> dict:
         from nightshift.airflow.connections import judge_endpoint
 
-        with fail_fast(ValueError):  # a broken retrieval.yaml or suite does not mend itself on retry
+        with fail_fast(ValueError):  # a broken suite does not mend itself on retry
             evaluation = _steps().load_evaluation(_run(), judge_endpoint)
-            return _steps().compare_retrieval(_run(), request, plan, evaluation)
+        return _steps().compare_retrieval(_run(), request, plan, evaluation)
 
     @task
     def decide_promotion(evaluation: dict, plan: dict) -> dict:
@@ -296,9 +296,10 @@ def finetune_model():
     evaluation = evaluate(request, packed, plan)
     verified >> evaluation
     decision = decide_promotion(evaluation, plan)
-    # Beside the release, after the gate: base, fine-tuned, base+RAG, fine-tuned+RAG on the page and in MLflow.
-    decision >> compare_retrieval(request, plan)
     routed = route(decision)
+    # After the gate, before the release: base, fine-tuned, base+RAG, fine-tuned+RAG on the page and in MLflow. Not
+    # beside the release: its model runs would take the CPU from the registration and the approval's wait.
+    decision >> compare_retrieval(request, plan) >> routed
     registered = register_candidate(dataset, check, plan)
     approval = AskedApproval(
         task_id="approve_release", ask=ask_for_approval, options=["Approve", "Reject"], defaults=["Reject"],
