@@ -38,7 +38,7 @@ def grounded_items(items: list[GoldenItem], hits: dict[str, list], tokenizer, wi
                    config) -> tuple[list[GoldenItem], dict[str, list[dict]]]:
     """Return the items with their questions grounded in their retrieved chunks, as the endpoint grounds them for
     this model, and each item's citations."""
-    from nightshift.retrieval.context import INSTRUCTIONS, ground
+    from nightshift.retrieval.context import INSTRUCTIONS, ground, special_tokens
 
     def tokenize(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -48,7 +48,7 @@ def grounded_items(items: list[GoldenItem], hits: dict[str, list], tokenizer, wi
         spare = window - suite.max_new_tokens - len(tokenize(INSTRUCTIONS + item.question)) - 96
         grounding = ground(item.question, hits[item.id], config.min_score, max(0, min(config.context_tokens, spare)),
                            tokenize, lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
-                           list(tokenizer.all_special_tokens))
+                           special_tokens(tokenizer))
         out.append(dataclasses.replace(item, question=grounding.prompt))
         citations[item.id] = grounding.citations
     return out, citations

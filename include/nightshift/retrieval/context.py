@@ -34,6 +34,17 @@ class Grounding:
     context_tokens: int
 
 
+def special_tokens(tokenizer) -> list[str]:
+    """The strings a tokenizer reads as control tokens (its special tokens and added special tokens)."""
+    if tokenizer is None:
+        return []
+    found = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False) and getattr(added, "content", ""):
+            found.add(added.content)
+    return sorted(found)
+
+
 def defused(text: str, special: Sequence[str] = ()) -> str:
     """Return document text with the answering model's special tokens and chat control markup taken out: a
     document is text inside a user turn, never turns of its own."""

@@ -231,6 +231,8 @@ class PgVectorStore(IndexStore):
         self._conn = None
         self._lock = threading.Lock()
         self._ready: set[int] = set()
+        self._manifests: dict[tuple[str, str], IndexManifest] = {}
+        """Written versions' manifests, read once: a version is never changed after it is written."""
 
     def _connection(self):
         import psycopg
@@ -264,6 +266,8 @@ class PgVectorStore(IndexStore):
         self._ready.add(dimensions)
 
     def manifest(self, tag: str, model_key: str) -> IndexManifest | None:
+        if (tag, model_key) in self._manifests:
+            return self._manifests[(tag, model_key)]
         with self._lock:
             conn = self._connection()
             try:
@@ -276,7 +280,10 @@ class PgVectorStore(IndexStore):
             except Exception:
                 self._drop()
                 raise
-        return IndexManifest(**row[0]) if row else None
+        if not row:
+            return None
+        self._manifests[(tag, model_key)] = found = IndexManifest(**row[0])
+        return found
 
     def write(self, manifest: IndexManifest, chunks: list[Chunk], vectors: np.ndarray) -> IndexManifest:
         from psycopg.types.json import Jsonb

@@ -26,6 +26,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 
+from nightshift.retrieval.context import INSTRUCTIONS
 from nightshift.serving.context import note
 from nightshift.serving.protocol import OpenAIError, lone_surrogate
 
@@ -173,7 +174,7 @@ class ServingRetrieval:
     async def ground(self, request: Request, req, target, options: Any = None) -> None:
         """Put the retrieved chunks into ``req``'s last user message (in place) and note the citations.
         ``options``: the request's ``rag`` field (``{"top_k": n}``, or true)."""
-        from nightshift.retrieval.context import ground
+        from nightshift.retrieval.context import ground, special_tokens
 
         options = _rag_options(options)
         k = options.top_k or self.config.top_k
@@ -235,12 +236,8 @@ class ServingRetrieval:
             text = " ".join(m.content if isinstance(m.content, str) else "".join(p.text or "" for p in m.content or
                                                                                  []) for m in req.messages)
             conversation = len(tokenize(text[:200_000])) + 128 + 8 * len(req.messages)
-        overhead = len(tokenize(_INSTRUCTIONS_PROBE)) + 8
+        overhead = len(tokenize(INSTRUCTIONS + "\n\nQuestion: ")) + 8
         return max(0, min(self.config.context_tokens, window - answer - conversation - overhead))
-
-
-_INSTRUCTIONS_PROBE = ("Answer the question using only the numbered documents below. Cite the documents you use by "
-                       "their number in brackets, like [1]. If the documents do not hold the answer, say so. Question:")
 
 
 def _rag_options(raw: Any) -> RagOptions:
@@ -251,17 +248,6 @@ def _rag_options(raw: Any) -> RagOptions:
     except Exception:
         raise OpenAIError(400, "rag must be an object like {\"top_k\": 4}.", param="rag", code="invalid_value") \
             from None
-
-
-def special_tokens(tokenizer) -> list[str]:
-    """The strings a tokenizer reads as control tokens (its special tokens and added special tokens)."""
-    if tokenizer is None:
-        return []
-    found = set(getattr(tokenizer, "all_special_tokens", None) or [])
-    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
-        if getattr(added, "special", False) and getattr(added, "content", ""):
-            found.add(added.content)
-    return sorted(found)
 
 
 def _token_functions(tokenizer):
